@@ -1,0 +1,51 @@
+"""mergekitty: merge pretrained language models from a YAML config.
+
+The heavy machinery (torch, transformers) is imported lazily so that
+``import mergekitty`` and ``mergekitty-yaml --help`` stay fast.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata as _metadata
+from typing import TYPE_CHECKING, Any
+
+try:
+    __version__ = _metadata.version("mergekitty")
+except _metadata.PackageNotFoundError:  # running from a source tree without an install
+    __version__ = "0.0.0+unknown"
+
+from .errors import (  # noqa: E402
+    ArchitectureError,
+    ConfigError,
+    MergekittyError,
+    ModelFormatError,
+    ModelNotFoundError,
+    OutputError,
+    PlanError,
+)
+
+if TYPE_CHECKING:
+    from .api import MergeOptions
+
+
+def run_merge(config: Any, out_path: str, options: "MergeOptions | None" = None, **kwargs: Any) -> Any:
+    """Run a merge. ``config`` is a MergeConfiguration, a YAML string, or a path to a YAML file.
+
+    Keyword arguments are MergeOptions fields (``device``, ``threads``, ``out_shard_size``...).
+    """
+    from .api import run_merge as _run_merge
+
+    return _run_merge(config, out_path, options=options, **kwargs)
+
+
+__all__ = [
+    "ArchitectureError",
+    "ConfigError",
+    "MergekittyError",
+    "ModelFormatError",
+    "ModelNotFoundError",
+    "OutputError",
+    "PlanError",
+    "run_merge",
+    "__version__",
+]

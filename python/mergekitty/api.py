@@ -1,0 +1,229 @@
+"""The Python API: ``run_merge`` and ``plan_merge``. The CLI is a thin layer over this."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError, MergekittyError, OutputError, PlanError
+
+log = logging.getLogger(__name__)
+
+# Files copied from the donor model next to the weights.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+SIDECAR_FILES = ("generation_config.json", "preprocessor_config.json", "processor_config.json")
+STALE_OUTPUT_GLOBS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", ".*.partial", "config.json")
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto
+    threads: int = 0  # 0: every core
+    out_shard_size: int = 5 * 10**9  # bytes; <= 0 means one shard
+    copy_tokenizer: bool = True
+    write_model_card: bool = True
+    allow_crimes: bool = False
+    trust_remote_code: bool = False
+    random_seed: int | None = None
+    transformers_cache: str | None = None
+    lora_merge_cache: str | None = None
+    quiet: bool = False
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_config(config: Any):
+    from .config import MergeConfiguration, load_config, load_config_file
+
+    if isinstance(config, MergeConfiguration):
+        return config
+    if isinstance(config, (str, os.PathLike)) and "\n" not in str(config) and Path(config).suffix in (".yml", ".yaml"):
+        return load_config_file(config)
+    if isinstance(config, str):
+        return load_config(config)
+    raise ConfigError(f"expected a MergeConfiguration, YAML text or a YAML file path, got {type(config).__name__}")
+
+
+def _open_models(config, options: MergeOptions):
+    from .architecture.layout import infer_layout
+    from .io.checkpoint import Checkpoint
+    from .plan import InputModel
+    from .refs import resolve_local_path
+
+    models = []
+    for ref in config.referenced_models():
+        if getattr(ref, "lora", None) is not None:
+            raise PlanError(f"model reference '{ref}': applying LoRA adapters (model+lora) is not supported yet")
+        path = resolve_local_path(ref.path, getattr(ref, "revision", None), options.transformers_cache)
+        checkpoint = Checkpoint(Path(path), label=str(ref))
+        cfg = checkpoint.config()
+        override = getattr(ref, "override_architecture", None)
+        if override:
+            cfg["architectures"] = [override]
+        layout = infer_layout(checkpoint.names(), cfg, where=str(ref))
+        models.append(InputModel(ref, str(ref), Path(path), checkpoint, cfg, layout))
+    return models
+
+
+def plan_merge(config: Any, out_path: str | os.PathLike | None = None, options: MergeOptions | None = None, **kwargs: Any):
+    """Read every header, check everything, and return the MergePlan without reading weights."""
+    from .config import check_method
+    from .params import normalize_to_slices
+    from .plan import Planner, check_architectures, check_output_dir
+
+    options = replace(options or MergeOptions(), **kwargs)
+    config = _load_config(config)
+    method = check_method(config)
+    models = _open_models(config, options)
+    planner = Planner(config, method, models, options)
+    index = planner.index_of
+    slices = normalize_to_slices(config, lambda ref: models[index[str(ref)]].layout.num_layers)
+    check_architectures(models, planner._donor(), options.allow_crimes)
+    if out_path is not None:
+        check_output_dir(Path(out_path), models)
+    _check_tokenizer_settings(config, models)
+    return planner.plan(slices)
+
+
+def _check_tokenizer_settings(config, models) -> None:
+    from .config import effective_tokenizer_source
+
+    source = effective_tokenizer_source(config)
+    if config.chat_template:
+        raise PlanError("chat_template is not supported yet by this version of mergekitty")
+    if source in (None, "base"):
+        return
+    if getattr(config, "tokenizer", None) is not None and (config.tokenizer.tokens or config.tokenizer.pad_to_multiple_of):
+        raise PlanError("per-token embedding settings and pad_to_multiple_of are not supported yet by this version")
+    # A union (or another model's tokenizer) only equals the base when every vocabulary is the same.
+    vocabularies = {_tokenizer_fingerprint(m.path) for m in models}
+    if len(vocabularies) > 1:
+        raise PlanError(f"tokenizer source '{source}' over models with different vocabularies is not supported yet; use tokenizer_source: base")
+
+
+def _tokenizer_fingerprint(path: Path) -> bytes:
+    for name in ("tokenizer.json", "tokenizer.model", "vocab.json"):
+        f = path / name
+        if f.is_file():
+            try:
+                data = json.loads(f.read_text())
+                vocab = data.get("model", {}).get("vocab", data) if isinstance(data, dict) else data
+                added = data.get("added_tokens", []) if isinstance(data, dict) else []
+                return json.dumps([vocab, [(t.get("id"), t.get("content")) for t in added]], sort_keys=True).encode()
+            except (ValueError, UnicodeDecodeError):
+                return f.read_bytes()
+    return b""
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _prepare_out_dir(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for pattern in STALE_OUTPUT_GLOBS:
+        for stale in out.glob(pattern):
+            if stale.is_file():
+                stale.unlink()
+
+
+def _write_sidecars(plan, config, out: Path, options: MergeOptions) -> None:
+    donor = plan.models[plan.donor]
+    names = SIDECAR_FILES + (TOKENIZER_FILES if options.copy_tokenizer else ())
+    for name in names:
+        src = donor.path / name
+        if src.is_file():
+            shutil.copyfile(src, out / name)
+    if options.write_model_card:
+        from .card import generate_card
+
+        text = getattr(config, "source_text", None) or config.to_yaml()
+        refs = [str(m.ref) for m in plan.models]
+        base = str(config.base_model) if config.base_model is not None else None
+        seed = options.random_seed if options.random_seed is not None else config.random_seed
+        _atomic_write(out / "README.md", generate_card(plan.method, refs, base, text, out.name, seed))
+        _atomic_write(out / "mergekitty_config.yml", text if text.endswith("\n") else text + "\n")
+
+
+def run_merge(
+    config: Any,
+    out_path: str | os.PathLike,
+    options: MergeOptions | None = None,
+    progress: Callable[[Any, float], None] | None = None,
+    **kwargs: Any,
+):
+    """Merge as ``config`` says and write the model to ``out_path``. Returns the executed MergePlan."""
+    import torch
+
+    from . import __version__, _native
+    from .execute import execute
+
+    options = replace(options or MergeOptions(), **kwargs)
+    plan = plan_merge(config, out_path, options)
+    config = _load_config(config)
+    out = Path(out_path).expanduser()
+    device = options.resolved_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise OutputError("--device cuda was asked for, but torch sees no CUDA device")
+    if options.threads > 0:
+        torch.set_num_threads(options.threads)
+
+    _prepare_out_dir(out)
+    layout = [(name, job.out_dtype, list(job.shape)) for name, job in _jobs_by_name(plan)]
+    try:
+        writer = _native.ShardWriter(str(out), layout, options.out_shard_size, None, {"mergekitty_version": __version__})
+    except OSError as exc:
+        raise OutputError(f"cannot write to {out}: {exc}") from None
+    try:
+        _write_sidecars(plan, config, out, options)
+        if progress is None and not options.quiet:
+            from .progress import run_with_progress
+
+            run_with_progress(plan, lambda cb: execute(plan, writer, device, options.threads, cb))
+        else:
+            execute(plan, writer, device, options.threads, progress)
+        writer.finalize()
+    except BaseException:
+        writer.abort()
+        raise
+    # config.json last: until it exists the directory does not load as a model.
+    _atomic_write(out / "config.json", json.dumps(plan.out_config, indent=2) + "\n")
+    return plan
+
+
+def _jobs_by_name(plan):
+    by_name = {j.out_name: j for j in plan.jobs}
+    return [(name, by_name[name]) for name in plan.output_order]
+
+
+def option_names() -> list[str]:
+    return [f.name for f in fields(MergeOptions)]
+
+
+__all__ = ["MergeOptions", "MergekittyError", "plan_merge", "run_merge"]

@@ -1,0 +1,131 @@
+"""Infer the per-layer structure of a model from its tensor names and config.json.
+
+Ordinary decoder models need no per-architecture table: the layer stack is the
+group of tensors named ``<prefix>.<N>.<rest>`` whose layer count matches the
+config's ``num_hidden_layers`` (or ``n_layer``, ``num_layers``...), wherever it is
+nested (``text_config.num_hidden_layers`` for vision-language models, with
+prefixes such as ``model.language_model.layers``). Every other tensor is a
+"pre" weight (embeddings, vision tower: merged with t=0 from the first slice) or
+a "post" weight (final norm, head: t=1 from the last slice).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from ..errors import ArchitectureError
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+# Nested configs that hold the language model's settings.
+TEXT_CONFIG_KEYS = ("text_config", "language_config", "llm_config")
+
+_NUMBERED = re.compile(r"^(?P<prefix>.+?)\.(?P<index>\d+)\.(?P<rest>.+)$")
+# Tensors that come before the layer stack; everything else non-layer comes after.
+_PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "vision", "visual", "image", "mm_projector", "multi_modal", "patch")
+# Prefix words that mark a stack as not the language model's.
+_NON_TEXT_HINTS = ("vision", "visual", "image", "audio", "encoder", "mm_", "projector", "patch")
+_EMBED_HINTS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "lm_head", "embed_out", "tok_embeddings")
+
+
+def _get_nested(cfg: dict[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def layer_count_key(cfg: dict[str, Any]) -> str | None:
+    """The dotted config key holding the number of language-model layers."""
+    for key in LAYER_COUNT_KEYS:
+        if isinstance(cfg.get(key), int):
+            return key
+    for sub in TEXT_CONFIG_KEYS:
+        nested = cfg.get(sub)
+        if isinstance(nested, dict):
+            for key in LAYER_COUNT_KEYS:
+                if isinstance(nested.get(key), int):
+                    return f"{sub}.{key}"
+    return None
+
+
+def is_embedding_name(name: str) -> bool:
+    """Input embedding or output head: a tensor whose rows follow the vocabulary."""
+    return any(h in name for h in _EMBED_HINTS) or name in ("output.weight",)
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """Where the layers of one model are and what each layer holds."""
+
+    num_layers: int
+    count_key: str | None  # dotted config key, None when the config has none
+    prefix: str  # e.g. "model.layers"
+    layer_tensors: dict[int, tuple[str, ...]]  # layer index -> suffixes ("self_attn.q_proj.weight", ...)
+    pre: tuple[str, ...]
+    post: tuple[str, ...]
+    extra_stacks: dict[str, int] = field(default_factory=dict)  # other numbered groups (vision tower...)
+
+    def layer_name(self, index: int, suffix: str) -> str:
+        return f"{self.prefix}.{index}.{suffix}"
+
+
+def _choose_stack(stacks: dict[str, dict[int, list[str]]], expected: int | None, where: str) -> str:
+    def score(prefix: str) -> tuple:
+        indices = stacks[prefix]
+        count = max(indices) + 1
+        textual = not any(h in prefix.lower() for h in _NON_TEXT_HINTS)
+        contiguous = len(indices) == count
+        return (expected is None or count == expected, textual, contiguous, sum(len(v) for v in indices.values()))
+
+    best = max(stacks, key=score)
+    count = max(stacks[best]) + 1
+    if expected is not None and count != expected:
+        found = ", ".join(f"'{p}' ({max(v) + 1} layers)" for p, v in stacks.items())
+        raise ArchitectureError(
+            f"{where}: config.json says {expected} layers, but no group of numbered tensors has that many (found {found})"
+        )
+    if len(stacks[best]) != count:
+        missing = sorted(set(range(count)) - set(stacks[best]))[:5]
+        raise ArchitectureError(f"{where}: layer stack '{best}' has no tensors for layers {missing}")
+    return best
+
+
+def infer_layout(tensor_names: Iterable[str], cfg: dict[str, Any], where: str = "model") -> ModelLayout:
+    """Split ``tensor_names`` into pre weights, numbered layers and post weights.
+
+    ``where`` names the model in error messages.
+    """
+    names = list(tensor_names)
+    count_key = layer_count_key(cfg)
+    expected = _get_nested(cfg, count_key) if count_key else None
+
+    stacks: dict[str, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for name in names:
+        m = _NUMBERED.match(name)
+        if m:
+            stacks[m["prefix"]][int(m["index"])].append(m["rest"])
+
+    if not stacks:
+        if expected:
+            sample = ", ".join(names[:6])
+            raise ArchitectureError(
+                f"{where}: config.json says {expected} layers, but no tensor name looks like '<prefix>.<layer>.<name>' (tensors: {sample}...)"
+            )
+        return ModelLayout(0, count_key, "", {}, tuple(names), ())
+
+    prefix = _choose_stack(stacks, expected, where)
+    layer_tensors = {i: tuple(stacks[prefix][i]) for i in sorted(stacks[prefix])}
+    stack_members = {f"{prefix}.{i}.{rest}" for i, rests in layer_tensors.items() for rest in rests}
+
+    pre, post = [], []
+    for name in names:
+        if name in stack_members:
+            continue
+        (pre if any(h in name.lower() for h in _PRE_HINTS) else post).append(name)
+    extra = {p: max(v) + 1 for p, v in stacks.items() if p != prefix}
+    return ModelLayout(len(layer_tensors), count_key, prefix, layer_tensors, tuple(pre), tuple(post), extra)

@@ -1,0 +1,72 @@
+"""The README.md model card written next to a merged model."""
+
+from __future__ import annotations
+
+import os
+
+import yaml
+
+from .methods.base import MergeMethod
+
+
+def _is_hub_id(path: str) -> bool:
+    """A hub repository id looks like ``org/name``; local paths are left out of ``base_model``."""
+    if os.path.exists(path) or path.startswith(("/", "~", ".")):
+        return False
+    return path.count("/") == 1
+
+
+def _link(ref: str) -> str:
+    return f"[{ref}](https://huggingface.co/{ref})" if _is_hub_id(ref) else ref
+
+
+def generate_card(
+    method: MergeMethod,
+    model_refs: list[str],
+    base_ref: str | None,
+    config_text: str,
+    title: str,
+    random_seed: int | None = None,
+) -> str:
+    hub_models = [r.split("@")[0] for r in model_refs if _is_hub_id(r.split("+")[0].split("@")[0])]
+    front = {"base_model": hub_models, "library_name": "transformers", "tags": ["mergekitty", "merge"]}
+    if not hub_models:
+        del front["base_model"]
+    method_text = f"[{method.pretty_name}]({method.paper_url})" if method.paper_url else method.pretty_name
+    uses_base = base_ref is not None and method.base != "ignored"
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        f"# {title}",
+        "",
+        "This is a merge of pre-trained language models created using [mergekitty](https://github.com/allura-org/mergekitty).",
+        "",
+        "## Merge Details",
+        "### Merge Method",
+        "",
+        f"This model was merged using the {method_text} merge method"
+        + (f" using {_link(base_ref)} as a base." if uses_base else "."),
+        "",
+        "### Models Merged",
+        "",
+        "The following models were included in the merge:",
+    ]
+    for ref in model_refs:
+        if uses_base and ref == base_ref:
+            continue
+        lines.append(f"* {_link(ref)}")
+    if random_seed is not None:
+        lines += ["", f"Random seed: `{random_seed}`"]
+    lines += [
+        "",
+        "### Configuration",
+        "",
+        "The following YAML configuration was used to produce this model:",
+        "",
+        "```yaml",
+        config_text.rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Command-line entry points. Heavy imports (torch, transformers) happen inside commands."""

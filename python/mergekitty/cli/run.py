@@ -1,0 +1,33 @@
+"""Shared body of the merge commands: load, plan or merge, and report errors without tracebacks."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+
+
+def run_command(config_file: str, out_path: str | None, kwargs: dict, plan_only: bool = False) -> None:
+    from ..errors import MergekittyError
+    from .options import build_options
+
+    console = Console(stderr=True)
+    try:
+        options, dry_run = build_options(kwargs, console)
+        from ..api import plan_merge, run_merge
+        from ..config import load_config_file
+
+        config = load_config_file(config_file)
+        if plan_only or dry_run:
+            from .report import print_plan
+
+            print_plan(plan_merge(config, out_path, options), Console())
+            return
+        run_merge(config, out_path, options)
+        console.print(f"[green]done:[/] merged model written to {out_path}")
+    except MergekittyError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted:[/] no merged model was written (partial files were removed)")
+        sys.exit(130)

@@ -1,0 +1,22 @@
+"""``mergekitty-yaml CONFIG OUT``: the classic entry point."""
+
+from __future__ import annotations
+
+import rich_click as click
+
+from .options import merge_options
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.argument("out_path", type=click.Path(file_okay=False))
+@merge_options
+def main(config_file: str, out_path: str, **kwargs) -> None:
+    """Merge the models described by CONFIG_FILE (YAML) and write the result to OUT_PATH."""
+    from .run import run_command
+
+    run_command(config_file, out_path, kwargs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Reading input checkpoints and writing the merged one."""

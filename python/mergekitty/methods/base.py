@@ -1,0 +1,92 @@
+"""What a merge method is: its parameters and one pure function over tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter a method reads, with its type, default and allowed range."""
+
+    name: str
+    kind: type = float  # float, int or bool
+    default: Any = None
+    required: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    help: str = ""
+
+    def check(self, value: Any) -> Any:
+        """Coerce ``value`` to this parameter's kind; raise ValueError naming the problem."""
+        if value is None:
+            return None
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, (int, float)) and float(value) in (0.0, 1.0):
+                return bool(value)
+            raise ValueError(f"'{self.name}' must be true or false, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"'{self.name}' must be a number, got {value!r}")
+        if self.kind is int:
+            if float(value) != int(value):
+                raise ValueError(f"'{self.name}' must be an integer, got {value!r}")
+            value = int(value)
+        else:
+            value = float(value)
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"'{self.name}' must be >= {self.minimum}, got {value}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"'{self.name}' must be <= {self.maximum}, got {value}")
+        return value
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """Everything a method sees for one output tensor.
+
+    ``tensors`` are the non-base inputs in config order, ``model_params`` the
+    resolved per-model parameters in the same order, ``base`` the base tensor
+    (None when the method does not use one). ``out_dtype`` is the dtype the
+    result will be written in: a method may return it directly to save a cast.
+    """
+
+    name: str
+    tensors: list["torch.Tensor"]
+    model_params: list[dict[str, Any]]
+    params: dict[str, Any]
+    base: "torch.Tensor | None" = None
+    out_dtype: "torch.dtype | None" = None
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method.
+
+    ``base`` says how the base model is used: "required", "optional" or
+    "ignored" (then a base model, if given, is merged like any other input).
+    """
+
+    name: str
+    pretty_name: str
+    paper_url: str | None
+    merge: Callable[[MergeInputs], "torch.Tensor"]
+    global_params: tuple[ParamSpec, ...] = ()
+    model_params: tuple[ParamSpec, ...] = ()
+    base: str = "ignored"
+    min_models: int = 1
+    max_models: int | None = None
+    description: str = ""
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    def param_spec(self, name: str) -> ParamSpec | None:
+        for spec in (*self.global_params, *self.model_params):
+            if spec.name == name:
+                return spec
+        return None

@@ -1,0 +1,35 @@
+"""Every merge method, listed explicitly. Adding a method is one file plus one line here."""
+
+from __future__ import annotations
+
+from .base import MergeMethod
+from .linear import METHOD as _linear
+from .passthrough import METHOD as _passthrough
+from .task_arithmetic import METHOD as _task_arithmetic
+
+_ALL: tuple[MergeMethod, ...] = (
+    _linear,
+    _task_arithmetic,
+    _passthrough,
+)
+
+METHODS: dict[str, MergeMethod] = {}
+for _m in _ALL:
+    METHODS[_m.name] = _m
+    for _alias in _m.aliases:
+        METHODS[_alias] = _m
+
+
+def method_names() -> list[str]:
+    """Every name accepted as ``merge_method`` (aliases included), sorted."""
+    return sorted(METHODS)
+
+
+def get_method(name: str) -> MergeMethod:
+    """The method called ``name``; KeyError if there is none."""
+    return METHODS[name]
+
+
+def all_methods() -> tuple[MergeMethod, ...]:
+    """Each method once, in table order."""
+    return _ALL

@@ -1,0 +1,375 @@
+"""Turn a config and the input headers into a frozen list of tensor jobs. No tensor is read here.
+
+Every user mistake that can be found without reading weights (a missing tensor,
+a shape mismatch, a bad parameter value, an output directory that is an input)
+surfaces here, before the merge starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .architecture.layout import ModelLayout, infer_layout, is_embedding_name
+from .errors import ArchitectureError, ConfigError, PlanError
+from .methods.base import MergeMethod, ParamSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input tensor: which model (index into ``MergePlan.models``) and its name there."""
+
+    model: int
+    tensor: str
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    out_name: str
+    shape: tuple[int, ...]
+    out_dtype: str  # safetensors code of the written tensor
+    sources: tuple[Source, ...]  # non-base inputs, config order
+    model_params: tuple[dict[str, Any], ...]
+    base: Source | None
+    params: dict[str, Any]
+    input_bytes: int
+    output_bytes: int
+
+
+@dataclass
+class InputModel:
+    ref: Any  # ModelReference
+    label: str
+    path: Path
+    checkpoint: Any  # io.checkpoint.Checkpoint
+    config: dict[str, Any]
+    layout: ModelLayout
+
+
+@dataclass
+class MergePlan:
+    method: MergeMethod
+    models: list[InputModel]
+    donor: int  # the model whose config.json, tokenizer and tensor names the output follows
+    base: int | None
+    jobs: list[TensorJob]  # in execution order (sequential reads)
+    output_order: list[str]  # tensor names in the order they are laid out in the output
+    out_config: dict[str, Any]
+    layer_map: list[tuple[int, list[tuple[str, int]]]] = field(default_factory=list)  # out layer -> [(model label, in layer)]
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(j.input_bytes for j in self.jobs)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(j.output_bytes for j in self.jobs)
+
+    def peak_memory_estimate(self, prefetch: int = 2) -> int:
+        """Bytes held at the worst moment: the largest job's mapped inputs and float32
+        working copies, plus the output buffers queued for writing."""
+        if not self.jobs:
+            return 0
+        worst = max(self.jobs, key=lambda j: j.input_bytes + j.output_bytes)
+        n_in = len(worst.sources) + (worst.base is not None)
+        f32 = 4 * _numel(worst.shape)
+        return worst.input_bytes + worst.output_bytes * (prefetch + 1) + f32 * min(n_in, 2)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _dtype_size(code: str) -> float:
+    sizes = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+    return sizes.get(code, 1)
+
+
+def _set_nested(cfg: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = cfg
+    for p in parts[:-1]:
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def _get_parent(cfg: dict[str, Any], dotted: str) -> dict[str, Any]:
+    node = cfg
+    for p in dotted.split(".")[:-1]:
+        node = node[p]
+    return node
+
+
+class Planner:
+    """Builds a MergePlan. ``open_model(ref) -> (path, Checkpoint, config dict)`` does the I/O of headers."""
+
+    def __init__(self, config, method: MergeMethod, models: list[InputModel], options) -> None:
+        from .params import ParameterResolver
+
+        self.config = config
+        self.method = method
+        self.models = models
+        self.options = options
+        self.index_of = {str(m.ref): i for i, m in enumerate(models)}
+        self.resolver = ParameterResolver(config)
+        self.used_param_names: set[str] = set()
+
+    # ---------------------------------------------------------------- helpers
+    def _model(self, ref) -> int:
+        return self.index_of[str(ref)]
+
+    def _find(self, model: int, name: str, out_name: str) -> str:
+        """The name of ``name`` in ``model``, falling back from a missing head to tied embeddings."""
+        m = self.models[model]
+        if name in m.checkpoint:
+            return name
+        if is_embedding_name(name):
+            for alt in ("model.embed_tokens.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight", "model.language_model.embed_tokens.weight"):
+                if alt in m.checkpoint and "embed" not in name and "wte" not in name:
+                    return alt
+        close = difflib.get_close_matches(name, m.checkpoint.names(), n=1)
+        hint = f" (closest: '{close[0]}')" if close else ""
+        raise PlanError(f"model {m.label}: tensor '{name}' (needed for output '{out_name}') is missing{hint}")
+
+    def _global_params(self, slice_idx: int, out_name: str, t: float) -> dict[str, Any]:
+        out = {}
+        for spec in self.method.global_params:
+            value = self.resolver.global_value(spec.name, slice_idx, out_name, t)
+            out[spec.name] = self._checked(spec, value, out_name, None)
+        return out
+
+    def _model_params(self, slice_idx: int, source_idx: int, in_name: str, t: float, label: str) -> dict[str, Any]:
+        out = {}
+        for spec in self.method.model_params:
+            value = self.resolver.model_value(spec.name, slice_idx, source_idx, in_name, t)
+            out[spec.name] = self._checked(spec, value, in_name, label)
+        return out
+
+    def _checked(self, spec: ParamSpec, value: Any, tensor: str, label: str | None) -> Any:
+        where = f"for model {label}, tensor '{tensor}'" if label else f"for tensor '{tensor}'"
+        if value is None:
+            if spec.required:
+                raise ConfigError(f"merge method '{self.method.name}' needs parameter '{spec.name}' {where}", key="parameters")
+            return spec.default
+        try:
+            return spec.check(value)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} {where}", key=f"parameters.{spec.name}") from None
+
+    # ---------------------------------------------------------------- planning
+    def plan(self, slices) -> MergePlan:
+        method = self.method
+        donor = self._donor()
+        donor_layout = self.models[donor].layout
+        base_ref = self.config.base_model
+        uses_base = method.base != "ignored"
+        if method.base == "required" and base_ref is None:
+            raise ConfigError(f"merge method '{method.name}' needs a base_model", key="base_model")
+
+        jobs: list[TensorJob] = []
+        order: list[str] = []
+        layer_map: list[tuple[int, list[tuple[str, int]]]] = []
+
+        # Per slice: (non-base entries [(model, start, source_idx)], base entry (model, start) or None, length)
+        plans = []
+        for si, sl in enumerate(slices):
+            slice_base = getattr(sl, "base_model", None) or base_ref
+            entries, base_entry = [], None
+            lengths = set()
+            for j, src in enumerate(sl.sources):
+                start, stop = src.layer_range
+                mi = self._model(src.model)
+                layout = self.models[mi].layout
+                if stop > layout.num_layers:
+                    raise ConfigError(
+                        f"layer_range [{start}, {stop}) is beyond the {layout.num_layers} layers of {self.models[mi].label}",
+                        key=f"slices[{si}].sources[{j}].layer_range",
+                    )
+                lengths.add(stop - start)
+                is_base = slice_base is not None and str(src.model) == str(slice_base)
+                if uses_base and is_base:
+                    base_entry = (mi, start)
+                elif is_base and not self._listed(src.model):
+                    continue  # a base the method does not use, added only to carry the config
+                else:
+                    entries.append((mi, start, j))
+            if len(lengths) > 1:
+                raise ConfigError(
+                    f"all sources of a slice must cover the same number of layers (got {sorted(lengths)})",
+                    key=f"slices[{si}].sources",
+                )
+            length = lengths.pop() if lengths else 0
+            if uses_base and base_entry is None and slice_base is not None:
+                first_start = sl.sources[0].layer_range[0]
+                base_entry = (self._model(slice_base), first_start)
+            if not entries and not (uses_base and base_entry):
+                raise ConfigError("a slice needs at least one source model", key=f"slices[{si}].sources")
+            if method.max_models is not None and len(entries) > method.max_models:
+                raise ConfigError(
+                    f"merge method '{method.name}' takes at most {method.max_models} model(s) per tensor, got {len(entries)}",
+                    key=f"slices[{si}].sources" if self.config.slices else "models",
+                )
+            plans.append((entries, base_entry, length))
+
+        def add(out_name: str, si: int, t: float, picks: list[tuple[int, str, int]], base_pick: tuple[int, str] | None) -> None:
+            sources = tuple(Source(mi, self._find(mi, name, out_name)) for mi, name, _ in picks)
+            base_src = Source(base_pick[0], self._find(base_pick[0], base_pick[1], out_name)) if base_pick else None
+            infos = [self.models[s.model].checkpoint.infos[s.tensor] for s in (*sources, *([base_src] if base_src else []))]
+            ref_info = infos[-1] if base_src else infos[0]
+            for s, info in zip((*sources, *([base_src] if base_src else [])), infos):
+                if info.shape != ref_info.shape:
+                    hint = " (embedding sizes differ: vocabulary handling needs the tokenizer options)" if is_embedding_name(out_name) else ""
+                    raise PlanError(
+                        f"tensor '{out_name}': {self.models[s.model].label} has shape {list(info.shape)} "
+                        f"but {self.models[(base_src or sources[0]).model].label} has {list(ref_info.shape)}{hint}"
+                    )
+            params = self._global_params(si, out_name, t)
+            mparams = tuple(self._model_params(si, j, sources[k].tensor, t, self.models[mi].label) for k, (mi, _, j) in enumerate(picks))
+            out_dtype = self._out_dtype(ref_info.dtype)
+            jobs.append(
+                TensorJob(
+                    out_name=out_name,
+                    shape=ref_info.shape,
+                    out_dtype=out_dtype,
+                    sources=sources,
+                    model_params=mparams,
+                    base=base_src,
+                    params=params,
+                    input_bytes=sum(i.nbytes for i in infos),
+                    output_bytes=int(_numel(ref_info.shape) * _dtype_size(out_dtype)),
+                )
+            )
+            order.append(out_name)
+
+        # pre weights: first slice, t = 0
+        entries, base_entry, _ = plans[0]
+        for name in donor_layout.pre:
+            add(name, 0, 0.0, [(mi, name, j) for mi, _, j in entries], (base_entry[0], name) if base_entry else None)
+
+        from .params import layer_t
+
+        out_layer = 0
+        for si, (entries, base_entry, length) in enumerate(plans):
+            for idx in range(length):
+                t = layer_t(idx, length)
+                lead_model, lead_start = (entries[0][0], entries[0][1]) if entries else base_entry
+                lead_layout = self.models[lead_model].layout
+                layer_map.append((out_layer, [(self.models[mi].label, start + idx) for mi, start, _ in entries]))
+                for suffix in lead_layout.layer_tensors.get(lead_start + idx, ()):
+                    out_name = donor_layout.layer_name(out_layer, suffix)
+                    picks = [(mi, self.models[mi].layout.layer_name(start + idx, suffix), j) for mi, start, j in entries]
+                    base_pick = (base_entry[0], self.models[base_entry[0]].layout.layer_name(base_entry[1] + idx, suffix)) if base_entry else None
+                    add(out_name, si, t, picks, base_pick)
+                out_layer += 1
+
+        # post weights: last slice, t = 1
+        entries, base_entry, _ = plans[-1]
+        last = len(plans) - 1
+        for name in donor_layout.post:
+            add(name, last, 1.0, [(mi, name, j) for mi, _, j in entries], (base_entry[0], name) if base_entry else None)
+
+        out_config = self._out_config(donor, slices, out_layer)
+        jobs_sorted = sorted(jobs, key=self._read_position)
+        base_index = self._model(base_ref) if base_ref is not None else None
+        return MergePlan(method, self.models, donor, base_index, jobs_sorted, order, out_config, layer_map)
+
+    def _listed(self, ref) -> bool:
+        if self.config.models:
+            return any(str(m.model) == str(ref) for m in self.config.models)
+        return True
+
+    def _donor(self) -> int:
+        if self.config.base_model is not None:
+            return self._model(self.config.base_model)
+        return 0
+
+    def _out_dtype(self, in_code: str) -> str:
+        name = self.config.out_dtype or self.config.dtype
+        if in_code not in ("F32", "F16", "BF16", "F64") or name is None:
+            return in_code
+        return {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[name]
+
+    def _read_position(self, job: TensorJob) -> tuple:
+        first = job.sources[0] if job.sources else job.base
+        info = self.models[first.model].checkpoint.infos[first.tensor]
+        return (first.model, info.file, info.start)
+
+    def _out_config(self, donor: int, slices, num_out_layers: int) -> dict[str, Any]:
+        import copy
+
+        cfg = copy.deepcopy(self.models[donor].config)
+        dtype = self.config.out_dtype or self.config.dtype
+        if dtype:
+            present = [k for k in ("torch_dtype", "dtype") if k in cfg]
+            for k in present or ["torch_dtype"]:
+                cfg[k] = dtype
+            for sub in ("text_config",):
+                if isinstance(cfg.get(sub), dict):
+                    for k in ("torch_dtype", "dtype"):
+                        if k in cfg[sub]:
+                            cfg[sub][k] = dtype
+        if self.config.slices:
+            key = self.models[donor].layout.count_key
+            if key is None:
+                log.warning("config.json has no layer count key; the output keeps the donor's value")
+            else:
+                self._rewrite_layer_lists(cfg, key, slices, num_out_layers)
+        return cfg
+
+    def _rewrite_layer_lists(self, cfg: dict[str, Any], key: str, slices, num_out_layers: int) -> None:
+        """Set the layer count and rebuild every per-layer list (``layer_types``...) slice by slice."""
+        parent = _get_parent(cfg, key)
+        old_count = parent[key.split(".")[-1]]
+        _set_nested(cfg, key, num_out_layers)
+        for list_key, value in list(parent.items()):
+            if not isinstance(value, list) or len(value) != old_count or old_count == num_out_layers and not self.config.slices:
+                continue
+            rebuilt = []
+            for sl in slices:
+                src = sl.sources[0]
+                src_cfg_parent = _get_parent(self.models[self._model(src.model)].config, key)
+                src_list = src_cfg_parent.get(list_key)
+                if not isinstance(src_list, list):
+                    src_list = value
+                start, stop = src.layer_range
+                rebuilt.extend(src_list[start:stop])
+            if len(rebuilt) == num_out_layers:
+                parent[list_key] = rebuilt
+
+
+def check_output_dir(out_path: Path, models: list[InputModel]) -> None:
+    from .errors import OutputError
+
+    out = out_path.expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output path {out_path} exists and is not a directory")
+    for m in models:
+        src = m.path.resolve()
+        if out == src:
+            raise OutputError(f"output directory {out_path} is the input model {m.label}; choose another directory")
+        if src in out.parents:
+            raise OutputError(f"output directory {out_path} is inside the input model {m.label}; choose another directory")
+
+
+def check_architectures(models: list[InputModel], donor: int, allow_crimes: bool) -> None:
+    def arch(m: InputModel):
+        return (tuple(m.config.get("architectures") or ()), m.config.get("model_type"))
+
+    ref = arch(models[donor])
+    for m in models:
+        if arch(m) != ref:
+            if allow_crimes:
+                log.warning("merging %s (%s) with %s (%s) because --allow-crimes is set", m.label, arch(m), models[donor].label, ref)
+            else:
+                raise ArchitectureError(
+                    f"{m.label} is a {arch(m)[0] or arch(m)[1]} but {models[donor].label} is a {ref[0] or ref[1]}; "
+                    "pass --allow-crimes to merge different architectures"
+                )

@@ -1,0 +1,40 @@
+"""A rich progress bar over the tensor jobs: tensors done, bytes read, GB/s and ETA."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from rich.progress import BarColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+
+class _Throughput(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("-- GB/s" if not speed else f"{speed / 1e9:.2f} GB/s")
+
+
+class _Tensors(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.fields.get('tensors', 0)}/{task.fields.get('total_tensors', 0)} tensors")
+
+
+def run_with_progress(plan, body: Callable[[Callable], None]) -> None:
+    """Run ``body(callback)`` while showing progress; the callback is called after each job."""
+    columns = [
+        TextColumn("[bold]merging"),
+        BarColumn(),
+        TaskProgressColumn(),
+        _Tensors(),
+        _Throughput(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task("merge", total=plan.input_bytes or 1, tensors=0, total_tensors=len(plan.jobs))
+        done = [0]
+
+        def callback(job, _seconds: float) -> None:
+            done[0] += 1
+            bar.update(task, advance=job.input_bytes, tensors=done[0])
+
+        body(callback)

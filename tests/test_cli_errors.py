@@ -1,0 +1,174 @@
+"""Bad input gives one clear error line (exit 1), never a traceback, never a half-written output."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import run_cli
+
+
+def _fails(proc, *needles):
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    text = proc.stdout + proc.stderr
+    assert "Traceback" not in text, text
+    for n in needles:
+        assert n in text, text
+
+
+def test_missing_model_path(tmp_path, write_yaml):
+    cfg = write_yaml(f"""
+models:
+  - model: {tmp_path}/does-not-exist
+    parameters: {{weight: 1.0}}
+merge_method: linear
+""")
+    _fails(run_cli("mergekitty-yaml", cfg, tmp_path / "out", check=False), "does-not-exist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_typo_in_yaml_key_suggests_the_right_one(llama, tmp_path, write_yaml):
+    cfg = write_yaml(f"""
+models:
+  - model: {llama['ft1']}
+    parameters: {{weight: 1.0}}
+merge_methd: linear
+""")
+    _fails(run_cli("mergekitty-yaml", cfg, tmp_path / "out", check=False), "merge_method", "5")
+
+
+def test_misspelled_method(llama, tmp_path, write_yaml):
+    cfg = write_yaml(f"""
+models:
+  - model: {llama['ft1']}
+    parameters: {{weight: 1.0}}
+merge_method: lineer
+""")
+    _fails(run_cli("mergekitty-yaml", cfg, tmp_path / "out", check=False), "linear")
+
+
+def test_missing_required_weight(llama, tmp_path, write_yaml):
+    cfg = write_yaml(f"""
+models:
+  - model: {llama['ft1']}
+  - model: {llama['ft2']}
+merge_method: linear
+""")
+    _fails(run_cli("mergekitty-yaml", cfg, tmp_path / "out", check=False), "weight")
+
+
+def test_output_directory_that_is_an_input(llama, tmp_path, write_yaml):
+    cfg = write_yaml(f"""
+models:
+  - model: {llama['ft1']}
+    parameters: {{weight: 1.0}}
+merge_method: linear
+""")
+    before = sorted(p.name for p in llama["ft1"].iterdir())
+    _fails(run_cli("mergekitty-yaml", cfg, llama["ft1"], check=False), "input model")
+    assert sorted(p.name for p in llama["ft1"].iterdir()) == before
+
+
+def test_malformed_safetensors_input(llama, tmp_path, write_yaml):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(llama["ft1"], broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    cfg = write_yaml(f"""
+models:
+  - model: {broken}
+    parameters: {{weight: 1.0}}
+merge_method: linear
+""")
+    _fails(run_cli("mergekitty-yaml", cfg, tmp_path / "out", check=False), "model.safetensors")
+
+
+def test_interrupted_merge_leaves_nothing_that_looks_complete(llama, tmp_path, write_yaml, monkeypatch):
+    import mergekitty.execute as execute_mod
+    from mergekitty import run_merge
+
+    cfg = f"""
+models:
+  - model: {llama['ft1']}
+    parameters: {{weight: 1.0}}
+  - model: {llama['ft2']}
+    parameters: {{weight: 1.0}}
+merge_method: linear
+"""
+    calls = {"n": 0}
+    real = execute_mod.run_job
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(execute_mod, "run_job", failing)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_merge(cfg, out, quiet=True)
+    left = sorted(p.name for p in out.iterdir())
+    assert "config.json" not in left and not any(n.endswith(".safetensors") for n in left), left
+    assert not any(n.endswith(".partial") for n in left), left
+
+
+def test_killed_merge_leaves_nothing_that_looks_complete(llama, tmp_path, write_yaml):
+    """SIGKILL mid-merge: only hidden partial files may remain, and no config.json."""
+    import os
+    import signal
+    import time
+
+    cfg = write_yaml(f"""
+models:
+  - model: {llama['ft1']}
+    parameters: {{weight: 1.0}}
+merge_method: linear
+""")
+    out = tmp_path / "out"
+    code = (
+        "import mergekitty.execute as e, time\n"
+        "real = e.run_job\n"
+        "def slow(*a, **k):\n"
+        "    time.sleep(0.05)\n"
+        "    return real(*a, **k)\n"
+        "e.run_job = slow\n"
+        f"from mergekitty import run_merge\nrun_merge({str(cfg)!r}, {str(out)!r}, quiet=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    for _ in range(400):
+        if out.exists() and any(out.glob(".*partial")):
+            break
+        time.sleep(0.02)
+    time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    names = sorted(p.name for p in out.iterdir())
+    assert "config.json" not in names and "model.safetensors" not in names, names
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from mergekitty.cli.yaml_cmd import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "assert 'transformers' not in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "--out-shard-size" in proc.stdout and "BYTES" in proc.stdout
+
+
+def test_no_effect_options_are_accepted_and_explained(llama, tmp_path, write_yaml):
+    cfg = write_yaml(f"""
+models:
+  - model: {llama['ft1']}
+    parameters: {{weight: 1.0}}
+merge_method: linear
+""")
+    proc = run_cli("mergekitty-yaml", cfg, tmp_path / "out", "--lazy-unpickle", "--clone-tensors", "--quiet", "--cuda", "--dry-run", check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "--lazy-unpickle has no effect" in proc.stderr and "--clone-tensors has no effect" in proc.stderr

@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Micro-benchmark: native fused weighted sum vs. the torch reference.
+
+Native:  mergekitty._native.weighted_sum(inputs, in_dtypes, weights, out, out_dtype, threads)
+         inputs and out are numpy uint8 views of torch tensors (t.view(torch.uint8).numpy()).
+Torch:   (w0 * a.float() + w1 * b.float() + w2 * c.float()).to(out_dtype)
+         with torch.set_num_threads(threads).
+
+For each shape and thread count it reports the median time, the effective bandwidth
+(bytes of all inputs + bytes of the output, divided by the time; the torch reference moves more
+than that through its float32 temporaries, which is the point), and the native/torch speedup.
+It also compares the two outputs (bit-exact is expected when both accumulate in float32 in the
+same order with round-to-nearest-even; an FMA-based kernel may differ by one ulp).
+
+Usage:
+    python benches/kernels.py
+    python benches/kernels.py --threads 1,2,4 --repeat 15 --shapes 32000x2048,5632x2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+WORK_DIR = Path(__file__).resolve().parent / "work"
+WEIGHTS = (0.5, 0.3, 0.2)
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+GB = 1e9
+
+
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    return [tuple(int(d) for d in s.split("x")) for s in text.split(",") if s]
+
+
+def timeit(fn, repeat: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def _ordered(t: torch.Tensor) -> torch.Tensor:
+    """Float bit patterns mapped to integers that order like the floats (+0 and -0 both 0)."""
+    if t.dtype in (torch.bfloat16, torch.float16):
+        bits, mask = t.view(torch.int16).long(), 0x7FFF
+    else:
+        bits, mask = t.view(torch.int32).long(), 0x7FFFFFFF
+    mag = bits & mask
+    return torch.where(bits < 0, -mag, mag)
+
+
+def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Element mismatches and the largest distance in units in the last place (same dtype)."""
+    diff = (_ordered(out) - _ordered(ref)).abs()
+    return {"mismatches": int((diff != 0).sum()), "max_ulp": int(diff.max()),
+            "max_abs": float((out.float() - ref.float()).abs().max())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="32000x2048,5632x2048")
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    ap.add_argument("--dtype", default="BF16", choices=sorted(TORCH_DTYPES),
+                    help="dtype of the inputs and the output")
+    ap.add_argument("--inputs", type=int, default=3, help="number of inputs")
+    ap.add_argument("--repeat", type=int, default=9, help="timed runs (median reported)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=None,
+                    help="write results here (default: benches/work/kernels-<timestamp>.json)")
+    ap.add_argument("--require-native", action="store_true",
+                    help="exit 1 when the native module is missing instead of running torch only")
+    args = ap.parse_args(argv)
+
+    try:
+        from mergekitty import _native
+
+        weighted_sum = _native.weighted_sum
+        native_error = None
+    except (ImportError, AttributeError) as e:
+        weighted_sum = None
+        native_error = f"{type(e).__name__}: {e}"
+        print(f"[native] mergekitty._native.weighted_sum is not available ({native_error}); "
+              "timing the torch reference only")
+        if args.require_native:
+            return 1
+
+    dt = TORCH_DTYPES[args.dtype]
+    weights = [WEIGHTS[i % len(WEIGHTS)] for i in range(args.inputs)]
+    threads_list = [int(t) for t in args.threads.split(",") if t]
+    results = []
+    gen = torch.Generator().manual_seed(0)
+    for shape in parse_shapes(args.shapes):
+        tensors = [torch.randn(shape, generator=gen).mul_(0.02).to(dt) for _ in weights]
+        out = torch.empty(shape, dtype=dt)
+        # Flat byte buffers: numpy has no bfloat16, so bytes cross the boundary.
+        in_bufs = [t.reshape(-1).view(torch.uint8).numpy() for t in tensors]
+        out_buf = out.reshape(-1).view(torch.uint8).numpy()
+        nbytes = sum(t.numel() * t.element_size() for t in tensors) + out.numel() * out.element_size()
+
+        def torch_ref() -> torch.Tensor:
+            acc = weights[0] * tensors[0].float()
+            for w, t in zip(weights[1:], tensors[1:]):
+                acc = acc + w * t.float()
+            return acc.to(dt)
+
+        def native() -> None:
+            weighted_sum(in_bufs, [args.dtype] * len(in_bufs), weights, out_buf, args.dtype,
+                         threads)
+
+        for threads in threads_list:
+            torch.set_num_threads(threads)
+            t_torch = timeit(torch_ref, args.repeat, args.warmup)
+            row = {"shape": list(shape), "dtype": args.dtype, "inputs": len(weights),
+                   "threads": threads, "bytes": nbytes,
+                   "torch_median_s": statistics.median(t_torch), "torch_times_s": t_torch}
+            row["torch_gbps"] = nbytes / GB / row["torch_median_s"]
+            if weighted_sum is not None:
+                t_native = timeit(native, args.repeat, args.warmup)
+                row["native_median_s"] = statistics.median(t_native)
+                row["native_times_s"] = t_native
+                row["native_gbps"] = nbytes / GB / row["native_median_s"]
+                row["speedup"] = row["torch_median_s"] / row["native_median_s"]
+                out.zero_()
+                native()
+                row["parity"] = compare(out, torch_ref())
+            results.append(row)
+            line = (f"{'x'.join(map(str, shape)):>11} {args.dtype} x{len(weights)} threads={threads}: "
+                    f"torch {row['torch_median_s'] * 1e3:8.2f} ms {row['torch_gbps']:6.2f} GB/s")
+            if "native_median_s" in row:
+                p = row["parity"]
+                line += (f" | native {row['native_median_s'] * 1e3:8.2f} ms "
+                         f"{row['native_gbps']:6.2f} GB/s | speedup {row['speedup']:5.2f}x"
+                         f" | parity: {p['mismatches']} mismatches, max {p['max_ulp']} ulp")
+            print(line, flush=True)
+        del tensors, out, in_bufs, out_buf
+
+    report = {"timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
+              "cpus": os.cpu_count(), "torch": torch.__version__, "native_error": native_error,
+              "load_avg": os.getloadavg(), "results": results}
+    path = args.json or WORK_DIR / f"kernels-{_dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"GB/s = (input bytes + output bytes) / median time; speedup = torch / native. "
+          f"load avg {os.getloadavg()[0]:.1f}. results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -607,6 +607,12 @@ def write_configs(cfg_dir: Path, models: dict[str, Path]) -> dict[str, Path]:
     return paths
 
 
+def results_commit() -> str:
+    r = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                       capture_output=True, text=True)
+    return r.stdout.strip()
+
+
 MERGE_INPUTS = {"linear": list(FINETUNES), "task_arithmetic": ["base", *FINETUNES]}
 
 
@@ -677,12 +683,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_ours:
         ours = args.ours_cmd.split()
         exe = shutil.which(ours[0])
-        if exe is None:
-            print(f"[ours] {ours[0]!r} is not on PATH; skipping mergekitty (build and install the "
-                  "package, e.g. `pip install -e .` or `maturin develop --release`)")
-        else:
+        src = REPO_ROOT / "python"
+        in_tree = sorted((src / "mergekitty").glob("_native*.so"))
+        if exe is not None:
             candidates["mergekitty"] = [exe, *ours[1:]]
             versions["mergekitty"] = tool_version(sys.executable, "mergekitty")
+        elif ours[0] == "mergekitty-yaml" and in_tree:
+            # Built in place (e.g. `maturin develop` into another env, or a copied .so): run the
+            # CLI module from the source tree.
+            print(f"[ours] mergekitty-yaml is not on PATH; running the source tree ({in_tree[0]})")
+            candidates["mergekitty"] = [sys.executable, "-m", "mergekitty.cli.yaml_cmd", *ours[1:]]
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
+            versions["mergekitty"] = "source tree " + results_commit()
+        else:
+            print(f"[ours] {ours[0]!r} is not on PATH; skipping mergekitty (build and install the "
+                  "package, e.g. `maturin develop --release` or `pip install .`)")
     if not args.skip_incumbent:
         venv = (args.mergekit_venv or work / "mergekit-venv").resolve()
         exe = ensure_mergekit_venv(venv)
@@ -708,8 +723,7 @@ def main(argv: list[str] | None = None) -> int:
             "kernel": platform.release(),
             "python": platform.python_version(),
         },
-        "git_commit": subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
-                                     capture_output=True, text=True).stdout.strip(),
+        "git_commit": results_commit(),
         "versions": versions,
         "model_bytes": model_bytes,
         "merges": {},

@@ -84,7 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     try:
-        from mergekitty import _native
+        try:
+            from mergekitty import _native
+        except ImportError:
+            # Not installed: try the source tree (a .so built in place).
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
+            from mergekitty import _native
+        print(f"[native] {_native.__file__}")
 
         weighted_sum = _native.weighted_sum
         native_error = None

@@ -1,0 +1,163 @@
+//! `ShardWriter`: the Python face of `writer::ShardWriter`.
+
+use std::path::PathBuf;
+
+use pyo3::exceptions::PyKeyError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::buffer::Buffer;
+use crate::dtype::Dtype;
+use crate::layout::TensorSpec;
+use crate::writer::ShardWriter;
+
+/// A str -> str dict as ordered pairs (dicts keep insertion order; headers should too).
+fn string_pairs(d: Option<&Bound<'_, PyDict>>) -> PyResult<Vec<(String, String)>> {
+    let Some(d) = d else { return Ok(Vec::new()) };
+    d.iter()
+        .map(|(k, v)| Ok((k.extract::<String>()?, v.extract::<String>()?)))
+        .collect()
+}
+
+#[pyclass(frozen, module = "mergekitty._native", name = "ShardWriter")]
+pub struct PyShardWriter {
+    inner: ShardWriter,
+}
+
+#[pymethods]
+impl PyShardWriter {
+    #[new]
+    #[pyo3(signature = (out_dir, tensors, max_shard_bytes, metadata = None, index_metadata = None))]
+    fn new(
+        py: Python<'_>,
+        out_dir: PathBuf,
+        tensors: Vec<(String, String, Vec<u64>)>,
+        max_shard_bytes: i64,
+        metadata: Option<Bound<'_, PyDict>>,
+        index_metadata: Option<Bound<'_, PyDict>>,
+    ) -> PyResult<Self> {
+        let specs = tensors
+            .into_iter()
+            .map(|(name, code, shape)| {
+                Ok(TensorSpec {
+                    dtype: Dtype::parse(&code)?,
+                    name,
+                    shape,
+                })
+            })
+            .collect::<Result<Vec<_>, crate::Error>>()?;
+        let metadata = string_pairs(metadata.as_ref())?;
+        let index_metadata = string_pairs(index_metadata.as_ref())?;
+        let inner = py.detach(|| {
+            ShardWriter::create(&out_dir, specs, max_shard_bytes, &metadata, &index_metadata)
+        })?;
+        Ok(PyShardWriter { inner })
+    }
+
+    #[getter]
+    fn shard_files(&self) -> Vec<String> {
+        self.inner.shard_files()
+    }
+
+    fn shard_of(&self, name: &str) -> PyResult<String> {
+        self.inner
+            .shard_of(name)
+            .map(str::to_owned)
+            .map_err(|e| PyKeyError::new_err(e.to_string()))
+    }
+
+    #[getter]
+    fn total_bytes(&self) -> u64 {
+        self.inner.total_bytes()
+    }
+
+    fn write(&self, py: Python<'_>, name: &str, data: Bound<'_, PyAny>) -> PyResult<()> {
+        let buf = Buffer::get(&data, false, "data")?;
+        // SAFETY: `buf` outlives the slice (both end with this function).
+        let bytes = unsafe { buf.as_slice() };
+        Ok(py.detach(|| self.inner.write(name, bytes))?)
+    }
+
+    fn finalize(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        Ok(py.detach(|| self.inner.finalize())?)
+    }
+
+    fn abort(&self, py: Python<'_>) {
+        py.detach(|| self.inner.abort())
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    /// Leaving the block normally does not finalize (that must be explicit); leaving it with
+    /// an exception aborts. Never swallows the exception.
+    #[pyo3(signature = (exc_type = None, _exc = None, _tb = None))]
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        exc_type: Option<Bound<'_, PyAny>>,
+        _exc: Option<Bound<'_, PyAny>>,
+        _tb: Option<Bound<'_, PyAny>>,
+    ) -> bool {
+        if exc_type.is_some_and(|t| !t.is_none()) {
+            self.abort(py);
+        }
+        false
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "ShardWriter({:?}, {} shard(s), {} bytes)",
+            self.inner.dir().display(),
+            self.inner.shard_files().len(),
+            self.inner.total_bytes()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mmap_file::tests::TempDir;
+    use crate::py::tests::with_py;
+    use pyo3::types::PyBytes;
+
+    #[test]
+    fn write_and_finalize() {
+        let dir = TempDir::new("pywriter");
+        with_py(|py| {
+            let meta = PyDict::new(py);
+            meta.set_item("a", "b").unwrap();
+            let w = PyShardWriter::new(
+                py,
+                dir.0.clone(),
+                vec![
+                    ("t".into(), "U8".into(), vec![2]),
+                    ("u".into(), "BF16".into(), vec![1]),
+                ],
+                2,
+                Some(meta),
+                None,
+            )
+            .unwrap();
+            assert_eq!(w.shard_files().len(), 2);
+            assert!(w.shard_of("zz").is_err());
+            w.write(py, "t", PyBytes::new(py, &[1, 2]).into_any())
+                .unwrap();
+            assert!(w.write(py, "u", PyBytes::new(py, &[1]).into_any()).is_err());
+            w.write(py, "u", PyBytes::new(py, &[1, 2]).into_any())
+                .unwrap();
+            assert_eq!(w.finalize(py).unwrap().len(), 3);
+            assert!(PyShardWriter::new(
+                py,
+                dir.0.clone(),
+                vec![("t".into(), "Q".into(), vec![])],
+                0,
+                None,
+                None
+            )
+            .is_err());
+        });
+    }
+}

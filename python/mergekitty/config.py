@@ -1,0 +1,702 @@
+"""The YAML merge configuration: schema, loading, and error messages that point at a line.
+
+``load_config(text)`` / ``load_config_file(path)`` give a frozen ``MergeConfiguration``
+or raise ``ConfigError`` naming the key path (``slices[1].sources[0].layer_range``) and
+its line. No pydantic error or traceback escapes. This module does no I/O apart from
+reading the config file, and never imports torch or transformers.
+
+The method name is not checked while parsing (configs for methods this version lacks
+still parse); ``check_method(config)`` does that, with a did-you-mean suggestion.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, PlainValidator, PrivateAttr, StrictBool, StrictInt, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from .errors import ConfigError
+from .refs import ModelReference
+from .yaml_lines import DuplicateKeyError, YamlSyntaxError, format_path, line_of, load_with_lines
+
+__all__ = [
+    "ConfigError",
+    "ConditionalParameter",
+    "ParameterSetting",
+    "ScalarOrGradient",
+    "InputSliceDefinition",
+    "InputModelDefinition",
+    "OutputSliceDefinition",
+    "ModelTokenEmbedding",
+    "ZeroEmbedding",
+    "TokenEmbeddingConfig",
+    "TokenizerConfig",
+    "MergeConfiguration",
+    "DTYPE_ALIASES",
+    "normalize_dtype",
+    "load_config",
+    "load_config_file",
+    "check_method",
+    "effective_tokenizer_source",
+    "parameter_name_problems",
+]
+
+# Top-level keys that other tools put in a config and that are accepted and ignored.
+IGNORED_TOP_LEVEL_KEYS = ("name",)
+
+# Keys of the existing tools that this version does not support, with what to do instead.
+UNSUPPORTED_KEYS = {
+    "input_model_parameters": "'input_model_parameters' is not supported; put per-model parameters under models[*].parameters",
+    "modules": "multi-module configs ('modules') are not supported; use 'slices' or 'models'",
+}
+
+DTYPE_ALIASES = {
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+}
+VALID_DTYPES = ("bfloat16", "float16", "float32")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _fail(message: str, subpath: tuple = (), key: str | None = None) -> PydanticCustomError:
+    """An error pydantic reports verbatim; ``subpath`` extends its location, ``key`` names a field."""
+    ctx: dict[str, Any] = {"message": message}
+    if subpath:
+        ctx["_mk_subpath"] = tuple(subpath)
+    if key is not None:
+        ctx["_mk_key"] = key
+    return PydanticCustomError("mergekitty", "{message}", ctx)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        text = value if len(value) <= 40 else value[:37] + "..."
+        return f"the string {text!r}"
+    if value is None:
+        return "null (no value)"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _suggest(word: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# --------------------------------------------------------------------------- parameter values
+
+ScalarOrGradient = Union[bool, int, float, list[Union[int, float]]]
+
+_SETTING_HELP = "a number, true/false, a list of numbers (a gradient across layers), or a list of {value, filter} entries"
+
+
+def _check_scalar_or_gradient(value: Any, subpath: tuple = ()) -> Any:
+    if isinstance(value, bool) or _is_number(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _fail(f"parameter values must be finite numbers, got {value!r}", subpath)
+        return value
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise _fail("a gradient needs at least one value, got an empty list", subpath)
+        for i, item in enumerate(value):
+            if not _is_number(item):
+                raise _fail(f"gradient values must be numbers, got {_describe(item)}", (*subpath, i))
+            if isinstance(item, float) and not math.isfinite(item):
+                raise _fail(f"gradient values must be finite numbers, got {item!r}", (*subpath, i))
+        return list(value)
+    raise _fail(f"a parameter value must be a number, true/false or a list of numbers; got {_describe(value)}", subpath)
+
+
+class ConditionalParameter(BaseModel):
+    """``{value: <scalar or gradient>, filter: <substring of the tensor name>}``.
+
+    A filter of None or ``"*"`` matches every tensor.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    value: Any
+    filter: str | None = None
+
+    @field_validator("value", mode="plain")
+    @classmethod
+    def _value(cls, value: Any) -> Any:
+        return _check_scalar_or_gradient(value)
+
+    @field_validator("filter", mode="before")
+    @classmethod
+    def _filter(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str):
+            raise _fail(f"a filter must be a string (a part of the tensor name), got {_describe(value)}")
+        return value
+
+
+def _conditional(value: dict, subpath: tuple) -> ConditionalParameter:
+    fields = ("value", "filter")
+    for key in value:
+        if key not in fields:
+            raise _fail(f"unknown key '{key}' in a conditional parameter (expected 'value' and optionally 'filter'){_suggest(key, fields)}", (*subpath, key))
+    if "value" not in value:
+        raise _fail("a conditional parameter needs a 'value'", subpath)
+    filt = value.get("filter")
+    if filt is not None and not isinstance(filt, str):
+        raise _fail(f"a filter must be a string (a part of the tensor name), got {_describe(filt)}", (*subpath, "filter"))
+    return ConditionalParameter.model_construct(value=_check_scalar_or_gradient(value["value"], (*subpath, "value")), filter=filt)
+
+
+def _validate_setting(value: Any) -> Any:
+    if isinstance(value, ConditionalParameter):
+        return value
+    if isinstance(value, bool) or _is_number(value):
+        return _check_scalar_or_gradient(value)
+    if isinstance(value, dict):
+        return _conditional(value, ())
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise _fail(f"a parameter value must be {_SETTING_HELP}; got an empty list")
+        if all(isinstance(v, (dict, ConditionalParameter)) for v in value):
+            return [v if isinstance(v, ConditionalParameter) else _conditional(v, (i,)) for i, v in enumerate(value)]
+        if any(isinstance(v, (dict, ConditionalParameter)) for v in value):
+            raise _fail("a parameter list must be all numbers (a gradient) or all {value, filter} entries, not a mix")
+        return _check_scalar_or_gradient(value)
+    raise _fail(f"a parameter value must be {_SETTING_HELP}; got {_describe(value)}")
+
+
+ParameterSetting = Annotated[Any, PlainValidator(_validate_setting)]
+"""``ConditionalParameter | list[ConditionalParameter] | ScalarOrGradient`` (validated)."""
+
+Parameters = dict[str, ParameterSetting]
+
+
+# --------------------------------------------------------------------------- model references in unions
+
+
+def _nested(cls: type[BaseModel], value: Any, subpath: tuple = ()) -> Any:
+    """Validate ``value`` as ``cls`` inside another validator, keeping the inner error's key path."""
+    try:
+        return cls.model_validate(value)
+    except ValidationError as exc:
+        loc, msg = _translate_errors(exc, cls)[0]
+        raise _fail(msg, (*subpath, *loc)) from None
+
+
+def _model_ref(value: Any) -> ModelReference:
+    if isinstance(value, ModelReference):
+        return value
+    if not isinstance(value, (str, dict)):
+        raise _fail(f"a model reference must be a path or hub id (a string), got {_describe(value)}")
+    return _nested(ModelReference, value)
+
+
+def _tokenizer_source(value: Any) -> Any:
+    if value in ("union", "base"):
+        return value
+    if isinstance(value, str) and value.strip() == "":
+        raise _fail("a tokenizer source must be 'union', 'base' or a model; got an empty string")
+    return _model_ref(value)
+
+
+TokenizerSource = Annotated[Any, PlainValidator(_tokenizer_source)]
+"""``"union" | "base" | ModelReference``."""
+
+
+# --------------------------------------------------------------------------- slices and models
+
+
+class InputSliceDefinition(BaseModel):
+    """A half-open range of layers ``[start, stop)`` of one model, zero-indexed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: ModelReference
+    layer_range: tuple[StrictInt, StrictInt]
+    parameters: Parameters | None = None
+
+    @field_validator("layer_range", mode="after")
+    @classmethod
+    def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        start, stop = value
+        if start < 0 or stop <= start:
+            raise _fail(
+                f"layer_range [{start}, {stop}] must satisfy 0 <= start < stop "
+                "(zero-indexed and half-open: layers start .. stop-1)"
+            )
+        return value
+
+
+class InputModelDefinition(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: ModelReference
+    parameters: Parameters | None = None
+
+
+class OutputSliceDefinition(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sources: list[InputSliceDefinition]
+    base_model: ModelReference | None = None
+    residual_weight: float | None = None  # accepted for compatibility; unused (as in mergekit)
+    parameters: Parameters | None = None
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> "OutputSliceDefinition":
+        if not self.sources:
+            raise _fail("a slice needs at least one source", key="sources")
+        return self
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+class ModelTokenEmbedding(BaseModel):
+    """``{kind: model_token, model: <ref>, token: <str>}`` or ``... token_id: <int>``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["model_token"] = "model_token"
+    model: ModelReference
+    token_id: StrictInt | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "ModelTokenEmbedding":
+        if (self.token_id is None) == (self.token is None):
+            raise _fail("give exactly one of 'token' and 'token_id'")
+        if self.token_id is not None and self.token_id < 0:
+            raise _fail(f"token_id must be >= 0, got {self.token_id}", key="token_id")
+        return self
+
+
+class ZeroEmbedding(BaseModel):
+    """``{kind: zero}``: a zero vector."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["zero"] = "zero"
+
+
+_EMBEDDING_KINDS = {"model_token": ModelTokenEmbedding, "zero": ZeroEmbedding}
+
+
+def _embedding_source(value: Any) -> Any:
+    if value is None or isinstance(value, (ModelReference, ModelTokenEmbedding, ZeroEmbedding)):
+        return value
+    if isinstance(value, dict) and "kind" in value:
+        kind = value["kind"]
+        cls = _EMBEDDING_KINDS.get(kind) if isinstance(kind, str) else None
+        if cls is None:
+            raise _fail(f"unknown embedding source kind {kind!r}; expected 'model_token' or 'zero'{_suggest(str(kind), _EMBEDDING_KINDS)}", ("kind",))
+        return _nested(cls, value)
+    return _model_ref(value)
+
+
+class TokenEmbeddingConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: Annotated[Any, PlainValidator(_embedding_source)] = None
+    """``ModelReference | ModelTokenEmbedding | ZeroEmbedding | None``."""
+    force: StrictBool = False
+
+
+class TokenizerConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: TokenizerSource = "union"
+    tokens: dict[str, TokenEmbeddingConfig] | None = None
+    pad_to_multiple_of: StrictInt | None = None
+
+    @field_validator("pad_to_multiple_of", mode="after")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise _fail(f"pad_to_multiple_of must be a positive integer, got {value}")
+        return value
+
+
+# --------------------------------------------------------------------------- the configuration
+
+
+def normalize_dtype(value: Any) -> str | None:
+    """``"torch.bfloat16"``, ``"bf16"``... -> ``"bfloat16"``; ValueError listing valid names otherwise."""
+    if value is None:
+        return None
+    name = str(value).strip().lower() if isinstance(value, str) else None
+    if name is not None and name.startswith("torch."):
+        name = name[len("torch.") :]
+    if name in DTYPE_ALIASES:
+        return DTYPE_ALIASES[name]
+    raise ValueError(f"unsupported dtype {value!r}; valid values: {', '.join(VALID_DTYPES)} (also bf16, fp16, fp32)")
+
+
+def _dtype(value: Any) -> str | None:
+    try:
+        return normalize_dtype(value)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+
+DType = Annotated[Any, PlainValidator(_dtype)]
+
+
+class MergeConfiguration(BaseModel):
+    """A merge config. Give exactly one of ``slices`` and ``models``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    merge_method: str
+    slices: list[OutputSliceDefinition] | None = None
+    models: list[InputModelDefinition] | None = None
+    parameters: Parameters | None = None
+    base_model: ModelReference | None = None
+    dtype: DType = None
+    out_dtype: DType = None
+    tokenizer_source: Annotated[Any, PlainValidator(lambda v: None if v is None else _tokenizer_source(v))] = None
+    """``"union" | "base" | ModelReference | None`` (None: see effective_tokenizer_source)."""
+    tokenizer: TokenizerConfig | None = None
+    chat_template: str | None = None
+    random_seed: StrictInt | None = None
+
+    _source_text: str | None = PrivateAttr(default=None)
+    _source_name: str | None = PrivateAttr(default=None)
+    _lines: dict = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_ignored(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(k in data for k in IGNORED_TOP_LEVEL_KEYS):
+            data = {k: v for k, v in data.items() if k not in IGNORED_TOP_LEVEL_KEYS}
+        return data
+
+    @field_validator("merge_method", mode="after")
+    @classmethod
+    def _method_name(cls, value: str) -> str:
+        if not value.strip():
+            raise _fail("merge_method is empty")
+        return value.strip()
+
+    @field_validator("random_seed", mode="after")
+    @classmethod
+    def _seed(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value < 2**64:
+            raise _fail(f"random_seed must be between 0 and 2**64-1, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "MergeConfiguration":
+        if self.slices is not None and self.models is not None:
+            raise _fail("give either 'slices' or 'models', not both", key="models")
+        if self.slices is None and self.models is None:
+            raise _fail("the config needs 'models' (whole models to merge) or 'slices' (layer ranges to merge)")
+        if self.slices is not None and not self.slices:
+            raise _fail("'slices' is empty; list at least one output slice", key="slices")
+        if self.models is not None and not self.models:
+            raise _fail("'models' is empty; list at least one model", key="models")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise _fail(
+                "give either 'tokenizer' or 'tokenizer_source', not both (tokenizer.source replaces tokenizer_source)",
+                key="tokenizer_source",
+            )
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when every field is equal (where the config was loaded from does not count)."""
+        if not isinstance(other, MergeConfiguration):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  # lists and dicts inside: not hashable
+
+    # ------------------------------------------------------------------ accessors
+
+    @property
+    def source_text(self) -> str | None:
+        """The YAML text this config was loaded from (None when built in Python)."""
+        return self._source_text
+
+    @property
+    def source_name(self) -> str | None:
+        return self._source_name
+
+    def line_of(self, path: str | tuple) -> int | None:
+        """The YAML line of a key path (``("slices", 0, "sources")`` or ``"slices[0].sources"``)."""
+        if isinstance(path, str):
+            path = _parse_key_path(path)
+        return line_of(self._lines, tuple(path)) if self._lines else None
+
+    def error(self, message: str, key: str | tuple | None = None) -> ConfigError:
+        """A ConfigError about this config, located at ``key`` (a dotted path or a tuple)."""
+        if isinstance(key, tuple):
+            key = format_path(key)
+        return ConfigError(message, key=key, line=self.line_of(key) if key else None, source=self._source_name)
+
+    def referenced_models(self) -> list[ModelReference]:
+        """Every model whose weights the merge reads: the base first (if set), then in config
+        order, each once. Slice-level ``base_model`` overrides are included after their slice's sources."""
+        out: list[ModelReference] = []
+
+        def add(ref: ModelReference | None) -> None:
+            if ref is not None and ref not in out:
+                out.append(ref)
+
+        add(self.base_model)
+        for m in self.models or ():
+            add(m.model)
+        for s in self.slices or ():
+            for src in s.sources:
+                add(src.model)
+            add(s.base_model)
+        return out
+
+    def to_yaml(self) -> str:
+        """The config as YAML (unset keys left out; numeric lists in flow style). Loads back equal."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        return yaml.dump(data, Dumper=_ConfigDumper, sort_keys=False, allow_unicode=True).rstrip() + "\n"
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    def represent_list(self, data: list) -> yaml.SequenceNode:
+        flow = all(_is_number(e) for e in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_ConfigDumper.add_representer(list, _ConfigDumper.represent_list)
+
+
+def effective_tokenizer_source(config: MergeConfiguration) -> Any:
+    """Where the output vocabulary comes from: ``"base"``, ``"union"`` or a ModelReference.
+
+    ``tokenizer.source`` if a ``tokenizer`` block is given (default "union"), else
+    ``tokenizer_source``, else "base".
+    """
+    if config.tokenizer is not None:
+        return config.tokenizer.source
+    if config.tokenizer_source is not None:
+        return config.tokenizer_source
+    return "base"
+
+
+# --------------------------------------------------------------------------- error translation
+
+
+def _unwrap(tp: Any) -> Any:
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return tp
+            tp = args[0]
+        else:
+            return tp
+
+
+def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class found at ``loc`` below ``root`` (None if not a model)."""
+    tp: Any = root
+    for part in loc:
+        tp = _unwrap(tp)
+        origin = typing.get_origin(tp)
+        if inspect.isclass(tp) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return None
+            tp = field.annotation
+        elif origin in (list, tuple):
+            tp = typing.get_args(tp)[0]
+        elif origin is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            return None
+    tp = _unwrap(tp)
+    return tp if inspect.isclass(tp) and issubclass(tp, BaseModel) else None
+
+
+def _translate_errors(exc: ValidationError, root: type[BaseModel]) -> list[tuple[tuple, str]]:
+    """Each pydantic error as (key path, message a user can act on)."""
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        ctx = err.get("ctx") or {}
+        kind = err["type"]
+        msg = err["msg"]
+        if kind == "mergekitty":
+            msg = ctx["message"]
+            loc = (*loc, *ctx.get("_mk_subpath", ()))
+            if "_mk_key" in ctx:
+                loc = (*loc, ctx["_mk_key"])
+        elif kind == "extra_forbidden":
+            key = loc[-1]
+            parent = _model_at(root, loc[:-1])
+            if parent is MergeConfiguration and key in UNSUPPORTED_KEYS:
+                msg = UNSUPPORTED_KEYS[key]
+            else:
+                allowed = list(parent.model_fields) if parent is not None else []
+                msg = f"unknown key '{key}'{_suggest(key, allowed)}"
+                if allowed and "did you mean" not in msg:
+                    msg += f" (allowed here: {', '.join(allowed)})"
+        elif "[key]" in loc:  # a mapping key of the wrong type, e.g. an unquoted number
+            loc = loc[: loc.index("[key]")]
+            msg = f"the key {loc[-1]!r} must be a string; put it in quotes"
+        elif kind == "missing":
+            msg = f"missing required key '{loc[-1]}'"
+        else:
+            msg = msg.removeprefix("Value error, ")
+            if "input" in err and kind != "value_error":
+                msg += f" (got {_describe(err['input'])})"
+        out.append((loc, msg))
+    # "missing 'merge_method'" next to "unknown key 'merge_methd'; did you mean 'merge_method'?"
+    # says the same thing twice: keep only the typo.
+    suggested = set()
+    for loc, msg in out:
+        if msg.startswith("unknown key") and "did you mean '" in msg:
+            suggested.add((*loc[:-1], msg.split("did you mean '")[1].split("'")[0]))
+    return [(loc, msg) for loc, msg in out if not (msg.startswith("missing required key") and loc in suggested)]
+
+
+def _parse_key_path(key: str) -> tuple:
+    parts: list[Any] = []
+    for chunk in key.replace("]", "").split("."):
+        name, *indices = chunk.split("[")
+        if name:
+            parts.append(name)
+        parts.extend(int(i) for i in indices if i.isdigit())
+    return tuple(parts)
+
+
+def _raise_validation(exc: ValidationError, lines: dict, source: str) -> typing.NoReturn:
+    problems = [(loc, msg, line_of(lines, loc)) for loc, msg in _translate_errors(exc, MergeConfiguration)]
+    problems.sort(key=lambda p: (p[2] is None, p[2] or 0))
+    loc, msg, line = problems[0]
+    if len(problems) > 1:
+        extra = [f"  {format_path(l) or '(top level)'}" + (f" (line {n})" if n else "") + f": {m}" for l, m, n in problems[1:]]
+        msg += f"\n{len(problems) - 1} more problem(s):\n" + "\n".join(extra)
+    raise ConfigError(msg, key=format_path(loc) or None, line=line, source=source) from None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def config_from_data(data: Any, source: str = "<config>", lines: dict | None = None, text: str | None = None) -> MergeConfiguration:
+    """Validate already-parsed YAML data (a dict). Raises ConfigError."""
+    lines = lines or {}
+    if not isinstance(data, dict):
+        what = "empty" if data is None else f"a {type(data).__name__}, not a mapping"
+        raise ConfigError(f"the config must be a YAML mapping of keys (merge_method, models...); this one is {what}", line=lines.get(()), source=source)
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(f"keys must be strings, got {key!r}", line=lines.get((key,)), source=source)
+    try:
+        config = MergeConfiguration.model_validate(data)
+    except ValidationError as exc:
+        _raise_validation(exc, lines, source)
+    config._source_text = text
+    config._source_name = source
+    config._lines = dict(lines)
+    return config
+
+
+def load_config(text: str, source: str = "<config>") -> MergeConfiguration:
+    """Parse and validate a YAML config. Raises ConfigError with the key path and line."""
+    if not isinstance(text, str):
+        raise ConfigError(f"expected YAML text, got {type(text).__name__}", source=source)
+    try:
+        data, lines = load_with_lines(text)
+    except YamlSyntaxError as exc:
+        raise ConfigError(str(exc), line=exc.line, source=source) from None
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{exc} (it is given more than once)", key=format_path(exc.path), line=exc.line, source=source) from None
+    return config_from_data(data, source=source, lines=lines, text=text)
+
+
+def load_config_file(path: str | os.PathLike) -> MergeConfiguration:
+    """Read and validate a YAML config file. Raises ConfigError (also for a missing file)."""
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path is a directory, not a YAML file: {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file is not UTF-8 text: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    return load_config(text, source=str(path))
+
+
+# --------------------------------------------------------------------------- checks against the method registry
+
+
+def check_method(config: MergeConfiguration):
+    """The registered MergeMethod named by ``config.merge_method``; ConfigError with a
+    did-you-mean suggestion if there is none."""
+    from .methods.registry import get_method, method_names
+
+    name = config.merge_method
+    try:
+        return get_method(name)
+    except KeyError:
+        pass
+    names = method_names()
+    hint = _suggest(name, names) or _suggest(name.lower(), names)
+    raise config.error(f"unknown merge method '{name}'{hint} (available: {', '.join(names)})", key="merge_method")
+
+
+def _parameter_dicts(config: MergeConfiguration):
+    """(key path, parameters dict) for every parameters block, in config order."""
+    if config.parameters:
+        yield ("parameters",), config.parameters
+    for i, m in enumerate(config.models or ()):
+        if m.parameters:
+            yield ("models", i, "parameters"), m.parameters
+    for i, s in enumerate(config.slices or ()):
+        if s.parameters:
+            yield ("slices", i, "parameters"), s.parameters
+        for j, src in enumerate(s.sources):
+            if src.parameters:
+                yield ("slices", i, "sources", j, "parameters"), src.parameters
+
+
+def parameter_name_problems(config: MergeConfiguration, method) -> list[ConfigError]:
+    """A ConfigError (not raised) for each parameter name ``method`` does not read, with a
+    did-you-mean suggestion. The caller decides whether to warn or fail."""
+    known = [spec.name for spec in (*method.global_params, *method.model_params)]
+    problems = []
+    for path, params in _parameter_dicts(config):
+        for name in params:
+            if name not in known:
+                accepted = f" (it reads: {', '.join(known)})" if known else " (it takes no parameters)"
+                problems.append(
+                    config.error(
+                        f"merge method '{method.name}' does not use parameter '{name}'{_suggest(name, known)}{accepted if not _suggest(name, known) else ''}",
+                        key=(*path, name),
+                    )
+                )
+    return problems

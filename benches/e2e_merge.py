@@ -800,7 +800,11 @@ def main(argv: list[str] | None = None) -> int:
                          f"{s['durable_over_floor']:.2f}", f"{s['wall_over_floor']:.2f}",
                          f"{s['cpu_s']:.1f}", f"{s['maxrss_gb']:.2f}", f"{s['peak_anon_gb']:.2f}",
                          f"{s['peak_file_gb']:.2f}", " / ".join(checks)])
-        if "mergekitty" in summary and "mergekit" in summary:
+        both = [summary.get(t) for t in ("mergekitty", "mergekit")]
+        if all(both) and not all(s["ok"] for s in both):
+            rows.append([merge, "ours/mergekit", "n/a", "n/a", "", "", "", "", "", "",
+                         "a run failed"])
+        elif all(both):
             a, b = summary["mergekitty"], summary["mergekit"]
             ratio = {
                 "durable": a["durable_s"] / b["durable_s"],

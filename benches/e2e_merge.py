@@ -27,7 +27,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
+import fcntl
 import json
 import os
 import platform
@@ -633,6 +635,35 @@ def median_of(runs: list[RunResult], attr: str) -> float:
     return statistics.median(getattr(r, attr) for r in runs)
 
 
+@contextlib.contextmanager
+def work_lock(path: Path):
+    """Exclusive flock, so that concurrent runs do not generate models or venvs on top of each
+    other."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def other_benchmarks() -> list[str]:
+    """Command lines of other running instances of this script (they skew each other's times)."""
+    me = os.getpid()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) in (me, os.getppid()):
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"e2e_merge.py") for a in argv) and b"timeout" not in argv[0]:
+            found.append(f"pid {entry.name}: " + " ".join(a.decode(errors="replace") for a in argv))
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -665,12 +696,19 @@ def main(argv: list[str] | None = None) -> int:
     shape = SCALES[args.scale]
 
     # ---- models and configs
-    models = generate_models(work / f"models-{args.scale}", args.scale)
-    ensure_tokenizer(models.values(), shape["vocab_size"])
+    others = other_benchmarks()
+    if others:
+        print("[bench] WARNING: other benchmark runs are active; timings will interfere:\n  "
+              + "\n  ".join(others))
+    with work_lock(work / ".lock"):
+        models = generate_models(work / f"models-{args.scale}", args.scale)
+        ensure_tokenizer(models.values(), shape["vocab_size"])
     configs = write_configs(work / f"configs-{args.scale}", models)
-    out_root = work / f"out-{args.scale}"
+    # Per-process output and log names: concurrent runs must not delete each other's outputs.
+    out_root = work / f"out-{args.scale}" / f"pid{os.getpid()}"
     log_dir = work / "logs"
     log_dir.mkdir(exist_ok=True)
+    log_stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     model_bytes = {n: sum(f.stat().st_size for f in weight_files(p)) for n, p in models.items()}
     tensor_bytes = sum(numel(s) for _, s in tensor_specs(shape)) * 2
 
@@ -700,7 +738,8 @@ def main(argv: list[str] | None = None) -> int:
                   "package, e.g. `maturin develop --release` or `pip install .`)")
     if not args.skip_incumbent:
         venv = (args.mergekit_venv or work / "mergekit-venv").resolve()
-        exe = ensure_mergekit_venv(venv)
+        with work_lock(work / ".lock"):
+            exe = ensure_mergekit_venv(venv)
         candidates["mergekit"] = [str(exe)]
         versions["mergekit"] = tool_version(str(venv / "bin" / "python"), "mergekit")
     if not candidates:
@@ -725,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "git_commit": results_commit(),
         "versions": versions,
+        "concurrent_benchmarks": others,
         "model_bytes": model_bytes,
         "merges": {},
     }
@@ -746,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = []
             for rep in range(args.repeat):
                 out_dir = out_root / f"{merge}-{tool}"
-                log = log_dir / f"{args.scale}-{merge}-{tool}-{rep}.log"
+                log = log_dir / f"{log_stamp}-{args.scale}-{merge}-{tool}-{rep}.log"
                 full_cmd = [*cmd, str(configs[merge]), str(out_dir)]
                 # Re-read the inputs untimed so eviction by the previous run does not count.
                 read_files(inputs, bytearray(READ_CHUNK_BYTES))
@@ -822,6 +862,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"scale={args.scale}  repeat={args.repeat}  cpus={os.cpu_count()}  "
           f"model={tensor_bytes / GB:.2f} GB  load avg now {os.getloadavg()[0]:.1f}")
     print(fmt_table(rows, header))
+    if not args.keep_output and out_root.exists():
+        shutil.rmtree(out_root)
     print("durable = wall + fsync of the output files after exit (the floor includes an fsync; "
           "mergekit does not fsync, mergekitty does). Ratios are the headline; times are noisy.")
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")

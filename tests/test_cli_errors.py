@@ -172,3 +172,24 @@ merge_method: linear
     proc = run_cli("mergekitty-yaml", cfg, tmp_path / "out", "--lazy-unpickle", "--clone-tensors", "--quiet", "--cuda", "--dry-run", check=False)
     assert proc.returncode == 0, proc.stderr
     assert "--lazy-unpickle has no effect" in proc.stderr and "--clone-tensors has no effect" in proc.stderr
+
+
+def test_misspelled_parameter_name_is_an_error(llama, tmp_path, write_yaml):
+    cfg = write_yaml(f"""
+models:
+  - model: {llama['ft1']}
+    parameters: {{wieght: 1.0}}
+merge_method: linear
+""")
+    _fails(run_cli("mergekitty-yaml", cfg, tmp_path / "out", check=False), "weight", "wieght")
+
+
+def test_layer_range_beyond_the_model(llama, tmp_path, write_yaml):
+    cfg = write_yaml(f"""
+slices:
+  - sources:
+      - model: {llama['ft1']}
+        layer_range: [0, 9]
+merge_method: passthrough
+""")
+    _fails(run_cli("mergekitty-yaml", cfg, tmp_path / "out", check=False), "layer_range", "4 layers")

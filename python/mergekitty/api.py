@@ -88,13 +88,18 @@ def _open_models(config, options: MergeOptions):
 
 def plan_merge(config: Any, out_path: str | os.PathLike | None = None, options: MergeOptions | None = None, **kwargs: Any):
     """Read every header, check everything, and return the MergePlan without reading weights."""
-    from .config import check_method
+    from .config import check_method, parameter_name_problems
     from .params import normalize_to_slices
     from .plan import Planner, check_architectures, check_output_dir
 
     options = replace(options or MergeOptions(), **kwargs)
     config = _load_config(config)
     method = check_method(config)
+    for problem in parameter_name_problems(config, method):
+        # a near-miss of a real parameter name is a typo that would silently change the merge
+        if "did you mean" in str(problem):
+            raise problem
+        log.warning("%s", problem)
     models = _open_models(config, options)
     planner = Planner(config, method, models, options)
     index = planner.index_of
@@ -179,20 +184,19 @@ def run_merge(
     **kwargs: Any,
 ):
     """Merge as ``config`` says and write the model to ``out_path``. Returns the executed MergePlan."""
-    import torch
-
     from . import __version__, _native
     from .execute import execute
 
     options = replace(options or MergeOptions(), **kwargs)
-    plan = plan_merge(config, out_path, options)
     config = _load_config(config)
+    plan = plan_merge(config, out_path, options)
     out = Path(out_path).expanduser()
     device = options.resolved_device()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise OutputError("--device cuda was asked for, but torch sees no CUDA device")
-    if options.threads > 0:
-        torch.set_num_threads(options.threads)
+    if device != "cpu":
+        import torch
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise OutputError(f"--device {device} was asked for, but torch sees no CUDA device")
 
     _prepare_out_dir(out)
     layout = [(name, job.out_dtype, list(job.shape)) for name, job in _jobs_by_name(plan)]

@@ -1,9 +1,18 @@
-"""Stream the plan: for each job take zero-copy views, run the method, cast, write.
+"""Stream the plan: for each job read the inputs zero-copy, combine them, write the result.
 
 Inputs are mmapped; the pages of the next few jobs are prefetched (madvise
 WILLNEED) and those of finished jobs released (DONTNEED), so resident memory
 follows the largest job rather than the model size. A background thread does the
-positioned writes so that arithmetic and I/O overlap; its queue is bounded.
+positioned writes so that arithmetic and I/O overlap; its queue is bounded, and
+output buffers are recycled so that no job pays for faulting in fresh memory.
+
+Two paths compute a job:
+- native: methods that are fixed linear combinations (``MergeMethod.coefficients``)
+  on CPU, over bf16/f16/f32 safetensors inputs, run as one fused Rust pass from the
+  memory maps into a recycled buffer; a plain copy is written straight from the map.
+  This path never imports torch.
+- torch: everything else (other methods, other devices, .bin inputs) through
+  ``MergeMethod.merge`` on torch tensors.
 """
 
 from __future__ import annotations
@@ -13,21 +22,44 @@ import threading
 import time
 from typing import Callable
 
-import torch
-
-from .io.dtypes import CODE_TO_TORCH
-from .methods.base import MergeInputs
+from .io.dtypes import NATIVE_FLOAT_CODES, nbytes, torch_dtype
 from .plan import MergePlan, TensorJob
 
 PREFETCH_JOBS = 2
 WRITE_QUEUE = 2
 
 
+class BufferPool:
+    """Recycled byte buffers. Holds at most ``keep`` free buffers; takes the smallest that fits."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.free: list = []
+        self.lock = threading.Lock()
+
+    def take(self, size: int):
+        import numpy as np
+
+        with self.lock:
+            fitting = [i for i, b in enumerate(self.free) if b.nbytes >= size]
+            if fitting:
+                return self.free.pop(min(fitting, key=lambda i: self.free[i].nbytes))
+        return np.empty(max(size, 1), dtype=np.uint8)
+
+    def give(self, buf) -> None:
+        # numpy arrays compare elementwise, so the list is handled by index, never by value
+        with self.lock:
+            self.free.append(buf)
+            if len(self.free) > self.keep:
+                self.free.pop(min(range(len(self.free)), key=lambda i: self.free[i].nbytes))
+
+
 class _BackgroundWriter:
     """Feeds ShardWriter.write from one thread; the first error is re-raised in the producer."""
 
-    def __init__(self, writer) -> None:
+    def __init__(self, writer, pool: BufferPool) -> None:
         self.writer = writer
+        self.pool = pool
         self.queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="mergekitty-writer", daemon=True)
@@ -38,66 +70,134 @@ class _BackgroundWriter:
             item = self.queue.get()
             if item is None:
                 return
-            name, tensor = item
-            if self.error is not None:
-                continue
-            try:
-                self.writer.write(name, tensor.reshape(-1).view(torch.uint8).numpy())
-            except BaseException as exc:  # surfaced in put()/close()
-                self.error = exc
+            name, data, pooled = item
+            if self.error is None:
+                try:
+                    self.writer.write(name, data)
+                except BaseException as exc:  # surfaced in put()/close()
+                    self.error = exc
+            if pooled is not None:
+                self.pool.give(pooled)
 
-    def put(self, name: str, tensor: torch.Tensor) -> None:
+    def put(self, name: str, data, pooled=None) -> None:
         while True:
             if self.error is not None:
                 raise self.error
             try:
-                self.queue.put((name, tensor), timeout=0.1)
+                self.queue.put((name, data, pooled), timeout=0.1)
                 return
             except queue.Full:
                 continue
 
-    def close(self) -> None:
+    def stop(self) -> None:
         self.queue.put(None)
         self.thread.join()
+
+    def close(self) -> None:
+        self.stop()
         if self.error is not None:
             raise self.error
 
 
-def _load(plan: MergePlan, job: TensorJob, device: torch.device):
-    def get(src):
+def _inputs(job: TensorJob) -> tuple:
+    return (*((job.base,) if job.base else ()), *job.sources)
+
+
+def _linear_terms(plan: MergePlan, job: TensorJob) -> list[tuple] | None:
+    """(source, coefficient) pairs when the job is a fixed linear combination, else None."""
+    coefficients = plan.method.coefficients
+    if coefficients is None:
+        return None
+    base_coef, coefs = coefficients(job.params, list(job.model_params), job.out_name)
+    terms = list(zip(job.sources, coefs))
+    if job.base is not None and (base_coef != 0.0 or not terms):
+        terms.insert(0, (job.base, base_coef))
+    return terms
+
+
+def _run_native(plan: MergePlan, job: TensorJob, terms, pool: BufferPool, threads: int):
+    """Compute ``job`` without torch. Returns (bytes to write, pooled buffer or None), or None
+    when the native kernels cannot take this job."""
+    from . import _native
+
+    views, codes = [], []
+    for src, _ in terms:
+        view = plan.models[src.model].checkpoint.view(src.tensor)
+        if view is None:
+            return None
+        views.append(view)
+        codes.append(plan.models[src.model].checkpoint.infos[src.tensor].dtype)
+    if len(terms) == 1 and terms[0][1] == 1.0 and codes[0] == job.out_dtype:
+        return views[0], None  # a plain copy: written straight from the memory map
+    if job.out_dtype not in NATIVE_FLOAT_CODES or any(c not in NATIVE_FLOAT_CODES for c in codes):
+        return None
+    size = nbytes(job.out_dtype, _numel(job.shape))
+    buf = pool.take(size)
+    out = buf[:size]
+    _native.weighted_sum(views, codes, [float(c) for _, c in terms], out, job.out_dtype, threads)
+    return out, buf
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def run_job(plan: MergePlan, job: TensorJob, device: str, threads: int, pool: BufferPool):
+    """Compute one output tensor. Returns (bytes to write, pooled buffer to recycle or None)."""
+    if device == "cpu":
+        terms = _linear_terms(plan, job)
+        if terms is not None:
+            done = _run_native(plan, job, terms, pool, threads)
+            if done is not None:
+                return done
+    return _run_torch(plan, job, device, threads, pool)
+
+
+def _run_torch(plan: MergePlan, job: TensorJob, device: str, threads: int, pool: BufferPool):
+    import torch
+
+    from .methods.base import MergeInputs
+    from .ops.reduce import bytes_view
+
+    dev = torch.device(device)
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+    def load(src):
         t = plan.models[src.model].checkpoint.tensor(src.tensor)
-        return t if device.type == "cpu" else t.to(device, non_blocking=True)
+        return t if dev.type == "cpu" else t.to(dev, non_blocking=True)
 
-    return [get(s) for s in job.sources], (get(job.base) if job.base else None)
-
-
-def _touch(plan: MergePlan, job: TensorJob, action: str) -> None:
-    for s in (*job.sources, *((job.base,) if job.base else ())):
-        getattr(plan.models[s.model].checkpoint, action)(s.tensor)
-
-
-def run_job(plan: MergePlan, job: TensorJob, device: torch.device, threads: int) -> torch.Tensor:
-    """Compute one output tensor on ``device``; returns a contiguous CPU tensor in the output dtype."""
-    tensors, base = _load(plan, job, device)
-    out_dtype = CODE_TO_TORCH[job.out_dtype]
+    out_dtype = torch_dtype(job.out_dtype)
+    size = nbytes(job.out_dtype, _numel(job.shape))
+    buf = pool.take(size)
+    out = torch.from_numpy(buf[:size]).view(out_dtype).view(job.shape) if size else None
     result = plan.method.merge(
         MergeInputs(
             name=job.out_name,
-            tensors=tensors,
+            tensors=[load(s) for s in job.sources],
             model_params=list(job.model_params),
             params=job.params,
-            base=base,
+            base=load(job.base) if job.base else None,
             out_dtype=out_dtype,
             threads=threads,
+            out=out if dev.type == "cpu" else None,
         )
     )
-    if result.dtype != out_dtype:
-        result = result.to(out_dtype)
-    if result.device.type != "cpu":
-        result = result.cpu()
-    if tuple(result.shape) != job.shape:
-        result = result.reshape(job.shape)
-    return result.contiguous()
+    if tuple(result.shape) != tuple(job.shape):
+        raise ValueError(f"merge method '{plan.method.name}' returned shape {tuple(result.shape)} for '{job.out_name}', expected {job.shape}")
+    if out is None:
+        return bytes_view(result.to(out_dtype).cpu().contiguous()), None
+    if result.data_ptr() != out.data_ptr():
+        out.copy_(result)
+    return buf[:size], buf
+
+
+def _touch(plan: MergePlan, job: TensorJob, action: str) -> None:
+    for s in _inputs(job):
+        getattr(plan.models[s.model].checkpoint, action)(s.tensor)
 
 
 def execute(
@@ -108,21 +208,20 @@ def execute(
     on_progress: Callable[[TensorJob, float], None] | None = None,
 ) -> None:
     """Run every job of ``plan`` and hand each result to ``writer`` (a native ShardWriter)."""
-    dev = torch.device(device)
-    background = _BackgroundWriter(writer)
+    pool = BufferPool(keep=WRITE_QUEUE + 2)
+    background = _BackgroundWriter(writer, pool)
     try:
         for i, job in enumerate(plan.jobs):
             for ahead in plan.jobs[i + 1 : i + 1 + PREFETCH_JOBS]:
                 _touch(plan, ahead, "prefetch")
             started = time.perf_counter()
-            result = run_job(plan, job, dev, threads)
-            background.put(job.out_name, result)
-            del result
+            data, pooled = run_job(plan, job, device, threads, pool)
+            background.put(job.out_name, data, pooled)
+            del data, pooled
             _touch(plan, job, "release")
             if on_progress is not None:
                 on_progress(job, time.perf_counter() - started)
     except BaseException:
-        background.queue.put(None)  # stop the thread; the caller aborts the writer
-        background.thread.join(timeout=10)
+        background.stop()  # the caller aborts the writer
         raise
     background.close()

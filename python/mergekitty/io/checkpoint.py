@@ -11,12 +11,13 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelFormatError, ModelNotFoundError
-from .dtypes import CODE_TO_TORCH, TORCH_TO_CODE
+from .dtypes import code_of, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -51,9 +52,14 @@ class _SafetensorsShard:
             for name, dtype, shape, start, end in self.handle.tensors()
         ]
 
-    def tensor(self, info: TensorInfo) -> torch.Tensor:
+    def view(self, info: TensorInfo):
+        return self.handle.view(info.name)
+
+    def tensor(self, info: TensorInfo) -> "torch.Tensor":
+        import torch
+
         view = self.handle.view(info.name)
-        dtype = CODE_TO_TORCH.get(info.dtype)
+        dtype = torch_dtype(info.dtype)
         if dtype is None:
             raise ModelFormatError(f"{self.handle.path}: tensor '{info.name}' has dtype {info.dtype}, which torch cannot hold")
         if info.nbytes == 0:
@@ -73,6 +79,8 @@ class _SafetensorsShard:
 
 class _BinShard:
     def __init__(self, path: Path):
+        import torch
+
         try:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -90,13 +98,16 @@ class _BinShard:
     def infos(self, file_name: str) -> list[TensorInfo]:
         out = []
         for name, t in self.tensors.items():
-            code = TORCH_TO_CODE.get(t.dtype)
+            code = code_of(t.dtype)
             if code is None:
                 raise ModelFormatError(f"{self.path}: tensor '{name}' has unsupported dtype {t.dtype}")
             out.append(TensorInfo(name, code, tuple(t.shape), file_name, 0, t.numel() * t.element_size()))
         return out
 
-    def tensor(self, info: TensorInfo) -> torch.Tensor:
+    def view(self, info: TensorInfo):
+        return None  # pickled tensors are read through torch
+
+    def tensor(self, info: TensorInfo) -> "torch.Tensor":
         return self.tensors[info.name].contiguous()
 
     def prefetch(self, name: str) -> None:
@@ -180,9 +191,14 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.infos)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str) -> "torch.Tensor":
         info = self.infos[name]
         return self._shard(info.file).tensor(info)
+
+    def view(self, name: str):
+        """A zero-copy read-only byte buffer of the tensor, or None where only torch can read it."""
+        info = self.infos[name]
+        return self._shard(info.file).view(info)
 
     def prefetch(self, name: str) -> None:
         info = self.infos[name]

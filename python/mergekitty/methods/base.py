@@ -63,6 +63,32 @@ class MergeInputs:
     base: "torch.Tensor | None" = None
     out_dtype: "torch.dtype | None" = None
     threads: int = 0
+    out: "torch.Tensor | None" = None  # a CPU buffer of the output's shape and dtype the method may fill
+
+
+# (global params, per-model params, tensor name) -> (base coefficient, one coefficient per model)
+Coefficients = Callable[[dict[str, Any], list[dict[str, Any]], str], tuple[float, list[float]]]
+
+
+def linear_merge(coefficients: Coefficients) -> Callable[[MergeInputs], "torch.Tensor"]:
+    """The torch implementation of a method whose result is a fixed linear combination of its inputs."""
+
+    def merge(inputs: MergeInputs) -> "torch.Tensor":
+        from ..ops.reduce import weighted_sum
+
+        base_coef, coefs = coefficients(inputs.params, inputs.model_params, inputs.name)
+        tensors, weights = list(inputs.tensors), list(coefs)
+        if inputs.base is not None and (base_coef != 0.0 or not tensors):
+            tensors.insert(0, inputs.base)
+            weights.insert(0, base_coef)
+        out_dtype = inputs.out_dtype or tensors[0].dtype
+        if not tensors[0].is_floating_point():
+            if len(tensors) == 1 and weights[0] == 1.0:
+                return tensors[0].to(out_dtype)
+            raise ValueError(f"tensor '{inputs.name}' has dtype {tensors[0].dtype}, which cannot be combined arithmetically")
+        return weighted_sum(tensors, weights, out_dtype, inputs.threads, out=inputs.out)
+
+    return merge
 
 
 @dataclass(frozen=True)
@@ -84,6 +110,9 @@ class MergeMethod:
     max_models: int | None = None
     description: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    # Set for methods whose result is a fixed linear combination of the inputs: the
+    # executor then runs them as one fused native pass straight from the memory maps.
+    coefficients: Coefficients | None = None
 
     def param_spec(self, name: str) -> ParamSpec | None:
         for spec in (*self.global_params, *self.model_params):

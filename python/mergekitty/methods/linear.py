@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 
-from ..ops.reduce import weighted_sum
-from .base import MergeInputs, MergeMethod, ParamSpec
+from .base import MergeMethod, ParamSpec, linear_merge
 
 log = logging.getLogger(__name__)
 _EPS = 1e-8
+_warned: set[str] = set()
 
 
 def normalized_weights(weights: list[float], normalize: bool, name: str) -> list[float]:
@@ -24,23 +24,24 @@ def normalized_weights(weights: list[float], normalize: bool, name: str) -> list
         return weights
     total = sum(weights)
     if abs(total) < _EPS:
-        log.warning("weights for %s sum to zero; using them unnormalized", name)
+        if name not in _warned:
+            _warned.add(name)
+            log.warning("weights for %s sum to zero; using them unnormalized", name)
         return weights
     return [w / total for w in weights]
 
 
-def merge(inputs: MergeInputs):
-    weights = [float(p["weight"]) for p in inputs.model_params]
-    coefs = normalized_weights(weights, inputs.params["normalize"], inputs.name)
-    out_dtype = inputs.out_dtype or inputs.tensors[0].dtype
-    return weighted_sum(inputs.tensors, coefs, out_dtype, inputs.threads)
+def coefficients(params, model_params, name):
+    weights = [float(p["weight"]) for p in model_params]
+    return 0.0, normalized_weights(weights, params["normalize"], name)
 
 
 METHOD = MergeMethod(
     name="linear",
     pretty_name="Linear",
     paper_url="https://arxiv.org/abs/2203.05482",
-    merge=merge,
+    merge=linear_merge(coefficients),
+    coefficients=coefficients,
     global_params=(ParamSpec("normalize", bool, default=True, help="divide by the sum of the weights"),),
     model_params=(ParamSpec("weight", float, required=True, help="weight of this model's tensor"),),
     base="ignored",

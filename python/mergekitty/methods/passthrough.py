@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-from ..ops.reduce import weighted_sum
-from .base import MergeInputs, MergeMethod, ParamSpec
+from .base import MergeMethod, ParamSpec, linear_merge
 
 
-def merge(inputs: MergeInputs):
-    (tensor,) = inputs.tensors
-    scale = inputs.model_params[0].get("scale")
-    out_dtype = inputs.out_dtype or tensor.dtype
-    if scale is None and tensor.dtype == out_dtype:
-        return tensor
-    if not tensor.is_floating_point():
-        return tensor.to(out_dtype) if scale is None else (tensor * scale).to(out_dtype)
-    return weighted_sum([tensor], [1.0 if scale is None else float(scale)], out_dtype, inputs.threads)
+def coefficients(params, model_params, name):
+    scale = model_params[0].get("scale")
+    return 0.0, [1.0 if scale is None else float(scale)]
 
 
 METHOD = MergeMethod(
     name="passthrough",
     pretty_name="Passthrough",
     paper_url=None,
-    merge=merge,
+    merge=linear_merge(coefficients),
+    coefficients=coefficients,
     model_params=(ParamSpec("scale", float, default=None, help="multiply the tensor by this factor"),),
     base="ignored",
     min_models=1,

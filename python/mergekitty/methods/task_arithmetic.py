@@ -10,27 +10,23 @@ Every step is linear, so the whole merge is one fused weighted sum:
 
 from __future__ import annotations
 
-from ..ops.reduce import weighted_sum
-from .base import MergeInputs, MergeMethod, ParamSpec
+from .base import MergeMethod, ParamSpec, linear_merge
 from .linear import normalized_weights
 
 
-def merge(inputs: MergeInputs):
-    base = inputs.base
-    out_dtype = inputs.out_dtype or base.dtype
-    if not inputs.tensors:
-        return weighted_sum([base], [1.0], out_dtype, inputs.threads)
-    weights = [float(p["weight"]) for p in inputs.model_params]
-    lam = float(inputs.params["lambda"])
-    coefs = [lam * c for c in normalized_weights(weights, inputs.params["normalize"], inputs.name)]
-    return weighted_sum([base, *inputs.tensors], [1.0 - sum(coefs), *coefs], out_dtype, inputs.threads)
+def coefficients(params, model_params, name):
+    weights = [float(p["weight"]) for p in model_params]
+    lam = float(params["lambda"])
+    coefs = [lam * c for c in normalized_weights(weights, params["normalize"], name)]
+    return 1.0 - sum(coefs), coefs
 
 
 METHOD = MergeMethod(
     name="task_arithmetic",
     pretty_name="Task Arithmetic",
     paper_url="https://arxiv.org/abs/2212.04089",
-    merge=merge,
+    merge=linear_merge(coefficients),
+    coefficients=coefficients,
     global_params=(
         ParamSpec("normalize", bool, default=False, help="divide the summed task vectors by the sum of the weights"),
         ParamSpec("lambda", float, default=1.0, help="scale of the merged task vector"),

@@ -2,64 +2,72 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+from ..io.dtypes import NATIVE_FLOAT_CODES, code_of
 
-from ..io.dtypes import NATIVE_FLOAT_CODES, TORCH_TO_CODE
+if TYPE_CHECKING:
+    import torch
 
 
-def weighted_sum_reference(tensors: Sequence[torch.Tensor], weights: Sequence[float], out_dtype: torch.dtype) -> torch.Tensor:
+def weighted_sum_reference(tensors: Sequence["torch.Tensor"], weights: Sequence[float], out_dtype: "torch.dtype") -> "torch.Tensor":
     """Plain torch: sum_i w_i * x_i in float32, then cast. The reference for the native kernel."""
-    acc = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
+    acc = None
     for x, w in zip(tensors, weights):
-        acc.add_(x.to(torch.float32), alpha=float(w))
+        term = float(w) * x.float()
+        acc = term if acc is None else acc + term
     return acc.to(out_dtype)
 
 
-def _native_ok(tensors: Sequence[torch.Tensor], out_dtype: torch.dtype) -> bool:
-    if TORCH_TO_CODE.get(out_dtype) not in NATIVE_FLOAT_CODES:
+def _native_ok(tensors: Sequence["torch.Tensor"], out_dtype: "torch.dtype") -> bool:
+    if code_of(out_dtype) not in NATIVE_FLOAT_CODES:
         return False
     shape = tensors[0].shape
-    for x in tensors:
-        if x.device.type != "cpu" or not x.is_contiguous() or x.shape != shape:
-            return False
-        if TORCH_TO_CODE.get(x.dtype) not in NATIVE_FLOAT_CODES:
-            return False
-    return True
+    return all(
+        x.device.type == "cpu" and x.is_contiguous() and x.shape == shape and code_of(x.dtype) in NATIVE_FLOAT_CODES
+        for x in tensors
+    )
 
 
-def _bytes_view(x: torch.Tensor):
+def bytes_view(x: "torch.Tensor"):
     """A zero-copy uint8 numpy view of a contiguous CPU tensor (numpy has no bfloat16)."""
+    import torch
+
     return x.reshape(-1).view(torch.uint8).numpy()
 
 
 def weighted_sum(
-    tensors: Sequence[torch.Tensor],
+    tensors: Sequence["torch.Tensor"],
     weights: Sequence[float],
-    out_dtype: torch.dtype,
+    out_dtype: "torch.dtype",
     threads: int = 0,
-) -> torch.Tensor:
+    out: "torch.Tensor | None" = None,
+) -> "torch.Tensor":
     """sum_i weights[i] * tensors[i], accumulated in float32, returned in ``out_dtype``.
 
     On CPU this reads bf16/f16/f32 inputs straight from their (possibly mmapped)
-    storage and writes the output dtype in a single fused native pass.
+    storage and writes the output dtype in a single fused native pass, into
+    ``out`` when given (it must not overlap an input).
     """
+    import torch
+
     if len(tensors) == 0:
         raise ValueError("weighted_sum needs at least one tensor")
     if len(tensors) != len(weights):
         raise ValueError("weighted_sum: one weight per tensor")
     if not _native_ok(tensors, out_dtype):
-        return weighted_sum_reference(tensors, weights, out_dtype)
+        result = weighted_sum_reference(tensors, weights, out_dtype)
+        return out.copy_(result) if out is not None else result
     from .. import _native
 
-    out = torch.empty(tensors[0].shape, dtype=out_dtype)
+    if out is None or out.dtype != out_dtype or out.shape != tensors[0].shape:
+        out = torch.empty(tensors[0].shape, dtype=out_dtype)
     _native.weighted_sum(
-        [_bytes_view(x) for x in tensors],
-        [TORCH_TO_CODE[x.dtype] for x in tensors],
+        [bytes_view(x) for x in tensors],
+        [code_of(x.dtype) for x in tensors],
         [float(w) for w in weights],
-        _bytes_view(out),
-        TORCH_TO_CODE[out_dtype],
+        bytes_view(out),
+        code_of(out_dtype),
         threads,
     )
     return out

@@ -172,8 +172,8 @@ def _run_torch(plan: MergePlan, job: TensorJob, device: str, threads: int, pool:
 
     out_dtype = torch_dtype(job.out_dtype)
     size = nbytes(job.out_dtype, _numel(job.shape))
-    buf = pool.take(size)
-    out = torch.from_numpy(buf[:size]).view(out_dtype).view(job.shape) if size else None
+    buf = pool.take(size) if dev.type == "cpu" and size else None
+    out = torch.from_numpy(buf[:size]).view(out_dtype).view(job.shape) if buf is not None else None
     result = plan.method.merge(
         MergeInputs(
             name=job.out_name,
@@ -183,7 +183,7 @@ def _run_torch(plan: MergePlan, job: TensorJob, device: str, threads: int, pool:
             base=load(job.base) if job.base else None,
             out_dtype=out_dtype,
             threads=threads,
-            out=out if dev.type == "cpu" else None,
+            out=out,
         )
     )
     if tuple(result.shape) != tuple(job.shape):

@@ -193,3 +193,15 @@ slices:
 merge_method: passthrough
 """)
     _fails(run_cli("mergekitty-yaml", cfg, tmp_path / "out", check=False), "layer_range", "4 layers")
+
+
+def test_local_looking_typo_does_not_go_to_the_hub(tmp_path, write_yaml):
+    (tmp_path / "models" / "llama-ft").mkdir(parents=True)
+    cfg = write_yaml("""
+models:
+  - model: models/llama-fx
+    parameters: {weight: 1.0}
+merge_method: linear
+""")
+    proc = run_cli("mergekitty-yaml", cfg, tmp_path / "out", check=False, cwd=tmp_path)
+    _fails(proc, "models/llama-fx", "models/llama-ft")

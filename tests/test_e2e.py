@@ -218,3 +218,66 @@ merge_method: passthrough
     assert "layer map" in proc.stdout and "peak memory estimate" in proc.stdout
     proc = run_cli("mergekitty", "plan", cfg)
     assert "output size" in proc.stdout
+
+
+def test_integer_and_other_dtypes_pass_through(llama, tmp_path, write_yaml):
+    """Non-float tensors are copied (never averaged) when the models agree; a float8 tensor is copied byte for byte."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    models = []
+    for name in ("ft1", "ft2"):
+        d = tmp_path / name
+        shutil.copytree(llama[name], d)
+        state = load_file(d / "model.safetensors")
+        state["model.rotary_emb.position_ids"] = torch.arange(12, dtype=torch.int64)
+        state["model.extra_scale"] = torch.tensor([0.5, 1.5], dtype=torch.float8_e4m3fn)
+        save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+        models.append(d)
+    cfg = write_yaml(f"""
+models:
+  - {{model: {models[0]}, parameters: {{weight: 1.0}}}}
+  - {{model: {models[1]}, parameters: {{weight: 1.0}}}}
+merge_method: linear
+""")
+    out = tmp_path / "out"
+    run_cli("mergekitty-yaml", cfg, out, "--quiet")
+    got = _state(out)
+    assert got["model.rotary_emb.position_ids"].dtype == torch.int64
+    assert torch.equal(got["model.rotary_emb.position_ids"], torch.arange(12))
+    frag = tmp_path / "frag"
+    cfg2 = write_yaml(f"""
+slices:
+  - sources: [{{model: {models[0]}, layer_range: [0, 2]}}]
+merge_method: passthrough
+""", "frag.yml")
+    run_cli("mergekitty-yaml", cfg2, frag, "--quiet")
+    got = _state(frag)
+    assert got["model.extra_scale"].dtype == torch.float8_e4m3fn
+    assert torch.equal(got["model.extra_scale"].view(torch.uint8), torch.tensor([0.5, 1.5], dtype=torch.float8_e4m3fn).view(torch.uint8))
+
+
+def test_differing_integer_tensors_give_a_clear_error(llama, tmp_path, write_yaml):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    models = []
+    for i, name in enumerate(("ft1", "ft2")):
+        d = tmp_path / name
+        shutil.copytree(llama[name], d)
+        state = load_file(d / "model.safetensors")
+        state["model.rotary_emb.position_ids"] = torch.arange(12, dtype=torch.int64) + i
+        save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+        models.append(d)
+    cfg = write_yaml(f"""
+models:
+  - {{model: {models[0]}, parameters: {{weight: 1.0}}}}
+  - {{model: {models[1]}, parameters: {{weight: 1.0}}}}
+merge_method: linear
+""")
+    proc = run_cli("mergekitty-yaml", cfg, tmp_path / "out", "--quiet", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "position_ids" in proc.stderr and "integer" in proc.stderr
+    assert not (tmp_path / "out" / "config.json").exists()

@@ -17,6 +17,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree without an 
 from .errors import (  # noqa: E402
     ArchitectureError,
     ConfigError,
+    MergeError,
     MergekittyError,
     ModelFormatError,
     ModelNotFoundError,
@@ -41,6 +42,7 @@ def run_merge(config: Any, out_path: str, options: "MergeOptions | None" = None,
 __all__ = [
     "ArchitectureError",
     "ConfigError",
+    "MergeError",
     "MergekittyError",
     "ModelFormatError",
     "ModelNotFoundError",

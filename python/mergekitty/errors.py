@@ -49,3 +49,7 @@ class PlanError(MergekittyError):
 
 class OutputError(MergekittyError):
     """The output directory cannot be written as asked (it is an input, it is a file...)."""
+
+
+class MergeError(MergekittyError):
+    """Computing or writing one output tensor failed; the message names the tensor."""

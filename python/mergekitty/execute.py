@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Callable
 
+from .errors import MergeError, MergekittyError
 from .io.dtypes import NATIVE_FLOAT_CODES, nbytes, torch_dtype
 from .plan import MergePlan, TensorJob
 
@@ -215,8 +216,13 @@ def execute(
             for ahead in plan.jobs[i + 1 : i + 1 + PREFETCH_JOBS]:
                 _touch(plan, ahead, "prefetch")
             started = time.perf_counter()
-            data, pooled = run_job(plan, job, device, threads, pool)
-            background.put(job.out_name, data, pooled)
+            try:
+                data, pooled = run_job(plan, job, device, threads, pool)
+                background.put(job.out_name, data, pooled)
+            except MergekittyError:
+                raise
+            except (ValueError, TypeError, RuntimeError, OSError) as exc:
+                raise MergeError(f"tensor '{job.out_name}': {exc}") from exc
             del data, pooled
             _touch(plan, job, "release")
             if on_progress is not None:

@@ -140,8 +140,25 @@ def resolve_local_path(ref_path: str, revision: str | None = None, cache_dir: st
     if local.exists():
         raise ModelNotFoundError(f"model path is not a directory: {ref_path}")
     if looks_local(ref_path):
-        raise ModelNotFoundError(f"model directory not found: {ref_path}")
+        raise ModelNotFoundError(f"model directory not found: {ref_path}{_sibling_hint(local)}")
+    if local.parent != Path(".") and local.parent.is_dir():
+        # "models/llama-ft" where ./models exists is a local path with a typo, not a hub id
+        raise ModelNotFoundError(
+            f"model directory not found: {ref_path} ({local.parent} exists locally, so this is not taken "
+            f"as a hub id){_sibling_hint(local)}"
+        )
     return _download(ref_path, revision, cache_dir)
+
+
+def _sibling_hint(path: Path) -> str:
+    import difflib
+
+    try:
+        siblings = [p.name for p in path.parent.iterdir() if p.is_dir()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, siblings, n=1)
+    return f"; did you mean '{path.parent / close[0]}'?" if close else ""
 
 
 def _download(repo_id: str, revision: str | None, cache_dir: str | None) -> Path:
@@ -154,6 +171,10 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | None) -> Path
             f"model '{label}' is not a local directory, and huggingface_hub is not installed to download it"
         ) from None
 
+    import logging
+
+    # one clear error instead of a screen of retry warnings when the hub is unreachable
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     try:
         patterns = list(HUB_ALLOW_PATTERNS)
         if not offline:

@@ -83,9 +83,10 @@ def linear_merge(coefficients: Coefficients) -> Callable[[MergeInputs], "torch.T
             weights.insert(0, base_coef)
         out_dtype = inputs.out_dtype or tensors[0].dtype
         if not tensors[0].is_floating_point():
-            if len(tensors) == 1 and weights[0] == 1.0:
+            # integer buffers (position ids, masks) are copied, never averaged
+            if all(t.shape == tensors[0].shape and bool((t == tensors[0]).all()) for t in tensors[1:]):
                 return tensors[0].to(out_dtype)
-            raise ValueError(f"tensor '{inputs.name}' has dtype {tensors[0].dtype}, which cannot be combined arithmetically")
+            raise ValueError(f"tensor '{inputs.name}' has dtype {tensors[0].dtype} and differs between the models; integer tensors cannot be averaged")
         return weighted_sum(tensors, weights, out_dtype, inputs.threads, out=inputs.out)
 
     return merge

@@ -108,7 +108,21 @@ def plan_merge(config: Any, out_path: str | os.PathLike | None = None, options: 
     if out_path is not None:
         check_output_dir(Path(out_path), models)
     _check_tokenizer_settings(config, models)
-    return planner.plan(slices)
+    plan = planner.plan(slices)
+    plan.random_seed = _random_seed(config, options)
+    return plan
+
+
+def _random_seed(config, options: MergeOptions) -> int:
+    """The seed of this merge: --random-seed, else the config's random_seed, else a fresh one
+    (recorded in the model card and mergekitty_config.yml so the merge can be reproduced)."""
+    if options.random_seed is not None:
+        return options.random_seed
+    if config.random_seed is not None:
+        return config.random_seed
+    import secrets
+
+    return secrets.randbits(31)
 
 
 def _check_tokenizer_settings(config, models) -> None:
@@ -171,8 +185,13 @@ def _write_sidecars(plan, config, out: Path, options: MergeOptions) -> None:
         text = getattr(config, "source_text", None) or config.to_yaml()
         refs = [str(m.ref) for m in plan.models]
         base = str(config.base_model) if config.base_model is not None else None
-        seed = options.random_seed if options.random_seed is not None else config.random_seed
+        seed = plan.random_seed if plan.method.random or config.random_seed is not None or options.random_seed is not None else None
         _atomic_write(out / "README.md", generate_card(plan.method, refs, base, text, out.name, seed))
+        text = text if text.endswith("\n") else text + "\n"
+        if seed is not None and config.random_seed is None:
+            text += f"# the seed this merge drew; keep it to reproduce the merge exactly\nrandom_seed: {seed}\n"
+        elif seed is not None and config.random_seed != seed:
+            text += f"# this merge ran with --random-seed {seed}, which overrides random_seed above\n"
         _atomic_write(out / "mergekitty_config.yml", text if text.endswith("\n") else text + "\n")
 
 

@@ -185,6 +185,7 @@ def _run_torch(plan: MergePlan, job: TensorJob, device: str, threads: int, pool:
             out_dtype=out_dtype,
             threads=threads,
             out=out,
+            seed=plan.random_seed,
         )
     )
     if tuple(result.shape) != tuple(job.shape):

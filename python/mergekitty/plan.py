@@ -61,6 +61,7 @@ class MergePlan:
     output_order: list[str]  # tensor names in the order they are laid out in the output
     out_config: dict[str, Any]
     layer_map: list[tuple[int, list[tuple[str, int]]]] = field(default_factory=list)  # out layer -> [(model label, in layer)]
+    random_seed: int = 0  # used by random methods; recorded in the model card
 
     @property
     def input_bytes(self) -> int:

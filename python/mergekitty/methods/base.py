@@ -64,6 +64,11 @@ class MergeInputs:
     out_dtype: "torch.dtype | None" = None
     threads: int = 0
     out: "torch.Tensor | None" = None  # a CPU buffer of the output's shape and dtype the method may fill
+    seed: int = 0  # for random methods: draws are a function of (seed, f"{name}#{model position}", element index)
+
+    def stream_key(self, model_position: int) -> str:
+        """The key of the random stream of the ``model_position``-th non-base input (see docs/kernels.md)."""
+        return f"{self.name}#{model_position}"
 
 
 # (global params, per-model params, tensor name) -> (base coefficient, one coefficient per model)
@@ -114,6 +119,7 @@ class MergeMethod:
     # Set for methods whose result is a fixed linear combination of the inputs: the
     # executor then runs them as one fused native pass straight from the memory maps.
     coefficients: Coefficients | None = None
+    random: bool = False  # draws random numbers: the merge records its seed
 
     def param_spec(self, name: str) -> ParamSpec | None:
         for spec in (*self.global_params, *self.model_params):

@@ -234,6 +234,16 @@ class Planner:
                     )
             params = self._global_params(si, out_name, t)
             mparams = tuple(self._model_params(si, j, sources[k].tensor, t, self.models[mi].label) for k, (mi, _, j) in enumerate(picks))
+            if method.validate is not None:
+                try:
+                    method.validate(params, list(mparams))
+                except ValueError as exc:
+                    raise ConfigError(f"{exc} (tensor '{out_name}')", key="parameters") from None
+            if len(sources) < method.min_models and not (base_src and method.base != "ignored"):
+                raise ConfigError(
+                    f"merge method '{method.name}' needs at least {method.min_models} model(s) besides the base, got {len(sources)}",
+                    key="models" if self.config.models else "slices",
+                )
             out_dtype = self._out_dtype(ref_info.dtype)
             jobs.append(
                 TensorJob(

@@ -120,6 +120,9 @@ class MergeMethod:
     # executor then runs them as one fused native pass straight from the memory maps.
     coefficients: Coefficients | None = None
     random: bool = False  # draws random numbers: the merge records its seed
+    # Checks that involve several parameters (e.g. density +- epsilon inside (0, 1]); called at
+    # plan time for every tensor with the resolved values; raises ValueError naming the problem.
+    validate: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None
 
     def param_spec(self, name: str) -> ParamSpec | None:
         for spec in (*self.global_params, *self.model_params):

@@ -239,7 +239,8 @@ class Planner:
                     method.validate(params, list(mparams))
                 except ValueError as exc:
                     raise ConfigError(f"{exc} (tensor '{out_name}')", key="parameters") from None
-            if len(sources) < method.min_models and not (base_src and method.base != "ignored"):
+            # a slice holding only the base model is allowed (the base passes through)
+            if 0 < len(sources) < method.min_models or (not sources and base_src is None):
                 raise ConfigError(
                     f"merge method '{method.name}' needs at least {method.min_models} model(s) besides the base, got {len(sources)}",
                     key="models" if self.config.models else "slices",

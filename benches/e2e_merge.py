@@ -547,6 +547,8 @@ def check_output(out_dir: Path, merge: str, models: dict[str, Path], shape: dict
         with safe_open(str(model_dir / idx["weight_map"][name]), "pt") as f:
             return f.get_tensor(name).float()
 
+    if merge not in ("linear", "task_arithmetic"):
+        probe = []  # sparsifying methods: names, shapes and dtypes are checked, values are not
     for name in probe:
         if name not in got:
             continue
@@ -608,6 +610,13 @@ def write_configs(cfg_dir: Path, models: dict[str, Path]) -> dict[str, Path]:
         "task_arithmetic": (f"merge_method: task_arithmetic\nbase_model: {models['base']}\n"
                             "models:\n" + model_lines),
     }
+    sparse_lines = "".join(
+        f"  - model: {models[ft]}\n    parameters:\n      weight: {w}\n      density: 0.5\n"
+        for ft, w in zip(FINETUNES, MERGE_WEIGHTS)
+    )
+    for method, extra in (("ties", ""), ("dare_ties", ""), ("della", "parameters:\n  epsilon: 0.1\n")):
+        configs[method] = (f"merge_method: {method}\nbase_model: {models['base']}\nrandom_seed: 7\n"
+                           + extra + "models:\n" + sparse_lines)
     paths = {}
     for name, text in configs.items():
         p = cfg_dir / f"{name}.yml"
@@ -622,7 +631,8 @@ def results_commit() -> str:
     return r.stdout.strip()
 
 
-MERGE_INPUTS = {"linear": list(FINETUNES), "task_arithmetic": ["base", *FINETUNES]}
+MERGE_INPUTS = {"linear": list(FINETUNES), "task_arithmetic": ["base", *FINETUNES],
+                "ties": ["base", *FINETUNES], "dare_ties": ["base", *FINETUNES], "della": ["base", *FINETUNES]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -682,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--floor-repeat", type=int, default=3,
                     help="repetitions of the read and write floor measurement (median used)")
     ap.add_argument("--merges", default="linear,task_arithmetic",
-                    help="comma-separated subset of: linear, task_arithmetic")
+                    help="comma-separated subset of: linear, task_arithmetic, ties, dare_ties, della")
     ap.add_argument("--skip-incumbent", action="store_true", help="do not run mergekit")
     ap.add_argument("--skip-ours", action="store_true", help="do not run mergekitty")
     ap.add_argument("--ours-cmd", default="mergekitty-yaml",

@@ -5,12 +5,14 @@ from __future__ import annotations
 from .base import MergeMethod
 from .linear import METHOD as _linear
 from .passthrough import METHOD as _passthrough
+from .slerp import METHOD as _slerp
 from .task_arithmetic import METHOD as _task_arithmetic
 
 _ALL: tuple[MergeMethod, ...] = (
     _linear,
     _task_arithmetic,
     _passthrough,
+    _slerp,
 )
 
 METHODS: dict[str, MergeMethod] = {}

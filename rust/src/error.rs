@@ -148,6 +148,9 @@ pub enum Error {
         weights: usize,
     },
 
+    #[error("{0}")]
+    InvalidArgument(String),
+
     // ---- the shard writer ----
     #[error("tensor {0:?} appears twice in the output layout")]
     DuplicateTensor(String),

@@ -1,7 +1,10 @@
 //! CPU kernels over contiguous little-endian buffers. Callers allocate every output; kernels
 //! only read inputs and fill outputs, so they never own tensor memory.
 
+pub mod consensus;
+pub mod random;
 pub mod reduce;
+pub mod sparsify;
 
 pub use reduce::{convert, weighted_sum, WeightedInput};
 

@@ -8,7 +8,7 @@ use crate::dtype::FloatDtype;
 use crate::error::Error;
 use crate::kernels::{self, WeightedInput};
 
-fn check_no_overlap(out: &Buffer, inputs: &[Buffer]) -> PyResult<()> {
+pub(super) fn check_no_overlap(out: &Buffer, inputs: &[Buffer]) -> PyResult<()> {
     let o = out.range();
     for (i, b) in inputs.iter().enumerate() {
         let r = b.range();

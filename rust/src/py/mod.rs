@@ -8,6 +8,7 @@ use crate::error::Error;
 mod buffer;
 mod file;
 mod kernels;
+mod sparsify;
 mod writer;
 
 pyo3::create_exception!(
@@ -62,6 +63,12 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<writer::PyShardWriter>()?;
     m.add_function(wrap_pyfunction!(kernels::weighted_sum, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::convert, m)?)?;
+    m.add_function(wrap_pyfunction!(sparsify::magnitude, m)?)?;
+    m.add_function(wrap_pyfunction!(sparsify::magnitude_outliers, m)?)?;
+    m.add_function(wrap_pyfunction!(sparsify::random_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(sparsify::della, m)?)?;
+    m.add_function(wrap_pyfunction!(sparsify::combine, m)?)?;
+    m.add_function(wrap_pyfunction!(sparsify::uniform, m)?)?;
     Ok(())
 }
 

@@ -1,0 +1,839 @@
+//! Sparsification of task vectors, in place on a float32 buffer the caller owns: magnitude
+//! top-k (TIES), magnitude outliers (Breadcrumbs), seeded Bernoulli masks (DARE) and
+//! rank-dependent masks (DELLA). The definitions are in docs/kernels.md; the torch
+//! references are in `python/mergekitty/ops/sparsify.py`.
+//!
+//! Results never depend on the thread count: masks are functions of element values, ranks
+//! and flat indices only, and the L1 sums are accumulated in f64 per fixed block (or per row)
+//! and combined in index order.
+//!
+//! Order statistics of `|x|` use a two-pass radix select on the magnitude bit patterns (a
+//! 15-bit then a 16-bit histogram): exact, O(n), parallel, and without the n-element copy a
+//! `select_nth_unstable` would need (that is the test oracle instead).
+
+use crate::error::{Error, Result};
+use crate::kernels::random::Stream;
+use crate::threads;
+
+/// How kept values are rescaled after random dropping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rescale {
+    /// Divide by the keep probability (the DARE and DELLA papers).
+    Inverse,
+    /// Multiply by `sum|x| / sum|kept|` (mergekit 0.1.5's choice).
+    L1,
+    None,
+}
+
+impl Rescale {
+    pub fn parse(s: &str) -> Result<Rescale> {
+        match s {
+            "inverse" => Ok(Rescale::Inverse),
+            "l1" => Ok(Rescale::L1),
+            "none" => Ok(Rescale::None),
+            other => Err(Error::InvalidArgument(format!(
+                "rescale must be \"inverse\", \"l1\" or \"none\", got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// `|x|` as an integer that orders like the float, with every NaN mapped to one key above
+/// +inf ("NaN counts as largest").
+const NAN_KEY: u32 = 0x7f80_0001;
+/// The key of +inf: Breadcrumbs counts NaN magnitudes as +inf.
+const INF_KEY: u32 = 0x7f80_0000;
+
+#[inline(always)]
+fn mag_key(x: f32) -> u32 {
+    capped_key(x, NAN_KEY)
+}
+
+/// `|x|`'s bits, with every NaN mapped to `cap` (NAN_KEY or INF_KEY).
+#[inline(always)]
+fn capped_key(x: f32, cap: u32) -> u32 {
+    (x.to_bits() & 0x7fff_ffff).min(cap)
+}
+
+/// Elements per L1 partial sum: fixed, so the sums do not depend on how work is split.
+const L1_BLOCK: usize = 1 << 16;
+/// Elements per inner block (random numbers are generated a block at a time).
+const BLOCK: usize = 2048;
+/// Both sums must reach this before the L1 rescale applies.
+const L1_MIN: f64 = 1e-8;
+
+/// Run `f` compiled with AVX2 enabled when the CPU has it (u32 multiplies for the generator,
+/// wider compares and selects), otherwise as is.
+#[inline(always)]
+fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn go<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { go(f) };
+        }
+    }
+    f()
+}
+
+/// Split `x` into chunks of whole `align`-element units (one per thread), run `f(start, chunk,
+/// partials)` on each, where `partials` has one `(sum|x|, sum|kept|)` slot per `unit` elements
+/// of the chunk, and return the partials in order.
+fn par_chunks<F>(x: &mut [f32], threads: usize, align: usize, unit: usize, f: F) -> Vec<(f64, f64)>
+where
+    F: Fn(usize, &mut [f32], &mut [(f64, f64)]) + Sync,
+{
+    let n = x.len();
+    let unit = unit.max(1);
+    let ranges = threads::chunk_ranges(n, threads::resolve(threads), align);
+    let units = ranges.iter().map(|r| r.len().div_ceil(unit)).sum();
+    let mut partials = vec![(0f64, 0f64); units];
+    let mut tasks = Vec::with_capacity(ranges.len());
+    let (mut rest, mut prest) = (x, partials.as_mut_slice());
+    for r in ranges {
+        let (head, tail) = rest.split_at_mut(r.len());
+        let (phead, ptail) = prest.split_at_mut(r.len().div_ceil(unit));
+        tasks.push((r.start, head, phead));
+        rest = tail;
+        prest = ptail;
+    }
+    threads::run_all(tasks, |(start, chunk, parts)| {
+        with_avx2(|| f(start, chunk, parts))
+    });
+    partials
+}
+
+/// Sum partials in order; `None` when the L1 rescale does not apply.
+fn l1_scale(partials: &[(f64, f64)]) -> Option<f32> {
+    let (all, kept) = partials
+        .iter()
+        .fold((0f64, 0f64), |(a, k), &(pa, pk)| (a + pa, k + pk));
+    (all >= L1_MIN && kept >= L1_MIN).then(|| (all / kept) as f32)
+}
+
+/// Multiply every element by `scale` (the zeros stay zero; the kept values are rescaled).
+fn scale_all(x: &mut [f32], scale: f32, threads: usize) {
+    par_chunks(x, threads, BLOCK, usize::MAX, |_, chunk, _| {
+        chunk.iter_mut().for_each(|v| *v *= scale)
+    });
+}
+
+/// Apply the L1 rescale given the partial sums of `|x|` and `|kept|`.
+pub fn apply_l1_rescale(x: &mut [f32], partials: &[(f64, f64)], threads: usize) {
+    if let Some(s) = l1_scale(partials) {
+        scale_all(x, s, threads);
+    }
+}
+
+/// `sum|a|` and `sum|b|` of two equal-length slices with 8 fixed lanes (vectorizes, and the
+/// order is fixed by the slice alone).
+#[inline(always)]
+fn abs_sums(before: &[f32], after: &[f32]) -> (f64, f64) {
+    let mut la = [0f64; 8];
+    let mut lb = [0f64; 8];
+    let mut ca = before.chunks_exact(8);
+    let mut cb = after.chunks_exact(8);
+    for (a, b) in (&mut ca).zip(&mut cb) {
+        for l in 0..8 {
+            la[l] += a[l].abs() as f64;
+            lb[l] += b[l].abs() as f64;
+        }
+    }
+    let mut sa: f64 = la.iter().sum();
+    let mut sb: f64 = lb.iter().sum();
+    for (a, b) in ca.remainder().iter().zip(cb.remainder()) {
+        sa += a.abs() as f64;
+        sb += b.abs() as f64;
+    }
+    (sa, sb)
+}
+
+/// Keep the elements whose magnitude key satisfies `keep`, zero the rest, and with `l1`
+/// accumulate the partial sums per `L1_BLOCK`.
+fn mask_by_key(
+    x: &mut [f32],
+    threads: usize,
+    l1: bool,
+    cap: u32,
+    keep: impl Fn(u32) -> bool + Sync,
+) -> Vec<(f64, f64)> {
+    par_chunks(x, threads, L1_BLOCK, L1_BLOCK, |_, chunk, parts| {
+        let mut tmp = [0f32; BLOCK];
+        for (blk, part) in chunk.chunks_mut(L1_BLOCK).zip(parts.iter_mut()) {
+            for sub in blk.chunks_mut(BLOCK) {
+                let before = &mut tmp[..sub.len()];
+                if l1 {
+                    before.copy_from_slice(sub);
+                }
+                for v in sub.iter_mut() {
+                    *v = if keep(capped_key(*v, cap)) { *v } else { 0.0 };
+                }
+                if l1 {
+                    let (a, k) = abs_sums(before, sub);
+                    part.0 += a;
+                    part.1 += k;
+                }
+            }
+        }
+    })
+}
+
+fn check_density(density: f64, what: &str) -> Result<()> {
+    if density.is_nan() {
+        return Err(Error::InvalidArgument(format!("{what} is NaN")));
+    }
+    Ok(())
+}
+
+/// `max(1, floor(density * n))`, capped at n.
+fn keep_count(density: f64, n: usize) -> usize {
+    ((density * n as f64).floor() as usize).clamp(1, n.max(1))
+}
+
+// ---------------------------------------------------------------------------------------
+// Order statistics of |x|
+// ---------------------------------------------------------------------------------------
+
+const HI_BUCKETS: usize = (NAN_KEY >> 16) as usize + 1;
+const LO_BUCKETS: usize = 1 << 16;
+
+/// Histograms over the elements of `x`, one per thread, summed. `bucket` maps a magnitude key
+/// to a bucket index below `nb` (or `None` to skip it).
+fn histogram(
+    x: &[f32],
+    threads: usize,
+    cap: u32,
+    nb: usize,
+    bucket: impl Fn(u32) -> Option<usize> + Sync,
+) -> Vec<u64> {
+    let ranges = threads::chunk_ranges(x.len(), threads::resolve(threads), 1);
+    let mut hists: Vec<Vec<u64>> = vec![Vec::new(); ranges.len()];
+    let tasks: Vec<_> = ranges.into_iter().zip(hists.iter_mut()).collect();
+    threads::run_all(tasks, |(r, h)| {
+        h.resize(nb, 0);
+        for &v in &x[r] {
+            if let Some(b) = bucket(capped_key(v, cap)) {
+                if let Some(c) = h.get_mut(b) {
+                    *c += 1;
+                }
+            }
+        }
+    });
+    let mut total = vec![0u64; nb];
+    for h in hists {
+        for (t, c) in total.iter_mut().zip(h) {
+            *t += c;
+        }
+    }
+    total
+}
+
+/// The bucket holding ascending rank `rank`, and the rank within that bucket.
+fn locate(hist: &[u64], rank: u64) -> (usize, u64) {
+    let mut before = 0u64;
+    for (b, &c) in hist.iter().enumerate() {
+        if rank < before + c {
+            return (b, rank - before);
+        }
+        before += c;
+    }
+    // Unreachable for rank < total; return the last bucket rather than panic.
+    (hist.len() - 1, 0)
+}
+
+/// Magnitude keys (NaN mapped to `cap`) at the given ascending ranks (each `< x.len()`; at
+/// most two).
+fn keys_at_ranks(x: &[f32], ranks: &[usize], threads: usize, cap: u32) -> Vec<u32> {
+    let hi = histogram(x, threads, cap, HI_BUCKETS, |k| Some((k >> 16) as usize));
+    let located: Vec<(usize, u64)> = ranks.iter().map(|&r| locate(&hi, r as u64)).collect();
+    let mut buckets: Vec<usize> = located.iter().map(|l| l.0).collect();
+    buckets.dedup();
+    let bk = buckets.clone();
+    let lo = histogram(x, threads, cap, LO_BUCKETS * bk.len(), move |k| {
+        let h = (k >> 16) as usize;
+        bk.iter()
+            .position(|&b| b == h)
+            .map(|slot| slot * LO_BUCKETS + (k & 0xffff) as usize)
+    });
+    located
+        .iter()
+        .map(|&(b, within)| {
+            let slot = buckets.iter().position(|&x| x == b).unwrap_or(0);
+            let (low, _) = locate(&lo[slot * LO_BUCKETS..(slot + 1) * LO_BUCKETS], within);
+            ((b as u32) << 16) | low as u32
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// The kernels
+// ---------------------------------------------------------------------------------------
+
+/// TIES: keep the elements whose `|x|` is at least the k-th largest, `k = max(1,
+/// floor(density*n))` (ties kept, NaN counts as largest); optional L1 rescale.
+pub fn magnitude(x: &mut [f32], density: f64, rescale_l1: bool, threads: usize) -> Result<()> {
+    check_density(density, "density")?;
+    let n = x.len();
+    if density >= 1.0 || n == 0 {
+        return Ok(());
+    }
+    if density <= 0.0 {
+        x.fill(0.0);
+        return Ok(());
+    }
+    let k = keep_count(density, n);
+    let t = keys_at_ranks(x, &[n - k], threads, NAN_KEY)[0];
+    let parts = mask_by_key(x, threads, rescale_l1, NAN_KEY, move |key| key >= t);
+    if rescale_l1 {
+        apply_l1_rescale(x, &parts, threads);
+    }
+    Ok(())
+}
+
+/// Breadcrumbs: drop the `n_top` largest and the `n_bot` smallest magnitudes, keeping a band of
+/// about `density*n` (see docs/kernels.md); optional L1 rescale.
+pub fn magnitude_outliers(
+    x: &mut [f32],
+    density: f64,
+    gamma: f64,
+    rescale_l1: bool,
+    threads: usize,
+) -> Result<()> {
+    check_density(density, "density")?;
+    check_density(gamma, "gamma")?;
+    let n = x.len();
+    if (density >= 1.0 && gamma <= 0.0) || n == 0 {
+        return Ok(());
+    }
+    if density <= 0.0 {
+        x.fill(0.0);
+        return Ok(());
+    }
+    let target = ((density * n as f64).floor() as usize).clamp(1, n);
+    let mut n_top = (gamma.max(0.0) * n as f64).floor() as i128;
+    let mut n_bot = n as i128 - target as i128 - n_top;
+    if n_bot < 0 {
+        n_top += n_bot;
+        n_bot = 0;
+    }
+    // n_bot <= n - target <= n - 1, and when n_top > 0, n_bot + target = n - n_top < n.
+    let n_bot = n_bot as usize;
+    let mut ranks = vec![n_bot];
+    if n_top > 0 {
+        ranks.push(n_bot + target);
+    }
+    // NaN magnitudes count as +inf here; keys compare like the magnitudes.
+    let keys = keys_at_ranks(x, &ranks, threads, INF_KEY);
+    let lo = if n_bot > 0 { keys[0] } else { 0 };
+    let hi = keys.get(1).copied();
+    let parts = mask_by_key(x, threads, rescale_l1, INF_KEY, move |key| {
+        key >= lo && hi.is_none_or(|h| key < h)
+    });
+    if rescale_l1 {
+        apply_l1_rescale(x, &parts, threads);
+    }
+    Ok(())
+}
+
+/// DARE: keep element i when `uniform(i) < density`, then rescale.
+pub fn random_mask(
+    x: &mut [f32],
+    density: f64,
+    stream: &Stream,
+    rescale: Rescale,
+    threads: usize,
+) -> Result<()> {
+    check_density(density, "density")?;
+    if density >= 1.0 || x.is_empty() {
+        return Ok(());
+    }
+    if density <= 0.0 {
+        x.fill(0.0);
+        return Ok(());
+    }
+    let p = density as f32;
+    let l1 = rescale == Rescale::L1;
+    let inverse = rescale == Rescale::Inverse;
+    let parts = par_chunks(x, threads, L1_BLOCK, L1_BLOCK, |start, chunk, parts| {
+        let mut u = [0f32; BLOCK];
+        let mut before = [0f32; BLOCK];
+        for (bi, (blk, part)) in chunk.chunks_mut(L1_BLOCK).zip(parts.iter_mut()).enumerate() {
+            let blk_start = start + bi * L1_BLOCK;
+            for (si, sub) in blk.chunks_mut(BLOCK).enumerate() {
+                let len = sub.len();
+                let u = &mut u[..len];
+                stream.fill_uniform((blk_start + si * BLOCK) as u64, u);
+                if l1 {
+                    before[..len].copy_from_slice(sub);
+                }
+                if inverse {
+                    for (v, &r) in sub.iter_mut().zip(u.iter()) {
+                        *v = if r < p { *v / p } else { 0.0 };
+                    }
+                } else {
+                    for (v, &r) in sub.iter_mut().zip(u.iter()) {
+                        *v = if r < p { *v } else { 0.0 };
+                    }
+                }
+                if l1 {
+                    let (a, k) = abs_sums(&before[..len], sub);
+                    part.0 += a;
+                    part.1 += k;
+                }
+            }
+        }
+    });
+    if l1 {
+        apply_l1_rescale(x, &parts, threads);
+    }
+    Ok(())
+}
+
+/// Per-thread scratch for DELLA's per-row stable sort.
+#[derive(Default)]
+struct RowScratch {
+    keys: Vec<u32>,
+    idx: Vec<u32>,
+    keys2: Vec<u32>,
+    idx2: Vec<u32>,
+    u: Vec<f32>,
+}
+
+/// Indices of `row` sorted by `(|x|, index)`: LSD radix sort on the magnitude keys with 8-bit
+/// digits (stable, so ties stay in index order), skipping digits every key shares.
+fn stable_order<'s>(row: &[f32], s: &'s mut RowScratch) -> &'s [u32] {
+    let m = row.len();
+    s.keys.clear();
+    s.keys.extend(row.iter().map(|&v| mag_key(v)));
+    s.idx.clear();
+    s.idx.extend(0..m as u32);
+    s.keys2.resize(m, 0);
+    s.idx2.resize(m, 0);
+    let mut hist = [[0u32; 256]; 4];
+    for &k in &s.keys {
+        for (d, h) in hist.iter_mut().enumerate() {
+            h[((k >> (8 * d)) & 0xff) as usize] += 1;
+        }
+    }
+    for (d, h) in hist.iter().enumerate() {
+        let shift = 8 * d;
+        let first = ((s.keys[0] >> shift) & 0xff) as usize;
+        if h[first] as usize == m {
+            continue;
+        }
+        let mut off = [0u32; 256];
+        let mut acc = 0u32;
+        for (o, &c) in off.iter_mut().zip(h.iter()) {
+            *o = acc;
+            acc += c;
+        }
+        for (&k, &i) in s.keys.iter().zip(s.idx.iter()) {
+            let b = ((k >> shift) & 0xff) as usize;
+            let pos = off[b] as usize;
+            off[b] += 1;
+            if let (Some(k2), Some(i2)) = (s.keys2.get_mut(pos), s.idx2.get_mut(pos)) {
+                *k2 = k;
+                *i2 = i;
+            }
+        }
+        std::mem::swap(&mut s.keys, &mut s.keys2);
+        std::mem::swap(&mut s.idx, &mut s.idx2);
+    }
+    &s.idx
+}
+
+/// Keep probability per ascending rank for rows of length `m`, all in float32 as the torch
+/// reference computes it: `p = (f32(density) - f32(epsilon)) + (2 * f32(epsilon)) * (r / (m-1))`,
+/// `r/(m-1) = 0.5` when m == 1.
+fn della_probabilities(m: usize, density: f64, epsilon: f64) -> Vec<f32> {
+    let lo = density as f32 - epsilon as f32;
+    let slope = 2.0 * epsilon as f32;
+    if m == 1 {
+        return vec![lo + slope * 0.5];
+    }
+    let denom = (m - 1) as f32;
+    (0..m).map(|r| lo + slope * (r as f32 / denom)).collect()
+}
+
+/// DELLA: per row, keep probability grows linearly with the stable rank of `|x|`, from
+/// `density - epsilon` to `density + epsilon`; element i (flat index) is kept when
+/// `uniform(i) < p_i`, then rescaled by `1/p_i` or L1.
+#[allow(clippy::too_many_arguments)]
+pub fn della(
+    x: &mut [f32],
+    rows: usize,
+    row_len: usize,
+    density: f64,
+    epsilon: f64,
+    stream: &Stream,
+    rescale: Rescale,
+    threads: usize,
+) -> Result<()> {
+    let n = x.len();
+    if rows.checked_mul(row_len) != Some(n) {
+        return Err(Error::InvalidArgument(format!(
+            "della: {rows} rows of {row_len} elements do not make {n} elements"
+        )));
+    }
+    check_density(density, "density")?;
+    check_density(epsilon, "epsilon")?;
+    if density >= 1.0 || n == 0 {
+        return Ok(());
+    }
+    if density <= 0.0 {
+        x.fill(0.0);
+        return Ok(());
+    }
+    if !(density - epsilon > 0.0 && density + epsilon <= 1.0) {
+        return Err(Error::InvalidArgument(format!(
+            "della needs 0 < density - epsilon and density + epsilon <= 1 \
+             (density={density}, epsilon={epsilon})"
+        )));
+    }
+    if row_len > u32::MAX as usize {
+        return Err(Error::InvalidArgument(format!(
+            "della: rows of {row_len} elements are too long (at most 2^32 - 1)"
+        )));
+    }
+    let ptab = della_probabilities(row_len, density, epsilon);
+    let l1 = rescale == Rescale::L1;
+    let inverse = rescale == Rescale::Inverse;
+    let parts = par_chunks(x, threads, row_len, row_len, |start, chunk, parts| {
+        let mut s = RowScratch::default();
+        for (ri, (row, part)) in chunk.chunks_mut(row_len).zip(parts.iter_mut()).enumerate() {
+            let m = row.len();
+            let mut u = std::mem::take(&mut s.u);
+            u.resize(m, 0.0);
+            stream.fill_uniform((start + ri * row_len) as u64, &mut u);
+            let order = stable_order(row, &mut s);
+            let (mut sa, mut sk) = (0f64, 0f64);
+            for (&j, &p) in order.iter().zip(ptab.iter()) {
+                let j = j as usize;
+                let (Some(v), Some(&r)) = (row.get_mut(j), u.get(j)) else {
+                    continue;
+                };
+                let keep = r < p;
+                if l1 {
+                    sa += v.abs() as f64;
+                }
+                *v = if !keep {
+                    0.0
+                } else if inverse {
+                    *v / p
+                } else {
+                    *v
+                };
+                if l1 {
+                    sk += v.abs() as f64;
+                }
+            }
+            *part = (sa, sk);
+            s.u = u;
+        }
+    });
+    if l1 {
+        apply_l1_rescale(x, &parts, threads);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            self.0 >> 33
+        }
+        fn f32(&mut self) -> f32 {
+            (self.next() as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        }
+        /// Values with many exact ties (a few distinct magnitudes).
+        fn tied(&mut self) -> f32 {
+            ((self.next() % 9) as f32 - 4.0) * 0.25
+        }
+    }
+
+    fn data(n: usize, seed: u64, tied: bool) -> Vec<f32> {
+        let mut r = Lcg(seed);
+        (0..n)
+            .map(|_| if tied { r.tied() } else { r.f32() })
+            .collect()
+    }
+
+    /// Oracle: the k-th largest magnitude by `select_nth_unstable_by`.
+    fn oracle_key_at_rank(x: &[f32], rank: usize) -> u32 {
+        let mut keys: Vec<u32> = x.iter().map(|&v| mag_key(v)).collect();
+        *keys.select_nth_unstable_by(rank, |a, b| a.cmp(b)).1
+    }
+
+    #[test]
+    fn radix_select_matches_select_nth() {
+        for &(n, tied) in &[
+            (1usize, false),
+            (7, true),
+            (1000, false),
+            (100_003, true),
+            (200_001, false),
+        ] {
+            let mut x = data(n, n as u64, tied);
+            if n > 10 {
+                x[3] = f32::NAN;
+                x[5] = f32::INFINITY;
+                x[7] = -0.0;
+                x[9] = f32::from_bits(1); // subnormal
+            }
+            for rank in [0, n / 3, n / 2, n - 1] {
+                for threads in [1, 2, 3] {
+                    let got = keys_at_ranks(&x, &[rank, n - 1 - rank], threads, NAN_KEY);
+                    assert_eq!(got[0], oracle_key_at_rank(&x, rank), "n={n} rank={rank}");
+                    assert_eq!(got[1], oracle_key_at_rank(&x, n - 1 - rank));
+                }
+            }
+        }
+    }
+
+    fn naive_magnitude(x: &[f32], density: f64) -> Vec<f32> {
+        let n = x.len();
+        if density >= 1.0 || n == 0 {
+            return x.to_vec();
+        }
+        if density <= 0.0 {
+            return vec![0.0; n];
+        }
+        let k = ((density * n as f64).floor() as usize).max(1);
+        let mut mags: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+        mags.sort_by(|a, b| b.total_cmp(a)); // descending, NaN first
+        let t = mags[k - 1];
+        x.iter()
+            .map(|&v| if v.abs() >= t || v.is_nan() { v } else { 0.0 })
+            .collect()
+    }
+
+    fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(p, q)| p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()))
+    }
+
+    #[test]
+    fn magnitude_matches_sort_reference() {
+        for &n in &[0usize, 1, 2, 7, 1000, 100_003] {
+            for tied in [false, true] {
+                let x = data(n, 11 + n as u64, tied);
+                for density in [0.0, 1e-9, 0.1, 0.5, 0.9, 1.0] {
+                    let want = naive_magnitude(&x, density);
+                    for threads in [1, 2] {
+                        let mut got = x.clone();
+                        magnitude(&mut got, density, false, threads).unwrap();
+                        assert!(same_bits(&got, &want), "n={n} d={density} tied={tied}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn magnitude_nan_is_largest() {
+        let mut x = vec![1.0, f32::NAN, -3.0, 2.0];
+        magnitude(&mut x, 0.5, false, 1).unwrap();
+        assert!(x[1].is_nan());
+        assert_eq!([x[0], x[2], x[3]], [0.0, -3.0, 0.0]);
+    }
+
+    #[test]
+    fn magnitude_l1_rescale() {
+        let mut x = vec![1.0f32, -2.0, 3.0, -4.0];
+        magnitude(&mut x, 0.5, true, 1).unwrap();
+        // sum|x| = 10, kept 7.
+        let s = (10.0f64 / 7.0) as f32;
+        assert_eq!(x, vec![0.0, 0.0, 3.0 * s, -4.0 * s]);
+        // Nothing to rescale when everything is (nearly) zero.
+        let mut z = vec![1e-12f32, 0.0, 0.0, 0.0];
+        magnitude(&mut z, 0.25, true, 1).unwrap();
+        assert_eq!(z, vec![1e-12, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn l1_sums_do_not_depend_on_threads() {
+        let x = data(1_000_003, 3, false);
+        let mut a = x.clone();
+        let mut b = x.clone();
+        magnitude(&mut a, 0.3, true, 1).unwrap();
+        magnitude(&mut b, 0.3, true, 2).unwrap();
+        assert!(same_bits(&a, &b));
+        let s = Stream::new(1, "k");
+        let (mut a, mut b) = (x.clone(), x.clone());
+        random_mask(&mut a, 0.3, &s, Rescale::L1, 1).unwrap();
+        random_mask(&mut b, 0.3, &s, Rescale::L1, 2).unwrap();
+        assert!(same_bits(&a, &b));
+    }
+
+    #[test]
+    fn outliers_band() {
+        // 100 distinct magnitudes 1..=100: density 0.5, gamma 0.1 keeps ranks [40, 90).
+        let x: Vec<f32> = (1..=100)
+            .map(|i| if i % 2 == 0 { i as f32 } else { -(i as f32) })
+            .collect();
+        let mut y = x.clone();
+        magnitude_outliers(&mut y, 0.5, 0.1, false, 1).unwrap();
+        for (i, (&a, &b)) in x.iter().zip(&y).enumerate() {
+            let keep = (40..90).contains(&i);
+            assert_eq!(b, if keep { a } else { 0.0 }, "{i}");
+        }
+        // Small tensors with gamma*n < 1 drop nothing from the top.
+        let x: Vec<f32> = (1..=50).map(|i| i as f32).collect();
+        let mut y = x.clone();
+        magnitude_outliers(&mut y, 0.9, 0.01, false, 1).unwrap();
+        assert_eq!(y.iter().filter(|&&v| v != 0.0).count(), 45);
+        assert_eq!(y[49], 50.0);
+        // density 1, gamma 0: unchanged; density 0: zeros.
+        let mut y = x.clone();
+        magnitude_outliers(&mut y, 1.0, 0.0, false, 2).unwrap();
+        assert_eq!(y, x);
+        magnitude_outliers(&mut y, 0.0, 0.1, false, 2).unwrap();
+        assert!(y.iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn outliers_match_sort_reference_and_threads() {
+        for &n in &[1usize, 2, 7, 1000, 100_003, 200_003] {
+            for tied in [false, true] {
+                let mut x = data(n, 5 + n as u64, tied);
+                if n > 10 {
+                    x[3] = f32::NAN;
+                    x[5] = f32::NEG_INFINITY;
+                }
+                // Breadcrumbs counts NaN magnitudes as +inf.
+                let mag = |v: f32| if v.is_nan() { f32::INFINITY } else { v.abs() };
+                for (density, gamma) in [(0.5, 0.01), (0.1, 0.0), (0.9, 0.2), (1.0, 0.05)] {
+                    let mut mags: Vec<f32> = x.iter().map(|&v| mag(v)).collect();
+                    mags.sort_by(|a, b| a.total_cmp(b));
+                    let target = ((density * n as f64).floor() as i64).max(1);
+                    let mut n_top = (gamma * n as f64).floor() as i64;
+                    let mut n_bot = n as i64 - target - n_top;
+                    if n_bot < 0 {
+                        n_top += n_bot;
+                        n_bot = 0;
+                    }
+                    let lo = mags[n_bot as usize];
+                    let hi = (n_top > 0).then(|| mags[(n_bot + target) as usize]);
+                    let want: Vec<f32> = x
+                        .iter()
+                        .map(|&v| {
+                            if lo <= mag(v) && hi.is_none_or(|h| mag(v) < h) {
+                                v
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect();
+                    for threads in [1, 2] {
+                        let mut got = x.clone();
+                        magnitude_outliers(&mut got, density, gamma, false, threads).unwrap();
+                        assert!(same_bits(&got, &want), "n={n} d={density} g={gamma}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn random_mask_matches_pointwise_definition() {
+        let s = Stream::new(42, "w#0");
+        for &n in &[0usize, 1, 7, 4097, 200_003] {
+            let x = data(n, n as u64, false);
+            for density in [0.0, 0.3, 0.9, 1.0] {
+                let mut got = x.clone();
+                random_mask(&mut got, density, &s, Rescale::Inverse, 2).unwrap();
+                for (i, (&a, &b)) in x.iter().zip(&got).enumerate() {
+                    let want = if density >= 1.0 {
+                        a
+                    } else if density > 0.0 && s.uniform(i as u64) < density as f32 {
+                        a / density as f32
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(b.to_bits(), want.to_bits(), "n={n} i={i} d={density}");
+                }
+                let mut plain = x.clone();
+                random_mask(&mut plain, density, &s, Rescale::None, 1).unwrap();
+                for (&a, &b) in got.iter().zip(&plain) {
+                    assert_eq!(a == 0.0, b == 0.0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stable_order_is_stable() {
+        let row = [2.0f32, -1.0, 1.0, f32::NAN, 0.0, -2.0, 1.0, -0.0];
+        let mut s = RowScratch::default();
+        assert_eq!(stable_order(&row, &mut s), &[4, 7, 1, 2, 6, 0, 5, 3]);
+        for &m in &[1usize, 2, 3, 300, 2048] {
+            let row = data(m, m as u64, m % 2 == 0);
+            let mut want: Vec<u32> = (0..m as u32).collect();
+            want.sort_by(|&a, &b| {
+                mag_key(row[a as usize])
+                    .cmp(&mag_key(row[b as usize]))
+                    .then(a.cmp(&b))
+            });
+            assert_eq!(stable_order(&row, &mut s), want.as_slice());
+        }
+    }
+
+    #[test]
+    fn della_matches_pointwise_definition() {
+        let s = Stream::new(3, "d#2");
+        for &(rows, m) in &[
+            (1usize, 1usize),
+            (3, 7),
+            (5, 1000),
+            (70, 2048),
+            (1, 100_003),
+        ] {
+            let x = data(rows * m, (rows * m) as u64, true);
+            let ptab = della_probabilities(m, 0.5, 0.2);
+            let mut got = x.clone();
+            della(&mut got, rows, m, 0.5, 0.2, &s, Rescale::Inverse, 2).unwrap();
+            let mut single = x.clone();
+            della(&mut single, rows, m, 0.5, 0.2, &s, Rescale::Inverse, 1).unwrap();
+            assert!(same_bits(&got, &single));
+            for r in 0..rows {
+                let row = &x[r * m..(r + 1) * m];
+                let mut order: Vec<usize> = (0..m).collect();
+                order.sort_by(|&a, &b| mag_key(row[a]).cmp(&mag_key(row[b])).then(a.cmp(&b)));
+                for (rank, &j) in order.iter().enumerate() {
+                    let i = r * m + j;
+                    let p = ptab[rank];
+                    let want = if s.uniform(i as u64) < p {
+                        x[i] / p
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(got[i].to_bits(), want.to_bits(), "rows={rows} m={m} i={i}");
+                }
+            }
+        }
+        assert!((della_probabilities(1, 0.5, 0.2)[0] - 0.5).abs() < 1e-7);
+        let e = della(&mut [0.0; 4], 2, 2, 0.1, 0.2, &s, Rescale::None, 1).unwrap_err();
+        assert!(e.to_string().contains("density - epsilon"), "{e}");
+        assert!(della(&mut [0.0; 4], 3, 2, 0.5, 0.1, &s, Rescale::None, 1).is_err());
+    }
+
+    #[test]
+    fn rescale_parse() {
+        assert_eq!(Rescale::parse("l1").unwrap(), Rescale::L1);
+        assert!(Rescale::parse("L1").is_err());
+    }
+}

@@ -6,6 +6,12 @@ from .base import MergeMethod
 from .linear import METHOD as _linear
 from .passthrough import METHOD as _passthrough
 from .slerp import METHOD as _slerp
+from .arcee_fusion import METHOD as _arcee_fusion
+from .karcher import METHOD as _karcher
+from .model_stock import METHOD as _model_stock
+from .multislerp import METHOD as _multislerp
+from .nearswap import METHOD as _nearswap
+from .sce import METHOD as _sce
 from .task_arithmetic import METHOD as _task_arithmetic
 
 _ALL: tuple[MergeMethod, ...] = (
@@ -13,6 +19,12 @@ _ALL: tuple[MergeMethod, ...] = (
     _task_arithmetic,
     _passthrough,
     _slerp,
+    _multislerp,
+    _karcher,
+    _model_stock,
+    _sce,
+    _nearswap,
+    _arcee_fusion,
 )
 
 METHODS: dict[str, MergeMethod] = {}

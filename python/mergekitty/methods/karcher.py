@@ -1,0 +1,90 @@
+"""Karcher mean: the Riemannian (geodesic) mean of the models' directions on the unit sphere,
+scaled by their mean norm.
+
+With ``N`` tensors ``x_i`` (flattened), norms ``n_i`` and unit vectors ``u_i`` (alpha = 1/N each;
+vectors with ``n_i <= tol`` take no part in the direction and the alphas of the others are
+renormalized):
+    u <- normalize(sum_i alpha_i u_i)
+    repeat at most max_iter times:
+        theta_i = arccos(u.u_i)
+        T = sum_{theta_i >= tol} alpha_i theta_i / sin(theta_i) (u_i - cos(theta_i) u)
+        stop when |T| < tol
+        u <- normalize(cos|T| u + sin|T| T/|T|)
+    out = (sum_i n_i / N) * u          (mean norm over all inputs)
+
+The fixed point satisfies sum_i alpha_i log_u(u_i) = 0, i.e. u minimizes the sum of squared
+geodesic distances. For two inputs it is the slerp midpoint of their directions. Per-model
+weights are not used. Computed in float32 (angles in float64).
+
+Defined results where the mean is not unique or undefined (mergekit divides by sin(pi) or
+returns zeros there): when the initial mean direction vanishes (antipodal or otherwise
+cancelling directions) or every input is (near) zero, the result is the arithmetic mean
+``sum_i x_i / N``; an input antipodal to the current estimate is left out of that step.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ._geometric import f32, finish, trivial
+from .base import MergeInputs, MergeMethod, ParamSpec
+
+
+def merge(inputs: MergeInputs):
+    import torch
+
+    done = trivial(inputs)
+    if done is not None:
+        return done
+    shape = inputs.tensors[0].shape
+    xs = [f32(x).reshape(-1) for x in inputs.tensors]
+    if len(xs) == 1:
+        return finish(xs[0].reshape(shape), inputs)
+    max_iter, tol = int(inputs.params["max_iter"]), float(inputs.params["tol"])
+    n = len(xs)
+    norms = [float(torch.linalg.vector_norm(x)) for x in xs]
+    valid = [i for i in range(n) if norms[i] > tol]
+
+    def arithmetic_mean():
+        return finish((torch.stack(xs).sum(dim=0) / n).reshape(shape), inputs)
+
+    if not valid:
+        return arithmetic_mean()
+    alphas = [1.0 / len(valid)] * len(valid)
+    units = [xs[i] / norms[i] for i in valid]
+    u = sum(a * ui for a, ui in zip(alphas, units))
+    norm_u = float(torch.linalg.vector_norm(u))
+    if norm_u < tol:
+        return arithmetic_mean()
+    u = u / norm_u
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(u)
+        for a, ui in zip(alphas, units):
+            dot = min(1.0, max(-1.0, float(torch.dot(u, ui))))
+            theta = math.acos(dot)
+            sin = math.sin(theta)
+            if theta < tol or sin < 1e-7:
+                continue  # already there, or antipodal (no unique direction towards it)
+            tangent += (a * theta / sin) * (ui - dot * u)
+        norm_t = float(torch.linalg.vector_norm(tangent))
+        if norm_t < tol:
+            break
+        u = math.cos(norm_t) * u + (math.sin(norm_t) / norm_t) * tangent
+        u = u / torch.linalg.vector_norm(u)
+    scale = sum(norms) / n
+    return finish((scale * u).reshape(shape), inputs)
+
+
+METHOD = MergeMethod(
+    name="karcher",
+    pretty_name="Karcher Mean",
+    paper_url="https://en.wikipedia.org/wiki/Karcher_mean",
+    merge=merge,
+    global_params=(
+        ParamSpec("max_iter", int, default=10, minimum=0, help="maximum number of iterations"),
+        ParamSpec("tol", float, default=1e-5, minimum=0.0, help="convergence tolerance"),
+    ),
+    base="ignored",
+    min_models=1,
+    description="Geodesic mean of the models' directions on the sphere, scaled by their mean norm.",
+)

@@ -1,0 +1,72 @@
+"""Model Stock (arXiv:2403.19522): interpolate the average of the fine-tuned models towards
+the base by a ratio read off the angle between their task vectors.
+
+With base ``W0`` and ``N >= 2`` other models ``W_i``, offsets ``o_i = W_i - W0``:
+    cos theta = mean over pairs i < j of  o_i.o_j / (|o_i| |o_j|)      (each clamped to [-1, 1])
+    t = N cos theta / (1 + (N - 1) cos theta)
+    out = t * mean_i(W_i) + (1 - t) * W0
+
+With ``filter_wise: false`` (default) each tensor is one vector; with ``filter_wise: true`` the
+angle and ``t`` are computed for every row (vector along the last axis) separately, a 1-D
+tensor being one row. Computed in float32.
+
+Defined results where the paper's formula breaks down (mergekit gives inf/NaN or huge
+extrapolations there): a pair with a zero offset contributes cos = 0, and ``cos theta`` is
+clamped to >= 0 before computing ``t``, so ``t`` stays in [0, 1] -- models whose task
+vectors point away from each other fall back to the base (t = 0) instead of the singular
+``1 + (N-1) cos theta = 0``. (mergekit divides by max(|o_i||o_j|, 1e-6) instead of testing for
+zero, which also understates cos theta for very small offsets.)
+"""
+
+from __future__ import annotations
+
+from ._geometric import ZERO_NORM, f32, finish, trivial
+from .base import MergeInputs, MergeMethod, ParamSpec
+
+
+def merge(inputs: MergeInputs):
+    import torch
+
+    done = trivial(inputs)
+    if done is not None:
+        return done
+    if inputs.base is None or len(inputs.tensors) < 2:
+        raise ValueError("model_stock needs a base model and at least two other models")
+    base = f32(inputs.base)
+    shape = base.shape
+    if inputs.params.get("filter_wise") and base.dim() > 1:
+        rows = (-1, shape[-1])
+    else:
+        rows = (1, -1)
+    w0 = base.reshape(rows)
+    ws = [f32(x).reshape(rows) for x in inputs.tensors]
+    offsets = [w - w0 for w in ws]
+    norms = [torch.linalg.vector_norm(o, dim=-1) for o in offsets]
+    cos_sum = torch.zeros_like(norms[0])
+    pairs = 0
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            prod = norms[i] * norms[j]
+            zero = (norms[i] <= ZERO_NORM) | (norms[j] <= ZERO_NORM)
+            dot = (offsets[i] * offsets[j]).sum(dim=-1)
+            cos = torch.where(zero, torch.zeros_like(dot), dot / torch.where(zero, torch.ones_like(prod), prod))
+            cos_sum += cos.clamp(-1.0, 1.0)
+            pairs += 1
+    cos = (cos_sum / pairs).clamp(min=0.0).unsqueeze(-1)
+    n = len(ws)
+    t = n * cos / (1.0 + (n - 1) * cos)
+    avg = torch.stack(ws).mean(dim=0)
+    result = t * avg + (1.0 - t) * w0
+    return finish(result.reshape(shape), inputs)
+
+
+METHOD = MergeMethod(
+    name="model_stock",
+    pretty_name="Model Stock",
+    paper_url="https://arxiv.org/abs/2403.19522",
+    merge=merge,
+    global_params=(ParamSpec("filter_wise", bool, default=False, help="compute the ratio per row rather than per tensor (not recommended)"),),
+    base="required",
+    min_models=2,
+    description="Moves the average of the fine-tuned models towards the base by a ratio from the angle between their task vectors.",
+)

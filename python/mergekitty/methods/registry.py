@@ -13,10 +13,24 @@ from .multislerp import METHOD as _multislerp
 from .nearswap import METHOD as _nearswap
 from .sce import METHOD as _sce
 from .task_arithmetic import METHOD as _task_arithmetic
+from .ties import METHOD as _ties
+from .dare import DARE_LINEAR as _dare_linear
+from .dare import DARE_TIES as _dare_ties
+from .breadcrumbs import BREADCRUMBS as _breadcrumbs
+from .breadcrumbs import BREADCRUMBS_TIES as _breadcrumbs_ties
+from .della import DELLA as _della
+from .della import DELLA_LINEAR as _della_linear
 
 _ALL: tuple[MergeMethod, ...] = (
     _linear,
     _task_arithmetic,
+    _ties,
+    _dare_ties,
+    _dare_linear,
+    _breadcrumbs,
+    _breadcrumbs_ties,
+    _della,
+    _della_linear,
     _passthrough,
     _slerp,
     _multislerp,

@@ -1,0 +1,171 @@
+"""Generalized task arithmetic: the pieces shared by task_arithmetic, ties, dare_*, breadcrumbs*
+and della* (arXiv:2212.04089, 2306.01708, 2311.03099, 2403.13257, 2406.11617).
+
+For one output tensor with base B and the non-base inputs X_i (config order):
+
+    d_i = X_i - B                          float32 task vectors
+    d_i' = sparsify(d_i; per-model params) each method's own sparsifier (ops.sparsify)
+    M = combine(d_i', w_i, consensus, normalize)   (ops.consensus)
+    out = B + lambda * M                   cast to the output dtype
+
+Task vectors: an input whose shape differs from the base is cropped to the base's shape for
+embeddings (names containing embed_tokens / lm_head / wte / embed_in / embed_out) and skipped
+with a warning otherwise. With no task vector left the base is returned.
+
+``lambda`` is a global parameter (default 1) on every GTA method, as in mergekit 0.1.5.
+Normalizing by weights that sum to zero does not divide (no inf/NaN); a warning says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Callable
+
+from .base import MergeInputs, ParamSpec
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+EMBED_MARKERS = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")
+_warned: set[tuple[str, ...]] = set()
+
+# (task vector, index of the model among the non-base inputs, its resolved per-model params) -> sparsified
+Sparsifier = Callable[["torch.Tensor", int, dict[str, Any], MergeInputs], "torch.Tensor"]
+
+
+def _warn_once(key: tuple[str, ...], msg: str, *args: Any) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(msg, *args)
+
+
+# ---------------------------------------------------------------- parameters
+WEIGHT = ParamSpec("weight", float, required=True, help="weight of this model's task vector")
+DENSITY = ParamSpec("density", float, default=1.0, minimum=0.0, maximum=1.0, help="fraction of the task vector kept")
+LAMBDA = ParamSpec("lambda", float, default=1.0, help="scale of the merged task vector")
+INT8_MASK = ParamSpec("int8_mask", bool, default=False, help="accepted for compatibility; no effect")
+
+
+def normalize_param(default: bool) -> ParamSpec:
+    return ParamSpec("normalize", bool, default=default, help="divide the merged task vector by the sum of the weights")
+
+
+def rescale_param(default: bool, what: str) -> ParamSpec:
+    return ParamSpec("rescale", bool, default=default, help=what)
+
+
+RESCALE_L1 = ParamSpec(
+    "rescale_l1",
+    bool,
+    default=False,
+    help="rescale kept values to keep the L1 norm (mergekit 0.1.5) instead of dividing by the keep probability",
+)
+
+
+def check_rescale_l1(params: dict[str, Any], model_params: list[dict[str, Any]]) -> None:
+    if params.get("rescale_l1") and not params.get("rescale"):
+        raise ValueError("'rescale_l1: true' chooses how kept values are rescaled and needs 'rescale: true'")
+
+
+def random_rescale(params: dict[str, Any]) -> str:
+    """The ``rescale`` argument of ops.sparsify.random_mask / della for these params."""
+    if not params.get("rescale"):
+        return "none"
+    return "l1" if params.get("rescale_l1") else "inverse"
+
+
+# ---------------------------------------------------------------- the merge
+def is_embedding(name: str) -> bool:
+    return any(m in name for m in EMBED_MARKERS)
+
+
+def task_vectors(inputs: MergeInputs) -> list[tuple[int, "torch.Tensor"]]:
+    """``(position, X_i - B)`` in float32 for every usable non-base input, in order."""
+    base = inputs.base
+    base_f = base.float()
+    out = []
+    for i, x in enumerate(inputs.tensors):
+        if x.shape != base.shape:
+            if is_embedding(inputs.name) and x.dim() == base.dim() and all(a >= b for a, b in zip(x.shape, base.shape)):
+                x = x[tuple(slice(0, s) for s in base.shape)]
+            else:
+                _warn_once(
+                    ("shape", inputs.name, str(i)),
+                    "%s: model %d has shape %s but the base has %s; it is left out of this tensor",
+                    inputs.name,
+                    i,
+                    list(x.shape),
+                    list(base.shape),
+                )
+                continue
+        out.append((i, x.float() - base_f))
+    return out
+
+
+def lambda_of(inputs: MergeInputs) -> float:
+    return float(inputs.params.get("lambda", 1.0))
+
+
+def _finish(result: "torch.Tensor", inputs: MergeInputs) -> "torch.Tensor":
+    out_dtype = inputs.out_dtype or inputs.base.dtype
+    if inputs.out is not None and inputs.out.device == result.device and inputs.out.shape == result.shape and inputs.out.dtype == out_dtype:
+        return inputs.out.copy_(result)
+    return result.to(out_dtype)
+
+
+def gta_merge(
+    inputs: MergeInputs,
+    sparsify: Sparsifier | None,
+    consensus: bool,
+    lam: float | None = None,
+) -> "torch.Tensor":
+    """base + lambda * combine(sparsified task vectors); see the module docstring."""
+    from ..ops.consensus import NORMALIZE_EPS, combine, weight_sum
+
+    base = inputs.base
+    if base is None:
+        raise ValueError(f"tensor '{inputs.name}': this merge method needs a base model")
+    if not base.is_floating_point():
+        # integer buffers (position ids, masks) are copied, never merged
+        if all(t.shape == base.shape and bool((t == base).all()) for t in inputs.tensors):
+            return base.to(inputs.out_dtype or base.dtype)
+        raise ValueError(f"tensor '{inputs.name}' has dtype {base.dtype} and differs between the models; integer tensors cannot be merged")
+    vectors = task_vectors(inputs)
+    if not vectors:
+        return _finish(base.float(), inputs)
+    deltas, weights = [], []
+    for i, d in vectors:
+        mp = inputs.model_params[i]
+        deltas.append(sparsify(d, i, mp, inputs) if sparsify is not None else d)
+        weights.append(float(mp["weight"]))
+    del vectors
+    normalize = bool(inputs.params.get("normalize", False))
+    if normalize and not consensus and abs(weight_sum(weights)) < NORMALIZE_EPS:
+        _warn_once(("zero-sum", inputs.name), "weights for %s sum to zero; the task vectors are summed unnormalized", inputs.name)
+    merged = combine(deltas, weights, consensus, normalize)
+    del deltas
+    lam = lambda_of(inputs) if lam is None else lam
+    if lam != 1.0:
+        merged.mul_(lam)
+    merged.add_(base.float())
+    return _finish(merged, inputs)
+
+
+def method_merge(sparsify: Sparsifier | None, consensus: bool, lam: Callable[[MergeInputs], float] | None = None):
+    """The ``merge`` function of a GTA method."""
+
+    def merge(inputs: MergeInputs) -> "torch.Tensor":
+        return gta_merge(inputs, sparsify, consensus, lam(inputs) if lam is not None else None)
+
+    return merge
+
+
+def all_checks(*checks: Callable[[dict[str, Any], list[dict[str, Any]]], None]):
+    def validate(params: dict[str, Any], model_params: list[dict[str, Any]]) -> None:
+        for check in checks:
+            check(params, model_params)
+
+    return validate
+

@@ -61,11 +61,11 @@ impl Combine<'_> {
         Ok(first.len() / 4)
     }
 
-    /// The divisor for a normalized plain sum: `sum w` (f64, as Python sums the weights),
-    /// or none when `|sum w| < 1e-8`.
+    /// The divisor for a normalized plain sum: `sum w` (the float32 weights summed in float32,
+    /// in order), or none when `|sum w| < 1e-8`.
     fn plain_divisor(&self) -> Option<f32> {
-        let s: f64 = self.weights.iter().sum();
-        (self.normalize && s.abs() >= 1e-8).then_some(s as f32)
+        let s = self.weights.iter().fold(0f32, |acc, &w| acc + w as f32);
+        (self.normalize && (s as f64).abs() >= 1e-8).then_some(s)
     }
 }
 
@@ -289,9 +289,9 @@ mod tests {
                 let v: Vec<f32> = ds.iter().zip(&w32).map(|(d, &w)| w * d[j]).collect();
                 let s = v[1..].iter().fold(v[0], |a, &x| a + x);
                 if !consensus {
-                    let sw: f64 = ws.iter().sum();
+                    let sw = w32.iter().fold(0f32, |a, &w| a + w);
                     return if normalize && sw.abs() >= 1e-8 {
-                        s / sw as f32
+                        s / sw
                     } else {
                         s
                     };

@@ -41,18 +41,30 @@ impl Rescale {
 /// `|x|` as an integer that orders like the float, with every NaN mapped to one key above
 /// +inf ("NaN counts as largest").
 const NAN_KEY: u32 = 0x7f80_0001;
-/// The key of +inf: Breadcrumbs counts NaN magnitudes as +inf.
+/// Breadcrumbs' key mode: the torch reference ranks `nan_to_num(|x|, nan=inf)`, which also
+/// maps +inf to the largest finite float; so NaN gets the key of +inf and +inf that of f32::MAX.
 const INF_KEY: u32 = 0x7f80_0000;
+const MAX_KEY: u32 = 0x7f7f_ffff;
 
 #[inline(always)]
 fn mag_key(x: f32) -> u32 {
     capped_key(x, NAN_KEY)
 }
 
-/// `|x|`'s bits, with every NaN mapped to `cap` (NAN_KEY or INF_KEY).
+/// `|x|`'s bits, with NaN and inf mapped as `cap` says: NAN_KEY (every NaN one key above
+/// +inf) or INF_KEY (Breadcrumbs: NaN -> +inf's key, +inf -> f32::MAX's key).
 #[inline(always)]
 fn capped_key(x: f32, cap: u32) -> u32 {
-    (x.to_bits() & 0x7fff_ffff).min(cap)
+    let k = x.to_bits() & 0x7fff_ffff;
+    if cap == NAN_KEY {
+        k.min(NAN_KEY)
+    } else if k > INF_KEY {
+        INF_KEY
+    } else if k == INF_KEY {
+        MAX_KEY
+    } else {
+        k
+    }
 }
 
 /// Elements per L1 partial sum: fixed, so the sums do not depend on how work is split.
@@ -326,7 +338,7 @@ pub fn magnitude_outliers(
     if n_top > 0 {
         ranks.push(n_bot + target);
     }
-    // NaN magnitudes count as +inf here; keys compare like the magnitudes.
+    // NaN magnitudes count as +inf here, and +inf as f32::MAX (see INF_KEY).
     let keys = keys_at_ranks(x, &ranks, threads, INF_KEY);
     let lo = if n_bot > 0 { keys[0] } else { 0 };
     let hi = keys.get(1).copied();
@@ -714,8 +726,14 @@ mod tests {
                     x[3] = f32::NAN;
                     x[5] = f32::NEG_INFINITY;
                 }
-                // Breadcrumbs counts NaN magnitudes as +inf.
-                let mag = |v: f32| if v.is_nan() { f32::INFINITY } else { v.abs() };
+                // Breadcrumbs ranks nan_to_num(|x|, nan=inf): NaN -> inf, inf -> f32::MAX.
+                let mag = |v: f32| {
+                    if v.is_nan() {
+                        f32::INFINITY
+                    } else {
+                        v.abs().min(f32::MAX)
+                    }
+                };
                 for (density, gamma) in [(0.5, 0.01), (0.1, 0.0), (0.9, 0.2), (1.0, 0.05)] {
                     let mut mags: Vec<f32> = x.iter().map(|&v| mag(v)).collect();
                     mags.sort_by(|a, b| a.total_cmp(b));

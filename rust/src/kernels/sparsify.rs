@@ -44,7 +44,6 @@ const NAN_KEY: u32 = 0x7f80_0001;
 /// Breadcrumbs' key mode: the torch reference ranks `nan_to_num(|x|, nan=inf)`, which also
 /// maps +inf to the largest finite float; so NaN gets the key of +inf and +inf that of f32::MAX.
 const INF_KEY: u32 = 0x7f80_0000;
-const MAX_KEY: u32 = 0x7f7f_ffff;
 
 #[inline(always)]
 fn mag_key(x: f32) -> u32 {
@@ -55,15 +54,12 @@ fn mag_key(x: f32) -> u32 {
 /// +inf) or INF_KEY (Breadcrumbs: NaN -> +inf's key, +inf -> f32::MAX's key).
 #[inline(always)]
 fn capped_key(x: f32, cap: u32) -> u32 {
-    let k = x.to_bits() & 0x7fff_ffff;
+    let c = (x.to_bits() & 0x7fff_ffff).min(NAN_KEY);
     if cap == NAN_KEY {
-        k.min(NAN_KEY)
-    } else if k > INF_KEY {
-        INF_KEY
-    } else if k == INF_KEY {
-        MAX_KEY
+        c
     } else {
-        k
+        // Branch-free (vectorizes): inf (INF_KEY) -> f32::MAX's key, NaN (NAN_KEY) -> INF_KEY.
+        c - (c >= INF_KEY) as u32
     }
 }
 
@@ -264,12 +260,19 @@ fn keys_at_ranks(x: &[f32], ranks: &[usize], threads: usize, cap: u32) -> Vec<u3
     let located: Vec<(usize, u64)> = ranks.iter().map(|&r| locate(&hi, r as u64)).collect();
     let mut buckets: Vec<usize> = located.iter().map(|l| l.0).collect();
     buckets.dedup();
-    let bk = buckets.clone();
-    let lo = histogram(x, threads, cap, LO_BUCKETS * bk.len(), move |k| {
+    // At most two buckets (slot 0 and slot 1); with one, b1 == b0 never matches slot 1.
+    let b0 = buckets[0];
+    let b1 = buckets.get(1).copied().unwrap_or(b0);
+    let lo = histogram(x, threads, cap, LO_BUCKETS * buckets.len(), move |k| {
         let h = (k >> 16) as usize;
-        bk.iter()
-            .position(|&b| b == h)
-            .map(|slot| slot * LO_BUCKETS + (k & 0xffff) as usize)
+        let low = (k & 0xffff) as usize;
+        if h == b0 {
+            Some(low)
+        } else if h == b1 {
+            Some(LO_BUCKETS + low)
+        } else {
+            None
+        }
     });
     located
         .iter()
@@ -341,9 +344,10 @@ pub fn magnitude_outliers(
     // NaN magnitudes count as +inf here, and +inf as f32::MAX (see INF_KEY).
     let keys = keys_at_ranks(x, &ranks, threads, INF_KEY);
     let lo = if n_bot > 0 { keys[0] } else { 0 };
-    let hi = keys.get(1).copied();
+    // Every key is <= INF_KEY < u32::MAX, so u32::MAX means "no upper bound".
+    let hi = keys.get(1).copied().unwrap_or(u32::MAX);
     let parts = mask_by_key(x, threads, rescale_l1, INF_KEY, move |key| {
-        key >= lo && hi.is_none_or(|h| key < h)
+        key >= lo && key < hi
     });
     if rescale_l1 {
         apply_l1_rescale(x, &parts, threads);
@@ -408,32 +412,34 @@ pub fn random_mask(
 /// Per-thread scratch for DELLA's per-row stable sort.
 #[derive(Default)]
 struct RowScratch {
-    keys: Vec<u32>,
-    idx: Vec<u32>,
-    keys2: Vec<u32>,
-    idx2: Vec<u32>,
+    /// `key << 32 | index`, sorted in place.
+    items: Vec<u64>,
+    items2: Vec<u64>,
     u: Vec<f32>,
 }
 
-/// Indices of `row` sorted by `(|x|, index)`: LSD radix sort on the magnitude keys with 8-bit
-/// digits (stable, so ties stay in index order), skipping digits every key shares.
-fn stable_order<'s>(row: &[f32], s: &'s mut RowScratch) -> &'s [u32] {
+/// `key << 32 | index` for the elements of `row`, sorted by `(|x|, index)`: LSD radix sort on
+/// the magnitude keys with 8-bit digits (stable, so ties stay in index order), skipping digits
+/// every key shares. The index is the low 32 bits of each item.
+fn stable_order<'s>(row: &[f32], s: &'s mut RowScratch) -> &'s [u64] {
     let m = row.len();
-    s.keys.clear();
-    s.keys.extend(row.iter().map(|&v| mag_key(v)));
-    s.idx.clear();
-    s.idx.extend(0..m as u32);
-    s.keys2.resize(m, 0);
-    s.idx2.resize(m, 0);
+    s.items.clear();
+    s.items.extend(
+        row.iter()
+            .enumerate()
+            .map(|(j, &v)| ((mag_key(v) as u64) << 32) | j as u64),
+    );
+    s.items2.resize(m, 0);
     let mut hist = [[0u32; 256]; 4];
-    for &k in &s.keys {
+    for &it in &s.items {
+        let k = (it >> 32) as u32;
         for (d, h) in hist.iter_mut().enumerate() {
             h[((k >> (8 * d)) & 0xff) as usize] += 1;
         }
     }
     for (d, h) in hist.iter().enumerate() {
-        let shift = 8 * d;
-        let first = ((s.keys[0] >> shift) & 0xff) as usize;
+        let shift = 32 + 8 * d;
+        let first = ((s.items[0] >> shift) & 0xff) as usize;
         if h[first] as usize == m {
             continue;
         }
@@ -443,19 +449,17 @@ fn stable_order<'s>(row: &[f32], s: &'s mut RowScratch) -> &'s [u32] {
             *o = acc;
             acc += c;
         }
-        for (&k, &i) in s.keys.iter().zip(s.idx.iter()) {
-            let b = ((k >> shift) & 0xff) as usize;
+        for &it in &s.items {
+            let b = ((it >> shift) & 0xff) as usize;
             let pos = off[b] as usize;
             off[b] += 1;
-            if let (Some(k2), Some(i2)) = (s.keys2.get_mut(pos), s.idx2.get_mut(pos)) {
-                *k2 = k;
-                *i2 = i;
+            if let Some(slot) = s.items2.get_mut(pos) {
+                *slot = it;
             }
         }
-        std::mem::swap(&mut s.keys, &mut s.keys2);
-        std::mem::swap(&mut s.idx, &mut s.idx2);
+        std::mem::swap(&mut s.items, &mut s.items2);
     }
-    &s.idx
+    &s.items
 }
 
 /// Keep probability per ascending rank for rows of length `m`, all in float32 as the torch
@@ -523,8 +527,8 @@ pub fn della(
             stream.fill_uniform((start + ri * row_len) as u64, &mut u);
             let order = stable_order(row, &mut s);
             let (mut sa, mut sk) = (0f64, 0f64);
-            for (&j, &p) in order.iter().zip(ptab.iter()) {
-                let j = j as usize;
+            for (&it, &p) in order.iter().zip(ptab.iter()) {
+                let j = it as u32 as usize;
                 let (Some(v), Some(&r)) = (row.get_mut(j), u.get(j)) else {
                     continue;
                 };
@@ -797,7 +801,8 @@ mod tests {
     fn stable_order_is_stable() {
         let row = [2.0f32, -1.0, 1.0, f32::NAN, 0.0, -2.0, 1.0, -0.0];
         let mut s = RowScratch::default();
-        assert_eq!(stable_order(&row, &mut s), &[4, 7, 1, 2, 6, 0, 5, 3]);
+        let idx = |s: &[u64]| s.iter().map(|&it| it as u32).collect::<Vec<u32>>();
+        assert_eq!(idx(stable_order(&row, &mut s)), [4, 7, 1, 2, 6, 0, 5, 3]);
         for &m in &[1usize, 2, 3, 300, 2048] {
             let row = data(m, m as u64, m % 2 == 0);
             let mut want: Vec<u32> = (0..m as u32).collect();
@@ -806,7 +811,7 @@ mod tests {
                     .cmp(&mag_key(row[b as usize]))
                     .then(a.cmp(&b))
             });
-            assert_eq!(stable_order(&row, &mut s), want.as_slice());
+            assert_eq!(idx(stable_order(&row, &mut s)), want);
         }
     }
 

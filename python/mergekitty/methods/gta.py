@@ -83,8 +83,11 @@ def is_embedding(name: str) -> bool:
 
 def task_vectors(inputs: MergeInputs) -> list[tuple[int, "torch.Tensor"]]:
     """``(position, X_i - B)`` in float32 for every usable non-base input, in order."""
+    import torch
+
+    from ..ops.reduce import weighted_sum
+
     base = inputs.base
-    base_f = base.float()
     out = []
     for i, x in enumerate(inputs.tensors):
         if x.shape != base.shape:
@@ -100,7 +103,7 @@ def task_vectors(inputs: MergeInputs) -> list[tuple[int, "torch.Tensor"]]:
                     list(base.shape),
                 )
                 continue
-        out.append((i, x.float() - base_f))
+        out.append((i, weighted_sum([x, base], [1.0, -1.0], torch.float32)))
     return out
 
 
@@ -110,6 +113,8 @@ def lambda_of(inputs: MergeInputs) -> float:
 
 def _finish(result: "torch.Tensor", inputs: MergeInputs) -> "torch.Tensor":
     out_dtype = inputs.out_dtype or inputs.base.dtype
+    if result is inputs.out:
+        return result
     if inputs.out is not None and inputs.out.device == result.device and inputs.out.shape == result.shape and inputs.out.dtype == out_dtype:
         return inputs.out.copy_(result)
     return result.to(out_dtype)
@@ -123,6 +128,7 @@ def gta_merge(
 ) -> "torch.Tensor":
     """base + lambda * combine(sparsified task vectors); see the module docstring."""
     from ..ops.consensus import NORMALIZE_EPS, combine, weight_sum
+    from ..ops.native_dispatch import combine_into_base
 
     base = inputs.base
     if base is None:
@@ -144,9 +150,12 @@ def gta_merge(
     normalize = bool(inputs.params.get("normalize", False))
     if normalize and not consensus and abs(weight_sum(weights)) < NORMALIZE_EPS:
         _warn_once(("zero-sum", inputs.name), "weights for %s sum to zero; the task vectors are summed unnormalized", inputs.name)
+    lam = lambda_of(inputs) if lam is None else lam
+    fused = combine_into_base(deltas, weights, consensus, normalize, lam, base, inputs.out_dtype or base.dtype, inputs.out)
+    if fused is not None:  # CPU: one native pass from the task vectors and the mmapped base to the output dtype
+        return _finish(fused, inputs)
     merged = combine(deltas, weights, consensus, normalize)
     del deltas
-    lam = lambda_of(inputs) if lam is None else lam
     if lam != 1.0:
         merged.mul_(lam)
     merged.add_(base.float())

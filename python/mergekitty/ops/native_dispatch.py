@@ -142,6 +142,7 @@ def combine_into_base(
     lambda_: float,
     base: "torch.Tensor",
     out_dtype: "torch.dtype",
+    out: "torch.Tensor | None" = None,
 ) -> "torch.Tensor | None":
     """Fused ``(base.float() + lambda_ * combine(...)).to(out_dtype)`` in one pass: base is read
     straight from its (possibly mmapped) bf16/f16/f32 storage and the output written in
@@ -163,7 +164,8 @@ def combine_into_base(
     from .reduce import bytes_view
 
     ds = [_f32_contiguous(d) for d in deltas]
-    out = torch.empty(shape, dtype=out_dtype)
+    if out is None or out.shape != shape or out.dtype != out_dtype or out.device.type != "cpu" or not out.is_contiguous():
+        out = torch.empty(shape, dtype=out_dtype)
     _native.combine([bytes_view(d) for d in ds], [float(w) for w in weights], bool(consensus), bool(normalize),
                     float(lambda_), bytes_view(base), code_of(base.dtype), bytes_view(out), code_of(out_dtype),
                     _threads())

@@ -284,8 +284,9 @@ def ref_model_stock_t(offsets):
             a, b = offsets[i], offsets[j]
             na, nb = math.sqrt(float(a @ a)), math.sqrt(float(b @ b))
             cosines.append(0.0 if na == 0 or nb == 0 else float(a @ b) / (na * nb))
-    cos = max(0.0, sum(cosines) / len(cosines))
-    return n * cos / (1 + (n - 1) * cos)
+    cos = sum(cosines) / len(cosines)
+    denom = 1 + (n - 1) * cos
+    return 0.0 if abs(denom) < 1e-6 else n * cos / denom
 
 
 def test_model_stock_t_from_known_angle():

@@ -10,12 +10,12 @@ With ``filter_wise: false`` (default) each tensor is one vector; with ``filter_w
 angle and ``t`` are computed for every row (vector along the last axis) separately, a 1-D
 tensor being one row. Computed in float32.
 
-Defined results where the paper's formula breaks down (mergekit gives inf/NaN or huge
-extrapolations there): a pair with a zero offset contributes cos = 0, and ``cos theta`` is
-clamped to >= 0 before computing ``t``, so ``t`` stays in [0, 1] -- models whose task
-vectors point away from each other fall back to the base (t = 0) instead of the singular
-``1 + (N-1) cos theta = 0``. (mergekit divides by max(|o_i||o_j|, 1e-6) instead of testing for
-zero, which also understates cos theta for very small offsets.)
+Negative ``cos theta`` gives a negative ``t`` (the formula's extrapolation away from the
+average), as in the paper and both existing tools. Defined results where the formula breaks
+down (mergekit gives inf/NaN there): a pair with a zero offset contributes cos = 0, and where
+``1 + (N-1) cos theta`` vanishes (|.| < 1e-6) the base is returned (t = 0). (mergekit divides
+by max(|o_i||o_j|, 1e-6) instead of testing for zero, which also understates cos theta for
+very small offsets.)
 """
 
 from __future__ import annotations
@@ -52,9 +52,11 @@ def merge(inputs: MergeInputs):
             cos = torch.where(zero, torch.zeros_like(dot), dot / torch.where(zero, torch.ones_like(prod), prod))
             cos_sum += cos.clamp(-1.0, 1.0)
             pairs += 1
-    cos = (cos_sum / pairs).clamp(min=0.0).unsqueeze(-1)
+    cos = (cos_sum / pairs).unsqueeze(-1)
     n = len(ws)
-    t = n * cos / (1.0 + (n - 1) * cos)
+    denom = 1.0 + (n - 1) * cos
+    singular = denom.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(denom), denom))
     avg = torch.stack(ws).mean(dim=0)
     result = t * avg + (1.0 - t) * w0
     return finish(result.reshape(shape), inputs)

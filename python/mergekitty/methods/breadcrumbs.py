@@ -29,12 +29,18 @@ def crumbs(d, i, mp, inputs):
     return magnitude_outliers(d, mp["density"], mp["gamma"], rescale=bool(inputs.params.get("rescale")))
 
 
+def crumbs_spec(i, mp, inputs):
+    if inputs.params.get("rescale"):
+        return None
+    return gta.Sparsity("outliers", density=float(mp["density"]), gamma=float(mp["gamma"]))
+
+
 def _method(name: str, pretty: str, consensus: bool, description: str) -> MergeMethod:
     return MergeMethod(
         name=name,
         pretty_name=pretty,
         paper_url="https://arxiv.org/abs/2312.06795",
-        merge=gta.method_merge(crumbs, consensus=consensus),
+        merge=gta.method_merge(crumbs, consensus=consensus, fused=crumbs_spec),
         global_params=(
             gta.normalize_param(False),
             gta.rescale_param(False, "L1-rescale the kept values of each task vector"),

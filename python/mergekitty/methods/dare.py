@@ -28,12 +28,19 @@ def drop(d, i, mp, inputs):
     return random_mask(d, mp["density"], inputs.seed, inputs.stream_key(i), rescale=gta.random_rescale(inputs.params))
 
 
+def drop_spec(i, mp, inputs):
+    mode = gta.random_rescale(inputs.params)
+    if mode == "l1":
+        return None
+    return gta.Sparsity("random", density=float(mp["density"]), key=inputs.stream_key(i), rescale=mode == "inverse")
+
+
 def _method(name: str, pretty: str, consensus: bool, description: str) -> MergeMethod:
     return MergeMethod(
         name=name,
         pretty_name=pretty,
         paper_url="https://arxiv.org/abs/2311.03099",
-        merge=gta.method_merge(drop, consensus=consensus),
+        merge=gta.method_merge(drop, consensus=consensus, fused=drop_spec),
         global_params=(
             gta.normalize_param(False),
             gta.rescale_param(True, "divide the kept values by density"),

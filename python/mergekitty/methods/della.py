@@ -37,6 +37,14 @@ def magprune(d, i, mp, inputs):
     return della(d, mp["density"], mp["epsilon"], inputs.seed, inputs.stream_key(i), rescale=gta.random_rescale(inputs.params))
 
 
+def magprune_spec(i, mp, inputs):
+    mode = gta.random_rescale(inputs.params)
+    if mode == "l1":
+        return None
+    return gta.Sparsity("della", density=float(mp["density"]), epsilon=float(mp["epsilon"]), key=inputs.stream_key(i),
+                        rescale=mode == "inverse")
+
+
 def first_model_lambda(inputs) -> float:
     first = inputs.model_params[0].get("lambda") if inputs.model_params else None
     return float(first) if first is not None else gta.lambda_of(inputs)
@@ -54,7 +62,7 @@ def _method(name: str, pretty: str, consensus: bool, normalize: bool, descriptio
         name=name,
         pretty_name=pretty,
         paper_url="https://arxiv.org/abs/2406.11617",
-        merge=gta.method_merge(magprune, consensus=consensus, lam=first_model_lambda),
+        merge=gta.method_merge(magprune, consensus=consensus, lam=first_model_lambda, fused=magprune_spec),
         global_params=(
             gta.normalize_param(normalize),
             gta.rescale_param(True, "divide each kept value by its keep probability"),

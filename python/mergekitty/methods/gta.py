@@ -19,6 +19,7 @@ Normalizing by weights that sum to zero does not divide (no inf/NaN); a warning 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from .base import MergeInputs, ParamSpec
@@ -33,6 +34,34 @@ _warned: set[tuple[str, ...]] = set()
 
 # (task vector, index of the model among the non-base inputs, its resolved per-model params) -> sparsified
 Sparsifier = Callable[["torch.Tensor", int, dict[str, Any], MergeInputs], "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """One model's sparsifier as data, for the fused CPU kernel (``ops.native_dispatch.gta_merge``).
+
+    ``kind``: "none"; "magnitude" (``density``); "outliers" (Breadcrumbs: ``density``, ``gamma``);
+    "random" (DARE: ``density``, stream ``key``) or "della" (``density``, ``epsilon``, ``key``).
+    ``rescale``: for random/della, divide the kept values by their keep probability. The L1
+    rescales have no ``Sparsity`` (a method's ``fused`` returns None and the unfused path runs).
+    """
+
+    kind: str
+    density: float = 1.0
+    gamma: float = 0.0
+    epsilon: float = 0.0
+    key: str = ""
+    rescale: bool = False
+
+
+NO_SPARSITY = Sparsity("none")
+
+# (index of the model among the non-base inputs, its resolved per-model params, inputs) -> its Sparsity,
+# or None when only the unfused path can run it
+FusedSparsifier = Callable[[int, dict[str, Any], MergeInputs], "Sparsity | None"]
+
+# Tests switch this off to run the unfused (reference) path.
+FUSED_ENABLED = True
 
 
 def _warn_once(key: tuple[str, ...], msg: str, *args: Any) -> None:
@@ -120,14 +149,45 @@ def _finish(result: "torch.Tensor", inputs: MergeInputs) -> "torch.Tensor":
     return result.to(out_dtype)
 
 
+def _check_zero_sum(inputs: MergeInputs, weights: list[float], consensus: bool, normalize: bool) -> None:
+    from ..ops.consensus import NORMALIZE_EPS, weight_sum
+
+    if normalize and not consensus and abs(weight_sum(weights)) < NORMALIZE_EPS:
+        _warn_once(("zero-sum", inputs.name), "weights for %s sum to zero; the task vectors are summed unnormalized", inputs.name)
+
+
+def _fused_merge(inputs: MergeInputs, fused: FusedSparsifier, consensus: bool, normalize: bool, lam: float) -> "torch.Tensor | None":
+    """The whole merge in the fused native kernel (CPU, F32/F16/BF16, every input of the base's
+    shape, every model's sparsifier expressible as a ``Sparsity``), or None."""
+    from ..ops.native_dispatch import gta_merge as native_gta_merge
+
+    base = inputs.base
+    if base.device.type != "cpu" or not inputs.tensors or any(x.shape != base.shape for x in inputs.tensors):
+        return None
+    specs = [fused(i, mp, inputs) for i, mp in enumerate(inputs.model_params)]
+    if any(s is None for s in specs):
+        return None
+    weights = [float(mp["weight"]) for mp in inputs.model_params]
+    out_dtype = inputs.out_dtype or base.dtype
+    result = native_gta_merge(inputs.tensors, base, specs, weights, consensus, normalize, lam, inputs.seed, out_dtype, inputs.out)
+    if result is not None:
+        _check_zero_sum(inputs, weights, consensus, normalize)
+    return result
+
+
 def gta_merge(
     inputs: MergeInputs,
     sparsify: Sparsifier | None,
     consensus: bool,
     lam: float | None = None,
+    fused: FusedSparsifier | None = None,
 ) -> "torch.Tensor":
-    """base + lambda * combine(sparsified task vectors); see the module docstring."""
-    from ..ops.consensus import NORMALIZE_EPS, combine, weight_sum
+    """base + lambda * combine(sparsified task vectors); see the module docstring.
+
+    ``fused`` describes each model's sparsifier as a :class:`Sparsity`; when given (and the
+    inputs allow it) the merge runs in one native pass over the inputs (``_fused_merge``) with the
+    same result as the unfused path below, which stays the reference and the GPU path."""
+    from ..ops.consensus import combine
     from ..ops.native_dispatch import combine_into_base
 
     base = inputs.base
@@ -138,6 +198,12 @@ def gta_merge(
         if all(t.shape == base.shape and bool((t == base).all()) for t in inputs.tensors):
             return base.to(inputs.out_dtype or base.dtype)
         raise ValueError(f"tensor '{inputs.name}' has dtype {base.dtype} and differs between the models; integer tensors cannot be merged")
+    normalize = bool(inputs.params.get("normalize", False))
+    lam = lambda_of(inputs) if lam is None else lam
+    if fused is not None and FUSED_ENABLED:
+        result = _fused_merge(inputs, fused, consensus, normalize, lam)
+        if result is not None:
+            return _finish(result, inputs)
     vectors = task_vectors(inputs)
     if not vectors:
         return _finish(base.float(), inputs)
@@ -147,10 +213,7 @@ def gta_merge(
         deltas.append(sparsify(d, i, mp, inputs) if sparsify is not None else d)
         weights.append(float(mp["weight"]))
     del vectors
-    normalize = bool(inputs.params.get("normalize", False))
-    if normalize and not consensus and abs(weight_sum(weights)) < NORMALIZE_EPS:
-        _warn_once(("zero-sum", inputs.name), "weights for %s sum to zero; the task vectors are summed unnormalized", inputs.name)
-    lam = lambda_of(inputs) if lam is None else lam
+    _check_zero_sum(inputs, weights, consensus, normalize)
     fused = combine_into_base(deltas, weights, consensus, normalize, lam, base, inputs.out_dtype or base.dtype, inputs.out)
     if fused is not None:  # CPU: one native pass from the task vectors and the mmapped base to the output dtype
         return _finish(fused, inputs)
@@ -162,11 +225,19 @@ def gta_merge(
     return _finish(merged, inputs)
 
 
-def method_merge(sparsify: Sparsifier | None, consensus: bool, lam: Callable[[MergeInputs], float] | None = None):
-    """The ``merge`` function of a GTA method."""
+def method_merge(
+    sparsify: Sparsifier | None,
+    consensus: bool,
+    lam: Callable[[MergeInputs], float] | None = None,
+    fused: FusedSparsifier | None = None,
+):
+    """The ``merge`` function of a GTA method. ``fused``: the same sparsifier as a ``Sparsity``
+    per model (implied when ``sparsify`` is None)."""
+    if sparsify is None and fused is None:
+        fused = lambda i, mp, inputs: NO_SPARSITY  # noqa: E731
 
     def merge(inputs: MergeInputs) -> "torch.Tensor":
-        return gta_merge(inputs, sparsify, consensus, lam(inputs) if lam is not None else None)
+        return gta_merge(inputs, sparsify, consensus, lam(inputs) if lam is not None else None, fused)
 
     return merge
 

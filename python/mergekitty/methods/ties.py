@@ -25,11 +25,17 @@ def trim(d, i, mp, inputs):
     return magnitude(d, mp["density"], rescale=bool(inputs.params.get("rescale")))
 
 
+def trim_spec(i, mp, inputs):
+    if inputs.params.get("rescale"):
+        return None  # the L1 rescale needs global sums: unfused path
+    return gta.Sparsity("magnitude", density=float(mp["density"]))
+
+
 METHOD = MergeMethod(
     name="ties",
     pretty_name="TIES",
     paper_url="https://arxiv.org/abs/2306.01708",
-    merge=gta.method_merge(trim, consensus=True),
+    merge=gta.method_merge(trim, consensus=True, fused=trim_spec),
     global_params=(
         gta.normalize_param(True),
         gta.rescale_param(False, "L1-rescale the kept values of each task vector"),

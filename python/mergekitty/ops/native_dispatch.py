@@ -11,6 +11,7 @@ Thread count: ``torch.get_num_threads()``, which the executor sets from ``--thre
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
@@ -169,4 +170,101 @@ def combine_into_base(
     _native.combine([bytes_view(d) for d in ds], [float(w) for w in weights], bool(consensus), bool(normalize),
                     float(lambda_), bytes_view(base), code_of(base.dtype), bytes_view(out), code_of(out_dtype),
                     _threads())
+    return out
+
+
+# ---------------------------------------------------------------------------- fused GTA
+_NO_UPPER = 0xFFFFFFFF  # a key above every magnitude key: "no upper bound" / "keep nothing"
+
+
+def _gta_plan(spec, n: int):
+    """(kernel spec tuple, ranks it needs, key mode) for one model's ``Sparsity`` (methods/gta.py),
+    or None when the fused kernel cannot do it (L1 rescales)."""
+    kind, density = spec.kind, float(spec.density)
+    if kind == "none":
+        return ("none",), [], "magnitude"
+    if kind in ("magnitude", "random", "della") and density >= 1:
+        return ("none",), [], "magnitude"
+    if kind == "outliers" and density >= 1 and spec.gamma <= 0:
+        return ("none",), [], "magnitude"
+    if density <= 0:
+        return ("band", _NO_UPPER, _NO_UPPER, "magnitude"), [], "magnitude"
+    if kind == "magnitude":
+        k = max(1, math.floor(density * n))
+        return ("magnitude",), [n - k], "magnitude"
+    if kind == "outliers":
+        target = min(n, max(1, math.floor(density * n)))
+        n_top = max(0, math.floor(float(spec.gamma) * n))
+        n_bot = n - target - n_top
+        if n_bot < 0:
+            n_top += n_bot
+            n_bot = 0
+        ranks = [n_bot] + ([n_bot + target] if n_top > 0 else [])
+        return ("outliers", n_bot, n_top), ranks, "outliers"
+    if kind == "random":
+        return ("random", density, spec.key, bool(spec.rescale)), [], "magnitude"
+    if kind == "della":
+        from .sparsify import check_della
+
+        check_della(density, float(spec.epsilon))  # the reference's error message
+        return ("della", density, float(spec.epsilon), spec.key, bool(spec.rescale)), [], "magnitude"
+    return None
+
+
+def gta_merge(
+    xs: Sequence["torch.Tensor"],
+    base: "torch.Tensor",
+    specs: Sequence,
+    weights: Sequence[float],
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+    seed: int,
+    out_dtype: "torch.dtype",
+    out: "torch.Tensor | None" = None,
+) -> "torch.Tensor | None":
+    """Fused ``base + lambda_ * combine(sparsify_i(x_i - base))`` straight from the (mmapped)
+    F32/F16/BF16 inputs, without materializing task vectors (``_native.gta_thresholds`` then
+    ``_native.gta_combine``). ``specs`` are ``methods.gta.Sparsity`` values; L1 rescales are
+    not fused. ``None`` when the fused path does not apply."""
+    import torch
+
+    from ..io.dtypes import NATIVE_FLOAT_CODES, code_of
+
+    if not xs or len(xs) != len(specs) or len(xs) != len(weights) or not _seed_ok(seed):
+        return None
+    shape = base.shape
+    n = base.numel()
+    if n == 0 or not all(_ok(t) and t.shape == shape and t.is_contiguous() for t in (base, *xs)):
+        return None
+    codes = [code_of(t.dtype) for t in xs]
+    base_code, out_code = code_of(base.dtype), code_of(out_dtype)
+    if not all(c in NATIVE_FLOAT_CODES for c in (*codes, base_code, out_code)):
+        return None
+    plans = [_gta_plan(s, n) for s in specs]
+    if any(p is None for p in plans):
+        return None
+    from .. import _native
+    from .reduce import bytes_view
+
+    threads = _threads()
+    views = [bytes_view(t) for t in xs]
+    base_view = bytes_view(base)
+    keys = [[] for _ in xs]
+    if any(ranks for _, ranks, _ in plans):
+        keys = _native.gta_thresholds(views, codes, base_view, base_code, [r for _, r, _ in plans],
+                                      [m for _, _, m in plans], threads)
+    kernel_specs = []
+    for (plan, _, _), k in zip(plans, keys):
+        if plan[0] == "magnitude":
+            plan = ("band", k[0], _NO_UPPER, "magnitude")
+        elif plan[0] == "outliers":
+            _, n_bot, n_top = plan
+            plan = ("band", k[0] if n_bot > 0 else 0, k[1] if n_top > 0 else _NO_UPPER, "outliers")
+        kernel_specs.append(plan)
+    if out is None or out.shape != shape or out.dtype != out_dtype or out.device.type != "cpu" or not out.is_contiguous():
+        out = torch.empty(shape, dtype=out_dtype)
+    row_len = shape[-1] if len(shape) >= 1 else 1
+    _native.gta_combine(views, codes, base_view, base_code, bytes_view(out), out_code, [float(w) for w in weights],
+                        kernel_specs, bool(consensus), bool(normalize), float(lambda_), row_len, seed, threads)
     return out

@@ -142,7 +142,7 @@ fn load_f32(src: &[u8], dst: &mut [f32]) {
 }
 
 #[inline(always)]
-fn load(dtype: FloatDtype, src: &[u8], dst: &mut [f32]) {
+pub(crate) fn load(dtype: FloatDtype, src: &[u8], dst: &mut [f32]) {
     match dtype {
         FloatDtype::F32 => load_f32(src, dst),
         FloatDtype::BF16 => {
@@ -159,7 +159,7 @@ fn load(dtype: FloatDtype, src: &[u8], dst: &mut [f32]) {
 }
 
 #[inline(always)]
-fn store(dtype: FloatDtype, src: &[f32], out: &mut [u8]) {
+pub(crate) fn store(dtype: FloatDtype, src: &[f32], out: &mut [u8]) {
     match dtype {
         FloatDtype::F32 => {
             for (&v, c) in src.iter().zip(out.chunks_exact_mut(4)) {

@@ -2,6 +2,7 @@
 //! only read inputs and fill outputs, so they never own tensor memory.
 
 pub mod consensus;
+pub mod gta;
 pub mod random;
 pub mod reduce;
 pub mod sparsify;

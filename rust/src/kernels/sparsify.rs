@@ -40,10 +40,10 @@ impl Rescale {
 
 /// `|x|` as an integer that orders like the float, with every NaN mapped to one key above
 /// +inf ("NaN counts as largest").
-const NAN_KEY: u32 = 0x7f80_0001;
+pub(crate) const NAN_KEY: u32 = 0x7f80_0001;
 /// Breadcrumbs' key mode: the torch reference ranks `nan_to_num(|x|, nan=inf)`, which also
 /// maps +inf to the largest finite float; so NaN gets the key of +inf and +inf that of f32::MAX.
-const INF_KEY: u32 = 0x7f80_0000;
+pub(crate) const INF_KEY: u32 = 0x7f80_0000;
 
 #[inline(always)]
 fn mag_key(x: f32) -> u32 {
@@ -53,7 +53,7 @@ fn mag_key(x: f32) -> u32 {
 /// `|x|`'s bits, with NaN and inf mapped as `cap` says: NAN_KEY (every NaN one key above
 /// +inf) or INF_KEY (Breadcrumbs: NaN -> +inf's key, +inf -> f32::MAX's key).
 #[inline(always)]
-fn capped_key(x: f32, cap: u32) -> u32 {
+pub(crate) fn capped_key(x: f32, cap: u32) -> u32 {
     let c = (x.to_bits() & 0x7fff_ffff).min(NAN_KEY);
     if cap == NAN_KEY {
         c
@@ -73,7 +73,7 @@ const L1_MIN: f64 = 1e-8;
 /// Run `f` compiled with AVX2 enabled when the CPU has it (u32 multiplies for the generator,
 /// wider compares and selects), otherwise as is.
 #[inline(always)]
-fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2")]
@@ -190,7 +190,7 @@ fn mask_by_key(
     })
 }
 
-fn check_density(density: f64, what: &str) -> Result<()> {
+pub(crate) fn check_density(density: f64, what: &str) -> Result<()> {
     if density.is_nan() {
         return Err(Error::InvalidArgument(format!("{what} is NaN")));
     }
@@ -206,8 +206,8 @@ fn keep_count(density: f64, n: usize) -> usize {
 // Order statistics of |x|
 // ---------------------------------------------------------------------------------------
 
-const HI_BUCKETS: usize = (NAN_KEY >> 16) as usize + 1;
-const LO_BUCKETS: usize = 1 << 16;
+pub(crate) const HI_BUCKETS: usize = (NAN_KEY >> 16) as usize + 1;
+pub(crate) const LO_BUCKETS: usize = 1 << 16;
 
 /// Histograms over the elements of `x`, one per thread, summed. `bucket` maps a magnitude key
 /// to a bucket index below `nb` (or `None` to skip it).
@@ -241,7 +241,7 @@ fn histogram(
 }
 
 /// The bucket holding ascending rank `rank`, and the rank within that bucket.
-fn locate(hist: &[u64], rank: u64) -> (usize, u64) {
+pub(crate) fn locate(hist: &[u64], rank: u64) -> (usize, u64) {
     let mut before = 0u64;
     for (b, &c) in hist.iter().enumerate() {
         if rank < before + c {
@@ -411,7 +411,7 @@ pub fn random_mask(
 
 /// Per-thread scratch for DELLA's per-row stable sort.
 #[derive(Default)]
-struct RowScratch {
+pub(crate) struct RowScratch {
     /// `key << 32 | index`, sorted in place.
     items: Vec<u64>,
     items2: Vec<u64>,
@@ -421,7 +421,7 @@ struct RowScratch {
 /// `key << 32 | index` for the elements of `row`, sorted by `(|x|, index)`: LSD radix sort on
 /// the magnitude keys with 8-bit digits (stable, so ties stay in index order), skipping digits
 /// every key shares. The index is the low 32 bits of each item.
-fn stable_order<'s>(row: &[f32], s: &'s mut RowScratch) -> &'s [u64] {
+pub(crate) fn stable_order<'s>(row: &[f32], s: &'s mut RowScratch) -> &'s [u64] {
     let m = row.len();
     s.items.clear();
     s.items.extend(
@@ -465,7 +465,7 @@ fn stable_order<'s>(row: &[f32], s: &'s mut RowScratch) -> &'s [u64] {
 /// Keep probability per ascending rank for rows of length `m`, all in float32 as the torch
 /// reference computes it: `p = (f32(density) - f32(epsilon)) + (2 * f32(epsilon)) * (r / (m-1))`,
 /// `r/(m-1) = 0.5` when m == 1.
-fn della_probabilities(m: usize, density: f64, epsilon: f64) -> Vec<f32> {
+pub(crate) fn della_probabilities(m: usize, density: f64, epsilon: f64) -> Vec<f32> {
     let lo = density as f32 - epsilon as f32;
     let slope = 2.0 * epsilon as f32;
     if m == 1 {

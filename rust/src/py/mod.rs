@@ -7,6 +7,7 @@ use crate::error::Error;
 
 mod buffer;
 mod file;
+mod gta;
 mod kernels;
 mod sparsify;
 mod writer;
@@ -69,6 +70,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sparsify::della, m)?)?;
     m.add_function(wrap_pyfunction!(sparsify::combine, m)?)?;
     m.add_function(wrap_pyfunction!(sparsify::uniform, m)?)?;
+    m.add_function(wrap_pyfunction!(gta::gta_thresholds, m)?)?;
+    m.add_function(wrap_pyfunction!(gta::gta_combine, m)?)?;
     Ok(())
 }
 

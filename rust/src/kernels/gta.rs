@@ -1,0 +1,778 @@
+//! Fused generalized task arithmetic (GTA): sparsify + combine straight from the model tensors.
+//!
+//! The unfused path materializes every task vector `d_i = f32(x_i) - f32(b)` as a float32
+//! tensor, copies it for the in-place sparsifier, and combines. Here the inputs (F32/F16/BF16,
+//! typically the memory-mapped safetensors data) are read directly:
+//!
+//! - [`thresholds`]: the exact order statistics of `|d_i|` that magnitude (TIES) and
+//!   Breadcrumbs need, for all models at once, with a two-pass radix select over the magnitude
+//!   keys (pass 1: a histogram of the high bits of every model's keys, reading `x_1..x_k` and
+//!   `b` once; pass 2: a histogram of the low 16 bits inside the boundary buckets only).
+//! - [`combine`]: one pass computing `d_i`, each model's sparsification (none, a magnitude band,
+//!   DARE's Bernoulli mask, or DELLA's rank-dependent mask per row), the (sign-consensus)
+//!   combination and `out = b + lambda * M` in the output dtype.
+//!
+//! Every per-element operation is the same float32 operation, in the same order, as the
+//! unfused path (`weighted_sum([x, b], [1, -1])`, the sparsifiers of `sparsify.rs`, and
+//! `consensus::combine_into`), so the results are bit-identical to it and do not depend on the
+//! thread count. The L1 rescale modes need global sums and are not offered here.
+
+use crate::dtype::FloatDtype;
+use crate::error::{Error, Result};
+use crate::kernels::consensus::{load, store};
+use crate::kernels::random::Stream;
+use crate::kernels::sparsify::{
+    capped_key, check_density, della_probabilities, locate, stable_order, with_avx2, RowScratch,
+    HI_BUCKETS, INF_KEY, LO_BUCKETS, NAN_KEY,
+};
+use crate::threads;
+
+/// Elements per inner block of the element-wise passes.
+const BLOCK: usize = 1024;
+/// Per-thread u32 histograms are flushed into u64 totals at least this often (elements).
+const FLUSH: usize = 1 << 30;
+
+/// One input tensor: little-endian bytes and their dtype.
+#[derive(Clone, Copy, Debug)]
+pub struct Tensor<'a> {
+    pub data: &'a [u8],
+    pub dtype: FloatDtype,
+}
+
+/// How magnitudes are ranked (docs/kernels.md): magnitude (TIES) counts NaN as larger than
+/// everything; Breadcrumbs ranks `nan_to_num(|d|, nan=inf)` (NaN as +inf, +inf as f32::MAX).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyMode {
+    Magnitude,
+    Outliers,
+}
+
+impl KeyMode {
+    pub fn parse(s: &str) -> Result<KeyMode> {
+        match s {
+            "magnitude" => Ok(KeyMode::Magnitude),
+            "outliers" => Ok(KeyMode::Outliers),
+            other => Err(Error::InvalidArgument(format!(
+                "key mode must be \"magnitude\" or \"outliers\", got {other:?}"
+            ))),
+        }
+    }
+
+    fn cap(self) -> u32 {
+        match self {
+            KeyMode::Magnitude => NAN_KEY,
+            KeyMode::Outliers => INF_KEY,
+        }
+    }
+}
+
+/// One model's sparsification inside [`combine`].
+#[derive(Clone, Debug)]
+pub enum Sparsify {
+    /// The task vector as is.
+    None,
+    /// Keep `lo <= key(|d|) < hi` (keys as [`thresholds`] returns them, ranked per `mode`);
+    /// magnitude is `Band { lo: t, hi: u32::MAX }`, all-zero is `Band { lo: u32::MAX, .. }`.
+    Band { lo: u32, hi: u32, mode: KeyMode },
+    /// DARE: keep element j when `uniform(j) < p`; `inverse` divides the kept values by `p`.
+    Random { p: f32, stream: Stream, inverse: bool },
+    /// DELLA: per row, keep probability from the stable rank of `|d|`; `inverse` divides by it.
+    Della {
+        density: f64,
+        epsilon: f64,
+        stream: Stream,
+        inverse: bool,
+    },
+}
+
+fn element_count(xs: &[Tensor], base: Tensor) -> Result<usize> {
+    let n = base.data.len() / base.dtype.size();
+    if n * base.dtype.size() != base.data.len() {
+        return Err(Error::RaggedOutput {
+            len: base.data.len(),
+            dtype: base.dtype.code(),
+        });
+    }
+    for (i, x) in xs.iter().enumerate() {
+        if x.data.len() != n * x.dtype.size() {
+            return Err(Error::BufferLength {
+                what: format!("xs[{i}] ({})", x.dtype.code()),
+                expected: n * x.dtype.size(),
+                actual: x.data.len(),
+            });
+        }
+    }
+    Ok(n)
+}
+
+/// `d = f32(x) - f32(b)` for `len` elements from `start` (`bv` holds f32(b) already).
+#[inline(always)]
+fn task_vector(x: Tensor, start: usize, bv: &[f32], d: &mut [f32]) {
+    let sz = x.dtype.size();
+    let len = bv.len();
+    load(x.dtype, &x.data[start * sz..(start + len) * sz], d);
+    d.iter_mut().zip(bv).for_each(|(v, &b)| *v -= b);
+}
+
+// ---------------------------------------------------------------------------------------
+// Order statistics
+// ---------------------------------------------------------------------------------------
+
+/// Histograms (one per active model, `nb` buckets each) of `bucket(model, key)` over all
+/// elements, computed in parallel and summed.
+fn histograms(
+    xs: &[Tensor],
+    base: Tensor,
+    active: &[(usize, u32)],
+    n: usize,
+    nb: usize,
+    threads: usize,
+    bucket: impl Fn(usize, u32) -> u32 + Sync,
+) -> Vec<Vec<u64>> {
+    let ranges = threads::chunk_ranges(n, threads::resolve(threads), BLOCK);
+    let mut per_thread: Vec<Vec<Vec<u64>>> = vec![Vec::new(); ranges.len()];
+    let tasks: Vec<_> = ranges.into_iter().zip(per_thread.iter_mut()).collect();
+    let k = active.len();
+    threads::run_all(tasks, |(r, totals)| {
+        with_avx2(|| {
+            *totals = vec![vec![0u64; nb]; k];
+            // One extra bucket (index nb) swallows the elements a model does not count.
+            let mut hist = vec![vec![0u32; nb + 1]; k];
+            let mut bv = [0f32; BLOCK];
+            let mut keys = vec![[0u32; BLOCK]; k];
+            let mut d = [0f32; BLOCK];
+            let mut since_flush = 0usize;
+            let mut b = r.start;
+            while b < r.end {
+                let len = BLOCK.min(r.end - b);
+                let bv = &mut bv[..len];
+                load(
+                    base.dtype,
+                    &base.data[b * base.dtype.size()..(b + len) * base.dtype.size()],
+                    bv,
+                );
+                for (a, &(mi, cap)) in active.iter().enumerate() {
+                    let d = &mut d[..len];
+                    task_vector(xs[mi], b, bv, d);
+                    for (kk, &v) in keys[a][..len].iter_mut().zip(d.iter()) {
+                        *kk = bucket(a, capped_key(v, cap)).min(nb as u32);
+                    }
+                }
+                // Interleave the models so consecutive increments hit independent histograms.
+                for j in 0..len {
+                    for (h, kk) in hist.iter_mut().zip(keys.iter()) {
+                        if let Some(c) = h.get_mut(kk[j] as usize) {
+                            *c += 1;
+                        }
+                    }
+                }
+                since_flush += len;
+                b += len;
+                if since_flush >= FLUSH || b >= r.end {
+                    for (t, h) in totals.iter_mut().zip(hist.iter_mut()) {
+                        for (tt, hh) in t.iter_mut().zip(h.iter_mut()) {
+                            *tt += *hh as u64;
+                            *hh = 0;
+                        }
+                    }
+                    since_flush = 0;
+                }
+            }
+        })
+    });
+    let mut total = vec![vec![0u64; nb]; k];
+    for t in per_thread {
+        for (acc, h) in total.iter_mut().zip(t) {
+            for (a, c) in acc.iter_mut().zip(h) {
+                *a += c;
+            }
+        }
+    }
+    total
+}
+
+/// For each model i, the magnitude keys of `|f32(x_i) - f32(b)|` at the ascending ranks
+/// `ranks[i]` (each below n, at most two per model; an empty list skips the model), ranked as
+/// `modes[i]` says. The key of a finite magnitude is its float32 bit pattern.
+pub fn thresholds(
+    xs: &[Tensor],
+    base: Tensor,
+    ranks: &[Vec<usize>],
+    modes: &[KeyMode],
+    threads: usize,
+) -> Result<Vec<Vec<u32>>> {
+    if ranks.len() != xs.len() || modes.len() != xs.len() {
+        return Err(Error::InvalidArgument(format!(
+            "gta_thresholds: {} inputs, {} rank lists, {} modes",
+            xs.len(),
+            ranks.len(),
+            modes.len()
+        )));
+    }
+    let n = element_count(xs, base)?;
+    for (i, r) in ranks.iter().enumerate() {
+        if r.len() > 2 {
+            return Err(Error::InvalidArgument(format!(
+                "gta_thresholds: at most two ranks per model (model {i} asks for {})",
+                r.len()
+            )));
+        }
+        if let Some(&bad) = r.iter().find(|&&x| x >= n) {
+            return Err(Error::InvalidArgument(format!(
+                "gta_thresholds: rank {bad} of model {i} is not below {n} elements"
+            )));
+        }
+    }
+    let active: Vec<(usize, u32)> = (0..xs.len())
+        .filter(|&i| !ranks[i].is_empty())
+        .map(|i| (i, modes[i].cap()))
+        .collect();
+    let mut result = vec![Vec::new(); xs.len()];
+    if active.is_empty() {
+        return Ok(result);
+    }
+    let hi = histograms(xs, base, &active, n, HI_BUCKETS, threads, |_, key| {
+        key >> 16
+    });
+    // Per active model: the located (bucket, rank within) of each rank, and up to two buckets.
+    let located: Vec<Vec<(usize, u64)>> = active
+        .iter()
+        .zip(&hi)
+        .map(|(&(mi, _), h)| ranks[mi].iter().map(|&r| locate(h, r as u64)).collect())
+        .collect();
+    let buckets: Vec<[u32; 2]> = located
+        .iter()
+        .map(|l| {
+            let b0 = l[0].0 as u32;
+            let b1 = l.get(1).map_or(b0, |x| x.0 as u32);
+            [b0, b1]
+        })
+        .collect();
+    let nb = 2 * LO_BUCKETS;
+    let lo = histograms(xs, base, &active, n, nb, threads, |a, key| {
+        let h = key >> 16;
+        let low = key & 0xffff;
+        let [b0, b1] = buckets[a];
+        if h == b0 {
+            low
+        } else if h == b1 {
+            LO_BUCKETS as u32 + low
+        } else {
+            u32::MAX
+        }
+    });
+    for (a, &(mi, _)) in active.iter().enumerate() {
+        result[mi] = located[a]
+            .iter()
+            .map(|&(b, within)| {
+                let slot = if b as u32 == buckets[a][0] { 0 } else { 1 };
+                let h = &lo[a][slot * LO_BUCKETS..(slot + 1) * LO_BUCKETS];
+                let (low, _) = locate(h, within);
+                ((b as u32) << 16) | low as u32
+            })
+            .collect();
+    }
+    Ok(result)
+}
+
+// ---------------------------------------------------------------------------------------
+// Combine
+// ---------------------------------------------------------------------------------------
+
+/// The fused merge of one tensor.
+#[derive(Clone, Copy, Debug)]
+pub struct Gta<'a> {
+    pub xs: &'a [Tensor<'a>],
+    pub base: Tensor<'a>,
+    pub sparsify: &'a [Sparsify],
+    pub weights: &'a [f64],
+    pub consensus: bool,
+    pub normalize: bool,
+    pub lambda: f32,
+}
+
+/// Per-thread scratch.
+struct Scratch {
+    bv: Vec<f32>,
+    vals: Vec<f32>,
+    s: Vec<f32>,
+    m: Vec<f32>,
+    dsum: Vec<f32>,
+    u: Vec<f32>,
+    rows: RowScratch,
+}
+
+impl Scratch {
+    fn new(k: usize, len: usize) -> Scratch {
+        Scratch {
+            bv: vec![0.0; len],
+            vals: vec![0.0; k * len],
+            s: vec![0.0; len],
+            m: vec![0.0; len],
+            dsum: vec![0.0; len],
+            u: vec![0.0; len],
+            rows: RowScratch::default(),
+        }
+    }
+}
+
+/// `out = b + lambda * combine(sparsify_i(f32(x_i) - f32(b)), w_i)` written as `out_dtype`.
+/// With any DELLA model the work goes row by row (`row_len` elements, the last dimension);
+/// otherwise `row_len` is ignored.
+pub fn combine(
+    spec: &Gta,
+    row_len: usize,
+    out: &mut [u8],
+    out_dtype: FloatDtype,
+    threads: usize,
+) -> Result<()> {
+    let k = spec.xs.len();
+    if k == 0 || spec.sparsify.len() != k || spec.weights.len() != k {
+        return Err(Error::InvalidArgument(format!(
+            "gta_combine: {} inputs, {} sparsify specs, {} weights (at least one input)",
+            k,
+            spec.sparsify.len(),
+            spec.weights.len()
+        )));
+    }
+    let n = element_count(spec.xs, spec.base)?;
+    let expected = n * out_dtype.size();
+    if out.len() != expected {
+        return Err(Error::BufferLength {
+            what: format!("out ({})", out_dtype.code()),
+            expected,
+            actual: out.len(),
+        });
+    }
+    let mut ptabs: Vec<Option<Vec<f32>>> = vec![None; k];
+    for (i, s) in spec.sparsify.iter().enumerate() {
+        match s {
+            Sparsify::Random { p, .. } => {
+                if p.is_nan() {
+                    return Err(Error::InvalidArgument(format!(
+                        "gta_combine: model {i}: random keep probability is NaN"
+                    )));
+                }
+            }
+            Sparsify::Della {
+                density, epsilon, ..
+            } => {
+                check_density(*density, "density")?;
+                check_density(*epsilon, "epsilon")?;
+                if !(*density > 0.0 && *density < 1.0) {
+                    return Err(Error::InvalidArgument(format!(
+                        "gta_combine: model {i}: DELLA density must be in (0, 1), got {density}"
+                    )));
+                }
+                if !(density - epsilon > 0.0 && density + epsilon <= 1.0) {
+                    return Err(Error::InvalidArgument(format!(
+                        "della needs 0 < density - epsilon and density + epsilon <= 1 \
+                         (density={density}, epsilon={epsilon})"
+                    )));
+                }
+                if row_len == 0 || !n.is_multiple_of(row_len) {
+                    return Err(Error::InvalidArgument(format!(
+                        "gta_combine: rows of {row_len} elements do not divide {n} elements"
+                    )));
+                }
+                if row_len > u32::MAX as usize {
+                    return Err(Error::InvalidArgument(format!(
+                        "della: rows of {row_len} elements are too long (at most 2^32 - 1)"
+                    )));
+                }
+                ptabs[i] = Some(della_probabilities(row_len, *density, *epsilon));
+            }
+            _ => {}
+        }
+    }
+    let by_rows = ptabs.iter().any(|p| p.is_some());
+    let unit = if by_rows { row_len } else { BLOCK };
+    let w32: Vec<f32> = spec.weights.iter().map(|&w| w as f32).collect();
+    let sw = w32.iter().fold(0f32, |acc, &w| acc + w);
+    let div = (spec.normalize && (sw as f64).abs() >= 1e-8).then_some(sw);
+    let osz = out_dtype.size();
+    let ranges = threads::chunk_ranges(n, threads::resolve(threads), unit.max(1));
+    let mut tasks = Vec::with_capacity(ranges.len());
+    let mut rest = out;
+    for r in ranges {
+        let (head, tail) = rest.split_at_mut(r.len() * osz);
+        tasks.push((r, head));
+        rest = tail;
+    }
+    let ptabs = &ptabs;
+    let w32 = &w32;
+    threads::run_all(tasks, |(r, out)| {
+        with_avx2(|| {
+            let mut sc = Scratch::new(k, unit.max(1));
+            let mut b = r.start;
+            while b < r.end {
+                let len = unit.min(r.end - b);
+                let o = &mut out[(b - r.start) * osz..(b - r.start + len) * osz];
+                block(spec, ptabs, w32, div, b, len, &mut sc, o, out_dtype);
+                b += len;
+            }
+        })
+    });
+    Ok(())
+}
+
+/// Sparsify one model's task vector block `d` (elements `start..start+len`) in place.
+#[inline(always)]
+fn sparsify_block(
+    s: &Sparsify,
+    ptab: Option<&[f32]>,
+    start: usize,
+    d: &mut [f32],
+    u: &mut [f32],
+    rows: &mut RowScratch,
+) {
+    match s {
+        Sparsify::None => {}
+        Sparsify::Band { lo, hi, mode } => {
+            let (lo, hi, cap) = (*lo, *hi, mode.cap());
+            for v in d.iter_mut() {
+                let key = capped_key(*v, cap);
+                *v = if key >= lo && key < hi { *v } else { 0.0 };
+            }
+        }
+        Sparsify::Random { p, stream, inverse } => {
+            let p = *p;
+            let u = &mut u[..d.len()];
+            stream.fill_uniform(start as u64, u);
+            if *inverse {
+                for (v, &r) in d.iter_mut().zip(u.iter()) {
+                    *v = if r < p { *v / p } else { 0.0 };
+                }
+            } else {
+                for (v, &r) in d.iter_mut().zip(u.iter()) {
+                    *v = if r < p { *v } else { 0.0 };
+                }
+            }
+        }
+        Sparsify::Della {
+            stream, inverse, ..
+        } => {
+            let Some(ptab) = ptab else { return };
+            let u = &mut u[..d.len()];
+            stream.fill_uniform(start as u64, u);
+            let order = stable_order(d, rows);
+            for (&it, &p) in order.iter().zip(ptab.iter()) {
+                let j = it as u32 as usize;
+                let (Some(v), Some(&r)) = (d.get_mut(j), u.get(j)) else {
+                    continue;
+                };
+                *v = if r >= p {
+                    0.0
+                } else if *inverse {
+                    *v / p
+                } else {
+                    *v
+                };
+            }
+        }
+    }
+}
+
+/// One block (or row): task vectors, sparsification, combination, `b + lambda*M`, store.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn block(
+    spec: &Gta,
+    ptabs: &[Option<Vec<f32>>],
+    w32: &[f32],
+    div: Option<f32>,
+    start: usize,
+    len: usize,
+    sc: &mut Scratch,
+    out: &mut [u8],
+    out_dtype: FloatDtype,
+) {
+    let stride = sc.bv.len();
+    let base = spec.base;
+    let bv = &mut sc.bv[..len];
+    load(
+        base.dtype,
+        &base.data[start * base.dtype.size()..(start + len) * base.dtype.size()],
+        bv,
+    );
+    let s = &mut sc.s[..len];
+    for (i, (&x, &w)) in spec.xs.iter().zip(w32).enumerate() {
+        let v = if spec.consensus {
+            &mut sc.vals[i * stride..i * stride + len]
+        } else {
+            &mut sc.vals[..len]
+        };
+        task_vector(x, start, bv, v);
+        sparsify_block(
+            &spec.sparsify[i],
+            ptabs[i].as_deref(),
+            start,
+            v,
+            &mut sc.u,
+            &mut sc.rows,
+        );
+        // From here on exactly consensus::combine_range.
+        v.iter_mut().for_each(|x| *x *= w);
+        if i == 0 {
+            s.copy_from_slice(v);
+        } else {
+            s.iter_mut().zip(v.iter()).for_each(|(a, &x)| *a += x);
+        }
+    }
+    let m = &mut sc.m[..len];
+    if spec.consensus {
+        let d = &mut sc.dsum[..len];
+        m.fill(0.0);
+        d.fill(0.0);
+        for (i, &w) in w32.iter().enumerate() {
+            let v = &sc.vals[i * stride..i * stride + len];
+            for j in 0..len {
+                let (x, pos) = (v[j], s[j] >= 0.0);
+                let counts = if pos { x > 0.0 } else { x < 0.0 };
+                m[j] += if counts { x } else { 0.0 };
+                d[j] += if counts { w } else { 0.0 };
+            }
+        }
+        if spec.normalize {
+            m.iter_mut()
+                .zip(d.iter())
+                .for_each(|(x, &dd)| *x = if dd != 0.0 { *x / dd } else { *x });
+        }
+    } else {
+        m.copy_from_slice(s);
+        if let Some(div) = div {
+            m.iter_mut().for_each(|x| *x /= div);
+        }
+    }
+    let lambda = spec.lambda;
+    m.iter_mut()
+        .zip(bv.iter())
+        .for_each(|(x, &bb)| *x = bb + lambda * *x);
+    store(out_dtype, m, out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::consensus::{self, Combine};
+    use crate::kernels::sparsify;
+
+    fn bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    struct Lcg(u64);
+    impl Lcg {
+        fn f32(&mut self) -> f32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let v = ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+            // Some ties and repeated values, as in real task vectors.
+            if (self.0 >> 20).is_multiple_of(7) {
+                0.25
+            } else {
+                v
+            }
+        }
+    }
+
+    /// The unfused path: materialize d_i, sparsify with sparsify.rs, combine.
+    #[allow(clippy::too_many_arguments)]
+    fn unfused(
+        xs: &[Vec<f32>],
+        b: &[f32],
+        kinds: &[&str],
+        density: f64,
+        row_len: usize,
+        weights: &[f64],
+        consensus_: bool,
+        normalize: bool,
+        lambda: f32,
+    ) -> Vec<u8> {
+        let n = b.len();
+        let ds: Vec<Vec<u8>> = xs
+            .iter()
+            .zip(kinds)
+            .enumerate()
+            .map(|(i, (x, kind))| {
+                let mut d: Vec<f32> = x.iter().zip(b).map(|(&x, &b)| x - b).collect();
+                let st = Stream::new(7, &format!("t#{i}"));
+                match *kind {
+                    "magnitude" => sparsify::magnitude(&mut d, density, false, 1).unwrap(),
+                    "outliers" => {
+                        sparsify::magnitude_outliers(&mut d, density, 0.1, false, 1).unwrap()
+                    }
+                    "random" => {
+                        sparsify::random_mask(&mut d, density, &st, sparsify::Rescale::Inverse, 1)
+                            .unwrap()
+                    }
+                    "della" => sparsify::della(
+                        &mut d,
+                        n / row_len,
+                        row_len,
+                        density,
+                        0.1,
+                        &st,
+                        sparsify::Rescale::Inverse,
+                        1,
+                    )
+                    .unwrap(),
+                    _ => {}
+                }
+                bytes(&d)
+            })
+            .collect();
+        let refs: Vec<&[u8]> = ds.iter().map(|d| d.as_slice()).collect();
+        let spec = Combine {
+            deltas: &refs,
+            weights,
+            consensus: consensus_,
+            normalize,
+        };
+        let bb = bytes(b);
+        let mut out = vec![0u8; n * 4];
+        consensus::combine_into(
+            &spec,
+            lambda,
+            Some((&bb, FloatDtype::F32)),
+            &mut out,
+            FloatDtype::F32,
+            1,
+        )
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn matches_unfused() {
+        let mut g = Lcg(3);
+        let (rows, row_len) = (37, 3001);
+        let n = rows * row_len;
+        let b: Vec<f32> = (0..n).map(|_| g.f32()).collect();
+        let xs: Vec<Vec<f32>> = (0..3)
+            .map(|_| b.iter().map(|&v| v + 0.1 * g.f32()).collect())
+            .collect();
+        let bb = bytes(&b);
+        let xb: Vec<Vec<u8>> = xs.iter().map(|x| bytes(x)).collect();
+        let xt: Vec<Tensor> = xb
+            .iter()
+            .map(|d| Tensor {
+                data: d,
+                dtype: FloatDtype::F32,
+            })
+            .collect();
+        let base = Tensor {
+            data: &bb,
+            dtype: FloatDtype::F32,
+        };
+        let weights = [0.5, -0.3, 0.2];
+        let density = 0.3;
+        for kind in ["none", "magnitude", "outliers", "random", "della"] {
+            for &consensus_ in &[false, true] {
+                let expected = unfused(
+                    &xs,
+                    &b,
+                    &[kind; 3],
+                    density,
+                    row_len,
+                    &weights,
+                    consensus_,
+                    true,
+                    0.7,
+                );
+                let mode = if kind == "outliers" {
+                    KeyMode::Outliers
+                } else {
+                    KeyMode::Magnitude
+                };
+                let target = (density * n as f64).floor() as usize;
+                let ranks: Vec<Vec<usize>> = match kind {
+                    "magnitude" => vec![vec![n - target]; 3],
+                    "outliers" => {
+                        let n_top = (0.1 * n as f64).floor() as usize;
+                        let n_bot = n - target - n_top;
+                        vec![vec![n_bot, n_bot + target]; 3]
+                    }
+                    _ => vec![vec![]; 3],
+                };
+                let keys = thresholds(&xt, base, &ranks, &[mode; 3], 2).unwrap();
+                let keys1 = thresholds(&xt, base, &ranks, &[mode; 3], 1).unwrap();
+                assert_eq!(keys, keys1);
+                let sp: Vec<Sparsify> = (0..3)
+                    .map(|i| {
+                        let stream = Stream::new(7, &format!("t#{i}"));
+                        match kind {
+                            "magnitude" => Sparsify::Band {
+                                lo: keys[i][0],
+                                hi: u32::MAX,
+                                mode,
+                            },
+                            "outliers" => Sparsify::Band {
+                                lo: keys[i][0],
+                                hi: keys[i][1],
+                                mode,
+                            },
+                            "random" => Sparsify::Random {
+                                p: density as f32,
+                                stream,
+                                inverse: true,
+                            },
+                            "della" => Sparsify::Della {
+                                density,
+                                epsilon: 0.1,
+                                stream,
+                                inverse: true,
+                            },
+                            _ => Sparsify::None,
+                        }
+                    })
+                    .collect();
+                let spec = Gta {
+                    xs: &xt,
+                    base,
+                    sparsify: &sp,
+                    weights: &weights,
+                    consensus: consensus_,
+                    normalize: true,
+                    lambda: 0.7,
+                };
+                for threads in [1, 2, 3] {
+                    let mut out = vec![0u8; n * 4];
+                    combine(&spec, row_len, &mut out, FloatDtype::F32, threads).unwrap();
+                    assert!(out == expected, "{kind} consensus={consensus_} threads={threads}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        let b = bytes(&[1.0, 2.0]);
+        let x = bytes(&[1.0]);
+        let t = |d: &'static [u8]| Tensor {
+            data: d,
+            dtype: FloatDtype::F32,
+        };
+        let (b, x): (&'static [u8], &'static [u8]) = (b.leak(), x.leak());
+        assert!(thresholds(&[t(x)], t(b), &[vec![0]], &[KeyMode::Magnitude], 1).is_err());
+        assert!(thresholds(&[t(b)], t(b), &[vec![2]], &[KeyMode::Magnitude], 1).is_err());
+        let mut out = vec![0u8; 8];
+        let spec = Gta {
+            xs: &[t(b)],
+            base: t(b),
+            sparsify: &[Sparsify::Della {
+                density: 0.5,
+                epsilon: 0.6,
+                stream: Stream::new(1, "k"),
+                inverse: true,
+            }],
+            weights: &[1.0],
+            consensus: false,
+            normalize: false,
+            lambda: 1.0,
+        };
+        assert!(combine(&spec, 2, &mut out, FloatDtype::F32, 1).is_err());
+    }
+}

@@ -1,0 +1,179 @@
+"""The fused native GTA path (ops.native_dispatch.gta_merge: task vectors never materialized)
+against the unfused path (methods/gta.py with FUSED_ENABLED off: float32 task vectors, the
+sparsifiers, combine), which is itself tested against the torch references.
+
+Every per-element float32 operation is the same in both, in the same order, so the outputs are
+bit-identical (compared with torch.equal on the raw bits), for every thread count."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mergekitty import _native  # noqa: E402
+from mergekitty.methods import gta  # noqa: E402
+from mergekitty.methods.base import MergeInputs  # noqa: E402
+from mergekitty.methods.registry import get_method  # noqa: E402
+from mergekitty.ops import native_dispatch  # noqa: E402
+from mergekitty.ops.reduce import bytes_view  # noqa: E402
+
+SHAPES = [(7,), (1,), (13, 257), (3, 1), (64, 1031)]
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+def _models(shape, dtype, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    xs = []
+    for i in range(k):
+        d = 0.05 * torch.randn(shape, generator=g)
+        if d.numel() > 4:
+            d.view(-1)[:: 5 + i] = 0.0  # exact zero task-vector entries
+            d.view(-1)[1 :: 7] = 0.03125  # ties
+        xs.append((base + d).to(dtype))
+    return base.to(dtype), xs
+
+
+def _params(method, k, density):
+    mp = []
+    for i in range(k):
+        p = {"weight": [0.5, -0.3, 0.2, 0.7][i], "density": density}
+        if "breadcrumbs" in method:
+            p["gamma"] = 0.05
+        if "della" in method:
+            p["epsilon"] = min(0.05, density / 2, (1 - density) / 2) if 0 < density < 1 else 0.1
+            p["lambda"] = None
+        mp.append(p)
+    params = {"lambda": 0.8}
+    m = get_method(method)
+    for spec in m.global_params:
+        params.setdefault(spec.name, spec.default)
+    return mp, params
+
+
+def _run(method, base, xs, mp, params, out_dtype, fused, threads=None, out=None, monkeypatch=None):
+    m = get_method(method)
+    inputs = MergeInputs("model.layers.0.w", list(xs), mp, params, base=base, out_dtype=out_dtype, out=out, seed=1234)
+    monkeypatch.setattr(gta, "FUSED_ENABLED", fused)
+    calls = []
+    real = native_dispatch.gta_merge
+
+    def spy(*a, **kw):
+        r = real(*a, **kw)
+        calls.append(r is not None)
+        return r
+
+    monkeypatch.setattr(native_dispatch, "gta_merge", spy)
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        result = m.merge(inputs)
+    finally:
+        torch.set_num_threads(old)
+    assert (calls == [True]) == fused, calls
+    return result
+
+
+def _bits_equal(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+METHODS = ["ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("density", [0.5, 0.9, 1e-3, 1.0])
+def test_fused_matches_unfused(method, dtype, shape, density, monkeypatch):
+    base, xs = _models(shape, dtype)
+    mp, params = _params(method, len(xs), density)
+    ref = _run(method, base, xs, mp, params, dtype, fused=False, monkeypatch=monkeypatch)
+    got = _run(method, base, xs, mp, params, dtype, fused=True, threads=1, monkeypatch=monkeypatch)
+    assert _bits_equal(got, ref), (got - ref).abs().max()
+    got2 = _run(method, base, xs, mp, params, dtype, fused=True, threads=2, monkeypatch=monkeypatch)
+    assert _bits_equal(got2, ref)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
+def test_large_multithreaded_and_out_buffer(method, monkeypatch):
+    # big enough that the kernels split the work across threads
+    base, xs = _models((300, 1000), torch.bfloat16, seed=3)
+    mp, params = _params(method, 3, 0.3)
+    ref = _run(method, base, xs, mp, params, torch.bfloat16, fused=False, monkeypatch=monkeypatch)
+    out = torch.empty_like(base)
+    got = _run(method, base, xs, mp, params, torch.bfloat16, fused=True, threads=2, out=out, monkeypatch=monkeypatch)
+    assert got is out
+    assert _bits_equal(got, ref)
+    f32 = _run(method, base, xs, mp, params, torch.float32, fused=True, threads=1, monkeypatch=monkeypatch)
+    f32_ref = _run(method, base, xs, mp, params, torch.float32, fused=False, monkeypatch=monkeypatch)
+    assert _bits_equal(f32, f32_ref)
+
+
+def test_nan_and_inf(monkeypatch):
+    base, xs = _models((11, 37), torch.float32, seed=5)
+    xs[0].view(-1)[[3, 50, 100]] = float("nan")
+    xs[1].view(-1)[[4, 60]] = float("inf")
+    xs[2].view(-1)[[5]] = float("-inf")
+    for method in ["ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "della_linear"]:
+        for density in [0.5, 1e-3]:
+            mp, params = _params(method, 3, density)
+            ref = _run(method, base, xs, mp, params, torch.float32, fused=False, monkeypatch=monkeypatch)
+            got = _run(method, base, xs, mp, params, torch.float32, fused=True, monkeypatch=monkeypatch)
+            assert _bits_equal(got, ref), method
+
+
+def test_l1_rescale_and_shape_mismatch_fall_back(monkeypatch):
+    base, xs = _models((5, 9), torch.float32)
+    mp, params = _params("ties", 3, 0.5)
+    params["rescale"] = True
+    m = get_method("ties")
+    monkeypatch.setattr(native_dispatch, "gta_merge", lambda *a, **k: pytest.fail("should not be fused"))
+    m.merge(MergeInputs("w", xs, mp, params, base=base, out_dtype=torch.float32))
+    mp, params = _params("dare_ties", 3, 0.5)
+    params["rescale_l1"] = True
+    get_method("dare_ties").merge(MergeInputs("w", xs, mp, params, base=base, out_dtype=torch.float32, seed=1))
+    # an input of another shape (embedding crop) takes the unfused path
+    big = torch.randn(6, 9)
+    mp, params = _params("ties", 3, 0.5)
+    get_method("ties").merge(MergeInputs("model.embed_tokens.weight", [big, *xs[1:]], mp, params, base=base, out_dtype=torch.float32))
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 70001])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_thresholds_match_sorting(n, dtype):
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=g).to(dtype)
+    xs = [(base.float() + 0.01 * torch.randn(n, generator=g)).to(dtype) for _ in range(3)]
+    if n > 10:
+        xs[0][:5] = base[:5]  # zeros
+        xs[1][3] = float("nan")
+        xs[2][4] = float("inf")
+    ranks = [[0], sorted({n // 3, n - 1}), [n // 2, n - 1]]
+    for mode in ["magnitude", "outliers"]:
+        for threads in [1, 2]:
+            keys = _native.gta_thresholds([bytes_view(x) for x in xs], [_code(x) for x in xs], bytes_view(base), _code(base),
+                                          ranks, [mode] * 3, threads)
+            for x, r, k in zip(xs, ranks, keys):
+                mags = (x.float() - base.float()).abs()
+                if mode == "outliers":
+                    mags = torch.nan_to_num(mags, nan=math.inf)
+                    sortable = mags.view(torch.int32).clone()
+                    sortable[torch.isinf(mags) & ~torch.isnan((x.float() - base.float()))] = 0x7F7FFFFF
+                    sortable[torch.isnan((x.float() - base.float()))] = 0x7F800000
+                else:
+                    sortable = mags.view(torch.int32).clone()
+                    sortable[torch.isnan(mags)] = 0x7F800001
+                ordered = torch.sort(sortable).values
+                assert k == [int(ordered[i]) for i in r], (mode, threads)
+
+
+def _code(t):
+    from mergekitty.io.dtypes import code_of
+
+    return code_of(t.dtype)

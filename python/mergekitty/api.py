@@ -130,7 +130,7 @@ def _check_tokenizer_settings(config, models) -> None:
 
     source = effective_tokenizer_source(config)
     if config.chat_template:
-        raise PlanError("chat_template is not supported yet by this version of mergekitty")
+        _chat_template(config, [m.path for m in models])  # a bad name or template fails here, before any weight is read
     if source in (None, "base"):
         return
     if getattr(config, "tokenizer", None) is not None and (config.tokenizer.tokens or config.tokenizer.pad_to_multiple_of):
@@ -139,6 +139,13 @@ def _check_tokenizer_settings(config, models) -> None:
     vocabularies = {_tokenizer_fingerprint(m.path) for m in models}
     if len(vocabularies) > 1:
         raise PlanError(f"tokenizer source '{source}' over models with different vocabularies is not supported yet; use tokenizer_source: base")
+
+
+def _chat_template(config, model_dirs) -> str | None:
+    """The chat template text the config asks for (None: keep the donor's); ConfigError if bad."""
+    from .tokenizer import resolve_chat_template
+
+    return resolve_chat_template(config.chat_template, model_dirs, lambda message: config.error(message, key="chat_template"))
 
 
 def _tokenizer_fingerprint(path: Path) -> bytes:
@@ -179,6 +186,14 @@ def _write_sidecars(plan, config, out: Path, options: MergeOptions) -> None:
         src = donor.path / name
         if src.is_file():
             shutil.copyfile(src, out / name)
+    if config.chat_template:
+        template = _chat_template(config, [m.path for m in plan.models])
+        if template is not None and not options.copy_tokenizer:
+            log.warning("chat_template is ignored: no tokenizer is written (--no-copy-tokenizer)")
+        elif template is not None:
+            from .tokenizer import write_chat_template
+
+            write_chat_template(out, template)
     if options.write_model_card:
         from .card import generate_card
 

@@ -126,6 +126,7 @@ fn histograms(
     active: &[(usize, u32)],
     n: usize,
     nb: usize,
+    sparse: bool,
     threads: usize,
     bucket: impl Fn(usize, u32) -> u32 + Sync,
 ) -> Vec<Vec<u64>> {
@@ -136,8 +137,9 @@ fn histograms(
     threads::run_all(tasks, |(r, totals)| {
         with_avx2(|| {
             *totals = vec![vec![0u64; nb]; k];
-            // One extra bucket (index nb) swallows the elements a model does not count.
-            let mut hist = vec![vec![0u32; nb + 1]; k];
+            // Two histograms per model (even and odd elements) so that runs of equal keys do
+            // not serialize on one counter; one extra bucket (index nb) for skipped elements.
+            let mut hist = vec![vec![0u32; 2 * (nb + 1)]; k];
             let mut bv = [0f32; BLOCK];
             let mut keys = vec![[0u32; BLOCK]; k];
             let mut d = [0f32; BLOCK];
@@ -158,11 +160,32 @@ fn histograms(
                         *kk = bucket(a, capped_key(v, cap)).min(nb as u32);
                     }
                 }
-                // Interleave the models so consecutive increments hit independent histograms.
-                for j in 0..len {
+                if sparse {
+                    // Most elements are skipped: branch (predictable) instead of counting them.
                     for (h, kk) in hist.iter_mut().zip(keys.iter()) {
-                        if let Some(c) = h.get_mut(kk[j] as usize) {
-                            *c += 1;
+                        for &key in &kk[..len] {
+                            if (key as usize) < nb {
+                                if let Some(c) = h.get_mut(key as usize) {
+                                    *c += 1;
+                                }
+                            }
+                        }
+                    }
+                } else {
+                    // Interleave models and even/odd elements: independent counters.
+                    for (h, kk) in hist.iter_mut().zip(keys.iter()) {
+                        let (h0, h1) = h.split_at_mut(nb + 1);
+                        let mut pairs = kk[..len].chunks_exact(2);
+                        for p in &mut pairs {
+                            if let (Some(a), Some(c)) = (h0.get_mut(p[0] as usize), h1.get_mut(p[1] as usize)) {
+                                *a += 1;
+                                *c += 1;
+                            }
+                        }
+                        for &key in pairs.remainder() {
+                            if let Some(c) = h0.get_mut(key as usize) {
+                                *c += 1;
+                            }
                         }
                     }
                 }
@@ -170,9 +193,11 @@ fn histograms(
                 b += len;
                 if since_flush >= FLUSH || b >= r.end {
                     for (t, h) in totals.iter_mut().zip(hist.iter_mut()) {
-                        for (tt, hh) in t.iter_mut().zip(h.iter_mut()) {
-                            *tt += *hh as u64;
-                            *hh = 0;
+                        let (h0, h1) = h.split_at_mut(nb + 1);
+                        for ((tt, a), c) in t.iter_mut().zip(h0.iter_mut()).zip(h1.iter_mut()) {
+                            *tt += *a as u64 + *c as u64;
+                            *a = 0;
+                            *c = 0;
                         }
                     }
                     since_flush = 0;
@@ -231,7 +256,7 @@ pub fn thresholds(
     if active.is_empty() {
         return Ok(result);
     }
-    let hi = histograms(xs, base, &active, n, HI_BUCKETS, threads, |_, key| {
+    let hi = histograms(xs, base, &active, n, HI_BUCKETS, false, threads, |_, key| {
         key >> 16
     });
     // Per active model: the located (bucket, rank within) of each rank, and up to two buckets.
@@ -249,7 +274,7 @@ pub fn thresholds(
         })
         .collect();
     let nb = 2 * LO_BUCKETS;
-    let lo = histograms(xs, base, &active, n, nb, threads, |a, key| {
+    let lo = histograms(xs, base, &active, n, nb, true, threads, |a, key| {
         let h = key >> 16;
         let low = key & 0xffff;
         let [b0, b1] = buckets[a];

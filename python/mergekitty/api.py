@@ -27,7 +27,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-SIDECAR_FILES = ("generation_config.json", "preprocessor_config.json", "processor_config.json")
+SIDECAR_FILES = ("generation_config.json", "preprocessor_config.json", "processor_config.json", "mergekitty_layout.json")
 STALE_OUTPUT_GLOBS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", ".*.partial", "config.json")
 
 
@@ -44,6 +44,7 @@ class MergeOptions:
     transformers_cache: str | None = None
     lora_merge_cache: str | None = None
     quiet: bool = False
+    layout_override: str | None = None  # a layout file (README: "Model layouts") used for every model
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -66,12 +67,13 @@ def _load_config(config: Any):
 
 
 def _open_models(config, options: MergeOptions):
-    from .architecture.layout import infer_layout
+    from .architecture import OVERRIDE_FILE, infer_layout, load_layout_override
     from .io.checkpoint import Checkpoint
     from .plan import InputModel
     from .refs import resolve_local_path
 
     models = []
+    forced = load_layout_override(options.layout_override) if options.layout_override else None
     for ref in config.referenced_models():
         if getattr(ref, "lora", None) is not None:
             raise PlanError(f"model reference '{ref}': applying LoRA adapters (model+lora) is not supported yet")
@@ -81,7 +83,10 @@ def _open_models(config, options: MergeOptions):
         override = getattr(ref, "override_architecture", None)
         if override:
             cfg["architectures"] = [override]
-        layout = infer_layout(checkpoint.names(), cfg, where=str(ref))
+        # the layout: --layout-override, else the model's own mergekitty_layout.json, else inferred
+        layout_file = Path(path) / OVERRIDE_FILE
+        stated = forced or (load_layout_override(layout_file) if layout_file.is_file() else None)
+        layout = infer_layout(checkpoint.names(), cfg, where=str(ref), override=stated)
         models.append(InputModel(ref, str(ref), Path(path), checkpoint, cfg, layout))
     return models
 

@@ -132,10 +132,9 @@ class Planner:
         m = self.models[model]
         if name in m.checkpoint:
             return name
-        if is_embedding_name(name):
-            for alt in ("model.embed_tokens.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight", "model.language_model.embed_tokens.weight"):
-                if alt in m.checkpoint and "embed" not in name and "wte" not in name:
-                    return alt
+        if is_embedding_name(name) and name in self.models[self._donor()].layout.post and m.layout.input_embedding:
+            # a head (lm_head, embed_out...) missing from a model with tied embeddings: its input embedding is the head
+            return m.layout.input_embedding
         close = difflib.get_close_matches(name, m.checkpoint.names(), n=1)
         hint = f" (closest: '{close[0]}')" if close else ""
         raise PlanError(f"model {m.label}: tensor '{name}' (needed for output '{out_name}') is missing{hint}")

@@ -7,6 +7,9 @@ nested (``text_config.num_hidden_layers`` for vision-language models, with
 prefixes such as ``model.language_model.layers``). Every other tensor is a
 "pre" weight (embeddings, vision tower: merged with t=0 from the first slice) or
 a "post" weight (final norm, head: t=1 from the last slice).
+
+Models the inference cannot understand get an ArchitectureError naming the tensors;
+their layout can then be stated in a ``mergekitty_layout.json`` (see ``override.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ _PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "vision", "visual", "ima
 # Prefix words that mark a stack as not the language model's.
 _NON_TEXT_HINTS = ("vision", "visual", "image", "audio", "encoder", "mm_", "projector", "patch")
 _EMBED_HINTS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "lm_head", "embed_out", "tok_embeddings")
+_INPUT_EMBED_HINTS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
+_OVERRIDE_HINT = "; describe the layout in a mergekitty_layout.json next to config.json (README: 'Model layouts')"
 
 
 def _get_nested(cfg: dict[str, Any], dotted: str) -> Any:
@@ -73,6 +78,15 @@ class ModelLayout:
     def layer_name(self, index: int, suffix: str) -> str:
         return f"{self.prefix}.{index}.{suffix}"
 
+    @property
+    def input_embedding(self) -> str | None:
+        """The language model's token embedding (what a tied head shares), if one is recognized."""
+        for name in self.pre:
+            low = name.lower()
+            if any(h in low for h in _INPUT_EMBED_HINTS) and not any(h in low for h in _NON_TEXT_HINTS):
+                return name
+        return None
+
 
 def _choose_stack(stacks: dict[str, dict[int, list[str]]], expected: int | None, where: str) -> str:
     def score(prefix: str) -> tuple:
@@ -84,22 +98,35 @@ def _choose_stack(stacks: dict[str, dict[int, list[str]]], expected: int | None,
 
     best = max(stacks, key=score)
     count = max(stacks[best]) + 1
+    found = ", ".join(f"'{p}' ({max(v) + 1} layers)" for p, v in stacks.items())
     if expected is not None and count != expected:
-        found = ", ".join(f"'{p}' ({max(v) + 1} layers)" for p, v in stacks.items())
         raise ArchitectureError(
-            f"{where}: config.json says {expected} layers, but no group of numbered tensors has that many (found {found})"
+            f"{where}: config.json says {expected} layers, but no group of numbered tensors has that many (found {found}){_OVERRIDE_HINT}"
         )
+    if expected is None:
+        # no layer count in config.json: the stack must be the only language-model candidate
+        rivals = [p for p in stacks if p != best and score(p)[1:3] == score(best)[1:3]]
+        if rivals:
+            raise ArchitectureError(
+                f"{where}: config.json has no layer count ({', '.join(LAYER_COUNT_KEYS)}) and several groups of "
+                f"numbered tensors could be the layer stack: {found}{_OVERRIDE_HINT}"
+            )
     if len(stacks[best]) != count:
         missing = sorted(set(range(count)) - set(stacks[best]))[:5]
-        raise ArchitectureError(f"{where}: layer stack '{best}' has no tensors for layers {missing}")
+        raise ArchitectureError(f"{where}: layer stack '{best}' has no tensors for layers {missing}{_OVERRIDE_HINT}")
     return best
 
 
-def infer_layout(tensor_names: Iterable[str], cfg: dict[str, Any], where: str = "model") -> ModelLayout:
+def infer_layout(tensor_names: Iterable[str], cfg: dict[str, Any], where: str = "model", override=None) -> ModelLayout:
     """Split ``tensor_names`` into pre weights, numbered layers and post weights.
 
-    ``where`` names the model in error messages.
+    ``where`` names the model in error messages. ``override`` (a ``LayoutOverride``) states
+    the layout instead of inferring it.
     """
+    if override is not None:
+        from .override import layout_from_override
+
+        return layout_from_override(tensor_names, cfg, override, where)
     names = list(tensor_names)
     count_key = layer_count_key(cfg)
     expected = _get_nested(cfg, count_key) if count_key else None
@@ -114,7 +141,7 @@ def infer_layout(tensor_names: Iterable[str], cfg: dict[str, Any], where: str = 
         if expected:
             sample = ", ".join(names[:6])
             raise ArchitectureError(
-                f"{where}: config.json says {expected} layers, but no tensor name looks like '<prefix>.<layer>.<name>' (tensors: {sample}...)"
+                f"{where}: config.json says {expected} layers, but no tensor name looks like '<prefix>.<layer>.<name>' (tensors: {sample}...){_OVERRIDE_HINT}"
             )
         return ModelLayout(0, count_key, "", {}, tuple(names), ())
 

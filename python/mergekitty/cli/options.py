@@ -57,6 +57,7 @@ def merge_options(fn):
         click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True, help="Copy the tokenizer files of the base (or first) model."),
         click.option("--write-model-card/--no-write-model-card", default=True, show_default=True, help="Write README.md and mergekitty_config.yml."),
         click.option("--allow-crimes/--no-allow-crimes", default=False, show_default=True, help="Allow merging models of different architectures."),
+        click.option("--layout-override", type=click.Path(dir_okay=False), default=None, help="A layout file (JSON/YAML) stating the layer stack of models whose tensor names are not understood; see README 'Model layouts'."),
         click.option("--trust-remote-code/--no-trust-remote-code", default=False, show_default=True, help="Allow custom model code from the hub where configs need it."),
         click.option("--random-seed", type=int, default=None, help="Seed for random merge methods; recorded in the model card."),
         click.option("--transformers-cache", default=None, help="Cache directory for models downloaded from the hub."),

@@ -25,7 +25,7 @@ _CONFIG_CLASS = {
     "gemma": "GemmaConfig", "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig", "phi3": "Phi3Config",
     "gpt_neox": "GPTNeoXConfig", "gpt2": "GPT2Config", "falcon": "FalconConfig", "starcoder2": "Starcoder2Config",
     "stablelm": "StableLmConfig", "cohere": "CohereConfig", "olmo2": "Olmo2Config", "mixtral": "MixtralConfig",
-    "qwen3_moe": "Qwen3MoeConfig", "gemma3_vl": "Gemma3Config",
+    "qwen3_moe": "Qwen3MoeConfig", "gemma3_vl": "Gemma3Config", "llava": "LlavaConfig",
 }  # fmt: skip
 # the frankenmerge: [0, 2) + [1, 4) of a 4-layer model
 SLICES = ((0, 2), (1, 4))
@@ -189,6 +189,9 @@ def test_frankenmerge(arch, families, tmp_path):
     s_in, got = _state(src), _state(out)
     layout = infer_layout(s_in, in_cfg)
     assert layout.num_layers == 4
+    if "vision_config" in in_cfg:  # the language layers are renumbered, the vision tower's are not
+        assert "language_model" in layout.prefix, layout.prefix
+        assert any(".vision_tower." in f".{k}" and ".layers.3." in k for k in got) == (in_cfg["vision_config"]["num_hidden_layers"] == 4)
     expected = {k: v for k, v in s_in.items() if not k.startswith(layout.prefix + ".")}
     for out_idx, in_idx in enumerate(LAYER_MAP):
         for suffix in layout.layer_tensors[in_idx]:

@@ -69,6 +69,15 @@ def _small(arch: str, **overrides):
             boi_token_index=121,
             eoi_token_index=122,
         ),
+        # LLaVA: a CLIP tower with as many layers as the Llama text model (the stack must still be the text one)
+        "llava": lambda: T.LlavaConfig(
+            text_config=T.LlamaConfig(**kv, **ids, **{**c, "vocab_size": 128}).to_dict(),
+            vision_config=T.CLIPVisionConfig(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=n, num_attention_heads=4, image_size=28, patch_size=14, projection_dim=32
+            ).to_dict(),
+            image_token_index=120,
+            vision_feature_layer=-1,
+        ),
     }
     if arch not in table:
         return None
@@ -77,7 +86,7 @@ def _small(arch: str, **overrides):
 
 SMALL_ARCHS = (
     "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox", "gpt2", "falcon",
-    "starcoder2", "stablelm", "cohere", "olmo2", "mixtral", "qwen3_moe", "gemma3_vl",
+    "starcoder2", "stablelm", "cohere", "olmo2", "mixtral", "qwen3_moe", "gemma3_vl", "llava",
 )  # fmt: skip
 ARCHS = ("llama", "mistral", "qwen2") + SMALL_ARCHS
 

@@ -281,3 +281,19 @@ merge_method: linear
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "position_ids" in proc.stderr and "integer" in proc.stderr
     assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_rerun_into_the_same_directory_leaves_no_stale_files(llama, tmp_path, write_yaml):
+    out = tmp_path / "out"
+    sharded = write_yaml(f"""
+models: [{{model: {llama['ft1']}, parameters: {{weight: 1.0}}}}]
+merge_method: linear
+""", "a.yml")
+    run_cli("mergekitty-yaml", sharded, out, "--quiet", "--out-shard-size", "50K")
+    assert (out / "model.safetensors.index.json").is_file()
+    (out / "chat_template.jinja").write_text("{{ stale }}")
+    run_cli("mergekitty-yaml", sharded, out, "--quiet", "--no-copy-tokenizer")
+    names = sorted(p.name for p in out.iterdir())
+    assert names.count("model.safetensors") == 1 and not any(n.startswith("model-0") for n in names), names
+    assert "model.safetensors.index.json" not in names and "chat_template.jinja" not in names and "tokenizer.json" not in names
+    assert torch.isfinite(_logits(out)).all()

@@ -178,7 +178,8 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def _prepare_out_dir(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for pattern in STALE_OUTPUT_GLOBS:
+    # an earlier merge's tokenizer and side files must not survive next to this merge's weights
+    for pattern in (*STALE_OUTPUT_GLOBS, *TOKENIZER_FILES, *SIDECAR_FILES):
         for stale in out.glob(pattern):
             if stale.is_file():
                 stale.unlink()

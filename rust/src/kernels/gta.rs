@@ -5,9 +5,12 @@
 //! typically the memory-mapped safetensors data) are read directly:
 //!
 //! - [`thresholds`]: the exact order statistics of `|d_i|` that magnitude (TIES) and
-//!   Breadcrumbs need, for all models at once, with a two-pass radix select over the magnitude
-//!   keys (pass 1: a histogram of the high bits of every model's keys, reading `x_1..x_k` and
-//!   `b` once; pass 2: a histogram of the low 16 bits inside the boundary buckets only).
+//!   Breadcrumbs need, for all models at once: a strided ~1/64 sample of the keys picks a key
+//!   band around each rank, one full pass (reading `x_1..x_k` and `b` once) counts the keys
+//!   below each band and collects those inside it, and the exact key is selected from the band.
+//!   A model whose band misses (rare), and small tensors, take the exact two-pass radix select
+//!   (pass 1: a histogram of the high 16 key bits; pass 2: of the low 16 bits inside the
+//!   boundary buckets only).
 //! - [`combine`]: one pass computing `d_i`, each model's sparsification (none, a magnitude band,
 //!   DARE's Bernoulli mask, or DELLA's rank-dependent mask per row), the (sign-consensus)
 //!   combination and `out = b + lambda * M` in the output dtype.
@@ -256,6 +259,284 @@ pub fn thresholds(
     if active.is_empty() {
         return Ok(result);
     }
+    if n < SAMPLED_MIN_N {
+        for (a, keys) in radix_select(xs, base, &active, ranks, n, threads).into_iter().enumerate() {
+            result[active[a].0] = keys;
+        }
+        return Ok(result);
+    }
+    let (res, _) = sampled_select(xs, base, &active, ranks, n, threads, SAMPLE_SIGMAS);
+    for (a, keys) in res.into_iter().enumerate() {
+        result[active[a].0] = keys;
+    }
+    Ok(result)
+}
+
+/// Below this many elements the exact two-pass radix select runs directly.
+const SAMPLED_MIN_N: usize = 1 << 20;
+/// The sample: runs of `SAMPLE_RUN` elements every `SAMPLE_STRIDE` elements (a prime, so the
+/// sample does not alias with row lengths), about 1/64 of the elements.
+const SAMPLE_RUN: usize = 64;
+const SAMPLE_STRIDE: usize = 4093;
+/// Half-width of the key band, in standard deviations of the sample quantile.
+const SAMPLE_SIGMAS: f64 = 7.0;
+
+/// The key band around one rank and what the full pass found: `below` keys < lo, `eq_lo`
+/// keys == lo, `eq_hi` keys == hi (when hi != lo), and the keys strictly inside (lo, hi).
+struct Band {
+    lo: u32,
+    hi: u32,
+    below: u64,
+    eq_lo: u64,
+    eq_hi: u64,
+    inside: Vec<u32>,
+    overflow: bool,
+}
+
+/// Exact order statistics by sampling: a strided sample of the keys picks, per rank, a key
+/// band that contains the order statistic with very high probability; one full pass counts the
+/// keys below each band and collects the keys inside it; the exact key is then selected from the
+/// band. A model whose band misses a rank (or grows too large) goes through [`radix_select`].
+/// Returns the keys per active model and how many models fell back.
+#[allow(clippy::too_many_arguments)]
+fn sampled_select(
+    xs: &[Tensor],
+    base: Tensor,
+    active: &[(usize, u32)],
+    ranks: &[Vec<usize>],
+    n: usize,
+    threads: usize,
+    sigmas: f64,
+) -> (Vec<Vec<u32>>, usize) {
+    let k = active.len();
+    let nthreads = threads::resolve(threads);
+    // 1. The sample.
+    let runs = n.div_ceil(SAMPLE_STRIDE);
+    let st = nthreads.min(runs / 256).max(1);
+    let per = runs.div_ceil(st);
+    let mut parts: Vec<Vec<Vec<u32>>> = vec![Vec::new(); st];
+    let tasks: Vec<_> = parts
+        .iter_mut()
+        .enumerate()
+        .map(|(t, p)| (t * per..((t + 1) * per).min(runs), p))
+        .collect();
+    threads::run_all(tasks, |(r, out)| {
+        with_avx2(|| {
+            *out = vec![Vec::with_capacity(r.len() * SAMPLE_RUN); k];
+            let mut bv = [0f32; SAMPLE_RUN];
+            let mut d = [0f32; SAMPLE_RUN];
+            for j in r {
+                let s = j * SAMPLE_STRIDE;
+                let len = SAMPLE_RUN.min(n - s);
+                let bv = &mut bv[..len];
+                let sz = base.dtype.size();
+                load(base.dtype, &base.data[s * sz..(s + len) * sz], bv);
+                for (o, &(mi, cap)) in out.iter_mut().zip(active) {
+                    let d = &mut d[..len];
+                    task_vector(xs[mi], s, bv, d);
+                    o.extend(d.iter().map(|&v| capped_key(v, cap)));
+                }
+            }
+        })
+    });
+    let mut samples: Vec<Vec<u32>> = (0..k)
+        .map(|a| {
+            let mut v = Vec::with_capacity(parts.iter().map(|p| p[a].len()).sum());
+            for p in &parts {
+                v.extend_from_slice(&p[a]);
+            }
+            v
+        })
+        .collect();
+    drop(parts);
+    // Bands per active model, one per rank.
+    let mut bands: Vec<Vec<(u32, u32)>> = vec![Vec::new(); k];
+    let tasks: Vec<_> = samples
+        .iter_mut()
+        .zip(bands.iter_mut())
+        .zip(active)
+        .collect();
+    threads::run_all(tasks, |((smp, out), &(mi, _))| {
+        let m = smp.len();
+        for &r in &ranks[mi] {
+            let q = (r as f64 + 0.5) / n as f64;
+            let sd = (q * (1.0 - q) / m as f64).sqrt();
+            let delta = sigmas * sd + 8.0 / m as f64;
+            let lo_q = (q - delta) * m as f64;
+            let hi_q = (q + delta) * m as f64;
+            let lo = if lo_q < 0.0 || m == 0 {
+                0
+            } else {
+                let i = (lo_q.floor() as usize).min(m - 1);
+                *smp.select_nth_unstable(i).1
+            };
+            let hi = if hi_q >= (m as f64 - 1.0) || m == 0 {
+                u32::MAX
+            } else {
+                let i = (hi_q.ceil() as usize).min(m - 1);
+                *smp.select_nth_unstable(i).1
+            };
+            out.push((lo, hi.max(lo)));
+        }
+    });
+    drop(samples);
+    // 2. The full pass.
+    let ranges = threads::chunk_ranges(n, nthreads, BLOCK);
+    let mut per_thread: Vec<Vec<Vec<Band>>> = ranges.iter().map(|_| Vec::new()).collect();
+    let tasks: Vec<_> = ranges.into_iter().zip(per_thread.iter_mut()).collect();
+    let bands = &bands;
+    threads::run_all(tasks, |(r, out)| {
+        with_avx2(|| {
+            let cap_len = r.len() / 4 + 4096;
+            *out = bands
+                .iter()
+                .map(|bs| {
+                    bs.iter()
+                        .map(|&(lo, hi)| Band {
+                            lo,
+                            hi,
+                            below: 0,
+                            eq_lo: 0,
+                            eq_hi: 0,
+                            inside: Vec::new(),
+                            overflow: false,
+                        })
+                        .collect()
+                })
+                .collect();
+            let mut bv = [0f32; BLOCK];
+            let mut keys = [0u32; BLOCK];
+            let mut d = [0f32; BLOCK];
+            let mut b = r.start;
+            while b < r.end {
+                let len = BLOCK.min(r.end - b);
+                let bv = &mut bv[..len];
+                let sz = base.dtype.size();
+                load(base.dtype, &base.data[b * sz..(b + len) * sz], bv);
+                for (bs, &(mi, cap)) in out.iter_mut().zip(active) {
+                    let d = &mut d[..len];
+                    task_vector(xs[mi], b, bv, d);
+                    let keys = &mut keys[..len];
+                    for (kk, &v) in keys.iter_mut().zip(d.iter()) {
+                        *kk = capped_key(v, cap);
+                    }
+                    for band in bs.iter_mut() {
+                        let (lo, hi) = (band.lo, band.hi);
+                        let (mut below, mut eq_lo, mut eq_hi) = (0u32, 0u32, 0u32);
+                        for &kk in keys.iter() {
+                            below += (kk < lo) as u32;
+                            eq_lo += (kk == lo) as u32;
+                            eq_hi += (kk == hi) as u32;
+                        }
+                        band.below += below as u64;
+                        band.eq_lo += eq_lo as u64;
+                        band.eq_hi += eq_hi as u64;
+                        if hi > lo.saturating_add(1) && !band.overflow {
+                            // lo < key < hi  <=>  key - lo - 1 < hi - lo - 1 (wrapping).
+                            let lo1 = lo + 1;
+                            let w = hi - lo1;
+                            for &kk in keys.iter() {
+                                if kk.wrapping_sub(lo1) < w {
+                                    band.inside.push(kk);
+                                }
+                            }
+                            if band.inside.len() > cap_len {
+                                band.overflow = true;
+                                band.inside = Vec::new();
+                            }
+                        }
+                    }
+                }
+                b += len;
+            }
+        })
+    });
+    // 3. Merge the per-thread bands and select.
+    let mut merged: Vec<Vec<Band>> = Vec::with_capacity(k);
+    for a in 0..k {
+        let mut bs: Vec<Band> = Vec::new();
+        for (j, &(lo, hi)) in bands[a].iter().enumerate() {
+            let mut m = Band {
+                lo,
+                hi,
+                below: 0,
+                eq_lo: 0,
+                eq_hi: 0,
+                inside: Vec::new(),
+                overflow: false,
+            };
+            let total: usize = per_thread.iter().map(|t| t[a][j].inside.len()).sum();
+            m.inside.reserve_exact(total);
+            for t in per_thread.iter_mut() {
+                let tb = &mut t[a][j];
+                m.below += tb.below;
+                m.eq_lo += tb.eq_lo;
+                m.eq_hi += tb.eq_hi;
+                m.overflow |= tb.overflow;
+                m.inside.extend_from_slice(&tb.inside);
+                tb.inside = Vec::new();
+            }
+            bs.push(m);
+        }
+        merged.push(bs);
+    }
+    drop(per_thread);
+    let mut out: Vec<Option<Vec<u32>>> = vec![None; k];
+    let tasks: Vec<_> = merged.iter_mut().zip(out.iter_mut()).zip(active).collect();
+    threads::run_all(tasks, |((bs, o), &(mi, _))| {
+        let keys: Option<Vec<u32>> = bs
+            .iter_mut()
+            .zip(&ranks[mi])
+            .map(|(band, &r)| band_key(band, r as u64))
+            .collect();
+        *o = keys;
+    });
+    let missed: Vec<usize> = (0..k).filter(|&a| out[a].is_none()).collect();
+    let fallbacks = missed.len();
+    if !missed.is_empty() {
+        let sub: Vec<(usize, u32)> = missed.iter().map(|&a| active[a]).collect();
+        for (&a, keys) in missed.iter().zip(radix_select(xs, base, &sub, ranks, n, threads)) {
+            out[a] = Some(keys);
+        }
+    }
+    (out.into_iter().map(|o| o.unwrap_or_default()).collect(), fallbacks)
+}
+
+/// The key at rank `r` from a merged band, or `None` when the band does not hold it.
+fn band_key(band: &mut Band, r: u64) -> Option<u32> {
+    if band.overflow || r < band.below {
+        return None;
+    }
+    let mut t = r - band.below;
+    if t < band.eq_lo {
+        return Some(band.lo);
+    }
+    if band.hi == band.lo {
+        return None;
+    }
+    t -= band.eq_lo;
+    let len = band.inside.len() as u64;
+    if t < len {
+        return Some(*band.inside.select_nth_unstable(t as usize).1);
+    }
+    t -= len;
+    if t < band.eq_hi {
+        return Some(band.hi);
+    }
+    None
+}
+
+/// The exact two-pass radix select (pass 1: histograms of the high 16 key bits; pass 2: of the
+/// low 16 bits inside the boundary buckets) for the given active models.
+fn radix_select(
+    xs: &[Tensor],
+    base: Tensor,
+    active: &[(usize, u32)],
+    ranks: &[Vec<usize>],
+    n: usize,
+    threads: usize,
+) -> Vec<Vec<u32>> {
+    let active = active.to_vec();
     let hi = histograms(xs, base, &active, n, HI_BUCKETS, false, threads, |_, key| {
         key >> 16
     });
@@ -286,8 +567,9 @@ pub fn thresholds(
             u32::MAX
         }
     });
-    for (a, &(mi, _)) in active.iter().enumerate() {
-        result[mi] = located[a]
+    let mut result = vec![Vec::new(); active.len()];
+    for (a, _) in active.iter().enumerate() {
+        result[a] = located[a]
             .iter()
             .map(|&(b, within)| {
                 let slot = if b as u32 == buckets[a][0] { 0 } else { 1 };
@@ -297,7 +579,7 @@ pub fn thresholds(
             })
             .collect();
     }
-    Ok(result)
+    result
 }
 
 // ---------------------------------------------------------------------------------------
@@ -769,6 +1051,210 @@ mod tests {
                     assert!(out == expected, "{kind} consensus={consensus_} threads={threads}");
                 }
             }
+        }
+    }
+
+    /// Input bytes in `dtype` (BF16: the high half of the f32 bits, truncated).
+    fn encode(v: &[f32], dtype: FloatDtype) -> Vec<u8> {
+        match dtype {
+            FloatDtype::BF16 => v
+                .iter()
+                .flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes())
+                .collect(),
+            _ => bytes(v),
+        }
+    }
+
+    /// The oracle: every key, sorted.
+    fn sorted_keys(x: &[u8], b: &[u8], dtype: FloatDtype, cap: u32) -> Vec<u32> {
+        let n = b.len() / dtype.size();
+        let (mut xv, mut bv) = (vec![0f32; n], vec![0f32; n]);
+        load(dtype, x, &mut xv);
+        load(dtype, b, &mut bv);
+        let mut k: Vec<u32> = xv
+            .iter()
+            .zip(&bv)
+            .map(|(&x, &b)| capped_key(x - b, cap))
+            .collect();
+        k.sort_unstable();
+        k
+    }
+
+    /// Checks `thresholds` (and the sampled path with and without fallback) against the
+    /// two-pass radix select and a full sort; returns how many models the sampled path sent
+    /// to the fallback.
+    fn check_thresholds(b: &[f32], xs: &[Vec<f32>], dtype: FloatDtype, what: &str) -> usize {
+        let n = b.len();
+        let bb = encode(b, dtype);
+        let xb: Vec<Vec<u8>> = xs.iter().map(|x| encode(x, dtype)).collect();
+        let xt: Vec<Tensor> = xb.iter().map(|d| Tensor { data: d, dtype }).collect();
+        let base = Tensor { data: &bb, dtype };
+        let k = xs.len();
+        let modes: Vec<KeyMode> = (0..k)
+            .map(|i| if i % 2 == 0 { KeyMode::Magnitude } else { KeyMode::Outliers })
+            .collect();
+        let mut fallbacks = 0;
+        let rank_sets: Vec<Vec<Vec<usize>>> = vec![
+            (0..k).map(|i| vec![n / 2 + i]).collect(),
+            (0..k).map(|_| vec![0, n - 1]).collect(),
+            (0..k).map(|i| vec![n / 10, n - n / 7 - i]).collect(),
+            (0..k).map(|i| if i == 1 { vec![] } else { vec![n - n / 100] }).collect(),
+        ];
+        for ranks in &rank_sets {
+            let active: Vec<(usize, u32)> = (0..k)
+                .filter(|&i| !ranks[i].is_empty())
+                .map(|i| (i, modes[i].cap()))
+                .collect();
+            let radix = radix_select(&xt, base, &active, ranks, n, 2);
+            for (a, &(mi, cap)) in active.iter().enumerate() {
+                let sorted = sorted_keys(&xb[mi], &bb, dtype, cap);
+                let want: Vec<u32> = ranks[mi].iter().map(|&r| sorted[r]).collect();
+                assert_eq!(radix[a], want, "{what}: radix, model {mi}, ranks {:?}", ranks[mi]);
+            }
+            for threads in [1, 3] {
+                let got = thresholds(&xt, base, ranks, &modes, threads).unwrap();
+                let (sampled, fb) = sampled_select(&xt, base, &active, ranks, n, threads, SAMPLE_SIGMAS);
+                fallbacks += fb;
+                // Zero width: the band is a single sampled key, the fallback path is exercised.
+                let (narrow, _) = sampled_select(&xt, base, &active, ranks, n, threads, 0.0);
+                for (a, &(mi, _)) in active.iter().enumerate() {
+                    assert_eq!(got[mi], radix[a], "{what}: thresholds, model {mi}");
+                    assert_eq!(sampled[a], radix[a], "{what}: sampled, model {mi}");
+                    assert_eq!(narrow[a], radix[a], "{what}: narrow, model {mi}");
+                }
+                for i in 0..k {
+                    if ranks[i].is_empty() {
+                        assert!(got[i].is_empty());
+                    }
+                }
+            }
+        }
+        fallbacks
+    }
+
+    fn random_models(n: usize, k: usize, seed: u64) -> (Vec<f32>, Vec<Vec<f32>>) {
+        let mut g = Lcg(seed);
+        let b: Vec<f32> = (0..n).map(|_| g.f32()).collect();
+        let xs = (0..k)
+            .map(|_| b.iter().map(|&v| v + 0.01 * g.f32()).collect())
+            .collect();
+        (b, xs)
+    }
+
+    #[test]
+    fn sampled_thresholds_random() {
+        let n = SAMPLED_MIN_N + 12345;
+        let (b, xs) = random_models(n, 3, 11);
+        for dtype in [FloatDtype::F32, FloatDtype::BF16] {
+            let fb = check_thresholds(&b, &xs, dtype, &format!("random {dtype:?}"));
+            assert_eq!(fb, 0, "random data should not need the fallback");
+        }
+    }
+
+    #[test]
+    fn sampled_thresholds_ties_and_specials() {
+        let n = SAMPLED_MIN_N + 777;
+        let (b, _) = random_models(n, 1, 5);
+        // All task-vector entries equal.
+        let same: Vec<Vec<f32>> = vec![b.iter().map(|&v| v + 0.5).collect(); 2];
+        check_thresholds(&b, &same, FloatDtype::F32, "all equal");
+        // All zero.
+        check_thresholds(&b, &[b.clone(), b.clone()], FloatDtype::BF16, "all zero");
+        // A few distinct values.
+        let few: Vec<Vec<f32>> = (0..3)
+            .map(|i| {
+                (0..n).map(|j| [0.0f32, 0.25, -0.5, 1.0][(j * 7 + i) % 4] * ((j % 3) as f32)).collect()
+            })
+            .collect();
+        check_thresholds(&vec![0.0; n], &few, FloatDtype::BF16, "few distinct");
+        // NaN and inf.
+        let mut g = Lcg(9);
+        let specials: Vec<Vec<f32>> = (0..3)
+            .map(|i| {
+                b.iter()
+                    .enumerate()
+                    .map(|(j, &v)| match (j * 31 + i) % 5 {
+                        0 => f32::NAN,
+                        1 => f32::INFINITY,
+                        2 => f32::NEG_INFINITY,
+                        _ => v + g.f32(),
+                    })
+                    .collect()
+            })
+            .collect();
+        check_thresholds(&b, &specials, FloatDtype::F32, "nan/inf");
+    }
+
+    #[test]
+    fn sampled_thresholds_fallback_when_the_sample_misleads() {
+        // The sampled runs see tiny task vectors, the rest large ones: every band misses.
+        let n = SAMPLED_MIN_N + 4093 * 3;
+        let b = vec![1.0f32; n];
+        let mut g = Lcg(21);
+        let xs: Vec<Vec<f32>> = (0..2)
+            .map(|_| {
+                (0..n)
+                    .map(|j| {
+                        let scale = if j % SAMPLE_STRIDE < SAMPLE_RUN { 1e-3 } else { 1.0 };
+                        1.0 + scale * g.f32()
+                    })
+                    .collect()
+            })
+            .collect();
+        let fb = check_thresholds(&b, &xs, FloatDtype::F32, "adversarial");
+        assert!(fb > 0, "the fallback should have been taken");
+    }
+
+    #[test]
+    fn tiny_thresholds_match_sort() {
+        for n in [1usize, 2, 5, 1000, 70_000] {
+            let (b, xs) = random_models(n, 2, n as u64);
+            let bb = bytes(&b);
+            let xb: Vec<Vec<u8>> = xs.iter().map(|x| bytes(x)).collect();
+            let xt: Vec<Tensor> = xb
+                .iter()
+                .map(|d| Tensor { data: d, dtype: FloatDtype::F32 })
+                .collect();
+            let base = Tensor { data: &bb, dtype: FloatDtype::F32 };
+            let ranks = vec![vec![0, n - 1], vec![n / 2]];
+            let modes = [KeyMode::Magnitude, KeyMode::Outliers];
+            let got = thresholds(&xt, base, &ranks, &modes, 2).unwrap();
+            for i in 0..2 {
+                let sorted = sorted_keys(&xb[i], &bb, FloatDtype::F32, modes[i].cap());
+                let want: Vec<u32> = ranks[i].iter().map(|&r| sorted[r]).collect();
+                assert_eq!(got[i], want);
+            }
+        }
+    }
+
+    /// `cargo test --release bench_thresholds -- --ignored --nocapture`: the two-pass radix
+    /// select against the sampled path on 3 x 50M bf16 elements.
+    #[test]
+    #[ignore]
+    fn bench_thresholds() {
+        let n = 50_000_000;
+        let (b, xs) = random_models(n, 3, 1);
+        let bb = encode(&b, FloatDtype::BF16);
+        let xb: Vec<Vec<u8>> = xs.iter().map(|x| encode(x, FloatDtype::BF16)).collect();
+        let xt: Vec<Tensor> = xb
+            .iter()
+            .map(|d| Tensor { data: d, dtype: FloatDtype::BF16 })
+            .collect();
+        let base = Tensor { data: &bb, dtype: FloatDtype::BF16 };
+        let ranks = vec![vec![n / 2]; 3];
+        let active: Vec<(usize, u32)> = (0..3).map(|i| (i, NAN_KEY)).collect();
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let r = radix_select(&xt, base, &active, &ranks, n, 0);
+            let t_old = t.elapsed();
+            let t = std::time::Instant::now();
+            let (s, fb) = sampled_select(&xt, base, &active, &ranks, n, 0, SAMPLE_SIGMAS);
+            let t_new = t.elapsed();
+            assert_eq!(r, s);
+            eprintln!(
+                "radix {t_old:?} sampled {t_new:?} ratio {:.2} fallbacks {fb}",
+                t_old.as_secs_f64() / t_new.as_secs_f64()
+            );
         }
     }
 

@@ -144,7 +144,7 @@ def test_l1_rescale_and_shape_mismatch_fall_back(monkeypatch):
     get_method("ties").merge(MergeInputs("model.embed_tokens.weight", [big, *xs[1:]], mp, params, base=base, out_dtype=torch.float32))
 
 
-@pytest.mark.parametrize("n", [1, 2, 7, 1000, 70001])
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 70001, (1 << 20) + 4099])  # the last takes the sampled path
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_thresholds_match_sorting(n, dtype):
     g = torch.Generator().manual_seed(n)

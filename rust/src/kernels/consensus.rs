@@ -179,6 +179,48 @@ pub(crate) fn store(dtype: FloatDtype, src: &[f32], out: &mut [u8]) {
     }
 }
 
+/// The merged delta M of one block (docs/kernels.md "Sign consensus"), from the weighted
+/// values of every model (model i at `vals[i * stride..]`, `s.len()` each) and their sum `s`.
+/// Shared by `combine_range` and the fused GTA kernel so both stay bit-identical.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn merge_block(
+    vals: &[f32],
+    stride: usize,
+    w32: &[f32],
+    s: &[f32],
+    m: &mut [f32],
+    d: &mut [f32],
+    consensus: bool,
+    normalize: bool,
+    div: Option<f32>,
+) {
+    let len = s.len();
+    if consensus {
+        m.fill(0.0);
+        d.fill(0.0);
+        for (i, &w) in w32.iter().enumerate() {
+            let v = &vals[i * stride..i * stride + len];
+            for j in 0..len {
+                let (x, pos) = (v[j], s[j] >= 0.0);
+                let counts = if pos { x > 0.0 } else { x < 0.0 };
+                m[j] += if counts { x } else { 0.0 };
+                d[j] += if counts { w } else { 0.0 };
+            }
+        }
+        if normalize {
+            m.iter_mut()
+                .zip(d.iter())
+                .for_each(|(x, &dd)| *x = if dd != 0.0 { *x / dd } else { *x });
+        }
+    } else {
+        m.copy_from_slice(s);
+        if let Some(div) = div {
+            m.iter_mut().for_each(|x| *x /= div);
+        }
+    }
+}
+
 #[inline(always)]
 fn combine_range(
     spec: &Combine,
@@ -218,30 +260,7 @@ fn combine_range(
             }
         }
         let m = &mut m[..len];
-        if spec.consensus {
-            let d = &mut d[..len];
-            m.fill(0.0);
-            d.fill(0.0);
-            for (i, &w) in w32.iter().enumerate() {
-                let v = &vals[i * BLOCK..i * BLOCK + len];
-                for j in 0..len {
-                    let (x, pos) = (v[j], s[j] >= 0.0);
-                    let counts = if pos { x > 0.0 } else { x < 0.0 };
-                    m[j] += if counts { x } else { 0.0 };
-                    d[j] += if counts { w } else { 0.0 };
-                }
-            }
-            if spec.normalize {
-                m.iter_mut()
-                    .zip(d.iter())
-                    .for_each(|(x, &dd)| *x = if dd != 0.0 { *x / dd } else { *x });
-            }
-        } else {
-            m.copy_from_slice(s);
-            if let Some(div) = div {
-                m.iter_mut().for_each(|x| *x /= div);
-            }
-        }
+        merge_block(&vals, BLOCK, &w32, s, m, &mut d[..len], spec.consensus, spec.normalize, div);
         // out = base + lambda * M
         match base {
             Some((bytes, bd)) => {

@@ -827,30 +827,17 @@ fn block(
         }
     }
     let m = &mut sc.m[..len];
-    if spec.consensus {
-        let d = &mut sc.dsum[..len];
-        m.fill(0.0);
-        d.fill(0.0);
-        for (i, &w) in w32.iter().enumerate() {
-            let v = &sc.vals[i * stride..i * stride + len];
-            for j in 0..len {
-                let (x, pos) = (v[j], s[j] >= 0.0);
-                let counts = if pos { x > 0.0 } else { x < 0.0 };
-                m[j] += if counts { x } else { 0.0 };
-                d[j] += if counts { w } else { 0.0 };
-            }
-        }
-        if spec.normalize {
-            m.iter_mut()
-                .zip(d.iter())
-                .for_each(|(x, &dd)| *x = if dd != 0.0 { *x / dd } else { *x });
-        }
-    } else {
-        m.copy_from_slice(s);
-        if let Some(div) = div {
-            m.iter_mut().for_each(|x| *x /= div);
-        }
-    }
+    crate::kernels::consensus::merge_block(
+        &sc.vals,
+        stride,
+        w32,
+        s,
+        m,
+        &mut sc.dsum[..len],
+        spec.consensus,
+        spec.normalize,
+        div,
+    );
     let lambda = spec.lambda;
     m.iter_mut()
         .zip(bv.iter())

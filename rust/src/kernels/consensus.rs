@@ -108,7 +108,7 @@ pub fn combine_into(
         rest = tail;
     }
     threads::run_all(tasks, |(r, out)| {
-        with_avx2(|| combine_range(spec, div, lambda, base, r.start, out, out_dtype))
+        with_avx2(#[inline(always)] || combine_range(spec, div, lambda, base, r.start, out, out_dtype))
     });
     Ok(())
 }

@@ -138,7 +138,7 @@ fn histograms(
     let tasks: Vec<_> = ranges.into_iter().zip(per_thread.iter_mut()).collect();
     let k = active.len();
     threads::run_all(tasks, |(r, totals)| {
-        with_avx2(|| {
+        with_avx2(#[inline(always)] || {
             *totals = vec![vec![0u64; nb]; k];
             // Two histograms per model (even and odd elements) so that runs of equal keys do
             // not serialize on one counter; one extra bucket (index nb) for skipped elements.
@@ -321,7 +321,7 @@ fn sampled_select(
         .map(|(t, p)| (t * per..((t + 1) * per).min(runs), p))
         .collect();
     threads::run_all(tasks, |(r, out)| {
-        with_avx2(|| {
+        with_avx2(#[inline(always)] || {
             *out = vec![Vec::with_capacity(r.len() * SAMPLE_RUN); k];
             let mut bv = [0f32; SAMPLE_RUN];
             let mut d = [0f32; SAMPLE_RUN];
@@ -386,7 +386,7 @@ fn sampled_select(
     let tasks: Vec<_> = ranges.into_iter().zip(per_thread.iter_mut()).collect();
     let bands = &bands;
     threads::run_all(tasks, |(r, out)| {
-        with_avx2(|| {
+        with_avx2(#[inline(always)] || {
             let cap_len = r.len() / 4 + 4096;
             *out = bands
                 .iter()
@@ -709,7 +709,7 @@ pub fn combine(
     let ptabs = &ptabs;
     let w32 = &w32;
     threads::run_all(tasks, |(r, out)| {
-        with_avx2(|| {
+        with_avx2(#[inline(always)] || {
             let mut sc = Scratch::new(k, unit.max(1));
             let mut b = r.start;
             while b < r.end {

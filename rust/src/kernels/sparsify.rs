@@ -72,6 +72,10 @@ const L1_MIN: f64 = 1e-8;
 
 /// Run `f` compiled with AVX2 enabled when the CPU has it (u32 multiplies for the generator,
 /// wider compares and selects), otherwise as is.
+///
+/// The closure is only compiled with AVX2 when it is inlined into the `target_feature`
+/// function, so pass it as `with_avx2(#[inline(always)] || ...)`: without the attribute a large
+/// closure stays a separate function built for the baseline target (SSE2).
 #[inline(always)]
 pub(crate) fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -110,7 +114,7 @@ where
         prest = ptail;
     }
     threads::run_all(tasks, |(start, chunk, parts)| {
-        with_avx2(|| f(start, chunk, parts))
+        with_avx2(#[inline(always)] || f(start, chunk, parts))
     });
     partials
 }

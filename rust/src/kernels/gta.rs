@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::kernels::consensus::{load, store};
 use crate::kernels::random::Stream;
 use crate::kernels::sparsify::{
-    capped_key, check_density, della_probabilities, locate, stable_order, with_avx2, RowScratch,
+    capped_key, check_density, della_probabilities, della_row, locate, with_avx2, RowScratch,
     HI_BUCKETS, INF_KEY, LO_BUCKETS, NAN_KEY,
 };
 use crate::threads;
@@ -760,22 +760,7 @@ fn sparsify_block(
             stream, inverse, ..
         } => {
             let Some(ptab) = ptab else { return };
-            let u = &mut u[..d.len()];
-            stream.fill_uniform(start as u64, u);
-            let order = stable_order(d, rows);
-            for (&it, &p) in order.iter().zip(ptab.iter()) {
-                let j = it as u32 as usize;
-                let (Some(v), Some(&r)) = (d.get_mut(j), u.get(j)) else {
-                    continue;
-                };
-                *v = if r >= p {
-                    0.0
-                } else if *inverse {
-                    *v / p
-                } else {
-                    *v
-                };
-            }
+            della_row(d, start as u64, stream, ptab, *inverse, rows);
         }
     }
 }

@@ -114,7 +114,10 @@ where
         prest = ptail;
     }
     threads::run_all(tasks, |(start, chunk, parts)| {
-        with_avx2(#[inline(always)] || f(start, chunk, parts))
+        with_avx2(
+            #[inline(always)]
+            || f(start, chunk, parts),
+        )
     });
     partials
 }
@@ -416,54 +419,203 @@ pub fn random_mask(
 /// Per-thread scratch for DELLA's per-row stable sort.
 #[derive(Default)]
 pub(crate) struct RowScratch {
-    /// `key << 32 | index`, sorted in place.
+    /// `key << 32 | index`, in ascending order once sorted.
     items: Vec<u64>,
-    items2: Vec<u64>,
+    /// The bucket of every element of the row.
+    bucket: Vec<u32>,
+    /// Per-bucket counts, then the next free slot of each bucket.
+    counts: Vec<u32>,
+    /// The large buckets: (first slot, length).
+    big: Vec<(u32, u32)>,
+    /// The uniforms of the row.
     u: Vec<f32>,
+    /// The keep probability of every element of the row.
+    probs: Vec<f32>,
 }
 
-/// `key << 32 | index` for the elements of `row`, sorted by `(|x|, index)`: LSD radix sort on
-/// the magnitude keys with 8-bit digits (stable, so ties stay in index order), skipping digits
-/// every key shares. The index is the low 32 bits of each item.
+/// Rows up to this long are sorted directly (`sort_unstable` on the unique items).
+const SMALL_ROW: usize = 64;
+/// The buckets cover at most this many binary orders of magnitude below the row's largest key;
+/// smaller keys share bucket 0.
+const BUCKET_OCTAVES: u32 = 8;
+/// A bucket with more items than this is sorted with `sort_unstable` (unless already in order)
+/// rather than by insertion.
+const BIG_BUCKET: u32 = 48;
+
+/// `key << 32 | index` for the elements of `row`, sorted by `(|x|, index)` (the stable
+/// ascending order of the magnitude keys). The index is the low 32 bits of each item.
+///
+/// A bucket pass over the row's key range (magnitude keys order like the floats and are roughly
+/// logarithmic in them, so the buckets are finest where the values are dense) scatters the items
+/// in index order, so equal keys stay in index order; then the few items out of order within a
+/// bucket are put right by one insertion-sort pass over the whole row, after the large buckets
+/// have been sorted outright unless already in order (in bf16 task vectors a large bucket is
+/// usually one key repeated; otherwise many distinct tiny keys in bucket 0 or a lopsided row).
+/// The items are unique (they include the index), so every sort of them gives the one stable
+/// order.
+#[inline(always)]
 pub(crate) fn stable_order<'s>(row: &[f32], s: &'s mut RowScratch) -> &'s [u64] {
-    let m = row.len();
-    s.items.clear();
-    s.items.extend(
-        row.iter()
-            .enumerate()
-            .map(|(j, &v)| ((mag_key(v) as u64) << 32) | j as u64),
-    );
-    s.items2.resize(m, 0);
-    let mut hist = [[0u32; 256]; 4];
-    for &it in &s.items {
-        let k = (it >> 32) as u32;
-        for (d, h) in hist.iter_mut().enumerate() {
-            h[((k >> (8 * d)) & 0xff) as usize] += 1;
+    sort_row(row, &mut s.items, &mut s.bucket, &mut s.counts, &mut s.big);
+    &s.items
+}
+
+/// [`sort_row_impl`] as a function of its own (inlined into the callers' loops it runs
+/// markedly slower), built with AVX2 when the CPU has it.
+#[inline(never)]
+fn sort_row(
+    row: &[f32],
+    items: &mut Vec<u64>,
+    bucket: &mut Vec<u32>,
+    counts: &mut Vec<u32>,
+    big: &mut Vec<(u32, u32)>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn go(
+            row: &[f32],
+            items: &mut Vec<u64>,
+            bucket: &mut Vec<u32>,
+            counts: &mut Vec<u32>,
+            big: &mut Vec<(u32, u32)>,
+        ) {
+            sort_row_impl(row, items, bucket, counts, big)
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { go(row, items, bucket, counts, big) };
         }
     }
-    for (d, h) in hist.iter().enumerate() {
-        let shift = 32 + 8 * d;
-        let first = ((s.items[0] >> shift) & 0xff) as usize;
-        if h[first] as usize == m {
-            continue;
+    sort_row_impl(row, items, bucket, counts, big)
+}
+
+#[inline(always)]
+fn sort_row_impl(
+    row: &[f32],
+    items: &mut Vec<u64>,
+    bucket: &mut Vec<u32>,
+    counts: &mut Vec<u32>,
+    big: &mut Vec<(u32, u32)>,
+) {
+    let m = row.len();
+    items.clear();
+    if m <= SMALL_ROW {
+        items.extend(
+            row.iter()
+                .enumerate()
+                .map(|(j, &v)| ((mag_key(v) as u64) << 32) | j as u64),
+        );
+        items.sort_unstable();
+        return;
+    }
+    // Key range: buckets span [lo, hi], at most BUCKET_OCTAVES octaves below the largest key.
+    bucket.clear();
+    bucket.extend(row.iter().map(|&v| mag_key(v)));
+    let (mut kmin, mut kmax) = (u32::MAX, 0u32);
+    for &k in bucket.iter() {
+        kmin = kmin.min(k);
+        kmax = kmax.max(k);
+    }
+    let lo = kmin.max(kmax.saturating_sub(BUCKET_OCTAVES << 23));
+    let nb = (m.next_power_of_two()).min(1 << 20);
+    let nb_bits = nb.trailing_zeros();
+    let span_bits = 32 - (kmax - lo).leading_zeros();
+    let shift = span_bits.saturating_sub(nb_bits);
+    items.resize(m, 0);
+    counts.clear();
+    counts.resize(nb, 0);
+    // Keys become bucket indices in place (the keys are recomputed for the items).
+    for b in bucket.iter_mut() {
+        *b = (*b).max(lo).wrapping_sub(lo) >> shift;
+    }
+    for &b in bucket.iter() {
+        if let Some(c) = counts.get_mut(b as usize) {
+            *c += 1;
         }
-        let mut off = [0u32; 256];
-        let mut acc = 0u32;
-        for (o, &c) in off.iter_mut().zip(h.iter()) {
-            *o = acc;
-            acc += c;
+    }
+    // Exclusive prefix sums: counts[b] becomes the first slot of bucket b. Large buckets are
+    // noted as (first slot, length).
+    let mut acc = 0u32;
+    big.clear();
+    for c in counts.iter_mut() {
+        let n = *c;
+        if n > BIG_BUCKET {
+            big.push((acc, n));
         }
-        for &it in &s.items {
-            let b = ((it >> shift) & 0xff) as usize;
-            let pos = off[b] as usize;
-            off[b] += 1;
-            if let Some(slot) = s.items2.get_mut(pos) {
-                *slot = it;
+        *c = acc;
+        acc += n;
+    }
+    for (j, (&b, &v)) in bucket.iter().zip(row).enumerate() {
+        if let Some(c) = counts.get_mut(b as usize) {
+            let pos = *c as usize;
+            *c += 1;
+            if let Some(slot) = items.get_mut(pos) {
+                *slot = ((mag_key(v) as u64) << 32) | j as u64;
             }
         }
-        std::mem::swap(&mut s.items, &mut s.items2);
     }
-    &s.items
+    // A large bucket is usually one run of equal keys, already in order.
+    for &(start, len) in big.iter() {
+        if let Some(run) = items.get_mut(start as usize..(start + len) as usize) {
+            if !run.is_sorted() {
+                run.sort_unstable();
+            }
+        }
+    }
+    insertion_sort(items);
+}
+
+/// Insertion sort, cheap on a row whose items are each close to their place.
+#[inline(always)]
+fn insertion_sort(v: &mut [u64]) {
+    for i in 1..v.len() {
+        let x = v[i];
+        if x >= v[i - 1] {
+            continue;
+        }
+        let mut j = i;
+        while j > 0 && v[j - 1] > x {
+            v[j] = v[j - 1];
+            j -= 1;
+        }
+        v[j] = x;
+    }
+}
+
+/// DELLA on one row starting at flat index `start`: keep element j when `uniform(start + j) <
+/// ptab[rank of j]`, divided by that probability when `inverse`. The probabilities are scattered
+/// back to element order, so the mask is one branch-free pass over the row.
+#[inline(always)]
+pub(crate) fn della_row(
+    row: &mut [f32],
+    start: u64,
+    stream: &Stream,
+    ptab: &[f32],
+    inverse: bool,
+    s: &mut RowScratch,
+) {
+    let m = row.len();
+    sort_row(row, &mut s.items, &mut s.bucket, &mut s.counts, &mut s.big);
+    s.u.resize(m, 0.0);
+    s.probs.resize(m, 0.0);
+    let u = &mut s.u[..m];
+    stream.fill_uniform(start, u);
+    let probs = &mut s.probs[..m];
+    for (&it, &p) in s.items.iter().zip(ptab) {
+        if let Some(q) = probs.get_mut(it as u32 as usize) {
+            *q = p;
+        }
+    }
+    if inverse {
+        for ((v, &r), &p) in row.iter_mut().zip(u.iter()).zip(probs.iter()) {
+            let kept = *v / p;
+            *v = if r < p { kept } else { 0.0 };
+        }
+    } else {
+        for ((v, &r), &p) in row.iter_mut().zip(u.iter()).zip(probs.iter()) {
+            *v = if r < p { *v } else { 0.0 };
+        }
+    }
 }
 
 /// Keep probability per ascending rank for rows of length `m`, all in float32 as the torch
@@ -522,39 +674,42 @@ pub fn della(
     let ptab = della_probabilities(row_len, density, epsilon);
     let l1 = rescale == Rescale::L1;
     let inverse = rescale == Rescale::Inverse;
-    let parts = par_chunks(x, threads, row_len, row_len, |start, chunk, parts| {
-        let mut s = RowScratch::default();
-        for (ri, (row, part)) in chunk.chunks_mut(row_len).zip(parts.iter_mut()).enumerate() {
-            let m = row.len();
-            let mut u = std::mem::take(&mut s.u);
-            u.resize(m, 0.0);
-            stream.fill_uniform((start + ri * row_len) as u64, &mut u);
-            let order = stable_order(row, &mut s);
-            let (mut sa, mut sk) = (0f64, 0f64);
-            for (&it, &p) in order.iter().zip(ptab.iter()) {
-                let j = it as u32 as usize;
-                let (Some(v), Some(&r)) = (row.get_mut(j), u.get(j)) else {
+    let parts = par_chunks(
+        x,
+        threads,
+        row_len,
+        row_len,
+        #[inline(always)]
+        |start, chunk, parts| {
+            let mut s = RowScratch::default();
+            for (ri, (row, part)) in chunk.chunks_mut(row_len).zip(parts.iter_mut()).enumerate() {
+                let row_start = (start + ri * row_len) as u64;
+                if !l1 {
+                    della_row(row, row_start, stream, &ptab, inverse, &mut s);
                     continue;
-                };
-                let keep = r < p;
-                if l1 {
-                    sa += v.abs() as f64;
                 }
-                *v = if !keep {
-                    0.0
-                } else if inverse {
-                    *v / p
-                } else {
-                    *v
-                };
-                if l1 {
+                // L1: the sums run in rank order.
+                let m = row.len();
+                let mut u = std::mem::take(&mut s.u);
+                u.resize(m, 0.0);
+                stream.fill_uniform(row_start, &mut u);
+                let order = stable_order(row, &mut s);
+                let (mut sa, mut sk) = (0f64, 0f64);
+                for (&it, &p) in order.iter().zip(ptab.iter()) {
+                    let j = it as u32 as usize;
+                    let (Some(v), Some(&r)) = (row.get_mut(j), u.get(j)) else {
+                        continue;
+                    };
+                    sa += v.abs() as f64;
+                    let kept = if inverse { *v / p } else { *v };
+                    *v = if r < p { kept } else { 0.0 };
                     sk += v.abs() as f64;
                 }
+                *part = (sa, sk);
+                s.u = u;
             }
-            *part = (sa, sk);
-            s.u = u;
-        }
-    });
+        },
+    );
     if l1 {
         apply_l1_rescale(x, &parts, threads);
     }
@@ -816,6 +971,58 @@ mod tests {
                     .then(a.cmp(&b))
             });
             assert_eq!(idx(stable_order(&row, &mut s)), want);
+        }
+    }
+
+    /// The bucketed sort against a comparison sort on rows that stress it: ties, zeros, a
+    /// lopsided range (one huge value), many octaves, NaN and inf, subnormals.
+    #[test]
+    fn stable_order_matches_sort_on_hard_rows() {
+        let mut g = Lcg(77);
+        let mut rows: Vec<Vec<f32>> = Vec::new();
+        for &m in &[65usize, 100, 1000, 2048, 5632] {
+            rows.push(data(m, m as u64, false));
+            rows.push(data(m, m as u64 + 1, true));
+            rows.push(vec![0.0; m]);
+            rows.push(vec![-1.5; m]);
+            // bf16-like: differences of coarsely quantized values, many exact ties.
+            rows.push((0..m).map(|_| (g.f32() * 64.0).round() / 4096.0).collect());
+            // One huge value: the bulk falls into bucket 0.
+            let mut r = data(m, 3, false);
+            r[m / 2] = 1e30;
+            rows.push(r);
+            // Many octaves.
+            rows.push(
+                (0..m)
+                    .map(|_| g.f32() * 2f32.powi((g.next() % 120) as i32 - 60))
+                    .collect(),
+            );
+            // NaN, inf, subnormals.
+            let mut r = data(m, 5, false);
+            r[1] = f32::NAN;
+            r[m - 1] = f32::NEG_INFINITY;
+            r[m / 3] = f32::from_bits(3);
+            r[m / 4] = -0.0;
+            rows.push(r);
+            // Two clusters far apart.
+            rows.push(
+                (0..m)
+                    .map(|j| if j % 3 == 0 { g.f32() * 1e-20 } else { g.f32() })
+                    .collect(),
+            );
+        }
+        let mut s = RowScratch::default();
+        for (i, row) in rows.iter().enumerate() {
+            let m = row.len();
+            let mut want: Vec<u64> = (0..m)
+                .map(|j| ((mag_key(row[j]) as u64) << 32) | j as u64)
+                .collect();
+            want.sort_by(|a, b| {
+                (a >> 32)
+                    .cmp(&(b >> 32))
+                    .then((*a as u32).cmp(&(*b as u32)))
+            });
+            assert_eq!(stable_order(row, &mut s), &want[..], "row {i} (m={m})");
         }
     }
 

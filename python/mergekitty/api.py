@@ -11,22 +11,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError, MergekittyError, OutputError, PlanError
+from .tokenizer.write import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 
-# Files copied from the donor model next to the weights.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+# Files copied from the donor model next to the weights (the tokenizer's: tokenizer.write).
 SIDECAR_FILES = ("generation_config.json", "preprocessor_config.json", "processor_config.json", "mergekitty_layout.json")
 STALE_OUTPUT_GLOBS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", ".*.partial", "config.json")
 
@@ -112,7 +101,9 @@ def plan_merge(config: Any, out_path: str | os.PathLike | None = None, options: 
     check_architectures(models, planner._donor(), options.allow_crimes)
     if out_path is not None:
         check_output_dir(Path(out_path), models)
-    _check_tokenizer_settings(config, models)
+    if config.chat_template:
+        _chat_template(config, [m.path for m in models])  # a bad name or template fails here, before any weight is read
+    planner.vocab = _plan_vocabulary(config, models, planner)
     plan = planner.plan(slices)
     plan.random_seed = _random_seed(config, options)
     return plan
@@ -130,20 +121,30 @@ def _random_seed(config, options: MergeOptions) -> int:
     return secrets.randbits(31)
 
 
-def _check_tokenizer_settings(config, models) -> None:
+def _plan_vocabulary(config, models, planner):
+    """The output vocabulary and each input's row map (None when no input has tokenizer files)."""
     from .config import effective_tokenizer_source
+    from .tokenizer.build import VocabInput, plan_vocabulary, token_settings
+    from .tokenizer.vocab import read_vocabulary
+
+    vocabs = [read_vocabulary(m.path) for m in models]
+    if all(v is None for v in vocabs):
+        return None
+    index = planner.index_of
+
+    def model_index(ref):
+        return index.get(str(ref))
 
     source = effective_tokenizer_source(config)
-    if config.chat_template:
-        _chat_template(config, [m.path for m in models])  # a bad name or template fails here, before any weight is read
-    if source in (None, "base"):
-        return
-    if getattr(config, "tokenizer", None) is not None and (config.tokenizer.tokens or config.tokenizer.pad_to_multiple_of):
-        raise PlanError("per-token embedding settings and pad_to_multiple_of are not supported yet by this version")
-    # A union (or another model's tokenizer) only equals the base when every vocabulary is the same.
-    vocabularies = {_tokenizer_fingerprint(m.path) for m in models}
-    if len(vocabularies) > 1:
-        raise PlanError(f"tokenizer source '{source}' over models with different vocabularies is not supported yet; use tokenizer_source: base")
+    if source not in ("base", "union") and model_index(source) is None:
+        key = "tokenizer.source" if getattr(config, "tokenizer", None) is not None else "tokenizer_source"
+        raise config.error(f"tokenizer source {source} is not one of the merged models", key=key)
+    if source == "base" and vocabs[planner._donor()] is None:
+        return None  # no base tokenizer: nothing to align to (nor to write)
+    settings = token_settings(config, model_index)
+    tok = getattr(config, "tokenizer", None)
+    inputs = [VocabInput(m.label, v, planner.embedding_rows(i)) for i, (m, v) in enumerate(zip(models, vocabs))]
+    return plan_vocabulary(inputs, source, planner._donor(), settings, tok.pad_to_multiple_of if tok is not None else None, model_index)
 
 
 def _chat_template(config, model_dirs) -> str | None:
@@ -151,20 +152,6 @@ def _chat_template(config, model_dirs) -> str | None:
     from .tokenizer import resolve_chat_template
 
     return resolve_chat_template(config.chat_template, model_dirs, lambda message: config.error(message, key="chat_template"))
-
-
-def _tokenizer_fingerprint(path: Path) -> bytes:
-    for name in ("tokenizer.json", "tokenizer.model", "vocab.json"):
-        f = path / name
-        if f.is_file():
-            try:
-                data = json.loads(f.read_text())
-                vocab = data.get("model", {}).get("vocab", data) if isinstance(data, dict) else data
-                added = data.get("added_tokens", []) if isinstance(data, dict) else []
-                return json.dumps([vocab, [(t.get("id"), t.get("content")) for t in added]], sort_keys=True).encode()
-            except (ValueError, UnicodeDecodeError):
-                return f.read_bytes()
-    return b""
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -187,11 +174,17 @@ def _prepare_out_dir(out: Path) -> None:
 
 def _write_sidecars(plan, config, out: Path, options: MergeOptions) -> None:
     donor = plan.models[plan.donor]
-    names = SIDECAR_FILES + (TOKENIZER_FILES if options.copy_tokenizer else ())
-    for name in names:
+    for name in SIDECAR_FILES:
         src = donor.path / name
         if src.is_file():
             shutil.copyfile(src, out / name)
+    if options.copy_tokenizer:
+        from .tokenizer.write import copy_tokenizer, write_tokenizer
+
+        if plan.vocab is not None:
+            write_tokenizer(plan.vocab, plan.models[plan.vocab.vocab_model].path, out)
+        else:
+            copy_tokenizer(donor.path, out)
     if config.chat_template:
         template = _chat_template(config, [m.path for m in plan.models])
         if template is not None and not options.copy_tokenizer:

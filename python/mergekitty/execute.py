@@ -148,7 +148,7 @@ def _numel(shape) -> int:
 
 def run_job(plan: MergePlan, job: TensorJob, device: str, threads: int, pool: BufferPool):
     """Compute one output tensor. Returns (bytes to write, pooled buffer to recycle or None)."""
-    if device == "cpu":
+    if device == "cpu" and not job.aligned:
         terms = _linear_terms(plan, job)
         if terms is not None:
             done = _run_native(plan, job, terms, pool, threads)
@@ -170,6 +170,9 @@ def _run_torch(plan: MergePlan, job: TensorJob, device: str, threads: int, pool:
     def load(src):
         t = plan.models[src.model].checkpoint.tensor(src.tensor)
         return t if dev.type == "cpu" else t.to(dev, non_blocking=True)
+
+    if job.aligned:
+        load = _aligned_loader(plan, job, load)
 
     out_dtype = torch_dtype(job.out_dtype)
     size = nbytes(job.out_dtype, _numel(job.shape))
@@ -197,8 +200,18 @@ def _run_torch(plan: MergePlan, job: TensorJob, device: str, threads: int, pool:
     return buf[:size], buf
 
 
+def _aligned_loader(plan: MergePlan, job: TensorJob, load):
+    """``load`` for a vocabulary-sized tensor: each input re-laid out in the output vocabulary's
+    row order (tokenizer.embeddings), with the default rows computed once for the job."""
+    from .tokenizer.embeddings import align_rows, default_rows
+
+    loaded = {s.model: load(s) for s in (*_inputs(job), *job.row_sources)}
+    defaults = default_rows(plan.vocab, loaded)
+    return lambda src: align_rows(plan.vocab, src.model, loaded[src.model], defaults)
+
+
 def _touch(plan: MergePlan, job: TensorJob, action: str) -> None:
-    for s in _inputs(job):
+    for s in (*_inputs(job), *job.row_sources):
         getattr(plan.models[s.model].checkpoint, action)(s.tensor)
 
 

@@ -39,6 +39,9 @@ class TensorJob:
     params: dict[str, Any]
     input_bytes: int
     output_bytes: int
+    # vocabulary-sized tensors whose rows are re-laid out to the output vocabulary (tokenizer.build)
+    aligned: bool = False
+    row_sources: tuple[Source, ...] = ()  # further models' tensors the default rows are taken from
 
 
 @dataclass
@@ -62,6 +65,7 @@ class MergePlan:
     out_config: dict[str, Any]
     layer_map: list[tuple[int, list[tuple[str, int]]]] = field(default_factory=list)  # out layer -> [(model label, in layer)]
     random_seed: int = 0  # used by random methods; recorded in the model card
+    vocab: Any = None  # tokenizer.build.VocabPlan, None when no input has tokenizer files
 
     @property
     def input_bytes(self) -> int:
@@ -109,6 +113,19 @@ def _get_parent(cfg: dict[str, Any], dotted: str) -> dict[str, Any]:
     return node
 
 
+def _set_vocab_size(cfg: dict[str, Any], rows: int) -> None:
+    """Write the embedding row count wherever the config keeps ``vocab_size``."""
+    from .architecture.layout import TEXT_CONFIG_KEYS
+
+    found = False
+    for node in (cfg, *(cfg.get(k) for k in TEXT_CONFIG_KEYS)):
+        if isinstance(node, dict) and isinstance(node.get("vocab_size"), int):
+            node["vocab_size"] = rows
+            found = True
+    if not found:
+        cfg["vocab_size"] = rows
+
+
 class Planner:
     """Builds a MergePlan. ``open_model(ref) -> (path, Checkpoint, config dict)`` does the I/O of headers."""
 
@@ -122,6 +139,7 @@ class Planner:
         self.index_of = {str(m.ref): i for i, m in enumerate(models)}
         self.resolver = ParameterResolver(config)
         self.used_param_names: set[str] = set()
+        self.vocab = None  # tokenizer.build.VocabPlan, set by the caller before plan()
 
     # ---------------------------------------------------------------- helpers
     def _model(self, ref) -> int:
@@ -224,8 +242,10 @@ class Planner:
             base_src = Source(base_pick[0], self._find(base_pick[0], base_pick[1], out_name)) if base_pick else None
             infos = [self.models[s.model].checkpoint.infos[s.tensor] for s in (*sources, *([base_src] if base_src else []))]
             ref_info = infos[-1] if base_src else infos[0]
+            aligned = self._is_aligned(out_name, (*sources, *([base_src] if base_src else [])), infos)
+            shape = (self.vocab.rows, *ref_info.shape[1:]) if aligned else ref_info.shape
             for s, info in zip((*sources, *([base_src] if base_src else [])), infos):
-                if info.shape != ref_info.shape:
+                if (info.shape[1:] if aligned else info.shape) != (ref_info.shape[1:] if aligned else ref_info.shape):
                     hint = " (embedding sizes differ: vocabulary handling needs the tokenizer options)" if is_embedding_name(out_name) else ""
                     raise PlanError(
                         f"tensor '{out_name}': {self.models[s.model].label} has shape {list(info.shape)} "
@@ -245,17 +265,21 @@ class Planner:
                     key="models" if self.config.models else "slices",
                 )
             out_dtype = self._out_dtype(ref_info.dtype)
+            in_job = {s.model for s in (*sources, *([base_src] if base_src else []))}
+            row_sources = tuple(Source(m, self._find(m, out_name, out_name)) for m in sorted(self.vocab.default_models() - in_job)) if aligned else ()
             jobs.append(
                 TensorJob(
                     out_name=out_name,
-                    shape=ref_info.shape,
+                    shape=shape,
                     out_dtype=out_dtype,
                     sources=sources,
                     model_params=mparams,
                     base=base_src,
                     params=params,
                     input_bytes=sum(i.nbytes for i in infos),
-                    output_bytes=int(_numel(ref_info.shape) * _dtype_size(out_dtype)),
+                    output_bytes=int(_numel(shape) * _dtype_size(out_dtype)),
+                    aligned=aligned,
+                    row_sources=row_sources,
                 )
             )
             order.append(out_name)
@@ -288,9 +312,31 @@ class Planner:
             add(name, last, 1.0, [(mi, name, j) for mi, _, j in entries], (base_entry[0], name) if base_entry else None)
 
         out_config = self._out_config(donor, slices, out_layer)
+        if self.vocab is not None and any(j.aligned for j in jobs):
+            _set_vocab_size(out_config, self.vocab.rows)
         jobs_sorted = sorted(jobs, key=self._read_position)
         base_index = self._model(base_ref) if base_ref is not None else None
-        return MergePlan(method, self.models, donor, base_index, jobs_sorted, order, out_config, layer_map)
+        plan = MergePlan(method, self.models, donor, base_index, jobs_sorted, order, out_config, layer_map)
+        plan.vocab = self.vocab
+        return plan
+
+    def embedding_rows(self, model: int) -> int | None:
+        """Rows of the model's token embedding (its vocabulary size as the weights see it)."""
+        m = self.models[model]
+        name = m.layout.input_embedding
+        if name is None or name not in m.checkpoint:
+            return None
+        shape = m.checkpoint.infos[name].shape
+        return shape[0] if shape else None
+
+    def _is_aligned(self, out_name: str, sources, infos) -> bool:
+        """Whether this tensor's rows follow the vocabulary and must be re-laid out."""
+        if self.vocab is None or not self.vocab.changes_rows or not is_embedding_name(out_name):
+            return False
+        rows = [self.embedding_rows(s.model) for s in sources]
+        if not all(info.shape and info.shape[0] == r for info, r in zip(infos, rows)):
+            return False
+        return any(self.vocab.row_maps[s.model] is not None for s in sources)
 
     def _listed(self, ref) -> bool:
         if self.config.models:

@@ -5,6 +5,8 @@
 writes ``OUT_DIR/base`` and ``OUT_DIR/ft1..ftN``: real checkpoints (config.json,
 model.safetensors, a word-level tokenizer) that transformers loads. Fine-tunes
 are the base plus small random changes, like real fine-tunes of one ancestor.
+``OUT_DIR/chat-chatml`` and ``OUT_DIR/chat-tools`` are ft1 and ft2 with added
+special tokens (and embedding rows for them), for tokenizer-union examples.
 """
 
 from __future__ import annotations
@@ -167,6 +169,30 @@ def make_family(root: str | Path, arch: str = "llama", fine_tunes: int = 3, **ov
     return [base] + [make_model(root / f"ft{i}", arch, seed=i, parent=base) for i in range(1, fine_tunes + 1)]
 
 
+CHAT_VARIANTS = {"chat-chatml": ("ft1", ("<|im_start|>", "<|im_end|>")), "chat-tools": ("ft2", ("<tool_call>", "</tool_call>"))}
+
+
+def add_special_tokens(src: str | Path, out_dir: str | Path, tokens: tuple[str, ...], seed: int = 0) -> Path:
+    """A copy of model ``src`` whose tokenizer has ``tokens`` as added special tokens, with a new
+    random embedding (and head) row for each, as a fine-tune that learned them would have."""
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    model = model_class(transformers.AutoConfig.from_pretrained(src)).from_pretrained(src, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    tok.add_special_tokens({"additional_special_tokens": list(tokens)})
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    with torch.no_grad():
+        n = len(tokens)
+        for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}.values():
+            emb.weight[-n:] = torch.randn_like(emb.weight[-n:]) * 0.05
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
@@ -175,6 +201,9 @@ def main() -> None:
     args = parser.parse_args()
     for path in make_family(args.out_dir, args.arch, args.fine_tunes):
         print(path)
+    for i, (name, (parent, tokens)) in enumerate(CHAT_VARIANTS.items()):
+        if (Path(args.out_dir) / parent).is_dir():
+            print(add_special_tokens(Path(args.out_dir) / parent, Path(args.out_dir) / name, tokens, seed=100 + i))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,22 @@ def print_plan(plan, console: Console) -> None:
         for out_layer, sources in plan.layer_map:
             table.add_row(str(out_layer), escape(", ".join(f"{label}: {layer}" for label, layer in sources)))
         console.print(table)
+    if plan.vocab is not None:
+        print_vocabulary(plan, console)
     console.print(f"[bold]tensors:[/] {len(plan.jobs)}")
     console.print(f"[bold]input read:[/] {format_size(plan.input_bytes)}")
     console.print(f"[bold]output size:[/] {format_size(plan.output_bytes)}")
     console.print(f"[bold]peak memory estimate:[/] {format_size(plan.peak_memory_estimate())}")
+
+
+def print_vocabulary(plan, console: Console) -> None:
+    """The output vocabulary and how each input's differs from it (read from the tokenizer files)."""
+    v = plan.vocab
+    source = plan.models[v.vocab_model].label
+    what = {"union": f"union, starting from {source}", "base": f"base: {source}"}.get(v.source, v.source)
+    console.print(f"[bold]vocabulary:[/] {escape(what)}; {len(v.tokens)} tokens, {v.rows} embedding rows")
+    if v.new_tokens:
+        shown = ", ".join(repr(t) for t, _, _ in v.new_tokens[:8]) + (", ..." if len(v.new_tokens) > 8 else "")
+        console.print(f"  appended: {len(v.new_tokens)} ({escape(shown)})")
+    for d in v.diffs:
+        console.print(f"  {escape(d.label)}: {escape(d.summary())}")

@@ -128,3 +128,53 @@ def test_ordinary_tokens_go_into_the_model_vocabulary(tmp_path):
     # the other model's rows, by token: b was its row 1, a its row 3
     other_map = plan.row_maps[1]
     assert other_map.tolist() == [0, 3, 1, 2, 4]
+
+
+def test_sentencepiece_only_tokenizer_records_added_tokens(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "tokenizer.model").write_bytes(sentencepiece_model(["<unk>", "a", "b"]))
+    other = _bpe_dir(tmp_path / "other", ["<unk>", "a", "b"], ["<|im_end|>"], with_sp=False)
+    inputs = [VocabInput("base", read_vocabulary(base), 3), VocabInput("other", read_vocabulary(other), 4)]
+    plan = plan_vocabulary(inputs, "union", 0, {}, None, lambda ref: None)
+    out = tmp_path / "out"
+    out.mkdir()
+    write_tokenizer(plan, base, out)
+    assert (out / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
+    assert read_vocabulary(out).tokens == {"<unk>": 0, "a": 1, "b": 2, "<|im_end|>": 3}
+
+
+def _inputs(*specs):
+    from mergekitty.tokenizer.vocab import Vocabulary
+
+    return [VocabInput(name, Vocabulary(Path(name), "tokenizer.json", dict(tokens)), rows) for name, tokens, rows in specs]
+
+
+def test_padding_rows_of_the_vocabulary_model_are_kept():
+    from mergekitty.tokenizer.build import OWN_MEAN
+
+    words = {f"w{i}": i for i in range(8)}
+    inputs = _inputs(("base", words, 10), ("other", {**words, "new": 8}, 9))
+    plan = plan_vocabulary(inputs, "union", 0, {}, None, lambda ref: None)
+    assert plan.rows == 10 and plan.tokens["new"] == 8
+    assert plan.row_maps[0].tolist()[8:] == [-1, 9]  # "new" from the defaults; row 9 is base's own padding
+    assert plan.row_maps[1].tolist()[8:] == [8, OWN_MEAN]
+    assert plan.defaults == [((1, 8),)]
+    padded = plan_vocabulary(inputs, "union", 0, {}, 4, lambda ref: None)
+    assert padded.rows == 12 and padded.row_maps[0].tolist()[9:] == [9, OWN_MEAN, OWN_MEAN]  # its padding row stays
+
+
+def test_tokens_beyond_the_embedding_rows_are_reported_and_skipped():
+    words = {f"w{i}": i for i in range(10)}
+    inputs = _inputs(("base", words, 10), ("short", words, 8))
+    plan = plan_vocabulary(inputs, "base", 0, {}, None, lambda ref: None)
+    assert plan.diffs[1].beyond == [("w8", 8), ("w9", 9)] and "2 ids beyond" in plan.diffs[1].summary()
+    assert plan.row_maps[1].tolist()[8:] == [-1, -1]  # w8, w9: the base's rows (the only holder)
+    assert plan.defaults == [((0, 8),), ((0, 9),)]
+    assert plan.diffs[0].empty()
+
+
+def test_identical_vocabularies_move_nothing():
+    words = {f"w{i}": i for i in range(6)}
+    plan = plan_vocabulary(_inputs(("a", words, 6), ("b", words, 6)), "union", 0, {}, None, lambda ref: None)
+    assert not plan.changes_rows and not plan.rewrites_tokenizer and plan.rows == 6

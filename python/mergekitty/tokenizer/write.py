@@ -86,6 +86,12 @@ def write_tokenizer(plan: "VocabPlan", src: Path, out: Path) -> None:
         _write(out / TOKENIZER_JSON, data)
 
     config = out / "tokenizer_config.json"
+    if new_added and not (out / TOKENIZER_JSON).is_file() and not (out / "added_tokens.json").is_file():
+        # only the slow files: tokenizer_config.json is where the added tokens can live
+        data = _read(config) if config.is_file() else {}
+        if not isinstance(data.get("added_tokens_decoder"), dict):
+            data["added_tokens_decoder"] = {}
+        _write(config, data)
     if config.is_file() and new_added:
         data = _read(config)
         decoder = data.get("added_tokens_decoder")

@@ -129,6 +129,8 @@ def _plan_vocabulary(config, models, planner):
 
     vocabs = [read_vocabulary(m.path) for m in models]
     if all(v is None for v in vocabs):
+        if getattr(config, "tokenizer", None) is not None or config.tokenizer_source not in (None, "base"):
+            log.warning("the tokenizer settings have no effect: no input model has tokenizer files")
         return None
     index = planner.index_of
 

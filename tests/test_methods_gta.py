@@ -559,8 +559,10 @@ merge_method: {method}
 def test_density_out_of_range_is_config_error(llama, name):
     from mergekitty.api import plan_merge
 
-    with pytest.raises(ConfigError, match="density"):
+    with pytest.raises(ConfigError, match="density") as err:
         plan_merge(_cfg(llama, name, ", density: 1.5"))
+    # the error points at the model entry that set it (line 5 of the YAML text)
+    assert err.value.key == "models[0].parameters.density" and err.value.line == 5
 
 
 def test_della_epsilon_rules(llama):

@@ -103,6 +103,24 @@ class ParameterResolver:
             return sources[source_idx].parameters
         return None  # the appended base model
 
+    def _places(self, slice_idx: int, source_idx: int | None) -> list[tuple[Mapping[str, Any] | None, tuple]]:
+        """(parameters, their config key path) in precedence order."""
+        out = []
+        if source_idx is not None:
+            where = ("slices", slice_idx, "sources", source_idx) if self.config.slices is not None else ("models", source_idx)
+            out.append((self._source_params(slice_idx, source_idx), (*where, "parameters")))
+        if self.config.slices is not None:
+            out.append((self._slice_params(slice_idx), ("slices", slice_idx, "parameters")))
+        out.append((self.config.parameters, ("parameters",)))
+        return out
+
+    def origin(self, name: str, slice_idx: int, source_idx: int | None, tensor_name: str, t: float) -> tuple:
+        """The config key path the value of ``name`` comes from (for error messages with a line)."""
+        for params, where in self._places(slice_idx, source_idx):
+            if _lookup(params, name, tensor_name, t) is not None:
+                return (*where, name)
+        return ("parameters", name)
+
     def global_value(self, name: str, slice_idx: int, out_tensor_name: str, t: float) -> Any:
         """A method-level parameter for an output tensor: slice, then top level; None if unset."""
         for params in (self._slice_params(slice_idx), self.config.parameters):

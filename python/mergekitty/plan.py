@@ -161,17 +161,17 @@ class Planner:
         out = {}
         for spec in self.method.global_params:
             value = self.resolver.global_value(spec.name, slice_idx, out_name, t)
-            out[spec.name] = self._checked(spec, value, out_name, None)
+            out[spec.name] = self._checked(spec, value, out_name, None, lambda: self.resolver.origin(spec.name, slice_idx, None, out_name, t))
         return out
 
     def _model_params(self, slice_idx: int, source_idx: int, in_name: str, t: float, label: str) -> dict[str, Any]:
         out = {}
         for spec in self.method.model_params:
             value = self.resolver.model_value(spec.name, slice_idx, source_idx, in_name, t)
-            out[spec.name] = self._checked(spec, value, in_name, label)
+            out[spec.name] = self._checked(spec, value, in_name, label, lambda: self.resolver.origin(spec.name, slice_idx, source_idx, in_name, t))
         return out
 
-    def _checked(self, spec: ParamSpec, value: Any, tensor: str, label: str | None) -> Any:
+    def _checked(self, spec: ParamSpec, value: Any, tensor: str, label: str | None, origin=None) -> Any:
         where = f"for model {label}, tensor '{tensor}'" if label else f"for tensor '{tensor}'"
         if value is None:
             if spec.required:
@@ -180,6 +180,8 @@ class Planner:
         try:
             return spec.check(value)
         except ValueError as exc:
+            if origin is not None and hasattr(self.config, "error"):
+                raise self.config.error(f"{exc} {where}", key=origin()) from None
             raise ConfigError(f"{exc} {where}", key=f"parameters.{spec.name}") from None
 
     # ---------------------------------------------------------------- planning

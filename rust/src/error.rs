@@ -47,6 +47,9 @@ pub enum Error {
     #[error("{}: header JSON is not an object", path.display())]
     HeaderNotObject { path: PathBuf },
 
+    #[error("{}: the header names {name:?} twice", path.display())]
+    DuplicateName { path: PathBuf, name: String },
+
     #[error("{}: __metadata__ must map strings to strings ({detail})", path.display())]
     InvalidMetadata { path: PathBuf, detail: String },
 
@@ -205,6 +208,7 @@ impl Error {
                 | Error::HeaderNotUtf8 { .. }
                 | Error::HeaderNotJson { .. }
                 | Error::HeaderNotObject { .. }
+                | Error::DuplicateName { .. }
                 | Error::InvalidMetadata { .. }
                 | Error::EntryNotObject { .. }
                 | Error::MissingField { .. }

@@ -81,17 +81,27 @@ pub fn parse(path: &Path, file: &[u8]) -> Result<Header> {
     let data_len = file_len - data_start;
     let json = std::str::from_utf8(&file[8..data_start as usize])
         .map_err(|_| Error::HeaderNotUtf8 { path: p() })?;
-    let value: Value = serde_json::from_str(json).map_err(|e| Error::HeaderNotJson {
-        path: p(),
-        message: e.to_string(),
-    })?;
-    let Value::Object(entries) = value else {
-        return Err(Error::HeaderNotObject { path: p() });
+    let entries = match serde_json::from_str::<Entries>(json) {
+        Ok(Entries(entries)) => entries,
+        // tell "not JSON" from "JSON, but not an object"
+        Err(e) => {
+            return Err(match serde_json::from_str::<Value>(json) {
+                Ok(_) => Error::HeaderNotObject { path: p() },
+                Err(_) => Error::HeaderNotJson {
+                    path: p(),
+                    message: e.to_string(),
+                },
+            })
+        }
     };
 
     let mut metadata = None;
     let mut tensors = Vec::with_capacity(entries.len());
+    let mut seen = std::collections::HashSet::with_capacity(entries.len());
     for (name, entry) in entries {
+        if !seen.insert(name.clone()) {
+            return Err(Error::DuplicateName { path: p(), name });
+        }
         if name == "__metadata__" {
             metadata = Some(parse_metadata(path, entry)?);
         } else {
@@ -127,6 +137,30 @@ pub fn parse(path: &Path, file: &[u8]) -> Result<Header> {
         tensors,
         by_name,
     })
+}
+
+/// The header's top-level entries in file order, duplicates included (a JSON map would keep
+/// only the last of two entries with the same name, silently).
+struct Entries(Vec<(String, Value)>);
+
+impl<'de> serde::Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<Entries, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry::<String, Value>()? {
+                    out.push(entry);
+                }
+                Ok(Entries(out))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 fn parse_metadata(path: &Path, entry: Value) -> Result<Vec<(String, String)>> {
@@ -295,6 +329,18 @@ mod tests {
             .is_empty());
         let h = r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[4,6]}}"#;
         assert!(parse(path(), &build_file(h, &[0; 10])).is_ok());
+    }
+
+    #[test]
+    fn duplicate_names_are_refused() {
+        let h = r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"a":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}"#;
+        let e = parse(path(), &build_file(h, &[0; 4])).unwrap_err();
+        assert!(matches!(e, Error::DuplicateName { ref name, .. } if name == "a"));
+        assert!(e.is_malformed_file() && e.to_string().contains("\"a\" twice"));
+        let e = parse(path(), &build_file("[1, 2]", &[])).unwrap_err();
+        assert!(matches!(e, Error::HeaderNotObject { .. }));
+        let e = parse(path(), &build_file("{nope", &[])).unwrap_err();
+        assert!(matches!(e, Error::HeaderNotJson { .. }));
     }
 
     #[test]

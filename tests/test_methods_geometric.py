@@ -200,6 +200,7 @@ def _config(fixture, method, models, params=None, base=True, global_params=None)
         (["ft1", "ft2"], {"ft1": "{weight: 1.0}"}, False, None, "either a global 't' or a 'weight'"),
         (["ft1"], {"ft1": "{weight: 1.0}"}, True, None, "exactly two models besides the base"),
         (["ft1", "ft2", "ft3"], None, True, "{t: 0.5}", "at most 2"),
+        (["ft1"], None, False, "{t: 0.5}", "needs a base_model here: 't' interpolates from the base"),
     ],
 )
 def test_slerp_rejects_bad_configs(llama, models, params, base, global_params, match):

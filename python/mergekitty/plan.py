@@ -260,6 +260,9 @@ class Planner:
                     method.validate(params, list(mparams))
                 except ValueError as exc:
                     raise ConfigError(f"{exc} (tensor '{out_name}')", key="parameters") from None
+            reason = method.base_needed_for(params) if method.base_needed_for is not None and base_src is None else None
+            if reason:
+                raise ConfigError(f"merge method '{method.name}' needs a base_model here: {reason}", key="base_model")
             # a slice holding only the base model is allowed (the base passes through)
             if 0 < len(sources) < method.min_models or (not sources and base_src is None):
                 raise ConfigError(

@@ -123,6 +123,9 @@ class MergeMethod:
     # Checks that involve several parameters (e.g. density +- epsilon inside (0, 1]); called at
     # plan time for every tensor with the resolved values; raises ValueError naming the problem.
     validate: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None
+    # For a method whose base is "optional": whether these global parameters make it required
+    # (slerp with 't' interpolates from the base); returns the reason, or None.
+    base_needed_for: Callable[[dict[str, Any]], str | None] | None = None
 
     def param_spec(self, name: str) -> ParamSpec | None:
         for spec in (*self.global_params, *self.model_params):

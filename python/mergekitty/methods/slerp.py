@@ -96,6 +96,7 @@ METHOD = MergeMethod(
     min_models=1,
     max_models=2,
     validate=validate,
+    base_needed_for=lambda params: "'t' interpolates from the base model" if params.get("t") is not None else None,
     aliases=("nuslerp",),
     description="Spherical interpolation of two models (t), or of two models or task vectors by relative weight (NuSLERP).",
 )

@@ -1,0 +1,68 @@
+"""``mergekitty-moe CONFIG OUT``: build a mixture of experts from dense models."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import rich_click as click
+
+from .options import SizeType
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.argument("out_path", type=click.Path(file_okay=False))
+@click.option("--device", default="cpu", show_default=True, help="Where the base model runs for hidden-state gates: cpu, cuda, cuda:N or auto.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Prompts per forward pass of the base model.")
+@click.option("--random-seed", type=int, default=None, help="Seed for random gates and expert noise (recorded in mergekitty_moe_config.yml); a fresh one if not given.")
+@click.option(
+    "--out-shard-size",
+    type=SizeType(),
+    default="5B",
+    help="Maximum size of each output shard in BYTES (5B = five billion bytes, 500M, 1.5G, 512MiB; 0 = one shard). [default: 5B]",
+)
+@click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True, help="Copy the base model's tokenizer files.")
+@click.option("--quiet/--no-quiet", default=False, show_default=True, help="No progress bars.")
+@click.option("--trust-remote-code/--no-trust-remote-code", default=False, show_default=True, help="Allow custom model code when loading the base model for gates.")
+@click.option(
+    "--i-understand-this-is-not-useful-without-training",
+    "allow_untrained",
+    is_flag=True,
+    default=False,
+    help="Allow experts that are all the same model, and silence the warning about random gates.",
+)
+@click.option("--load-in-4bit", is_flag=True, default=False, hidden=True)
+@click.option("--load-in-8bit", is_flag=True, default=False, hidden=True)
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def main(config_file: str, out_path: str, verbose: int, load_in_4bit: bool, load_in_8bit: bool, **kwargs) -> None:
+    """Build the mixture of experts described by CONFIG_FILE (YAML) and write it to OUT_PATH.
+
+    The base model gives embeddings, attention, norms and head; each expert's MLP comes
+    from its source_model; the routers come from the prompts (gate_mode).
+    """
+    from rich.console import Console
+
+    from ..errors import MergekittyError
+
+    console = Console(stderr=True)
+    logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if load_in_4bit or load_in_8bit:
+        console.print("[yellow]note:[/] --load-in-4bit/--load-in-8bit have no effect: the base model runs unquantized")
+    try:
+        from ..moe import MoEOptions, build_moe
+        from ..moe.config import load_moe_config_file
+
+        config = load_moe_config_file(config_file)
+        result = build_moe(config, out_path, MoEOptions(**kwargs))
+        console.print(f"[green]done:[/] {result.hf_class} with {len(config.experts)} experts written to {out_path}", highlight=False)
+    except MergekittyError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted:[/] no model was written (partial files were removed)")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""``build_moe``: open the inputs, pick the output architecture, compute the gates and
+stream every tensor into the output directory. ``config.json`` is written last, so a
+directory that loads as a model is always complete."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import ConfigError, OutputError
+from .config import RANDOM_GATE_MODES, MoEConfig, load_moe_config, load_moe_config_file
+from .inputs import MLP_PARTS, _DROPPED_SUFFIXES, MoEInputs, open_inputs
+
+log = logging.getLogger(__name__)
+
+CONFIG_COPY = "mergekitty_moe_config.yml"
+SIDECAR_FILES = ("generation_config.json",)
+
+
+@dataclass(frozen=True)
+class MoEOptions:
+    device: str = "cpu"  # where the base model runs for hidden-state gates: cpu, cuda, cuda:N or auto
+    batch_size: int = 8  # prompts per forward pass
+    random_seed: int | None = None  # random gates and expert noise; None draws one (recorded)
+    out_shard_size: int = 5 * 10**9  # bytes; <= 0 means one shard
+    copy_tokenizer: bool = True
+    quiet: bool = False
+    trust_remote_code: bool = False
+    allow_untrained: bool = False  # --i-understand-this-is-not-useful-without-training
+    transformers_cache: str | None = None
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class MoEResult:
+    architecture: str  # output architecture name (mixtral, qwen2_moe, qwen3_moe)
+    hf_class: str
+    out_path: Path
+    seed: int
+    tensors: list = field(default_factory=list)  # writer.OutTensor, in file order
+
+
+def _load(config: Any) -> MoEConfig:
+    if isinstance(config, MoEConfig):
+        return config
+    if isinstance(config, (str, os.PathLike)) and "\n" not in str(config) and Path(config).suffix in (".yml", ".yaml"):
+        return load_moe_config_file(config)
+    if isinstance(config, str):
+        return load_moe_config(config)
+    if isinstance(config, dict):
+        from .config import moe_config_from_data
+
+        return moe_config_from_data(config)
+    raise ConfigError(f"expected an MoEConfig, YAML text, a dict or a YAML file path, got {type(config).__name__}")
+
+
+def _output_dtype(config: MoEConfig, inputs: MoEInputs) -> str:
+    from ..config import normalize_dtype
+
+    if config.dtype is not None:
+        return config.dtype
+    raw = inputs.base.config.get("dtype") or inputs.base.config.get("torch_dtype")
+    try:
+        return normalize_dtype(raw) or "float32"
+    except ValueError:
+        log.warning("the base model's dtype %r is not one mergekitty writes; writing float32 (set dtype: to choose)", raw)
+        return "float32"
+
+
+def _check_experts(config: MoEConfig, inputs: MoEInputs, options: MoEOptions) -> None:
+    sources = {str(e.spec.source_model) for e in inputs.experts}
+    if len(inputs.experts) > 1 and len(sources) == 1 and not options.allow_untrained:
+        raise config.error(
+            "every expert comes from the same model, so the experts are identical and the MoE is no better than that model; "
+            "pass --i-understand-this-is-not-useful-without-training to build it anyway (e.g. as a start for training)",
+            key="experts",
+        )
+    if config.gate_mode in RANDOM_GATE_MODES and not options.allow_untrained:
+        log.warning(
+            "gate_mode %s gives routers that know nothing about the experts: the model needs training before it is useful "
+            "(--i-understand-this-is-not-useful-without-training silences this)",
+            config.gate_mode,
+        )
+
+
+def plan_tensors(config: MoEConfig, inputs: MoEInputs, arch, out_code: str, routed, shared) -> list:
+    """Every output tensor, in file order: base weights before the layers, each layer (base
+    attention and norms, router, shared gate, experts, shared experts), base weights after."""
+    from .writer import computed, copy_of
+
+    base = inputs.base
+    layout = base.layout
+    prefix = layout.prefix
+    keep = lambda n: not n.endswith(_DROPPED_SUFFIXES)  # noqa: E731
+    out = [copy_of(n, base, n, out_code) for n in layout.pre if keep(n)]
+    suffixes = inputs.base_layer_suffixes()
+    for layer in range(inputs.num_layers):
+        for s in suffixes:
+            name = layout.layer_name(layer, s)
+            if name not in base.checkpoint:
+                raise OutputError(f"base model {base.label}: layer {layer} has no tensor '{name}' (layer 0 has it)")
+            out.append(copy_of(name, base, name, out_code))
+        out.append(computed(arch.router_name(prefix, layer), routed[layer].contiguous(), out_code))
+        gate_name = arch.shared_gate_name(prefix, layer)
+        if gate_name is not None and shared is not None:
+            out.append(computed(gate_name, shared[layer, :1].contiguous(), out_code))
+        for e, expert in enumerate(inputs.experts):
+            out += _expert_tensors(expert, layer, out_code, lambda part, e=e: arch.expert_name(prefix, layer, e, part))
+        for s, expert in enumerate(inputs.shared):
+            out += _expert_tensors(expert, layer, out_code, lambda part, s=s: arch.shared_name(prefix, layer, s, part))
+    out += [copy_of(n, base, n, out_code) for n in layout.post if keep(n)]
+    return out
+
+
+def _expert_tensors(expert, layer: int, out_code: str, name_of: Callable[[str], str]) -> list:
+    from .writer import copy_of
+
+    spec = expert.spec
+    out = []
+    for part in MLP_PARTS:
+        scale = spec.residual_scale if part == "down_proj" and spec.residual_scale is not None else None
+        out.append(copy_of(name_of(part), expert.model, expert.model.mlp_name(layer, part), out_code, scale=scale, noise=spec.noise_scale))
+    return out
+
+
+def build_moe(config: Any, out_path: str | os.PathLike, options: MoEOptions | None = None, **kwargs: Any) -> MoEResult:
+    """Build the mixture of experts ``config`` describes (an MoEConfig, YAML text or a YAML
+    file path) and write it to ``out_path``. Keyword arguments override ``options`` fields."""
+    import json
+
+    from .. import __version__, _native
+    from ..api import _atomic_write, _prepare_out_dir
+    from ..io.dtypes import CONFIG_NAME_TO_CODE
+    from ..plan import check_output_dir
+    from .arch import select_architecture
+    from .gates import compute_gates
+
+    options = replace(options or MoEOptions(), **kwargs)
+    config = _load(config)
+    out = Path(out_path).expanduser()
+    inputs = open_inputs(config, options)
+    check_output_dir(out, inputs.models)
+    _check_experts(config, inputs, options)
+    arch = select_architecture(inputs, config)
+    log.info("output architecture: %s", arch.hf_class)
+    dtype = _output_dtype(config, inputs)
+    out_code = CONFIG_NAME_TO_CODE[dtype]
+    hf_config = arch.build_config(inputs, config, dtype, options.trust_remote_code)
+    if inputs.uses_tied_embeddings() and not getattr(hf_config, "tie_word_embeddings", False):
+        raise OutputError(f"base model {inputs.base.label} has no lm_head.weight but its config does not tie the embeddings")
+
+    device = options.resolved_device()
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise OutputError(f"--device {device} was asked for, but torch sees no CUDA device")
+    seed = options.random_seed
+    if seed is None:
+        import secrets
+
+        seed = secrets.randbits(31)
+    routed, shared = compute_gates(config.gate_mode, inputs, options, seed, quiet=options.quiet)
+    tensors = plan_tensors(config, inputs, arch, out_code, routed, shared)
+
+    _prepare_out_dir(out)
+    for stale in out.glob(CONFIG_COPY):
+        stale.unlink()
+    layout = [(t.name, t.dtype, list(t.shape)) for t in tensors]
+    try:
+        writer = _native.ShardWriter(str(out), layout, options.out_shard_size, None, {"mergekitty_version": __version__})
+    except OSError as exc:
+        raise OutputError(f"cannot write to {out}: {exc}") from None
+    try:
+        _write_sidecars(config, inputs, out, options, seed)
+        _write_tensors(tensors, writer, seed, options.quiet)
+        writer.finalize()
+    except BaseException:
+        writer.abort()
+        raise
+    text = hf_config.to_json_string(use_diff=True)
+    data = json.loads(text)
+    data.pop("transformers_version", None)
+    data["transformers_version"] = _transformers_version()
+    _atomic_write(out / "config.json", json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return MoEResult(arch.name, arch.hf_class, out, seed, tensors)
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _write_tensors(tensors, writer, seed: int, quiet: bool) -> None:
+    from .writer import write_all
+
+    if quiet:
+        write_all(tensors, writer, seed)
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]writing"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"), TimeRemainingColumn()) as bar:
+        task = bar.add_task("write", total=len(tensors))
+        write_all(tensors, writer, seed, lambda _t: bar.update(task, advance=1))
+
+
+def _write_sidecars(config: MoEConfig, inputs: MoEInputs, out: Path, options: MoEOptions, seed: int) -> None:
+    import shutil
+
+    from ..api import _atomic_write
+
+    for name in SIDECAR_FILES:
+        src = inputs.base.path / name
+        if src.is_file():
+            shutil.copyfile(src, out / name)
+    if options.copy_tokenizer:
+        from ..tokenizer.write import copy_tokenizer
+
+        copy_tokenizer(inputs.base.path, out)
+    text = config.source_text or config.to_yaml()
+    text = text if text.endswith("\n") else text + "\n"
+    uses_seed = config.gate_mode in RANDOM_GATE_MODES or any(e.spec.noise_scale for e in (*inputs.experts, *inputs.shared))
+    if uses_seed:
+        text += f"# built with --random-seed {seed}; pass it again to reproduce this model exactly\n"
+    _atomic_write(out / CONFIG_COPY, text)

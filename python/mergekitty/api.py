@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ConfigError, MergekittyError, OutputError, PlanError
+from .errors import ConfigError, MergekittyError, OutputError
 from .tokenizer.write import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,14 @@ def _open_models(config, options: MergeOptions):
     models = []
     forced = load_layout_override(options.layout_override) if options.layout_override else None
     for ref in config.referenced_models():
-        if getattr(ref, "lora", None) is not None:
-            raise PlanError(f"model reference '{ref}': applying LoRA adapters (model+lora) is not supported yet")
         path = resolve_local_path(ref.path, getattr(ref, "revision", None), options.transformers_cache)
         checkpoint = Checkpoint(Path(path), label=str(ref))
+        if getattr(ref, "lora", None) is not None:
+            # model+lora: the adapter is applied tensor by tensor as the executor loads them
+            from .lora.apply import open_lora_checkpoint
+
+            adapter = resolve_local_path(ref.lora.path, ref.lora.revision, options.transformers_cache)
+            checkpoint = open_lora_checkpoint(checkpoint, Path(adapter), label=str(ref))
         cfg = checkpoint.config()
         override = getattr(ref, "override_architecture", None)
         if override:

@@ -131,12 +131,15 @@ def _read_index(path: Path) -> dict[str, str]:
 class Checkpoint:
     """The tensors of one model directory, opened lazily and read zero-copy."""
 
-    def __init__(self, directory: Path, label: str | None = None):
+    def __init__(self, directory: Path, label: str | None = None, files: list[str] | None = None):
+        """``files``: read exactly these files of ``directory`` (e.g. a LoRA adapter's
+        ``adapter_model.safetensors``) instead of discovering the model's weights."""
         self.directory = Path(directory)
         self.label = label or str(directory)
         if not self.directory.is_dir():
             raise ModelNotFoundError(f"model directory not found: {self.directory}")
-        self.files = self._discover()
+        self._index_map = None
+        self.files = list(files) if files is not None else self._discover()
         self._shards: dict[str, _SafetensorsShard | _BinShard] = {}
         self.infos: dict[str, TensorInfo] = {}
         for file_name in self.files:

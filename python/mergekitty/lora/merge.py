@@ -1,0 +1,132 @@
+"""``merge_lora``: write a full model, a base with a LoRA adapter applied.
+
+The output is streamed tensor by tensor through the native ``ShardWriter``: tensors
+the adapter leaves alone are copied straight from the base's memory maps, changed
+ones are computed as they are written (``lora.apply.LoraCheckpoint``). The tokenizer
+is the adapter's when it ships one (an adapter that added tokens does), else the
+base's; ``config.json`` is written last, so an interrupted run leaves no directory
+that loads as a model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import OutputError
+
+log = logging.getLogger(__name__)
+
+
+def _card(base: str, adapter: str, adapter_cfg: dict[str, Any], changed: int, title: str) -> str:
+    import yaml
+
+    from ..card import _is_hub_id, _link
+
+    front: dict[str, Any] = {"library_name": "transformers", "tags": ["mergekitty", "lora", "merge"]}
+    hubs = [r for r in (base.split("@")[0], adapter.split("@")[0]) if _is_hub_id(r)]
+    if hubs:
+        front["base_model"] = hubs
+    scale = "lora_alpha / sqrt(r)" if adapter_cfg.get("use_rslora") else "lora_alpha / r"
+    return "\n".join(
+        [
+            "---",
+            yaml.safe_dump(front, sort_keys=False).strip(),
+            "---",
+            f"# {title}",
+            "",
+            "This model is a base model with a LoRA adapter merged into its weights, made with "
+            "[mergekitty](https://github.com/allura-org/mergekitty) (`mergekitty-merge-lora`).",
+            "",
+            f"* Base model: {_link(base)}",
+            f"* LoRA adapter: {_link(adapter)} (r = {adapter_cfg.get('r')}, lora_alpha = {adapter_cfg.get('lora_alpha')}, scale {scale})",
+            f"* Tensors changed by the adapter: {changed}",
+            "",
+        ]
+    )
+
+
+def merge_lora(
+    base: str | os.PathLike,
+    adapter: str | os.PathLike,
+    out_path: str | os.PathLike,
+    options=None,
+    progress: Callable[[str, int, int], None] | None = None,
+    **kwargs: Any,
+) -> list[str]:
+    """Apply the LoRA ``adapter`` to ``base`` and write the full model to ``out_path``.
+
+    ``base`` and ``adapter`` are local directories or hub ids (``path[@revision]``);
+    ``options`` is an ``api.MergeOptions`` (device, out_shard_size, copy_tokenizer,
+    write_model_card, transformers_cache), with ``kwargs`` overriding its fields.
+    Returns the names of the tensors the adapter changed.
+    """
+    from .. import __version__, _native
+    from ..api import SIDECAR_FILES, MergeOptions, _atomic_write, _prepare_out_dir
+    from ..io.checkpoint import Checkpoint
+    from ..ops.reduce import bytes_view
+    from ..refs import ModelPath, resolve_local_path
+    from .adapter import Adapter
+    from .apply import LoraCheckpoint
+
+    options = replace(options or MergeOptions(), **kwargs)
+    base_ref = ModelPath.model_validate(str(base))
+    adapter_ref = ModelPath.model_validate(str(adapter))
+    if "+" in str(base):
+        raise OutputError(f"the base model '{base}' must not itself be a model+lora reference")
+    base_dir = resolve_local_path(base_ref.path, base_ref.revision, options.transformers_cache)
+    adapter_dir = resolve_local_path(adapter_ref.path, adapter_ref.revision, options.transformers_cache)
+    lora = Adapter(adapter_dir, label=str(adapter))
+    named = lora.base_model_name
+    if named and Path(named).name != Path(str(base_ref.path)).name:
+        log.warning("adapter %s was made for '%s', not '%s'; applying it anyway (shapes are checked)", adapter, named, base)
+    device = options.resolved_device()
+    model = LoraCheckpoint(Checkpoint(Path(base_dir), label=str(base)), lora, label=f"{base}+{adapter}", device=device)
+
+    out = Path(out_path).expanduser()
+    resolved = out.resolve()
+    for src, what in ((Path(base_dir), "base model"), (Path(adapter_dir), "adapter")):
+        src = src.resolve()
+        if resolved == src or src in resolved.parents:
+            raise OutputError(f"output directory {out_path} is (inside) the {what} {src}; choose another directory")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output path {out_path} exists and is not a directory")
+
+    names = model.names()
+    _prepare_out_dir(out)
+    layout = [(n, model.infos[n].dtype, list(model.infos[n].shape)) for n in names]
+    try:
+        writer = _native.ShardWriter(str(out), layout, options.out_shard_size, None, {"mergekitty_version": __version__})
+    except OSError as exc:
+        raise OutputError(f"cannot write to {out}: {exc}") from None
+    try:
+        for name in SIDECAR_FILES:
+            if (Path(base_dir) / name).is_file():
+                shutil.copyfile(Path(base_dir) / name, out / name)
+        if options.copy_tokenizer:
+            from ..tokenizer.write import copy_tokenizer
+
+            copy_tokenizer(lora.tokenizer_dir() or Path(base_dir), out)
+        for i, name in enumerate(names):
+            view = model.view(name)
+            if view is not None:
+                writer.write(name, view)
+            else:
+                writer.write(name, bytes_view(model.tensor(name).contiguous()))
+            model.release(name)
+            if progress is not None:
+                progress(name, i + 1, len(names))
+        writer.finalize()
+    except BaseException:
+        writer.abort()
+        raise
+    if options.write_model_card:
+        _atomic_write(out / "README.md", _card(str(base), str(adapter), lora.config, len(model.changed()), out.name))
+    # config.json last: until it exists the directory does not load as a model.
+    _atomic_write(out / "config.json", json.dumps(model.config(), indent=2) + "\n")
+    return model.changed()

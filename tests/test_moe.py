@@ -1,0 +1,395 @@
+"""mergekitty-moe: output layouts against transformers, expert weights, gates, config errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import _family, run_cli
+
+# Disjoint word sets of the tiny word-level tokenizer ("w0 w1 ..."), one per expert.
+WORDS = [[f"w{i}" for i in range(start, start + 8)] for start in (3, 30, 60)]
+
+
+def prompts_of(words: list[str], n: int = 4) -> list[str]:
+    """``n`` prompts of three words each, ending in different words of ``words``."""
+    return [" ".join(words[i : i + 3]) for i in range(n)]
+
+
+def tensors(path: Path) -> dict:
+    """Every tensor of a model directory, read with safetensors (not through mergekitty)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def header(path: Path) -> dict:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            for name in h.keys():
+                out[name] = (tuple(h.get_slice(name).get_shape()), h.get_slice(name).get_dtype())
+    return out
+
+
+def expert_yaml(base, experts, gate_mode="random", shared=None, extra="", prompts=True):
+    lines = [f"base_model: {base}", f"gate_mode: {gate_mode}", "experts_per_token: 2", extra, "experts:"]
+    for i, src in enumerate(experts):
+        lines.append(f"  - source_model: {src}")
+        if prompts:
+            lines.append(f"    positive_prompts: {json.dumps(prompts_of(WORDS[i % 3]))}")
+    if shared is not None:
+        lines += ["shared_experts:", f"  - source_model: {shared}"]
+        if prompts:
+            lines.append(f"    positive_prompts: {json.dumps(['w90 w91 w92', 'w91 w92'])}")
+    return "\n".join(l for l in lines if l) + "\n"
+
+
+@pytest.fixture(scope="session")
+def qwen3(family_root):
+    return _family(family_root, "qwen3")
+
+
+@pytest.fixture(scope="session")
+def llama_tied(family_root):
+    from mergekitty.tiny_models import make_model
+
+    root = family_root / "llama-tied"
+    if not (root / "ft1" / "config.json").exists():
+        make_model(root / "base", "llama", seed=0, tie_word_embeddings=True)
+        make_model(root / "ft1", "llama", seed=1, parent=root / "base")
+        make_model(root / "ft2", "llama", seed=2, parent=root / "base")
+    return {"base": root / "base", "ft1": root / "ft1", "ft2": root / "ft2"}
+
+
+def build(tmp_path, text, name="out", **kwargs):
+    from mergekitty.moe import build_moe
+
+    out = tmp_path / name
+    result = build_moe(text, out, quiet=True, **{"random_seed": 0, **kwargs})
+    return out, result
+
+
+def load(out: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model
+
+
+def transformers_layout(out: Path, tmp_path: Path) -> dict:
+    """Names, shapes and dtypes that transformers itself saves for a model with this config.json."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(out)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, cfg.dtype) if isinstance(cfg.dtype, str) else cfg.dtype)
+    ref = tmp_path / "reference"
+    model.save_pretrained(ref)
+    return header(ref)
+
+
+CASES = {
+    # name: (family fixture, expected class, shared expert)
+    "mixtral-llama": ("llama", "MixtralForCausalLM", False),
+    "mixtral-llama-tied": ("llama_tied", "MixtralForCausalLM", False),
+    "qwen2_moe-qwen2-tied": ("qwen2", "Qwen2MoeForCausalLM", True),
+    "qwen2_moe-llama": ("llama", "Qwen2MoeForCausalLM", True),
+    "qwen3_moe-qwen3": ("qwen3", "Qwen3MoeForCausalLM", False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_output_matches_transformers_layout_and_loads(case, request, tmp_path):
+    import torch
+
+    fixture, cls, shared = CASES[case]
+    fam = request.getfixturevalue(fixture)
+    text = expert_yaml(fam["base"], [fam["ft1"], fam["ft2"]], shared=fam["ft1"] if shared else None, extra="dtype: bfloat16")
+    out, result = build(tmp_path, text)
+    assert result.hf_class == cls
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == [cls] and cfg["num_experts_per_tok"] == 2
+    ours = header(out)
+    assert ours == transformers_layout(out, tmp_path)
+    if "tied" in case:
+        assert cfg["tie_word_embeddings"] is True and "lm_head.weight" not in ours
+    model = load(out)
+    ids = torch.tensor([[1, 5, 9, 14, 20]])
+    assert torch.isfinite(model(ids).logits).all()
+    if "tied" in case:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def _expert_names(cls: str, layer: int, e: int) -> dict[str, str]:
+    if cls == "MixtralForCausalLM":
+        w = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+        return {p: f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w[p]}.weight" for p in w}
+    return {p: f"model.layers.{layer}.mlp.experts.{e}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
+
+
+@pytest.mark.parametrize("fixture,cls", [("llama", "MixtralForCausalLM"), ("qwen2", "Qwen2MoeForCausalLM"), ("qwen3", "Qwen3MoeForCausalLM")])
+def test_expert_weights_are_the_source_mlps(fixture, cls, request, tmp_path):
+    import torch
+
+    fam = request.getfixturevalue(fixture)
+    experts = [fam["ft1"], fam["ft2"], fam["ft3"]]
+    text = expert_yaml(fam["base"], experts, shared=fam["ft3"] if cls.startswith("Qwen2") else None)
+    text = text.replace(f"  - source_model: {fam['ft2']}\n", f"  - source_model: {fam['ft2']}\n    residual_scale: 0.5\n", 1)
+    out, _ = build(tmp_path, text)
+    got = tensors(out)
+    base = tensors(fam["base"])
+    n = json.loads((fam["base"] / "config.json").read_text())["num_hidden_layers"]
+    for e, src in enumerate(experts):
+        theirs = tensors(src)
+        for layer in range(n):
+            for part, name in _expert_names(cls, layer, e).items():
+                want = theirs[f"model.layers.{layer}.mlp.{part}.weight"]
+                if e == 1 and part == "down_proj":
+                    want = want * 0.5
+                assert torch.equal(got[name], want), name
+    if cls.startswith("Qwen2"):
+        shared = tensors(fam["ft3"])
+        for layer in range(n):
+            for part in ("gate_proj", "up_proj", "down_proj"):
+                assert torch.equal(got[f"model.layers.{layer}.mlp.shared_expert.{part}.weight"], shared[f"model.layers.{layer}.mlp.{part}.weight"])
+            assert got[f"model.layers.{layer}.mlp.shared_expert_gate.weight"].shape == (1, base["model.embed_tokens.weight"].shape[1])
+    # everything else is the base's, bit for bit
+    for name, t in base.items():
+        if ".mlp." not in name:
+            assert torch.equal(got[name], t), name
+
+
+def _hidden_entering(base_dir: Path, prompt: str):
+    """[layers, hidden]: the residual stream entering each layer at the last token of ``prompt``
+    (bos in front), computed with plain transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    ids = [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        hs = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    return torch.stack([h[0, -1] for h in hs[:-1]])
+
+
+def test_hidden_gates_route_each_experts_prompts_to_it(llama, tmp_path):
+    import torch
+
+    experts = [llama["ft1"], llama["ft2"], llama["ft3"]]
+    out, _ = build(tmp_path, expert_yaml(llama["base"], experts, gate_mode="hidden"), batch_size=3)
+    got = tensors(out)
+    router0 = got["model.layers.0.block_sparse_moe.gate.weight"]
+    assert router0.shape == (3, 64)
+    hidden = {e: [_hidden_entering(llama["base"], p) for p in prompts_of(WORDS[e])] for e in range(3)}
+    for e in range(3):
+        logits = torch.stack([router0 @ h[0] for h in hidden[e]])  # [prompts, experts]
+        assert (logits.argmax(-1) == e).float().mean() > 0.5
+        own = logits[:, e].mean()
+        assert all(own > logits[:, o].mean() for o in range(3) if o != e)
+    # the gate math itself: mean over prompts of the last-token state, L2-normalized, per layer
+    for e in range(3):
+        mean = torch.stack(hidden[e]).mean(0)
+        want = mean / mean.norm(dim=-1, keepdim=True)
+        for layer in range(4):
+            torch.testing.assert_close(got[f"model.layers.{layer}.block_sparse_moe.gate.weight"][e], want[layer], atol=1e-4, rtol=1e-4)
+
+
+def test_hidden_avg_and_negative_prompts(llama, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = expert_yaml(llama["base"], [llama["ft1"], llama["ft2"]], gate_mode="hidden_avg")
+    text = text.replace(f"  - source_model: {llama['ft1']}\n", f"  - source_model: {llama['ft1']}\n    negative_prompts: ['w70 w71 w72']\n", 1)
+    out, _ = build(tmp_path, text, batch_size=2)
+    got = tensors(out)
+    tok = AutoTokenizer.from_pretrained(llama["base"])
+    model = AutoModelForCausalLM.from_pretrained(llama["base"], dtype=torch.float32)
+
+    def avg(prompt):
+        ids = [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            hs = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        return torch.stack([h[0].mean(0) for h in hs[:-1]])
+
+    v = torch.stack([avg(p) for p in prompts_of(WORDS[0])]).mean(0) - avg("w70 w71 w72")
+    want = v / v.norm(dim=-1, keepdim=True)
+    for layer in range(4):
+        torch.testing.assert_close(got[f"model.layers.{layer}.block_sparse_moe.gate.weight"][0], want[layer], atol=1e-4, rtol=1e-4)
+
+
+def test_cheap_embed_gates_come_from_the_embedding_table(llama, tmp_path):
+    import torch
+    from transformers import AutoTokenizer
+
+    out, _ = build(tmp_path, expert_yaml(llama["base"], [llama["ft1"], llama["ft2"]], gate_mode="cheap_embed"))
+    got = tensors(out)
+    emb = tensors(llama["base"])["model.embed_tokens.weight"]
+    tok = AutoTokenizer.from_pretrained(llama["base"])
+    for e in range(2):
+        v = sum(emb[[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"]].sum(0) for p in prompts_of(WORDS[e]))
+        for layer in range(4):
+            torch.testing.assert_close(got[f"model.layers.{layer}.block_sparse_moe.gate.weight"][e], v / v.norm(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["random", "uniform_random"])
+def test_random_gates_follow_the_seed(mode, llama, tmp_path):
+    import torch
+
+    text = expert_yaml(llama["base"], [llama["ft1"], llama["ft2"]], gate_mode=mode, prompts=False)
+    routers = []
+    for i, seed in enumerate((7, 7, 8)):
+        out, result = build(tmp_path, text, name=f"out{i}", random_seed=seed)
+        assert result.seed == seed
+        routers.append(tensors(out)["model.layers.2.block_sparse_moe.gate.weight"])
+        assert "--random-seed" in (out / "mergekitty_moe_config.yml").read_text()
+    assert torch.equal(routers[0], routers[1])
+    assert not torch.equal(routers[0], routers[2])
+    if mode == "uniform_random":
+        assert routers[0].abs().max() <= 64**-0.5
+
+
+def test_noise_is_seeded_and_shaped(llama, tmp_path):
+    import torch
+
+    text = expert_yaml(llama["base"], [llama["ft1"], llama["ft2"]], prompts=False).replace(
+        f"  - source_model: {llama['ft1']}\n", f"  - source_model: {llama['ft1']}\n    noise_scale: 0.1\n", 1
+    )
+    a, _ = build(tmp_path, text, name="a", random_seed=3)
+    b, _ = build(tmp_path, text, name="b", random_seed=3)
+    name = "model.layers.1.block_sparse_moe.experts.0.w1.weight"
+    ta, tb = tensors(a)[name], tensors(b)[name]
+    assert torch.equal(ta, tb)
+    diff = ta - tensors(llama["ft1"])["model.layers.1.mlp.gate_proj.weight"]
+    assert 0.05 < diff.std() < 0.2
+    assert torch.equal(tensors(a)["model.layers.1.block_sparse_moe.experts.1.w1.weight"], tensors(llama["ft2"])["model.layers.1.mlp.gate_proj.weight"])
+
+
+def test_shards_and_tokenizer_options(llama, tmp_path):
+    text = expert_yaml(llama["base"], [llama["ft1"], llama["ft2"]], prompts=False)
+    out, _ = build(tmp_path, text, out_shard_size=200_000, copy_tokenizer=False)
+    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert not (out / "tokenizer.json").exists()
+    load(out)
+
+
+# --------------------------------------------------------------------------- choosing the output
+
+
+def test_no_architecture_fits_says_why_for_each(llama, family_root, tmp_path):
+    from mergekitty.errors import ArchitectureError
+    from mergekitty.tiny_models import make_model
+
+    wide = family_root / "llama-wide-mlp"
+    if not (wide / "config.json").exists():
+        make_model(wide, "llama", seed=5, intermediate_size=96)
+    with pytest.raises(ArchitectureError) as err:
+        build(tmp_path, expert_yaml(llama["base"], [llama["ft1"], wide], prompts=False))
+    msg = str(err.value)
+    assert "intermediate sizes differ" in msg and all(f"{n}:" in msg for n in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek"))
+    assert "\n" not in msg
+
+
+def test_shared_expert_cannot_go_into_mixtral(llama, tmp_path):
+    from mergekitty.errors import ArchitectureError
+
+    text = expert_yaml(llama["base"], [llama["ft1"], llama["ft2"]], shared=llama["ft3"], prompts=False, extra="architecture: mixtral")
+    with pytest.raises(ArchitectureError, match="mixtral: has no shared experts"):
+        build(tmp_path, text)
+    # without the architecture key the shared expert picks Qwen2-MoE
+    _, result = build(tmp_path, text.replace("architecture: mixtral\n", ""))
+    assert result.architecture == "qwen2_moe"
+
+
+def test_deepseek_and_qwen3_explain_themselves(llama, qwen2, tmp_path):
+    from mergekitty.errors import ArchitectureError
+
+    with pytest.raises(ArchitectureError, match="deepseek: .*multi-head latent attention"):
+        build(tmp_path, expert_yaml(llama["base"], [llama["ft1"], llama["ft2"]], prompts=False, extra="architecture: deepseek"))
+    with pytest.raises(ArchitectureError, match="qwen3_moe: takes qwen3 models only"):
+        build(tmp_path, expert_yaml(llama["base"], [llama["ft1"], llama["ft2"]], prompts=False, extra="architecture: qwen3"))
+    # qwen2 attention has biases: not Mixtral, and without a shared expert not Qwen2-MoE either
+    with pytest.raises(ArchitectureError, match="mixtral: .*biases.*qwen2_moe: needs exactly one shared expert"):
+        build(tmp_path, expert_yaml(qwen2["base"], [qwen2["ft1"], qwen2["ft2"]], prompts=False))
+
+
+def test_identical_experts_need_the_flag(llama, tmp_path):
+    from mergekitty.errors import ConfigError
+
+    text = expert_yaml(llama["base"], [llama["ft1"], llama["ft1"]], prompts=False)
+    with pytest.raises(ConfigError, match="same model"):
+        build(tmp_path, text)
+    _, result = build(tmp_path, text, allow_untrained=True)
+    assert result.architecture == "mixtral"
+
+
+# --------------------------------------------------------------------------- config errors
+
+
+def test_config_validation_messages():
+    from mergekitty.errors import ConfigError
+    from mergekitty.moe import load_moe_config
+
+    ok = "base_model: ./b\ngate_mode: random\nexperts:\n  - source_model: ./a\n  - source_model: ./c\n"
+    assert load_moe_config(ok).experts_per_token == 2
+    cases = {
+        ok.replace("gate_mode: random", "gate_mode: hiden"): ("gate_mode", "did you mean 'hidden'"),
+        ok + "experts_per_tokn: 2\n": ("experts_per_tokn", "did you mean 'experts_per_token'"),
+        ok + "experts_per_token: 3\n": ("experts_per_token", "only 2 expert(s)"),
+        ok.replace("gate_mode: random", "gate_mode: hidden"): ("experts[0]", "no positive_prompts"),
+        ok + "architecture: mixtrel\n": ("architecture", "did you mean 'mixtral'"),
+        ok.replace("  - source_model: ./a\n", "  - source_modle: ./a\n"): ("experts[0].source_modle", "did you mean 'source_model'"),
+        ok + "dtype: float8\n": ("dtype", "unsupported dtype"),
+    }
+    for text, (key, words) in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load_moe_config(text, source="moe.yml")
+        assert err.value.key == key and words in str(err.value), str(err.value)
+        assert str(err.value).startswith("moe.yml:"), str(err.value)
+    same = "base_model: ./b\nexperts:\n  - source_model: ./a\n    positive_prompts: [x]\n  - source_model: ./c\n    positive_prompts: [x]\n"
+    with pytest.raises(ConfigError, match="same prompts"):
+        load_moe_config(same)
+
+
+@pytest.mark.parametrize(
+    "edit,words",
+    [
+        (lambda t: t.replace("experts_per_token", "experts_per_tokn"), "moe.yml:3, key 'experts_per_tokn': unknown key 'experts_per_tokn'; did you mean 'experts_per_token'?"),
+        (lambda t: t.replace("gate_mode: random", "gate_mode: cheap"), "unknown gate_mode 'cheap'"),
+        (lambda t: t.replace("/ft2", "/ft9"), "model directory not found"),
+    ],
+    ids=["key-typo", "gate-mode", "missing-model"],
+)
+def test_cli_config_errors_are_one_clear_line(edit, words, llama, tmp_path):
+    cfg = tmp_path / "moe.yml"
+    cfg.write_text(edit(expert_yaml(llama["base"], [llama["ft1"], llama["ft2"]], prompts=False)))
+    proc = run_cli("mergekitty-moe", cfg, tmp_path / "out", "--quiet", check=False)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and words in proc.stderr, proc.stderr
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_cli_builds_and_loads(llama, tmp_path):
+    import torch
+
+    cfg = tmp_path / "moe.yml"
+    cfg.write_text(expert_yaml(llama["base"], [llama["ft1"], llama["ft2"], llama["ft3"]], gate_mode="hidden"))
+    out = tmp_path / "out"
+    proc = run_cli(
+        "mergekitty-moe", cfg, out, "--quiet", "--device", "cpu", "--batch-size", "2", "--random-seed", "1",
+        "--out-shard-size", "1G", "--no-copy-tokenizer", "--trust-remote-code",
+    )  # fmt: skip
+    assert "MixtralForCausalLM" in proc.stderr
+    model = load(out)
+    assert torch.isfinite(model(torch.tensor([[1, 4, 8]])).logits).all()
+    assert not (out / "tokenizer.json").exists()

@@ -366,7 +366,7 @@ def test_config_validation_messages():
     [
         (lambda t: t.replace("experts_per_token", "experts_per_tokn"), "moe.yml:3, key 'experts_per_tokn': unknown key 'experts_per_tokn'; did you mean 'experts_per_token'?"),
         (lambda t: t.replace("gate_mode: random", "gate_mode: cheap"), "unknown gate_mode 'cheap'"),
-        (lambda t: t.replace("/ft2", "/ft9"), "model directory not found"),
+        (lambda t: t.replace("/ft2", "/ft9"), "key 'experts[1].source_model': model directory not found"),
     ],
     ids=["key-typo", "gate-mode", "missing-model"],
 )

@@ -112,9 +112,9 @@ def select_architecture(inputs, config) -> OutputArchitecture:
         why = arch.reasons(inputs, config)
         (rejected if why else fitting).append((arch, why))
     if not fitting:
-        asked = f" named by architecture: {config.architecture}" if config.architecture else ""
+        asked = f" (architecture: {config.architecture})" if config.architecture else ""
         detail = "; ".join(f"{a.name}: {', '.join(why)}" for a, why in rejected)
-        raise ArchitectureError(f"no output architecture{asked} can hold these models: {detail}")
+        raise ArchitectureError(f"no output architecture can hold these models{asked}: {detail}")
     for arch, _ in fitting:
         if arch.name == "mixtral":
             return arch

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArchitectureError, PlanError
+from ..yaml_lines import format_path
 
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
 # tensors some checkpoints carry that are recomputed by transformers, never loaded
@@ -102,9 +103,20 @@ def open_model(ref, options) -> SourceModel:
 def open_inputs(config, options) -> MoEInputs:
     """Open every model of ``config`` and check what every output architecture needs alike:
     the same layer count and hidden size everywhere, and dense MLP weights in every layer."""
+    from ..errors import MergekittyError
+
     opened: dict[str, SourceModel] = {}
-    for ref in config.referenced_models():
-        opened[str(ref)] = open_model(ref, options)
+    refs = [(("base_model",), config.base_model)] + [((*key, "source_model"), e.source_model) for key, e in config.all_experts()]
+    for key, ref in refs:
+        if str(ref) in opened:
+            continue
+        try:
+            opened[str(ref)] = open_model(ref, options)
+        except MergekittyError as exc:
+            # name the config line that references the model, keeping the error's type
+            line = config.line_of(key)
+            where = f"{config.source_name or 'config'}" + (f":{line}" if line else "") + f", key '{format_path(key)}'"
+            raise type(exc)(f"{where}: {exc}") from None
     base = opened[str(config.base_model)]
     if base.layout.num_layers == 0:
         raise ArchitectureError(f"base model {base.label}: no layer stack found in its tensor names")

@@ -105,6 +105,9 @@ CASES = {
     "qwen2_moe-qwen2-tied": ("qwen2", "Qwen2MoeForCausalLM", True),
     "qwen2_moe-llama": ("llama", "Qwen2MoeForCausalLM", True),
     "qwen3_moe-qwen3": ("qwen3", "Qwen3MoeForCausalLM", False),
+    # mistral's sliding window carries over
+    "mixtral-mistral": ("mistral", "MixtralForCausalLM", False),
+    "qwen2_moe-mistral": ("mistral", "Qwen2MoeForCausalLM", True),
 }
 
 
@@ -123,11 +126,19 @@ def test_output_matches_transformers_layout_and_loads(case, request, tmp_path):
     assert ours == transformers_layout(out, tmp_path)
     if "tied" in case:
         assert cfg["tie_word_embeddings"] is True and "lm_head.weight" not in ours
+    if "mistral" in case:
+        assert model_window(cfg) == 64
     model = load(out)
     ids = torch.tensor([[1, 5, 9, 14, 20]])
     assert torch.isfinite(model(ids).logits).all()
     if "tied" in case:
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def model_window(cfg: dict) -> int | None:
+    if cfg["model_type"] == "qwen2_moe":
+        assert cfg["use_sliding_window"] and set(cfg["layer_types"]) == {"sliding_attention"}
+    return cfg["sliding_window"]
 
 
 def _expert_names(cls: str, layer: int, e: int) -> dict[str, str]:
@@ -226,6 +237,20 @@ def test_hidden_avg_and_negative_prompts(llama, tmp_path):
     want = v / v.norm(dim=-1, keepdim=True)
     for layer in range(4):
         torch.testing.assert_close(got[f"model.layers.{layer}.block_sparse_moe.gate.weight"][0], want[layer], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["hidden", "hidden_avg"])
+def test_batching_and_padding_do_not_change_the_gates(mode, llama, tmp_path):
+    import torch
+
+    text = expert_yaml(llama["base"], [llama["ft1"], llama["ft2"]], gate_mode=mode)
+    # prompts of different lengths, so that batched prompts are padded
+    text = text.replace('"w3 w4 w5"', '"w3"').replace('"w30 w31 w32"', '"w30 w31 w32 w33 w34 w35 w36"')
+    routers = []
+    for batch in (1, 4):
+        out, _ = build(tmp_path, text, name=f"b{batch}", batch_size=batch)
+        routers.append(torch.stack([tensors(out)[f"model.layers.{i}.block_sparse_moe.gate.weight"] for i in range(4)]))
+    torch.testing.assert_close(routers[0], routers[1], atol=1e-5, rtol=1e-5)
 
 
 def test_cheap_embed_gates_come_from_the_embedding_table(llama, tmp_path):
@@ -393,3 +418,14 @@ def test_cli_builds_and_loads(llama, tmp_path):
     model = load(out)
     assert torch.isfinite(model(torch.tensor([[1, 4, 8]])).logits).all()
     assert not (out / "tokenizer.json").exists()
+
+
+def test_cli_random_gates_report_their_seed(llama, tmp_path):
+    import re
+
+    cfg = tmp_path / "moe.yml"
+    cfg.write_text(expert_yaml(llama["base"], [llama["ft1"], llama["ft2"]], gate_mode="random", prompts=False))
+    proc = run_cli("mergekitty-moe", cfg, tmp_path / "out", "--quiet", "--i-understand-this-is-not-useful-without-training")
+    seed = re.search(r"random seed: (\d+)", proc.stderr).group(1)
+    assert f"--random-seed {seed}" in (tmp_path / "out" / "mergekitty_moe_config.yml").read_text()
+    assert "needs training" not in proc.stderr  # the flag silences the warning

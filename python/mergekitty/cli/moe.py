@@ -56,6 +56,8 @@ def main(config_file: str, out_path: str, verbose: int, load_in_4bit: bool, load
         config = load_moe_config_file(config_file)
         result = build_moe(config, out_path, MoEOptions(**kwargs))
         console.print(f"[green]done:[/] {result.hf_class} with {len(config.experts)} experts written to {out_path}", highlight=False)
+        if result.used_seed:
+            console.print(f"random seed: {result.seed} (pass --random-seed {result.seed} to build the same model again)", highlight=False)
     except MergekittyError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(1)

@@ -47,6 +47,7 @@ class MoEResult:
     out_path: Path
     seed: int
     tensors: list = field(default_factory=list)  # writer.OutTensor, in file order
+    used_seed: bool = False  # random gates or expert noise drew from the seed
 
 
 def _load(config: Any) -> MoEConfig:
@@ -192,7 +193,11 @@ def build_moe(config: Any, out_path: str | os.PathLike, options: MoEOptions | No
     data.pop("transformers_version", None)
     data["transformers_version"] = _transformers_version()
     _atomic_write(out / "config.json", json.dumps(data, indent=2, sort_keys=True) + "\n")
-    return MoEResult(arch.name, arch.hf_class, out, seed, tensors)
+    return MoEResult(arch.name, arch.hf_class, out, seed, tensors, _uses_seed(config))
+
+
+def _uses_seed(config: MoEConfig) -> bool:
+    return config.gate_mode in RANDOM_GATE_MODES or any(e.noise_scale for _, e in config.all_experts())
 
 
 def _transformers_version() -> str:
@@ -229,7 +234,6 @@ def _write_sidecars(config: MoEConfig, inputs: MoEInputs, out: Path, options: Mo
         copy_tokenizer(inputs.base.path, out)
     text = config.source_text or config.to_yaml()
     text = text if text.endswith("\n") else text + "\n"
-    uses_seed = config.gate_mode in RANDOM_GATE_MODES or any(e.spec.noise_scale for e in (*inputs.experts, *inputs.shared))
-    if uses_seed:
+    if _uses_seed(config):
         text += f"# built with --random-seed {seed}; pass it again to reproduce this model exactly\n"
     _atomic_write(out / CONFIG_COPY, text)

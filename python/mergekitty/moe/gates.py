@@ -49,11 +49,12 @@ def load_tokenizer(path, trust_remote_code: bool = False):
 
 
 def encode(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Token ids of each prompt, with the tokenizer's bos in front (added if the tokenizer does not)."""
+    """Token ids of each prompt, with the tokenizer's bos (if it has one) in front."""
     bos = tokenizer.bos_token_id
     out = []
     for p in prompts:
-        ids = list(tokenizer(p, add_special_tokens=True)["input_ids"])
+        # no tokenizer-added specials (an appended eos would be every prompt's last token)
+        ids = list(tokenizer(p, add_special_tokens=False)["input_ids"])
         if bos is not None and (not ids or ids[0] != bos):
             ids.insert(0, bos)
         if not ids:
@@ -72,7 +73,7 @@ def _normalize(v: "torch.Tensor") -> "torch.Tensor":
 class PromptEncoder:
     """Turns an expert's prompts into its gate vectors ``[layers, hidden]``."""
 
-    def __init__(self, mode: str, inputs, options, total_prompts: int, progress: Callable[[int], None] | None):
+    def __init__(self, mode: str, inputs, options, progress: Callable[[int], None] | None):
         self.mode = mode
         self.inputs = inputs
         self.options = options
@@ -185,7 +186,7 @@ def compute_gates(mode: str, inputs, options, seed: int, quiet: bool = True):
     everyone = [*inputs.experts, *inputs.shared]
     total = sum(len(e.spec.positive_prompts or ()) + len(e.spec.negative_prompts or ()) for e in everyone)
     if quiet:
-        encoder = PromptEncoder(mode, inputs, options, total, None)
+        encoder = PromptEncoder(mode, inputs, options, None)
         routed = prompt_gates(encoder, inputs.experts)
         shared = prompt_gates(encoder, inputs.shared) if inputs.shared else None
     else:
@@ -193,7 +194,7 @@ def compute_gates(mode: str, inputs, options, seed: int, quiet: bool = True):
 
         with Progress(TextColumn(f"[bold]gates ({mode})"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"), TimeRemainingColumn()) as bar:
             task = bar.add_task("gates", total=total)
-            encoder = PromptEncoder(mode, inputs, options, total, lambda n: bar.update(task, advance=n))
+            encoder = PromptEncoder(mode, inputs, options, lambda n: bar.update(task, advance=n))
             routed = prompt_gates(encoder, inputs.experts)
             shared = prompt_gates(encoder, inputs.shared) if inputs.shared else None
     warn_degenerate(routed)

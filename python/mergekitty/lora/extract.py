@@ -345,14 +345,16 @@ def extract_lora(
     transformers_cache: str | None = None,
     model_name: str | None = None,
     command: str | None = None,
+    distribute_scale: bool = True,
     seed: int = 0,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> ExtractionResult:
     """Extract a LoRA adapter of at most ``rank`` from ``finetuned - base`` into ``out_path``.
 
     ``finetuned`` and ``base`` are directories or hub ids (``path[@revision]``; a
-    ``model+lora`` reference is applied first). Returns what was done per module,
-    including each factored module's relative reconstruction error.
+    ``model+lora`` reference is applied first). ``distribute_scale=False`` puts the
+    singular values in A alone (B = U). Returns what was done per module, including
+    each factored module's relative reconstruction error.
     """
     import torch
 
@@ -416,7 +418,7 @@ def extract_lora(
         torch.manual_seed(seed)
         for i, task in enumerate(tasks):
             written = len(tensors)
-            result = _run_task(task, ft, bs, dev, rank, sv_epsilon, energy, tensors, skip_undecomposable)
+            result = _run_task(task, ft, bs, dev, rank, sv_epsilon, energy, tensors, skip_undecomposable, distribute_scale)
             if result.treatment == "full":
                 full_modules.extend((task.module, *task.also))
             elif result.treatment in ("lora", "embedding_lora"):
@@ -459,7 +461,7 @@ def _load_pair(task: _Task, param: str, ft, bs, dev):
     return f, b
 
 
-def _run_task(task: _Task, ft, bs, dev, max_rank, sv_epsilon, energy, tensors, skip_undecomposable) -> ModuleResult:
+def _run_task(task: _Task, ft, bs, dev, max_rank, sv_epsilon, energy, tensors, skip_undecomposable, distribute_scale=True) -> ModuleResult:
     import torch
 
     weight = task.ft.get("weight")
@@ -505,9 +507,11 @@ def _run_task(task: _Task, ft, bs, dev, max_rank, sv_epsilon, energy, tensors, s
         return ModuleResult(task.module, "bias_only" if bias_changed else "unchanged", shape)
     u, s, vh = low_rank_svd(dw, max_rank)
     k = choose_rank(s, total_sq, max_rank, sv_epsilon, energy)
-    root = s[:k].sqrt()
-    lora_b = (u[:, :k] * root).to(f.dtype)
-    lora_a = (root[:, None] * vh[:k]).to(f.dtype)
+    # distribute_scale: sqrt(S) on both sides (balanced factors); else all of S on A
+    left = s[:k].sqrt() if distribute_scale else torch.ones_like(s[:k])
+    right = s[:k] / left
+    lora_b = (u[:, :k] * left).to(f.dtype)
+    lora_a = (right[:, None] * vh[:k]).to(f.dtype)
     err = float(torch.linalg.vector_norm(dw - lora_b.to(torch.float32) @ lora_a.to(torch.float32))) / math.sqrt(total_sq)
     if task.treatment == "embedding_lora":
         tensors.append((f"{PEFT_PREFIX}{task.module}.lora_embedding_A", lora_b.T.contiguous()))

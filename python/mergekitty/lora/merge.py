@@ -57,6 +57,7 @@ def merge_lora(
     out_path: str | os.PathLike,
     options=None,
     progress: Callable[[str, int, int], None] | None = None,
+    dry_run: bool = False,
     **kwargs: Any,
 ) -> list[str]:
     """Apply the LoRA ``adapter`` to ``base`` and write the full model to ``out_path``.
@@ -64,7 +65,8 @@ def merge_lora(
     ``base`` and ``adapter`` are local directories or hub ids (``path[@revision]``);
     ``options`` is an ``api.MergeOptions`` (device, out_shard_size, copy_tokenizer,
     write_model_card, transformers_cache), with ``kwargs`` overriding its fields.
-    Returns the names of the tensors the adapter changed.
+    Returns the names of the tensors the adapter changes; with ``dry_run`` only the
+    checks run (headers only) and nothing is written.
     """
     from .. import __version__, _native
     from ..api import SIDECAR_FILES, MergeOptions, _atomic_write, _prepare_out_dir
@@ -97,6 +99,8 @@ def merge_lora(
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path {out_path} exists and is not a directory")
 
+    if dry_run:
+        return model.changed()
     names = model.names()
     _prepare_out_dir(out)
     layout = [(n, model.infos[n].dtype, list(model.infos[n].shape)) for n in names]

@@ -1,0 +1,46 @@
+"""``mergekitty-merge-lora BASE ADAPTER OUT``: write BASE with a LoRA adapter merged in."""
+
+from __future__ import annotations
+
+import sys
+
+import rich_click as click
+
+from .options import merge_options
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("base_model")
+@click.argument("adapter_model")
+@click.argument("output_path", type=click.Path(file_okay=False))
+@merge_options
+def main(base_model: str, adapter_model: str, output_path: str, **kwargs) -> None:
+    """Apply the PEFT LoRA adapter ADAPTER_MODEL to BASE_MODEL and write the full model to OUTPUT_PATH."""
+    from rich.console import Console
+
+    from ..errors import MergekittyError
+    from .options import build_options
+
+    console = Console(stderr=True)
+    try:
+        options, dry_run = build_options(kwargs, console)
+        from ..lora.merge import merge_lora
+
+        if dry_run:
+            changed = merge_lora(base_model, adapter_model, output_path, options, dry_run=True)
+            Console().print(f"[bold]tensors the adapter changes:[/] {len(changed)}")
+            for name in changed:
+                Console().print(f"  {name}", highlight=False)
+            return
+        changed = merge_lora(base_model, adapter_model, output_path, options)
+    except MergekittyError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted:[/] no merged model was written (partial files were removed)")
+        sys.exit(130)
+    console.print(f"[green]done:[/] {len(changed)} tensors changed by the adapter; merged model written to {output_path}")
+
+
+if __name__ == "__main__":
+    main()

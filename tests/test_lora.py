@@ -417,3 +417,21 @@ def test_cli_help_is_fast_to_import(cli):
 
     code = "import sys, mergekitty.cli.extract_lora, mergekitty.cli.merge_lora; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_model_plus_lora_with_added_tokens_brings_its_tokenizer(llama, extended, tmp_path):
+    from mergekitty.api import run_merge
+
+    adapter = tmp_path / "adapter"
+    extract_lora(extended, llama["base"], adapter, rank=64, extend_vocab=True)
+    config = (
+        "merge_method: linear\ntokenizer:\n  source: union\nmodels:\n"
+        f"  - model: {llama['base']}+{adapter}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {llama['ft2']}\n    parameters: {{weight: 0.5}}\n"
+    )
+    run_merge(config, tmp_path / "out", quiet=True)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 98
+    assert "<x2>" in (tmp_path / "out" / "tokenizer.json").read_text()
+    got = _weights(tmp_path / "out")["model.embed_tokens.weight"]
+    want = _weights(extended)["model.embed_tokens.weight"]
+    torch.testing.assert_close(got[96:], want[96:], atol=1e-5, rtol=1e-5)  # only the adapter's model has the new rows

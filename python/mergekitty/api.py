@@ -131,7 +131,7 @@ def _plan_vocabulary(config, models, planner):
     from .tokenizer.build import VocabInput, plan_vocabulary, token_settings
     from .tokenizer.vocab import read_vocabulary
 
-    vocabs = [read_vocabulary(m.path) for m in models]
+    vocabs = [read_vocabulary(_tokenizer_dir(m)) for m in models]
     if all(v is None for v in vocabs):
         if getattr(config, "tokenizer", None) is not None or config.tokenizer_source not in (None, "base"):
             log.warning("the tokenizer settings have no effect: no input model has tokenizer files")
@@ -151,6 +151,14 @@ def _plan_vocabulary(config, models, planner):
     tok = getattr(config, "tokenizer", None)
     inputs = [VocabInput(m.label, v, planner.embedding_rows(i)) for i, (m, v) in enumerate(zip(models, vocabs))]
     return plan_vocabulary(inputs, source, planner._donor(), settings, tok.pad_to_multiple_of if tok is not None else None, model_index)
+
+
+def _tokenizer_dir(model) -> Path:
+    """Where an input's tokenizer files are: a model+lora input's adapter when it ships a
+    tokenizer (an adapter that added tokens does), else the model's directory."""
+    adapter = getattr(model.checkpoint, "adapter", None)
+    found = adapter.tokenizer_dir() if adapter is not None else None
+    return found or model.path
 
 
 def _chat_template(config, model_dirs) -> str | None:
@@ -188,9 +196,9 @@ def _write_sidecars(plan, config, out: Path, options: MergeOptions) -> None:
         from .tokenizer.write import copy_tokenizer, write_tokenizer
 
         if plan.vocab is not None:
-            write_tokenizer(plan.vocab, plan.models[plan.vocab.vocab_model].path, out)
+            write_tokenizer(plan.vocab, _tokenizer_dir(plan.models[plan.vocab.vocab_model]), out)
         else:
-            copy_tokenizer(donor.path, out)
+            copy_tokenizer(_tokenizer_dir(donor), out)
     if config.chat_template:
         template = _chat_template(config, [m.path for m in plan.models])
         if template is not None and not options.copy_tokenizer:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..errors import ConfigError, OutputError, PlanError
+from ..errors import ArchitectureError, ConfigError, OutputError, PlanError
 from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,8 @@ def _architecture_modules(model_dir: Path, cfg: dict[str, Any], layout, trust_re
             model = cls.from_config(config, trust_remote_code=trust_remote_code)
     except Exception as exc:  # any failure only costs the module types
         log.info("cannot build %s on the meta device (%s); module types are taken from tensor names", model_dir, exc)
+        if layout is None:
+            return _Modules(None, None, None, False)
         head = next((n.rsplit(".", 1)[0] for n in layout.post if is_embedding_name(n) and n.endswith(".weight")), None)
         emb = layout.input_embedding.rsplit(".", 1)[0] if layout.input_embedding else None
         return _Modules(None, emb, head, tied_cfg and head is None)
@@ -225,6 +227,7 @@ def _plan(ft, base, ft_layout, mods: _Modules, opts: dict[str, Any]) -> tuple[li
     include = [re.compile(p) for p in opts["include"]]
     exclude = [re.compile(p) for p in opts["exclude"]]
     tasks: list[_Task] = []
+    unknown: list[str] = []
     tied_head = head if (mods.tied and head is not None and f"{head}.weight" not in ft) else None
     for module, params in groups.items():
         bnames = {p: base_name(n) for p, n in params.items()}
@@ -243,12 +246,19 @@ def _plan(ft, base, ft_layout, mods: _Modules, opts: dict[str, Any]) -> tuple[li
                 tasks.append(_Task(module, treatment, params, bnames, rows, also=also))
             else:
                 tasks.append(_Task(module, "full", params, bnames, rows, also=also))
-        elif two_d and (mods.kinds is None or mods.kinds.get(module) in ("linear", "conv1d")):
+        elif two_d and (mods.kinds is None or mods.kinds.get(module, "unknown") in ("linear", "conv1d", "unknown")):
+            if mods.kinds is not None and module not in mods.kinds:
+                unknown.append(module)
             excluded = (include and not any(r.search(module) for r in include)) or any(r.search(module) for r in exclude)
             conv1d = mods.kinds is not None and mods.kinds.get(module) == "conv1d"
             tasks.append(_Task(module, "other" if excluded else "lora", params, bnames, fan_in_fan_out=conv1d))
         else:
             tasks.append(_Task(module, "other", params, bnames))
+    if unknown:
+        notes.append(
+            f"{len(unknown)} 2-D weight(s) belong to no module of the transformers architecture (e.g. '{unknown[0]}'); "
+            "they are factored, which mergekitty-merge-lora applies but PEFT may not load"
+        )
     fifo = {t.fan_in_fan_out for t in tasks if t.treatment == "lora"}
     if len(fifo) > 1:
         notes.append("the model mixes Conv1D and Linear layers; the Linear ones are saved in full (one fan_in_fan_out per adapter)")
@@ -400,7 +410,10 @@ def extract_lora(
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path {out_path} exists and is not a directory")
     ft_cfg = ft.config()
-    layout = infer_layout(ft.names(), ft_cfg, where=ft.label)
+    try:
+        layout = infer_layout(ft.names(), ft_cfg, where=ft.label)
+    except ArchitectureError:
+        layout = None  # only needed to find the embeddings when transformers cannot build the model
     mods = _architecture_modules(ft_dir, ft_cfg, layout, trust_remote_code)
     opts = dict(extend_vocab=extend_vocab, embed_lora=embed_lora, save_modules=list(save_modules), include=list(include), exclude=list(exclude))
     tasks, notes = _plan(ft, bs, layout, mods, opts)

@@ -211,7 +211,9 @@ pub(crate) fn merge_block(
         if normalize {
             m.iter_mut()
                 .zip(d.iter())
-                .for_each(|(x, &dd)| *x = if dd != 0.0 { *x / dd } else { *x });
+                // x / 1 == x: one unconditional vector division (m is an arithmetic result,
+                // never a signaling NaN, so dividing by 1 leaves every bit as it is).
+                .for_each(|(x, &dd)| *x /= if dd != 0.0 { dd } else { 1.0 });
         }
     } else {
         m.copy_from_slice(s);
@@ -429,6 +431,20 @@ mod tests {
         };
         combine_delta(&spec, &mut out, 1).unwrap();
         assert_eq!(floats(&out), [0.0]);
+        // Counted weights that cancel: D = 0.5 + -0.5 = 0, M = 1 + 2 is not divided.
+        let cs = [bytes(&[2.0, 1e-40, 3.0]), bytes(&[-4.0, -1e-40, -5.0])];
+        let refs: Vec<&[u8]> = cs.iter().map(|d| d.as_slice()).collect();
+        let spec = Combine {
+            deltas: &refs,
+            weights: &[0.5, -0.5],
+            consensus: true,
+            normalize: true,
+        };
+        let mut out3 = [0u8; 12];
+        combine_delta(&spec, &mut out3, 1).unwrap();
+        let want = [3.0f32, 0.5 * 1e-40 + -0.5 * -1e-40, 4.0];
+        let got: Vec<u32> = floats(&out3).iter().map(|v| v.to_bits()).collect();
+        assert_eq!(got, want.map(f32::to_bits));
     }
 
     #[test]

@@ -20,7 +20,7 @@
 //! `consensus::combine_into`), so the results are bit-identical to it and do not depend on the
 //! thread count. The L1 rescale modes need global sums and are not offered here.
 
-use crate::dtype::FloatDtype;
+use crate::dtype::{bf16_to_f32, f16_to_f32, FloatDtype};
 use crate::error::{Error, Result};
 use crate::kernels::consensus::{load, store};
 use crate::kernels::random::Stream;
@@ -776,6 +776,105 @@ fn sparsify_block(
     }
 }
 
+/// For one model and one block: `d = f32(x) - b`, sparsified (none, a magnitude band or DARE's
+/// mask), `v = w * d` (kept in `v` for the sign consensus) and `s = v` for the first model,
+/// `s += v` for the others, in one pass. The same float32 operations, in the same order, as
+/// `task_vector`, `sparsify_block` and the weighting in [`block`].
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn model_pass(
+    x: Tensor,
+    start: usize,
+    bv: &[f32],
+    sp: &Sparsify,
+    u: &mut [f32],
+    w: f32,
+    v: &mut [f32],
+    s: &mut [f32],
+    first: bool,
+) {
+    let len = bv.len();
+    let sz = x.dtype.size();
+    let bytes = &x.data[start * sz..(start + len) * sz];
+    match x.dtype {
+        FloatDtype::BF16 => model_pass_with(bytes, |c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]])), 2, start, bv, sp, u, w, v, s, first),
+        FloatDtype::F16 => model_pass_with(bytes, |c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])), 2, start, bv, sp, u, w, v, s, first),
+        FloatDtype::F32 => model_pass_with(bytes, |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]), 4, start, bv, sp, u, w, v, s, first),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn model_pass_with(
+    bytes: &[u8],
+    ld: impl Fn(&[u8]) -> f32 + Copy,
+    sz: usize,
+    start: usize,
+    bv: &[f32],
+    sp: &Sparsify,
+    u: &mut [f32],
+    w: f32,
+    v: &mut [f32],
+    s: &mut [f32],
+    first: bool,
+) {
+    match *sp {
+        Sparsify::None => fused(bytes, ld, sz, bv, u, w, v, s, first, |d, _| d),
+        Sparsify::Band { lo, hi, mode } => {
+            let cap = mode.cap();
+            fused(bytes, ld, sz, bv, u, w, v, s, first, move |d, _| {
+                let key = capped_key(d, cap);
+                if key >= lo && key < hi {
+                    d
+                } else {
+                    0.0
+                }
+            })
+        }
+        Sparsify::Random { p, stream, inverse } => {
+            let len = bv.len();
+            stream.fill_uniform(start as u64, &mut u[..len]);
+            if inverse {
+                fused(bytes, ld, sz, bv, u, w, v, s, first, move |d, r| if r < p { d / p } else { 0.0 })
+            } else {
+                fused(bytes, ld, sz, bv, u, w, v, s, first, move |d, r| if r < p { d } else { 0.0 })
+            }
+        }
+        // DELLA goes row by row through `sparsify_block`.
+        Sparsify::Della { .. } => {}
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn fused(
+    bytes: &[u8],
+    ld: impl Fn(&[u8]) -> f32 + Copy,
+    sz: usize,
+    bv: &[f32],
+    u: &[f32],
+    w: f32,
+    v: &mut [f32],
+    s: &mut [f32],
+    first: bool,
+    keep: impl Fn(f32, f32) -> f32 + Copy,
+) {
+    let it = bytes.chunks_exact(sz).zip(bv).zip(u).zip(v.iter_mut()).zip(s.iter_mut());
+    if first {
+        for ((((c, &b), &r), v), s) in it {
+            let x = keep(ld(c) - b, r) * w;
+            *v = x;
+            *s = x;
+        }
+    } else {
+        for ((((c, &b), &r), v), s) in it {
+            let x = keep(ld(c) - b, r) * w;
+            *v = x;
+            *s += x;
+        }
+    }
+}
+
 /// One block (or row): task vectors, sparsification, combination, `b + lambda*M`, store.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
@@ -805,6 +904,11 @@ fn block(
         } else {
             &mut sc.vals[..len]
         };
+        if ptabs[i].is_none() {
+            // Everything but DELLA: one fused pass per model.
+            model_pass(x, start, bv, &spec.sparsify[i], &mut sc.u, w, v, s, i == 0);
+            continue;
+        }
         task_vector(x, start, bv, v);
         sparsify_block(
             &spec.sparsify[i],

@@ -437,7 +437,7 @@ pub(crate) struct RowScratch {
 const SMALL_ROW: usize = 64;
 /// The buckets cover at most this many binary orders of magnitude below the row's largest key;
 /// smaller keys share bucket 0.
-const BUCKET_OCTAVES: u32 = 8;
+const BUCKET_OCTAVES: u32 = 6;
 /// A bucket with more items than this is sorted with `sort_unstable` (unless already in order)
 /// rather than by insertion.
 const BIG_BUCKET: u32 = 48;

@@ -313,10 +313,28 @@ def test_model_plus_lora_reference_equals_merging_the_merged_model(llama, full_r
 def test_model_plus_lora_cli_with_lora_merge_cache(llama, full_rank, tmp_path, write_yaml, cli):
     adapter, _ = full_rank
     config = write_yaml(f"merge_method: passthrough\nmodels:\n  - model: {llama['base']}+{adapter}\n")
-    cli("mergekitty-yaml", config, tmp_path / "out", "--lora-merge-cache", tmp_path / "cache", "--quiet")
+    proc = cli("mergekitty-yaml", config, tmp_path / "out", "--lora-merge-cache", tmp_path / "cache", "--quiet")
+    assert "--lora-merge-cache has no effect" in proc.stdout + proc.stderr
+    assert not (tmp_path / "cache").exists()
     ft = _weights(llama["ft1"])
     for k, v in _weights(tmp_path / "out").items():
         torch.testing.assert_close(v, ft[k], atol=1e-5, rtol=1e-5)
+
+
+def test_lora_merge_dtype_rounds_the_adapted_model(llama, full_rank, tmp_path, write_yaml, cli):
+    adapter, _ = full_rank
+    ft = _weights(llama["ft1"])
+    assert all(v.dtype == torch.float32 for v in ft.values())
+    config = write_yaml(f"merge_method: passthrough\nmodels:\n  - model: {llama['base']}+{adapter}\n")
+    cli("mergekitty-yaml", config, tmp_path / "out", "--lora-merge-dtype", "bfloat16", "--quiet")
+    got = _weights(tmp_path / "out")
+    assert set(got) == set(ft)
+    for k, v in got.items():
+        # every tensor, adapted or not, went through bfloat16
+        assert v.dtype == torch.bfloat16, k
+        torch.testing.assert_close(v.float(), ft[k].to(torch.bfloat16).float(), atol=1e-5, rtol=8e-3)
+    proc = cli("mergekitty-yaml", config, tmp_path / "bad", "--lora-merge-dtype", "int8", "--quiet", check=False)
+    assert proc.returncode != 0 and "int8" in proc.stderr and "Traceback" not in proc.stderr
 
 
 # ------------------------------------------------------------------ errors

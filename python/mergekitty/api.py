@@ -31,7 +31,7 @@ class MergeOptions:
     trust_remote_code: bool = False
     random_seed: int | None = None
     transformers_cache: str | None = None
-    lora_merge_cache: str | None = None
+    lora_merge_dtype: str | None = None  # model+lora: dtype the adapted tensors are rounded to (default: the base's)
     quiet: bool = False
     layout_override: str | None = None  # a layout file (README: "Model layouts") used for every model
 
@@ -71,7 +71,7 @@ def _open_models(config, options: MergeOptions):
             from .lora.apply import open_lora_checkpoint
 
             adapter = resolve_local_path(ref.lora.path, ref.lora.revision, options.transformers_cache)
-            checkpoint = open_lora_checkpoint(checkpoint, Path(adapter), label=str(ref))
+            checkpoint = open_lora_checkpoint(checkpoint, Path(adapter), label=str(ref), merge_dtype=options.lora_merge_dtype)
         cfg = checkpoint.config()
         override = getattr(ref, "override_architecture", None)
         if override:

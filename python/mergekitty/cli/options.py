@@ -23,6 +23,7 @@ NO_EFFECT = {
     "async_write": "writes always happen on a background thread, overlapped with compute",
     "write_threads": "writes always happen on one background thread",
     "executor": "the streaming executor is the only one",
+    "lora_merge_cache": "model+lora adapters are applied tensor by tensor while streaming; nothing is cached",
 }
 
 
@@ -61,8 +62,13 @@ def merge_options(fn):
         click.option("--trust-remote-code/--no-trust-remote-code", default=False, show_default=True, help="Allow custom model code from the hub where configs need it."),
         click.option("--random-seed", type=int, default=None, help="Seed for random merge methods; recorded in the model card."),
         click.option("--transformers-cache", default=None, help="Cache directory for models downloaded from the hub."),
-        click.option("--lora-merge-cache", default=None, help="Accepted for compatibility; model+lora references are not supported yet."),
-        click.option("--lora-merge-dtype", default=None, help="Accepted for compatibility; model+lora references are not supported yet."),
+        click.option("--lora-merge-cache", default=None, help="No effect (kept for compatibility): model+lora adapters are applied tensor by tensor while streaming; nothing is cached."),
+        click.option(
+            "--lora-merge-dtype",
+            type=click.Choice(["bfloat16", "float16", "float32"]),
+            default=None,
+            help="dtype the tensors a model+lora adapter changes are rounded to before merging. [default: the base tensor's dtype]",
+        ),
         click.option("--quiet/--no-quiet", default=False, show_default=True, help="No progress bar."),
         click.option("--dry-run", is_flag=True, default=False, help="Print the plan (layer map, sizes, memory estimate) and read no weights."),
         click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug)."),
@@ -96,8 +102,6 @@ def build_options(kwargs: dict, console) -> tuple:
         console.print("[yellow]note:[/] --no-safe-serialization has no effect: output is always safetensors")
     if kwargs.pop("unsafe_truncate_embeddings", False):
         raise click.UsageError("--unsafe-truncate-embeddings is not supported")
-    for name in ("lora_merge_cache", "lora_merge_dtype"):
-        kwargs.pop(name, None)
     device = kwargs.pop("device", None) or kwargs.pop("compute_device", None)
     kwargs.pop("compute_device", None)
     if kwargs.pop("cuda", False) or kwargs.pop("gpu_rich", False):

@@ -4,8 +4,9 @@
 ``tensor``, ``view``, ``prefetch``, ``release``, ``config``), so the planner and the
 executor use a ``model+lora`` input like any other model. Tensors the adapter leaves
 alone are the base's zero-copy memory maps; a changed tensor is computed when it is
-loaded, ``W + scale * B @ A`` in float32 and cast back to the base dtype. Nothing
-is written to disk and no full model is held in memory.
+loaded, ``W + scale * B @ A`` in float32 and cast back to the base dtype. With a
+``merge_dtype`` (``--lora-merge-dtype``) every float tensor of the adapted model is
+in that dtype instead. Nothing is written to disk and no full model is held in memory.
 
 Every check that needs no tensor data (an adapter module that matches no base tensor,
 factor shapes that do not fit the base, an embedding resized inconsistently) is done
@@ -50,8 +51,9 @@ def _numel(shape) -> int:
 class LoraCheckpoint:
     """``base`` with ``adapter`` applied; a drop-in for ``Checkpoint``."""
 
-    def __init__(self, base: Checkpoint, adapter: Adapter, label: str | None = None, device: str = "cpu"):
+    def __init__(self, base: Checkpoint, adapter: Adapter, label: str | None = None, device: str = "cpu", merge_dtype: str | None = None):
         self.base = base
+        self.merge_dtype = merge_dtype  # safetensors code the changed tensors are rounded to; None: the base's
         self.adapter = adapter
         self.directory = base.directory
         self.files = base.files
@@ -110,7 +112,7 @@ class LoraCheckpoint:
                     f"module '{lora.module}': the {layout}LoRA factors (A {list(a_shape)}, B {list(b_shape)}) make a {list(want)} "
                     f"update but '{target}' is {list(info.shape)} (is the adapter for a different model?)"
                 )
-            self._ops[target] = _Op("lora", info.dtype, tuple(info.shape), lora=lora, source=source)
+            self._ops[target] = _Op("lora", self._result_dtype(info.dtype), tuple(info.shape), lora=lora, source=source)
             if target not in self.base.infos:
                 added.append(target)
             if lora.bias is not None:
@@ -125,7 +127,7 @@ class LoraCheckpoint:
             if shape != tuple(info.shape) and not rows_only:
                 raise self._error(f"tensor '{key}' has shape {list(shape)} but the base's '{source[1]}' is {list(info.shape)} (is the adapter for a different model?)")
             dtype = info.dtype if source[0] == "base" else self.adapter.checkpoint.infos[key].dtype
-            self._ops[target] = _Op("full", dtype, shape, key=key, source=source)
+            self._ops[target] = _Op("full", self._result_dtype(dtype), shape, key=key, source=source)
             if target not in self.base.infos:
                 added.append(target)
         for target in added:
@@ -141,7 +143,19 @@ class LoraCheckpoint:
         for target, op in self._ops.items():
             src = self.base.infos.get(target) or self._source_info(op.source)
             self.infos[target] = TensorInfo(target, op.dtype, op.shape, src.file, src.start, nbytes(op.dtype, _numel(op.shape)))
+        # with a merge dtype the whole adapted model is in it, as if it had been saved so
+        self._cast: set[str] = set()
+        for name, info in self.base.infos.items():
+            if name not in self._ops and self._result_dtype(info.dtype) != info.dtype:
+                self.infos[name] = TensorInfo(name, self.merge_dtype, info.shape, info.file, info.start, nbytes(self.merge_dtype, _numel(info.shape)))
+                self._cast.add(name)
         self._check_vocabulary()
+
+    def _result_dtype(self, base_code: str) -> str:
+        """The dtype of a tensor the adapter changes: ``merge_dtype`` for float tensors, else the base's."""
+        from ..io.dtypes import FLOAT_CODES
+
+        return self.merge_dtype if self.merge_dtype and base_code in FLOAT_CODES else base_code
 
     def _plan_bias(self, lora: LoraModule) -> None:
         target = f"{lora.module}.bias"
@@ -151,7 +165,7 @@ class LoraCheckpoint:
             raise self._error(f"module '{lora.module}' has a lora_B.bias but the base has no '{target}' to add it to")
         if tuple(info.shape) != b_shape:
             raise self._error(f"module '{lora.module}': lora_B.bias is {list(b_shape)} but '{target}' is {list(info.shape)}")
-        self._ops[target] = _Op("bias", info.dtype, tuple(info.shape), lora=lora, source=("base", target))
+        self._ops[target] = _Op("bias", self._result_dtype(info.dtype), tuple(info.shape), lora=lora, source=("base", target))
 
     def _still_tied(self, head: str) -> bool:
         """Whether the adapter changes a tied head exactly as it changes the embedding it is tied to."""
@@ -205,8 +219,8 @@ class LoraCheckpoint:
         return copy.deepcopy(self._config)
 
     def view(self, name: str):
-        if name in self._ops:
-            return None  # computed: only torch can produce it
+        if name in self._ops or name in self._cast:
+            return None  # computed or cast: only torch can produce it
         return self.base.view(name)
 
     def prefetch(self, name: str) -> None:
@@ -241,7 +255,8 @@ class LoraCheckpoint:
 
         op = self._ops.get(name)
         if op is None:
-            return self.base.tensor(name)
+            t = self.base.tensor(name)
+            return t.to(torch_dtype(self.merge_dtype)) if name in self._cast else t
         dtype = torch_dtype(op.dtype)
         if op.kind == "full":
             t = self.adapter.checkpoint.tensor(op.key)
@@ -254,6 +269,14 @@ class LoraCheckpoint:
         return out.to("cpu", dtype).contiguous()
 
 
-def open_lora_checkpoint(base: Checkpoint, adapter_dir, label: str | None = None, device: str = "cpu") -> LoraCheckpoint:
+def open_lora_checkpoint(base: Checkpoint, adapter_dir, label: str | None = None, device: str = "cpu", merge_dtype: str | None = None) -> LoraCheckpoint:
+    """``merge_dtype``: a config dtype name (bfloat16, float16, float32) the changed tensors are rounded to."""
+    from ..io.dtypes import CONFIG_NAME_TO_CODE
+
+    code = None
+    if merge_dtype is not None:
+        code = CONFIG_NAME_TO_CODE.get(str(merge_dtype).removeprefix("torch."))
+        if code is None:
+            raise PlanError(f"lora merge dtype '{merge_dtype}' is not one of {', '.join(CONFIG_NAME_TO_CODE)}")
     adapter = Adapter(adapter_dir, label=str(adapter_dir))
-    return LoraCheckpoint(base, adapter, label=label, device=device)
+    return LoraCheckpoint(base, adapter, label=label, device=device, merge_dtype=code)

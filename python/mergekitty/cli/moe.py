@@ -56,6 +56,10 @@ def main(config_file: str, out_path: str, verbose: int, load_in_4bit: bool, load
         config = load_moe_config_file(config_file)
         result = build_moe(config, out_path, MoEOptions(**kwargs))
         console.print(f"[green]done:[/] {result.hf_class} with {len(config.experts)} experts written to {out_path}", highlight=False)
+        if result.architecture == "deepseek":
+            from ..moe.deepseek import REMOTE_CODE
+
+            console.print(f"[yellow]note:[/] transformers has no class for this model; load it with trust_remote_code=True (code from {REMOTE_CODE})", highlight=False)
         if result.used_seed:
             console.print(f"random seed: {result.seed} (pass --random-seed {result.seed} to build the same model again)", highlight=False)
     except MergekittyError as exc:

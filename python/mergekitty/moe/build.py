@@ -42,7 +42,7 @@ class MoEOptions:
 
 @dataclass
 class MoEResult:
-    architecture: str  # output architecture name (mixtral, qwen2_moe, qwen3_moe)
+    architecture: str  # output architecture name (mixtral, qwen2_moe, qwen3_moe, deepseek)
     hf_class: str
     out_path: Path
     seed: int
@@ -170,7 +170,8 @@ def build_moe(config: Any, out_path: str | os.PathLike, options: MoEOptions | No
         import secrets
 
         seed = secrets.randbits(31)
-    routed, shared = compute_gates(config.gate_mode, inputs, options, seed, quiet=options.quiet)
+    has_shared_gate = arch.shared_gate_name(inputs.base.layout.prefix, 0) is not None
+    routed, shared = compute_gates(config.gate_mode, inputs, options, seed, quiet=options.quiet, shared_gates=has_shared_gate)
     tensors = plan_tensors(config, inputs, arch, out_code, routed, shared)
 
     _prepare_out_dir(out)

@@ -150,14 +150,14 @@ class MoEConfig(BaseModel):
                 key="experts_per_token",
             )
         if self.gate_mode in PROMPT_GATE_MODES:
-            for group, experts in (("experts", self.experts), ("shared_experts", self.shared_experts or [])):
-                for i, e in enumerate(experts):
-                    if not e.positive_prompts:
-                        raise _fail(
-                            f"gate_mode '{self.gate_mode}' builds each gate from prompts, but this expert has no positive_prompts "
-                            "(add some, or use gate_mode random / uniform_random)",
-                            (group, i),
-                        )
+            # shared experts need prompts only where the output gives them a gate (output architecture's check)
+            for i, e in enumerate(self.experts):
+                if not e.positive_prompts:
+                    raise _fail(
+                        f"gate_mode '{self.gate_mode}' builds each gate from prompts, but this expert has no positive_prompts "
+                        "(add some, or use gate_mode random / uniform_random)",
+                        ("experts", i),
+                    )
             if len(self.experts) > 1:
                 prompt_sets = {(tuple(e.positive_prompts or ()), tuple(e.negative_prompts or ())) for e in self.experts}
                 if len(prompt_sets) == 1:

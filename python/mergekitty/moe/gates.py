@@ -173,22 +173,24 @@ def prompt_gates(encoder: PromptEncoder, experts) -> "torch.Tensor":
     return torch.stack(out, dim=1)
 
 
-def compute_gates(mode: str, inputs, options, seed: int, quiet: bool = True):
-    """(routed ``[layers, experts, hidden]``, shared ``[layers, shared, hidden]`` or None), float32."""
+def compute_gates(mode: str, inputs, options, seed: int, quiet: bool = True, shared_gates: bool = True):
+    """(routed ``[layers, experts, hidden]``, shared ``[layers, shared, hidden]`` or None), float32.
+    ``shared_gates``: whether the output has gates for its shared experts (None when not)."""
     import torch
 
     layers, hidden = inputs.num_layers, inputs.hidden_size
+    want_shared = bool(inputs.shared) and shared_gates
     if mode in ("random", "uniform_random"):
         gen = torch.Generator().manual_seed(seed)
         routed = random_gates(mode, layers, len(inputs.experts), hidden, gen)
-        shared = random_gates(mode, layers, len(inputs.shared), hidden, gen) if inputs.shared else None
+        shared = random_gates(mode, layers, len(inputs.shared), hidden, gen) if want_shared else None
         return routed, shared
-    everyone = [*inputs.experts, *inputs.shared]
+    everyone = [*inputs.experts, *(inputs.shared if want_shared else ())]
     total = sum(len(e.spec.positive_prompts or ()) + len(e.spec.negative_prompts or ()) for e in everyone)
     if quiet:
         encoder = PromptEncoder(mode, inputs, options, None)
         routed = prompt_gates(encoder, inputs.experts)
-        shared = prompt_gates(encoder, inputs.shared) if inputs.shared else None
+        shared = prompt_gates(encoder, inputs.shared) if want_shared else None
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -196,7 +198,7 @@ def compute_gates(mode: str, inputs, options, seed: int, quiet: bool = True):
             task = bar.add_task("gates", total=total)
             encoder = PromptEncoder(mode, inputs, options, lambda n: bar.update(task, advance=n))
             routed = prompt_gates(encoder, inputs.experts)
-            shared = prompt_gates(encoder, inputs.shared) if inputs.shared else None
+            shared = prompt_gates(encoder, inputs.shared) if want_shared else None
     warn_degenerate(routed)
     return routed, shared
 

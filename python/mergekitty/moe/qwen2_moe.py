@@ -22,6 +22,10 @@ class Qwen2Moe(OutputArchitecture):
         out = []
         if len(config.shared_experts or ()) != 1:
             out.append(f"needs exactly one shared expert (shared_experts lists {len(config.shared_experts or ())})")
+        from .config import PROMPT_GATE_MODES
+
+        if config.gate_mode in PROMPT_GATE_MODES and any(not e.positive_prompts for e in config.shared_experts or ()):
+            out.append(f"gives its shared expert a gate, which gate_mode '{config.gate_mode}' builds from prompts, but the shared expert has no positive_prompts")
         for s in inputs.shared:
             if s.intermediate_size <= 0:
                 out.append(f"the shared expert's MLP size varies by layer ({s.where})")

@@ -39,7 +39,32 @@ def run_merge(config: Any, out_path: str, options: "MergeOptions | None" = None,
     return _run_merge(config, out_path, options=options, **kwargs)
 
 
+# the rest of the Python API, imported when first used: name -> module
+_LAZY = {
+    "plan_merge": "api",
+    "MergeOptions": "api",
+    "extract_lora": "lora",
+    "merge_lora": "lora",
+    "build_moe": "moe",
+    "MoEOptions": "moe",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'mergekitty' has no attribute {name!r}")
+
+
 __all__ = [
+    "MergeOptions",
+    "MoEOptions",
+    "build_moe",
+    "extract_lora",
+    "merge_lora",
+    "plan_merge",
     "ArchitectureError",
     "ConfigError",
     "MergeError",

@@ -71,7 +71,7 @@ def _open_models(config, options: MergeOptions):
             from .lora.apply import open_lora_checkpoint
 
             adapter = resolve_local_path(ref.lora.path, ref.lora.revision, options.transformers_cache)
-            checkpoint = open_lora_checkpoint(checkpoint, Path(adapter), label=str(ref), merge_dtype=options.lora_merge_dtype)
+            checkpoint = open_lora_checkpoint(checkpoint, Path(adapter), label=str(ref), device=options.resolved_device(), merge_dtype=options.lora_merge_dtype)
         cfg = checkpoint.config()
         override = getattr(ref, "override_architecture", None)
         if override:

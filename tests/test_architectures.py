@@ -206,6 +206,39 @@ def test_frankenmerge(arch, families, tmp_path):
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize(
+    "dense_layers,want_dense",
+    [({"mlp_only_layers": [1]}, [1, 2]), ({"decoder_sparse_step": 2}, [0, 3])],
+    ids=["mlp_only_layers", "decoder_sparse_step"],
+)
+def test_frankenmerge_renumbers_dense_layer_indices(dense_layers, want_dense, tmp_path):
+    """A Qwen3-MoE whose dense-MLP layers are given by index (or by stride): after slicing, the
+    output's ``mlp_only_layers`` names the output layers that came from dense ones."""
+    import transformers
+
+    config = transformers.Qwen3MoeConfig(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_experts=3, num_experts_per_tok=2, vocab_size=96, **dense_layers,
+    )  # fmt: skip
+    src = tmp_path / "src"
+    torch.manual_seed(0)
+    transformers.Qwen3MoeForCausalLM(config).save_pretrained(src)
+    cfg = tmp_path / "franken.yml"
+    cfg.write_text(
+        "slices:\n"
+        + "".join(f"  - sources: [{{model: {src}, layer_range: [{a}, {b}]}}]\n" for a, b in SLICES)
+        + "merge_method: passthrough\n"
+    )
+    out = tmp_path / "out"
+    _run_yaml(cfg, out)
+    out_cfg = json.loads((out / "config.json").read_text())
+    assert out_cfg["num_hidden_layers"] == len(LAYER_MAP)
+    assert out_cfg["mlp_only_layers"] == want_dense and out_cfg.get("decoder_sparse_step", 1) == 1
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).logits).all()
+
+
 @pytest.mark.parametrize("arch,expert_key", [("mixtral", "block_sparse_moe.experts"), ("qwen3_moe", "mlp.experts")])
 def test_moe_experts_merge_one_by_one(arch, expert_key, families):
     """save_pretrained writes one tensor per expert; every expert is its own tensor job."""

@@ -392,7 +392,7 @@ class Planner:
         old_count = parent[key.split(".")[-1]]
         _set_nested(cfg, key, num_out_layers)
         for list_key, value in list(parent.items()):
-            if not isinstance(value, list) or len(value) != old_count or old_count == num_out_layers and not self.config.slices:
+            if list_key in LAYER_INDEX_LISTS or not isinstance(value, list) or len(value) != old_count or old_count == num_out_layers and not self.config.slices:
                 continue
             rebuilt = []
             for sl in slices:
@@ -405,6 +405,32 @@ class Planner:
                 rebuilt.extend(src_list[start:stop])
             if len(rebuilt) == num_out_layers:
                 parent[list_key] = rebuilt
+        self._rewrite_layer_indices(parent, key, slices)
+
+    def _rewrite_layer_indices(self, parent: dict[str, Any], key: str, slices) -> None:
+        """Renumber the lists of layer indices (``mlp_only_layers``, ``moe_layers``) for the new
+        stack; a ``decoder_sparse_step`` pattern becomes an explicit ``mlp_only_layers``, since
+        slicing breaks the stride."""
+        origin = []  # per output layer: (the source model's config level holding the count, source layer)
+        for sl in slices:
+            src = sl.sources[0]
+            src_parent = _get_parent(self.models[self._model(src.model)].config, key)
+            origin += [(src_parent, j) for j in range(*src.layer_range)]
+        for list_key in LAYER_INDEX_LISTS:
+            if isinstance(parent.get(list_key), list):
+                parent[list_key] = [i for i, (p, j) in enumerate(origin) if j in (p.get(list_key) or ())]
+
+        def dense(p: dict[str, Any], j: int) -> bool:
+            step = p.get("decoder_sparse_step") or 1
+            return j in (p.get("mlp_only_layers") or ()) or (step > 1 and (j + 1) % step != 0)
+
+        if (parent.get("decoder_sparse_step") or 1) > 1 or any((p.get("decoder_sparse_step") or 1) > 1 for p, _ in origin):
+            parent["decoder_sparse_step"] = 1
+            parent["mlp_only_layers"] = [i for i, (p, j) in enumerate(origin) if dense(p, j)]
+
+
+# config keys that list layer indices (not one entry per layer): renumbered when slicing
+LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers")
 
 
 def check_output_dir(out_path: Path, models: list[InputModel]) -> None:

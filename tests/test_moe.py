@@ -194,15 +194,30 @@ def _hidden_entering(base_dir: Path, prompt: str):
     return torch.stack([h[0, -1] for h in hs[:-1]])
 
 
-def test_hidden_gates_route_each_experts_prompts_to_it(llama, tmp_path):
+ROUTED_CASES = {
+    # output: (family fixture, extra YAML, shared expert, router tensor of layer L)
+    "mixtral": ("llama", "", False, "model.layers.{}.block_sparse_moe.gate.weight"),
+    "qwen2_moe": ("llama", "", True, "model.layers.{}.mlp.gate.weight"),
+    "qwen3_moe": ("qwen3", "", False, "model.layers.{}.mlp.gate.weight"),
+    "deepseek": ("llama", "architecture: deepseek", False, "model.layers.{}.mlp.gate.weight"),
+}
+
+
+@pytest.mark.parametrize("output", list(ROUTED_CASES))
+def test_hidden_gates_route_each_experts_prompts_to_it(output, request, tmp_path):
     import torch
 
-    experts = [llama["ft1"], llama["ft2"], llama["ft3"]]
-    out, _ = build(tmp_path, expert_yaml(llama["base"], experts, gate_mode="hidden"), batch_size=3)
+    fixture, extra, shared, router = ROUTED_CASES[output]
+    fam = request.getfixturevalue(fixture)
+    experts = [fam["ft1"], fam["ft2"], fam["ft3"]]
+    text = expert_yaml(fam["base"], experts, gate_mode="hidden", shared=fam["ft1"] if shared else None, extra=extra)
+    out, result = build(tmp_path, text, batch_size=3)
+    assert result.architecture == output
     got = tensors(out)
-    router0 = got["model.layers.0.block_sparse_moe.gate.weight"]
-    assert router0.shape == (3, 64)
-    hidden = {e: [_hidden_entering(llama["base"], p) for p in prompts_of(WORDS[e])] for e in range(3)}
+    router0 = got[router.format(0)]
+    hidden_size = json.loads((fam["base"] / "config.json").read_text())["hidden_size"]
+    assert router0.shape == (3, hidden_size)
+    hidden = {e: [_hidden_entering(fam["base"], p) for p in prompts_of(WORDS[e])] for e in range(3)}
     for e in range(3):
         logits = torch.stack([router0 @ h[0] for h in hidden[e]])  # [prompts, experts]
         assert (logits.argmax(-1) == e).float().mean() > 0.5
@@ -213,7 +228,18 @@ def test_hidden_gates_route_each_experts_prompts_to_it(llama, tmp_path):
         mean = torch.stack(hidden[e]).mean(0)
         want = mean / mean.norm(dim=-1, keepdim=True)
         for layer in range(4):
-            torch.testing.assert_close(got[f"model.layers.{layer}.block_sparse_moe.gate.weight"][e], want[layer], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(got[router.format(layer)][e], want[layer], atol=1e-4, rtol=1e-4)
+
+
+def test_prompts_the_tokenizer_drops_are_an_error(qwen2, tmp_path):
+    """transformers loads the tiny qwen2 word-level vocabulary as a byte-level Qwen2Tokenizer,
+    which encodes 'w3 w4 w5' to nothing: that must stop the build, not give equal gates."""
+    from mergekitty.errors import ModelFormatError
+
+    text = expert_yaml(qwen2["base"], [qwen2["ft1"], qwen2["ft2"]], gate_mode="hidden", shared=qwen2["ft3"])
+    with pytest.raises(ModelFormatError, match="turns the prompt 'w3 w4 w5' into no tokens"):
+        build(tmp_path, text)
+    assert not (tmp_path / "out" / "config.json").exists()
 
 
 def test_hidden_avg_and_negative_prompts(llama, tmp_path):

@@ -55,10 +55,11 @@ def encode(tokenizer, prompts: list[str]) -> list[list[int]]:
     for p in prompts:
         # no tokenizer-added specials (an appended eos would be every prompt's last token)
         ids = list(tokenizer(p, add_special_tokens=False)["input_ids"])
-        if bos is not None and (not ids or ids[0] != bos):
-            ids.insert(0, bos)
         if not ids:
-            raise ModelFormatError(f"the base tokenizer turns the prompt {p!r} into no tokens")
+            # with only bos left, every such prompt would give the same gate, silently
+            raise ModelFormatError(f"the base model's tokenizer ({type(tokenizer).__name__}) turns the prompt {p!r} into no tokens; the gate cannot be built from it")
+        if bos is not None and ids[0] != bos:
+            ids.insert(0, bos)
         out.append(ids)
     return out
 

@@ -177,3 +177,57 @@ def _code(t):
     from mergekitty.io.dtypes import code_of
 
     return code_of(t.dtype)
+
+
+# ---------------------------------------------------------------- the executor's torch-free path
+_E2E_METHODS = {
+    "ties": "density: 0.5",
+    "dare_ties": "density: 0.6",
+    "dare_linear": "density: 0.6",
+    "della": "density: 0.5, epsilon: 0.1",
+    "breadcrumbs_ties": "density: 0.6, gamma: 0.05",
+}
+
+
+def _e2e_config(fam, method: str, dtype: str) -> str:
+    params = _E2E_METHODS[method]
+    return (
+        f"merge_method: {method}\nbase_model: {fam['base']}\ndtype: {dtype}\nrandom_seed: 11\n"
+        f"parameters: {{normalize: true}}\nmodels:\n"
+        f"  - model: {fam['ft1']}\n    parameters: {{weight: 0.6, {params}}}\n"
+        f"  - model: {fam['ft2']}\n    parameters: {{weight: 0.4, {params}}}\n"
+    )
+
+
+@pytest.mark.parametrize("method", list(_E2E_METHODS))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_executor_native_path_equals_the_unfused_torch_path(method, dtype, llama, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from mergekitty.api import run_merge
+
+    text = _e2e_config(llama, method, dtype)
+    run_merge(text, tmp_path / "native", quiet=True)
+    monkeypatch.setattr(gta, "FUSED_ENABLED", False)  # the reference: task vectors, sparsifiers, combine in torch
+    run_merge(text, tmp_path / "unfused", quiet=True)
+    got, want = load_file(tmp_path / "native" / "model.safetensors"), load_file(tmp_path / "unfused" / "model.safetensors")
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        assert torch.equal(got[name].view(torch.uint8) if got[name].dtype != torch.float32 else got[name].view(torch.int32),
+                           want[name].view(torch.uint8) if want[name].dtype != torch.float32 else want[name].view(torch.int32)), name  # fmt: skip
+
+
+def test_ties_merge_on_cpu_never_imports_torch(llama, tmp_path):
+    import subprocess
+    import sys
+
+    config = tmp_path / "ties.yml"
+    config.write_text(_e2e_config(llama, "ties", "bfloat16"))
+    code = (
+        "import sys, mergekitty\n"
+        f"mergekitty.run_merge({str(config)!r}, {str(tmp_path / 'out')!r}, quiet=True)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[-1] == "False"

@@ -8,7 +8,8 @@ output buffers are recycled so that no job pays for faulting in fresh memory.
 
 Two paths compute a job:
 - native: methods that are fixed linear combinations (``MergeMethod.coefficients``)
-  on CPU, over bf16/f16/f32 safetensors inputs, run as one fused Rust pass from the
+  and the GTA family (``MergeMethod.fused_gta``: ties, dare, della, breadcrumbs) on
+  CPU, over bf16/f16/f32 safetensors inputs, run as fused Rust passes from the
   memory maps into a recycled buffer; a plain copy is written straight from the map.
   This path never imports torch.
 - torch: everything else (other methods, other devices, .bin inputs) through
@@ -146,12 +147,52 @@ def _numel(shape) -> int:
     return n
 
 
+def _run_native_gta(plan: MergePlan, job: TensorJob, pool: BufferPool, threads: int):
+    """A GTA-family job (ties, dare_*, della*, breadcrumbs*) as one fused native pass from the
+    memory maps, without torch: (bytes, pooled buffer), or None for the torch path."""
+    from .methods.base import MergeInputs
+    from .methods.gta import warn_zero_sum
+    from .ops.native_dispatch import gta_merge_views
+
+    if job.base is None or not job.sources:
+        return None
+    inputs = MergeInputs(name=job.out_name, tensors=[], model_params=list(job.model_params), params=job.params, seed=plan.random_seed)
+    fused = plan.method.fused_gta(inputs)
+    if fused is None:
+        return None
+    views, codes = [], []
+    for src in (job.base, *job.sources):
+        checkpoint = plan.models[src.model].checkpoint
+        info = checkpoint.infos[src.tensor]
+        view = checkpoint.view(src.tensor) if tuple(info.shape) == tuple(job.shape) else None
+        if view is None:
+            return None  # cropped embeddings, computed (model+lora) or pickled inputs
+        views.append(view)
+        codes.append(info.dtype)
+    size = nbytes(job.out_dtype, _numel(job.shape))
+    buf = pool.take(size)
+    out = buf[:size]
+    done = gta_merge_views(
+        views[1:], codes[1:], views[0], codes[0], tuple(job.shape), fused.specs, fused.weights,
+        fused.consensus, fused.normalize, fused.lam, plan.random_seed, out, job.out_dtype, threads,
+    )  # fmt: skip
+    if not done:
+        pool.give(buf)
+        return None
+    warn_zero_sum(inputs, fused)
+    return out, buf
+
+
 def run_job(plan: MergePlan, job: TensorJob, device: str, threads: int, pool: BufferPool):
     """Compute one output tensor. Returns (bytes to write, pooled buffer to recycle or None)."""
     if device == "cpu" and not job.aligned:
         terms = _linear_terms(plan, job)
         if terms is not None:
             done = _run_native(plan, job, terms, pool, threads)
+            if done is not None:
+                return done
+        elif plan.method.fused_gta is not None:
+            done = _run_native_gta(plan, job, pool, threads)
             if done is not None:
                 return done
     return _run_torch(plan, job, device, threads, pool)

@@ -126,6 +126,10 @@ class MergeMethod:
     # For a method whose base is "optional": whether these global parameters make it required
     # (slerp with 't' interpolates from the base); returns the reason, or None.
     base_needed_for: Callable[[dict[str, Any]], str | None] | None = None
+    # For the GTA family: the merge of one tensor as data (methods.gta.FusedGta; the inputs'
+    # tensors are not read) or None, so the executor can run the fused native kernel
+    # straight from the memory maps without torch.
+    fused_gta: Callable[[MergeInputs], Any] | None = None
 
     def param_spec(self, name: str) -> ParamSpec | None:
         for spec in (*self.global_params, *self.model_params):

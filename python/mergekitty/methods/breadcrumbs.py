@@ -40,7 +40,7 @@ def _method(name: str, pretty: str, consensus: bool, description: str) -> MergeM
         name=name,
         pretty_name=pretty,
         paper_url="https://arxiv.org/abs/2312.06795",
-        merge=gta.method_merge(crumbs, consensus=consensus, fused=crumbs_spec),
+        **gta.method_functions(crumbs, consensus=consensus, fused=crumbs_spec),
         global_params=(
             gta.normalize_param(False),
             gta.rescale_param(False, "L1-rescale the kept values of each task vector"),

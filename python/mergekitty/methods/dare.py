@@ -40,7 +40,7 @@ def _method(name: str, pretty: str, consensus: bool, description: str) -> MergeM
         name=name,
         pretty_name=pretty,
         paper_url="https://arxiv.org/abs/2311.03099",
-        merge=gta.method_merge(drop, consensus=consensus, fused=drop_spec),
+        **gta.method_functions(drop, consensus=consensus, fused=drop_spec),
         global_params=(
             gta.normalize_param(False),
             gta.rescale_param(True, "divide the kept values by density"),

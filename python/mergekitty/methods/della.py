@@ -62,7 +62,7 @@ def _method(name: str, pretty: str, consensus: bool, normalize: bool, descriptio
         name=name,
         pretty_name=pretty,
         paper_url="https://arxiv.org/abs/2406.11617",
-        merge=gta.method_merge(magprune, consensus=consensus, lam=first_model_lambda, fused=magprune_spec),
+        **gta.method_functions(magprune, consensus=consensus, lam=first_model_lambda, fused=magprune_spec),
         global_params=(
             gta.normalize_param(normalize),
             gta.rescale_param(True, "divide each kept value by its keep probability"),

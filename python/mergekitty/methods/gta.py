@@ -156,22 +156,45 @@ def _check_zero_sum(inputs: MergeInputs, weights: list[float], consensus: bool, 
         _warn_once(("zero-sum", inputs.name), "weights for %s sum to zero; the task vectors are summed unnormalized", inputs.name)
 
 
-def _fused_merge(inputs: MergeInputs, fused: FusedSparsifier, consensus: bool, normalize: bool, lam: float) -> "torch.Tensor | None":
+@dataclass(frozen=True)
+class FusedGta:
+    """A whole GTA merge of one tensor as data, for the fused native kernel: one ``Sparsity``
+    and weight per non-base input, and the global switches."""
+
+    specs: tuple[Sparsity, ...]
+    weights: tuple[float, ...]
+    consensus: bool
+    normalize: bool
+    lam: float
+
+
+def describe_fused(inputs: MergeInputs, fused: FusedSparsifier, consensus: bool, lam: float | None = None) -> FusedGta | None:
+    """The merge ``inputs`` asks for as a ``FusedGta`` (reads the parameters, the name and the
+    seed; never the tensors), or None when a model's sparsifier cannot be fused."""
+    specs = tuple(fused(i, mp, inputs) for i, mp in enumerate(inputs.model_params))
+    if not specs or any(s is None for s in specs):
+        return None
+    weights = tuple(float(mp["weight"]) for mp in inputs.model_params)
+    normalize = bool(inputs.params.get("normalize", False))
+    return FusedGta(specs, weights, consensus, normalize, lambda_of(inputs) if lam is None else lam)
+
+
+def warn_zero_sum(inputs: MergeInputs, plan: FusedGta) -> None:
+    _check_zero_sum(inputs, list(plan.weights), plan.consensus, plan.normalize)
+
+
+def _fused_merge(inputs: MergeInputs, plan: FusedGta) -> "torch.Tensor | None":
     """The whole merge in the fused native kernel (CPU, F32/F16/BF16, every input of the base's
-    shape, every model's sparsifier expressible as a ``Sparsity``), or None."""
+    shape), or None."""
     from ..ops.native_dispatch import gta_merge as native_gta_merge
 
     base = inputs.base
     if base.device.type != "cpu" or not inputs.tensors or any(x.shape != base.shape for x in inputs.tensors):
         return None
-    specs = [fused(i, mp, inputs) for i, mp in enumerate(inputs.model_params)]
-    if any(s is None for s in specs):
-        return None
-    weights = [float(mp["weight"]) for mp in inputs.model_params]
     out_dtype = inputs.out_dtype or base.dtype
-    result = native_gta_merge(inputs.tensors, base, specs, weights, consensus, normalize, lam, inputs.seed, out_dtype, inputs.out)
+    result = native_gta_merge(inputs.tensors, base, plan.specs, plan.weights, plan.consensus, plan.normalize, plan.lam, inputs.seed, out_dtype, inputs.out)
     if result is not None:
-        _check_zero_sum(inputs, weights, consensus, normalize)
+        warn_zero_sum(inputs, plan)
     return result
 
 
@@ -201,7 +224,8 @@ def gta_merge(
     normalize = bool(inputs.params.get("normalize", False))
     lam = lambda_of(inputs) if lam is None else lam
     if fused is not None and FUSED_ENABLED:
-        result = _fused_merge(inputs, fused, consensus, normalize, lam)
+        plan = describe_fused(inputs, fused, consensus, lam)
+        result = _fused_merge(inputs, plan) if plan is not None else None
         if result is not None:
             return _finish(result, inputs)
     vectors = task_vectors(inputs)
@@ -225,21 +249,26 @@ def gta_merge(
     return _finish(merged, inputs)
 
 
-def method_merge(
+def method_functions(
     sparsify: Sparsifier | None,
     consensus: bool,
     lam: Callable[[MergeInputs], float] | None = None,
     fused: FusedSparsifier | None = None,
-):
-    """The ``merge`` function of a GTA method. ``fused``: the same sparsifier as a ``Sparsity``
-    per model (implied when ``sparsify`` is None)."""
+) -> dict[str, Any]:
+    """The ``merge`` and ``fused_gta`` fields of a GTA method's ``MergeMethod``. ``fused``: the
+    same sparsifier as a ``Sparsity`` per model (implied when ``sparsify`` is None)."""
     if sparsify is None and fused is None:
         fused = lambda i, mp, inputs: NO_SPARSITY  # noqa: E731
 
     def merge(inputs: MergeInputs) -> "torch.Tensor":
         return gta_merge(inputs, sparsify, consensus, lam(inputs) if lam is not None else None, fused)
 
-    return merge
+    def describe(inputs: MergeInputs) -> FusedGta | None:
+        if not FUSED_ENABLED:
+            return None
+        return describe_fused(inputs, fused, consensus, lam(inputs) if lam is not None else None)
+
+    return {"merge": merge, "fused_gta": describe}
 
 
 def all_checks(*checks: Callable[[dict[str, Any], list[dict[str, Any]]], None]):

@@ -35,7 +35,7 @@ METHOD = MergeMethod(
     name="ties",
     pretty_name="TIES",
     paper_url="https://arxiv.org/abs/2306.01708",
-    merge=gta.method_merge(trim, consensus=True, fused=trim_spec),
+    **gta.method_functions(trim, consensus=True, fused=trim_spec),
     global_params=(
         gta.normalize_param(True),
         gta.rescale_param(False, "L1-rescale the kept values of each task vector"),

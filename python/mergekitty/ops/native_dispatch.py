@@ -224,36 +224,61 @@ def gta_merge(
     out: "torch.Tensor | None" = None,
 ) -> "torch.Tensor | None":
     """Fused ``base + lambda_ * combine(sparsify_i(x_i - base))`` straight from the (mmapped)
-    F32/F16/BF16 inputs, without materializing task vectors (``_native.gta_thresholds`` then
-    ``_native.gta_combine``). ``specs`` are ``methods.gta.Sparsity`` values; L1 rescales are
-    not fused. ``None`` when the fused path does not apply."""
+    F32/F16/BF16 inputs, without materializing task vectors (``gta_merge_views``). ``specs``
+    are ``methods.gta.Sparsity`` values; L1 rescales are not fused. ``None`` when the fused
+    path does not apply."""
     import torch
 
-    from ..io.dtypes import NATIVE_FLOAT_CODES, code_of
-
-    if not xs or len(xs) != len(specs) or len(xs) != len(weights) or not _seed_ok(seed):
-        return None
-    shape = base.shape
-    n = base.numel()
-    if n == 0 or not all(_ok(t) and t.shape == shape and t.is_contiguous() for t in (base, *xs)):
-        return None
-    codes = [code_of(t.dtype) for t in xs]
-    base_code, out_code = code_of(base.dtype), code_of(out_dtype)
-    if not all(c in NATIVE_FLOAT_CODES for c in (*codes, base_code, out_code)):
-        return None
-    plans = [_gta_plan(s, n) for s in specs]
-    if any(p is None for p in plans):
-        return None
-    from .. import _native
+    from ..io.dtypes import code_of
     from .reduce import bytes_view
 
-    threads = _threads()
-    views = [bytes_view(t) for t in xs]
-    base_view = bytes_view(base)
-    keys = [[] for _ in xs]
+    shape = base.shape
+    if not xs or not all(_ok(t) and t.shape == shape and t.is_contiguous() for t in (base, *xs)):
+        return None
+    if out is None or out.shape != shape or out.dtype != out_dtype or out.device.type != "cpu" or not out.is_contiguous():
+        out = torch.empty(shape, dtype=out_dtype)
+    done = gta_merge_views(
+        [bytes_view(t) for t in xs], [code_of(t.dtype) for t in xs], bytes_view(base), code_of(base.dtype), tuple(shape),
+        specs, weights, consensus, normalize, lambda_, seed, bytes_view(out), code_of(out_dtype), _threads(),
+    )  # fmt: skip
+    return out if done else None
+
+
+def gta_merge_views(
+    views: Sequence,
+    codes: Sequence[str | None],
+    base_view,
+    base_code: str | None,
+    shape: tuple[int, ...],
+    specs: Sequence,
+    weights: Sequence[float],
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+    seed: int,
+    out_view,
+    out_code: str | None,
+    threads: int,
+) -> bool:
+    """``gta_merge`` on raw little-endian byte buffers (memory maps, a pooled output buffer) of
+    safetensors dtype ``codes``, every input of ``shape``: needs no torch. Fills ``out_view``
+    and returns True, or returns False (nothing written) when the fused kernel cannot do it."""
+    from ..io.dtypes import NATIVE_FLOAT_CODES
+
+    n = math.prod(shape)
+    if not views or len(views) != len(specs) or len(views) != len(weights) or not _seed_ok(seed) or n == 0:
+        return False
+    if not all(c in NATIVE_FLOAT_CODES for c in (*codes, base_code, out_code)):
+        return False
+    plans = [_gta_plan(s, n) for s in specs]
+    if any(p is None for p in plans):
+        return False
+    from .. import _native
+
+    keys = [[] for _ in views]
     if any(ranks for _, ranks, _ in plans):
-        keys = _native.gta_thresholds(views, codes, base_view, base_code, [r for _, r, _ in plans],
-                                      [m for _, _, m in plans], threads)
+        keys = _native.gta_thresholds(list(views), list(codes), base_view, base_code, [r for _, r, _ in plans],
+                                      [m for _, _, m in plans], threads)  # fmt: skip
     kernel_specs = []
     for (plan, _, _), k in zip(plans, keys):
         if plan[0] == "magnitude":
@@ -262,9 +287,7 @@ def gta_merge(
             _, n_bot, n_top = plan
             plan = ("band", k[0] if n_bot > 0 else 0, k[1] if n_top > 0 else _NO_UPPER, "outliers")
         kernel_specs.append(plan)
-    if out is None or out.shape != shape or out.dtype != out_dtype or out.device.type != "cpu" or not out.is_contiguous():
-        out = torch.empty(shape, dtype=out_dtype)
     row_len = shape[-1] if len(shape) >= 1 else 1
-    _native.gta_combine(views, codes, base_view, base_code, bytes_view(out), out_code, [float(w) for w in weights],
-                        kernel_specs, bool(consensus), bool(normalize), float(lambda_), row_len, seed, threads)
-    return out
+    _native.gta_combine(list(views), list(codes), base_view, base_code, out_view, out_code, [float(w) for w in weights],
+                        kernel_specs, bool(consensus), bool(normalize), float(lambda_), row_len, seed, threads)  # fmt: skip
+    return True

@@ -455,3 +455,24 @@ def test_cli_random_gates_report_their_seed(llama, tmp_path):
     seed = re.search(r"random seed: (\d+)", proc.stderr).group(1)
     assert f"--random-seed {seed}" in (tmp_path / "out" / "mergekitty_moe_config.yml").read_text()
     assert "needs training" not in proc.stderr  # the flag silences the warning
+
+
+def test_model_plus_lora_experts_and_base(llama, tmp_path):
+    """``model+adapter`` references work for experts and the base: with a full-rank adapter of
+    ft2 on the base, the MoE equals the one built from ft2 itself (routers from hidden states too)."""
+    import torch
+
+    from mergekitty.lora import extract_lora
+
+    adapter = tmp_path / "ft2-adapter"
+    extract_lora(llama["ft2"], llama["base"], adapter, rank=64)
+    adapted = f"{llama['base']}+{adapter}"
+    for gate_mode, base_ref in (("random", llama["base"]), ("hidden", adapted)):
+        via_lora = expert_yaml(base_ref, [llama["ft1"], adapted], gate_mode=gate_mode)
+        direct = expert_yaml(llama["ft2"] if base_ref == adapted else llama["base"], [llama["ft1"], llama["ft2"]], gate_mode=gate_mode)
+        got, _ = build(tmp_path, via_lora, name=f"lora-{gate_mode}")
+        want, _ = build(tmp_path, direct, name=f"direct-{gate_mode}")
+        a, b = tensors(got), tensors(want)
+        assert set(a) == set(b)
+        for name in b:
+            torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4, msg=name)

@@ -104,8 +104,27 @@ class PromptEncoder:
             )
         except Exception as exc:  # transformers raises many kinds
             raise ModelFormatError(f"base model {self.inputs.base.label}: transformers cannot load it to compute hidden-state gates: {exc}") from None
+        self._apply_adapter(model)
         self.model = model.to(device).eval()
         self.device = device
+
+    def _apply_adapter(self, model) -> None:
+        """A model+lora base: put the tensors its adapter changes into the loaded model."""
+        import torch
+
+        checkpoint = self.inputs.base.checkpoint
+        changed = getattr(checkpoint, "changed", None)
+        if changed is None:
+            return
+        params = model.state_dict()
+        with torch.no_grad():
+            for name in changed():
+                if name not in params or tuple(params[name].shape) != tuple(checkpoint.infos[name].shape):
+                    raise ModelFormatError(
+                        f"base model {self.inputs.base.label}: the adapter changes '{name}', which the transformers model "
+                        "does not hold in that shape; hidden-state gates cannot use the adapted base (try gate_mode cheap_embed)"
+                    )
+                params[name].copy_(checkpoint.tensor(name))
 
     def vectors(self, prompts: list[str]) -> "torch.Tensor":
         """The summed (cheap_embed) or mean (hidden modes) prompt vector per layer, float32."""

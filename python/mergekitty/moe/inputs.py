@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArchitectureError, PlanError
+from ..errors import ArchitectureError
 from ..yaml_lines import format_path
 
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
@@ -89,10 +89,14 @@ def open_model(ref, options) -> SourceModel:
     from ..io.checkpoint import Checkpoint
     from ..refs import resolve_local_path
 
-    if getattr(ref, "lora", None) is not None:
-        raise PlanError(f"model reference '{ref}': applying LoRA adapters (model+lora) is not supported by mergekitty-moe")
     path = resolve_local_path(ref.path, ref.revision, options.transformers_cache)
     checkpoint = Checkpoint(Path(path), label=str(ref))
+    if getattr(ref, "lora", None) is not None:
+        # model+lora: the adapter is applied tensor by tensor as the tensors are copied
+        from ..lora.apply import open_lora_checkpoint
+
+        adapter = resolve_local_path(ref.lora.path, ref.lora.revision, options.transformers_cache)
+        checkpoint = open_lora_checkpoint(checkpoint, Path(adapter), label=str(ref))
     cfg = checkpoint.config()
     layout_file = Path(path) / OVERRIDE_FILE
     stated = load_layout_override(layout_file) if layout_file.is_file() else None

@@ -407,3 +407,48 @@ def test_bad_layout_files(tmp_path, layout, message):
     (odd / "mergekitty_layout.json").write_text(json.dumps(layout))
     with pytest.raises(ArchitectureError, match=message):
         plan_merge(_franken_yaml(tmp_path, odd))
+
+
+def _to_other_scheme(src: Path, dst: Path) -> None:
+    """A copy of the VLM checkpoint ``src`` with every tensor under the other naming scheme."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from mergekitty.architecture.layout import other_spellings
+
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        f.unlink()
+    state = _state(src)
+    renamed = {(other_spellings(k) or [k])[0]: v.contiguous() for k, v in state.items()}
+    assert len(renamed) == len(state) and set(renamed) != set(state)
+    save_file(renamed, str(dst / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("arch", ["llava", "gemma3_vl"])
+def test_vlm_checkpoints_of_both_naming_schemes_merge(arch, families, tmp_path):
+    from mergekitty.architecture.layout import other_spellings
+
+    fam = families(arch)
+    other = tmp_path / "ft1-other-scheme"
+    _to_other_scheme(fam["ft1"], other)
+    a, b = _state(fam["base"]), _state(fam["ft1"])
+    for donor, second in ((fam["base"], other), (other, fam["base"])):
+        cfg = tmp_path / "linear.yml"
+        cfg.write_text(f"merge_method: linear\ndtype: float32\nmodels:\n  - model: {donor}\n    parameters: {{weight: 0.5}}\n  - model: {second}\n    parameters: {{weight: 0.5}}\n")
+        out = tmp_path / f"out-{donor.name}"
+        _run_yaml(cfg, out)
+        got = _state(out)
+        donor_names = set(_state(donor))
+        assert set(got) == donor_names  # written in the donor's scheme
+        for name, v in got.items():
+            plain = name if name in a else (other_spellings(name) or [name])[0]
+            torch.testing.assert_close(v, (a[plain] + b[plain]) / 2, atol=1e-6, rtol=1e-6, msg=name)
+        import transformers
+
+        from mergekitty.tiny_models import model_class
+
+        _, info = model_class(transformers.AutoConfig.from_pretrained(out)).from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        assert torch.isfinite(_logits(out)).all()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .architecture.layout import ModelLayout, infer_layout, is_embedding_name
+from .architecture.layout import ModelLayout, infer_layout, is_embedding_name, other_spellings
 from .errors import ArchitectureError, ConfigError, PlanError
 from .methods.base import MergeMethod, ParamSpec
 
@@ -150,6 +150,9 @@ class Planner:
         m = self.models[model]
         if name in m.checkpoint:
             return name
+        for other in other_spellings(name):  # the same tensor, saved under the other VLM naming scheme
+            if other in m.checkpoint:
+                return other
         if is_embedding_name(name) and name in self.models[self._donor()].layout.post and m.layout.input_embedding:
             # a head (lm_head, embed_out...) missing from a model with tied embeddings: its input embedding is the head
             return m.layout.input_embedding

@@ -63,6 +63,28 @@ def is_embedding_name(name: str) -> bool:
     return any(h in name for h in _EMBED_HINTS) or name in ("output.weight",)
 
 
+# Two on-disk naming schemes of the same vision-language checkpoints: what transformers'
+# save_pretrained writes (left) and what some 4.x releases wrote (right). A tensor missing
+# under one spelling is looked up under the other.
+VLM_NAME_SCHEMES = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+)
+
+
+def other_spellings(name: str) -> list[str]:
+    """``name`` under the other naming scheme of vision-language checkpoints (empty if none)."""
+    out = []
+    for a, b in VLM_NAME_SCHEMES:
+        if name.startswith(a):
+            out.append(b + name[len(a) :])
+        elif name.startswith(b):
+            out.append(a + name[len(b) :])
+    return out
+
+
 @dataclass(frozen=True)
 class ModelLayout:
     """Where the layers of one model are and what each layer holds."""

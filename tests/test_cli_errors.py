@@ -23,7 +23,22 @@ models:
     parameters: {{weight: 1.0}}
 merge_method: linear
 """)
-    _fails(run_cli("mergekitty-yaml", cfg, tmp_path / "out", check=False), "does-not-exist")
+    _fails(run_cli("mergekitty-yaml", cfg, tmp_path / "out", check=False), "does-not-exist", "config.yml:3, key 'models[0].model'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_in_a_slice_names_its_key(llama, tmp_path, write_yaml):
+    cfg = write_yaml(f"""
+slices:
+  - sources:
+      - model: {llama['ft1']}
+        layer_range: [0, 2]
+  - sources:
+      - model: {tmp_path}/gone
+        layer_range: [1, 4]
+merge_method: passthrough
+""")
+    _fails(run_cli("mergekitty-yaml", cfg, tmp_path / "out", check=False), "config.yml:7, key 'slices[1].sources[0].model'", "gone")
     assert not (tmp_path / "out").exists()
 
 

@@ -56,32 +56,46 @@ def _load_config(config: Any):
 
 
 def _open_models(config, options: MergeOptions):
+    """Open every model the config reads; an error names the config key (and line) of the model."""
+    from .architecture import load_layout_override
+    from .yaml_lines import error_at_key
+
+    models = []
+    forced = load_layout_override(options.layout_override) if options.layout_override else None
+    for ref in config.referenced_models():
+        try:
+            models.append(_open_model(ref, config, options, forced))
+        except MergekittyError as exc:
+            key = config.model_key(ref)
+            if key is None:
+                raise
+            raise error_at_key(exc, config, key) from None
+    return models
+
+
+def _open_model(ref, config, options: MergeOptions, forced):
     from .architecture import OVERRIDE_FILE, infer_layout, load_layout_override
     from .io.checkpoint import Checkpoint
     from .plan import InputModel
     from .refs import resolve_local_path
 
-    models = []
-    forced = load_layout_override(options.layout_override) if options.layout_override else None
-    for ref in config.referenced_models():
-        path = resolve_local_path(ref.path, getattr(ref, "revision", None), options.transformers_cache)
-        checkpoint = Checkpoint(Path(path), label=str(ref))
-        if getattr(ref, "lora", None) is not None:
-            # model+lora: the adapter is applied tensor by tensor as the executor loads them
-            from .lora.apply import open_lora_checkpoint
+    path = resolve_local_path(ref.path, getattr(ref, "revision", None), options.transformers_cache)
+    checkpoint = Checkpoint(Path(path), label=str(ref))
+    if getattr(ref, "lora", None) is not None:
+        # model+lora: the adapter is applied tensor by tensor as the executor loads them
+        from .lora.apply import open_lora_checkpoint
 
-            adapter = resolve_local_path(ref.lora.path, ref.lora.revision, options.transformers_cache)
-            checkpoint = open_lora_checkpoint(checkpoint, Path(adapter), label=str(ref), device=options.resolved_device(), merge_dtype=options.lora_merge_dtype)
-        cfg = checkpoint.config()
-        override = getattr(ref, "override_architecture", None)
-        if override:
-            cfg["architectures"] = [override]
-        # the layout: --layout-override, else the model's own mergekitty_layout.json, else inferred
-        layout_file = Path(path) / OVERRIDE_FILE
-        stated = forced or (load_layout_override(layout_file) if layout_file.is_file() else None)
-        layout = infer_layout(checkpoint.names(), cfg, where=str(ref), override=stated)
-        models.append(InputModel(ref, str(ref), Path(path), checkpoint, cfg, layout))
-    return models
+        adapter = resolve_local_path(ref.lora.path, ref.lora.revision, options.transformers_cache)
+        checkpoint = open_lora_checkpoint(checkpoint, Path(adapter), label=str(ref), device=options.resolved_device(), merge_dtype=options.lora_merge_dtype)
+    cfg = checkpoint.config()
+    override = getattr(ref, "override_architecture", None)
+    if override:
+        cfg["architectures"] = [override]
+    # the layout: --layout-override, else the model's own mergekitty_layout.json, else inferred
+    layout_file = Path(path) / OVERRIDE_FILE
+    stated = forced or (load_layout_override(layout_file) if layout_file.is_file() else None)
+    layout = infer_layout(checkpoint.names(), cfg, where=str(ref), override=stated)
+    return InputModel(ref, str(ref), Path(path), checkpoint, cfg, layout)
 
 
 def plan_merge(config: Any, out_path: str | os.PathLike | None = None, options: MergeOptions | None = None, **kwargs: Any):

@@ -472,6 +472,21 @@ class MergeConfiguration(BaseModel):
             add(s.base_model)
         return out
 
+    def model_key(self, ref: ModelReference) -> tuple | None:
+        """The first config key that names ``ref`` (for locating errors about that model)."""
+        if self.base_model == ref:
+            return ("base_model",)
+        for i, m in enumerate(self.models or ()):
+            if m.model == ref:
+                return ("models", i, "model")
+        for si, s in enumerate(self.slices or ()):
+            for j, src in enumerate(s.sources):
+                if src.model == ref:
+                    return ("slices", si, "sources", j, "model")
+            if s.base_model == ref:
+                return ("slices", si, "base_model")
+        return None
+
     def to_yaml(self) -> str:
         """The config as YAML (unset keys left out; numeric lists in flow style). Loads back equal."""
         data = self.model_dump(mode="json", exclude_none=True)

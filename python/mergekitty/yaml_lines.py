@@ -119,3 +119,11 @@ def format_path(path: KeyPath) -> str:
         else:
             out += ("." if out else "") + str(part)
     return out
+
+
+def error_at_key(exc: Exception, config, key: KeyPath) -> Exception:
+    """``exc`` again (same type), its message prefixed with the config file, line and ``key``:
+    for errors about a model found while opening it (``config`` has ``line_of`` and ``source_name``)."""
+    line = config.line_of(key)
+    where = (config.source_name or "config") + (f":{line}" if line else "") + f", key '{format_path(key)}'"
+    return type(exc)(f"{where}: {exc}")

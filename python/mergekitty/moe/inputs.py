@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArchitectureError
-from ..yaml_lines import format_path
+from ..yaml_lines import error_at_key
 
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
 # tensors some checkpoints carry that are recomputed by transformers, never loaded
@@ -117,10 +117,7 @@ def open_inputs(config, options) -> MoEInputs:
         try:
             opened[str(ref)] = open_model(ref, options)
         except MergekittyError as exc:
-            # name the config line that references the model, keeping the error's type
-            line = config.line_of(key)
-            where = f"{config.source_name or 'config'}" + (f":{line}" if line else "") + f", key '{format_path(key)}'"
-            raise type(exc)(f"{where}: {exc}") from None
+            raise error_at_key(exc, config, key) from None
     base = opened[str(config.base_model)]
     if base.layout.num_layers == 0:
         raise ArchitectureError(f"base model {base.label}: no layer stack found in its tensor names")

@@ -177,6 +177,24 @@ def test_help_does_not_import_torch():
     assert "--out-shard-size" in proc.stdout and "BYTES" in proc.stdout
 
 
+def test_group_has_every_command_and_stays_light():
+    code = (
+        "import sys\n"
+        "from mergekitty.cli.main import group\n"
+        "try:\n    group(['--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for command in ("merge", "plan", "moe", "extract-lora", "merge-lora"):
+        assert command in proc.stdout, proc.stdout
+    # a subcommand is the stand-alone command: same options, same errors
+    moe = run_cli("mergekitty", "moe", "--help")
+    assert "--random-seed" in moe.stdout and "gate" in moe.stdout
+    missing = run_cli("mergekitty", "merge-lora", "/nonexistent/base", "/nonexistent/adapter", "/tmp/never-written", check=False)
+    _fails(missing, "not found")
+
+
 def test_no_effect_options_are_accepted_and_explained(llama, tmp_path, write_yaml):
     cfg = write_yaml(f"""
 models:

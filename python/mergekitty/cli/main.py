@@ -1,9 +1,15 @@
-"""``mergekitty``: the command group (merge, plan)."""
+"""``mergekitty``: the command group (merge, plan, moe, extract-lora, merge-lora).
+
+``moe``, ``extract-lora`` and ``merge-lora`` are the ``mergekitty-moe``,
+``mergekitty-extract-lora`` and ``mergekitty-merge-lora`` commands under one entry point."""
 
 from __future__ import annotations
 
 import rich_click as click
 
+from .extract_lora import main as extract_lora_command
+from .merge_lora import main as merge_lora_command
+from .moe import main as moe_command
 from .options import merge_options
 
 
@@ -33,6 +39,11 @@ def plan(config_file: str, out_path: str | None, **kwargs) -> None:
     from .run import run_command
 
     run_command(config_file, out_path, kwargs, plan_only=True)
+
+
+group.add_command(moe_command, "moe")
+group.add_command(extract_lora_command, "extract-lora")
+group.add_command(merge_lora_command, "merge-lora")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 //! merge kernels. Everything except `py/` is plain Rust; `py/` defines the Python module
 //! `mergekitty._native` (its `#[pymodule]` lives in `py/mod.rs` so pyo3 stays out of here).
 
+pub mod direct_io;
 pub mod dtype;
 pub mod error;
 pub mod header;

@@ -108,7 +108,10 @@ pub fn combine_into(
         rest = tail;
     }
     threads::run_all(tasks, |(r, out)| {
-        with_avx2(#[inline(always)] || combine_range(spec, div, lambda, base, r.start, out, out_dtype))
+        with_avx2(
+            #[inline(always)]
+            || combine_range(spec, div, lambda, base, r.start, out, out_dtype),
+        )
     });
     Ok(())
 }
@@ -262,7 +265,17 @@ fn combine_range(
             }
         }
         let m = &mut m[..len];
-        merge_block(&vals, BLOCK, &w32, s, m, &mut d[..len], spec.consensus, spec.normalize, div);
+        merge_block(
+            &vals,
+            BLOCK,
+            &w32,
+            s,
+            m,
+            &mut d[..len],
+            spec.consensus,
+            spec.normalize,
+            div,
+        );
         // out = base + lambda * M
         match base {
             Some((bytes, bd)) => {

@@ -78,7 +78,11 @@ pub enum Sparsify {
     /// magnitude is `Band { lo: t, hi: u32::MAX }`, all-zero is `Band { lo: u32::MAX, .. }`.
     Band { lo: u32, hi: u32, mode: KeyMode },
     /// DARE: keep element j when `uniform(j) < p`; `inverse` divides the kept values by `p`.
-    Random { p: f32, stream: Stream, inverse: bool },
+    Random {
+        p: f32,
+        stream: Stream,
+        inverse: bool,
+    },
     /// DELLA: per row, keep probability from the stable rank of `|d|`; `inverse` divides by it.
     Della {
         density: f64,
@@ -138,75 +142,80 @@ fn histograms(
     let tasks: Vec<_> = ranges.into_iter().zip(per_thread.iter_mut()).collect();
     let k = active.len();
     threads::run_all(tasks, |(r, totals)| {
-        with_avx2(#[inline(always)] || {
-            *totals = vec![vec![0u64; nb]; k];
-            // Two histograms per model (even and odd elements) so that runs of equal keys do
-            // not serialize on one counter; one extra bucket (index nb) for skipped elements.
-            let mut hist = vec![vec![0u32; 2 * (nb + 1)]; k];
-            let mut bv = [0f32; BLOCK];
-            let mut keys = vec![[0u32; BLOCK]; k];
-            let mut d = [0f32; BLOCK];
-            let mut since_flush = 0usize;
-            let mut b = r.start;
-            while b < r.end {
-                let len = BLOCK.min(r.end - b);
-                let bv = &mut bv[..len];
-                load(
-                    base.dtype,
-                    &base.data[b * base.dtype.size()..(b + len) * base.dtype.size()],
-                    bv,
-                );
-                for (a, &(mi, cap)) in active.iter().enumerate() {
-                    let d = &mut d[..len];
-                    task_vector(xs[mi], b, bv, d);
-                    for (kk, &v) in keys[a][..len].iter_mut().zip(d.iter()) {
-                        *kk = bucket(a, capped_key(v, cap)).min(nb as u32);
+        with_avx2(
+            #[inline(always)]
+            || {
+                *totals = vec![vec![0u64; nb]; k];
+                // Two histograms per model (even and odd elements) so that runs of equal keys do
+                // not serialize on one counter; one extra bucket (index nb) for skipped elements.
+                let mut hist = vec![vec![0u32; 2 * (nb + 1)]; k];
+                let mut bv = [0f32; BLOCK];
+                let mut keys = vec![[0u32; BLOCK]; k];
+                let mut d = [0f32; BLOCK];
+                let mut since_flush = 0usize;
+                let mut b = r.start;
+                while b < r.end {
+                    let len = BLOCK.min(r.end - b);
+                    let bv = &mut bv[..len];
+                    load(
+                        base.dtype,
+                        &base.data[b * base.dtype.size()..(b + len) * base.dtype.size()],
+                        bv,
+                    );
+                    for (a, &(mi, cap)) in active.iter().enumerate() {
+                        let d = &mut d[..len];
+                        task_vector(xs[mi], b, bv, d);
+                        for (kk, &v) in keys[a][..len].iter_mut().zip(d.iter()) {
+                            *kk = bucket(a, capped_key(v, cap)).min(nb as u32);
+                        }
                     }
-                }
-                if sparse {
-                    // Most elements are skipped: branch (predictable) instead of counting them.
-                    for (h, kk) in hist.iter_mut().zip(keys.iter()) {
-                        for &key in &kk[..len] {
-                            if (key as usize) < nb {
-                                if let Some(c) = h.get_mut(key as usize) {
+                    if sparse {
+                        // Most elements are skipped: branch (predictable) instead of counting them.
+                        for (h, kk) in hist.iter_mut().zip(keys.iter()) {
+                            for &key in &kk[..len] {
+                                if (key as usize) < nb {
+                                    if let Some(c) = h.get_mut(key as usize) {
+                                        *c += 1;
+                                    }
+                                }
+                            }
+                        }
+                    } else {
+                        // Interleave models and even/odd elements: independent counters.
+                        for (h, kk) in hist.iter_mut().zip(keys.iter()) {
+                            let (h0, h1) = h.split_at_mut(nb + 1);
+                            let mut pairs = kk[..len].chunks_exact(2);
+                            for p in &mut pairs {
+                                if let (Some(a), Some(c)) =
+                                    (h0.get_mut(p[0] as usize), h1.get_mut(p[1] as usize))
+                                {
+                                    *a += 1;
+                                    *c += 1;
+                                }
+                            }
+                            for &key in pairs.remainder() {
+                                if let Some(c) = h0.get_mut(key as usize) {
                                     *c += 1;
                                 }
                             }
                         }
                     }
-                } else {
-                    // Interleave models and even/odd elements: independent counters.
-                    for (h, kk) in hist.iter_mut().zip(keys.iter()) {
-                        let (h0, h1) = h.split_at_mut(nb + 1);
-                        let mut pairs = kk[..len].chunks_exact(2);
-                        for p in &mut pairs {
-                            if let (Some(a), Some(c)) = (h0.get_mut(p[0] as usize), h1.get_mut(p[1] as usize)) {
-                                *a += 1;
-                                *c += 1;
+                    since_flush += len;
+                    b += len;
+                    if since_flush >= FLUSH || b >= r.end {
+                        for (t, h) in totals.iter_mut().zip(hist.iter_mut()) {
+                            let (h0, h1) = h.split_at_mut(nb + 1);
+                            for ((tt, a), c) in t.iter_mut().zip(h0.iter_mut()).zip(h1.iter_mut()) {
+                                *tt += *a as u64 + *c as u64;
+                                *a = 0;
+                                *c = 0;
                             }
                         }
-                        for &key in pairs.remainder() {
-                            if let Some(c) = h0.get_mut(key as usize) {
-                                *c += 1;
-                            }
-                        }
+                        since_flush = 0;
                     }
                 }
-                since_flush += len;
-                b += len;
-                if since_flush >= FLUSH || b >= r.end {
-                    for (t, h) in totals.iter_mut().zip(hist.iter_mut()) {
-                        let (h0, h1) = h.split_at_mut(nb + 1);
-                        for ((tt, a), c) in t.iter_mut().zip(h0.iter_mut()).zip(h1.iter_mut()) {
-                            *tt += *a as u64 + *c as u64;
-                            *a = 0;
-                            *c = 0;
-                        }
-                    }
-                    since_flush = 0;
-                }
-            }
-        })
+            },
+        )
     });
     let mut total = vec![vec![0u64; nb]; k];
     for t in per_thread {
@@ -260,7 +269,10 @@ pub fn thresholds(
         return Ok(result);
     }
     if n < SAMPLED_MIN_N {
-        for (a, keys) in radix_select(xs, base, &active, ranks, n, threads).into_iter().enumerate() {
+        for (a, keys) in radix_select(xs, base, &active, ranks, n, threads)
+            .into_iter()
+            .enumerate()
+        {
             result[active[a].0] = keys;
         }
         return Ok(result);
@@ -321,23 +333,26 @@ fn sampled_select(
         .map(|(t, p)| (t * per..((t + 1) * per).min(runs), p))
         .collect();
     threads::run_all(tasks, |(r, out)| {
-        with_avx2(#[inline(always)] || {
-            *out = vec![Vec::with_capacity(r.len() * SAMPLE_RUN); k];
-            let mut bv = [0f32; SAMPLE_RUN];
-            let mut d = [0f32; SAMPLE_RUN];
-            for j in r {
-                let s = j * SAMPLE_STRIDE;
-                let len = SAMPLE_RUN.min(n - s);
-                let bv = &mut bv[..len];
-                let sz = base.dtype.size();
-                load(base.dtype, &base.data[s * sz..(s + len) * sz], bv);
-                for (o, &(mi, cap)) in out.iter_mut().zip(active) {
-                    let d = &mut d[..len];
-                    task_vector(xs[mi], s, bv, d);
-                    o.extend(d.iter().map(|&v| capped_key(v, cap)));
+        with_avx2(
+            #[inline(always)]
+            || {
+                *out = vec![Vec::with_capacity(r.len() * SAMPLE_RUN); k];
+                let mut bv = [0f32; SAMPLE_RUN];
+                let mut d = [0f32; SAMPLE_RUN];
+                for j in r {
+                    let s = j * SAMPLE_STRIDE;
+                    let len = SAMPLE_RUN.min(n - s);
+                    let bv = &mut bv[..len];
+                    let sz = base.dtype.size();
+                    load(base.dtype, &base.data[s * sz..(s + len) * sz], bv);
+                    for (o, &(mi, cap)) in out.iter_mut().zip(active) {
+                        let d = &mut d[..len];
+                        task_vector(xs[mi], s, bv, d);
+                        o.extend(d.iter().map(|&v| capped_key(v, cap)));
+                    }
                 }
-            }
-        })
+            },
+        )
     });
     let mut samples: Vec<Vec<u32>> = (0..k)
         .map(|a| {
@@ -386,81 +401,86 @@ fn sampled_select(
     let tasks: Vec<_> = ranges.into_iter().zip(per_thread.iter_mut()).collect();
     let bands = &bands;
     threads::run_all(tasks, |(r, out)| {
-        with_avx2(#[inline(always)] || {
-            let cap_len = r.len() / 4 + 4096;
-            *out = bands
-                .iter()
-                .map(|bs| {
-                    bs.iter()
-                        .map(|&(lo, hi)| Band {
-                            lo,
-                            hi,
-                            below: 0,
-                            eq_lo: 0,
-                            eq_hi: 0,
-                            inside: Vec::new(),
-                            overflow: false,
-                        })
-                        .collect()
-                })
-                .collect();
-            let mut bv = [0f32; BLOCK];
-            let mut keys = [0u32; BLOCK];
-            let mut inside = [0u32; BLOCK];
-            let mut d = [0f32; BLOCK];
-            let mut b = r.start;
-            while b < r.end {
-                let len = BLOCK.min(r.end - b);
-                let bv = &mut bv[..len];
-                let sz = base.dtype.size();
-                load(base.dtype, &base.data[b * sz..(b + len) * sz], bv);
-                for (bs, &(mi, cap)) in out.iter_mut().zip(active) {
-                    let d = &mut d[..len];
-                    task_vector(xs[mi], b, bv, d);
-                    let keys = &mut keys[..len];
-                    for (kk, &v) in keys.iter_mut().zip(d.iter()) {
-                        *kk = capped_key(v, cap);
-                    }
-                    for band in bs.iter_mut() {
-                        let (lo, hi) = (band.lo, band.hi);
-                        let (mut below, mut eq_lo, mut eq_hi) = (0u32, 0u32, 0u32);
-                        for &kk in keys.iter() {
-                            below += (kk < lo) as u32;
-                            eq_lo += (kk == lo) as u32;
-                            eq_hi += (kk == hi) as u32;
+        with_avx2(
+            #[inline(always)]
+            || {
+                let cap_len = r.len() / 4 + 4096;
+                *out = bands
+                    .iter()
+                    .map(|bs| {
+                        bs.iter()
+                            .map(|&(lo, hi)| Band {
+                                lo,
+                                hi,
+                                below: 0,
+                                eq_lo: 0,
+                                eq_hi: 0,
+                                inside: Vec::new(),
+                                overflow: false,
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let mut bv = [0f32; BLOCK];
+                let mut keys = [0u32; BLOCK];
+                let mut inside = [0u32; BLOCK];
+                let mut d = [0f32; BLOCK];
+                let mut b = r.start;
+                while b < r.end {
+                    let len = BLOCK.min(r.end - b);
+                    let bv = &mut bv[..len];
+                    let sz = base.dtype.size();
+                    load(base.dtype, &base.data[b * sz..(b + len) * sz], bv);
+                    for (bs, &(mi, cap)) in out.iter_mut().zip(active) {
+                        let d = &mut d[..len];
+                        task_vector(xs[mi], b, bv, d);
+                        let keys = &mut keys[..len];
+                        for (kk, &v) in keys.iter_mut().zip(d.iter()) {
+                            *kk = capped_key(v, cap);
                         }
-                        band.below += below as u64;
-                        band.eq_lo += eq_lo as u64;
-                        band.eq_hi += eq_hi as u64;
-                        if hi > lo.saturating_add(1) && !band.overflow {
-                            // lo < key < hi  <=>  key - lo - 1 < hi - lo - 1 (wrapping).
-                            let lo1 = lo + 1;
-                            let w = hi - lo1;
-                            // Few keys fall inside: test 16 at a time (vectorized), collect
-                            // branch-free from the groups that have any.
-                            let mut cnt = 0usize;
-                            for c in keys.chunks(16) {
-                                let any = c.iter().fold(false, |a, &kk| a | (kk.wrapping_sub(lo1) < w));
-                                if any {
-                                    for &kk in c {
-                                        if let Some(slot) = inside.get_mut(cnt) {
-                                            *slot = kk;
+                        for band in bs.iter_mut() {
+                            let (lo, hi) = (band.lo, band.hi);
+                            let (mut below, mut eq_lo, mut eq_hi) = (0u32, 0u32, 0u32);
+                            for &kk in keys.iter() {
+                                below += (kk < lo) as u32;
+                                eq_lo += (kk == lo) as u32;
+                                eq_hi += (kk == hi) as u32;
+                            }
+                            band.below += below as u64;
+                            band.eq_lo += eq_lo as u64;
+                            band.eq_hi += eq_hi as u64;
+                            if hi > lo.saturating_add(1) && !band.overflow {
+                                // lo < key < hi  <=>  key - lo - 1 < hi - lo - 1 (wrapping).
+                                let lo1 = lo + 1;
+                                let w = hi - lo1;
+                                // Few keys fall inside: test 16 at a time (vectorized), collect
+                                // branch-free from the groups that have any.
+                                let mut cnt = 0usize;
+                                for c in keys.chunks(16) {
+                                    let any = c
+                                        .iter()
+                                        .fold(false, |a, &kk| a | (kk.wrapping_sub(lo1) < w));
+                                    if any {
+                                        for &kk in c {
+                                            if let Some(slot) = inside.get_mut(cnt) {
+                                                *slot = kk;
+                                            }
+                                            cnt += (kk.wrapping_sub(lo1) < w) as usize;
                                         }
-                                        cnt += (kk.wrapping_sub(lo1) < w) as usize;
                                     }
                                 }
-                            }
-                            band.inside.extend_from_slice(&inside[..cnt]);
-                            if band.inside.len() > cap_len {
-                                band.overflow = true;
-                                band.inside = Vec::new();
+                                band.inside.extend_from_slice(&inside[..cnt]);
+                                if band.inside.len() > cap_len {
+                                    band.overflow = true;
+                                    band.inside = Vec::new();
+                                }
                             }
                         }
                     }
+                    b += len;
                 }
-                b += len;
-            }
-        })
+            },
+        )
     });
     // 3. Merge the per-thread bands and select.
     let mut merged: Vec<Vec<Band>> = Vec::with_capacity(k);
@@ -506,11 +526,17 @@ fn sampled_select(
     let fallbacks = missed.len();
     if !missed.is_empty() {
         let sub: Vec<(usize, u32)> = missed.iter().map(|&a| active[a]).collect();
-        for (&a, keys) in missed.iter().zip(radix_select(xs, base, &sub, ranks, n, threads)) {
+        for (&a, keys) in missed
+            .iter()
+            .zip(radix_select(xs, base, &sub, ranks, n, threads))
+        {
             out[a] = Some(keys);
         }
     }
-    (out.into_iter().map(|o| o.unwrap_or_default()).collect(), fallbacks)
+    (
+        out.into_iter().map(|o| o.unwrap_or_default()).collect(),
+        fallbacks,
+    )
 }
 
 /// The key at rank `r` from a merged band, or `None` when the band does not hold it.
@@ -548,9 +574,16 @@ fn radix_select(
     threads: usize,
 ) -> Vec<Vec<u32>> {
     let active = active.to_vec();
-    let hi = histograms(xs, base, &active, n, HI_BUCKETS, false, threads, |_, key| {
-        key >> 16
-    });
+    let hi = histograms(
+        xs,
+        base,
+        &active,
+        n,
+        HI_BUCKETS,
+        false,
+        threads,
+        |_, key| key >> 16,
+    );
     // Per active model: the located (bucket, rank within) of each rank, and up to two buckets.
     let located: Vec<Vec<(usize, u64)>> = active
         .iter()
@@ -720,16 +753,19 @@ pub fn combine(
     let ptabs = &ptabs;
     let w32 = &w32;
     threads::run_all(tasks, |(r, out)| {
-        with_avx2(#[inline(always)] || {
-            let mut sc = Scratch::new(k, unit.max(1));
-            let mut b = r.start;
-            while b < r.end {
-                let len = unit.min(r.end - b);
-                let o = &mut out[(b - r.start) * osz..(b - r.start + len) * osz];
-                block(spec, ptabs, w32, div, b, len, &mut sc, o, out_dtype);
-                b += len;
-            }
-        })
+        with_avx2(
+            #[inline(always)]
+            || {
+                let mut sc = Scratch::new(k, unit.max(1));
+                let mut b = r.start;
+                while b < r.end {
+                    let len = unit.min(r.end - b);
+                    let o = &mut out[(b - r.start) * osz..(b - r.start + len) * osz];
+                    block(spec, ptabs, w32, div, b, len, &mut sc, o, out_dtype);
+                    b += len;
+                }
+            },
+        )
     });
     Ok(())
 }
@@ -797,9 +833,45 @@ fn model_pass(
     let sz = x.dtype.size();
     let bytes = &x.data[start * sz..(start + len) * sz];
     match x.dtype {
-        FloatDtype::BF16 => model_pass_with(bytes, |c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]])), 2, start, bv, sp, u, w, v, s, first),
-        FloatDtype::F16 => model_pass_with(bytes, |c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])), 2, start, bv, sp, u, w, v, s, first),
-        FloatDtype::F32 => model_pass_with(bytes, |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]), 4, start, bv, sp, u, w, v, s, first),
+        FloatDtype::BF16 => model_pass_with(
+            bytes,
+            |c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]])),
+            2,
+            start,
+            bv,
+            sp,
+            u,
+            w,
+            v,
+            s,
+            first,
+        ),
+        FloatDtype::F16 => model_pass_with(
+            bytes,
+            |c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])),
+            2,
+            start,
+            bv,
+            sp,
+            u,
+            w,
+            v,
+            s,
+            first,
+        ),
+        FloatDtype::F32 => model_pass_with(
+            bytes,
+            |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+            4,
+            start,
+            bv,
+            sp,
+            u,
+            w,
+            v,
+            s,
+            first,
+        ),
     }
 }
 
@@ -835,9 +907,21 @@ fn model_pass_with(
             let len = bv.len();
             stream.fill_uniform(start as u64, &mut u[..len]);
             if inverse {
-                fused(bytes, ld, sz, bv, u, w, v, s, first, move |d, r| if r < p { d / p } else { 0.0 })
+                fused(bytes, ld, sz, bv, u, w, v, s, first, move |d, r| {
+                    if r < p {
+                        d / p
+                    } else {
+                        0.0
+                    }
+                })
             } else {
-                fused(bytes, ld, sz, bv, u, w, v, s, first, move |d, r| if r < p { d } else { 0.0 })
+                fused(bytes, ld, sz, bv, u, w, v, s, first, move |d, r| {
+                    if r < p {
+                        d
+                    } else {
+                        0.0
+                    }
+                })
             }
         }
         // DELLA goes row by row through `sparsify_block`.
@@ -859,7 +943,12 @@ fn fused(
     first: bool,
     keep: impl Fn(f32, f32) -> f32 + Copy,
 ) {
-    let it = bytes.chunks_exact(sz).zip(bv).zip(u).zip(v.iter_mut()).zip(s.iter_mut());
+    let it = bytes
+        .chunks_exact(sz)
+        .zip(bv)
+        .zip(u)
+        .zip(v.iter_mut())
+        .zip(s.iter_mut());
     if first {
         for ((((c, &b), &r), v), s) in it {
             let x = keep(ld(c) - b, r) * w;
@@ -1066,15 +1155,7 @@ mod tests {
         for kind in ["none", "magnitude", "outliers", "random", "della"] {
             for &consensus_ in &[false, true] {
                 let expected = unfused(
-                    &xs,
-                    &b,
-                    &[kind; 3],
-                    density,
-                    row_len,
-                    &weights,
-                    consensus_,
-                    true,
-                    0.7,
+                    &xs, &b, &[kind; 3], density, row_len, &weights, consensus_, true, 0.7,
                 );
                 let mode = if kind == "outliers" {
                     KeyMode::Outliers
@@ -1135,7 +1216,10 @@ mod tests {
                 for threads in [1, 2, 3] {
                     let mut out = vec![0u8; n * 4];
                     combine(&spec, row_len, &mut out, FloatDtype::F32, threads).unwrap();
-                    assert!(out == expected, "{kind} consensus={consensus_} threads={threads}");
+                    assert!(
+                        out == expected,
+                        "{kind} consensus={consensus_} threads={threads}"
+                    );
                 }
             }
         }
@@ -1178,14 +1262,22 @@ mod tests {
         let base = Tensor { data: &bb, dtype };
         let k = xs.len();
         let modes: Vec<KeyMode> = (0..k)
-            .map(|i| if i % 2 == 0 { KeyMode::Magnitude } else { KeyMode::Outliers })
+            .map(|i| {
+                if i % 2 == 0 {
+                    KeyMode::Magnitude
+                } else {
+                    KeyMode::Outliers
+                }
+            })
             .collect();
         let mut fallbacks = 0;
         let rank_sets: Vec<Vec<Vec<usize>>> = vec![
             (0..k).map(|i| vec![n / 2 + i]).collect(),
             (0..k).map(|_| vec![0, n - 1]).collect(),
             (0..k).map(|i| vec![n / 10, n - n / 7 - i]).collect(),
-            (0..k).map(|i| if i == 1 { vec![] } else { vec![n - n / 100] }).collect(),
+            (0..k)
+                .map(|i| if i == 1 { vec![] } else { vec![n - n / 100] })
+                .collect(),
         ];
         for ranks in &rank_sets {
             let active: Vec<(usize, u32)> = (0..k)
@@ -1196,11 +1288,16 @@ mod tests {
             for (a, &(mi, cap)) in active.iter().enumerate() {
                 let sorted = sorted_keys(&xb[mi], &bb, dtype, cap);
                 let want: Vec<u32> = ranks[mi].iter().map(|&r| sorted[r]).collect();
-                assert_eq!(radix[a], want, "{what}: radix, model {mi}, ranks {:?}", ranks[mi]);
+                assert_eq!(
+                    radix[a], want,
+                    "{what}: radix, model {mi}, ranks {:?}",
+                    ranks[mi]
+                );
             }
             for threads in [1, 3] {
                 let got = thresholds(&xt, base, ranks, &modes, threads).unwrap();
-                let (sampled, fb) = sampled_select(&xt, base, &active, ranks, n, threads, SAMPLE_SIGMAS);
+                let (sampled, fb) =
+                    sampled_select(&xt, base, &active, ranks, n, threads, SAMPLE_SIGMAS);
                 fallbacks += fb;
                 // Zero width: the band is a single sampled key, the fallback path is exercised.
                 let (narrow, _) = sampled_select(&xt, base, &active, ranks, n, threads, 0.0);
@@ -1250,7 +1347,9 @@ mod tests {
         // A few distinct values.
         let few: Vec<Vec<f32>> = (0..3)
             .map(|i| {
-                (0..n).map(|j| [0.0f32, 0.25, -0.5, 1.0][(j * 7 + i) % 4] * ((j % 3) as f32)).collect()
+                (0..n)
+                    .map(|j| [0.0f32, 0.25, -0.5, 1.0][(j * 7 + i) % 4] * ((j % 3) as f32))
+                    .collect()
             })
             .collect();
         check_thresholds(&vec![0.0; n], &few, FloatDtype::BF16, "few distinct");
@@ -1282,7 +1381,11 @@ mod tests {
             .map(|_| {
                 (0..n)
                     .map(|j| {
-                        let scale = if j % SAMPLE_STRIDE < SAMPLE_RUN { 1e-3 } else { 1.0 };
+                        let scale = if j % SAMPLE_STRIDE < SAMPLE_RUN {
+                            1e-3
+                        } else {
+                            1.0
+                        };
                         1.0 + scale * g.f32()
                     })
                     .collect()
@@ -1300,9 +1403,15 @@ mod tests {
             let xb: Vec<Vec<u8>> = xs.iter().map(|x| bytes(x)).collect();
             let xt: Vec<Tensor> = xb
                 .iter()
-                .map(|d| Tensor { data: d, dtype: FloatDtype::F32 })
+                .map(|d| Tensor {
+                    data: d,
+                    dtype: FloatDtype::F32,
+                })
                 .collect();
-            let base = Tensor { data: &bb, dtype: FloatDtype::F32 };
+            let base = Tensor {
+                data: &bb,
+                dtype: FloatDtype::F32,
+            };
             let ranks = vec![vec![0, n - 1], vec![n / 2]];
             let modes = [KeyMode::Magnitude, KeyMode::Outliers];
             let got = thresholds(&xt, base, &ranks, &modes, 2).unwrap();
@@ -1325,9 +1434,15 @@ mod tests {
         let xb: Vec<Vec<u8>> = xs.iter().map(|x| encode(x, FloatDtype::BF16)).collect();
         let xt: Vec<Tensor> = xb
             .iter()
-            .map(|d| Tensor { data: d, dtype: FloatDtype::BF16 })
+            .map(|d| Tensor {
+                data: d,
+                dtype: FloatDtype::BF16,
+            })
             .collect();
-        let base = Tensor { data: &bb, dtype: FloatDtype::BF16 };
+        let base = Tensor {
+            data: &bb,
+            dtype: FloatDtype::BF16,
+        };
         let ranks = vec![vec![n / 2]; 3];
         let active: Vec<(usize, u32)> = (0..3).map(|i| (i, NAN_KEY)).collect();
         for _ in 0..3 {

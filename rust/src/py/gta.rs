@@ -74,9 +74,9 @@ pub fn gta_thresholds(
 /// One model's sparsification: ("none",), ("band", lo_key, hi_key, mode),
 /// ("random", p, key, inverse) or ("della", density, epsilon, key, inverse).
 fn parse_sparsify(spec: &Bound<'_, PyAny>, seed: u64, i: usize) -> PyResult<Sparsify> {
-    let t = spec.cast::<PyTuple>().map_err(|_| {
-        PyValueError::new_err(format!("sparsify[{i}] must be a tuple"))
-    })?;
+    let t = spec
+        .cast::<PyTuple>()
+        .map_err(|_| PyValueError::new_err(format!("sparsify[{i}] must be a tuple")))?;
     let kind: String = t.get_item(0)?.extract()?;
     Ok(match kind.as_str() {
         "none" => Sparsify::None,

@@ -832,46 +832,16 @@ fn model_pass(
     let len = bv.len();
     let sz = x.dtype.size();
     let bytes = &x.data[start * sz..(start + len) * sz];
+    // one call per input dtype, so each gets its own inlined load
+    macro_rules! pass {
+        ($ld:expr, $sz:expr) => {
+            model_pass_with(bytes, $ld, $sz, start, bv, sp, u, w, v, s, first)
+        };
+    }
     match x.dtype {
-        FloatDtype::BF16 => model_pass_with(
-            bytes,
-            |c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]])),
-            2,
-            start,
-            bv,
-            sp,
-            u,
-            w,
-            v,
-            s,
-            first,
-        ),
-        FloatDtype::F16 => model_pass_with(
-            bytes,
-            |c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])),
-            2,
-            start,
-            bv,
-            sp,
-            u,
-            w,
-            v,
-            s,
-            first,
-        ),
-        FloatDtype::F32 => model_pass_with(
-            bytes,
-            |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-            4,
-            start,
-            bv,
-            sp,
-            u,
-            w,
-            v,
-            s,
-            first,
-        ),
+        FloatDtype::BF16 => pass!(|c: &[u8]| bf16_to_f32(u16::from_le_bytes([c[0], c[1]])), 2),
+        FloatDtype::F16 => pass!(|c: &[u8]| f16_to_f32(u16::from_le_bytes([c[0], c[1]])), 2),
+        FloatDtype::F32 => pass!(|c: &[u8]| f32::from_le_bytes([c[0], c[1], c[2], c[3]]), 4),
     }
 }
 

@@ -305,6 +305,20 @@ struct Band {
     overflow: bool,
 }
 
+impl Band {
+    fn empty(lo: u32, hi: u32) -> Band {
+        Band {
+            lo,
+            hi,
+            below: 0,
+            eq_lo: 0,
+            eq_hi: 0,
+            inside: Vec::new(),
+            overflow: false,
+        }
+    }
+}
+
 /// Exact order statistics by sampling: a strided sample of the keys picks, per rank, a key
 /// band that contains the order statistic with very high probability; one full pass counts the
 /// keys below each band and collects the keys inside it; the exact key is then selected from the
@@ -407,19 +421,7 @@ fn sampled_select(
                 let cap_len = r.len() / 4 + 4096;
                 *out = bands
                     .iter()
-                    .map(|bs| {
-                        bs.iter()
-                            .map(|&(lo, hi)| Band {
-                                lo,
-                                hi,
-                                below: 0,
-                                eq_lo: 0,
-                                eq_hi: 0,
-                                inside: Vec::new(),
-                                overflow: false,
-                            })
-                            .collect()
-                    })
+                    .map(|bs| bs.iter().map(|&(lo, hi)| Band::empty(lo, hi)).collect())
                     .collect();
                 let mut bv = [0f32; BLOCK];
                 let mut keys = [0u32; BLOCK];
@@ -487,15 +489,7 @@ fn sampled_select(
     for a in 0..k {
         let mut bs: Vec<Band> = Vec::new();
         for (j, &(lo, hi)) in bands[a].iter().enumerate() {
-            let mut m = Band {
-                lo,
-                hi,
-                below: 0,
-                eq_lo: 0,
-                eq_hi: 0,
-                inside: Vec::new(),
-                overflow: false,
-            };
+            let mut m = Band::empty(lo, hi);
             let total: usize = per_thread.iter().map(|t| t[a][j].inside.len()).sum();
             m.inside.reserve_exact(total);
             for t in per_thread.iter_mut() {

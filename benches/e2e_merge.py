@@ -38,7 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -172,8 +172,14 @@ def generate_models(models_dir: Path, scale: str, seed: int = 1234) -> dict[str,
     shape = SCALES[scale]
     names = ("base",) + FINETUNES
     paths = {n: models_dir / n for n in names}
-    spec_record = {"scale": scale, "shape": shape, "seed": seed, "base_std": BASE_STD,
-                   "delta_std": DELTA_STD, "version": 1}
+    spec_record = {
+        "scale": scale,
+        "shape": shape,
+        "seed": seed,
+        "base_std": BASE_STD,
+        "delta_std": DELTA_STD,
+        "version": 1,
+    }
     marker = model_set_marker(models_dir)
     if marker.exists():
         try:
@@ -195,8 +201,10 @@ def generate_models(models_dir: Path, scale: str, seed: int = 1234) -> dict[str,
     n_shards = len(shards)
     total_params = sum(numel(s) for _, s in specs)
     total_size = total_params * 2
-    print(f"[models] generating {len(names)} models of {total_params / 1e9:.3f}B params "
-          f"({total_size / GB:.2f} GB each, {n_shards} shards) in {models_dir}")
+    print(
+        f"[models] generating {len(names)} models of {total_params / 1e9:.3f}B params "
+        f"({total_size / GB:.2f} GB each, {n_shards} shards) in {models_dir}"
+    )
     t0 = time.perf_counter()
     for p in paths.values():
         p.mkdir(parents=True)
@@ -227,8 +235,7 @@ def generate_models(models_dir: Path, scale: str, seed: int = 1234) -> dict[str,
         print(f"[models]   shard {si + 1}/{n_shards} done ({time.perf_counter() - t0:.1f}s)")
     index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
     cfg = hf_config(shape)
-    gen_cfg = {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2,
-               "max_length": 2048}
+    gen_cfg = {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "max_length": 2048}
     for p in paths.values():
         (p / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (p / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -255,9 +262,10 @@ def ensure_tokenizer(model_dirs, vocab_size: int) -> None:
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
         tok.save(str(d / "tokenizer.json"))
         special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-        (d / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 2048,
-             **special}, indent=2) + "\n")
+        (d / "tokenizer_config.json").write_text(
+            json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 2048, **special}, indent=2)
+            + "\n"
+        )
         (d / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
@@ -306,8 +314,12 @@ def page_cache_residency(files: list[Path]) -> float | None:
     if not shutil.which("fincore") or not files:
         return None
     try:
-        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES,SIZE",
-                              *map(str, files)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES,SIZE", *map(str, files)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
     res = size = 0
@@ -397,7 +409,7 @@ def _descendants(root: int) -> list[int]:
         except OSError:
             continue
         # pid (comm) state ppid ...; comm may contain spaces and parentheses
-        rest = stat[stat.rfind(b")") + 2:].split()
+        rest = stat[stat.rfind(b")") + 2 :].split()
         if len(rest) < 2:
             continue
         children.setdefault(int(rest[1]), []).append(int(entry.name))
@@ -447,8 +459,9 @@ def fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
-def run_measured(tool: str, merge: str, cmd: list[str], out_dir: Path, log_path: Path,
-                 env: dict[str, str], poll_s: float) -> RunResult:
+def run_measured(
+    tool: str, merge: str, cmd: list[str], out_dir: Path, log_path: Path, env: dict[str, str], poll_s: float
+) -> RunResult:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -457,8 +470,7 @@ def run_measured(tool: str, merge: str, cmd: list[str], out_dir: Path, log_path:
     samples = 0
     with open(log_path, "wb") as log:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
         pids = [proc.pid]
         while True:
             pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
@@ -485,11 +497,22 @@ def run_measured(tool: str, merge: str, cmd: list[str], out_dir: Path, log_path:
     fsync_after = time.perf_counter() - t
     kb = 1024 / GB
     return RunResult(
-        tool=tool, merge=merge, cmd=cmd, returncode=proc.returncode, wall_s=wall,
-        fsync_after_s=fsync_after, durable_s=wall + fsync_after,
-        user_s=ru.ru_utime, sys_s=ru.ru_stime, maxrss_gb=ru.ru_maxrss * kb,
-        peak_anon_gb=peak_anon * kb, peak_file_gb=peak_file * kb, peak_rss_sampled_gb=peak_rss * kb,
-        samples=samples, loadavg_before=load_before, loadavg_after=os.getloadavg(),
+        tool=tool,
+        merge=merge,
+        cmd=cmd,
+        returncode=proc.returncode,
+        wall_s=wall,
+        fsync_after_s=fsync_after,
+        durable_s=wall + fsync_after,
+        user_s=ru.ru_utime,
+        sys_s=ru.ru_stime,
+        maxrss_gb=ru.ru_maxrss * kb,
+        peak_anon_gb=peak_anon * kb,
+        peak_file_gb=peak_file * kb,
+        peak_rss_sampled_gb=peak_rss * kb,
+        samples=samples,
+        loadavg_before=load_before,
+        loadavg_after=os.getloadavg(),
         log=str(log_path),
     )
 
@@ -531,7 +554,9 @@ def ties_reference(base, fts, weights, density: float):
     sign = torch.where(sum(weighted) >= 0, 1.0, -1.0)  # an exact-zero sum elects +, as in both tools
     agree = [(torch.sign(d) == sign) & (d != 0) for d in kept]
     total = sum(w * a.float() for w, a in zip(weights, agree))
-    merged = sum(wd * a.float() for wd, a in zip(weighted, agree)) / torch.where(total == 0, torch.ones_like(total), total)
+    merged = sum(wd * a.float() for wd, a in zip(weighted, agree)) / torch.where(
+        total == 0, torch.ones_like(total), total
+    )
     return base + merged
 
 
@@ -558,8 +583,11 @@ def check_output(out_dir: Path, merge: str, models: dict[str, Path], shape: dict
     if not (out_dir / "config.json").exists():
         problems.append("no config.json")
     last = shape["num_hidden_layers"] - 1
-    probe = ["model.norm.weight", "model.layers.0.self_attn.k_proj.weight",
-             f"model.layers.{last}.self_attn.v_proj.weight"]
+    probe = [
+        "model.norm.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        f"model.layers.{last}.self_attn.v_proj.weight",
+    ]
     max_rel = 0.0
 
     def load(model_dir: Path, name: str) -> torch.Tensor:
@@ -587,7 +615,11 @@ def check_output(out_dir: Path, merge: str, models: dict[str, Path], shape: dict
         max_rel = max(max_rel, rel)
     # bf16 has 8 significant bits: a few ulps of difference is rounding order, more is a bug.
     if max_rel > 2**-5:
-        why = "; the reference keeps every tie at the magnitude threshold, mergekit 0.1.5 exactly k" if merge == "ties" else ""
+        why = (
+            "; the reference keeps every tie at the magnitude threshold, mergekit 0.1.5 exactly k"
+            if merge == "ties"
+            else ""
+        )
         problems.append(f"values differ from reference (max rel err {max_rel:.2e}{why})")
     status = "ok" if not problems else "FAIL: " + "; ".join(problems)
     return f"{status} (max rel err {max_rel:.1e})" if not problems else status, out_bytes
@@ -606,40 +638,45 @@ def ensure_mergekit_venv(venv: Path) -> Path:
         ok = subprocess.run([str(py), "-c", "import mergekit"], capture_output=True).returncode == 0
         if ok:
             return exe
-    print(f"[incumbent] creating {venv} and installing {MERGEKIT_SPEC} (system site packages "
-          "visible, so the global torch is reused; the global environment is not modified)")
+    print(
+        f"[incumbent] creating {venv} and installing {MERGEKIT_SPEC} (system site packages "
+        "visible, so the global torch is reused; the global environment is not modified)"
+    )
     if not (venv / "bin" / "python").exists():
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-                       check=True)
-    subprocess.run([str(py), "-m", "pip", "install", "--disable-pip-version-check",
-                    MERGEKIT_SPEC], check=True)
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "--disable-pip-version-check", MERGEKIT_SPEC], check=True)
     return exe
 
 
 def tool_version(python: str, dist: str) -> str | None:
-    r = subprocess.run([python, "-c", f"from importlib.metadata import version; "
-                        f"print(version('{dist}'))"], capture_output=True, text=True)
+    r = subprocess.run(
+        [python, "-c", f"from importlib.metadata import version; print(version('{dist}'))"],
+        capture_output=True,
+        text=True,
+    )
     return r.stdout.strip() if r.returncode == 0 else None
 
 
 def write_configs(cfg_dir: Path, models: dict[str, Path]) -> dict[str, Path]:
     cfg_dir.mkdir(parents=True, exist_ok=True)
     model_lines = "".join(
-        f"  - model: {models[ft]}\n    parameters:\n      weight: {w}\n"
-        for ft, w in zip(FINETUNES, MERGE_WEIGHTS)
+        f"  - model: {models[ft]}\n    parameters:\n      weight: {w}\n" for ft, w in zip(FINETUNES, MERGE_WEIGHTS)
     )
     configs = {
         "linear": "merge_method: linear\nmodels:\n" + model_lines,
-        "task_arithmetic": (f"merge_method: task_arithmetic\nbase_model: {models['base']}\n"
-                            "models:\n" + model_lines),
+        "task_arithmetic": (f"merge_method: task_arithmetic\nbase_model: {models['base']}\nmodels:\n" + model_lines),
     }
     sparse_lines = "".join(
         f"  - model: {models[ft]}\n    parameters:\n      weight: {w}\n      density: 0.5\n"
         for ft, w in zip(FINETUNES, MERGE_WEIGHTS)
     )
     for method, extra in (("ties", ""), ("dare_ties", ""), ("della", "parameters:\n  epsilon: 0.1\n")):
-        configs[method] = (f"merge_method: {method}\nbase_model: {models['base']}\nrandom_seed: 7\n"
-                           + extra + "models:\n" + sparse_lines)
+        configs[method] = (
+            f"merge_method: {method}\nbase_model: {models['base']}\nrandom_seed: 7\n"
+            + extra
+            + "models:\n"
+            + sparse_lines
+        )
     paths = {}
     for name, text in configs.items():
         p = cfg_dir / f"{name}.yml"
@@ -649,13 +686,17 @@ def write_configs(cfg_dir: Path, models: dict[str, Path]) -> dict[str, Path]:
 
 
 def results_commit() -> str:
-    r = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
-                       capture_output=True, text=True)
+    r = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return r.stdout.strip()
 
 
-MERGE_INPUTS = {"linear": list(FINETUNES), "task_arithmetic": ["base", *FINETUNES],
-                "ties": ["base", *FINETUNES], "dare_ties": ["base", *FINETUNES], "della": ["base", *FINETUNES]}
+MERGE_INPUTS = {
+    "linear": list(FINETUNES),
+    "task_arithmetic": ["base", *FINETUNES],
+    "ties": ["base", *FINETUNES],
+    "dare_ties": ["base", *FINETUNES],
+    "della": ["base", *FINETUNES],
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -665,8 +706,10 @@ MERGE_INPUTS = {"linear": list(FINETUNES), "task_arithmetic": ["base", *FINETUNE
 
 def fmt_table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
-                               for i, (c, w) in enumerate(zip(r, widths)))
+
+    def line(r):
+        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(header), sep] + [line(r) for r in rows])
 
@@ -705,23 +748,35 @@ def other_benchmarks() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--scale", choices=sorted(SCALES), default="tiny")
-    ap.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
-                    help="scratch dir for models, configs, outputs, logs, results "
-                         "(default: benches/work)")
+    ap.add_argument(
+        "--work-dir",
+        type=Path,
+        default=DEFAULT_WORK_DIR,
+        help="scratch dir for models, configs, outputs, logs, results (default: benches/work)",
+    )
     ap.add_argument("--repeat", type=int, default=1, help="runs per (merge, tool); medians reported")
-    ap.add_argument("--floor-repeat", type=int, default=3,
-                    help="repetitions of the read and write floor measurement (median used)")
-    ap.add_argument("--merges", default="linear,task_arithmetic",
-                    help="comma-separated subset of: linear, task_arithmetic, ties, dare_ties, della")
+    ap.add_argument(
+        "--floor-repeat", type=int, default=3, help="repetitions of the read and write floor measurement (median used)"
+    )
+    ap.add_argument(
+        "--merges",
+        default="linear,task_arithmetic",
+        help="comma-separated subset of: linear, task_arithmetic, ties, dare_ties, della",
+    )
     ap.add_argument("--skip-incumbent", action="store_true", help="do not run mergekit")
     ap.add_argument("--skip-ours", action="store_true", help="do not run mergekitty")
-    ap.add_argument("--ours-cmd", default="mergekitty-yaml",
-                    help="our command (looked up on PATH); extra args may follow, space-separated")
-    ap.add_argument("--mergekit-venv", type=Path, default=None,
-                    help="venv for mergekit (default: WORK_DIR/mergekit-venv)")
+    ap.add_argument(
+        "--ours-cmd",
+        default="mergekitty-yaml",
+        help="our command (looked up on PATH); extra args may follow, space-separated",
+    )
+    ap.add_argument(
+        "--mergekit-venv", type=Path, default=None, help="venv for mergekit (default: WORK_DIR/mergekit-venv)"
+    )
     ap.add_argument("--poll-ms", type=float, default=20.0, help="memory polling period")
     ap.add_argument("--keep-output", action="store_true", help="keep merged outputs")
     ap.add_argument("--no-check", action="store_true", help="skip output validation")
@@ -738,8 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- models and configs
     others = other_benchmarks()
     if others:
-        print("[bench] WARNING: other benchmark runs are active; timings will interfere:\n  "
-              + "\n  ".join(others))
+        print("[bench] WARNING: other benchmark runs are active; timings will interfere:\n  " + "\n  ".join(others))
     with work_lock(work / ".lock"):
         models = generate_models(work / f"models-{args.scale}", args.scale)
         ensure_tokenizer(models.values(), shape["vocab_size"])
@@ -754,8 +808,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- candidates
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
     candidates: dict[str, list[str]] = {}
     versions: dict[str, str | None] = {}
     if not args.skip_ours:
@@ -774,8 +833,10 @@ def main(argv: list[str] | None = None) -> int:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
             versions["mergekitty"] = "source tree " + results_commit()
         else:
-            print(f"[ours] {ours[0]!r} is not on PATH; skipping mergekitty (build and install the "
-                  "package, e.g. `maturin develop --release` or `pip install .`)")
+            print(
+                f"[ours] {ours[0]!r} is not on PATH; skipping mergekitty (build and install the "
+                "package, e.g. `maturin develop --release` or `pip install .`)"
+            )
     if not args.skip_incumbent:
         venv = (args.mergekit_venv or work / "mergekit-venv").resolve()
         with work_lock(work / ".lock"):
@@ -812,16 +873,27 @@ def main(argv: list[str] | None = None) -> int:
     for merge in merges:
         inputs = [f for n in MERGE_INPUTS[merge] for f in weight_files(models[n])]
         floor = measure_floor(inputs, tensor_bytes, out_root, args.floor_repeat)
-        print(f"[floor] {merge}: read {floor.read_bytes / GB:.2f} GB in {floor.read_med:.2f}s "
-              f"({floor.read_bytes / GB / floor.read_med:.1f} GB/s), write+fsync "
-              f"{floor.write_bytes / GB:.2f} GB in {floor.write_med:.2f}s "
-              f"({floor.write_bytes / GB / floor.write_med:.2f} GB/s); floor {floor.total:.2f}s"
-              + (f"; inputs {100 * floor.residency_before:.0f}% in page cache"
-                 if floor.residency_before is not None else ""))
-        entry = {"floor": {**asdict(floor), "read_median_s": floor.read_med,
-                           "write_median_s": floor.write_med, "floor_s": floor.total,
-                           "overlapped_floor_s": floor.overlapped},
-                 "runs": {}}
+        print(
+            f"[floor] {merge}: read {floor.read_bytes / GB:.2f} GB in {floor.read_med:.2f}s "
+            f"({floor.read_bytes / GB / floor.read_med:.1f} GB/s), write+fsync "
+            f"{floor.write_bytes / GB:.2f} GB in {floor.write_med:.2f}s "
+            f"({floor.write_bytes / GB / floor.write_med:.2f} GB/s); floor {floor.total:.2f}s"
+            + (
+                f"; inputs {100 * floor.residency_before:.0f}% in page cache"
+                if floor.residency_before is not None
+                else ""
+            )
+        )
+        entry = {
+            "floor": {
+                **asdict(floor),
+                "read_median_s": floor.read_med,
+                "write_median_s": floor.write_med,
+                "floor_s": floor.total,
+                "overlapped_floor_s": floor.overlapped,
+            },
+            "runs": {},
+        }
         results["merges"][merge] = entry
         for tool, cmd in candidates.items():
             runs = []
@@ -840,10 +912,12 @@ def main(argv: list[str] | None = None) -> int:
                     r.check, r.out_bytes = check_output(out_dir, merge, models, shape)
                 else:
                     r.check = "unchecked"
-                print(f"[{tool}] {merge} run {rep + 1}/{args.repeat}: wall {r.wall_s:.2f}s "
-                      f"(+{r.fsync_after_s:.2f}s fsync after exit), cpu {r.user_s + r.sys_s:.1f}s, "
-                      f"maxrss {r.maxrss_gb:.2f} GB, peak anon {r.peak_anon_gb:.2f} GB, "
-                      f"load {r.loadavg_before[0]:.1f}->{r.loadavg_after[0]:.1f}; {r.check}")
+                print(
+                    f"[{tool}] {merge} run {rep + 1}/{args.repeat}: wall {r.wall_s:.2f}s "
+                    f"(+{r.fsync_after_s:.2f}s fsync after exit), cpu {r.user_s + r.sys_s:.1f}s, "
+                    f"maxrss {r.maxrss_gb:.2f} GB, peak anon {r.peak_anon_gb:.2f} GB, "
+                    f"load {r.loadavg_before[0]:.1f}->{r.loadavg_after[0]:.1f}; {r.check}"
+                )
                 if not args.keep_output and out_dir.exists():
                     shutil.rmtree(out_dir)
                 runs.append(r)
@@ -851,15 +925,38 @@ def main(argv: list[str] | None = None) -> int:
             entry.setdefault("_objs", {})[tool] = runs
 
     # ---- table
-    header = ["merge", "tool", "wall s", "durable s", "durable/floor", "/overlap floor", "cpu s",
-              "maxRSS GB", "peak anon GB", "peak file GB", "check"]
+    header = [
+        "merge",
+        "tool",
+        "wall s",
+        "durable s",
+        "durable/floor",
+        "/overlap floor",
+        "cpu s",
+        "maxRSS GB",
+        "peak anon GB",
+        "peak file GB",
+        "check",
+    ]
     rows = []
     for merge, entry in results["merges"].items():
         fl = entry["floor"]["floor_s"]
         fo = entry["floor"]["overlapped_floor_s"]
-        rows.append([merge, "IO floor", "", f"{fl:.2f}", "1.00", f"{fl / fo:.2f}", "", "", "", "",
-                     f"read {entry['floor']['read_median_s']:.2f}s + write "
-                     f"{entry['floor']['write_median_s']:.2f}s"])
+        rows.append(
+            [
+                merge,
+                "IO floor",
+                "",
+                f"{fl:.2f}",
+                "1.00",
+                f"{fl / fo:.2f}",
+                "",
+                "",
+                "",
+                "",
+                f"read {entry['floor']['read_median_s']:.2f}s + write {entry['floor']['write_median_s']:.2f}s",
+            ]
+        )
         summary = {}
         for tool, runs in entry.pop("_objs", {}).items():
             ok = all(r.returncode == 0 for r in runs)
@@ -879,14 +976,24 @@ def main(argv: list[str] | None = None) -> int:
             }
             summary[tool] = s
             checks = sorted({r.check for r in runs})
-            rows.append([merge, tool, f"{wall:.2f}", f"{durable:.2f}",
-                         f"{s['durable_over_floor']:.2f}", f"{s['durable_over_overlapped_floor']:.2f}",
-                         f"{s['cpu_s']:.1f}", f"{s['maxrss_gb']:.2f}", f"{s['peak_anon_gb']:.2f}",
-                         f"{s['peak_file_gb']:.2f}", " / ".join(checks)])
+            rows.append(
+                [
+                    merge,
+                    tool,
+                    f"{wall:.2f}",
+                    f"{durable:.2f}",
+                    f"{s['durable_over_floor']:.2f}",
+                    f"{s['durable_over_overlapped_floor']:.2f}",
+                    f"{s['cpu_s']:.1f}",
+                    f"{s['maxrss_gb']:.2f}",
+                    f"{s['peak_anon_gb']:.2f}",
+                    f"{s['peak_file_gb']:.2f}",
+                    " / ".join(checks),
+                ]
+            )
         both = [summary.get(t) for t in ("mergekitty", "mergekit")]
         if all(both) and not all(s["ok"] for s in both):
-            rows.append([merge, "ours/mergekit", "n/a", "n/a", "", "", "", "", "", "",
-                         "a run failed"])
+            rows.append([merge, "ours/mergekit", "n/a", "n/a", "", "", "", "", "", "", "a run failed"])
         elif all(both):
             a, b = summary["mergekitty"], summary["mergekit"]
             ratio = {
@@ -896,27 +1003,51 @@ def main(argv: list[str] | None = None) -> int:
                 "peak_anon": a["peak_anon_gb"] / b["peak_anon_gb"] if b["peak_anon_gb"] else None,
             }
             summary["ours_over_mergekit"] = ratio
-            f2 = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
-            rows.append([merge, "ours/mergekit", f2(ratio["wall"]), f2(ratio["durable"]), "", "",
-                         "", f2(ratio["maxrss"]), f2(ratio["peak_anon"]), "", ""])
+
+            def f2(v):
+                return f"{v:.2f}" if v is not None else "-"
+
+            rows.append(
+                [
+                    merge,
+                    "ours/mergekit",
+                    f2(ratio["wall"]),
+                    f2(ratio["durable"]),
+                    "",
+                    "",
+                    "",
+                    f2(ratio["maxrss"]),
+                    f2(ratio["peak_anon"]),
+                    "",
+                    "",
+                ]
+            )
         entry["summary"] = summary
 
     print()
-    print(f"scale={args.scale}  repeat={args.repeat}  cpus={os.cpu_count()}  "
-          f"model={tensor_bytes / GB:.2f} GB  load avg now {os.getloadavg()[0]:.1f}")
+    print(
+        f"scale={args.scale}  repeat={args.repeat}  cpus={os.cpu_count()}  "
+        f"model={tensor_bytes / GB:.2f} GB  load avg now {os.getloadavg()[0]:.1f}"
+    )
     print(fmt_table(rows, header))
     if not args.keep_output and out_root.exists():
         shutil.rmtree(out_root)
-    print("durable = wall + fsync of the output files after exit (the floor includes an fsync; "
-          "mergekit does not fsync, mergekitty does).\nfloor = read + write (serial); overlap "
-          "floor = max(read, write), reachable only by fully overlapping reads and writes.\n"
-          "Ratios are the headline; absolute times are noisy on a shared machine.")
+    print(
+        "durable = wall + fsync of the output files after exit (the floor includes an fsync; "
+        "mergekit does not fsync, mergekitty does).\nfloor = read + write (serial); overlap "
+        "floor = max(read, write), reachable only by fully overlapping reads and writes.\n"
+        "Ratios are the headline; absolute times are noisy on a shared machine."
+    )
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_json = work / f"results-{args.scale}-{stamp}.json"
     out_json.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"results: {out_json}")
-    failed = any(not s.get("ok", True) for e in results["merges"].values()
-                 for k, s in e["summary"].items() if k != "ours_over_mergekit")
+    failed = any(
+        not s.get("ok", True)
+        for e in results["merges"].values()
+        for k, s in e["summary"].items()
+        if k != "ours_over_mergekit"
+    )
     return 1 if failed else 0
 
 

@@ -64,23 +64,29 @@ def _ordered(t: torch.Tensor) -> torch.Tensor:
 def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
     """Element mismatches and the largest distance in units in the last place (same dtype)."""
     diff = (_ordered(out) - _ordered(ref)).abs()
-    return {"mismatches": int((diff != 0).sum()), "max_ulp": int(diff.max()),
-            "max_abs": float((out.float() - ref.float()).abs().max())}
+    return {
+        "mismatches": int((diff != 0).sum()),
+        "max_ulp": int(diff.max()),
+        "max_abs": float((out.float() - ref.float()).abs().max()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="32000x2048,5632x2048")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
-    ap.add_argument("--dtype", default="BF16", choices=sorted(TORCH_DTYPES),
-                    help="dtype of the inputs and the output")
+    ap.add_argument("--dtype", default="BF16", choices=sorted(TORCH_DTYPES), help="dtype of the inputs and the output")
     ap.add_argument("--inputs", type=int, default=3, help="number of inputs")
     ap.add_argument("--repeat", type=int, default=9, help="timed runs (median reported)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--json", type=Path, default=None,
-                    help="write results here (default: benches/work/kernels-<timestamp>.json)")
-    ap.add_argument("--require-native", action="store_true",
-                    help="exit 1 when the native module is missing instead of running torch only")
+    ap.add_argument(
+        "--json", type=Path, default=None, help="write results here (default: benches/work/kernels-<timestamp>.json)"
+    )
+    ap.add_argument(
+        "--require-native",
+        action="store_true",
+        help="exit 1 when the native module is missing instead of running torch only",
+    )
     args = ap.parse_args(argv)
 
     try:
@@ -97,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ImportError, AttributeError) as e:
         weighted_sum = None
         native_error = f"{type(e).__name__}: {e}"
-        print(f"[native] mergekitty._native.weighted_sum is not available ({native_error}); "
-              "timing the torch reference only")
+        print(
+            f"[native] mergekitty._native.weighted_sum is not available ({native_error}); "
+            "timing the torch reference only"
+        )
         if args.require_native:
             return 1
 
@@ -135,15 +143,20 @@ def main(argv: list[str] | None = None) -> int:
             return ref_out.copy_(acc)
 
         def native() -> None:
-            weighted_sum(in_bufs, [args.dtype] * len(in_bufs), weights, out_buf, args.dtype,
-                         threads)
+            weighted_sum(in_bufs, [args.dtype] * len(in_bufs), weights, out_buf, args.dtype, threads)
 
         for threads in threads_list:
             torch.set_num_threads(threads)
             t_torch = timeit(torch_ref, args.repeat, args.warmup)
-            row = {"shape": list(shape), "dtype": args.dtype, "inputs": len(weights),
-                   "threads": threads, "bytes": nbytes,
-                   "torch_median_s": statistics.median(t_torch), "torch_times_s": t_torch}
+            row = {
+                "shape": list(shape),
+                "dtype": args.dtype,
+                "inputs": len(weights),
+                "threads": threads,
+                "bytes": nbytes,
+                "torch_median_s": statistics.median(t_torch),
+                "torch_times_s": t_torch,
+            }
             row["torch_gbps"] = nbytes / GB / row["torch_median_s"]
             t_pre = timeit(torch_prealloc, args.repeat, args.warmup)
             row["torch_prealloc_median_s"] = statistics.median(t_pre)
@@ -159,28 +172,39 @@ def main(argv: list[str] | None = None) -> int:
                 native()
                 row["parity"] = compare(out, torch_ref())
             results.append(row)
-            line = (f"{'x'.join(map(str, shape)):>11} {args.dtype} x{len(weights)} threads={threads}: "
-                    f"torch {row['torch_median_s'] * 1e3:8.2f} ms {row['torch_gbps']:6.2f} GB/s"
-                    f" | torch prealloc {row['torch_prealloc_median_s'] * 1e3:8.2f} ms "
-                    f"{row['torch_prealloc_gbps']:6.2f} GB/s")
+            line = (
+                f"{'x'.join(map(str, shape)):>11} {args.dtype} x{len(weights)} threads={threads}: "
+                f"torch {row['torch_median_s'] * 1e3:8.2f} ms {row['torch_gbps']:6.2f} GB/s"
+                f" | torch prealloc {row['torch_prealloc_median_s'] * 1e3:8.2f} ms "
+                f"{row['torch_prealloc_gbps']:6.2f} GB/s"
+            )
             if "native_median_s" in row:
                 p = row["parity"]
-                line += (f" | native {row['native_median_s'] * 1e3:8.2f} ms "
-                         f"{row['native_gbps']:6.2f} GB/s | speedup {row['speedup']:5.2f}x "
-                         f"({row['speedup_vs_prealloc']:4.2f}x vs prealloc)"
-                         f" | parity: {p['mismatches']} mismatches, max {p['max_ulp']} ulp")
+                line += (
+                    f" | native {row['native_median_s'] * 1e3:8.2f} ms "
+                    f"{row['native_gbps']:6.2f} GB/s | speedup {row['speedup']:5.2f}x "
+                    f"({row['speedup_vs_prealloc']:4.2f}x vs prealloc)"
+                    f" | parity: {p['mismatches']} mismatches, max {p['max_ulp']} ulp"
+                )
             print(line, flush=True)
         del tensors, out, in_bufs, out_buf, acc, tmp, ref_out
 
-    report = {"timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
-              "cpus": os.cpu_count(), "torch": torch.__version__, "native_error": native_error,
-              "load_avg": os.getloadavg(), "results": results}
+    report = {
+        "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "native_error": native_error,
+        "load_avg": os.getloadavg(),
+        "results": results,
+    }
     path = args.json or WORK_DIR / f"kernels-{_dt.datetime.now():%Y%m%d-%H%M%S}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"GB/s = (input bytes + output bytes) / median time; speedup = torch / native "
-          f"(the reference expression; 'prealloc' = same math into reused float32 scratch). "
-          f"load avg {os.getloadavg()[0]:.1f}. results: {path}")
+    print(
+        f"GB/s = (input bytes + output bytes) / median time; speedup = torch / native "
+        f"(the reference expression; 'prealloc' = same math into reused float32 scratch). "
+        f"load avg {os.getloadavg()[0]:.1f}. results: {path}"
+    )
     return 0
 
 

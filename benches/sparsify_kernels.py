@@ -65,8 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--density", type=float, default=0.3)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs (median reported)")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--json", type=Path, default=None,
-                    help="write results here (default: benches/work/sparsify-kernels-<timestamp>.json)")
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="write results here (default: benches/work/sparsify-kernels-<timestamp>.json)",
+    )
     args = ap.parse_args(argv)
 
     try:
@@ -102,16 +106,27 @@ def main(argv: list[str] | None = None) -> int:
             scratch.copy_(x)
 
         cases = {
-            "uniform": (lambda t: _native.uniform(SEED, KEY, 0, buf),
-                        lambda: R.uniform(SEED, KEY, x.numel()).view(shape), None),
-            "magnitude": (lambda t: _native.magnitude(buf, d, False, t),
-                          lambda: S.magnitude_reference(x, d), refresh),
-            "magnitude_outliers": (lambda t: _native.magnitude_outliers(buf, d, 0.01, False, t),
-                                   lambda: S.magnitude_outliers_reference(x, d, 0.01), refresh),
-            "random_mask": (lambda t: _native.random_mask(buf, d, SEED, KEY, "inverse", t),
-                            lambda: S.random_mask_reference(x, d, SEED, KEY, "inverse"), refresh),
-            "della": (lambda t: _native.della(buf, rows, row_len, d, 0.1, SEED, KEY, "inverse", t),
-                      lambda: S.della_reference(x, d, 0.1, SEED, KEY, "inverse"), refresh),
+            "uniform": (
+                lambda t: _native.uniform(SEED, KEY, 0, buf),
+                lambda: R.uniform(SEED, KEY, x.numel()).view(shape),
+                None,
+            ),
+            "magnitude": (lambda t: _native.magnitude(buf, d, False, t), lambda: S.magnitude_reference(x, d), refresh),
+            "magnitude_outliers": (
+                lambda t: _native.magnitude_outliers(buf, d, 0.01, False, t),
+                lambda: S.magnitude_outliers_reference(x, d, 0.01),
+                refresh,
+            ),
+            "random_mask": (
+                lambda t: _native.random_mask(buf, d, SEED, KEY, "inverse", t),
+                lambda: S.random_mask_reference(x, d, SEED, KEY, "inverse"),
+                refresh,
+            ),
+            "della": (
+                lambda t: _native.della(buf, rows, row_len, d, 0.1, SEED, KEY, "inverse", t),
+                lambda: S.della_reference(x, d, 0.1, SEED, KEY, "inverse"),
+                refresh,
+            ),
         }
         if C is not None:
             ob = out.view(-1).view(torch.uint8).numpy()
@@ -136,22 +151,34 @@ def main(argv: list[str] | None = None) -> int:
                     setup()
                 nat(threads)
                 got = out if name == "combine" else scratch
-                row = {"kernel": name, "shape": list(shape), "threads": threads,
-                       "torch_median_s": statistics.median(t_torch),
-                       "native_median_s": statistics.median(t_nat),
-                       "torch_times_s": t_torch, "native_times_s": t_nat,
-                       "parity": same(got, want)}
+                row = {
+                    "kernel": name,
+                    "shape": list(shape),
+                    "threads": threads,
+                    "torch_median_s": statistics.median(t_torch),
+                    "native_median_s": statistics.median(t_nat),
+                    "torch_times_s": t_torch,
+                    "native_times_s": t_nat,
+                    "parity": same(got, want),
+                }
                 row["speedup"] = row["torch_median_s"] / row["native_median_s"]
                 results.append(row)
-                print(f"{name:>18} {'x'.join(map(str, shape)):>10} threads={threads}: "
-                      f"torch {row['torch_median_s'] * 1e3:9.1f} ms | native {row['native_median_s'] * 1e3:8.1f} ms"
-                      f" | speedup {row['speedup']:6.2f}x | mismatches {row['parity']['mismatches']}"
-                      f" (max abs {row['parity']['max_abs']:.3g})", flush=True)
+                print(
+                    f"{name:>18} {'x'.join(map(str, shape)):>10} threads={threads}: "
+                    f"torch {row['torch_median_s'] * 1e3:9.1f} ms | native {row['native_median_s'] * 1e3:8.1f} ms"
+                    f" | speedup {row['speedup']:6.2f}x | mismatches {row['parity']['mismatches']}"
+                    f" (max abs {row['parity']['max_abs']:.3g})",
+                    flush=True,
+                )
         del x, scratch, buf, deltas, base, out
 
-    report = {"timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
-              "cpus": os.cpu_count(), "torch": torch.__version__,
-              "load_avg": os.getloadavg(), "results": results}
+    report = {
+        "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "load_avg": os.getloadavg(),
+        "results": results,
+    }
     path = args.json or WORK_DIR / f"sparsify-kernels-{_dt.datetime.now():%Y%m%d-%H%M%S}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -43,7 +43,9 @@ def qwen2(family_root):
 def run_cli(*args, check=True, cwd=None):
     """Run a console script of the installed package; returns the CompletedProcess."""
     exe = shutil.which(args[0]) or args[0]
-    proc = subprocess.run([exe, *map(str, args[1:])], capture_output=True, text=True, cwd=cwd, env={**os.environ, "COLUMNS": "200"})
+    proc = subprocess.run(
+        [exe, *map(str, args[1:])], capture_output=True, text=True, cwd=cwd, env={**os.environ, "COLUMNS": "200"}
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}")
     return proc

@@ -10,7 +10,6 @@ per-layer config lists (``layer_types``).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -111,9 +110,9 @@ def test_linear(arch, families, tmp_path):
     cfg = tmp_path / "linear.yml"
     cfg.write_text(f"""
 models:
-  - model: {fam['ft1']}
+  - model: {fam["ft1"]}
     parameters: {{weight: 0.6}}
-  - model: {fam['ft2']}
+  - model: {fam["ft2"]}
     parameters: {{weight: 0.4}}
 merge_method: linear
 dtype: float32
@@ -130,7 +129,11 @@ dtype: float32
 
     ref = tmp_path / "ref"
     ref.mkdir()
-    save_file({k: v.float().contiguous() for k, v in expected.items()}, str(ref / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.float().contiguous() for k, v in expected.items()},
+        str(ref / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     (ref / "config.json").write_text((fam["ft1"] / "config.json").read_text())
     logits = _logits(out)
     assert torch.isfinite(logits).all()
@@ -142,11 +145,11 @@ def test_ties(arch, families, tmp_path):
     fam = families(arch)
     cfg = tmp_path / "ties.yml"
     cfg.write_text(f"""
-base_model: {fam['base']}
+base_model: {fam["base"]}
 models:
-  - model: {fam['ft1']}
+  - model: {fam["ft1"]}
     parameters: {{weight: 1.0, density: 0.5}}
-  - model: {fam['ft2']}
+  - model: {fam["ft2"]}
     parameters: {{weight: 0.8, density: 0.5}}
 merge_method: ties
 dtype: float32
@@ -191,7 +194,9 @@ def test_frankenmerge(arch, families, tmp_path):
     assert layout.num_layers == 4
     if "vision_config" in in_cfg:  # the language layers are renumbered, the vision tower's are not
         assert "language_model" in layout.prefix, layout.prefix
-        assert any(".vision_tower." in f".{k}" and ".layers.3." in k for k in got) == (in_cfg["vision_config"]["num_hidden_layers"] == 4)
+        assert any(".vision_tower." in f".{k}" and ".layers.3." in k for k in got) == (
+            in_cfg["vision_config"]["num_hidden_layers"] == 4
+        )
     expected = {k: v for k, v in s_in.items() if not k.startswith(layout.prefix + ".")}
     for out_idx, in_idx in enumerate(LAYER_MAP):
         for suffix in layout.layer_tensors[in_idx]:
@@ -247,8 +252,8 @@ def test_moe_experts_merge_one_by_one(arch, expert_key, families):
     fam = families(arch)
     plan = plan_merge(f"""
 models:
-  - model: {fam['ft1']}
-  - model: {fam['ft2']}
+  - model: {fam["ft1"]}
+  - model: {fam["ft2"]}
 merge_method: linear
 parameters: {{weight: 1.0}}
 """)
@@ -275,8 +280,8 @@ def test_different_architectures_need_allow_crimes(families, tmp_path, capsys):
     cfg = tmp_path / "crime.yml"
     cfg.write_text(f"""
 models:
-  - model: {llama['ft1']}
-  - model: {mistral['ft1']}
+  - model: {llama["ft1"]}
+  - model: {mistral["ft1"]}
 merge_method: linear
 parameters: {{weight: 0.5}}
 """)
@@ -297,7 +302,9 @@ def test_tied_and_untied_heads_merge(families, tmp_path):
     untied = tmp_path / "untied"
     untied.mkdir()
     state = _state(families("falcon")["ft1"])
-    head = state["transformer.word_embeddings.weight"] + 0.05 * torch.randn_like(state["transformer.word_embeddings.weight"])
+    head = state["transformer.word_embeddings.weight"] + 0.05 * torch.randn_like(
+        state["transformer.word_embeddings.weight"]
+    )
     state["lm_head.weight"] = head
     save_file(state, str(untied / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((tied / "config.json").read_text())
@@ -327,7 +334,11 @@ def _odd_model(path: Path, depth: int = 3) -> Path:
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(depth)
-    state = {"tok_table.weight": torch.randn(16, 8, generator=g), "final.scale": torch.randn(8, generator=g), "readout.weight": torch.randn(16, 8, generator=g)}
+    state = {
+        "tok_table.weight": torch.randn(16, 8, generator=g),
+        "final.scale": torch.randn(8, generator=g),
+        "readout.weight": torch.randn(16, 8, generator=g),
+    }
     for i in range(depth):
         state[f"trunk.blocks.{i}.mix.weight"] = torch.randn(8, 8, generator=g)
         state[f"trunk.blocks.{i}.ff.weight"] = torch.randn(8, 8, generator=g)
@@ -338,7 +349,12 @@ def _odd_model(path: Path, depth: int = 3) -> Path:
     return path
 
 
-_ODD_LAYOUT = {"layer_prefix": "trunk.blocks", "num_layers_key": "depth", "pre": ["tok_table.*", "trunk.aux.*"], "post": ["final.*", "readout.weight"]}
+_ODD_LAYOUT = {
+    "layer_prefix": "trunk.blocks",
+    "num_layers_key": "depth",
+    "pre": ["tok_table.*", "trunk.aux.*"],
+    "post": ["final.*", "readout.weight"],
+}
 
 
 def _franken_yaml(tmp_path: Path, model: Path) -> Path:
@@ -357,7 +373,10 @@ def test_unknown_layout_is_an_error_naming_the_tensors(tmp_path):
     from mergekitty.errors import ArchitectureError
 
     odd = _odd_model(tmp_path / "odd")
-    with pytest.raises(ArchitectureError, match=r"trunk\.blocks.*trunk\.aux.*mergekitty_layout\.json|trunk\.aux.*trunk\.blocks.*mergekitty_layout\.json"):
+    with pytest.raises(
+        ArchitectureError,
+        match=r"trunk\.blocks.*trunk\.aux.*mergekitty_layout\.json|trunk\.aux.*trunk\.blocks.*mergekitty_layout\.json",
+    ):
         plan_merge(_franken_yaml(tmp_path, odd))
 
 
@@ -372,7 +391,9 @@ def test_layout_file_next_to_the_model(tmp_path):
     s_in, got = _state(odd), _state(out)
     for out_idx, in_idx in enumerate([0, 1, 1, 2]):
         for part in ("mix", "ff"):
-            assert torch.equal(got[f"trunk.blocks.{out_idx}.{part}.weight"], s_in[f"trunk.blocks.{in_idx}.{part}.weight"])
+            assert torch.equal(
+                got[f"trunk.blocks.{out_idx}.{part}.weight"], s_in[f"trunk.blocks.{in_idx}.{part}.weight"]
+            )
     assert not any(k.startswith("trunk.blocks.4.") for k in got)
     for k in ("tok_table.weight", "final.scale", "readout.weight", "trunk.aux.2.weight"):
         assert torch.equal(got[k], s_in[k])
@@ -384,7 +405,9 @@ def test_layout_file_next_to_the_model(tmp_path):
 def test_layout_override_option_yaml(tmp_path):
     odd = _odd_model(tmp_path / "odd")
     layout = tmp_path / "layout.yml"
-    layout.write_text("layer_prefix: trunk.blocks\nnum_layers_key: depth\npre: ['tok_table.*', 'trunk.aux.*']\npost: ['final.*', 'readout.*']\n")
+    layout.write_text(
+        "layer_prefix: trunk.blocks\nnum_layers_key: depth\npre: ['tok_table.*', 'trunk.aux.*']\npost: ['final.*', 'readout.*']\n"
+    )
     out = tmp_path / "out"
     _run_yaml(_franken_yaml(tmp_path, odd), out, "--layout-override", str(layout))
     assert json.loads((out / "config.json").read_text())["depth"] == 4
@@ -436,7 +459,9 @@ def test_vlm_checkpoints_of_both_naming_schemes_merge(arch, families, tmp_path):
     a, b = _state(fam["base"]), _state(fam["ft1"])
     for donor, second in ((fam["base"], other), (other, fam["base"])):
         cfg = tmp_path / "linear.yml"
-        cfg.write_text(f"merge_method: linear\ndtype: float32\nmodels:\n  - model: {donor}\n    parameters: {{weight: 0.5}}\n  - model: {second}\n    parameters: {{weight: 0.5}}\n")
+        cfg.write_text(
+            f"merge_method: linear\ndtype: float32\nmodels:\n  - model: {donor}\n    parameters: {{weight: 0.5}}\n  - model: {second}\n    parameters: {{weight: 0.5}}\n"
+        )
         out = tmp_path / f"out-{donor.name}"
         _run_yaml(cfg, out)
         got = _state(out)
@@ -449,6 +474,8 @@ def test_vlm_checkpoints_of_both_naming_schemes_merge(arch, families, tmp_path):
 
         from mergekitty.tiny_models import model_class
 
-        _, info = model_class(transformers.AutoConfig.from_pretrained(out)).from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+        _, info = model_class(transformers.AutoConfig.from_pretrained(out)).from_pretrained(
+            out, dtype=torch.float32, output_loading_info=True
+        )
         assert not info["missing_keys"] and not info["unexpected_keys"], info
         assert torch.isfinite(_logits(out)).all()

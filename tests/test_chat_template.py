@@ -191,7 +191,10 @@ def test_cli_auto(llama, tmp_path, write_yaml):
     out = tmp_path / "out"
     run_cli("mergekitty-yaml", write_yaml(_merge_yaml([base, ft1, ft2], "auto")), out, "--quiet")
     _, text = _load_and_render(out)
-    assert text == "<s><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert (
+        text
+        == "<s><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
 
 
@@ -204,7 +207,9 @@ def test_cli_auto_without_templates_copies_donor(llama, tmp_path, write_yaml):
 
 def test_cli_bad_name_fails_before_writing(llama, tmp_path, write_yaml):
     out = tmp_path / "out"
-    proc = run_cli("mergekitty-yaml", write_yaml(_merge_yaml([llama["base"], llama["ft1"]], "mistrl")), out, "--quiet", check=False)
+    proc = run_cli(
+        "mergekitty-yaml", write_yaml(_merge_yaml([llama["base"], llama["ft1"]], "mistrl")), out, "--quiet", check=False
+    )
     assert proc.returncode != 0
     assert "chat_template" in proc.stderr and "did you mean 'mistral'" in proc.stderr
     assert not out.exists()

@@ -23,7 +23,11 @@ models:
     parameters: {{weight: 1.0}}
 merge_method: linear
 """)
-    _fails(run_cli("mergekitty-yaml", cfg, tmp_path / "out", check=False), "does-not-exist", "config.yml:3, key 'models[0].model'")
+    _fails(
+        run_cli("mergekitty-yaml", cfg, tmp_path / "out", check=False),
+        "does-not-exist",
+        "config.yml:3, key 'models[0].model'",
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -31,21 +35,25 @@ def test_missing_model_in_a_slice_names_its_key(llama, tmp_path, write_yaml):
     cfg = write_yaml(f"""
 slices:
   - sources:
-      - model: {llama['ft1']}
+      - model: {llama["ft1"]}
         layer_range: [0, 2]
   - sources:
       - model: {tmp_path}/gone
         layer_range: [1, 4]
 merge_method: passthrough
 """)
-    _fails(run_cli("mergekitty-yaml", cfg, tmp_path / "out", check=False), "config.yml:7, key 'slices[1].sources[0].model'", "gone")
+    _fails(
+        run_cli("mergekitty-yaml", cfg, tmp_path / "out", check=False),
+        "config.yml:7, key 'slices[1].sources[0].model'",
+        "gone",
+    )
     assert not (tmp_path / "out").exists()
 
 
 def test_typo_in_yaml_key_suggests_the_right_one(llama, tmp_path, write_yaml):
     cfg = write_yaml(f"""
 models:
-  - model: {llama['ft1']}
+  - model: {llama["ft1"]}
     parameters: {{weight: 1.0}}
 merge_methd: linear
 """)
@@ -55,7 +63,7 @@ merge_methd: linear
 def test_misspelled_method(llama, tmp_path, write_yaml):
     cfg = write_yaml(f"""
 models:
-  - model: {llama['ft1']}
+  - model: {llama["ft1"]}
     parameters: {{weight: 1.0}}
 merge_method: lineer
 """)
@@ -65,8 +73,8 @@ merge_method: lineer
 def test_missing_required_weight(llama, tmp_path, write_yaml):
     cfg = write_yaml(f"""
 models:
-  - model: {llama['ft1']}
-  - model: {llama['ft2']}
+  - model: {llama["ft1"]}
+  - model: {llama["ft2"]}
 merge_method: linear
 """)
     _fails(run_cli("mergekitty-yaml", cfg, tmp_path / "out", check=False), "weight")
@@ -75,7 +83,7 @@ merge_method: linear
 def test_output_directory_that_is_an_input(llama, tmp_path, write_yaml):
     cfg = write_yaml(f"""
 models:
-  - model: {llama['ft1']}
+  - model: {llama["ft1"]}
     parameters: {{weight: 1.0}}
 merge_method: linear
 """)
@@ -106,9 +114,9 @@ def test_interrupted_merge_leaves_nothing_that_looks_complete(llama, tmp_path, w
 
     cfg = f"""
 models:
-  - model: {llama['ft1']}
+  - model: {llama["ft1"]}
     parameters: {{weight: 1.0}}
-  - model: {llama['ft2']}
+  - model: {llama["ft2"]}
     parameters: {{weight: 1.0}}
 merge_method: linear
 """
@@ -138,7 +146,7 @@ def test_killed_merge_leaves_nothing_that_looks_complete(llama, tmp_path, write_
 
     cfg = write_yaml(f"""
 models:
-  - model: {llama['ft1']}
+  - model: {llama["ft1"]}
     parameters: {{weight: 1.0}}
 merge_method: linear
 """)
@@ -191,18 +199,30 @@ def test_group_has_every_command_and_stays_light():
     # a subcommand is the stand-alone command: same options, same errors
     moe = run_cli("mergekitty", "moe", "--help")
     assert "--random-seed" in moe.stdout and "gate" in moe.stdout
-    missing = run_cli("mergekitty", "merge-lora", "/nonexistent/base", "/nonexistent/adapter", "/tmp/never-written", check=False)
+    missing = run_cli(
+        "mergekitty", "merge-lora", "/nonexistent/base", "/nonexistent/adapter", "/tmp/never-written", check=False
+    )
     _fails(missing, "not found")
 
 
 def test_no_effect_options_are_accepted_and_explained(llama, tmp_path, write_yaml):
     cfg = write_yaml(f"""
 models:
-  - model: {llama['ft1']}
+  - model: {llama["ft1"]}
     parameters: {{weight: 1.0}}
 merge_method: linear
 """)
-    proc = run_cli("mergekitty-yaml", cfg, tmp_path / "out", "--lazy-unpickle", "--clone-tensors", "--quiet", "--cuda", "--dry-run", check=False)
+    proc = run_cli(
+        "mergekitty-yaml",
+        cfg,
+        tmp_path / "out",
+        "--lazy-unpickle",
+        "--clone-tensors",
+        "--quiet",
+        "--cuda",
+        "--dry-run",
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "--lazy-unpickle has no effect" in proc.stderr and "--clone-tensors has no effect" in proc.stderr
 
@@ -210,7 +230,7 @@ merge_method: linear
 def test_misspelled_parameter_name_is_an_error(llama, tmp_path, write_yaml):
     cfg = write_yaml(f"""
 models:
-  - model: {llama['ft1']}
+  - model: {llama["ft1"]}
     parameters: {{wieght: 1.0}}
 merge_method: linear
 """)
@@ -221,7 +241,7 @@ def test_layer_range_beyond_the_model(llama, tmp_path, write_yaml):
     cfg = write_yaml(f"""
 slices:
   - sources:
-      - model: {llama['ft1']}
+      - model: {llama["ft1"]}
         layer_range: [0, 9]
 merge_method: passthrough
 """)

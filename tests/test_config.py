@@ -475,7 +475,12 @@ def test_check_method():
     with pytest.raises(ConfigError) as info:
         check_method(cfg)
     assert info.value.key == "merge_method" and info.value.line == 5
-    for typo, right in (("linera", "linear"), ("Linear", "linear"), ("task_arithmatic", "task_arithmetic"), ("passthru", "passthrough")):
+    for typo, right in (
+        ("linera", "linear"),
+        ("Linear", "linear"),
+        ("task_arithmatic", "task_arithmetic"),
+        ("passthru", "passthrough"),
+    ):
         cfg = load_config(f"merge_method: {typo}\nmodels: [{{model: a}}]\n", source="c.yml")
         with pytest.raises(ConfigError, match=f"did you mean '{right}'"):
             check_method(cfg)
@@ -496,10 +501,12 @@ def test_load_config_file(tmp_path):
 
 
 def test_python_construction_and_frozen():
-    cfg = MergeConfiguration(merge_method="linear", models=[{"model": "a", "parameters": {"weight": 0.5}}], dtype="bf16")
+    cfg = MergeConfiguration(
+        merge_method="linear", models=[{"model": "a", "parameters": {"weight": 0.5}}], dtype="bf16"
+    )
     assert cfg.dtype == "bfloat16" and cfg.source_text is None
     assert cfg.models[0].model == ModelReference.parse("a")
-    with pytest.raises(Exception):
+    with pytest.raises((TypeError, AttributeError, ValueError)):
         cfg.merge_method = "ties"  # type: ignore[misc]
     assert "merge_method: linear" in cfg.to_yaml()
 
@@ -539,7 +546,9 @@ def test_non_string_mapping_key():
 def test_parameter_name_problems():
     from mergekitty.config import parameter_name_problems
 
-    cfg = load_config("merge_method: linear\nmodels:\n  - model: a\n    parameters: {wieght: 1, weight: 1}\nparameters:\n  normalize: true\n")
+    cfg = load_config(
+        "merge_method: linear\nmodels:\n  - model: a\n    parameters: {wieght: 1, weight: 1}\nparameters:\n  normalize: true\n"
+    )
     method = check_method(cfg)
     problems = parameter_name_problems(cfg, method)
     assert len(problems) == 1

@@ -3,7 +3,6 @@ and compare its logits with a model whose weights were computed directly in torc
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -43,11 +42,11 @@ def _logits(model_dir=None, state=None, config_dir=None):
 def test_linear_three_models(llama, tmp_path, write_yaml):
     cfg = write_yaml(f"""
 models:
-  - model: {llama['ft1']}
+  - model: {llama["ft1"]}
     parameters: {{weight: 0.5}}
-  - model: {llama['ft2']}
+  - model: {llama["ft2"]}
     parameters: {{weight: 0.3}}
-  - model: {llama['ft3']}
+  - model: {llama["ft3"]}
     parameters: {{weight: 0.4}}
 merge_method: linear
 dtype: float32
@@ -73,11 +72,11 @@ dtype: float32
 
 def test_task_arithmetic_with_lambda_and_bf16_output(mistral, tmp_path, write_yaml):
     cfg = write_yaml(f"""
-base_model: {mistral['base']}
+base_model: {mistral["base"]}
 models:
-  - model: {mistral['ft1']}
+  - model: {mistral["ft1"]}
     parameters: {{weight: 0.7}}
-  - model: {mistral['ft2']}
+  - model: {mistral["ft2"]}
     parameters: {{weight: 0.6}}
 merge_method: task_arithmetic
 parameters:
@@ -89,10 +88,17 @@ out_dtype: bfloat16
     base, s1, s2 = (_state(mistral[k]) for k in ("base", "ft1", "ft2"))
     got = _state(out)
     for k in base:
-        expected = base[k].double() + 0.8 * (0.7 * (s1[k].double() - base[k].double()) + 0.6 * (s2[k].double() - base[k].double()))
+        expected = base[k].double() + 0.8 * (
+            0.7 * (s1[k].double() - base[k].double()) + 0.6 * (s2[k].double() - base[k].double())
+        )
         assert got[k].dtype == torch.bfloat16
         torch.testing.assert_close(got[k].double(), expected.to(torch.bfloat16).double(), atol=1e-6, rtol=2**-7)
-    assert json.loads((out / "config.json").read_text())["dtype" if "dtype" in json.loads((mistral["base"] / "config.json").read_text()) else "torch_dtype"] == "bfloat16"
+    assert (
+        json.loads((out / "config.json").read_text())[
+            "dtype" if "dtype" in json.loads((mistral["base"] / "config.json").read_text()) else "torch_dtype"
+        ]
+        == "bfloat16"
+    )
     ref = _logits(state={k: got[k].float() for k in got}, config_dir=mistral["base"])
     torch.testing.assert_close(_logits(out), ref, atol=1e-4, rtol=1e-4)
 
@@ -100,10 +106,10 @@ out_dtype: bfloat16
 def test_gradient_parameters_across_layers(llama, tmp_path, write_yaml):
     cfg = write_yaml(f"""
 models:
-  - model: {llama['ft1']}
+  - model: {llama["ft1"]}
     parameters:
       weight: [0.0, 1.0]
-  - model: {llama['ft2']}
+  - model: {llama["ft2"]}
     parameters:
       weight: [1.0, 0.0]
 merge_method: linear
@@ -125,10 +131,10 @@ def test_passthrough_frankenmerge(llama, tmp_path, write_yaml):
     cfg = write_yaml(f"""
 slices:
   - sources:
-      - model: {llama['ft1']}
+      - model: {llama["ft1"]}
         layer_range: [0, 3]
   - sources:
-      - model: {llama['ft2']}
+      - model: {llama["ft2"]}
         layer_range: [1, 4]
 merge_method: passthrough
 """)
@@ -148,9 +154,9 @@ merge_method: passthrough
 def test_tied_embeddings_stay_tied(qwen2, tmp_path, write_yaml):
     cfg = write_yaml(f"""
 models:
-  - model: {qwen2['ft1']}
+  - model: {qwen2["ft1"]}
     parameters: {{weight: 1.0}}
-  - model: {qwen2['ft2']}
+  - model: {qwen2["ft2"]}
     parameters: {{weight: 1.0}}
 merge_method: linear
 """)
@@ -179,7 +185,7 @@ def test_sharded_output_and_sharded_and_bin_inputs(llama, tmp_path, write_yaml):
         for f in binary.glob("*.safetensors"):
             f.unlink()
     cfg = write_yaml(f"""
-base_model: {llama['base']}
+base_model: {llama["base"]}
 models:
   - model: {sharded}
     parameters: {{weight: 1.0}}
@@ -205,10 +211,10 @@ def test_dry_run_reads_no_weights_and_writes_nothing(llama, tmp_path, write_yaml
     cfg = write_yaml(f"""
 slices:
   - sources:
-      - model: {llama['ft1']}
+      - model: {llama["ft1"]}
         layer_range: [0, 2]
   - sources:
-      - model: {llama['ft1']}
+      - model: {llama["ft1"]}
         layer_range: [1, 3]
 merge_method: passthrough
 """)
@@ -247,15 +253,21 @@ merge_method: linear
     assert got["model.rotary_emb.position_ids"].dtype == torch.int64
     assert torch.equal(got["model.rotary_emb.position_ids"], torch.arange(12))
     frag = tmp_path / "frag"
-    cfg2 = write_yaml(f"""
+    cfg2 = write_yaml(
+        f"""
 slices:
   - sources: [{{model: {models[0]}, layer_range: [0, 2]}}]
 merge_method: passthrough
-""", "frag.yml")
+""",
+        "frag.yml",
+    )
     run_cli("mergekitty-yaml", cfg2, frag, "--quiet")
     got = _state(frag)
     assert got["model.extra_scale"].dtype == torch.float8_e4m3fn
-    assert torch.equal(got["model.extra_scale"].view(torch.uint8), torch.tensor([0.5, 1.5], dtype=torch.float8_e4m3fn).view(torch.uint8))
+    assert torch.equal(
+        got["model.extra_scale"].view(torch.uint8),
+        torch.tensor([0.5, 1.5], dtype=torch.float8_e4m3fn).view(torch.uint8),
+    )
 
 
 def test_differing_integer_tensors_give_a_clear_error(llama, tmp_path, write_yaml):
@@ -285,15 +297,22 @@ merge_method: linear
 
 def test_rerun_into_the_same_directory_leaves_no_stale_files(llama, tmp_path, write_yaml):
     out = tmp_path / "out"
-    sharded = write_yaml(f"""
-models: [{{model: {llama['ft1']}, parameters: {{weight: 1.0}}}}]
+    sharded = write_yaml(
+        f"""
+models: [{{model: {llama["ft1"]}, parameters: {{weight: 1.0}}}}]
 merge_method: linear
-""", "a.yml")
+""",
+        "a.yml",
+    )
     run_cli("mergekitty-yaml", sharded, out, "--quiet", "--out-shard-size", "50K")
     assert (out / "model.safetensors.index.json").is_file()
     (out / "chat_template.jinja").write_text("{{ stale }}")
     run_cli("mergekitty-yaml", sharded, out, "--quiet", "--no-copy-tokenizer")
     names = sorted(p.name for p in out.iterdir())
     assert names.count("model.safetensors") == 1 and not any(n.startswith("model-0") for n in names), names
-    assert "model.safetensors.index.json" not in names and "chat_template.jinja" not in names and "tokenizer.json" not in names
+    assert (
+        "model.safetensors.index.json" not in names
+        and "chat_template.jinja" not in names
+        and "tokenizer.json" not in names
+    )
     assert torch.isfinite(_logits(out)).all()

@@ -50,4 +50,6 @@ def test_union_example_keeps_every_added_token(workdir):
         assert len(new) == 2 and all(t in vocab for t in new)
         text = " ".join(new) + " w3 w4"
         assert tok.decode(tok(text)["input_ids"]) == source.decode(source(text)["input_ids"])
-    assert len(tok) == 100 and tok.apply_chat_template([{"role": "user", "content": "w1"}], tokenize=False).startswith("<|im_start|>user")
+    assert len(tok) == 100 and tok.apply_chat_template([{"role": "user", "content": "w1"}], tokenize=False).startswith(
+        "<|im_start|>user"
+    )

@@ -32,7 +32,7 @@ def _models(shape, dtype, k=3, seed=0):
         d = 0.05 * torch.randn(shape, generator=g)
         if d.numel() > 4:
             d.view(-1)[:: 5 + i] = 0.0  # exact zero task-vector entries
-            d.view(-1)[1 :: 7] = 0.03125  # ties
+            d.view(-1)[1::7] = 0.03125  # ties
         xs.append((base + d).to(dtype))
     return base.to(dtype), xs
 
@@ -141,7 +141,9 @@ def test_l1_rescale_and_shape_mismatch_fall_back(monkeypatch):
     # an input of another shape (embedding crop) takes the unfused path
     big = torch.randn(6, 9)
     mp, params = _params("ties", 3, 0.5)
-    get_method("ties").merge(MergeInputs("model.embed_tokens.weight", [big, *xs[1:]], mp, params, base=base, out_dtype=torch.float32))
+    get_method("ties").merge(
+        MergeInputs("model.embed_tokens.weight", [big, *xs[1:]], mp, params, base=base, out_dtype=torch.float32)
+    )
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 1000, 70001, (1 << 20) + 4099])  # the last takes the sampled path
@@ -157,15 +159,22 @@ def test_thresholds_match_sorting(n, dtype):
     ranks = [[0], sorted({n // 3, n - 1}), [n // 2, n - 1]]
     for mode in ["magnitude", "outliers"]:
         for threads in [1, 2]:
-            keys = _native.gta_thresholds([bytes_view(x) for x in xs], [_code(x) for x in xs], bytes_view(base), _code(base),
-                                          ranks, [mode] * 3, threads)
+            keys = _native.gta_thresholds(
+                [bytes_view(x) for x in xs],
+                [_code(x) for x in xs],
+                bytes_view(base),
+                _code(base),
+                ranks,
+                [mode] * 3,
+                threads,
+            )
             for x, r, k in zip(xs, ranks, keys):
                 mags = (x.float() - base.float()).abs()
                 if mode == "outliers":
                     mags = torch.nan_to_num(mags, nan=math.inf)
                     sortable = mags.view(torch.int32).clone()
-                    sortable[torch.isinf(mags) & ~torch.isnan((x.float() - base.float()))] = 0x7F7FFFFF
-                    sortable[torch.isnan((x.float() - base.float()))] = 0x7F800000
+                    sortable[torch.isinf(mags) & ~torch.isnan(x.float() - base.float())] = 0x7F7FFFFF
+                    sortable[torch.isnan(x.float() - base.float())] = 0x7F800000
                 else:
                     sortable = mags.view(torch.int32).clone()
                     sortable[torch.isnan(mags)] = 0x7F800001
@@ -210,7 +219,10 @@ def test_executor_native_path_equals_the_unfused_torch_path(method, dtype, llama
     run_merge(text, tmp_path / "native", quiet=True)
     monkeypatch.setattr(gta, "FUSED_ENABLED", False)  # the reference: task vectors, sparsifiers, combine in torch
     run_merge(text, tmp_path / "unfused", quiet=True)
-    got, want = load_file(tmp_path / "native" / "model.safetensors"), load_file(tmp_path / "unfused" / "model.safetensors")
+    got, want = (
+        load_file(tmp_path / "native" / "model.safetensors"),
+        load_file(tmp_path / "unfused" / "model.safetensors"),
+    )
     assert set(got) == set(want)
     for name in want:
         assert got[name].dtype == want[name].dtype, name

@@ -47,7 +47,7 @@ def _with_adapter(base_path, adapter_path, resize=None):
 
 def _golden_error(ft_w: torch.Tensor, base_w: torch.Tensor, rank: int) -> float:
     """Eckart-Young: the best rank-k relative error, from an exact SVD."""
-    s = torch.linalg.svdvals((ft_w.double() - base_w.double()))
+    s = torch.linalg.svdvals(ft_w.double() - base_w.double())
     return float(s[rank:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt())
 
 
@@ -65,9 +65,15 @@ def test_full_rank_adapter_loads_in_peft_and_reproduces_the_finetune(llama, full
     assert cfg["r"] == 128 // 2 and cfg["lora_alpha"] == cfg["r"]  # hidden 64: the largest possible rank
     assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     # k/v are 32 x 64 (grouped-query attention): their full rank is 32, recorded per module
-    assert cfg["rank_pattern"]["model.layers.0.self_attn.k_proj"] == 32 == cfg["alpha_pattern"]["model.layers.0.self_attn.k_proj"]
+    assert (
+        cfg["rank_pattern"]["model.layers.0.self_attn.k_proj"]
+        == 32
+        == cfg["alpha_pattern"]["model.layers.0.self_attn.k_proj"]
+    )
     # policy: embeddings, head and changed norms are saved in full
-    assert {"embed_tokens", "lm_head", "norm", "input_layernorm", "post_attention_layernorm"} <= set(cfg["modules_to_save"])
+    assert {"embed_tokens", "lm_head", "norm", "input_layernorm", "post_attention_layernorm"} <= set(
+        cfg["modules_to_save"]
+    )
     tensors = load_file(str(out / "adapter_model.safetensors"))
     assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (64, 64)
     assert tensors["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].shape == (64, 64)
@@ -164,7 +170,9 @@ def test_embed_lora_factors_embeddings(qwen2, tmp_path):
     want = _weights(qwen2["ft1"])
     got = _weights(merged)
     assert "lm_head.weight" not in got  # the head's update equals the embedding's: still tied
-    torch.testing.assert_close(got["model.embed_tokens.weight"], want["model.embed_tokens.weight"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        got["model.embed_tokens.weight"], want["model.embed_tokens.weight"], atol=1e-5, rtol=1e-5
+    )
 
 
 # ------------------------------------------------------------------ extended vocabulary
@@ -269,13 +277,17 @@ def gpt2(tmp_path_factory):
 
 
 def test_fan_in_fan_out_merge_equals_peft(gpt2, tmp_path):
-    want = _peft_adapter(gpt2["base"], tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    want = _peft_adapter(
+        gpt2["base"], tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True
+    )
     merged = tmp_path / "merged"
     merge_lora(gpt2["base"], tmp_path / "adapter", merged, quiet=True)
     got = _weights(merged)
     for k in got:
         torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5)
-    assert not torch.equal(got["transformer.h.0.attn.c_attn.weight"], _weights(gpt2["base"])["transformer.h.0.attn.c_attn.weight"])
+    assert not torch.equal(
+        got["transformer.h.0.attn.c_attn.weight"], _weights(gpt2["base"])["transformer.h.0.attn.c_attn.weight"]
+    )
 
 
 def test_fan_in_fan_out_extraction(gpt2, tmp_path):
@@ -304,7 +316,9 @@ def test_model_plus_lora_reference_equals_merging_the_merged_model(llama, full_r
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-6)
     # a full-rank adapter on the base passes through as the fine-tune
-    run_merge(f"merge_method: passthrough\nmodels:\n  - model: {llama['base']}+{adapter}\n", tmp_path / "pass", quiet=True)
+    run_merge(
+        f"merge_method: passthrough\nmodels:\n  - model: {llama['base']}+{adapter}\n", tmp_path / "pass", quiet=True
+    )
     ft = _weights(llama["ft1"])
     for k, v in _weights(tmp_path / "pass").items():
         torch.testing.assert_close(v, ft[k], atol=1e-5, rtol=1e-5)
@@ -411,7 +425,17 @@ def test_interrupted_merge_leaves_no_model(llama, full_rank, tmp_path, monkeypat
 
 # ------------------------------------------------------------------ CLI
 def test_extract_cli_spellings(llama, tmp_path, cli):
-    proc = cli("mergekitty-extract-lora", llama["ft1"], llama["base"], tmp_path / "a", "--rank", "8", "--no-lazy-unpickle", "--device", "cpu")
+    proc = cli(
+        "mergekitty-extract-lora",
+        llama["ft1"],
+        llama["base"],
+        tmp_path / "a",
+        "--rank",
+        "8",
+        "--no-lazy-unpickle",
+        "--device",
+        "cpu",
+    )
     assert "relative reconstruction error" in proc.stderr and "done" in proc.stderr
     cli(
         "mergekitty-extract-lora", "--model", llama["ft1"], "--base-model", llama["base"], "--out-path", tmp_path / "b",
@@ -421,7 +445,10 @@ def test_extract_cli_spellings(llama, tmp_path, cli):
     b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
     assert a["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (8, 64)
     assert "base_model.model.model.norm.weight" in a and "base_model.model.model.norm.weight" not in b
-    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["modules_to_save"] == ["embed_tokens", "lm_head"]
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["modules_to_save"] == [
+        "embed_tokens",
+        "lm_head",
+    ]
     assert str(tmp_path / "a") not in (tmp_path / "a" / "README.md").read_text()
     proc = cli("mergekitty-extract-lora", llama["ft1"], llama["base"], check=False)
     assert proc.returncode == 2 and "output path" in proc.stderr

@@ -9,7 +9,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_table_is_generated_from_registry():
-    assert readme_section(README.read_text()) == markdown_table(), "run: python -m mergekitty.methods.table --write README.md"
+    assert readme_section(README.read_text()) == markdown_table(), (
+        "run: python -m mergekitty.methods.table --write README.md"
+    )
 
 
 def test_every_method_has_a_row_with_its_defaults():
@@ -28,7 +30,9 @@ def test_write_replaces_only_the_section(tmp_path, capsys):
     p.write_text("intro\n<!-- methods:begin -->\nold\n<!-- methods:end -->\noutro\n")
     main(["--write", str(p)])
     text = p.read_text()
-    assert text.startswith("intro\n<!-- methods:begin -->\n| `merge_method`") and text.endswith("<!-- methods:end -->\noutro\n")
+    assert text.startswith("intro\n<!-- methods:begin -->\n| `merge_method`") and text.endswith(
+        "<!-- methods:end -->\noutro\n"
+    )
     assert replace_section(text, markdown_table()) == text
     main([])
     assert capsys.readouterr().out == markdown_table()

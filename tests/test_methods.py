@@ -47,7 +47,7 @@ def test_linear_half_precision_inputs_accumulate_in_float32(xs, dtype):
     expected = (sum(x.double() for x in halves) / 3).to(dtype)
     assert got.dtype == dtype
     # float32 accumulation then one rounding: at most one unit in the last place away
-    torch.testing.assert_close(got.float(), expected.float(), atol=0, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10)
+    torch.testing.assert_close(got.float(), expected.float(), atol=0, rtol=2**-7 if dtype == torch.bfloat16 else 2**-10)
 
 
 @pytest.mark.parametrize("normalize,lam", [(False, 1.0), (True, 1.0), (False, 0.5)])
@@ -80,5 +80,7 @@ def test_passthrough_scale():
 
 def test_passthrough_keeps_integer_tensors():
     x = torch.arange(10, dtype=torch.int64)
-    out = get_method("passthrough").merge(MergeInputs("position_ids", [x], [{"scale": None}], {}, out_dtype=torch.int64))
+    out = get_method("passthrough").merge(
+        MergeInputs("position_ids", [x], [{"scale": None}], {}, out_dtype=torch.int64)
+    )
     assert out.dtype == torch.int64 and torch.equal(out, x)

@@ -88,10 +88,20 @@ def test_slerp_midpoint_of_orthogonal_vectors_by_hand():
 def test_slerp_half_precision_inputs_computed_in_float32():
     base, other = _rand(8, 8, seed=3).bfloat16(), _rand(8, 8, seed=4).bfloat16()
     got = get_method("slerp").merge(
-        _inputs([other], [{"weight": None}], base=base, out_dtype=torch.bfloat16, t=0.3, nuslerp_flatten=True, nuslerp_row_wise=False)
+        _inputs(
+            [other],
+            [{"weight": None}],
+            base=base,
+            out_dtype=torch.bfloat16,
+            t=0.3,
+            nuslerp_flatten=True,
+            nuslerp_row_wise=False,
+        )
     )
     assert got.dtype == torch.bfloat16
-    expected = torch.tensor(ref_slerp(0.3, _np(base).ravel(), _np(other).ravel()).reshape(8, 8), dtype=torch.float32).bfloat16()
+    expected = torch.tensor(
+        ref_slerp(0.3, _np(base).ravel(), _np(other).ravel()).reshape(8, 8), dtype=torch.float32
+    ).bfloat16()
     torch.testing.assert_close(got.float(), expected.float(), atol=0, rtol=2**-7)
 
 
@@ -99,7 +109,16 @@ def test_slerp_writes_into_out_buffer():
     base, other = _rand(4, 3, seed=5), _rand(4, 3, seed=6)
     out = torch.empty(4, 3, dtype=torch.float16)
     got = get_method("slerp").merge(
-        _inputs([other], [{"weight": None}], base=base, out_dtype=torch.float16, out=out, t=0.5, nuslerp_flatten=True, nuslerp_row_wise=False)
+        _inputs(
+            [other],
+            [{"weight": None}],
+            base=base,
+            out_dtype=torch.float16,
+            out=out,
+            t=0.5,
+            nuslerp_flatten=True,
+            nuslerp_row_wise=False,
+        )
     )
     assert got.data_ptr() == out.data_ptr()
     _close(out, ref_slerp(0.5, _np(base).ravel(), _np(other).ravel()).reshape(4, 3), atol=2e-3, rtol=2e-3)
@@ -179,7 +198,7 @@ def _config(fixture, method, models, params=None, base=True, global_params=None)
     if base:
         lines.append(f"base_model: {fixture['base']}")
     lines.append("models:")
-    for i, key in enumerate(models):
+    for key in models:
         lines.append(f"  - model: {fixture[key]}")
         p = (params or {}).get(key)
         if p:
@@ -211,7 +230,9 @@ def test_slerp_rejects_bad_configs(llama, models, params, base, global_params, m
 def test_slerp_accepts_t_with_base_listed_and_nuslerp_alias(llama):
     plan = plan_merge(_config(llama, "slerp", ["ft1", "base"], global_params="{t: 0.5}"))
     assert all(j.base is not None and len(j.sources) == 1 for j in plan.jobs)
-    plan = plan_merge(_config(llama, "nuslerp", ["ft1", "ft2"], {"ft1": "{weight: 1}", "ft2": "{weight: 2}"}, base=False))
+    plan = plan_merge(
+        _config(llama, "nuslerp", ["ft1", "ft2"], {"ft1": "{weight: 1}", "ft2": "{weight: 2}"}, base=False)
+    )
     assert all(len(j.sources) == 2 for j in plan.jobs)
 
 
@@ -252,18 +273,36 @@ KEYS = ("model.layers.1.self_attn.q_proj.weight", "model.layers.2.mlp.down_proj.
 
 def test_e2e_slerp_t0_is_base_listed_second_and_t_half(llama, tmp_path, write_yaml):
     base, ft1 = _state(llama["base"]), _state(llama["ft1"])
-    got = _merge(write_yaml, tmp_path, _config(llama, "slerp", ["ft1", "base"], global_params="{t: 0.0}") + "dtype: float32\n", "t0")
+    got = _merge(
+        write_yaml,
+        tmp_path,
+        _config(llama, "slerp", ["ft1", "base"], global_params="{t: 0.0}") + "dtype: float32\n",
+        "t0",
+    )
     assert set(got) == set(base)
     for k in base:
         assert torch.equal(got[k], base[k]), k
-    got = _merge(write_yaml, tmp_path, _config(llama, "slerp", ["ft1", "base"], global_params="{t: 0.5}") + "dtype: float32\n", "t05")
+    got = _merge(
+        write_yaml,
+        tmp_path,
+        _config(llama, "slerp", ["ft1", "base"], global_params="{t: 0.5}") + "dtype: float32\n",
+        "t05",
+    )
     for k in KEYS:
         _close(got[k], ref_slerp(0.5, _np(base[k]).ravel(), _np(ft1[k]).ravel()).reshape(base[k].shape))
 
 
 def test_e2e_nuslerp_row_wise_with_base(mistral, tmp_path, write_yaml):
-    text = _config(mistral, "nuslerp", ["ft1", "ft2"], {"ft1": "{weight: 1.0}", "ft2": "{weight: 3.0}"},
-                   global_params="{nuslerp_flatten: false, nuslerp_row_wise: true}") + "dtype: float32\n"
+    text = (
+        _config(
+            mistral,
+            "nuslerp",
+            ["ft1", "ft2"],
+            {"ft1": "{weight: 1.0}", "ft2": "{weight: 3.0}"},
+            global_params="{nuslerp_flatten: false, nuslerp_row_wise: true}",
+        )
+        + "dtype: float32\n"
+    )
     got = _merge(write_yaml, tmp_path, text)
     b, s1, s2 = (_state(mistral[k]) for k in ("base", "ft1", "ft2"))
     for k in KEYS:
@@ -389,7 +428,9 @@ def ref_multislerp(xs, w, base=None, normalize=True, eps=1e-8):
 
 
 def _multislerp(xs, w, base=None, normalize=True, eps=1e-8):
-    return get_method("multislerp").merge(_inputs(xs, [{"weight": v} for v in w], base=base, normalize_weights=normalize, eps=eps))
+    return get_method("multislerp").merge(
+        _inputs(xs, [{"weight": v} for v in w], base=base, normalize_weights=normalize, eps=eps)
+    )
 
 
 def test_multislerp_three_vectors():
@@ -398,7 +439,10 @@ def test_multislerp_three_vectors():
     _close(_multislerp(xs, w), ref_multislerp([_np(x) for x in xs], w).reshape(4, 5))
     base = _rand(4, 5, seed=70)
     _close(_multislerp(xs, w, base=base), ref_multislerp([_np(x) for x in xs], w, base=_np(base)).reshape(4, 5))
-    _close(_multislerp(xs, [1, 2, 3], normalize=False), ref_multislerp([_np(x) for x in xs], [1, 2, 3], normalize=False).reshape(4, 5))
+    _close(
+        _multislerp(xs, [1, 2, 3], normalize=False),
+        ref_multislerp([_np(x) for x in xs], [1, 2, 3], normalize=False).reshape(4, 5),
+    )
 
 
 def test_multislerp_by_hand_and_edge_cases():
@@ -593,7 +637,9 @@ def test_no_other_models_returns_base_and_bf16_in_out(name):
     got = get_method(name).merge(_inputs(xs, mp, base=b, out_dtype=torch.bfloat16, out=out, **GEOMETRIC[name]))
     assert got.dtype == torch.bfloat16 and got.shape == (6, 4) and torch.isfinite(got.float()).all()
     assert got.data_ptr() == out.data_ptr()
-    f32 = get_method(name).merge(_inputs([x.float() for x in xs], mp, base=None if b is None else b.float(), **GEOMETRIC[name]))
+    f32 = get_method(name).merge(
+        _inputs([x.float() for x in xs], mp, base=None if b is None else b.float(), **GEOMETRIC[name])
+    )
     torch.testing.assert_close(got.float(), f32.bfloat16().float(), atol=0, rtol=0)
 
 
@@ -601,7 +647,11 @@ def test_no_other_models_returns_base_and_bf16_in_out(name):
 def test_integer_tensors_are_copied(name):
     ids = torch.arange(10).view(1, 10)
     n = {"slerp": 1, "nearswap": 1, "arcee_fusion": 1}.get(name, 2)
-    got = get_method(name).merge(_inputs([ids.clone() for _ in range(n)], [{"weight": 1.0}] * n, base=ids, out_dtype=torch.int64, **GEOMETRIC[name]))
+    got = get_method(name).merge(
+        _inputs(
+            [ids.clone() for _ in range(n)], [{"weight": 1.0}] * n, base=ids, out_dtype=torch.int64, **GEOMETRIC[name]
+        )
+    )
     assert torch.equal(got, ids)
 
 
@@ -615,7 +665,14 @@ def test_integer_tensors_are_copied(name):
         ("nearswap", ["ft1"], None, True, "{t: -1}", "'t' must be >= 0"),
         ("nearswap", ["ft1", "ft2"], None, True, "{t: 0.1}", "at most 1"),
         ("multislerp", ["ft1", "ft2"], {"ft1": "{weight: 1}"}, False, None, "needs parameter 'weight'"),
-        ("multislerp", ["ft1", "ft2"], {"ft1": "{weight: 1}", "ft2": "{weight: 1}"}, False, "{eps: -1}", "'eps' must be >= 0"),
+        (
+            "multislerp",
+            ["ft1", "ft2"],
+            {"ft1": "{weight: 1}", "ft2": "{weight: 1}"},
+            False,
+            "{eps: -1}",
+            "'eps' must be >= 0",
+        ),
         ("karcher", ["ft1", "ft2"], None, False, "{max_iter: 2.5}", "integer"),
         ("karcher", ["ft1", "ft2"], None, False, "{max_iters: 5}", "did you mean 'max_iter'"),
         ("sce", ["ft1", "ft2"], None, True, "{select_topk: 1.5}", "'select_topk' must be <= 1"),
@@ -653,7 +710,9 @@ def test_e2e_nearswap_tied_embeddings(qwen2, tmp_path, write_yaml):
 
 
 def test_e2e_multislerp_with_base(mistral, tmp_path, write_yaml):
-    text = _config(mistral, "multislerp", ["ft1", "ft2", "ft3"], {"ft1": "{weight: 1}", "ft2": "{weight: 2}", "ft3": "{weight: 1}"})
+    text = _config(
+        mistral, "multislerp", ["ft1", "ft2", "ft3"], {"ft1": "{weight: 1}", "ft2": "{weight: 2}", "ft3": "{weight: 1}"}
+    )
     got = _merge(write_yaml, tmp_path, text + "dtype: float32\n")
     b, *xs = _ref_tensors(mistral, ("base", "ft1", "ft2", "ft3"))
     for k in KEYS:
@@ -673,7 +732,11 @@ def test_e2e_karcher(qwen2, tmp_path, write_yaml):
 
 
 def test_e2e_sce(llama, tmp_path, write_yaml):
-    got = _merge(write_yaml, tmp_path, _config(llama, "sce", ["ft1", "ft2", "ft3"], global_params="{select_topk: 0.5}") + "dtype: float32\n")
+    got = _merge(
+        write_yaml,
+        tmp_path,
+        _config(llama, "sce", ["ft1", "ft2", "ft3"], global_params="{select_topk: 0.5}") + "dtype: float32\n",
+    )
     b, *xs = _ref_tensors(llama, ("base", "ft1", "ft2", "ft3"))
     for k in ("model.layers.1.self_attn.k_proj.weight", "model.norm.weight"):
         _close(got[k], ref_sce(_np(b[k]), [_np(x[k]) for x in xs], 0.5).reshape(b[k].shape))

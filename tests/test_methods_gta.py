@@ -14,7 +14,8 @@ from conftest import run_cli
 from mergekitty.errors import ConfigError
 from mergekitty.methods.base import MergeInputs
 from mergekitty.methods.registry import get_method
-from mergekitty.ops import consensus, random as rnd, sparsify
+from mergekitty.ops import consensus, sparsify
+from mergekitty.ops import random as rnd
 
 GTA = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
 NAME = "model.layers.0.mlp.up_proj.weight"
@@ -36,7 +37,9 @@ def test_uniform_pinned_values():
     assert got == [0.9367400407791138, 0.6987559795379639, 0.4114907383918762]
 
 
-@pytest.mark.parametrize("seed,key,start", [(0, "a#0", 0), (12345, f"{NAME}#2", 7), (2**40 + 3, "ünïcode#0", 2**32 - 5), (7, "x", 2**33)])
+@pytest.mark.parametrize(
+    "seed,key,start", [(0, "a#0", 0), (12345, f"{NAME}#2", 7), (2**40 + 3, "ünïcode#0", 2**32 - 5), (7, "x", 2**33)]
+)
 def test_uniform_matches_scalar_definition(seed, key, start):
     got = rnd.uniform(seed, key, 64, start=start)
     assert got.dtype == torch.float32
@@ -479,7 +482,9 @@ def test_dare_seed_reproducible():
     base = torch.zeros(3000)
     x = torch.randn(3000, generator=gen(71))
     a = _run("dare_ties", [x], base, [{"weight": 1.0, "density": 0.3}], seed=5)
-    assert a.numpy().tobytes() == _run("dare_ties", [x], base, [{"weight": 1.0, "density": 0.3}], seed=5).numpy().tobytes()
+    assert (
+        a.numpy().tobytes() == _run("dare_ties", [x], base, [{"weight": 1.0, "density": 0.3}], seed=5).numpy().tobytes()
+    )
     assert not torch.equal(a, _run("dare_ties", [x], base, [{"weight": 1.0, "density": 0.3}], seed=6))
 
 
@@ -506,7 +511,13 @@ def test_embedding_cropped_and_other_mismatch_skipped(caplog):
     out = _run("ties", [big], base, [{"weight": 1.0}], tensor_name="model.embed_tokens.weight")
     torch.testing.assert_close(out, big[:6])
     with caplog.at_level(logging.WARNING):
-        out = _run("ties", [big, base + 1], base, [{"weight": 1.0}, {"weight": 1.0}], tensor_name="model.layers.0.mlp.up_proj.weight")
+        out = _run(
+            "ties",
+            [big, base + 1],
+            base,
+            [{"weight": 1.0}, {"weight": 1.0}],
+            tensor_name="model.layers.0.mlp.up_proj.weight",
+        )
     torch.testing.assert_close(out, base + 1)
     assert "left out" in caplog.text
 
@@ -524,7 +535,9 @@ def test_out_buffer_filled():
     buf = torch.empty(3, 4, dtype=torch.bfloat16)
     m = get_method("ties")
     params = {s.name: s.default for s in m.global_params}
-    out = m.merge(MergeInputs(NAME, [x], [{"weight": 1.0, "density": 1.0}], params, base=base, out_dtype=torch.bfloat16, out=buf))
+    out = m.merge(
+        MergeInputs(NAME, [x], [{"weight": 1.0, "density": 1.0}], params, base=base, out_dtype=torch.bfloat16, out=buf)
+    )
     assert out.data_ptr() == buf.data_ptr() and torch.equal(buf, x.to(torch.bfloat16))
 
 
@@ -544,11 +557,11 @@ def test_cuda_matches_cpu(name, trio):
 # ---------------------------------------------------------------------------- parameter validation at plan time
 def _cfg(llama, method, model_params="", global_params=""):
     return f"""
-base_model: {llama['base']}
+base_model: {llama["base"]}
 models:
-  - model: {llama['ft1']}
+  - model: {llama["ft1"]}
     parameters: {{weight: 0.5{model_params}}}
-  - model: {llama['ft2']}
+  - model: {llama["ft2"]}
     parameters: {{weight: 0.5}}
 merge_method: {method}
 {global_params}
@@ -634,13 +647,13 @@ E2E_PARAMS = {
 @pytest.mark.parametrize("name", GTA)
 def test_cli_end_to_end(llama, tmp_path, write_yaml, name):
     cfg = write_yaml(f"""
-base_model: {llama['base']}
+base_model: {llama["base"]}
 models:
-  - model: {llama['ft1']}
+  - model: {llama["ft1"]}
     parameters: {{weight: 0.6, {E2E_PARAMS[name]}}}
-  - model: {llama['ft2']}
+  - model: {llama["ft2"]}
     parameters: {{weight: 0.4, {E2E_PARAMS[name]}}}
-  - model: {llama['ft3']}
+  - model: {llama["ft3"]}
     parameters: {{weight: 0.3, {E2E_PARAMS[name]}}}
 merge_method: {name}
 dtype: float32

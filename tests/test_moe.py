@@ -49,7 +49,7 @@ def expert_yaml(base, experts, gate_mode="random", shared=None, extra="", prompt
         lines += ["shared_experts:", f"  - source_model: {shared}"]
         if prompts:
             lines.append(f"    positive_prompts: {json.dumps(['w90 w91 w92', 'w91 w92'])}")
-    return "\n".join(l for l in lines if l) + "\n"
+    return "\n".join(line for line in lines if line) + "\n"
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +92,9 @@ def transformers_layout(out: Path, tmp_path: Path) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(out)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, cfg.dtype) if isinstance(cfg.dtype, str) else cfg.dtype)
+    model = AutoModelForCausalLM.from_config(
+        cfg, dtype=getattr(torch, cfg.dtype) if isinstance(cfg.dtype, str) else cfg.dtype
+    )
     ref = tmp_path / "reference"
     model.save_pretrained(ref)
     return header(ref)
@@ -117,7 +119,9 @@ def test_output_matches_transformers_layout_and_loads(case, request, tmp_path):
 
     fixture, cls, shared = CASES[case]
     fam = request.getfixturevalue(fixture)
-    text = expert_yaml(fam["base"], [fam["ft1"], fam["ft2"]], shared=fam["ft1"] if shared else None, extra="dtype: bfloat16")
+    text = expert_yaml(
+        fam["base"], [fam["ft1"], fam["ft2"]], shared=fam["ft1"] if shared else None, extra="dtype: bfloat16"
+    )
     out, result = build(tmp_path, text)
     assert result.hf_class == cls
     cfg = json.loads((out / "config.json").read_text())
@@ -148,14 +152,18 @@ def _expert_names(cls: str, layer: int, e: int) -> dict[str, str]:
     return {p: f"model.layers.{layer}.mlp.experts.{e}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
 
 
-@pytest.mark.parametrize("fixture,cls", [("llama", "MixtralForCausalLM"), ("qwen2", "Qwen2MoeForCausalLM"), ("qwen3", "Qwen3MoeForCausalLM")])
+@pytest.mark.parametrize(
+    "fixture,cls", [("llama", "MixtralForCausalLM"), ("qwen2", "Qwen2MoeForCausalLM"), ("qwen3", "Qwen3MoeForCausalLM")]
+)
 def test_expert_weights_are_the_source_mlps(fixture, cls, request, tmp_path):
     import torch
 
     fam = request.getfixturevalue(fixture)
     experts = [fam["ft1"], fam["ft2"], fam["ft3"]]
     text = expert_yaml(fam["base"], experts, shared=fam["ft3"] if cls.startswith("Qwen2") else None)
-    text = text.replace(f"  - source_model: {fam['ft2']}\n", f"  - source_model: {fam['ft2']}\n    residual_scale: 0.5\n", 1)
+    text = text.replace(
+        f"  - source_model: {fam['ft2']}\n", f"  - source_model: {fam['ft2']}\n    residual_scale: 0.5\n", 1
+    )
     out, _ = build(tmp_path, text)
     got = tensors(out)
     base = tensors(fam["base"])
@@ -172,8 +180,14 @@ def test_expert_weights_are_the_source_mlps(fixture, cls, request, tmp_path):
         shared = tensors(fam["ft3"])
         for layer in range(n):
             for part in ("gate_proj", "up_proj", "down_proj"):
-                assert torch.equal(got[f"model.layers.{layer}.mlp.shared_expert.{part}.weight"], shared[f"model.layers.{layer}.mlp.{part}.weight"])
-            assert got[f"model.layers.{layer}.mlp.shared_expert_gate.weight"].shape == (1, base["model.embed_tokens.weight"].shape[1])
+                assert torch.equal(
+                    got[f"model.layers.{layer}.mlp.shared_expert.{part}.weight"],
+                    shared[f"model.layers.{layer}.mlp.{part}.weight"],
+                )
+            assert got[f"model.layers.{layer}.mlp.shared_expert_gate.weight"].shape == (
+                1,
+                base["model.embed_tokens.weight"].shape[1],
+            )
     # everything else is the base's, bit for bit
     for name, t in base.items():
         if ".mlp." not in name:
@@ -247,7 +261,11 @@ def test_hidden_avg_and_negative_prompts(llama, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     text = expert_yaml(llama["base"], [llama["ft1"], llama["ft2"]], gate_mode="hidden_avg")
-    text = text.replace(f"  - source_model: {llama['ft1']}\n", f"  - source_model: {llama['ft1']}\n    negative_prompts: ['w70 w71 w72']\n", 1)
+    text = text.replace(
+        f"  - source_model: {llama['ft1']}\n",
+        f"  - source_model: {llama['ft1']}\n    negative_prompts: ['w70 w71 w72']\n",
+        1,
+    )
     out, _ = build(tmp_path, text, batch_size=2)
     got = tensors(out)
     tok = AutoTokenizer.from_pretrained(llama["base"])
@@ -262,7 +280,9 @@ def test_hidden_avg_and_negative_prompts(llama, tmp_path):
     v = torch.stack([avg(p) for p in prompts_of(WORDS[0])]).mean(0) - avg("w70 w71 w72")
     want = v / v.norm(dim=-1, keepdim=True)
     for layer in range(4):
-        torch.testing.assert_close(got[f"model.layers.{layer}.block_sparse_moe.gate.weight"][0], want[layer], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            got[f"model.layers.{layer}.block_sparse_moe.gate.weight"][0], want[layer], atol=1e-4, rtol=1e-4
+        )
 
 
 @pytest.mark.parametrize("mode", ["hidden", "hidden_avg"])
@@ -288,9 +308,13 @@ def test_cheap_embed_gates_come_from_the_embedding_table(llama, tmp_path):
     emb = tensors(llama["base"])["model.embed_tokens.weight"]
     tok = AutoTokenizer.from_pretrained(llama["base"])
     for e in range(2):
-        v = sum(emb[[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"]].sum(0) for p in prompts_of(WORDS[e]))
+        v = sum(
+            emb[[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"]].sum(0) for p in prompts_of(WORDS[e])
+        )
         for layer in range(4):
-            torch.testing.assert_close(got[f"model.layers.{layer}.block_sparse_moe.gate.weight"][e], v / v.norm(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                got[f"model.layers.{layer}.block_sparse_moe.gate.weight"][e], v / v.norm(), atol=1e-5, rtol=1e-5
+            )
 
 
 @pytest.mark.parametrize("mode", ["random", "uniform_random"])
@@ -323,7 +347,10 @@ def test_noise_is_seeded_and_shaped(llama, tmp_path):
     assert torch.equal(ta, tb)
     diff = ta - tensors(llama["ft1"])["model.layers.1.mlp.gate_proj.weight"]
     assert 0.05 < diff.std() < 0.2
-    assert torch.equal(tensors(a)["model.layers.1.block_sparse_moe.experts.1.w1.weight"], tensors(llama["ft2"])["model.layers.1.mlp.gate_proj.weight"])
+    assert torch.equal(
+        tensors(a)["model.layers.1.block_sparse_moe.experts.1.w1.weight"],
+        tensors(llama["ft2"])["model.layers.1.mlp.gate_proj.weight"],
+    )
 
 
 def test_shards_and_tokenizer_options(llama, tmp_path):
@@ -347,14 +374,18 @@ def test_no_architecture_fits_says_why_for_each(llama, family_root, tmp_path):
     with pytest.raises(ArchitectureError) as err:
         build(tmp_path, expert_yaml(llama["base"], [llama["ft1"], wide], prompts=False))
     msg = str(err.value)
-    assert "intermediate sizes differ" in msg and all(f"{n}:" in msg for n in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek"))
+    assert "intermediate sizes differ" in msg and all(
+        f"{n}:" in msg for n in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek")
+    )
     assert "\n" not in msg
 
 
 def test_shared_expert_cannot_go_into_mixtral(llama, tmp_path):
     from mergekitty.errors import ArchitectureError
 
-    text = expert_yaml(llama["base"], [llama["ft1"], llama["ft2"]], shared=llama["ft3"], prompts=False, extra="architecture: mixtral")
+    text = expert_yaml(
+        llama["base"], [llama["ft1"], llama["ft2"]], shared=llama["ft3"], prompts=False, extra="architecture: mixtral"
+    )
     with pytest.raises(ArchitectureError, match="mixtral: has no shared experts"):
         build(tmp_path, text)
     # without the architecture key the shared expert picks Qwen2-MoE
@@ -366,9 +397,15 @@ def test_deepseek_and_qwen3_explain_themselves(llama, qwen2, tmp_path):
     from mergekitty.errors import ArchitectureError
 
     with pytest.raises(ArchitectureError, match="deepseek: takes llama / mistral models only"):
-        build(tmp_path, expert_yaml(qwen2["base"], [qwen2["ft1"], qwen2["ft2"]], prompts=False, extra="architecture: deepseek"))
+        build(
+            tmp_path,
+            expert_yaml(qwen2["base"], [qwen2["ft1"], qwen2["ft2"]], prompts=False, extra="architecture: deepseek"),
+        )
     with pytest.raises(ArchitectureError, match="qwen3_moe: takes qwen3 models only"):
-        build(tmp_path, expert_yaml(llama["base"], [llama["ft1"], llama["ft2"]], prompts=False, extra="architecture: qwen3"))
+        build(
+            tmp_path,
+            expert_yaml(llama["base"], [llama["ft1"], llama["ft2"]], prompts=False, extra="architecture: qwen3"),
+        )
     # qwen2 attention has biases: not Mixtral, and without a shared expert not Qwen2-MoE either
     with pytest.raises(ArchitectureError, match="mixtral: .*biases.*qwen2_moe: needs exactly one shared expert"):
         build(tmp_path, expert_yaml(qwen2["base"], [qwen2["ft1"], qwen2["ft2"]], prompts=False))
@@ -399,7 +436,10 @@ def test_config_validation_messages():
         ok + "experts_per_token: 3\n": ("experts_per_token", "only 2 expert(s)"),
         ok.replace("gate_mode: random", "gate_mode: hidden"): ("experts[0]", "no positive_prompts"),
         ok + "architecture: mixtrel\n": ("architecture", "did you mean 'mixtral'"),
-        ok.replace("  - source_model: ./a\n", "  - source_modle: ./a\n"): ("experts[0].source_modle", "did you mean 'source_model'"),
+        ok.replace("  - source_model: ./a\n", "  - source_modle: ./a\n"): (
+            "experts[0].source_modle",
+            "did you mean 'source_model'",
+        ),
         ok + "dtype: float8\n": ("dtype", "unsupported dtype"),
     }
     for text, (key, words) in cases.items():
@@ -415,7 +455,10 @@ def test_config_validation_messages():
 @pytest.mark.parametrize(
     "edit,words",
     [
-        (lambda t: t.replace("experts_per_token", "experts_per_tokn"), "moe.yml:3, key 'experts_per_tokn': unknown key 'experts_per_tokn'; did you mean 'experts_per_token'?"),
+        (
+            lambda t: t.replace("experts_per_token", "experts_per_tokn"),
+            "moe.yml:3, key 'experts_per_tokn': unknown key 'experts_per_tokn'; did you mean 'experts_per_token'?",
+        ),
         (lambda t: t.replace("gate_mode: random", "gate_mode: cheap"), "unknown gate_mode 'cheap'"),
         (lambda t: t.replace("/ft2", "/ft9"), "key 'experts[1].source_model': model directory not found"),
     ],
@@ -451,7 +494,9 @@ def test_cli_random_gates_report_their_seed(llama, tmp_path):
 
     cfg = tmp_path / "moe.yml"
     cfg.write_text(expert_yaml(llama["base"], [llama["ft1"], llama["ft2"]], gate_mode="random", prompts=False))
-    proc = run_cli("mergekitty-moe", cfg, tmp_path / "out", "--quiet", "--i-understand-this-is-not-useful-without-training")
+    proc = run_cli(
+        "mergekitty-moe", cfg, tmp_path / "out", "--quiet", "--i-understand-this-is-not-useful-without-training"
+    )
     seed = re.search(r"random seed: (\d+)", proc.stderr).group(1)
     assert f"--random-seed {seed}" in (tmp_path / "out" / "mergekitty_moe_config.yml").read_text()
     assert "needs training" not in proc.stderr  # the flag silences the warning
@@ -469,7 +514,9 @@ def test_model_plus_lora_experts_and_base(llama, tmp_path):
     adapted = f"{llama['base']}+{adapter}"
     for gate_mode, base_ref in (("random", llama["base"]), ("hidden", adapted)):
         via_lora = expert_yaml(base_ref, [llama["ft1"], adapted], gate_mode=gate_mode)
-        direct = expert_yaml(llama["ft2"] if base_ref == adapted else llama["base"], [llama["ft1"], llama["ft2"]], gate_mode=gate_mode)
+        direct = expert_yaml(
+            llama["ft2"] if base_ref == adapted else llama["base"], [llama["ft1"], llama["ft2"]], gate_mode=gate_mode
+        )
         got, _ = build(tmp_path, via_lora, name=f"lora-{gate_mode}")
         want, _ = build(tmp_path, direct, name=f"direct-{gate_mode}")
         a, b = tensors(got), tensors(want)

@@ -47,7 +47,14 @@ def test_without_shared_experts_it_is_the_mixtral_output_renamed(llama, tmp_path
     assert cfg["n_routed_experts"] == 3 and cfg["n_shared_experts"] is None and cfg["num_experts_per_tok"] == 2
     assert cfg["first_k_dense_replace"] == 0 and cfg["moe_layer_freq"] == 1 and cfg["scoring_func"] == "softmax"
     assert cfg["moe_intermediate_size"] == base["intermediate_size"] and cfg["norm_topk_prob"] is True
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size", "rms_norm_eps"):
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "rms_norm_eps",
+    ):
         assert cfg[key] == base[key], key
     assert cfg["rope_theta"] == base.get("rope_theta", (base.get("rope_parameters") or {}).get("rope_theta"))
 
@@ -122,7 +129,10 @@ def test_deepseek_reasons(llama, tmp_path):
     from mergekitty.errors import ArchitectureError
 
     base = expert_yaml(llama["base"], [llama["ft1"], llama["ft2"]], gate_mode="hidden") + "architecture: deepseek\n"
-    with_prompts = base + f"shared_experts:\n  - source_model: {llama['ft3']}\n    positive_prompts: {json.dumps(prompts_of(WORDS[2]))}\n"
+    with_prompts = (
+        base
+        + f"shared_experts:\n  - source_model: {llama['ft3']}\n    positive_prompts: {json.dumps(prompts_of(WORDS[2]))}\n"
+    )
     with pytest.raises(ArchitectureError, match="deepseek: .*no gate, so it takes no prompts"):
         build(tmp_path, with_prompts)
     two = base + f"shared_experts:\n  - source_model: {llama['ft3']}\n  - source_model: {llama['ft1']}\n"

@@ -125,7 +125,10 @@ def test_missing_file_is_filenotfound(tmp_path):
 
 
 def _valid_header():
-    return {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "BF16", "shape": [2], "data_offsets": [8, 12]}}
+    return {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "BF16", "shape": [2], "data_offsets": [8, 12]},
+    }
 
 
 MALFORMED = {
@@ -136,7 +139,10 @@ MALFORMED = {
     "bad_utf8": lambda p: write_raw(p, b"\xff\xfe\xfd"),
     "overlap": lambda p: write_raw(
         p,
-        {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+        {
+            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+        },
         bytes(12),
     ),
     "size_mismatch": lambda p: write_raw(p, {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8)),
@@ -224,7 +230,9 @@ def test_weighted_sum_unaligned_inputs_and_other_buffers():
     ba = bytearray(1) + bytes(as_bytes(a))
     bb = bytearray(2) + bytes(as_bytes(b))
     out = bytearray(n * 2 + 1)
-    _native.weighted_sum([memoryview(ba)[1:], memoryview(bb)[2:]], ["BF16", "F32"], [0.3, 0.7], memoryview(out)[1:], "BF16")
+    _native.weighted_sum(
+        [memoryview(ba)[1:], memoryview(bb)[2:]], ["BF16", "F32"], [0.3, 0.7], memoryview(out)[1:], "BF16"
+    )
     got = torch.frombuffer(bytearray(out[1:]), dtype=torch.bfloat16)
     assert torch.equal(got, reference([a, b], [0.3, 0.7], torch.bfloat16))
     # A float32 numpy array is accepted as raw bytes too.
@@ -237,7 +245,11 @@ def test_weighted_sum_from_tensor_views(tmp_path):
     path = tmp_path / "m.safetensors"
     g = torch.Generator().manual_seed(4)
     # A U8 tensor of odd length first, so the bf16 tensors start at odd offsets.
-    ts = {"pad": torch.zeros(3, dtype=torch.uint8), "x": torch.randn(513, generator=g).to(torch.bfloat16), "y": torch.randn(513, generator=g).to(torch.bfloat16)}
+    ts = {
+        "pad": torch.zeros(3, dtype=torch.uint8),
+        "x": torch.randn(513, generator=g).to(torch.bfloat16),
+        "y": torch.randn(513, generator=g).to(torch.bfloat16),
+    }
     save_file(ts, str(path))
     f = _native.SafetensorsFile(str(path))
     out = torch.empty(513, dtype=torch.float16)
@@ -273,7 +285,9 @@ def test_weighted_sum_errors():
     with pytest.raises(TypeError, match=r"inputs\[0\]"):
         _native.weighted_sum([3], ["F32"], [1.0], out, "F32")
     with pytest.raises((BufferError, ValueError)):
-        _native.weighted_sum([np.zeros((4, 4), dtype=np.float32)[:, ::2]], ["F32"], [1.0], np.zeros(8, dtype=np.float32), "F32")
+        _native.weighted_sum(
+            [np.zeros((4, 4), dtype=np.float32)[:, ::2]], ["F32"], [1.0], np.zeros(8, dtype=np.float32), "F32"
+        )
 
 
 @pytest.mark.parametrize("src", ["F32", "F16", "BF16"])
@@ -437,17 +451,25 @@ def test_large_tensor_merges_are_exact_with_and_without_direct_io(direct, tmp_pa
     for m in range(2):
         d = tmp_path / f"m{m}"
         d.mkdir()
-        save_file({k: torch.randn(s, generator=g).to(torch.bfloat16) for k, s in shapes.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {k: torch.randn(s, generator=g).to(torch.bfloat16) for k, s in shapes.items()},
+            str(d / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         (d / "config.json").write_text(json.dumps({"architectures": ["Blob"], "model_type": "blob", "n_blocks": 2}))
         models.append(d)
     layout = tmp_path / "layout.json"
-    layout.write_text(json.dumps({"layer_prefix": "layers", "num_layers_key": "n_blocks", "pre": ["embed.*"], "post": ["head.*"]}))
+    layout.write_text(
+        json.dumps({"layer_prefix": "layers", "num_layers_key": "n_blocks", "pre": ["embed.*"], "post": ["head.*"]})
+    )
     config = f"merge_method: linear\nmodels:\n  - model: {models[0]}\n    parameters: {{weight: 0.25}}\n  - model: {models[1]}\n    parameters: {{weight: 0.75}}\n"
     out = tmp_path / "out"
     run_merge(config, out, quiet=True, layout_override=str(layout))
-    with safe_open(str(out / "model.safetensors"), "pt") as got, safe_open(str(models[0] / "model.safetensors"), "pt") as a, safe_open(
-        str(models[1] / "model.safetensors"), "pt"
-    ) as b:
+    with (
+        safe_open(str(out / "model.safetensors"), "pt") as got,
+        safe_open(str(models[0] / "model.safetensors"), "pt") as a,
+        safe_open(str(models[1] / "model.safetensors"), "pt") as b,
+    ):
         assert sorted(got.keys()) == sorted(shapes)
         for k in shapes:
             want = (0.25 * a.get_tensor(k).float() + 0.75 * b.get_tensor(k).float()).to(torch.bfloat16)

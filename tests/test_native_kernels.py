@@ -20,8 +20,23 @@ from mergekitty.ops import native_dispatch as N  # noqa: E402
 from mergekitty.ops import random as R  # noqa: E402
 from mergekitty.ops import sparsify as S  # noqa: E402
 
-SHAPES = [(), (0,), (1,), (2,), (7,), (1000,), (100003,), (0, 5), (1, 1), (2, 1), (7, 3), (3, 7), (10, 100),
-          (1, 100003), (97, 1031)]
+SHAPES = [
+    (),
+    (0,),
+    (1,),
+    (2,),
+    (7,),
+    (1000,),
+    (100003,),
+    (0, 5),
+    (1, 1),
+    (2, 1),
+    (7, 3),
+    (3, 7),
+    (10, 100),
+    (1, 100003),
+    (97, 1031),
+]
 DENSITIES = [0.0, 1e-9, 0.3, 0.5, 1.0]  # 1e-9: k = 1
 KEY = "model.layers.3.mlp.up_proj.weight#1"
 
@@ -114,8 +129,10 @@ def test_magnitude_outliers_parity(shape):
                     assert_same(native(_native.magnitude_outliers, x, d, gamma, False, threads=threads), want)
                 assert_same(S.magnitude_outliers(x, d, gamma), want)
     xf = data(shape, seed=4)
-    assert_same_mask_close(native(_native.magnitude_outliers, xf, 0.5, 0.05, True),
-                           S.magnitude_outliers_reference(xf, 0.5, 0.05, rescale=True))
+    assert_same_mask_close(
+        native(_native.magnitude_outliers, xf, 0.5, 0.05, True),
+        S.magnitude_outliers_reference(xf, 0.5, 0.05, rescale=True),
+    )
 
 
 def test_breadcrumbs_small_tensor_not_zeroed():
@@ -137,7 +154,9 @@ def test_random_mask_parity(shape):
                 assert_same(native(_native.random_mask, x, d, 11, KEY, mode, threads=threads), want)
             assert_same(S.random_mask(x, d, 11, KEY, mode), want)
     xf = data(shape, seed=7)
-    assert_same_mask_close(native(_native.random_mask, xf, 0.3, 11, KEY, "l1"), S.random_mask_reference(xf, 0.3, 11, KEY, "l1"))
+    assert_same_mask_close(
+        native(_native.random_mask, xf, 0.3, 11, KEY, "l1"), S.random_mask_reference(xf, 0.3, 11, KEY, "l1")
+    )
 
 
 def test_random_mask_kept_fraction():
@@ -173,8 +192,9 @@ def test_della_parity(shape):
     xf = data(shape, seed=13)
     m = xf.shape[-1] if xf.dim() else 1
     rows = xf.numel() // m if m else 0
-    assert_same_mask_close(native(_native.della, xf, rows, m, 0.4, 0.2, 5, KEY, "l1"),
-                           S.della_reference(xf, 0.4, 0.2, 5, KEY, "l1"))
+    assert_same_mask_close(
+        native(_native.della, xf, rows, m, 0.4, 0.2, 5, KEY, "l1"), S.della_reference(xf, 0.4, 0.2, 5, KEY, "l1")
+    )
 
 
 def test_della_keep_probability_per_rank():
@@ -221,8 +241,18 @@ def test_combine_parity(shape):
                     outs = []
                     for threads in (1, 2):
                         out = torch.empty(shape)
-                        _native.combine([t.view(-1).numpy() for t in ds], weights, consensus, normalize, 1.0, None,
-                                        "F32", out.view(-1).numpy(), "F32", threads)
+                        _native.combine(
+                            [t.view(-1).numpy() for t in ds],
+                            weights,
+                            consensus,
+                            normalize,
+                            1.0,
+                            None,
+                            "F32",
+                            out.view(-1).numpy(),
+                            "F32",
+                            threads,
+                        )
                         outs.append(out)
                     assert torch.equal(outs[0].view(torch.int32), outs[1].view(torch.int32))
                     assert ulps(outs[0], want) <= 1
@@ -239,8 +269,9 @@ def test_combine_errors():
     a = torch.zeros(4)
     out = torch.zeros(4)
     with pytest.raises(ValueError):
-        _native.combine([a.numpy(), torch.zeros(3).numpy()], [1.0, 1.0], True, True, 1.0, None, "F32",
-                        out.numpy(), "F32", 1)
+        _native.combine(
+            [a.numpy(), torch.zeros(3).numpy()], [1.0, 1.0], True, True, 1.0, None, "F32", out.numpy(), "F32", 1
+        )
     with pytest.raises(ValueError):
         _native.combine([a.numpy()], [1.0], True, True, 1.0, None, "F32", out.numpy(), "I8", 1)
     with pytest.raises(ValueError, match="overlaps"):

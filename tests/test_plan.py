@@ -18,7 +18,9 @@ def _with_layer_types(src, dst, types):
 
 
 def test_frankenmerge_renumbers_layers_and_rebuilds_layer_lists(qwen2, tmp_path):
-    a = _with_layer_types(qwen2["ft1"], tmp_path / "a", ["full_attention", "sliding_attention", "full_attention", "sliding_attention"])
+    a = _with_layer_types(
+        qwen2["ft1"], tmp_path / "a", ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    )
     b = _with_layer_types(qwen2["ft2"], tmp_path / "b", ["x0", "x1", "x2", "x3"])
     plan = plan_merge(f"""
 slices:
@@ -28,7 +30,14 @@ slices:
 merge_method: passthrough
 """)
     assert plan.out_config["num_hidden_layers"] == 6
-    assert plan.out_config["layer_types"] == ["full_attention", "sliding_attention", "x1", "x2", "x3", "sliding_attention"]
+    assert plan.out_config["layer_types"] == [
+        "full_attention",
+        "sliding_attention",
+        "x1",
+        "x2",
+        "x3",
+        "sliding_attention",
+    ]
     jobs = {j.out_name: j for j in plan.jobs}
     src = jobs["model.layers.4.mlp.up_proj.weight"].sources[0]
     assert plan.models[src.model].path == b and src.tensor == "model.layers.3.mlp.up_proj.weight"
@@ -46,8 +55,8 @@ merge_method: passthrough
 def test_models_config_keeps_layer_count_and_orders_reads(llama):
     plan = plan_merge(f"""
 models:
-  - {{model: {llama['ft2']}, parameters: {{weight: 1}}}}
-  - {{model: {llama['ft1']}, parameters: {{weight: 2}}}}
+  - {{model: {llama["ft2"]}, parameters: {{weight: 1}}}}
+  - {{model: {llama["ft1"]}, parameters: {{weight: 2}}}}
 merge_method: linear
 """)
     assert plan.out_config["num_hidden_layers"] == 4
@@ -61,9 +70,9 @@ merge_method: linear
 
 def test_task_arithmetic_base_is_separate_and_params_resolved(llama):
     plan = plan_merge(f"""
-base_model: {llama['base']}
+base_model: {llama["base"]}
 models:
-  - model: {llama['ft1']}
+  - model: {llama["ft1"]}
     parameters:
       weight:
         - filter: mlp
@@ -81,7 +90,7 @@ parameters: {{normalize: true}}
 
 def test_out_dtype_sets_config_and_jobs(llama):
     plan = plan_merge(f"""
-models: [{{model: {llama['ft1']}, parameters: {{weight: 1}}}}]
+models: [{{model: {llama["ft1"]}, parameters: {{weight: 1}}}}]
 merge_method: linear
 out_dtype: bf16
 """)
@@ -93,7 +102,7 @@ out_dtype: bf16
 def test_base_required(llama):
     with pytest.raises(ConfigError, match="base_model"):
         plan_merge(f"""
-models: [{{model: {llama['ft1']}, parameters: {{weight: 1}}}}]
+models: [{{model: {llama["ft1"]}, parameters: {{weight: 1}}}}]
 merge_method: task_arithmetic
 """)
 
@@ -108,7 +117,7 @@ def test_shape_mismatch_names_tensor_and_models(llama, tmp_path):
     with pytest.raises(PlanError, match="model.embed_tokens.weight.*shape"):
         plan_merge(f"""
 models:
-  - {{model: {llama['ft1']}, parameters: {{weight: 1}}}}
+  - {{model: {llama["ft1"]}, parameters: {{weight: 1}}}}
   - {{model: {wide}, parameters: {{weight: 1}}}}
 merge_method: linear
 """)
@@ -119,8 +128,8 @@ def test_different_architectures_need_allow_crimes(llama, mistral):
 
     cfg = f"""
 models:
-  - {{model: {llama['ft1']}, parameters: {{weight: 1}}}}
-  - {{model: {mistral['ft1']}, parameters: {{weight: 1}}}}
+  - {{model: {llama["ft1"]}, parameters: {{weight: 1}}}}
+  - {{model: {mistral["ft1"]}, parameters: {{weight: 1}}}}
 merge_method: linear
 """
     with pytest.raises(ArchitectureError, match="allow-crimes"):

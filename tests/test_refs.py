@@ -53,7 +53,11 @@ def test_parse_errors_are_value_errors(text, fragment):
 
 def test_dict_form_and_override_architecture():
     ref = ModelReference.model_validate(
-        {"model": {"path": "org/m", "revision": "r1"}, "lora": {"path": "org/l"}, "override_architecture": "LlamaForCausalLM"}
+        {
+            "model": {"path": "org/m", "revision": "r1"},
+            "lora": {"path": "org/l"},
+            "override_architecture": "LlamaForCausalLM",
+        }
     )
     assert ref.path == "org/m" and ref.revision == "r1" and ref.lora.path == "org/l"
     assert ref.override_architecture == "LlamaForCausalLM"

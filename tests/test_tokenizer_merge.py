@@ -51,7 +51,15 @@ def derive(src: Path, dst: Path, *, special=(), words=(), permute_seed=None, row
         vocab[w] = n + i
     for i, s in enumerate(special):
         tok["added_tokens"].append(
-            {"id": n + len(words) + i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+            {
+                "id": n + len(words) + i,
+                "content": s,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
         )
     (dst / "tokenizer.json").write_text(json.dumps(tok))
     save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
@@ -68,7 +76,9 @@ def vocab_models(llama, tmp_path_factory):
         "base": llama["base"],
         "ft1": llama["ft1"],
         "chatml": derive(llama["ft2"], root / "chatml", special=("<|im_start|>", "<|im_end|>")),
-        "other": derive(llama["ft3"], root / "other", words=("zebra", "yak"), special=("<|im_end|>",), permute_seed=3, row_seed=11),
+        "other": derive(
+            llama["ft3"], root / "other", words=("zebra", "yak"), special=("<|im_end|>",), permute_seed=3, row_seed=11
+        ),
     }
 
 
@@ -84,7 +94,9 @@ def rows_by_token(path: Path, name: str) -> dict[str, torch.Tensor]:
     return {tok: t[i].float() for tok, i in vocab_of(path).items() if i < t.shape[0]}
 
 
-def expected_linear(models: list[Path], weights: list[float], base: int, out_vocab: dict[str, int], name: str, rows: int, forced=None):
+def expected_linear(
+    models: list[Path], weights: list[float], base: int, out_vocab: dict[str, int], name: str, rows: int, forced=None
+):
     forced = forced or {}
     per_model = [rows_by_token(p, name) for p in models]
     hidden = next(iter(per_model[0].values())).shape[0]
@@ -189,12 +201,16 @@ def test_default_source_is_base(vocab_models, write_yaml, tmp_path):
     out = merge(write_yaml, tmp_path, linear_config(models, [0.5, 0.5], "", base=models[0]))
     assert vocab_of(out) == vocab_of(models[0])
     tensors = load_file(out / "model.safetensors")
-    torch.testing.assert_close(tensors[EMBED], expected_linear(models, [0.5, 0.5], 0, vocab_of(out), EMBED, len(vocab_of(out))))
+    torch.testing.assert_close(
+        tensors[EMBED], expected_linear(models, [0.5, 0.5], 0, vocab_of(out), EMBED, len(vocab_of(out)))
+    )
 
 
 def test_model_source_takes_that_vocabulary(vocab_models, write_yaml, tmp_path):
     models = [vocab_models["base"], vocab_models["other"]]
-    out = merge(write_yaml, tmp_path, linear_config(models, [0.5, 0.5], f"tokenizer_source: {models[1]}\n", base=models[0]))
+    out = merge(
+        write_yaml, tmp_path, linear_config(models, [0.5, 0.5], f"tokenizer_source: {models[1]}\n", base=models[0])
+    )
     out_vocab = vocab_of(out)
     assert out_vocab == vocab_of(models[1])
     tensors = load_file(out / "model.safetensors")
@@ -259,7 +275,9 @@ def test_token_settings(vocab_models, write_yaml, tmp_path):
 def test_tied_embeddings_stay_tied(qwen2, write_yaml, tmp_path):
     chat = derive(qwen2["ft1"], tmp_path / "chat", special=("<|im_start|>",))
     models = [qwen2["base"], chat]
-    out = merge(write_yaml, tmp_path, linear_config(models, [0.5, 0.5], "tokenizer:\n  source: union\n", base=models[0]))
+    out = merge(
+        write_yaml, tmp_path, linear_config(models, [0.5, 0.5], "tokenizer:\n  source: union\n", base=models[0])
+    )
     tensors = load_file(out / "model.safetensors")
     assert "lm_head.weight" not in tensors
     out_vocab = vocab_of(out)
@@ -276,7 +294,12 @@ def test_tied_embeddings_stay_tied(qwen2, write_yaml, tmp_path):
 
 def test_no_copy_tokenizer_still_aligns_rows(vocab_models, write_yaml, tmp_path):
     models = [vocab_models["base"], vocab_models["chatml"]]
-    out = merge(write_yaml, tmp_path, linear_config(models, [0.5, 0.5], "tokenizer_source: union\n", base=models[0]), "--no-copy-tokenizer")
+    out = merge(
+        write_yaml,
+        tmp_path,
+        linear_config(models, [0.5, 0.5], "tokenizer_source: union\n", base=models[0]),
+        "--no-copy-tokenizer",
+    )
     assert not any((out / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
     assert load_file(out / "model.safetensors")[EMBED].shape[0] == len(vocab_of(models[1]))
 

@@ -34,7 +34,11 @@ def sentencepiece_model(pieces: list[str]) -> bytes:
     body = b""
     for i, piece in enumerate(pieces):
         raw = piece.encode()
-        msg = _field(1, 2, _varint(len(raw)) + raw) + _field(2, 5, struct.pack("<f", -float(i))) + _field(3, 0, _varint(1))
+        msg = (
+            _field(1, 2, _varint(len(raw)) + raw)
+            + _field(2, 5, struct.pack("<f", -float(i)))
+            + _field(3, 0, _varint(1))
+        )
         body += _field(1, 2, _varint(len(msg)) + msg)
         if i == 1:
             spec = _field(1, 2, _varint(3) + b"abc")
@@ -59,7 +63,16 @@ def test_truncated_sentencepiece_is_a_format_error(tmp_path):
 def test_slow_files_and_config_added_tokens(tmp_path):
     (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": 1, "c": 2}))
     (tmp_path / "added_tokens.json").write_text(json.dumps({"<x>": 3}))
-    decoder = {"4": {"content": "<y>", "special": True, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}}
+    decoder = {
+        "4": {
+            "content": "<y>",
+            "special": True,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "single_word": False,
+        }
+    }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": decoder}))
     vocab = read_vocabulary(tmp_path)
     assert vocab.tokens == {"a": 0, "b": 1, "c": 2, "<x>": 3, "<y>": 4}
@@ -84,7 +97,15 @@ def _bpe_dir(path: Path, words: list[str], added: list[str], with_sp: bool) -> P
     data = {
         "version": "1.0",
         "added_tokens": [
-            {"id": len(words) + i, "content": a, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+            {
+                "id": len(words) + i,
+                "content": a,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
             for i, a in enumerate(added)
         ],
         "model": {"type": "BPE", "vocab": vocab, "merges": []},
@@ -100,7 +121,10 @@ def _bpe_dir(path: Path, words: list[str], added: list[str], with_sp: bool) -> P
 def _union(tmp_path, base_words, other_words, other_added):
     base = _bpe_dir(tmp_path / "base", base_words, [], with_sp=True)
     other = _bpe_dir(tmp_path / "other", other_words, other_added, with_sp=False)
-    inputs = [VocabInput("base", read_vocabulary(base), len(base_words)), VocabInput("other", read_vocabulary(other), len(other_words) + len(other_added))]
+    inputs = [
+        VocabInput("base", read_vocabulary(base), len(base_words)),
+        VocabInput("other", read_vocabulary(other), len(other_words) + len(other_added)),
+    ]
     plan = plan_vocabulary(inputs, "union", 0, {}, None, lambda ref: None)
     out = tmp_path / "out"
     out.mkdir()
@@ -147,7 +171,9 @@ def test_sentencepiece_only_tokenizer_records_added_tokens(tmp_path):
 def _inputs(*specs):
     from mergekitty.tokenizer.vocab import Vocabulary
 
-    return [VocabInput(name, Vocabulary(Path(name), "tokenizer.json", dict(tokens)), rows) for name, tokens, rows in specs]
+    return [
+        VocabInput(name, Vocabulary(Path(name), "tokenizer.json", dict(tokens)), rows) for name, tokens, rows in specs
+    ]
 
 
 def test_padding_rows_of_the_vocabulary_model_are_kept():

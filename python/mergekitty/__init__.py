@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .api import MergeOptions
 
 
-def run_merge(config: Any, out_path: str, options: "MergeOptions | None" = None, **kwargs: Any) -> Any:
+def run_merge(config: Any, out_path: str, options: MergeOptions | None = None, **kwargs: Any) -> Any:
     """Run a merge. ``config`` is a MergeConfiguration, a YAML string, or a path to a YAML file.
 
     Keyword arguments are MergeOptions fields (``device``, ``threads``, ``out_shard_size``...).

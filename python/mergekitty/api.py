@@ -6,9 +6,10 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import ConfigError, MergekittyError, OutputError
 from .tokenizer.write import TOKENIZER_FILES
@@ -16,8 +17,20 @@ from .tokenizer.write import TOKENIZER_FILES
 log = logging.getLogger(__name__)
 
 # Files copied from the donor model next to the weights (the tokenizer's: tokenizer.write).
-SIDECAR_FILES = ("generation_config.json", "preprocessor_config.json", "processor_config.json", "mergekitty_layout.json")
-STALE_OUTPUT_GLOBS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", ".*.partial", "config.json")
+SIDECAR_FILES = (
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "mergekitty_layout.json",
+)
+STALE_OUTPUT_GLOBS = (
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+    ".*.partial",
+    "config.json",
+)
 
 
 @dataclass(frozen=True)
@@ -86,7 +99,13 @@ def _open_model(ref, config, options: MergeOptions, forced):
         from .lora.apply import open_lora_checkpoint
 
         adapter = resolve_local_path(ref.lora.path, ref.lora.revision, options.transformers_cache)
-        checkpoint = open_lora_checkpoint(checkpoint, Path(adapter), label=str(ref), device=options.resolved_device(), merge_dtype=options.lora_merge_dtype)
+        checkpoint = open_lora_checkpoint(
+            checkpoint,
+            Path(adapter),
+            label=str(ref),
+            device=options.resolved_device(),
+            merge_dtype=options.lora_merge_dtype,
+        )
     cfg = checkpoint.config()
     override = getattr(ref, "override_architecture", None)
     if override:
@@ -98,7 +117,9 @@ def _open_model(ref, config, options: MergeOptions, forced):
     return InputModel(ref, str(ref), Path(path), checkpoint, cfg, layout)
 
 
-def plan_merge(config: Any, out_path: str | os.PathLike | None = None, options: MergeOptions | None = None, **kwargs: Any):
+def plan_merge(
+    config: Any, out_path: str | os.PathLike | None = None, options: MergeOptions | None = None, **kwargs: Any
+):
     """Read every header, check everything, and return the MergePlan without reading weights."""
     from .config import check_method, parameter_name_problems
     from .params import normalize_to_slices
@@ -164,7 +185,9 @@ def _plan_vocabulary(config, models, planner):
     settings = token_settings(config, model_index)
     tok = getattr(config, "tokenizer", None)
     inputs = [VocabInput(m.label, v, planner.embedding_rows(i)) for i, (m, v) in enumerate(zip(models, vocabs))]
-    return plan_vocabulary(inputs, source, planner._donor(), settings, tok.pad_to_multiple_of if tok is not None else None, model_index)
+    return plan_vocabulary(
+        inputs, source, planner._donor(), settings, tok.pad_to_multiple_of if tok is not None else None, model_index
+    )
 
 
 def _tokenizer_dir(model) -> Path:
@@ -179,7 +202,9 @@ def _chat_template(config, model_dirs) -> str | None:
     """The chat template text the config asks for (None: keep the donor's); ConfigError if bad."""
     from .tokenizer import resolve_chat_template
 
-    return resolve_chat_template(config.chat_template, model_dirs, lambda message: config.error(message, key="chat_template"))
+    return resolve_chat_template(
+        config.chat_template, model_dirs, lambda message: config.error(message, key="chat_template")
+    )
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -227,7 +252,11 @@ def _write_sidecars(plan, config, out: Path, options: MergeOptions) -> None:
         text = getattr(config, "source_text", None) or config.to_yaml()
         refs = [str(m.ref) for m in plan.models]
         base = str(config.base_model) if config.base_model is not None else None
-        seed = plan.random_seed if plan.method.random or config.random_seed is not None or options.random_seed is not None else None
+        seed = (
+            plan.random_seed
+            if plan.method.random or config.random_seed is not None or options.random_seed is not None
+            else None
+        )
         _atomic_write(out / "README.md", generate_card(plan.method, refs, base, text, out.name, seed))
         text = text if text.endswith("\n") else text + "\n"
         if seed is not None and config.random_seed is None:
@@ -262,7 +291,9 @@ def run_merge(
     _prepare_out_dir(out)
     layout = [(name, job.out_dtype, list(job.shape)) for name, job in _jobs_by_name(plan)]
     try:
-        writer = _native.ShardWriter(str(out), layout, options.out_shard_size, None, {"mergekitty_version": __version__})
+        writer = _native.ShardWriter(
+            str(out), layout, options.out_shard_size, None, {"mergekitty_version": __version__}
+        )
     except OSError as exc:
         raise OutputError(f"cannot write to {out}: {exc}") from None
     try:

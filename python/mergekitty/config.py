@@ -21,7 +21,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, PlainValidator, PrivateAttr, StrictBool, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PlainValidator,
+    PrivateAttr,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
@@ -109,9 +119,11 @@ def _is_number(value: Any) -> bool:
 
 # --------------------------------------------------------------------------- parameter values
 
-ScalarOrGradient = Union[bool, int, float, list[Union[int, float]]]
+ScalarOrGradient = bool | int | float | list[int | float]
 
-_SETTING_HELP = "a number, true/false, a list of numbers (a gradient across layers), or a list of {value, filter} entries"
+_SETTING_HELP = (
+    "a number, true/false, a list of numbers (a gradient across layers), or a list of {value, filter} entries"
+)
 
 
 def _check_scalar_or_gradient(value: Any, subpath: tuple = ()) -> Any:
@@ -159,13 +171,20 @@ def _conditional(value: dict, subpath: tuple) -> ConditionalParameter:
     fields = ("value", "filter")
     for key in value:
         if key not in fields:
-            raise _fail(f"unknown key '{key}' in a conditional parameter (expected 'value' and optionally 'filter'){_suggest(key, fields)}", (*subpath, key))
+            raise _fail(
+                f"unknown key '{key}' in a conditional parameter (expected 'value' and optionally 'filter'){_suggest(key, fields)}",
+                (*subpath, key),
+            )
     if "value" not in value:
         raise _fail("a conditional parameter needs a 'value'", subpath)
     filt = value.get("filter")
     if filt is not None and not isinstance(filt, str):
-        raise _fail(f"a filter must be a string (a part of the tensor name), got {_describe(filt)}", (*subpath, "filter"))
-    return ConditionalParameter.model_construct(value=_check_scalar_or_gradient(value["value"], (*subpath, "value")), filter=filt)
+        raise _fail(
+            f"a filter must be a string (a part of the tensor name), got {_describe(filt)}", (*subpath, "filter")
+        )
+    return ConditionalParameter.model_construct(
+        value=_check_scalar_or_gradient(value["value"], (*subpath, "value")), filter=filt
+    )
 
 
 def _validate_setting(value: Any) -> Any:
@@ -264,7 +283,7 @@ class OutputSliceDefinition(BaseModel):
     parameters: Parameters | None = None
 
     @model_validator(mode="after")
-    def _non_empty(self) -> "OutputSliceDefinition":
+    def _non_empty(self) -> OutputSliceDefinition:
         if not self.sources:
             raise _fail("a slice needs at least one source", key="sources")
         return self
@@ -284,7 +303,7 @@ class ModelTokenEmbedding(BaseModel):
     token: str | None = None
 
     @model_validator(mode="after")
-    def _one_of(self) -> "ModelTokenEmbedding":
+    def _one_of(self) -> ModelTokenEmbedding:
         if (self.token_id is None) == (self.token is None):
             raise _fail("give exactly one of 'token' and 'token_id'")
         if self.token_id is not None and self.token_id < 0:
@@ -310,7 +329,10 @@ def _embedding_source(value: Any) -> Any:
         kind = value["kind"]
         cls = _EMBEDDING_KINDS.get(kind) if isinstance(kind, str) else None
         if cls is None:
-            raise _fail(f"unknown embedding source kind {kind!r}; expected 'model_token' or 'zero'{_suggest(str(kind), _EMBEDDING_KINDS)}", ("kind",))
+            raise _fail(
+                f"unknown embedding source kind {kind!r}; expected 'model_token' or 'zero'{_suggest(str(kind), _EMBEDDING_KINDS)}",
+                ("kind",),
+            )
         return _nested(cls, value)
     return _model_ref(value)
 
@@ -407,7 +429,7 @@ class MergeConfiguration(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "MergeConfiguration":
+    def _cross_checks(self) -> MergeConfiguration:
         if self.slices is not None and self.models is not None:
             raise _fail("give either 'slices' or 'models', not both", key="models")
         if self.slices is None and self.models is None:
@@ -610,7 +632,10 @@ def _raise_validation(exc: ValidationError, lines: dict, source: str) -> typing.
     problems.sort(key=lambda p: (p[2] is None, p[2] or 0))
     loc, msg, line = problems[0]
     if len(problems) > 1:
-        extra = [f"  {format_path(l) or '(top level)'}" + (f" (line {n})" if n else "") + f": {m}" for l, m, n in problems[1:]]
+        extra = [
+            f"  {format_path(loc) or '(top level)'}" + (f" (line {n})" if n else "") + f": {m}"
+            for loc, m, n in problems[1:]
+        ]
         msg += f"\n{len(problems) - 1} more problem(s):\n" + "\n".join(extra)
     raise ConfigError(msg, key=format_path(loc) or None, line=line, source=source) from None
 
@@ -618,12 +643,18 @@ def _raise_validation(exc: ValidationError, lines: dict, source: str) -> typing.
 # --------------------------------------------------------------------------- loading
 
 
-def config_from_data(data: Any, source: str = "<config>", lines: dict | None = None, text: str | None = None) -> MergeConfiguration:
+def config_from_data(
+    data: Any, source: str = "<config>", lines: dict | None = None, text: str | None = None
+) -> MergeConfiguration:
     """Validate already-parsed YAML data (a dict). Raises ConfigError."""
     lines = lines or {}
     if not isinstance(data, dict):
         what = "empty" if data is None else f"a {type(data).__name__}, not a mapping"
-        raise ConfigError(f"the config must be a YAML mapping of keys (merge_method, models...); this one is {what}", line=lines.get(()), source=source)
+        raise ConfigError(
+            f"the config must be a YAML mapping of keys (merge_method, models...); this one is {what}",
+            line=lines.get(()),
+            source=source,
+        )
     for key in data:
         if not isinstance(key, str):
             raise ConfigError(f"keys must be strings, got {key!r}", line=lines.get((key,)), source=source)
@@ -646,7 +677,9 @@ def load_config(text: str, source: str = "<config>") -> MergeConfiguration:
     except YamlSyntaxError as exc:
         raise ConfigError(str(exc), line=exc.line, source=source) from None
     except DuplicateKeyError as exc:
-        raise ConfigError(f"{exc} (it is given more than once)", key=format_path(exc.path), line=exc.line, source=source) from None
+        raise ConfigError(
+            f"{exc} (it is given more than once)", key=format_path(exc.path), line=exc.line, source=source
+        ) from None
     return config_from_data(data, source=source, lines=lines, text=text)
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import MergeError, MergekittyError
 from .io.dtypes import NATIVE_FLOAT_CODES, nbytes, torch_dtype
@@ -156,7 +156,9 @@ def _run_native_gta(plan: MergePlan, job: TensorJob, pool: BufferPool, threads: 
 
     if job.base is None or not job.sources:
         return None
-    inputs = MergeInputs(name=job.out_name, tensors=[], model_params=list(job.model_params), params=job.params, seed=plan.random_seed)
+    inputs = MergeInputs(
+        name=job.out_name, tensors=[], model_params=list(job.model_params), params=job.params, seed=plan.random_seed
+    )
     fused = plan.method.fused_gta(inputs)
     if fused is None:
         return None
@@ -233,7 +235,9 @@ def _run_torch(plan: MergePlan, job: TensorJob, device: str, threads: int, pool:
         )
     )
     if tuple(result.shape) != tuple(job.shape):
-        raise ValueError(f"merge method '{plan.method.name}' returned shape {tuple(result.shape)} for '{job.out_name}', expected {job.shape}")
+        raise ValueError(
+            f"merge method '{plan.method.name}' returned shape {tuple(result.shape)} for '{job.out_name}', expected {job.shape}"
+        )
     if out is None:
         return bytes_view(result.to(out_dtype).cpu().contiguous()), None
     if result.data_ptr() != out.data_ptr():

@@ -15,7 +15,8 @@ OUTPUT tensor name; per-model parameters see the INPUT tensor name of that model
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from .config import ConditionalParameter, InputSliceDefinition, MergeConfiguration, OutputSliceDefinition
 from .refs import ModelReference
@@ -107,7 +108,11 @@ class ParameterResolver:
         """(parameters, their config key path) in precedence order."""
         out = []
         if source_idx is not None:
-            where = ("slices", slice_idx, "sources", source_idx) if self.config.slices is not None else ("models", source_idx)
+            where = (
+                ("slices", slice_idx, "sources", source_idx)
+                if self.config.slices is not None
+                else ("models", source_idx)
+            )
             out.append((self._source_params(slice_idx, source_idx), (*where, "parameters")))
         if self.config.slices is not None:
             out.append((self._slice_params(slice_idx), ("slices", slice_idx, "parameters")))
@@ -131,24 +136,36 @@ class ParameterResolver:
 
     def model_value(self, name: str, slice_idx: int, source_idx: int, in_tensor_name: str, t: float) -> Any:
         """A per-model parameter for one source's input tensor: source, slice, then top level; None if unset."""
-        for params in (self._source_params(slice_idx, source_idx), self._slice_params(slice_idx), self.config.parameters):
+        for params in (
+            self._source_params(slice_idx, source_idx),
+            self._slice_params(slice_idx),
+            self.config.parameters,
+        ):
             value = _lookup(params, name, in_tensor_name, t)
             if value is not None:
                 return value
         return None
 
 
-def normalize_to_slices(config: MergeConfiguration, num_layers: Callable[[ModelReference], int]) -> list[OutputSliceDefinition]:
+def normalize_to_slices(
+    config: MergeConfiguration, num_layers: Callable[[ModelReference], int]
+) -> list[OutputSliceDefinition]:
     """The config's output slices (no validation: ``num_layers`` is trusted); a ``models:`` config becomes one slice covering
     ``[0, num_layers(model))`` of each model, in order, with the base model appended as an
     extra source without parameters when it is not among the models."""
     if config.slices is not None:
         return list(config.slices)
     sources = [
-        InputSliceDefinition.model_construct(model=m.model, layer_range=(0, num_layers(m.model)), parameters=m.parameters)
+        InputSliceDefinition.model_construct(
+            model=m.model, layer_range=(0, num_layers(m.model)), parameters=m.parameters
+        )
         for m in config.models or ()
     ]
     base = config.base_model
     if base is not None and all(m.model != base for m in config.models or ()):
-        sources.append(InputSliceDefinition.model_construct(model=base, layer_range=(0, num_layers(base)), parameters=None))
-    return [OutputSliceDefinition.model_construct(sources=sources, base_model=None, residual_weight=None, parameters=None)]
+        sources.append(
+            InputSliceDefinition.model_construct(model=base, layer_range=(0, num_layers(base)), parameters=None)
+        )
+    return [
+        OutputSliceDefinition.model_construct(sources=sources, base_model=None, residual_weight=None, parameters=None)
+    ]

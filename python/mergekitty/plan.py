@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .architecture.layout import ModelLayout, infer_layout, is_embedding_name, other_spellings
+from .architecture.layout import ModelLayout, is_embedding_name, other_spellings
 from .errors import ArchitectureError, ConfigError, PlanError
 from .methods.base import MergeMethod, ParamSpec
 
@@ -63,7 +63,9 @@ class MergePlan:
     jobs: list[TensorJob]  # in execution order (sequential reads)
     output_order: list[str]  # tensor names in the order they are laid out in the output
     out_config: dict[str, Any]
-    layer_map: list[tuple[int, list[tuple[str, int]]]] = field(default_factory=list)  # out layer -> [(model label, in layer)]
+    layer_map: list[tuple[int, list[tuple[str, int]]]] = field(
+        default_factory=list
+    )  # out layer -> [(model label, in layer)]
     random_seed: int = 0  # used by random methods; recorded in the model card
     vocab: Any = None  # tokenizer.build.VocabPlan, None when no input has tokenizer files
 
@@ -94,7 +96,19 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _dtype_size(code: str) -> float:
-    sizes = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+    sizes = {
+        "F64": 8,
+        "I64": 8,
+        "U64": 8,
+        "C64": 8,
+        "F32": 4,
+        "I32": 4,
+        "U32": 4,
+        "F16": 2,
+        "BF16": 2,
+        "I16": 2,
+        "U16": 2,
+    }
     return sizes.get(code, 1)
 
 
@@ -164,21 +178,27 @@ class Planner:
         out = {}
         for spec in self.method.global_params:
             value = self.resolver.global_value(spec.name, slice_idx, out_name, t)
-            out[spec.name] = self._checked(spec, value, out_name, None, lambda: self.resolver.origin(spec.name, slice_idx, None, out_name, t))
+            out[spec.name] = self._checked(
+                spec, value, out_name, None, lambda: self.resolver.origin(spec.name, slice_idx, None, out_name, t)
+            )
         return out
 
     def _model_params(self, slice_idx: int, source_idx: int, in_name: str, t: float, label: str) -> dict[str, Any]:
         out = {}
         for spec in self.method.model_params:
             value = self.resolver.model_value(spec.name, slice_idx, source_idx, in_name, t)
-            out[spec.name] = self._checked(spec, value, in_name, label, lambda: self.resolver.origin(spec.name, slice_idx, source_idx, in_name, t))
+            out[spec.name] = self._checked(
+                spec, value, in_name, label, lambda: self.resolver.origin(spec.name, slice_idx, source_idx, in_name, t)
+            )
         return out
 
     def _checked(self, spec: ParamSpec, value: Any, tensor: str, label: str | None, origin=None) -> Any:
         where = f"for model {label}, tensor '{tensor}'" if label else f"for tensor '{tensor}'"
         if value is None:
             if spec.required:
-                raise ConfigError(f"merge method '{self.method.name}' needs parameter '{spec.name}' {where}", key="parameters")
+                raise ConfigError(
+                    f"merge method '{self.method.name}' needs parameter '{spec.name}' {where}", key="parameters"
+                )
             return spec.default
         try:
             return spec.check(value)
@@ -242,22 +262,33 @@ class Planner:
                 )
             plans.append((entries, base_entry, length))
 
-        def add(out_name: str, si: int, t: float, picks: list[tuple[int, str, int]], base_pick: tuple[int, str] | None) -> None:
+        def add(
+            out_name: str, si: int, t: float, picks: list[tuple[int, str, int]], base_pick: tuple[int, str] | None
+        ) -> None:
             sources = tuple(Source(mi, self._find(mi, name, out_name)) for mi, name, _ in picks)
             base_src = Source(base_pick[0], self._find(base_pick[0], base_pick[1], out_name)) if base_pick else None
-            infos = [self.models[s.model].checkpoint.infos[s.tensor] for s in (*sources, *([base_src] if base_src else []))]
+            infos = [
+                self.models[s.model].checkpoint.infos[s.tensor] for s in (*sources, *([base_src] if base_src else []))
+            ]
             ref_info = infos[-1] if base_src else infos[0]
             aligned = self._is_aligned(out_name, (*sources, *([base_src] if base_src else [])), infos)
             shape = (self.vocab.rows, *ref_info.shape[1:]) if aligned else ref_info.shape
             for s, info in zip((*sources, *([base_src] if base_src else [])), infos):
                 if (info.shape[1:] if aligned else info.shape) != (ref_info.shape[1:] if aligned else ref_info.shape):
-                    hint = " (embedding sizes differ: vocabulary handling needs the tokenizer options)" if is_embedding_name(out_name) else ""
+                    hint = (
+                        " (embedding sizes differ: vocabulary handling needs the tokenizer options)"
+                        if is_embedding_name(out_name)
+                        else ""
+                    )
                     raise PlanError(
                         f"tensor '{out_name}': {self.models[s.model].label} has shape {list(info.shape)} "
                         f"but {self.models[(base_src or sources[0]).model].label} has {list(ref_info.shape)}{hint}"
                     )
             params = self._global_params(si, out_name, t)
-            mparams = tuple(self._model_params(si, j, sources[k].tensor, t, self.models[mi].label) for k, (mi, _, j) in enumerate(picks))
+            mparams = tuple(
+                self._model_params(si, j, sources[k].tensor, t, self.models[mi].label)
+                for k, (mi, _, j) in enumerate(picks)
+            )
             if method.validate is not None:
                 try:
                     method.validate(params, list(mparams))
@@ -274,7 +305,13 @@ class Planner:
                 )
             out_dtype = self._out_dtype(ref_info.dtype)
             in_job = {s.model for s in (*sources, *([base_src] if base_src else []))}
-            row_sources = tuple(Source(m, self._find(m, out_name, out_name)) for m in sorted(self.vocab.default_models() - in_job)) if aligned else ()
+            row_sources = (
+                tuple(
+                    Source(m, self._find(m, out_name, out_name)) for m in sorted(self.vocab.default_models() - in_job)
+                )
+                if aligned
+                else ()
+            )
             jobs.append(
                 TensorJob(
                     out_name=out_name,
@@ -308,8 +345,14 @@ class Planner:
                 layer_map.append((out_layer, [(self.models[mi].label, start + idx) for mi, start, _ in entries]))
                 for suffix in lead_layout.layer_tensors.get(lead_start + idx, ()):
                     out_name = donor_layout.layer_name(out_layer, suffix)
-                    picks = [(mi, self.models[mi].layout.layer_name(start + idx, suffix), j) for mi, start, j in entries]
-                    base_pick = (base_entry[0], self.models[base_entry[0]].layout.layer_name(base_entry[1] + idx, suffix)) if base_entry else None
+                    picks = [
+                        (mi, self.models[mi].layout.layer_name(start + idx, suffix), j) for mi, start, j in entries
+                    ]
+                    base_pick = (
+                        (base_entry[0], self.models[base_entry[0]].layout.layer_name(base_entry[1] + idx, suffix))
+                        if base_entry
+                        else None
+                    )
                     add(out_name, si, t, picks, base_pick)
                 out_layer += 1
 
@@ -395,7 +438,13 @@ class Planner:
         old_count = parent[key.split(".")[-1]]
         _set_nested(cfg, key, num_out_layers)
         for list_key, value in list(parent.items()):
-            if list_key in LAYER_INDEX_LISTS or not isinstance(value, list) or len(value) != old_count or old_count == num_out_layers and not self.config.slices:
+            if (
+                list_key in LAYER_INDEX_LISTS
+                or not isinstance(value, list)
+                or len(value) != old_count
+                or old_count == num_out_layers
+                and not self.config.slices
+            ):
                 continue
             rebuilt = []
             for sl in slices:
@@ -427,7 +476,9 @@ class Planner:
             step = p.get("decoder_sparse_step") or 1
             return j in (p.get("mlp_only_layers") or ()) or (step > 1 and (j + 1) % step != 0)
 
-        if (parent.get("decoder_sparse_step") or 1) > 1 or any((p.get("decoder_sparse_step") or 1) > 1 for p, _ in origin):
+        if (parent.get("decoder_sparse_step") or 1) > 1 or any(
+            (p.get("decoder_sparse_step") or 1) > 1 for p, _ in origin
+        ):
             parent["decoder_sparse_step"] = 1
             parent["mlp_only_layers"] = [i for i, (p, j) in enumerate(origin) if dense(p, j)]
 
@@ -447,7 +498,9 @@ def check_output_dir(out_path: Path, models: list[InputModel]) -> None:
         if out == src:
             raise OutputError(f"output directory {out_path} is the input model {m.label}; choose another directory")
         if src in out.parents:
-            raise OutputError(f"output directory {out_path} is inside the input model {m.label}; choose another directory")
+            raise OutputError(
+                f"output directory {out_path} is inside the input model {m.label}; choose another directory"
+            )
 
 
 def check_architectures(models: list[InputModel], donor: int, allow_crimes: bool) -> None:
@@ -458,7 +511,13 @@ def check_architectures(models: list[InputModel], donor: int, allow_crimes: bool
     for m in models:
         if arch(m) != ref:
             if allow_crimes:
-                log.warning("merging %s (%s) with %s (%s) because --allow-crimes is set", m.label, arch(m), models[donor].label, ref)
+                log.warning(
+                    "merging %s (%s) with %s (%s) because --allow-crimes is set",
+                    m.label,
+                    arch(m),
+                    models[donor].label,
+                    ref,
+                )
             else:
                 raise ArchitectureError(
                     f"{m.label} is a {arch(m)[0] or arch(m)[1]} but {models[donor].label} is a {ref[0] or ref[1]}; "

@@ -85,7 +85,7 @@ class ModelReference(BaseModel):
         return value
 
     @classmethod
-    def parse(cls, value: str) -> "ModelReference":
+    def parse(cls, value: str) -> ModelReference:
         """Parse the string form; ValueError (not a pydantic error) if malformed."""
         from pydantic import ValidationError
 
@@ -120,7 +120,12 @@ class ModelReference(BaseModel):
 
 def looks_local(path: str) -> bool:
     """True if ``path`` is meant as a directory rather than a hub id ``org/name``."""
-    return path.startswith(("/", "./", "../", "~", ".\\", "..\\")) or path in (".", "..") or path.count("/") > 1 or "\\" in path
+    return (
+        path.startswith(("/", "./", "../", "~", ".\\", "..\\"))
+        or path in (".", "..")
+        or path.count("/") > 1
+        or "\\" in path
+    )
 
 
 def _offline() -> bool:

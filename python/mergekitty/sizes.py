@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import re
 
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "b": 10**9,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmbgt]i?)?(b)?\s*$", re.IGNORECASE)
 
 

@@ -49,10 +49,21 @@ def _small(arch: str, **overrides):
         "phi3": lambda: T.Phi3Config(**kv, **ids, **c),
         "gpt_neox": lambda: T.GPTNeoXConfig(**ids, **c),
         "gpt2": lambda: T.GPT2Config(
-            n_embd=c["hidden_size"], n_layer=n, n_head=c["num_attention_heads"], vocab_size=c["vocab_size"], n_positions=64, bos_token_id=1, eos_token_id=2
+            n_embd=c["hidden_size"],
+            n_layer=n,
+            n_head=c["num_attention_heads"],
+            vocab_size=c["vocab_size"],
+            n_positions=64,
+            bos_token_id=1,
+            eos_token_id=2,
         ),
         "falcon": lambda: T.FalconConfig(
-            hidden_size=c["hidden_size"], num_hidden_layers=n, num_attention_heads=c["num_attention_heads"], vocab_size=c["vocab_size"], bos_token_id=1, eos_token_id=2
+            hidden_size=c["hidden_size"],
+            num_hidden_layers=n,
+            num_attention_heads=c["num_attention_heads"],
+            vocab_size=c["vocab_size"],
+            bos_token_id=1,
+            eos_token_id=2,
         ),
         "starcoder2": lambda: T.Starcoder2Config(**kv, **ids, **c),
         "stablelm": lambda: T.StableLmConfig(**kv, **ids, **c),
@@ -60,12 +71,29 @@ def _small(arch: str, **overrides):
         "olmo2": lambda: T.Olmo2Config(**kv, **ids, **c),
         "mixtral": lambda: T.MixtralConfig(num_local_experts=3, num_experts_per_tok=2, **kv, **ids, **c),
         "qwen3_moe": lambda: T.Qwen3MoeConfig(
-            head_dim=8, num_experts=3, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1, tie_word_embeddings=False, **kv, **ids, **c
+            head_dim=8,
+            num_experts=3,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            decoder_sparse_step=1,
+            tie_word_embeddings=False,
+            **kv,
+            **ids,
+            **c,
         ),
         # vision-language: a tiny SigLIP tower and a Gemma3 text model (language_model.* / vision_tower.*)
         "gemma3_vl": lambda: T.Gemma3Config(
-            text_config=T.Gemma3TextConfig(layer_types=pattern, **gemma, **kv, **ids, **{**c, "vocab_size": 128}).to_dict(),
-            vision_config=T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=14).to_dict(),
+            text_config=T.Gemma3TextConfig(
+                layer_types=pattern, **gemma, **kv, **ids, **{**c, "vocab_size": 128}
+            ).to_dict(),
+            vision_config=T.SiglipVisionConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=28,
+                patch_size=14,
+            ).to_dict(),
             mm_tokens_per_image=4,
             image_token_index=120,
             boi_token_index=121,
@@ -75,7 +103,13 @@ def _small(arch: str, **overrides):
         "llava": lambda: T.LlavaConfig(
             text_config=T.LlamaConfig(**kv, **ids, **{**c, "vocab_size": 128}).to_dict(),
             vision_config=T.CLIPVisionConfig(
-                hidden_size=32, intermediate_size=64, num_hidden_layers=n, num_attention_heads=4, image_size=28, patch_size=14, projection_dim=32
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=n,
+                num_attention_heads=4,
+                image_size=28,
+                patch_size=14,
+                projection_dim=32,
             ).to_dict(),
             image_token_index=120,
             vision_feature_layer=-1,
@@ -109,11 +143,15 @@ def _config(arch: str, **overrides):
         max_position_embeddings=128,
     )
     if arch == "llama":
-        return transformers.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=sizes.get("tie_word_embeddings", False), **common)
+        return transformers.LlamaConfig(
+            num_key_value_heads=2, tie_word_embeddings=sizes.get("tie_word_embeddings", False), **common
+        )
     if arch == "mistral":
         return transformers.MistralConfig(num_key_value_heads=2, sliding_window=64, tie_word_embeddings=False, **common)
     if arch == "qwen2":
-        return transformers.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=sizes.get("tie_word_embeddings", True), **common)
+        return transformers.Qwen2Config(
+            num_key_value_heads=2, tie_word_embeddings=sizes.get("tie_word_embeddings", True), **common
+        )
     raise ValueError(f"unknown tiny architecture {arch!r} ({', '.join(ARCHS)})")
 
 
@@ -137,7 +175,14 @@ def _tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def make_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, parent: str | Path | None = None, delta: float = 0.02, **overrides) -> Path:
+def make_model(
+    out_dir: str | Path,
+    arch: str = "llama",
+    seed: int = 0,
+    parent: str | Path | None = None,
+    delta: float = 0.02,
+    **overrides,
+) -> Path:
     """Write a tiny random model. With ``parent``, start from that model's weights and add noise of scale ``delta``."""
     import torch
     import transformers
@@ -146,7 +191,9 @@ def make_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, parent: 
     out = Path(out_dir)
     torch.manual_seed(seed)
     if parent is not None:
-        model = model_class(transformers.AutoConfig.from_pretrained(parent)).from_pretrained(parent, dtype=torch.float32)
+        model = model_class(transformers.AutoConfig.from_pretrained(parent)).from_pretrained(
+            parent, dtype=torch.float32
+        )
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * delta)
@@ -169,7 +216,10 @@ def make_family(root: str | Path, arch: str = "llama", fine_tunes: int = 3, **ov
     return [base] + [make_model(root / f"ft{i}", arch, seed=i, parent=base) for i in range(1, fine_tunes + 1)]
 
 
-CHAT_VARIANTS = {"chat-chatml": ("ft1", ("<|im_start|>", "<|im_end|>")), "chat-tools": ("ft2", ("<tool_call>", "</tool_call>"))}
+CHAT_VARIANTS = {
+    "chat-chatml": ("ft1", ("<|im_start|>", "<|im_end|>")),
+    "chat-tools": ("ft2", ("<tool_call>", "</tool_call>")),
+}
 
 
 def add_special_tokens(src: str | Path, out_dir: str | Path, tokens: tuple[str, ...], seed: int = 0) -> Path:
@@ -186,7 +236,9 @@ def add_special_tokens(src: str | Path, out_dir: str | Path, tokens: tuple[str, 
     model.resize_token_embeddings(len(tok), mean_resizing=False)
     with torch.no_grad():
         n = len(tokens)
-        for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}.values():
+        for emb in {
+            id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None
+        }.values():
             emb.weight[-n:] = torch.randn_like(emb.weight[-n:]) * 0.05
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)

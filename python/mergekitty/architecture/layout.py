@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import ArchitectureError
 
@@ -27,7 +28,18 @@ TEXT_CONFIG_KEYS = ("text_config", "language_config", "llm_config")
 
 _NUMBERED = re.compile(r"^(?P<prefix>.+?)\.(?P<index>\d+)\.(?P<rest>.+)$")
 # Tensors that come before the layer stack; everything else non-layer comes after.
-_PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "vision", "visual", "image", "mm_projector", "multi_modal", "patch")
+_PRE_HINTS = (
+    "embed",
+    "wte",
+    "wpe",
+    "word_embeddings",
+    "vision",
+    "visual",
+    "image",
+    "mm_projector",
+    "multi_modal",
+    "patch",
+)
 # Prefix words that mark a stack as not the language model's.
 _NON_TEXT_HINTS = ("vision", "visual", "image", "audio", "encoder", "mm_", "projector", "patch")
 _EMBED_HINTS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "lm_head", "embed_out", "tok_embeddings")

@@ -23,9 +23,10 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import ArchitectureError
 
@@ -67,7 +68,9 @@ def load_layout_override(path: str | Path) -> LayoutOverride:
         raise ArchitectureError(f"layout override {path}: unknown key(s) {unknown}; expected {sorted(_KEYS)}")
     prefix = data.get("layer_prefix")
     if not isinstance(prefix, str) or not prefix or prefix.endswith("."):
-        raise ArchitectureError(f"layout override {path}: 'layer_prefix' must be a name such as 'model.layers' (no trailing dot)")
+        raise ArchitectureError(
+            f"layout override {path}: 'layer_prefix' must be a name such as 'model.layers' (no trailing dot)"
+        )
     key = data.get("num_layers_key")
     if key is not None and not isinstance(key, str):
         raise ArchitectureError(f"layout override {path}: 'num_layers_key' must be a dotted config.json key")
@@ -82,7 +85,9 @@ def load_layout_override(path: str | Path) -> LayoutOverride:
     return LayoutOverride(prefix, key, lists["pre"], lists["post"], str(path))
 
 
-def layout_from_override(tensor_names: Iterable[str], cfg: dict[str, Any], override: LayoutOverride, where: str = "model"):
+def layout_from_override(
+    tensor_names: Iterable[str], cfg: dict[str, Any], override: LayoutOverride, where: str = "model"
+):
     """The ModelLayout that ``override`` describes, checked against the model's tensors and config."""
     from .layout import ModelLayout, _get_nested, layer_count_key
 
@@ -116,7 +121,9 @@ def layout_from_override(tensor_names: Iterable[str], cfg: dict[str, Any], overr
         if not isinstance(value, int):
             raise ArchitectureError(f"{src}: config.json has no integer '{key}' (num_layers_key)")
         if value != count:
-            raise ArchitectureError(f"{src}: config.json '{key}' is {value} but '{override.layer_prefix}' has {count} layers")
+            raise ArchitectureError(
+                f"{src}: config.json '{key}' is {value} but '{override.layer_prefix}' has {count} layers"
+            )
     else:
         key = layer_count_key(cfg)
         if key is not None and _get_nested(cfg, key) != count:

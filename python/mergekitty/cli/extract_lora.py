@@ -37,30 +37,95 @@ def _command_line(out_path: str) -> str:
 @click.option("--model", "model_opt", default=None, help="The fine-tuned model (same as FINETUNED_MODEL).")
 @click.option("--base-model", "base_opt", default=None, help="The base model (same as BASE_MODEL).")
 @click.option("--out-path", "out_opt", default=None, help="Where to write the adapter (same as OUT_PATH).")
-@click.option("-r", "--rank", "--max-rank", "rank", type=int, default=32, show_default=True, help="Largest LoRA rank of any module.")
-@click.option("--sv-epsilon", type=float, default=0.0, show_default=True, help="Adaptive rank: drop singular values at or below this (absolute) value.")
-@click.option("--energy", type=float, default=None, help="Adaptive rank: the smallest rank keeping this fraction (0-1] of each difference's squared Frobenius norm.")
-@click.option("--embed-lora/--no-embed-lora", default=False, show_default=True, help="Factor the embeddings and the head too, instead of saving them in full (modules_to_save).")
-@click.option("--extend-vocab", is_flag=True, default=False, help="Keep the rows of tokens the fine-tune added (else they are dropped).")
-@click.option("--save-module", multiple=True, help="Save this module in full (modules_to_save); full name or last component; repeatable.")
-@click.option("-i", "--include-regex", multiple=True, help="Factor only modules matching one of these regexes; repeatable.")
-@click.option("-e", "--exclude-regex", multiple=True, help="Do not factor modules matching these regexes (they are saved in full if they changed); repeatable.")
-@click.option("--skip-undecomposable", is_flag=True, default=False, help="Leave out changed tensors that cannot be factored (norms...) instead of saving them in full.")
-@click.option("--distribute-scale/--no-distribute-scale", default=True, show_default=True, help="Split the singular values between A and B (sqrt on each side), or put them all in A.")
+@click.option(
+    "-r",
+    "--rank",
+    "--max-rank",
+    "rank",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Largest LoRA rank of any module.",
+)
+@click.option(
+    "--sv-epsilon",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Adaptive rank: drop singular values at or below this (absolute) value.",
+)
+@click.option(
+    "--energy",
+    type=float,
+    default=None,
+    help="Adaptive rank: the smallest rank keeping this fraction (0-1] of each difference's squared Frobenius norm.",
+)
+@click.option(
+    "--embed-lora/--no-embed-lora",
+    default=False,
+    show_default=True,
+    help="Factor the embeddings and the head too, instead of saving them in full (modules_to_save).",
+)
+@click.option(
+    "--extend-vocab",
+    is_flag=True,
+    default=False,
+    help="Keep the rows of tokens the fine-tune added (else they are dropped).",
+)
+@click.option(
+    "--save-module",
+    multiple=True,
+    help="Save this module in full (modules_to_save); full name or last component; repeatable.",
+)
+@click.option(
+    "-i", "--include-regex", multiple=True, help="Factor only modules matching one of these regexes; repeatable."
+)
+@click.option(
+    "-e",
+    "--exclude-regex",
+    multiple=True,
+    help="Do not factor modules matching these regexes (they are saved in full if they changed); repeatable.",
+)
+@click.option(
+    "--skip-undecomposable",
+    is_flag=True,
+    default=False,
+    help="Leave out changed tensors that cannot be factored (norms...) instead of saving them in full.",
+)
+@click.option(
+    "--distribute-scale/--no-distribute-scale",
+    default=True,
+    show_default=True,
+    help="Split the singular values between A and B (sqrt on each side), or put them all in A.",
+)
 @click.option("--device", default="auto", show_default=True, help="Device for the SVDs: cpu, cuda, cuda:N or auto.")
 @click.option("--model-name", "--model_name", "model_name", default=None, help="Title of the adapter's README.")
-@click.option("--trust-remote-code/--no-trust-remote-code", default=False, show_default=True, help="Allow custom model code (used to find module types).")
+@click.option(
+    "--trust-remote-code/--no-trust-remote-code",
+    default=False,
+    show_default=True,
+    help="Allow custom model code (used to find module types).",
+)
 @click.option("--transformers-cache", default=None, help="Cache directory for models downloaded from the hub.")
-@click.option("--lazy-unpickle/--no-lazy-unpickle", default=None, help="No effect: weights are always memory-mapped (kept for compatibility).")
+@click.option(
+    "--lazy-unpickle/--no-lazy-unpickle",
+    default=None,
+    help="No effect: weights are always memory-mapped (kept for compatibility).",
+)
 @click.option("--quiet/--no-quiet", default=False, show_default=True, help="No progress bar and no per-module summary.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-def main(finetuned_model, base_model, out_path, model_opt, base_opt, out_opt, verbose, quiet, lazy_unpickle, **kwargs) -> None:
+def main(
+    finetuned_model, base_model, out_path, model_opt, base_opt, out_opt, verbose, quiet, lazy_unpickle, **kwargs
+) -> None:
     """Extract a PEFT LoRA adapter that turns BASE_MODEL into (approximately) FINETUNED_MODEL,
     and write it to OUT_PATH."""
     from rich.console import Console
 
     console = Console(stderr=True)
-    logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     finetuned = _pick(finetuned_model, model_opt, "fine-tuned model", "--model")
     base = _pick(base_model, base_opt, "base model", "--base-model")
     out = _pick(out_path, out_opt, "output path", "--out-path")
@@ -80,7 +145,14 @@ def main(finetuned_model, base_model, out_path, model_opt, base_opt, out_opt, ve
         else:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            ) as bar:
                 task = bar.add_task("extracting", total=None)
 
                 def progress(module: str, done: int, total: int) -> None:
@@ -104,13 +176,17 @@ def _summary(result, console) -> None:
 
     factored = result.factored
     cfg = result.adapter_config
-    console.print(f"[bold]rank:[/] {cfg['r']}; modules factored: {len(factored)}; saved in full: {len(result.saved_in_full)}")
+    console.print(
+        f"[bold]rank:[/] {cfg['r']}; modules factored: {len(factored)}; saved in full: {len(result.saved_in_full)}"
+    )
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     if not factored:
         return
     errors = [m.relative_error for m in factored]
-    console.print(f"[bold]relative reconstruction error[/] ||dW - BA|| / ||dW||: mean {sum(errors) / len(errors):.4g}, max {max(errors):.4g}")
+    console.print(
+        f"[bold]relative reconstruction error[/] ||dW - BA|| / ||dW||: mean {sum(errors) / len(errors):.4g}, max {max(errors):.4g}"
+    )
     table = Table(title="largest errors")
     table.add_column("module")
     table.add_column("rank", justify="right")

@@ -39,7 +39,9 @@ def main(base_model: str, adapter_model: str, output_path: str, **kwargs) -> Non
     except KeyboardInterrupt:
         console.print("[bold red]interrupted:[/] no merged model was written (partial files were removed)")
         sys.exit(130)
-    console.print(f"[green]done:[/] {len(changed)} tensors changed by the adapter; merged model written to {output_path}")
+    console.print(
+        f"[green]done:[/] {len(changed)} tensors changed by the adapter; merged model written to {output_path}"
+    )
 
 
 if __name__ == "__main__":

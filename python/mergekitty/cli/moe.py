@@ -13,18 +13,44 @@ from .options import SizeType
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.argument("out_path", type=click.Path(file_okay=False))
-@click.option("--device", default="cpu", show_default=True, help="Where the base model runs for hidden-state gates: cpu, cuda, cuda:N or auto.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Prompts per forward pass of the base model.")
-@click.option("--random-seed", type=int, default=None, help="Seed for random gates and expert noise (recorded in mergekitty_moe_config.yml); a fresh one if not given.")
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where the base model runs for hidden-state gates: cpu, cuda, cuda:N or auto.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Prompts per forward pass of the base model.",
+)
+@click.option(
+    "--random-seed",
+    type=int,
+    default=None,
+    help="Seed for random gates and expert noise (recorded in mergekitty_moe_config.yml); a fresh one if not given.",
+)
 @click.option(
     "--out-shard-size",
     type=SizeType(),
     default="5B",
     help="Maximum size of each output shard in BYTES (5B = five billion bytes, 500M, 1.5G, 512MiB; 0 = one shard). [default: 5B]",
 )
-@click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True, help="Copy the base model's tokenizer files.")
+@click.option(
+    "--copy-tokenizer/--no-copy-tokenizer",
+    default=True,
+    show_default=True,
+    help="Copy the base model's tokenizer files.",
+)
 @click.option("--quiet/--no-quiet", default=False, show_default=True, help="No progress bars.")
-@click.option("--trust-remote-code/--no-trust-remote-code", default=False, show_default=True, help="Allow custom model code when loading the base model for gates.")
+@click.option(
+    "--trust-remote-code/--no-trust-remote-code",
+    default=False,
+    show_default=True,
+    help="Allow custom model code when loading the base model for gates.",
+)
 @click.option(
     "--i-understand-this-is-not-useful-without-training",
     "allow_untrained",
@@ -46,7 +72,10 @@ def main(config_file: str, out_path: str, verbose: int, load_in_4bit: bool, load
     from ..errors import MergekittyError
 
     console = Console(stderr=True)
-    logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     if load_in_4bit or load_in_8bit:
         console.print("[yellow]note:[/] --load-in-4bit/--load-in-8bit have no effect: the base model runs unquantized")
     try:
@@ -55,13 +84,22 @@ def main(config_file: str, out_path: str, verbose: int, load_in_4bit: bool, load
 
         config = load_moe_config_file(config_file)
         result = build_moe(config, out_path, MoEOptions(**kwargs))
-        console.print(f"[green]done:[/] {result.hf_class} with {len(config.experts)} experts written to {out_path}", highlight=False)
+        console.print(
+            f"[green]done:[/] {result.hf_class} with {len(config.experts)} experts written to {out_path}",
+            highlight=False,
+        )
         if result.architecture == "deepseek":
             from ..moe.deepseek import REMOTE_CODE
 
-            console.print(f"[yellow]note:[/] transformers has no class for this model; load it with trust_remote_code=True (code from {REMOTE_CODE})", highlight=False)
+            console.print(
+                f"[yellow]note:[/] transformers has no class for this model; load it with trust_remote_code=True (code from {REMOTE_CODE})",
+                highlight=False,
+            )
         if result.used_seed:
-            console.print(f"random seed: {result.seed} (pass --random-seed {result.seed} to build the same model again)", highlight=False)
+            console.print(
+                f"random seed: {result.seed} (pass --random-seed {result.seed} to build the same model again)",
+                highlight=False,
+            )
     except MergekittyError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(1)

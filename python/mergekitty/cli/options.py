@@ -44,25 +44,66 @@ class SizeType(click.ParamType):
 def merge_options(fn):
     """Decorate a click command with every merge option; they arrive as keyword arguments."""
     opts = [
-        click.option("--device", default=None, help="Device for the merge arithmetic: cpu, cuda, cuda:N or auto. [default: cpu]"),
+        click.option(
+            "--device", default=None, help="Device for the merge arithmetic: cpu, cuda, cuda:N or auto. [default: cpu]"
+        ),
         click.option("--cuda/--no-cuda", default=False, help="Same as --device cuda."),
         click.option("--compute-device", default=None, help="Same as --device (mergekitty 0.3 spelling)."),
         click.option("--gpu-rich", is_flag=True, default=False, help="Same as --device cuda."),
-        click.option("-j", "--threads", "--num-threads", "threads", type=int, default=0, help="CPU threads for the native kernels and torch; 0 uses every core. [default: 0]"),
+        click.option(
+            "-j",
+            "--threads",
+            "--num-threads",
+            "threads",
+            type=int,
+            default=0,
+            help="CPU threads for the native kernels and torch; 0 uses every core. [default: 0]",
+        ),
         click.option(
             "--out-shard-size",
             type=SizeType(),
             default="5B",
             help="Maximum size of each output shard in BYTES (5B = five billion bytes, 500M, 1.5G, 512MiB; 0 = one shard). [default: 5B]",
         ),
-        click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True, help="Copy the tokenizer files of the base (or first) model."),
-        click.option("--write-model-card/--no-write-model-card", default=True, show_default=True, help="Write README.md and mergekitty_config.yml."),
-        click.option("--allow-crimes/--no-allow-crimes", default=False, show_default=True, help="Allow merging models of different architectures."),
-        click.option("--layout-override", type=click.Path(dir_okay=False), default=None, help="A layout file (JSON/YAML) stating the layer stack of models whose tensor names are not understood; see README 'Model layouts'."),
-        click.option("--trust-remote-code/--no-trust-remote-code", default=False, show_default=True, help="Allow custom model code from the hub where configs need it."),
-        click.option("--random-seed", type=int, default=None, help="Seed for random merge methods; recorded in the model card."),
+        click.option(
+            "--copy-tokenizer/--no-copy-tokenizer",
+            default=True,
+            show_default=True,
+            help="Copy the tokenizer files of the base (or first) model.",
+        ),
+        click.option(
+            "--write-model-card/--no-write-model-card",
+            default=True,
+            show_default=True,
+            help="Write README.md and mergekitty_config.yml.",
+        ),
+        click.option(
+            "--allow-crimes/--no-allow-crimes",
+            default=False,
+            show_default=True,
+            help="Allow merging models of different architectures.",
+        ),
+        click.option(
+            "--layout-override",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="A layout file (JSON/YAML) stating the layer stack of models whose tensor names are not understood; see README 'Model layouts'.",
+        ),
+        click.option(
+            "--trust-remote-code/--no-trust-remote-code",
+            default=False,
+            show_default=True,
+            help="Allow custom model code from the hub where configs need it.",
+        ),
+        click.option(
+            "--random-seed", type=int, default=None, help="Seed for random merge methods; recorded in the model card."
+        ),
         click.option("--transformers-cache", default=None, help="Cache directory for models downloaded from the hub."),
-        click.option("--lora-merge-cache", default=None, help="No effect (kept for compatibility): model+lora adapters are applied tensor by tensor while streaming; nothing is cached."),
+        click.option(
+            "--lora-merge-cache",
+            default=None,
+            help="No effect (kept for compatibility): model+lora adapters are applied tensor by tensor while streaming; nothing is cached.",
+        ),
         click.option(
             "--lora-merge-dtype",
             type=click.Choice(["bfloat16", "float16", "float32"]),
@@ -70,16 +111,28 @@ def merge_options(fn):
             help="dtype the tensors a model+lora adapter changes are rounded to before merging. [default: the base tensor's dtype]",
         ),
         click.option("--quiet/--no-quiet", default=False, show_default=True, help="No progress bar."),
-        click.option("--dry-run", is_flag=True, default=False, help="Print the plan (layer map, sizes, memory estimate) and read no weights."),
+        click.option(
+            "--dry-run",
+            is_flag=True,
+            default=False,
+            help="Print the plan (layer map, sizes, memory estimate) and read no weights.",
+        ),
         click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug)."),
-        click.option("--safe-serialization/--no-safe-serialization", default=True, show_default=True, help="Output is always safetensors; --no-safe-serialization is ignored."),
+        click.option(
+            "--safe-serialization/--no-safe-serialization",
+            default=True,
+            show_default=True,
+            help="Output is always safetensors; --no-safe-serialization is ignored.",
+        ),
         click.option("--unsafe-truncate-embeddings", is_flag=True, default=False, hidden=True),
         # no effect here, accepted for existing scripts
         click.option("--lazy-unpickle/--no-lazy-unpickle", default=None, help="No effect (kept for compatibility)."),
         click.option("--clone-tensors/--no-clone-tensors", default=None, help="No effect (kept for compatibility)."),
         click.option("--low-cpu-memory", is_flag=True, default=None, help="No effect (kept for compatibility)."),
         click.option("--read-to-gpu", is_flag=True, default=None, help="No effect (kept for compatibility)."),
-        click.option("--load-to-compute/--no-load-to-compute", default=None, help="No effect (kept for compatibility)."),
+        click.option(
+            "--load-to-compute/--no-load-to-compute", default=None, help="No effect (kept for compatibility)."
+        ),
         click.option("--storage-device", default=None, help="No effect (kept for compatibility)."),
         click.option("--multi-gpu", is_flag=True, default=None, help="No effect (kept for compatibility)."),
         click.option("--async-write/--no-async-write", default=None, help="No effect (kept for compatibility)."),
@@ -94,7 +147,10 @@ def build_options(kwargs: dict, console) -> tuple:
     from ..api import MergeOptions
 
     verbose = kwargs.pop("verbose", 0)
-    logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     for name, why in NO_EFFECT.items():
         if kwargs.pop(name, None) not in (None, False):
             console.print(f"[yellow]note:[/] --{name.replace('_', '-')} has no effect: {why}")

@@ -55,13 +55,15 @@ class _SafetensorsShard:
     def view(self, info: TensorInfo):
         return self.handle.view(info.name)
 
-    def tensor(self, info: TensorInfo) -> "torch.Tensor":
+    def tensor(self, info: TensorInfo) -> torch.Tensor:
         import torch
 
         view = self.handle.view(info.name)
         dtype = torch_dtype(info.dtype)
         if dtype is None:
-            raise ModelFormatError(f"{self.handle.path}: tensor '{info.name}' has dtype {info.dtype}, which torch cannot hold")
+            raise ModelFormatError(
+                f"{self.handle.path}: tensor '{info.name}' has dtype {info.dtype}, which torch cannot hold"
+            )
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
         with warnings.catch_warnings():
@@ -107,7 +109,7 @@ class _BinShard:
     def view(self, info: TensorInfo):
         return None  # pickled tensors are read through torch
 
-    def tensor(self, info: TensorInfo) -> "torch.Tensor":
+    def tensor(self, info: TensorInfo) -> torch.Tensor:
         return self.tensors[info.name].contiguous()
 
     def prefetch(self, name: str) -> None:
@@ -178,7 +180,9 @@ class Checkpoint:
         for name, file_name in self._index_map.items():
             info = self.infos.get(name)
             if info is None or info.file != file_name:
-                raise ModelFormatError(f"{self.directory}: the index puts tensor '{name}' in {file_name}, but it is not there")
+                raise ModelFormatError(
+                    f"{self.directory}: the index puts tensor '{name}' in {file_name}, but it is not there"
+                )
 
     def _shard(self, file_name: str):
         shard = self._shards.get(file_name)
@@ -194,7 +198,7 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.infos)
 
-    def tensor(self, name: str) -> "torch.Tensor":
+    def tensor(self, name: str) -> torch.Tensor:
         info = self.infos[name]
         return self._shard(info.file).tensor(info)
 

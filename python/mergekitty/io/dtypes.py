@@ -6,7 +6,7 @@ torch is imported only when a torch dtype is asked for, so the native CPU path
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ def nbytes(code: str, numel: int) -> int:
     return (numel * _BITS[code] + 7) // 8
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tables() -> tuple[dict, dict]:
     import torch
 
@@ -45,10 +45,10 @@ def _tables() -> tuple[dict, dict]:
     return code_to_torch, {v: k for k, v in code_to_torch.items()}
 
 
-def torch_dtype(code: str) -> "torch.dtype | None":
+def torch_dtype(code: str) -> torch.dtype | None:
     """The torch dtype for a safetensors code, None if torch has none (sub-byte floats)."""
     return _tables()[0].get(code)
 
 
-def code_of(dtype: "torch.dtype") -> str | None:
+def code_of(dtype: torch.dtype) -> str | None:
     return _tables()[1].get(dtype)

@@ -147,9 +147,13 @@ class Adapter:
         full_candidates: dict[str, tuple[int, str]] = {}
         for key in infos:
             if not key.startswith(PEFT_PREFIX):
-                raise ModelFormatError(f"{where}: tensor '{key}' does not start with '{PEFT_PREFIX}' (not a PEFT adapter)")
+                raise ModelFormatError(
+                    f"{where}: tensor '{key}' does not start with '{PEFT_PREFIX}' (not a PEFT adapter)"
+                )
             name = key[len(PEFT_PREFIX) :]
-            m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.(weight|bias)", name) or re.fullmatch(r"(.+)\.(lora_embedding_A|lora_embedding_B)", name)
+            m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.(weight|bias)", name) or re.fullmatch(
+                r"(.+)\.(lora_embedding_A|lora_embedding_B)", name
+            )
             if m:
                 module, part = m.group(1), m.group(2)
                 kind = "embedding" if "embedding" in part else "linear"
@@ -159,9 +163,13 @@ class Adapter:
                 pairs.setdefault((module, kind), {})[slot] = key
                 continue
             if "lora_magnitude_vector" in name:
-                raise ModelFormatError(f"{where}: tensor '{key}' belongs to a DoRA adapter, which cannot be applied (only plain LoRA)")
+                raise ModelFormatError(
+                    f"{where}: tensor '{key}' belongs to a DoRA adapter, which cannot be applied (only plain LoRA)"
+                )
             if ".lora_" in name or ".token_adapter." in name or "trainable_tokens" in name:
-                raise ModelFormatError(f"{where}: tensor '{key}' is not a LoRA factor or a full weight this tool understands")
+                raise ModelFormatError(
+                    f"{where}: tensor '{key}' is not a LoRA factor or a full weight this tool understands"
+                )
             module, _, param = name.rpartition(".")
             infix = ""
             for candidate in _FULL_INFIXES[:1] + _FULL_INFIXES[2:]:
@@ -178,10 +186,14 @@ class Adapter:
         for (module, kind), slots in pairs.items():
             if "A" not in slots or "B" not in slots:
                 missing = "A" if "A" not in slots else "B"
-                raise ModelFormatError(f"{where}: module '{module}' has lora_{'embedding_' if kind == 'embedding' else ''}{missing} missing (incomplete LoRA pair)")
+                raise ModelFormatError(
+                    f"{where}: module '{module}' has lora_{'embedding_' if kind == 'embedding' else ''}{missing} missing (incomplete LoRA pair)"
+                )
             a_shape, b_shape = infos[slots["A"]].shape, infos[slots["B"]].shape
             if len(a_shape) != 2 or len(b_shape) != 2:
-                raise ModelFormatError(f"{where}: module '{module}': only 2-D LoRA factors (linear, embedding) can be applied, got {list(a_shape)} and {list(b_shape)}")
+                raise ModelFormatError(
+                    f"{where}: module '{module}': only 2-D LoRA factors (linear, embedding) can be applied, got {list(a_shape)} and {list(b_shape)}"
+                )
             rank, inner = a_shape[0], b_shape[1]
             if rank != inner:
                 raise ModelFormatError(f"{where}: module '{module}': lora_A has rank {rank} but lora_B has {inner}")

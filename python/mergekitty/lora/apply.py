@@ -51,7 +51,14 @@ def _numel(shape) -> int:
 class LoraCheckpoint:
     """``base`` with ``adapter`` applied; a drop-in for ``Checkpoint``."""
 
-    def __init__(self, base: Checkpoint, adapter: Adapter, label: str | None = None, device: str = "cpu", merge_dtype: str | None = None):
+    def __init__(
+        self,
+        base: Checkpoint,
+        adapter: Adapter,
+        label: str | None = None,
+        device: str = "cpu",
+        merge_dtype: str | None = None,
+    ):
         self.base = base
         self.merge_dtype = merge_dtype  # safetensors code the changed tensors are rounded to; None: the base's
         self.adapter = adapter
@@ -102,7 +109,9 @@ class LoraCheckpoint:
         for target, lora in self.adapter.modules.items():
             source = self._resolve(target)
             if source is None:
-                raise self._error(f"module '{lora.module}' matches no tensor of the base (no '{target}'; is the adapter for a different model?)")
+                raise self._error(
+                    f"module '{lora.module}' matches no tensor of the base (no '{target}'; is the adapter for a different model?)"
+                )
             info = self._source_info(source)
             a_shape, b_shape = self.adapter.factor_shapes(lora)
             want = lora.delta_shape(a_shape, b_shape)
@@ -121,11 +130,17 @@ class LoraCheckpoint:
             shape = tuple(self.adapter.checkpoint.infos[key].shape)
             source = self._resolve(target)
             if source is None:
-                raise self._error(f"tensor '{key}' replaces '{target}', which the base does not have (is the adapter for a different model?)")
+                raise self._error(
+                    f"tensor '{key}' replaces '{target}', which the base does not have (is the adapter for a different model?)"
+                )
             info = self._source_info(source)
-            rows_only = is_embedding_name(target) and len(shape) == len(info.shape) >= 1 and shape[1:] == tuple(info.shape[1:])
+            rows_only = (
+                is_embedding_name(target) and len(shape) == len(info.shape) >= 1 and shape[1:] == tuple(info.shape[1:])
+            )
             if shape != tuple(info.shape) and not rows_only:
-                raise self._error(f"tensor '{key}' has shape {list(shape)} but the base's '{source[1]}' is {list(info.shape)} (is the adapter for a different model?)")
+                raise self._error(
+                    f"tensor '{key}' has shape {list(shape)} but the base's '{source[1]}' is {list(info.shape)} (is the adapter for a different model?)"
+                )
             dtype = info.dtype if source[0] == "base" else self.adapter.checkpoint.infos[key].dtype
             self._ops[target] = _Op("full", self._result_dtype(dtype), shape, key=key, source=source)
             if target not in self.base.infos:
@@ -133,21 +148,38 @@ class LoraCheckpoint:
         for target in added:
             if self._still_tied(target):
                 del self._ops[target]
-                log.info("%s: the adapter changes the tied head '%s' exactly like the embedding; it stays tied", self.label, target)
+                log.info(
+                    "%s: the adapter changes the tied head '%s' exactly like the embedding; it stays tied",
+                    self.label,
+                    target,
+                )
                 continue
             self._config["tie_word_embeddings"] = False
             for sub in ("text_config",):
                 if isinstance(self._config.get(sub), dict) and "tie_word_embeddings" in self._config[sub]:
                     self._config[sub]["tie_word_embeddings"] = False
-            log.info("%s: the adapter changes the head '%s' apart from the tied embedding; the result unties them", self.label, target)
+            log.info(
+                "%s: the adapter changes the head '%s' apart from the tied embedding; the result unties them",
+                self.label,
+                target,
+            )
         for target, op in self._ops.items():
             src = self.base.infos.get(target) or self._source_info(op.source)
-            self.infos[target] = TensorInfo(target, op.dtype, op.shape, src.file, src.start, nbytes(op.dtype, _numel(op.shape)))
+            self.infos[target] = TensorInfo(
+                target, op.dtype, op.shape, src.file, src.start, nbytes(op.dtype, _numel(op.shape))
+            )
         # with a merge dtype the whole adapted model is in it, as if it had been saved so
         self._cast: set[str] = set()
         for name, info in self.base.infos.items():
             if name not in self._ops and self._result_dtype(info.dtype) != info.dtype:
-                self.infos[name] = TensorInfo(name, self.merge_dtype, info.shape, info.file, info.start, nbytes(self.merge_dtype, _numel(info.shape)))
+                self.infos[name] = TensorInfo(
+                    name,
+                    self.merge_dtype,
+                    info.shape,
+                    info.file,
+                    info.start,
+                    nbytes(self.merge_dtype, _numel(info.shape)),
+                )
                 self._cast.add(name)
         self._check_vocabulary()
 
@@ -164,8 +196,12 @@ class LoraCheckpoint:
         if info is None:
             raise self._error(f"module '{lora.module}' has a lora_B.bias but the base has no '{target}' to add it to")
         if tuple(info.shape) != b_shape:
-            raise self._error(f"module '{lora.module}': lora_B.bias is {list(b_shape)} but '{target}' is {list(info.shape)}")
-        self._ops[target] = _Op("bias", self._result_dtype(info.dtype), tuple(info.shape), lora=lora, source=("base", target))
+            raise self._error(
+                f"module '{lora.module}': lora_B.bias is {list(b_shape)} but '{target}' is {list(info.shape)}"
+            )
+        self._ops[target] = _Op(
+            "bias", self._result_dtype(info.dtype), tuple(info.shape), lora=lora, source=("base", target)
+        )
 
     def _still_tied(self, head: str) -> bool:
         """Whether the adapter changes a tied head exactly as it changes the embedding it is tied to."""
@@ -200,8 +236,16 @@ class LoraCheckpoint:
         if rows == self.base.infos[embedding].shape[0]:
             return
         for name, info in self.infos.items():
-            if name != embedding and is_embedding_name(name) and len(info.shape) == 2 and info.shape[0] != rows and info.shape[1:] == self.infos[embedding].shape[1:]:
-                raise self._error(f"the adapter gives '{embedding}' {rows} rows but '{name}' keeps {info.shape[0]}; both must follow the vocabulary")
+            if (
+                name != embedding
+                and is_embedding_name(name)
+                and len(info.shape) == 2
+                and info.shape[0] != rows
+                and info.shape[1:] == self.infos[embedding].shape[1:]
+            ):
+                raise self._error(
+                    f"the adapter gives '{embedding}' {rows} rows but '{name}' keeps {info.shape[0]}; both must follow the vocabulary"
+                )
         _set_vocab_size(self._config, rows)
 
     # ------------------------------------------------------------------ Checkpoint interface
@@ -234,11 +278,11 @@ class LoraCheckpoint:
         if op is not None and op.source is not None and op.source[0] == "base" and op.source[1] != name:
             self.base.release(op.source[1])
 
-    def _source(self, source: tuple[str, str]) -> "torch.Tensor":
+    def _source(self, source: tuple[str, str]) -> torch.Tensor:
         where, name = source
         return (self.adapter.checkpoint if where == "adapter" else self.base).tensor(name)
 
-    def delta(self, lora: LoraModule) -> "torch.Tensor":
+    def delta(self, lora: LoraModule) -> torch.Tensor:
         """``scale * B @ A`` in float32, laid out like the base weight."""
         import torch
 
@@ -250,7 +294,7 @@ class LoraCheckpoint:
             d = d.T
         return d.mul_(lora.scale) if d.is_contiguous() else d * lora.scale
 
-    def tensor(self, name: str) -> "torch.Tensor":
+    def tensor(self, name: str) -> torch.Tensor:
         import torch
 
         op = self._ops.get(name)
@@ -269,7 +313,9 @@ class LoraCheckpoint:
         return out.to("cpu", dtype).contiguous()
 
 
-def open_lora_checkpoint(base: Checkpoint, adapter_dir, label: str | None = None, device: str = "cpu", merge_dtype: str | None = None) -> LoraCheckpoint:
+def open_lora_checkpoint(
+    base: Checkpoint, adapter_dir, label: str | None = None, device: str = "cpu", merge_dtype: str | None = None
+) -> LoraCheckpoint:
     """``merge_dtype``: a config dtype name (bfloat16, float16, float32) the changed tensors are rounded to."""
     from ..io.dtypes import CONFIG_NAME_TO_CODE
 

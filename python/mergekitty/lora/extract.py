@@ -29,9 +29,10 @@ import math
 import os
 import re
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..errors import ArchitectureError, ConfigError, OutputError, PlanError
 from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
@@ -166,7 +167,9 @@ def _architecture_modules(model_dir: Path, cfg: dict[str, Any], layout, trust_re
             kinds[name] = "other"
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     tied = inp is not None and out is not None and getattr(out, "weight", None) is getattr(inp, "weight", 0)
-    return _Modules(kinds, names.get(id(inp)) if inp is not None else None, names.get(id(out)) if out is not None else None, tied)
+    return _Modules(
+        kinds, names.get(id(inp)) if inp is not None else None, names.get(id(out)) if out is not None else None, tied
+    )
 
 
 def _matches(module: str, names: Sequence[str]) -> bool:
@@ -189,11 +192,17 @@ def _plan(ft, base, ft_layout, mods: _Modules, opts: dict[str, Any]) -> tuple[li
         # a head missing from a base with tied embeddings: the base's embedding is its head
         if head is not None and emb is not None and name == f"{head}.weight" and f"{emb}.weight" in base:
             return f"{emb}.weight"
-        raise PlanError(f"tensor '{name}' of the fine-tune {ft.label} is not in the base {base.label} (are they the same architecture?)")
+        raise PlanError(
+            f"tensor '{name}' of the fine-tune {ft.label} is not in the base {base.label} (are they the same architecture?)"
+        )
 
     for name in base.names():
-        if name not in ft and not (emb is not None and head is not None and name == f"{head}.weight" and f"{emb}.weight" in ft):
-            raise PlanError(f"tensor '{name}' of the base {base.label} is missing from the fine-tune {ft.label} (are they the same architecture?)")
+        if name not in ft and not (
+            emb is not None and head is not None and name == f"{head}.weight" and f"{emb}.weight" in ft
+        ):
+            raise PlanError(
+                f"tensor '{name}' of the base {base.label} is missing from the fine-tune {ft.label} (are they the same architecture?)"
+            )
 
     vocab_rows: int | None = None  # rows the adapter's embedding and head keep
     vocab_modules = [m for m in (emb, head) if m is not None and f"{m}.weight" in ft]
@@ -203,7 +212,9 @@ def _plan(ft, base, ft_layout, mods: _Modules, opts: dict[str, Any]) -> tuple[li
         if fs[1:] != bs[1:]:
             raise PlanError(f"tensor '{name}': the fine-tune has shape {list(fs)} but the base has {list(bs)}")
         if fs[0] < bs[0]:
-            raise PlanError(f"tensor '{name}': the fine-tune has fewer vocabulary rows ({fs[0]}) than the base ({bs[0]}); an adapter cannot remove rows")
+            raise PlanError(
+                f"tensor '{name}': the fine-tune has fewer vocabulary rows ({fs[0]}) than the base ({bs[0]}); an adapter cannot remove rows"
+            )
         if fs[0] > bs[0]:
             keep = fs[0] if opts["extend_vocab"] else bs[0]
             if vocab_rows is None:
@@ -218,7 +229,9 @@ def _plan(ft, base, ft_layout, mods: _Modules, opts: dict[str, Any]) -> tuple[li
                         "(pass --extend-vocab to keep them)"
                     )
             vocab_rows = keep
-    extended = opts["extend_vocab"] and any(ft.infos[f"{m}.weight"].shape[0] > base.infos[base_name(f"{m}.weight")].shape[0] for m in vocab_modules)
+    extended = opts["extend_vocab"] and any(
+        ft.infos[f"{m}.weight"].shape[0] > base.infos[base_name(f"{m}.weight")].shape[0] for m in vocab_modules
+    )
     embed_lora = opts["embed_lora"]
     if embed_lora and extended:
         notes.append("--embed-lora is off for the embeddings: the vocabulary sizes differ, so they are saved in full")
@@ -233,7 +246,9 @@ def _plan(ft, base, ft_layout, mods: _Modules, opts: dict[str, Any]) -> tuple[li
         bnames = {p: base_name(n) for p, n in params.items()}
         for p, n in params.items():
             if module not in vocab_modules and ft.infos[n].shape != base.infos[bnames[p]].shape:
-                raise PlanError(f"tensor '{n}': the fine-tune has shape {list(ft.infos[n].shape)} but the base has {list(base.infos[bnames[p]].shape)}")
+                raise PlanError(
+                    f"tensor '{n}': the fine-tune has shape {list(ft.infos[n].shape)} but the base has {list(base.infos[bnames[p]].shape)}"
+                )
         also = (tied_head,) if module == emb and tied_head else ()
         rows = vocab_rows if module in vocab_modules else None
         weight = params.get("weight")
@@ -249,7 +264,9 @@ def _plan(ft, base, ft_layout, mods: _Modules, opts: dict[str, Any]) -> tuple[li
         elif two_d and (mods.kinds is None or mods.kinds.get(module, "unknown") in ("linear", "conv1d", "unknown")):
             if mods.kinds is not None and module not in mods.kinds:
                 unknown.append(module)
-            excluded = (include and not any(r.search(module) for r in include)) or any(r.search(module) for r in exclude)
+            excluded = (include and not any(r.search(module) for r in include)) or any(
+                r.search(module) for r in exclude
+            )
             conv1d = mods.kinds is not None and mods.kinds.get(module) == "conv1d"
             tasks.append(_Task(module, "other" if excluded else "lora", params, bnames, fan_in_fan_out=conv1d))
         else:
@@ -261,7 +278,9 @@ def _plan(ft, base, ft_layout, mods: _Modules, opts: dict[str, Any]) -> tuple[li
         )
     fifo = {t.fan_in_fan_out for t in tasks if t.treatment == "lora"}
     if len(fifo) > 1:
-        notes.append("the model mixes Conv1D and Linear layers; the Linear ones are saved in full (one fan_in_fan_out per adapter)")
+        notes.append(
+            "the model mixes Conv1D and Linear layers; the Linear ones are saved in full (one fan_in_fan_out per adapter)"
+        )
         for t in tasks:
             if t.treatment == "lora" and not t.fan_in_fan_out:
                 t.treatment = "other"
@@ -319,11 +338,14 @@ def _readme(result: ExtractionResult, finetuned: str, base: str, title: str, com
         "",
         f"* Fine-tuned model: {_link(finetuned)}",
         f"* Base model: {_link(base)}",
-        f"* Rank: {cfg['r']} (lora_alpha {cfg['lora_alpha']}, scale 1)" + (f"; {len(cfg['rank_pattern'])} modules with lower ranks in rank_pattern" if cfg["rank_pattern"] else ""),
+        f"* Rank: {cfg['r']} (lora_alpha {cfg['lora_alpha']}, scale 1)"
+        + (f"; {len(cfg['rank_pattern'])} modules with lower ranks in rank_pattern" if cfg["rank_pattern"] else ""),
         f"* Modules factored: {len(factored)}; saved in full (modules_to_save): {', '.join(cfg['modules_to_save'] or []) or 'none'}",
     ]
     if errors:
-        lines.append(f"* Relative reconstruction error ||dW - BA||_F / ||dW||_F: mean {sum(errors) / len(errors):.4g}, max {max(errors):.4g}")
+        lines.append(
+            f"* Relative reconstruction error ||dW - BA||_F / ||dW||_F: mean {sum(errors) / len(errors):.4g}, max {max(errors):.4g}"
+        )
     for note in result.notes:
         lines.append(f"* Note: {note}")
     if command:
@@ -398,7 +420,9 @@ def extract_lora(
         if ref.lora is not None:
             from .apply import open_lora_checkpoint
 
-            ckpt = open_lora_checkpoint(ckpt, resolve_local_path(ref.lora.path, ref.lora.revision, transformers_cache), label=str(ref))
+            ckpt = open_lora_checkpoint(
+                ckpt, resolve_local_path(ref.lora.path, ref.lora.revision, transformers_cache), label=str(ref)
+            )
         return Path(path), ckpt
 
     ft_dir, ft = open_model(str(finetuned))
@@ -406,7 +430,9 @@ def extract_lora(
     out = Path(out_path).expanduser()
     for src in (ft_dir, base_dir):
         if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-            raise OutputError(f"output directory {out_path} is (inside) the input model {src}; choose another directory")
+            raise OutputError(
+                f"output directory {out_path} is (inside) the input model {src}; choose another directory"
+            )
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path {out_path} exists and is not a directory")
     ft_cfg = ft.config()
@@ -415,7 +441,13 @@ def extract_lora(
     except ArchitectureError:
         layout = None  # only needed to find the embeddings when transformers cannot build the model
     mods = _architecture_modules(ft_dir, ft_cfg, layout, trust_remote_code)
-    opts = dict(extend_vocab=extend_vocab, embed_lora=embed_lora, save_modules=list(save_modules), include=list(include), exclude=list(exclude))
+    opts = dict(
+        extend_vocab=extend_vocab,
+        embed_lora=embed_lora,
+        save_modules=list(save_modules),
+        include=list(include),
+        exclude=list(exclude),
+    )
     tasks, notes = _plan(ft, bs, layout, mods, opts)
     for note in notes:
         log.warning("%s", note)
@@ -431,7 +463,9 @@ def extract_lora(
         torch.manual_seed(seed)
         for i, task in enumerate(tasks):
             written = len(tensors)
-            result = _run_task(task, ft, bs, dev, rank, sv_epsilon, energy, tensors, skip_undecomposable, distribute_scale)
+            result = _run_task(
+                task, ft, bs, dev, rank, sv_epsilon, energy, tensors, skip_undecomposable, distribute_scale
+            )
             if result.treatment == "full":
                 full_modules.extend((task.module, *task.also))
             elif result.treatment in ("lora", "embedding_lora"):
@@ -450,9 +484,18 @@ def extract_lora(
             if progress is not None:
                 progress(task.module, i + 1, len(tasks))
     if skipped:
-        notes.append(f"{len(skipped)} changed module(s) that cannot be factored were left out (--skip-undecomposable): {', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''}")
+        notes.append(
+            f"{len(skipped)} changed module(s) that cannot be factored were left out (--skip-undecomposable): {', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''}"
+        )
 
-    config = _adapter_config(lora_modules, full_modules, lora_bias, any(t.fan_in_fan_out for t in tasks if t.module in lora_modules), mods, str(base))
+    config = _adapter_config(
+        lora_modules,
+        full_modules,
+        lora_bias,
+        any(t.fan_in_fan_out for t in tasks if t.module in lora_modules),
+        mods,
+        str(base),
+    )
     result = ExtractionResult(out, config, [r for r in results if r.treatment != "skipped"], notes)
     _write_output(result, tensors, ft_dir, str(finetuned), str(base), model_name or out.name, command)
     return result
@@ -474,7 +517,9 @@ def _load_pair(task: _Task, param: str, ft, bs, dev):
     return f, b
 
 
-def _run_task(task: _Task, ft, bs, dev, max_rank, sv_epsilon, energy, tensors, skip_undecomposable, distribute_scale=True) -> ModuleResult:
+def _run_task(
+    task: _Task, ft, bs, dev, max_rank, sv_epsilon, energy, tensors, skip_undecomposable, distribute_scale=True
+) -> ModuleResult:
     import torch
 
     weight = task.ft.get("weight")
@@ -512,7 +557,9 @@ def _run_task(task: _Task, ft, bs, dev, max_rank, sv_epsilon, energy, tensors, s
             bias_changed = True
     other = [p for p in task.ft if p not in ("weight", "bias")]
     if other:
-        raise PlanError(f"module '{task.module}' has parameters {other} besides weight and bias; name it with --save-module")
+        raise PlanError(
+            f"module '{task.module}' has parameters {other} besides weight and bias; name it with --save-module"
+        )
     if task.fan_in_fan_out:
         dw = dw.T
     total_sq = float(torch.linalg.vector_norm(dw.double()) ** 2)
@@ -525,7 +572,9 @@ def _run_task(task: _Task, ft, bs, dev, max_rank, sv_epsilon, energy, tensors, s
     right = s[:k] / left
     lora_b = (u[:, :k] * left).to(f.dtype)
     lora_a = (right[:, None] * vh[:k]).to(f.dtype)
-    err = float(torch.linalg.vector_norm(dw - lora_b.to(torch.float32) @ lora_a.to(torch.float32))) / math.sqrt(total_sq)
+    err = float(torch.linalg.vector_norm(dw - lora_b.to(torch.float32) @ lora_a.to(torch.float32))) / math.sqrt(
+        total_sq
+    )
     if task.treatment == "embedding_lora":
         tensors.append((f"{PEFT_PREFIX}{task.module}.lora_embedding_A", lora_b.T.contiguous()))
         tensors.append((f"{PEFT_PREFIX}{task.module}.lora_embedding_B", lora_a.T.contiguous()))
@@ -538,7 +587,14 @@ def _run_task(task: _Task, ft, bs, dev, max_rank, sv_epsilon, energy, tensors, s
     return ModuleResult(task.module, task.treatment, shape, k, err)
 
 
-def _adapter_config(lora_modules: dict[str, int], full_modules: list[str], lora_bias: bool, fan_in_fan_out: bool, mods: _Modules, base: str) -> dict[str, Any]:
+def _adapter_config(
+    lora_modules: dict[str, int],
+    full_modules: list[str],
+    lora_bias: bool,
+    fan_in_fan_out: bool,
+    mods: _Modules,
+    base: str,
+) -> dict[str, Any]:
     ranks = [r for r in lora_modules.values() if r > 0]
     r = max(ranks) if ranks else 1
     targets = sorted({m.rsplit(".", 1)[-1] for m in lora_modules})
@@ -572,7 +628,9 @@ def _adapter_config(lora_modules: dict[str, int], full_modules: list[str], lora_
     }
 
 
-def _write_output(result: ExtractionResult, tensors, ft_dir: Path, finetuned: str, base: str, title: str, command: str | None) -> None:
+def _write_output(
+    result: ExtractionResult, tensors, ft_dir: Path, finetuned: str, base: str, title: str, command: str | None
+) -> None:
     from .. import __version__
     from ..api import _atomic_write
     from ..tokenizer.write import TOKENIZER_FILES, copy_tokenizer
@@ -590,11 +648,16 @@ def _write_output(result: ExtractionResult, tensors, ft_dir: Path, finetuned: st
         "r": result.adapter_config["r"],
         "notes": result.notes,
         "modules": {
-            m.module: {"treatment": m.treatment, "rank": m.rank, "relative_error": m.relative_error, "shape": list(m.shape)} for m in result.modules
+            m.module: {
+                "treatment": m.treatment,
+                "rank": m.rank,
+                "relative_error": m.relative_error,
+                "shape": list(m.shape),
+            }
+            for m in result.modules
         },
     }
     _atomic_write(out / REPORT_FILE, json.dumps(report, indent=2) + "\n")
     _atomic_write(out / "README.md", _readme(result, finetuned, base, title, command))
     # adapter_config.json last: until it exists the directory does not load as an adapter
     _atomic_write(out / ADAPTER_CONFIG, json.dumps(result.adapter_config, indent=2) + "\n")
-

@@ -14,9 +14,10 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import OutputError
 
@@ -86,7 +87,9 @@ def merge_lora(
     lora = Adapter(adapter_dir, label=str(adapter))
     named = lora.base_model_name
     if named and Path(named).name != Path(str(base_ref.path)).name:
-        log.warning("adapter %s was made for '%s', not '%s'; applying it anyway (shapes are checked)", adapter, named, base)
+        log.warning(
+            "adapter %s was made for '%s', not '%s'; applying it anyway (shapes are checked)", adapter, named, base
+        )
     device = options.resolved_device()
     model = LoraCheckpoint(Checkpoint(Path(base_dir), label=str(base)), lora, label=f"{base}+{adapter}", device=device)
 
@@ -105,7 +108,9 @@ def merge_lora(
     _prepare_out_dir(out)
     layout = [(n, model.infos[n].dtype, list(model.infos[n].shape)) for n in names]
     try:
-        writer = _native.ShardWriter(str(out), layout, options.out_shard_size, None, {"mergekitty_version": __version__})
+        writer = _native.ShardWriter(
+            str(out), layout, options.out_shard_size, None, {"mergekitty_version": __version__}
+        )
     except OSError as exc:
         raise OutputError(f"cannot write to {out}: {exc}") from None
     try:

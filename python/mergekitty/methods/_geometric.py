@@ -21,14 +21,14 @@ COLINEAR_DOT = 0.9995
 ZERO_NORM = 1e-12
 
 
-def f32(x: "torch.Tensor") -> "torch.Tensor":
+def f32(x: torch.Tensor) -> torch.Tensor:
     """``x`` as float32 (no copy when it already is; callers never write into it)."""
     import torch
 
     return x if x.dtype == torch.float32 else x.float()
 
 
-def finish(result: "torch.Tensor", inputs: "MergeInputs") -> "torch.Tensor":
+def finish(result: torch.Tensor, inputs: MergeInputs) -> torch.Tensor:
     """Hand ``result`` back in the output dtype, written into ``inputs.out`` when given."""
     if inputs.out is not None:
         inputs.out.copy_(result.reshape(inputs.out.shape))
@@ -36,7 +36,7 @@ def finish(result: "torch.Tensor", inputs: "MergeInputs") -> "torch.Tensor":
     return result.to(inputs.out_dtype or result.dtype)
 
 
-def trivial(inputs: "MergeInputs") -> "torch.Tensor | None":
+def trivial(inputs: MergeInputs) -> torch.Tensor | None:
     """The result when there is nothing to compute, else None.
 
     - no non-base tensors: the base, unchanged;
@@ -51,11 +51,13 @@ def trivial(inputs: "MergeInputs") -> "torch.Tensor | None":
         first = every[0]
         if all(t.shape == first.shape and bool((t == first).all()) for t in every[1:]):
             return finish(first, inputs)
-        raise ValueError(f"tensor '{inputs.name}' has dtype {first.dtype} and differs between the models; integer tensors cannot be interpolated")
+        raise ValueError(
+            f"tensor '{inputs.name}' has dtype {first.dtype} and differs between the models; integer tensors cannot be interpolated"
+        )
     return None
 
 
-def slerp_vectors(t: float, v0: "torch.Tensor", v1: "torch.Tensor") -> "torch.Tensor":
+def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     """Spherical interpolation of the vectors along the last axis of two float32 tensors.
 
         cos theta = v0.v1 / (|v0| |v1|)
@@ -84,7 +86,9 @@ def slerp_vectors(t: float, v0: "torch.Tensor", v1: "torch.Tensor") -> "torch.Te
     return c0 * v0 + c1 * v1
 
 
-def slerp_tensors(t: float, a: "torch.Tensor", b: "torch.Tensor", flatten: bool = True, row_wise: bool = False) -> "torch.Tensor":
+def slerp_tensors(
+    t: float, a: torch.Tensor, b: torch.Tensor, flatten: bool = True, row_wise: bool = False
+) -> torch.Tensor:
     """SLERP of two float32 tensors of one shape, as whole vectors or per row / per column.
 
     - ``flatten``: each tensor is one vector;

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -57,13 +58,13 @@ class MergeInputs:
     """
 
     name: str
-    tensors: list["torch.Tensor"]
+    tensors: list[torch.Tensor]
     model_params: list[dict[str, Any]]
     params: dict[str, Any]
-    base: "torch.Tensor | None" = None
-    out_dtype: "torch.dtype | None" = None
+    base: torch.Tensor | None = None
+    out_dtype: torch.dtype | None = None
     threads: int = 0
-    out: "torch.Tensor | None" = None  # a CPU buffer of the output's shape and dtype the method may fill
+    out: torch.Tensor | None = None  # a CPU buffer of the output's shape and dtype the method may fill
     seed: int = 0  # for random methods: draws are a function of (seed, f"{name}#{model position}", element index)
 
     def stream_key(self, model_position: int) -> str:
@@ -75,10 +76,10 @@ class MergeInputs:
 Coefficients = Callable[[dict[str, Any], list[dict[str, Any]], str], tuple[float, list[float]]]
 
 
-def linear_merge(coefficients: Coefficients) -> Callable[[MergeInputs], "torch.Tensor"]:
+def linear_merge(coefficients: Coefficients) -> Callable[[MergeInputs], torch.Tensor]:
     """The torch implementation of a method whose result is a fixed linear combination of its inputs."""
 
-    def merge(inputs: MergeInputs) -> "torch.Tensor":
+    def merge(inputs: MergeInputs) -> torch.Tensor:
         from ..ops.reduce import weighted_sum
 
         base_coef, coefs = coefficients(inputs.params, inputs.model_params, inputs.name)
@@ -91,7 +92,9 @@ def linear_merge(coefficients: Coefficients) -> Callable[[MergeInputs], "torch.T
             # integer buffers (position ids, masks) are copied, never averaged
             if all(t.shape == tensors[0].shape and bool((t == tensors[0]).all()) for t in tensors[1:]):
                 return tensors[0].to(out_dtype)
-            raise ValueError(f"tensor '{inputs.name}' has dtype {tensors[0].dtype} and differs between the models; integer tensors cannot be averaged")
+            raise ValueError(
+                f"tensor '{inputs.name}' has dtype {tensors[0].dtype} and differs between the models; integer tensors cannot be averaged"
+            )
         return weighted_sum(tensors, weights, out_dtype, inputs.threads, out=inputs.out)
 
     return merge
@@ -108,7 +111,7 @@ class MergeMethod:
     name: str
     pretty_name: str
     paper_url: str | None
-    merge: Callable[[MergeInputs], "torch.Tensor"]
+    merge: Callable[[MergeInputs], torch.Tensor]
     global_params: tuple[ParamSpec, ...] = ()
     model_params: tuple[ParamSpec, ...] = ()
     base: str = "ignored"

@@ -20,7 +20,9 @@ from __future__ import annotations
 from . import gta
 from .base import MergeMethod, ParamSpec
 
-GAMMA = ParamSpec("gamma", float, default=0.01, minimum=0.0, maximum=1.0, help="fraction of the largest-magnitude changes dropped")
+GAMMA = ParamSpec(
+    "gamma", float, default=0.01, minimum=0.0, maximum=1.0, help="fraction of the largest-magnitude changes dropped"
+)
 
 
 def crumbs(d, i, mp, inputs):
@@ -53,7 +55,15 @@ def _method(name: str, pretty: str, consensus: bool, description: str) -> MergeM
     )
 
 
-BREADCRUMBS = _method("breadcrumbs", "Model Breadcrumbs", False, "Drops the largest and the smallest changes of each model and adds the weighted rest to the base.")
+BREADCRUMBS = _method(
+    "breadcrumbs",
+    "Model Breadcrumbs",
+    False,
+    "Drops the largest and the smallest changes of each model and adds the weighted rest to the base.",
+)
 BREADCRUMBS_TIES = _method(
-    "breadcrumbs_ties", "Model Breadcrumbs with TIES", True, "Breadcrumbs sparsification merged with TIES sign election."
+    "breadcrumbs_ties",
+    "Model Breadcrumbs with TIES",
+    True,
+    "Breadcrumbs sparsification merged with TIES sign election.",
 )

@@ -56,5 +56,15 @@ def _method(name: str, pretty: str, consensus: bool, description: str) -> MergeM
     )
 
 
-DARE_TIES = _method("dare_ties", "DARE TIES", True, "Drops random task-vector elements, rescales the rest, and merges them with TIES sign election.")
-DARE_LINEAR = _method("dare_linear", "DARE Linear", False, "Drops random task-vector elements, rescales the rest, and adds their weighted sum to the base.")
+DARE_TIES = _method(
+    "dare_ties",
+    "DARE TIES",
+    True,
+    "Drops random task-vector elements, rescales the rest, and merges them with TIES sign election.",
+)
+DARE_LINEAR = _method(
+    "dare_linear",
+    "DARE Linear",
+    False,
+    "Drops random task-vector elements, rescales the rest, and adds their weighted sum to the base.",
+)

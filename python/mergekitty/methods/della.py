@@ -28,21 +28,33 @@ from . import gta
 from .base import MergeMethod, ParamSpec
 
 EPSILON = ParamSpec("epsilon", float, default=0.15, minimum=0.0, help="spread of the keep probabilities around density")
-MODEL_LAMBDA = ParamSpec("lambda", float, default=None, help="scale of the merged task vector (the first model's value wins over the global one)")
+MODEL_LAMBDA = ParamSpec(
+    "lambda",
+    float,
+    default=None,
+    help="scale of the merged task vector (the first model's value wins over the global one)",
+)
 
 
 def magprune(d, i, mp, inputs):
     from ..ops.sparsify import della
 
-    return della(d, mp["density"], mp["epsilon"], inputs.seed, inputs.stream_key(i), rescale=gta.random_rescale(inputs.params))
+    return della(
+        d, mp["density"], mp["epsilon"], inputs.seed, inputs.stream_key(i), rescale=gta.random_rescale(inputs.params)
+    )
 
 
 def magprune_spec(i, mp, inputs):
     mode = gta.random_rescale(inputs.params)
     if mode == "l1":
         return None
-    return gta.Sparsity("della", density=float(mp["density"]), epsilon=float(mp["epsilon"]), key=inputs.stream_key(i),
-                        rescale=mode == "inverse")
+    return gta.Sparsity(
+        "della",
+        density=float(mp["density"]),
+        epsilon=float(mp["epsilon"]),
+        key=inputs.stream_key(i),
+        rescale=mode == "inverse",
+    )
 
 
 def first_model_lambda(inputs) -> float:
@@ -78,7 +90,17 @@ def _method(name: str, pretty: str, consensus: bool, normalize: bool, descriptio
     )
 
 
-DELLA = _method("della", "DELLA", True, True, "Drops task-vector elements at random, keeping large ones more often, and merges with TIES sign election.")
+DELLA = _method(
+    "della",
+    "DELLA",
+    True,
+    True,
+    "Drops task-vector elements at random, keeping large ones more often, and merges with TIES sign election.",
+)
 DELLA_LINEAR = _method(
-    "della_linear", "DELLA Linear", False, False, "DELLA's magnitude-ranked random drop, then a weighted sum of the task vectors."
+    "della_linear",
+    "DELLA Linear",
+    False,
+    False,
+    "DELLA's magnitude-ranked random drop, then a weighted sum of the task vectors.",
 )

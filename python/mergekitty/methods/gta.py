@@ -19,8 +19,9 @@ Normalizing by weights that sum to zero does not divide (no inf/NaN); a warning 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .base import MergeInputs, ParamSpec
 
@@ -110,7 +111,7 @@ def is_embedding(name: str) -> bool:
     return any(m in name for m in EMBED_MARKERS)
 
 
-def task_vectors(inputs: MergeInputs) -> list[tuple[int, "torch.Tensor"]]:
+def task_vectors(inputs: MergeInputs) -> list[tuple[int, torch.Tensor]]:
     """``(position, X_i - B)`` in float32 for every usable non-base input, in order."""
     import torch
 
@@ -140,11 +141,16 @@ def lambda_of(inputs: MergeInputs) -> float:
     return float(inputs.params.get("lambda", 1.0))
 
 
-def _finish(result: "torch.Tensor", inputs: MergeInputs) -> "torch.Tensor":
+def _finish(result: torch.Tensor, inputs: MergeInputs) -> torch.Tensor:
     out_dtype = inputs.out_dtype or inputs.base.dtype
     if result is inputs.out:
         return result
-    if inputs.out is not None and inputs.out.device == result.device and inputs.out.shape == result.shape and inputs.out.dtype == out_dtype:
+    if (
+        inputs.out is not None
+        and inputs.out.device == result.device
+        and inputs.out.shape == result.shape
+        and inputs.out.dtype == out_dtype
+    ):
         return inputs.out.copy_(result)
     return result.to(out_dtype)
 
@@ -153,7 +159,11 @@ def _check_zero_sum(inputs: MergeInputs, weights: list[float], consensus: bool, 
     from ..ops.consensus import NORMALIZE_EPS, weight_sum
 
     if normalize and not consensus and abs(weight_sum(weights)) < NORMALIZE_EPS:
-        _warn_once(("zero-sum", inputs.name), "weights for %s sum to zero; the task vectors are summed unnormalized", inputs.name)
+        _warn_once(
+            ("zero-sum", inputs.name),
+            "weights for %s sum to zero; the task vectors are summed unnormalized",
+            inputs.name,
+        )
 
 
 @dataclass(frozen=True)
@@ -168,7 +178,9 @@ class FusedGta:
     lam: float
 
 
-def describe_fused(inputs: MergeInputs, fused: FusedSparsifier, consensus: bool, lam: float | None = None) -> FusedGta | None:
+def describe_fused(
+    inputs: MergeInputs, fused: FusedSparsifier, consensus: bool, lam: float | None = None
+) -> FusedGta | None:
     """The merge ``inputs`` asks for as a ``FusedGta`` (reads the parameters, the name and the
     seed; never the tensors), or None when a model's sparsifier cannot be fused."""
     specs = tuple(fused(i, mp, inputs) for i, mp in enumerate(inputs.model_params))
@@ -183,7 +195,7 @@ def warn_zero_sum(inputs: MergeInputs, plan: FusedGta) -> None:
     _check_zero_sum(inputs, list(plan.weights), plan.consensus, plan.normalize)
 
 
-def _fused_merge(inputs: MergeInputs, plan: FusedGta) -> "torch.Tensor | None":
+def _fused_merge(inputs: MergeInputs, plan: FusedGta) -> torch.Tensor | None:
     """The whole merge in the fused native kernel (CPU, F32/F16/BF16, every input of the base's
     shape), or None."""
     from ..ops.native_dispatch import gta_merge as native_gta_merge
@@ -192,7 +204,18 @@ def _fused_merge(inputs: MergeInputs, plan: FusedGta) -> "torch.Tensor | None":
     if base.device.type != "cpu" or not inputs.tensors or any(x.shape != base.shape for x in inputs.tensors):
         return None
     out_dtype = inputs.out_dtype or base.dtype
-    result = native_gta_merge(inputs.tensors, base, plan.specs, plan.weights, plan.consensus, plan.normalize, plan.lam, inputs.seed, out_dtype, inputs.out)
+    result = native_gta_merge(
+        inputs.tensors,
+        base,
+        plan.specs,
+        plan.weights,
+        plan.consensus,
+        plan.normalize,
+        plan.lam,
+        inputs.seed,
+        out_dtype,
+        inputs.out,
+    )
     if result is not None:
         warn_zero_sum(inputs, plan)
     return result
@@ -204,7 +227,7 @@ def gta_merge(
     consensus: bool,
     lam: float | None = None,
     fused: FusedSparsifier | None = None,
-) -> "torch.Tensor":
+) -> torch.Tensor:
     """base + lambda * combine(sparsified task vectors); see the module docstring.
 
     ``fused`` describes each model's sparsifier as a :class:`Sparsity`; when given (and the
@@ -220,7 +243,9 @@ def gta_merge(
         # integer buffers (position ids, masks) are copied, never merged
         if all(t.shape == base.shape and bool((t == base).all()) for t in inputs.tensors):
             return base.to(inputs.out_dtype or base.dtype)
-        raise ValueError(f"tensor '{inputs.name}' has dtype {base.dtype} and differs between the models; integer tensors cannot be merged")
+        raise ValueError(
+            f"tensor '{inputs.name}' has dtype {base.dtype} and differs between the models; integer tensors cannot be merged"
+        )
     normalize = bool(inputs.params.get("normalize", False))
     lam = lambda_of(inputs) if lam is None else lam
     if fused is not None and FUSED_ENABLED:
@@ -238,7 +263,9 @@ def gta_merge(
         weights.append(float(mp["weight"]))
     del vectors
     _check_zero_sum(inputs, weights, consensus, normalize)
-    fused = combine_into_base(deltas, weights, consensus, normalize, lam, base, inputs.out_dtype or base.dtype, inputs.out)
+    fused = combine_into_base(
+        deltas, weights, consensus, normalize, lam, base, inputs.out_dtype or base.dtype, inputs.out
+    )
     if fused is not None:  # CPU: one native pass from the task vectors and the mmapped base to the output dtype
         return _finish(fused, inputs)
     merged = combine(deltas, weights, consensus, normalize)
@@ -260,7 +287,7 @@ def method_functions(
     if sparsify is None and fused is None:
         fused = lambda i, mp, inputs: NO_SPARSITY  # noqa: E731
 
-    def merge(inputs: MergeInputs) -> "torch.Tensor":
+    def merge(inputs: MergeInputs) -> torch.Tensor:
         return gta_merge(inputs, sparsify, consensus, lam(inputs) if lam is not None else None, fused)
 
     def describe(inputs: MergeInputs) -> FusedGta | None:
@@ -277,4 +304,3 @@ def all_checks(*checks: Callable[[dict[str, Any], list[dict[str, Any]]], None]):
             check(params, model_params)
 
     return validate
-

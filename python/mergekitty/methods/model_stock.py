@@ -67,7 +67,14 @@ METHOD = MergeMethod(
     pretty_name="Model Stock",
     paper_url="https://arxiv.org/abs/2403.19522",
     merge=merge,
-    global_params=(ParamSpec("filter_wise", bool, default=False, help="compute the ratio per row rather than per tensor (not recommended)"),),
+    global_params=(
+        ParamSpec(
+            "filter_wise",
+            bool,
+            default=False,
+            help="compute the ratio per row rather than per tensor (not recommended)",
+        ),
+    ),
     base="required",
     min_models=2,
     description="Moves the average of the fine-tuned models towards the base by a ratio from the angle between their task vectors.",

@@ -27,7 +27,9 @@ def merge(inputs: MergeInputs):
     b, x = f32(inputs.base), f32(inputs.tensors[0])
     t = float(inputs.params["t"])
     diff = (b - x).abs()
-    w = torch.where(diff > 0, (t / torch.where(diff > 0, diff, torch.ones_like(diff))).clamp(0.0, 1.0), torch.ones_like(diff))
+    w = torch.where(
+        diff > 0, (t / torch.where(diff > 0, diff, torch.ones_like(diff))).clamp(0.0, 1.0), torch.ones_like(diff)
+    )
     return finish(w * x + (1.0 - w) * b, inputs)
 
 
@@ -36,7 +38,15 @@ METHOD = MergeMethod(
     pretty_name="NearSwap",
     paper_url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
     merge=merge,
-    global_params=(ParamSpec("t", float, required=True, minimum=0.0, help="similarity threshold: differences up to t take the other model's value"),),
+    global_params=(
+        ParamSpec(
+            "t",
+            float,
+            required=True,
+            minimum=0.0,
+            help="similarity threshold: differences up to t take the other model's value",
+        ),
+    ),
     base="required",
     min_models=1,
     max_models=1,

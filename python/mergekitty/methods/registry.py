@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-from .base import MergeMethod
-from .linear import METHOD as _linear
-from .passthrough import METHOD as _passthrough
-from .slerp import METHOD as _slerp
 from .arcee_fusion import METHOD as _arcee_fusion
+from .base import MergeMethod
+from .breadcrumbs import BREADCRUMBS as _breadcrumbs
+from .breadcrumbs import BREADCRUMBS_TIES as _breadcrumbs_ties
+from .dare import DARE_LINEAR as _dare_linear
+from .dare import DARE_TIES as _dare_ties
+from .della import DELLA as _della
+from .della import DELLA_LINEAR as _della_linear
 from .karcher import METHOD as _karcher
+from .linear import METHOD as _linear
 from .model_stock import METHOD as _model_stock
 from .multislerp import METHOD as _multislerp
 from .nearswap import METHOD as _nearswap
+from .passthrough import METHOD as _passthrough
 from .sce import METHOD as _sce
+from .slerp import METHOD as _slerp
 from .task_arithmetic import METHOD as _task_arithmetic
 from .ties import METHOD as _ties
-from .dare import DARE_LINEAR as _dare_linear
-from .dare import DARE_TIES as _dare_ties
-from .breadcrumbs import BREADCRUMBS as _breadcrumbs
-from .breadcrumbs import BREADCRUMBS_TIES as _breadcrumbs_ties
-from .della import DELLA as _della
-from .della import DELLA_LINEAR as _della_linear
 
 _ALL: tuple[MergeMethod, ...] = (
     _linear,

@@ -79,7 +79,14 @@ METHOD = MergeMethod(
     paper_url="https://arxiv.org/abs/2408.07990",
     merge=merge,
     global_params=(
-        ParamSpec("select_topk", float, default=1.0, minimum=0.0, maximum=1.0, help="fraction of the positions with the highest variance across task vectors to keep"),
+        ParamSpec(
+            "select_topk",
+            float,
+            default=1.0,
+            minimum=0.0,
+            maximum=1.0,
+            help="fraction of the positions with the highest variance across task vectors to keep",
+        ),
         ParamSpec("int8_mask", bool, default=False, help="accepted for compatibility; no effect"),
     ),
     base="required",

@@ -87,11 +87,32 @@ METHOD = MergeMethod(
     paper_url="https://en.wikipedia.org/wiki/Slerp",
     merge=merge,
     global_params=(
-        ParamSpec("t", float, default=None, minimum=0.0, maximum=1.0, help="interpolation factor: 0 is the base model, 1 the other model"),
-        ParamSpec("nuslerp_flatten", bool, default=True, help="treat each tensor as one vector; false: interpolate rows or columns separately"),
-        ParamSpec("nuslerp_row_wise", bool, default=False, help="with nuslerp_flatten false: interpolate rows (true) or columns (false)"),
+        ParamSpec(
+            "t",
+            float,
+            default=None,
+            minimum=0.0,
+            maximum=1.0,
+            help="interpolation factor: 0 is the base model, 1 the other model",
+        ),
+        ParamSpec(
+            "nuslerp_flatten",
+            bool,
+            default=True,
+            help="treat each tensor as one vector; false: interpolate rows or columns separately",
+        ),
+        ParamSpec(
+            "nuslerp_row_wise",
+            bool,
+            default=False,
+            help="with nuslerp_flatten false: interpolate rows (true) or columns (false)",
+        ),
     ),
-    model_params=(ParamSpec("weight", float, default=None, help="NuSLERP: relative weight of each of the two models (when no 't')"),),
+    model_params=(
+        ParamSpec(
+            "weight", float, default=None, help="NuSLERP: relative weight of each of the two models (when no 't')"
+        ),
+    ),
     base="optional",
     min_models=1,
     max_models=2,

@@ -58,7 +58,9 @@ def markdown_table(methods: tuple[MergeMethod, ...] | None = None) -> str:
     ]
     for m in methods if methods is not None else all_methods():
         desc = m.description.replace("|", "\\|").replace("\n", " ")
-        rows.append(f"| {_name(m)} | {_title(m)} | {_BASE.get(m.base, m.base)} | {_params(m.global_params)} | {_params(m.model_params)} | {desc} |")
+        rows.append(
+            f"| {_name(m)} | {_title(m)} | {_BASE.get(m.base, m.base)} | {_params(m.global_params)} | {_params(m.model_params)} | {desc} |"
+        )
     return "\n".join(rows) + "\n"
 
 

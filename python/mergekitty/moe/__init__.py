@@ -11,4 +11,13 @@ the base model) or are random. See README "Mixture of experts".
 from .build import MoEOptions, MoEResult, build_moe
 from .config import GATE_MODES, Expert, MoEConfig, load_moe_config, load_moe_config_file
 
-__all__ = ["GATE_MODES", "Expert", "MoEConfig", "MoEOptions", "MoEResult", "build_moe", "load_moe_config", "load_moe_config_file"]
+__all__ = [
+    "GATE_MODES",
+    "Expert",
+    "MoEConfig",
+    "MoEOptions",
+    "MoEResult",
+    "build_moe",
+    "load_moe_config",
+    "load_moe_config_file",
+]

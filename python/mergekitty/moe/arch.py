@@ -41,7 +41,10 @@ class OutputArchitecture:
             out.append(f"takes {' / '.join(self.takes_model_types)} models only ({'; '.join(odd)})")
         sizes = {e.intermediate_size for e in inputs.experts}
         if len(sizes) > 1 or -1 in sizes:
-            shown = ", ".join(f"{e.key[0]}[{e.key[1]}]: {e.intermediate_size if e.intermediate_size > 0 else 'varies by layer'}" for e in inputs.experts)
+            shown = ", ".join(
+                f"{e.key[0]}[{e.key[1]}]: {e.intermediate_size if e.intermediate_size > 0 else 'varies by layer'}"
+                for e in inputs.experts
+            )
             out.append(f"all routed experts must have one MLP size, but their intermediate sizes differ ({shown})")
         extras = inputs.base_mlp_extras()
         if extras:
@@ -119,7 +122,11 @@ def select_architecture(inputs, config) -> OutputArchitecture:
         if arch.name == "mixtral":
             return arch
     if len(fitting) > 1:
-        log.warning("several output architectures fit (%s); using %s (choose with 'architecture:')", ", ".join(a.name for a, _ in fitting), fitting[0][0].name)
+        log.warning(
+            "several output architectures fit (%s); using %s (choose with 'architecture:')",
+            ", ".join(a.name for a, _ in fitting),
+            fitting[0][0].name,
+        )
     return fitting[0][0]
 
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ConfigError, OutputError
 from .config import RANDOM_GATE_MODES, MoEConfig, load_moe_config, load_moe_config_file
-from .inputs import MLP_PARTS, _DROPPED_SUFFIXES, MoEInputs, open_inputs
+from .inputs import _DROPPED_SUFFIXES, MLP_PARTS, MoEInputs, open_inputs
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,9 @@ def _output_dtype(config: MoEConfig, inputs: MoEInputs) -> str:
     try:
         return normalize_dtype(raw) or "float32"
     except ValueError:
-        log.warning("the base model's dtype %r is not one mergekitty writes; writing float32 (set dtype: to choose)", raw)
+        log.warning(
+            "the base model's dtype %r is not one mergekitty writes; writing float32 (set dtype: to choose)", raw
+        )
         return "float32"
 
 
@@ -129,7 +132,16 @@ def _expert_tensors(expert, layer: int, out_code: str, name_of: Callable[[str], 
     out = []
     for part in MLP_PARTS:
         scale = spec.residual_scale if part == "down_proj" and spec.residual_scale is not None else None
-        out.append(copy_of(name_of(part), expert.model, expert.model.mlp_name(layer, part), out_code, scale=scale, noise=spec.noise_scale))
+        out.append(
+            copy_of(
+                name_of(part),
+                expert.model,
+                expert.model.mlp_name(layer, part),
+                out_code,
+                scale=scale,
+                noise=spec.noise_scale,
+            )
+        )
     return out
 
 
@@ -157,7 +169,9 @@ def build_moe(config: Any, out_path: str | os.PathLike, options: MoEOptions | No
     out_code = CONFIG_NAME_TO_CODE[dtype]
     hf_config = arch.build_config(inputs, config, dtype, options.trust_remote_code)
     if inputs.uses_tied_embeddings() and not getattr(hf_config, "tie_word_embeddings", False):
-        raise OutputError(f"base model {inputs.base.label} has no lm_head.weight but its config does not tie the embeddings")
+        raise OutputError(
+            f"base model {inputs.base.label} has no lm_head.weight but its config does not tie the embeddings"
+        )
 
     device = options.resolved_device()
     if device.startswith("cuda"):
@@ -171,7 +185,9 @@ def build_moe(config: Any, out_path: str | os.PathLike, options: MoEOptions | No
 
         seed = secrets.randbits(31)
     has_shared_gate = arch.shared_gate_name(inputs.base.layout.prefix, 0) is not None
-    routed, shared = compute_gates(config.gate_mode, inputs, options, seed, quiet=options.quiet, shared_gates=has_shared_gate)
+    routed, shared = compute_gates(
+        config.gate_mode, inputs, options, seed, quiet=options.quiet, shared_gates=has_shared_gate
+    )
     tensors = plan_tensors(config, inputs, arch, out_code, routed, shared)
 
     _prepare_out_dir(out)
@@ -179,7 +195,9 @@ def build_moe(config: Any, out_path: str | os.PathLike, options: MoEOptions | No
         stale.unlink()
     layout = [(t.name, t.dtype, list(t.shape)) for t in tensors]
     try:
-        writer = _native.ShardWriter(str(out), layout, options.out_shard_size, None, {"mergekitty_version": __version__})
+        writer = _native.ShardWriter(
+            str(out), layout, options.out_shard_size, None, {"mergekitty_version": __version__}
+        )
     except OSError as exc:
         raise OutputError(f"cannot write to {out}: {exc}") from None
     try:
@@ -215,7 +233,9 @@ def _write_tensors(tensors, writer, seed: int, quiet: bool) -> None:
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("[bold]writing"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"), TimeRemainingColumn()) as bar:
+    with Progress(
+        TextColumn("[bold]writing"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"), TimeRemainingColumn()
+    ) as bar:
         task = bar.add_task("write", total=len(tensors))
         write_all(tensors, writer, seed, lambda _t: bar.update(task, advance=1))
 

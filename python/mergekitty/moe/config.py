@@ -31,7 +31,16 @@ from ..errors import ConfigError
 from ..refs import ModelReference
 from ..yaml_lines import DuplicateKeyError, YamlSyntaxError, format_path, line_of, load_with_lines
 
-__all__ = ["GATE_MODES", "PROMPT_GATE_MODES", "RANDOM_GATE_MODES", "ARCHITECTURE_NAMES", "Expert", "MoEConfig", "load_moe_config", "load_moe_config_file"]
+__all__ = [
+    "GATE_MODES",
+    "PROMPT_GATE_MODES",
+    "RANDOM_GATE_MODES",
+    "ARCHITECTURE_NAMES",
+    "Expert",
+    "MoEConfig",
+    "load_moe_config",
+    "load_moe_config_file",
+]
 
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
 RANDOM_GATE_MODES = ("random", "uniform_random")
@@ -44,7 +53,7 @@ def _prompts(value: Any) -> Any:
     if value is None:
         return None
     if isinstance(value, str):
-        raise _fail("prompts must be a list of strings; put the prompt in a list: [\"...\"]")
+        raise _fail('prompts must be a list of strings; put the prompt in a list: ["..."]')
     if not isinstance(value, list):
         raise _fail(f"prompts must be a list of strings, got {_describe(value)}")
     for i, p in enumerate(value):
@@ -123,7 +132,9 @@ class MoEConfig(BaseModel):
     @classmethod
     def _gate_mode(cls, value: Any) -> str:
         if not isinstance(value, str) or value.strip().lower() not in GATE_MODES:
-            raise _fail(f"unknown gate_mode {value!r}{_suggest(str(value).lower(), GATE_MODES)} (one of: {', '.join(GATE_MODES)})")
+            raise _fail(
+                f"unknown gate_mode {value!r}{_suggest(str(value).lower(), GATE_MODES)} (one of: {', '.join(GATE_MODES)})"
+            )
         return value.strip().lower()
 
     @field_validator("architecture", mode="plain")
@@ -135,11 +146,13 @@ class MoEConfig(BaseModel):
             raise _fail(f"architecture must be a name ({', '.join(ARCHITECTURE_NAMES)}), got {_describe(value)}")
         low = value.strip().lower()
         if not any(name.startswith(low) for name in ARCHITECTURE_NAMES):
-            raise _fail(f"unknown architecture {value!r}{_suggest(low, ARCHITECTURE_NAMES)} (one of: {', '.join(ARCHITECTURE_NAMES)}; a prefix such as 'qwen' selects every match)")
+            raise _fail(
+                f"unknown architecture {value!r}{_suggest(low, ARCHITECTURE_NAMES)} (one of: {', '.join(ARCHITECTURE_NAMES)}; a prefix such as 'qwen' selects every match)"
+            )
         return low
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "MoEConfig":
+    def _cross_checks(self) -> MoEConfig:
         if self.experts_per_token < 1:
             raise _fail(f"experts_per_token must be at least 1, got {self.experts_per_token}", key="experts_per_token")
         if not self.experts:
@@ -161,7 +174,10 @@ class MoEConfig(BaseModel):
             if len(self.experts) > 1:
                 prompt_sets = {(tuple(e.positive_prompts or ()), tuple(e.negative_prompts or ())) for e in self.experts}
                 if len(prompt_sets) == 1:
-                    raise _fail("every expert has the same prompts, so every gate would be the same; give each expert its own prompts", key="experts")
+                    raise _fail(
+                        "every expert has the same prompts, so every gate would be the same; give each expert its own prompts",
+                        key="experts",
+                    )
         return self
 
     # ------------------------------------------------------------------ accessors
@@ -180,7 +196,9 @@ class MoEConfig(BaseModel):
     def error(self, message: str, key: str | tuple | None = None) -> ConfigError:
         """A ConfigError about this config, located at ``key`` (a tuple key path or a dotted string)."""
         path = key if isinstance(key, tuple) else tuple(key.split(".")) if key else ()
-        return ConfigError(message, key=format_path(path) or None, line=self.line_of(path) if path else None, source=self._source_name)
+        return ConfigError(
+            message, key=format_path(path) or None, line=self.line_of(path) if path else None, source=self._source_name
+        )
 
     def all_experts(self) -> list[tuple[tuple, Expert]]:
         """(key path, expert) for the routed experts, then the shared ones."""
@@ -207,16 +225,25 @@ def _raise_validation(exc: ValidationError, lines: dict, source: str):
     problems.sort(key=lambda p: (p[2] is None, p[2] or 0))
     loc, msg, line = problems[0]
     if len(problems) > 1:
-        extra = [f"  {format_path(l) or '(top level)'}" + (f" (line {n})" if n else "") + f": {m}" for l, m, n in problems[1:]]
+        extra = [
+            f"  {format_path(loc) or '(top level)'}" + (f" (line {n})" if n else "") + f": {m}"
+            for loc, m, n in problems[1:]
+        ]
         msg += f"\n{len(problems) - 1} more problem(s):\n" + "\n".join(extra)
     raise ConfigError(msg, key=format_path(loc) or None, line=line, source=source) from None
 
 
-def moe_config_from_data(data: Any, source: str = "<config>", lines: dict | None = None, text: str | None = None) -> MoEConfig:
+def moe_config_from_data(
+    data: Any, source: str = "<config>", lines: dict | None = None, text: str | None = None
+) -> MoEConfig:
     lines = lines or {}
     if not isinstance(data, dict):
         what = "empty" if data is None else f"a {type(data).__name__}, not a mapping"
-        raise ConfigError(f"the MoE config must be a YAML mapping (base_model, experts...); this one is {what}", line=lines.get(()), source=source)
+        raise ConfigError(
+            f"the MoE config must be a YAML mapping (base_model, experts...); this one is {what}",
+            line=lines.get(()),
+            source=source,
+        )
     for key in data:
         if not isinstance(key, str):
             raise ConfigError(f"keys must be strings, got {key!r}", line=lines.get((key,)), source=source)
@@ -239,7 +266,9 @@ def load_moe_config(text: str, source: str = "<config>") -> MoEConfig:
     except YamlSyntaxError as exc:
         raise ConfigError(str(exc), line=exc.line, source=source) from None
     except DuplicateKeyError as exc:
-        raise ConfigError(f"{exc} (it is given more than once)", key=format_path(exc.path), line=exc.line, source=source) from None
+        raise ConfigError(
+            f"{exc} (it is given more than once)", key=format_path(exc.path), line=exc.line, source=source
+        ) from None
     return moe_config_from_data(data, source=source, lines=lines, text=text)
 
 

@@ -64,10 +64,14 @@ class DeepSeekMoE(OutputArchitecture):
         size = inputs.experts[0].intermediate_size
         for s in inputs.shared:
             if s.intermediate_size != size:
-                out.append(f"its shared expert must have the routed experts' MLP size {size}, but {s.where} has {s.intermediate_size}")
+                out.append(
+                    f"its shared expert must have the routed experts' MLP size {size}, but {s.where} has {s.intermediate_size}"
+                )
         biases = {b.rsplit(".", 2)[-2] for b in inputs.attention_biases()}
         if biases and biases != {"q_proj", "k_proj", "v_proj", "o_proj"}:
-            out.append(f"its attention has biases on q/k/v/o or none, but the base has biases on {', '.join(sorted(biases))}")
+            out.append(
+                f"its attention has biases on q/k/v/o or none, but the base has biases on {', '.join(sorted(biases))}"
+            )
         base = inputs.base.config
         head_dim = base.get("head_dim")
         if head_dim and head_dim * base["num_attention_heads"] != base["hidden_size"]:
@@ -84,7 +88,10 @@ class DeepSeekMoE(OutputArchitecture):
         if scaling is None and rope_type != "default":
             scaling = {"type": rope_type, **rope}
         if sliding_window_of(base) is not None:
-            log.warning("DeepSeek-MoE attends fully on every layer; the base's sliding window of %d is dropped", sliding_window_of(base))
+            log.warning(
+                "DeepSeek-MoE attends fully on every layer; the base's sliding window of %d is dropped",
+                sliding_window_of(base),
+            )
         shared = len(inputs.shared)
         data.update(
             architectures=[self.hf_class],

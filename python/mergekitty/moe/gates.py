@@ -18,7 +18,8 @@ the positive ones, then each layer's vector is L2-normalized.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..errors import ModelFormatError
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 DEGENERATE_CONDITION = 5.0
 
 
-def random_gates(mode: str, layers: int, count: int, hidden: int, generator) -> "torch.Tensor":
+def random_gates(mode: str, layers: int, count: int, hidden: int, generator) -> torch.Tensor:
     import torch
 
     if mode == "random":
@@ -45,7 +46,9 @@ def load_tokenizer(path, trust_remote_code: bool = False):
     try:
         return transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:  # missing files and parse errors come in many types
-        raise ModelFormatError(f"base model {path}: cannot load its tokenizer, which prompt-based gates need: {exc}") from None
+        raise ModelFormatError(
+            f"base model {path}: cannot load its tokenizer, which prompt-based gates need: {exc}"
+        ) from None
 
 
 def encode(tokenizer, prompts: list[str]) -> list[list[int]]:
@@ -57,14 +60,16 @@ def encode(tokenizer, prompts: list[str]) -> list[list[int]]:
         ids = list(tokenizer(p, add_special_tokens=False)["input_ids"])
         if not ids:
             # with only bos left, every such prompt would give the same gate, silently
-            raise ModelFormatError(f"the base model's tokenizer ({type(tokenizer).__name__}) turns the prompt {p!r} into no tokens; the gate cannot be built from it")
+            raise ModelFormatError(
+                f"the base model's tokenizer ({type(tokenizer).__name__}) turns the prompt {p!r} into no tokens; the gate cannot be built from it"
+            )
         if bos is not None and ids[0] != bos:
             ids.insert(0, bos)
         out.append(ids)
     return out
 
 
-def _normalize(v: "torch.Tensor") -> "torch.Tensor":
+def _normalize(v: torch.Tensor) -> torch.Tensor:
     import torch
 
     norm = v.norm(dim=-1, keepdim=True)
@@ -86,7 +91,9 @@ class PromptEncoder:
         if mode == "cheap_embed":
             name = inputs.base.layout.input_embedding
             if name is None:
-                raise ModelFormatError(f"base model {inputs.base.label}: no token embedding tensor found for cheap_embed gates")
+                raise ModelFormatError(
+                    f"base model {inputs.base.label}: no token embedding tensor found for cheap_embed gates"
+                )
             self.embedding = inputs.base.checkpoint.tensor(name)
         else:
             self._load_model()
@@ -103,7 +110,9 @@ class PromptEncoder:
                 str(self.inputs.base.path), dtype=dtype, trust_remote_code=self.options.trust_remote_code
             )
         except Exception as exc:  # transformers raises many kinds
-            raise ModelFormatError(f"base model {self.inputs.base.label}: transformers cannot load it to compute hidden-state gates: {exc}") from None
+            raise ModelFormatError(
+                f"base model {self.inputs.base.label}: transformers cannot load it to compute hidden-state gates: {exc}"
+            ) from None
         self._apply_adapter(model)
         self.model = model.to(device).eval()
         self.device = device
@@ -126,7 +135,7 @@ class PromptEncoder:
                     )
                 params[name].copy_(checkpoint.tensor(name))
 
-    def vectors(self, prompts: list[str]) -> "torch.Tensor":
+    def vectors(self, prompts: list[str]) -> torch.Tensor:
         """The summed (cheap_embed) or mean (hidden modes) prompt vector per layer, float32."""
         import torch
 
@@ -137,7 +146,9 @@ class PromptEncoder:
             for p, seq in zip(prompts, ids):
                 bad = [i for i in seq if i >= rows]
                 if bad:
-                    raise ModelFormatError(f"the prompt {p!r} has token id {bad[0]}, beyond the {rows} rows of the base embedding")
+                    raise ModelFormatError(
+                        f"the prompt {p!r} has token id {bad[0]}, beyond the {rows} rows of the base embedding"
+                    )
                 total += self.embedding[torch.tensor(seq)].to(torch.float32).sum(0)
                 if self.progress:
                     self.progress(1)
@@ -151,13 +162,17 @@ class PromptEncoder:
                 self.progress(len(chunk))
         return torch.cat(pooled, dim=1).mean(dim=1)
 
-    def _forward(self, chunk: list[list[int]]) -> "torch.Tensor":
+    def _forward(self, chunk: list[list[int]]) -> torch.Tensor:
         """``[layers, len(chunk), hidden]``: each prompt's pooled residual stream entering each layer."""
         import torch
 
         pad = self.tokenizer.pad_token_id
         if pad is None:
-            pad = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id or 0
+            pad = (
+                self.tokenizer.bos_token_id
+                if self.tokenizer.bos_token_id is not None
+                else self.tokenizer.eos_token_id or 0
+            )
         width = max(len(s) for s in chunk)
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -180,7 +195,7 @@ class PromptEncoder:
         return states[:, :, -1, :]
 
 
-def prompt_gates(encoder: PromptEncoder, experts) -> "torch.Tensor":
+def prompt_gates(encoder: PromptEncoder, experts) -> torch.Tensor:
     """``[layers, len(experts), hidden]`` gate vectors from each expert's prompts."""
     import torch
 
@@ -214,7 +229,13 @@ def compute_gates(mode: str, inputs, options, seed: int, quiet: bool = True, sha
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        with Progress(TextColumn(f"[bold]gates ({mode})"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"), TimeRemainingColumn()) as bar:
+        with Progress(
+            TextColumn(f"[bold]gates ({mode})"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("prompts"),
+            TimeRemainingColumn(),
+        ) as bar:
             task = bar.add_task("gates", total=total)
             encoder = PromptEncoder(mode, inputs, options, lambda n: bar.update(task, advance=n))
             routed = prompt_gates(encoder, inputs.experts)
@@ -223,7 +244,7 @@ def compute_gates(mode: str, inputs, options, seed: int, quiet: bool = True, sha
     return routed, shared
 
 
-def warn_degenerate(gates: "torch.Tensor") -> list[int]:
+def warn_degenerate(gates: torch.Tensor) -> list[int]:
     """Warn about layers whose gate vectors are nearly linearly dependent (the router could
     hardly tell those experts apart). Returns those layers."""
     import torch

@@ -71,11 +71,19 @@ class MoEInputs:
 
     def base_layer_suffixes(self) -> list[str]:
         """The tensors of a base layer that the output copies (everything but the dense MLP)."""
-        return [s for s in self.base.layout.layer_tensors[0] if not s.startswith("mlp.") and not s.endswith(_DROPPED_SUFFIXES)]
+        return [
+            s
+            for s in self.base.layout.layer_tensors[0]
+            if not s.startswith("mlp.") and not s.endswith(_DROPPED_SUFFIXES)
+        ]
 
     def base_mlp_extras(self) -> list[str]:
         """Tensors under ``mlp.`` other than the three projection weights (biases...)."""
-        return [s for s in self.base.layout.layer_tensors[0] if s.startswith("mlp.") and s not in {f"mlp.{p}.weight" for p in MLP_PARTS}]
+        return [
+            s
+            for s in self.base.layout.layer_tensors[0]
+            if s.startswith("mlp.") and s not in {f"mlp.{p}.weight" for p in MLP_PARTS}
+        ]
 
     def attention_biases(self) -> list[str]:
         return [s for s in self.base_layer_suffixes() if s.endswith(".bias")]
@@ -110,7 +118,9 @@ def open_inputs(config, options) -> MoEInputs:
     from ..errors import MergekittyError
 
     opened: dict[str, SourceModel] = {}
-    refs = [(("base_model",), config.base_model)] + [((*key, "source_model"), e.source_model) for key, e in config.all_experts()]
+    refs = [(("base_model",), config.base_model)] + [
+        ((*key, "source_model"), e.source_model) for key, e in config.all_experts()
+    ]
     for key, ref in refs:
         if str(ref) in opened:
             continue
@@ -126,7 +136,9 @@ def open_inputs(config, options) -> MoEInputs:
         m = opened[str(spec.source_model)]
         where = f"{key[0]}[{key[1]}] ({m.label})"
         if m.layout.num_layers != base.layout.num_layers:
-            raise ArchitectureError(f"{where} has {m.layout.num_layers} layers but the base model {base.label} has {base.layout.num_layers}")
+            raise ArchitectureError(
+                f"{where} has {m.layout.num_layers} layers but the base model {base.label} has {base.layout.num_layers}"
+            )
         sizes = set()
         for layer in range(m.layout.num_layers):
             for part in MLP_PARTS:
@@ -138,18 +150,28 @@ def open_inputs(config, options) -> MoEInputs:
                     )
             gate, up, down = m.mlp_shapes(layer)
             if gate != up or len(gate) != 2 or down != (gate[1], gate[0]):
-                raise ArchitectureError(f"{where}: layer {layer} MLP shapes do not fit together (gate {gate}, up {up}, down {down})")
+                raise ArchitectureError(
+                    f"{where}: layer {layer} MLP shapes do not fit together (gate {gate}, up {up}, down {down})"
+                )
             sizes.add(gate)
         hidden = {s[1] for s in sizes}
-        base_hidden = int(base.checkpoint.infos[base.mlp_name(0, "down_proj")].shape[0]) if base.mlp_name(0, "down_proj") in base.checkpoint else None
+        base_hidden = (
+            int(base.checkpoint.infos[base.mlp_name(0, "down_proj")].shape[0])
+            if base.mlp_name(0, "down_proj") in base.checkpoint
+            else None
+        )
         if base_hidden is not None and hidden != {base_hidden}:
-            raise ArchitectureError(f"{where} has hidden size {sorted(hidden)} but the base model {base.label} has {base_hidden}")
+            raise ArchitectureError(
+                f"{where} has hidden size {sorted(hidden)} but the base model {base.label} has {base_hidden}"
+            )
         inter = sorted({s[0] for s in sizes})
         return ExpertInput(key, spec, m, inter[0] if len(inter) == 1 else -1)
 
     for part in MLP_PARTS:
         if base.mlp_name(0, part) not in base.checkpoint:
-            raise ArchitectureError(f"base model {base.label}: no tensor '{base.mlp_name(0, part)}'; the base must be a dense model with llama-style MLPs")
+            raise ArchitectureError(
+                f"base model {base.label}: no tensor '{base.mlp_name(0, part)}'; the base must be a dense model with llama-style MLPs"
+            )
     experts = [expert(("experts", i), e) for i, e in enumerate(config.experts)]
     shared = [expert(("shared_experts", i), e) for i, e in enumerate(config.shared_experts or ())]
     return MoEInputs(base, experts, shared, list(opened.values()))

@@ -31,7 +31,9 @@ class Mixtral(OutputArchitecture):
         if len(inputs.experts) & (len(inputs.experts) - 1):
             import logging
 
-            logging.getLogger(__name__).warning("%d experts: llama.cpp and some other runtimes expect a power of two", len(inputs.experts))
+            logging.getLogger(__name__).warning(
+                "%d experts: llama.cpp and some other runtimes expect a power of two", len(inputs.experts)
+            )
         return {
             "intermediate_size": inputs.experts[0].intermediate_size,
             "num_local_experts": len(inputs.experts),

@@ -25,13 +25,17 @@ class Qwen2Moe(OutputArchitecture):
         from .config import PROMPT_GATE_MODES
 
         if config.gate_mode in PROMPT_GATE_MODES and any(not e.positive_prompts for e in config.shared_experts or ()):
-            out.append(f"gives its shared expert a gate, which gate_mode '{config.gate_mode}' builds from prompts, but the shared expert has no positive_prompts")
+            out.append(
+                f"gives its shared expert a gate, which gate_mode '{config.gate_mode}' builds from prompts, but the shared expert has no positive_prompts"
+            )
         for s in inputs.shared:
             if s.intermediate_size <= 0:
                 out.append(f"the shared expert's MLP size varies by layer ({s.where})")
         biases = {b.rsplit(".", 2)[-2] for b in inputs.attention_biases()}
         if biases and biases != {"q_proj", "k_proj", "v_proj"}:
-            out.append(f"its attention has q/k/v biases or none, but the base has biases on {', '.join(sorted(biases))}")
+            out.append(
+                f"its attention has q/k/v biases or none, but the base has biases on {', '.join(sorted(biases))}"
+            )
         return out
 
     def moe_settings(self, inputs, config) -> dict:
@@ -53,7 +57,11 @@ class Qwen2Moe(OutputArchitecture):
         if window is not None:
             n = inputs.num_layers
             types = base.get("layer_types") if base.get("model_type") == "qwen2" else None
-            out.update(use_sliding_window=True, sliding_window=window, max_window_layers=base.get("max_window_layers", 0) if types else 0)
+            out.update(
+                use_sliding_window=True,
+                sliding_window=window,
+                max_window_layers=base.get("max_window_layers", 0) if types else 0,
+            )
             out["layer_types"] = list(types) if types else ["sliding_attention"] * n
         return out
 

@@ -22,7 +22,9 @@ class Qwen3Moe(OutputArchitecture):
         base = inputs.base.config
         types = set(base.get("layer_types") or ())
         if base.get("use_sliding_window") and len(types) > 1:
-            out.append("applies one attention window to every layer, but the base mixes sliding and full attention layers")
+            out.append(
+                "applies one attention window to every layer, but the base mixes sliding and full attention layers"
+            )
         return out
 
     def moe_settings(self, inputs, config) -> dict:

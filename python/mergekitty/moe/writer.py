@@ -9,8 +9,9 @@ matches is written straight from the map without touching torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from ..errors import MergeError, MergekittyError
 from ..io.dtypes import FLOAT_CODES
@@ -46,7 +47,7 @@ def copy_of(name: str, model, source: str, out_code: str, scale=None, noise=None
     return OutTensor(name, code, tuple(info.shape), model, source, scale, noise)
 
 
-def computed(name: str, value: "torch.Tensor", out_code: str) -> OutTensor:
+def computed(name: str, value: torch.Tensor, out_code: str) -> OutTensor:
     return OutTensor(name, out_code, tuple(value.shape), value=value)
 
 
@@ -74,7 +75,9 @@ def _bytes_of(t: OutTensor, generator) -> Any:
     return bytes_view(x.to(out_dtype).contiguous())
 
 
-def write_all(tensors: list[OutTensor], writer, seed: int, on_tensor: Callable[[OutTensor], None] | None = None) -> None:
+def write_all(
+    tensors: list[OutTensor], writer, seed: int, on_tensor: Callable[[OutTensor], None] | None = None
+) -> None:
     """Write every tensor of ``tensors`` in order through ``writer`` (a ShardWriter)."""
     import torch
 

@@ -8,7 +8,8 @@ kernel is dispatched to.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .sparsify import f32
 
@@ -26,7 +27,9 @@ def weight_sum(weights: Sequence[float]) -> float:
     return total
 
 
-def combine_reference(deltas: Sequence["torch.Tensor"], weights: Sequence[float], consensus: bool, normalize: bool) -> "torch.Tensor":
+def combine_reference(
+    deltas: Sequence[torch.Tensor], weights: Sequence[float], consensus: bool, normalize: bool
+) -> torch.Tensor:
     """M from task vectors ``deltas`` (same shape) and scalar ``weights``.
 
     - without consensus: ``M = sum_i w_i d_i``, divided by ``sum_i w_i`` when ``normalize``
@@ -41,7 +44,7 @@ def combine_reference(deltas: Sequence["torch.Tensor"], weights: Sequence[float]
         raise ValueError("combine: one weight per task vector, at least one")
     ws = [f32(w) for w in weights]
 
-    def term(i: int) -> "torch.Tensor":
+    def term(i: int) -> torch.Tensor:
         return deltas[i].float() * ws[i]
 
     if not consensus:
@@ -72,7 +75,7 @@ def combine_reference(deltas: Sequence["torch.Tensor"], weights: Sequence[float]
     return acc
 
 
-def combine(deltas: Sequence["torch.Tensor"], weights: Sequence[float], consensus: bool, normalize: bool) -> "torch.Tensor":
+def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], consensus: bool, normalize: bool) -> torch.Tensor:
     """See :func:`combine_reference`. CPU tensors go to the native kernel (``ops.native_dispatch``)."""
     from . import native_dispatch
 

@@ -12,7 +12,8 @@ Thread count: ``torch.get_num_threads()``, which the executor sets from ``--thre
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 _U64 = 1 << 64
 
 
-def _ok(x: "torch.Tensor") -> bool:
+def _ok(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.is_floating_point() and not x.requires_grad
 
 
@@ -30,7 +31,7 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _work_copy(x: "torch.Tensor") -> "torch.Tensor":
+def _work_copy(x: torch.Tensor) -> torch.Tensor:
     """A new contiguous float32 tensor holding x (the references compute on ``x.float()``)."""
     import torch
 
@@ -39,7 +40,7 @@ def _work_copy(x: "torch.Tensor") -> "torch.Tensor":
     return w
 
 
-def _buf(w: "torch.Tensor"):
+def _buf(w: torch.Tensor):
     """Writable numpy float32 view of a contiguous float32 CPU tensor (0-d included)."""
     return w.reshape(-1).numpy()
 
@@ -48,7 +49,7 @@ def _seed_ok(seed) -> bool:
     return isinstance(seed, int) and 0 <= seed < _U64
 
 
-def uniform(seed: int, key: str, numel: int, device="cpu", start: int = 0) -> "torch.Tensor | None":
+def uniform(seed: int, key: str, numel: int, device="cpu", start: int = 0) -> torch.Tensor | None:
     import torch
 
     if torch.device(device).type != "cpu" or not _seed_ok(seed):
@@ -62,7 +63,7 @@ def uniform(seed: int, key: str, numel: int, device="cpu", start: int = 0) -> "t
     return out
 
 
-def magnitude(x: "torch.Tensor", density: float, rescale: bool = False) -> "torch.Tensor | None":
+def magnitude(x: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor | None:
     if not _ok(x):
         return None
     from .. import _native
@@ -72,7 +73,7 @@ def magnitude(x: "torch.Tensor", density: float, rescale: bool = False) -> "torc
     return w
 
 
-def magnitude_outliers(x: "torch.Tensor", density: float, gamma: float, rescale: bool = False) -> "torch.Tensor | None":
+def magnitude_outliers(x: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor | None:
     if not _ok(x):
         return None
     from .. import _native
@@ -82,7 +83,7 @@ def magnitude_outliers(x: "torch.Tensor", density: float, gamma: float, rescale:
     return w
 
 
-def random_mask(x: "torch.Tensor", density: float, seed: int, key: str, rescale="inverse") -> "torch.Tensor | None":
+def random_mask(x: torch.Tensor, density: float, seed: int, key: str, rescale="inverse") -> torch.Tensor | None:
     from .sparsify import _rescale_mode
 
     if not _ok(x) or not _seed_ok(seed):
@@ -95,7 +96,9 @@ def random_mask(x: "torch.Tensor", density: float, seed: int, key: str, rescale=
     return w
 
 
-def della(x: "torch.Tensor", density: float, epsilon: float, seed: int, key: str, rescale="inverse") -> "torch.Tensor | None":
+def della(
+    x: torch.Tensor, density: float, epsilon: float, seed: int, key: str, rescale="inverse"
+) -> torch.Tensor | None:
     from .sparsify import _rescale_mode, check_della
 
     if not _ok(x) or not _seed_ok(seed):
@@ -111,13 +114,15 @@ def della(x: "torch.Tensor", density: float, epsilon: float, seed: int, key: str
     return w
 
 
-def _f32_contiguous(d: "torch.Tensor") -> "torch.Tensor":
+def _f32_contiguous(d: torch.Tensor) -> torch.Tensor:
     import torch
 
     return d.to(torch.float32).contiguous()
 
 
-def combine(deltas: Sequence["torch.Tensor"], weights: Sequence[float], consensus: bool, normalize: bool) -> "torch.Tensor | None":
+def combine(
+    deltas: Sequence[torch.Tensor], weights: Sequence[float], consensus: bool, normalize: bool
+) -> torch.Tensor | None:
     import torch
 
     if len(deltas) == 0 or len(deltas) != len(weights):
@@ -130,21 +135,31 @@ def combine(deltas: Sequence["torch.Tensor"], weights: Sequence[float], consensu
 
     ds = [_f32_contiguous(d) for d in deltas]
     out = torch.empty(shape, dtype=torch.float32)
-    _native.combine([bytes_view(d) for d in ds], [float(w) for w in weights], bool(consensus), bool(normalize),
-                    1.0, None, "F32", bytes_view(out), "F32", _threads())
+    _native.combine(
+        [bytes_view(d) for d in ds],
+        [float(w) for w in weights],
+        bool(consensus),
+        bool(normalize),
+        1.0,
+        None,
+        "F32",
+        bytes_view(out),
+        "F32",
+        _threads(),
+    )
     return out
 
 
 def combine_into_base(
-    deltas: Sequence["torch.Tensor"],
+    deltas: Sequence[torch.Tensor],
     weights: Sequence[float],
     consensus: bool,
     normalize: bool,
     lambda_: float,
-    base: "torch.Tensor",
-    out_dtype: "torch.dtype",
-    out: "torch.Tensor | None" = None,
-) -> "torch.Tensor | None":
+    base: torch.Tensor,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor | None:
     """Fused ``(base.float() + lambda_ * combine(...)).to(out_dtype)`` in one pass: base is read
     straight from its (possibly mmapped) bf16/f16/f32 storage and the output written in
     ``out_dtype``. ``None`` when the native path does not apply."""
@@ -165,11 +180,26 @@ def combine_into_base(
     from .reduce import bytes_view
 
     ds = [_f32_contiguous(d) for d in deltas]
-    if out is None or out.shape != shape or out.dtype != out_dtype or out.device.type != "cpu" or not out.is_contiguous():
+    if (
+        out is None
+        or out.shape != shape
+        or out.dtype != out_dtype
+        or out.device.type != "cpu"
+        or not out.is_contiguous()
+    ):
         out = torch.empty(shape, dtype=out_dtype)
-    _native.combine([bytes_view(d) for d in ds], [float(w) for w in weights], bool(consensus), bool(normalize),
-                    float(lambda_), bytes_view(base), code_of(base.dtype), bytes_view(out), code_of(out_dtype),
-                    _threads())
+    _native.combine(
+        [bytes_view(d) for d in ds],
+        [float(w) for w in weights],
+        bool(consensus),
+        bool(normalize),
+        float(lambda_),
+        bytes_view(base),
+        code_of(base.dtype),
+        bytes_view(out),
+        code_of(out_dtype),
+        _threads(),
+    )
     return out
 
 
@@ -212,17 +242,17 @@ def _gta_plan(spec, n: int):
 
 
 def gta_merge(
-    xs: Sequence["torch.Tensor"],
-    base: "torch.Tensor",
+    xs: Sequence[torch.Tensor],
+    base: torch.Tensor,
     specs: Sequence,
     weights: Sequence[float],
     consensus: bool,
     normalize: bool,
     lambda_: float,
     seed: int,
-    out_dtype: "torch.dtype",
-    out: "torch.Tensor | None" = None,
-) -> "torch.Tensor | None":
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor | None:
     """Fused ``base + lambda_ * combine(sparsify_i(x_i - base))`` straight from the (mmapped)
     F32/F16/BF16 inputs, without materializing task vectors (``gta_merge_views``). ``specs``
     are ``methods.gta.Sparsity`` values; L1 rescales are not fused. ``None`` when the fused
@@ -235,7 +265,13 @@ def gta_merge(
     shape = base.shape
     if not xs or not all(_ok(t) and t.shape == shape and t.is_contiguous() for t in (base, *xs)):
         return None
-    if out is None or out.shape != shape or out.dtype != out_dtype or out.device.type != "cpu" or not out.is_contiguous():
+    if (
+        out is None
+        or out.shape != shape
+        or out.dtype != out_dtype
+        or out.device.type != "cpu"
+        or not out.is_contiguous()
+    ):
         out = torch.empty(shape, dtype=out_dtype)
     done = gta_merge_views(
         [bytes_view(t) for t in xs], [code_of(t.dtype) for t in xs], bytes_view(base), code_of(base.dtype), tuple(shape),

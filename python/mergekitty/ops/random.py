@@ -26,12 +26,12 @@ def stream(seed: int, key: str) -> int:
     if seed < 0:
         raise ValueError(f"random seed must be non-negative, got {seed}")
     h = _FNV_OFFSET
-    for b in f"{seed}:{key}".encode("utf-8"):
+    for b in f"{seed}:{key}".encode():
         h = ((h ^ b) * _FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
     return h
 
 
-def _mul32_(a: "torch.Tensor", c: int, tmp: "torch.Tensor") -> "torch.Tensor":
+def _mul32_(a: torch.Tensor, c: int, tmp: torch.Tensor) -> torch.Tensor:
     """a <- a * c mod 2**32 in place (``tmp`` is scratch of a's shape)."""
     import torch
 
@@ -40,7 +40,7 @@ def _mul32_(a: "torch.Tensor", c: int, tmp: "torch.Tensor") -> "torch.Tensor":
     return a.bitwise_and_(0xFFFF).mul_(c).add_(tmp).bitwise_and_(MASK32)
 
 
-def _fmix32_(h: "torch.Tensor", tmp: "torch.Tensor") -> "torch.Tensor":
+def _fmix32_(h: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
     import torch
 
     h.bitwise_xor_(torch.bitwise_right_shift(h, 16, out=tmp))
@@ -50,7 +50,7 @@ def _fmix32_(h: "torch.Tensor", tmp: "torch.Tensor") -> "torch.Tensor":
     return h.bitwise_xor_(torch.bitwise_right_shift(h, 16, out=tmp))
 
 
-def bits(seed: int, key: str, numel: int, device="cpu", start: int = 0) -> "torch.Tensor":
+def bits(seed: int, key: str, numel: int, device="cpu", start: int = 0) -> torch.Tensor:
     """The 32-bit draws ``bits(start) .. bits(start + numel - 1)`` as an int64 tensor (one chunk; no limit on size)."""
     import torch
 
@@ -63,7 +63,7 @@ def bits(seed: int, key: str, numel: int, device="cpu", start: int = 0) -> "torc
     return _fmix32_(h.bitwise_xor_(hi), tmp)
 
 
-def uniform(seed: int, key: str, numel: int, device="cpu", start: int = 0) -> "torch.Tensor":
+def uniform(seed: int, key: str, numel: int, device="cpu", start: int = 0) -> torch.Tensor:
     """float32 uniforms in [0, 1) for the flat indices ``start .. start + numel - 1``: ``(bits >> 8) * 2**-24``."""
     import torch
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..io.dtypes import NATIVE_FLOAT_CODES, code_of
 
@@ -10,7 +11,9 @@ if TYPE_CHECKING:
     import torch
 
 
-def weighted_sum_reference(tensors: Sequence["torch.Tensor"], weights: Sequence[float], out_dtype: "torch.dtype") -> "torch.Tensor":
+def weighted_sum_reference(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], out_dtype: torch.dtype
+) -> torch.Tensor:
     """Plain torch: sum_i w_i * x_i in float32, then cast. The reference for the native kernel."""
     acc = None
     for x, w in zip(tensors, weights):
@@ -19,7 +22,7 @@ def weighted_sum_reference(tensors: Sequence["torch.Tensor"], weights: Sequence[
     return acc.to(out_dtype)
 
 
-def _native_ok(tensors: Sequence["torch.Tensor"], out_dtype: "torch.dtype") -> bool:
+def _native_ok(tensors: Sequence[torch.Tensor], out_dtype: torch.dtype) -> bool:
     if code_of(out_dtype) not in NATIVE_FLOAT_CODES:
         return False
     shape = tensors[0].shape
@@ -29,7 +32,7 @@ def _native_ok(tensors: Sequence["torch.Tensor"], out_dtype: "torch.dtype") -> b
     )
 
 
-def bytes_view(x: "torch.Tensor"):
+def bytes_view(x: torch.Tensor):
     """A zero-copy uint8 numpy view of a contiguous CPU tensor (numpy has no bfloat16)."""
     import torch
 
@@ -37,12 +40,12 @@ def bytes_view(x: "torch.Tensor"):
 
 
 def weighted_sum(
-    tensors: Sequence["torch.Tensor"],
+    tensors: Sequence[torch.Tensor],
     weights: Sequence[float],
-    out_dtype: "torch.dtype",
+    out_dtype: torch.dtype,
     threads: int = 0,
-    out: "torch.Tensor | None" = None,
-) -> "torch.Tensor":
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """sum_i weights[i] * tensors[i], accumulated in float32, returned in ``out_dtype``.
 
     On CPU this reads bf16/f16/f32 inputs straight from their (possibly mmapped)

@@ -43,7 +43,7 @@ def _rescale_mode(rescale) -> str:
     return rescale
 
 
-def _l1_rescale_(kept: "torch.Tensor", x: "torch.Tensor") -> "torch.Tensor":
+def _l1_rescale_(kept: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """kept *= f32(sum|x| / sum|kept|) (sums in float64) when both sums are >= 1e-8; in place."""
     import torch
 
@@ -54,12 +54,12 @@ def _l1_rescale_(kept: "torch.Tensor", x: "torch.Tensor") -> "torch.Tensor":
     return kept
 
 
-def _zero_where_not(keep: "torch.Tensor", x: "torch.Tensor") -> "torch.Tensor":
+def _zero_where_not(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return x.masked_fill(~keep, 0.0)
 
 
 # ---------------------------------------------------------------------------- magnitude (TIES)
-def magnitude_reference(x: "torch.Tensor", density: float, rescale: bool = False) -> "torch.Tensor":
+def magnitude_reference(x: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
     """Keep the ``k = max(1, floor(density * n))`` largest magnitudes (and every tie at the threshold).
 
     NaN magnitudes count as larger than everything. ``rescale``: multiply the kept values by
@@ -88,7 +88,7 @@ def magnitude_reference(x: "torch.Tensor", density: float, rescale: bool = False
     return _l1_rescale_(out, x) if rescale else out
 
 
-def magnitude(x: "torch.Tensor", density: float, rescale: bool = False) -> "torch.Tensor":
+def magnitude(x: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
     """See :func:`magnitude_reference`. CPU tensors go to the native kernel (``ops.native_dispatch``)."""
     from . import native_dispatch
 
@@ -97,7 +97,7 @@ def magnitude(x: "torch.Tensor", density: float, rescale: bool = False) -> "torc
 
 
 # ---------------------------------------------------------------------------- magnitude outliers (Breadcrumbs)
-def magnitude_outliers_reference(x: "torch.Tensor", density: float, gamma: float, rescale: bool = False) -> "torch.Tensor":
+def magnitude_outliers_reference(x: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
     """Drop the ``n_top = floor(gamma * n)`` largest and the smallest magnitudes, keeping ``max(1, floor(density * n))``.
 
     With ``n_bot = n - target - n_top`` (if negative, it is taken from ``n_top``), ``lo`` is the
@@ -128,7 +128,7 @@ def magnitude_outliers_reference(x: "torch.Tensor", density: float, gamma: float
     return _l1_rescale_(out, x) if rescale else out
 
 
-def magnitude_outliers(x: "torch.Tensor", density: float, gamma: float, rescale: bool = False) -> "torch.Tensor":
+def magnitude_outliers(x: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
     """See :func:`magnitude_outliers_reference`. CPU tensors go to the native kernel."""
     from . import native_dispatch
 
@@ -137,7 +137,7 @@ def magnitude_outliers(x: "torch.Tensor", density: float, gamma: float, rescale:
 
 
 # ---------------------------------------------------------------------------- random (DARE)
-def random_mask_reference(x: "torch.Tensor", density: float, seed: int, key: str, rescale="inverse") -> "torch.Tensor":
+def random_mask_reference(x: torch.Tensor, density: float, seed: int, key: str, rescale="inverse") -> torch.Tensor:
     """Keep element i when ``uniform(seed, key, i) < density`` (density as float32).
 
     ``rescale``: "inverse" divides the kept values by density (the DARE paper), "l1" multiplies
@@ -159,7 +159,7 @@ def random_mask_reference(x: "torch.Tensor", density: float, seed: int, key: str
     return _l1_rescale_(out, x) if mode == "l1" else out
 
 
-def random_mask(x: "torch.Tensor", density: float, seed: int, key: str, rescale="inverse") -> "torch.Tensor":
+def random_mask(x: torch.Tensor, density: float, seed: int, key: str, rescale="inverse") -> torch.Tensor:
     """See :func:`random_mask_reference`. CPU tensors go to the native kernel."""
     from . import native_dispatch
 
@@ -177,7 +177,7 @@ def check_della(density: float, epsilon: float) -> None:
         )
 
 
-def della_keep_probability(mags: "torch.Tensor", density: float, epsilon: float) -> "torch.Tensor":
+def della_keep_probability(mags: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """Per row (last dimension, length m) of a 2-D float32 block: ``p = (density - eps) + (2 eps) * r / (m - 1)``
     with r the ascending rank of the magnitude, ties broken by index (``r / (m - 1) = 0.5`` when m == 1)."""
     import torch
@@ -195,7 +195,9 @@ def della_keep_probability(mags: "torch.Tensor", density: float, epsilon: float)
     return rn.mul_(span).add_(lo)
 
 
-def della_reference(x: "torch.Tensor", density: float, epsilon: float, seed: int, key: str, rescale="inverse") -> "torch.Tensor":
+def della_reference(
+    x: torch.Tensor, density: float, epsilon: float, seed: int, key: str, rescale="inverse"
+) -> torch.Tensor:
     """Keep element i with probability ``p_i`` (:func:`della_keep_probability`), drawn as ``uniform(seed, key, i) < p_i``
     with i the flat index over the whole tensor. ``rescale``: "inverse" divides each kept value by its own
     ``p_i`` (the DELLA paper), "l1" rescales as mergekit 0.1.5 does, "none" leaves them."""
@@ -223,7 +225,7 @@ def della_reference(x: "torch.Tensor", density: float, epsilon: float, seed: int
     return _l1_rescale_(out, x) if mode == "l1" else out
 
 
-def della(x: "torch.Tensor", density: float, epsilon: float, seed: int, key: str, rescale="inverse") -> "torch.Tensor":
+def della(x: torch.Tensor, density: float, epsilon: float, seed: int, key: str, rescale="inverse") -> torch.Tensor:
     """See :func:`della_reference`. CPU tensors go to the native kernel."""
     from . import native_dispatch
 

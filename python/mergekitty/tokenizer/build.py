@@ -26,8 +26,9 @@ row count when that is larger (its padding rows are kept), or the token count ro
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -87,9 +88,13 @@ class VocabDiff:
         if self.missing:
             parts.append(f"{len(self.missing)} missing from the output ({show(self.missing, repr)})")
         if self.conflicting:
-            parts.append(f"{len(self.conflicting)} at other ids ({show(self.conflicting, lambda c: f'{c[0]!r} {c[1]}->{c[2]}')})")
+            parts.append(
+                f"{len(self.conflicting)} at other ids ({show(self.conflicting, lambda c: f'{c[0]!r} {c[1]}->{c[2]}')})"
+            )
         if self.beyond:
-            parts.append(f"{len(self.beyond)} ids beyond its embedding rows ({show(self.beyond, lambda c: f'{c[0]!r}={c[1]}')})")
+            parts.append(
+                f"{len(self.beyond)} ids beyond its embedding rows ({show(self.beyond, lambda c: f'{c[0]!r}={c[1]}')})"
+            )
         return "; ".join(parts) if parts else "same vocabulary"
 
 
@@ -98,9 +103,13 @@ class VocabPlan:
     source: str  # "base", "union" or a model label
     vocab_model: int  # whose tokenizer files the output starts from
     tokens: dict[str, int]  # output token -> id
-    new_tokens: list[tuple[str, int, AddedToken | None]]  # appended to the vocab model's (None: a model-vocabulary token)
+    new_tokens: list[
+        tuple[str, int, AddedToken | None]
+    ]  # appended to the vocab model's (None: a model-vocabulary token)
     rows: int  # embedding rows written
-    row_maps: list[np.ndarray | None]  # per input: own row, MISSING or OWN_MEAN per output row; None: rows used as they are
+    row_maps: list[
+        np.ndarray | None
+    ]  # per input: own row, MISSING or OWN_MEAN per output row; None: rows used as they are
     default_slot: np.ndarray  # int64 [rows]: index into ``defaults`` (-1: none)
     defaults: list[tuple[tuple[int, int], ...]]  # per slot: (model, row) pairs averaged; () = zeros
     token_rows: np.ndarray  # the output rows that hold a token (OWN_MEAN is the mean of these aligned rows)
@@ -153,7 +162,9 @@ def plan_vocabulary(
     if fallback is None and source == "union":
         fallback = next((inp.vocab for inp in inputs if inp.vocab is not None), None)
     if fallback is None:
-        raise PlanError(f"{inputs[vm].label} has no tokenizer files (tokenizer.json, vocab.json, vocab.txt or tokenizer.model) to take the vocabulary from")
+        raise PlanError(
+            f"{inputs[vm].label} has no tokenizer files (tokenizer.json, vocab.json, vocab.txt or tokenizer.model) to take the vocabulary from"
+        )
     for inp in inputs:
         if inp.vocab is None:
             log.warning("%s has no tokenizer files; its vocabulary is taken to be %s's", inp.label, inputs[vm].label)
@@ -194,7 +205,13 @@ def plan_vocabulary(
             append(token, AddedToken(token, special=False, normalized=True))
 
     rows_of = [inp.rows if inp.rows is not None else (inp.vocab or fallback).size for inp in inputs]
-    if not new_tokens and not settings and not pad_to_multiple_of and all(e == eff[vm] for e in eff) and len(set(rows_of)) == 1:
+    if (
+        not new_tokens
+        and not settings
+        and not pad_to_multiple_of
+        and all(e == eff[vm] for e in eff)
+        and len(set(rows_of)) == 1
+    ):
         # every input has this vocabulary and row count: nothing moves
         label = source if source in ("base", "union") else inputs[vm].label
         empty = np.full(rows_of[vm], -1, dtype=np.int64)
@@ -237,7 +254,7 @@ def plan_vocabulary(
     row_maps: list[np.ndarray | None] = []
     missing_any = np.zeros(rows, dtype=bool)
     arange = np.arange(rows, dtype=np.int64)
-    for m, inp in enumerate(inputs):
+    for m, _inp in enumerate(inputs):
         own_rows = rows_of[m]
         held = eff[m]
         own = np.fromiter((held.get(t, MISSING) for t in row_tokens), dtype=np.int64, count=len(row_tokens))
@@ -310,7 +327,10 @@ def token_settings(config, model_index: Callable[[Any], int | None]) -> dict[str
         def index(ref, sub: str) -> int:
             i = model_index(ref)
             if i is None:
-                raise config.error(f"{ref} is not one of the merged models", key=("tokenizer", "tokens", token, "source", *([sub] if sub else [])))
+                raise config.error(
+                    f"{ref} is not one of the merged models",
+                    key=("tokenizer", "tokens", token, "source", *([sub] if sub else [])),
+                )
             return i
 
         if src is None:
@@ -318,10 +338,21 @@ def token_settings(config, model_index: Callable[[Any], int | None]) -> dict[str
         elif isinstance(src, ZeroEmbedding):
             out[token] = TokenSetting("zero", force=entry.force, key=key)
         elif isinstance(src, ModelTokenEmbedding):
-            out[token] = TokenSetting("model_token", index(src.model, "model"), src.token, src.token_id, entry.force, key)
+            out[token] = TokenSetting(
+                "model_token", index(src.model, "model"), src.token, src.token_id, entry.force, key
+            )
         else:
             out[token] = TokenSetting("model", index(src, ""), force=entry.force, key=key)
     return out
 
 
-__all__ = ["MISSING", "OWN_MEAN", "TokenSetting", "VocabDiff", "VocabInput", "VocabPlan", "plan_vocabulary", "token_settings"]
+__all__ = [
+    "MISSING",
+    "OWN_MEAN",
+    "TokenSetting",
+    "VocabDiff",
+    "VocabInput",
+    "VocabPlan",
+    "plan_vocabulary",
+    "token_settings",
+]

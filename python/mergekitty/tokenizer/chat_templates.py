@@ -19,9 +19,9 @@ import difflib
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-from typing import Iterable
 
 from ..errors import ConfigError
 
@@ -123,7 +123,9 @@ def resolve_chat_template(value: str | None, model_dirs: Iterable[str | Path], e
     if name == AUTO:
         found = [t for t in (model_chat_template(d) for d in model_dirs) if t is not None]
         if not found:
-            log.info("chat_template: auto: no input model has a chat template; keeping the donor's tokenizer files as they are")
+            log.info(
+                "chat_template: auto: no input model has a chat template; keeping the donor's tokenizer files as they are"
+            )
             return None
         # Counter keeps first-insertion order among equal counts, so ties go to config order.
         template, count = Counter(found).most_common(1)[0]

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import torch
 
 
-def default_rows(plan: VocabPlan, tensors: dict[int, "torch.Tensor"]) -> "torch.Tensor | None":
+def default_rows(plan: VocabPlan, tensors: dict[int, torch.Tensor]) -> torch.Tensor | None:
     """The default rows (float32, one per slot): means of (model, row) pairs, zeros when empty."""
     import torch
 
@@ -42,7 +42,7 @@ def default_rows(plan: VocabPlan, tensors: dict[int, "torch.Tensor"]) -> "torch.
     return acc / count.clamp(min=1.0).view(shape)
 
 
-def align_rows(plan: VocabPlan, model: int, tensor: "torch.Tensor", defaults: "torch.Tensor | None") -> "torch.Tensor":
+def align_rows(plan: VocabPlan, model: int, tensor: torch.Tensor, defaults: torch.Tensor | None) -> torch.Tensor:
     """``tensor`` (model ``model``'s rows) laid out in the output vocabulary's order."""
     import torch
 
@@ -61,6 +61,10 @@ def align_rows(plan: VocabPlan, model: int, tensor: "torch.Tensor", defaults: "t
     mean_rows = index == OWN_MEAN
     if bool(mean_rows.any()):
         held = torch.from_numpy(plan.token_rows).to(dev)
-        mean = out[held].float().mean(0) if held.numel() else torch.zeros(tensor.shape[1:], dtype=torch.float32, device=dev)
+        mean = (
+            out[held].float().mean(0)
+            if held.numel()
+            else torch.zeros(tensor.shape[1:], dtype=torch.float32, device=dev)
+        )
         out[mean_rows] = mean.to(tensor.dtype)
     return out

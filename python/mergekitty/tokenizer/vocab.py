@@ -36,7 +36,7 @@ class AddedToken:
     normalized: bool = True
 
     @classmethod
-    def from_json(cls, data: dict) -> "AddedToken":
+    def from_json(cls, data: dict) -> AddedToken:
         return cls(
             content=str(data["content"]),
             special=bool(data.get("special", False)),

@@ -62,7 +62,7 @@ def copy_tokenizer(src: Path, out: Path) -> None:
             shutil.copyfile(src / name, out / name)
 
 
-def write_tokenizer(plan: "VocabPlan", src: Path, out: Path) -> None:
+def write_tokenizer(plan: VocabPlan, src: Path, out: Path) -> None:
     """Write the tokenizer of ``plan`` into ``out``, starting from the files in ``src``
     (the vocabulary model's directory)."""
     copy_tokenizer(src, out)
@@ -79,7 +79,10 @@ def write_tokenizer(plan: "VocabPlan", src: Path, out: Path) -> None:
             for token, i in new_model:
                 vocab[token] = i
         else:  # Unigram: ids are list positions; the appended tokens become added tokens
-            as_added = sorted(as_added + [(t, i, AddedToken(t, special=False, normalized=True)) for t, i in new_model], key=lambda x: x[1])
+            as_added = sorted(
+                as_added + [(t, i, AddedToken(t, special=False, normalized=True)) for t, i in new_model],
+                key=lambda x: x[1],
+            )
             new_added = as_added
         data.setdefault("added_tokens", [])
         data["added_tokens"].extend(added.to_json(i) for _, i, added in as_added)
@@ -96,7 +99,7 @@ def write_tokenizer(plan: "VocabPlan", src: Path, out: Path) -> None:
         data = _read(config)
         decoder = data.get("added_tokens_decoder")
         if isinstance(decoder, dict):
-            for token, i, added in new_added:
+            for _token, i, added in new_added:
                 entry = added.to_json(i)
                 del entry["id"]
                 decoder[str(i)] = entry
@@ -125,6 +128,12 @@ def write_tokenizer(plan: "VocabPlan", src: Path, out: Path) -> None:
     if new_model and (out / SENTENCEPIECE).is_file():
         (out / SENTENCEPIECE).unlink()
         if (out / TOKENIZER_JSON).is_file():
-            log.warning("tokenizer.model is not written: a SentencePiece model cannot take the %d appended tokens (tokenizer.json has them)", len(new_model))
+            log.warning(
+                "tokenizer.model is not written: a SentencePiece model cannot take the %d appended tokens (tokenizer.json has them)",
+                len(new_model),
+            )
         else:
-            log.warning("no tokenizer is complete: the SentencePiece model cannot take the %d appended tokens and there is no tokenizer.json", len(new_model))
+            log.warning(
+                "no tokenizer is complete: the SentencePiece model cannot take the %d appended tokens and there is no tokenizer.json",
+                len(new_model),
+            )

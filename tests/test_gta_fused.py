@@ -1,24 +1,21 @@
-"""The fused native GTA path (ops.native_dispatch.gta_merge: task vectors never materialized)
-against the unfused path (methods/gta.py with FUSED_ENABLED off: float32 task vectors, the
-sparsifiers, combine), which is itself tested against the torch references.
+"""The fused native GTA kernel (``kernels.Gta``: ops.native_dispatch.gta_merge, task vectors never
+materialized) against the torch reference of the same spec (``MergeMethod.merge`` -> methods.gta.
+gta_reference: float32 task vectors, the sparsifiers, combine), which is itself tested against the
+plain torch formulas.
 
 Every per-element float32 operation is the same in both, in the same order, so the outputs are
 bit-identical (compared with torch.equal on the raw bits), for every thread count."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from mergekitty import _native  # noqa: E402
-from mergekitty.methods import gta  # noqa: E402
+from mergekitty import kernels  # noqa: E402
 from mergekitty.methods.base import MergeInputs  # noqa: E402
 from mergekitty.methods.registry import get_method  # noqa: E402
 from mergekitty.ops import native_dispatch  # noqa: E402
-from mergekitty.ops.reduce import bytes_view  # noqa: E402
 
 SHAPES = [(7,), (1,), (13, 257), (3, 1), (64, 1031)]
 DTYPES = [torch.bfloat16, torch.float32]
@@ -54,28 +51,21 @@ def _params(method, k, density):
     return mp, params
 
 
-def _run(method, base, xs, mp, params, out_dtype, fused, threads=None, out=None, monkeypatch=None):
+def _run(method, base, xs, mp, params, out_dtype, fused, threads=None, out=None):
+    """The merge of one tensor: the fused native kernel (``fused``) or the torch reference."""
     m = get_method(method)
-    inputs = MergeInputs("model.layers.0.w", list(xs), mp, params, base=base, out_dtype=out_dtype, out=out, seed=1234)
-    monkeypatch.setattr(gta, "FUSED_ENABLED", fused)
-    calls = []
-    real = native_dispatch.gta_merge
-
-    def spy(*a, **kw):
-        r = real(*a, **kw)
-        calls.append(r is not None)
-        return r
-
-    monkeypatch.setattr(native_dispatch, "gta_merge", spy)
+    name = "model.layers.0.w"
     old = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        result = m.merge(inputs)
+        if fused:
+            spec = m.compute.spec(params, mp, name)
+            assert spec.native
+            return native_dispatch.gta_merge(xs, base, spec, 1234, out_dtype, out)
+        return m.merge(MergeInputs(name, list(xs), mp, params, base=base, out_dtype=out_dtype, out=out, seed=1234))
     finally:
         torch.set_num_threads(old)
-    assert (calls == [True]) == fused, calls
-    return result
 
 
 def _bits_equal(a, b):
@@ -90,32 +80,32 @@ METHODS = ["ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("density", [0.5, 0.9, 1e-3, 1.0])
-def test_fused_matches_unfused(method, dtype, shape, density, monkeypatch):
+def test_fused_matches_unfused(method, dtype, shape, density):
     base, xs = _models(shape, dtype)
     mp, params = _params(method, len(xs), density)
-    ref = _run(method, base, xs, mp, params, dtype, fused=False, monkeypatch=monkeypatch)
-    got = _run(method, base, xs, mp, params, dtype, fused=True, threads=1, monkeypatch=monkeypatch)
+    ref = _run(method, base, xs, mp, params, dtype, fused=False)
+    got = _run(method, base, xs, mp, params, dtype, fused=True, threads=1)
     assert _bits_equal(got, ref), (got - ref).abs().max()
-    got2 = _run(method, base, xs, mp, params, dtype, fused=True, threads=2, monkeypatch=monkeypatch)
+    got2 = _run(method, base, xs, mp, params, dtype, fused=True, threads=2)
     assert _bits_equal(got2, ref)
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
-def test_large_multithreaded_and_out_buffer(method, monkeypatch):
+def test_large_multithreaded_and_out_buffer(method):
     # big enough that the kernels split the work across threads
     base, xs = _models((300, 1000), torch.bfloat16, seed=3)
     mp, params = _params(method, 3, 0.3)
-    ref = _run(method, base, xs, mp, params, torch.bfloat16, fused=False, monkeypatch=monkeypatch)
+    ref = _run(method, base, xs, mp, params, torch.bfloat16, fused=False)
     out = torch.empty_like(base)
-    got = _run(method, base, xs, mp, params, torch.bfloat16, fused=True, threads=2, out=out, monkeypatch=monkeypatch)
+    got = _run(method, base, xs, mp, params, torch.bfloat16, fused=True, threads=2, out=out)
     assert got is out
     assert _bits_equal(got, ref)
-    f32 = _run(method, base, xs, mp, params, torch.float32, fused=True, threads=1, monkeypatch=monkeypatch)
-    f32_ref = _run(method, base, xs, mp, params, torch.float32, fused=False, monkeypatch=monkeypatch)
+    f32 = _run(method, base, xs, mp, params, torch.float32, fused=True, threads=1)
+    f32_ref = _run(method, base, xs, mp, params, torch.float32, fused=False)
     assert _bits_equal(f32, f32_ref)
 
 
-def test_nan_and_inf(monkeypatch):
+def test_nan_and_inf():
     base, xs = _models((11, 37), torch.float32, seed=5)
     xs[0].view(-1)[[3, 50, 100]] = float("nan")
     xs[1].view(-1)[[4, 60]] = float("inf")
@@ -123,22 +113,37 @@ def test_nan_and_inf(monkeypatch):
     for method in ["ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "della_linear"]:
         for density in [0.5, 1e-3]:
             mp, params = _params(method, 3, density)
-            ref = _run(method, base, xs, mp, params, torch.float32, fused=False, monkeypatch=monkeypatch)
-            got = _run(method, base, xs, mp, params, torch.float32, fused=True, monkeypatch=monkeypatch)
+            ref = _run(method, base, xs, mp, params, torch.float32, fused=False)
+            got = _run(method, base, xs, mp, params, torch.float32, fused=True)
             assert _bits_equal(got, ref), method
 
 
-def test_l1_rescale_and_shape_mismatch_fall_back(monkeypatch):
+def _choice(method, params, mp, shapes=((5, 9),) * 4, mapped=True, dtype="F32", device="cpu"):
+    inputs = [kernels.JobInput(dtype, shape, mapped) for shape in shapes]
+    return kernels.choose(get_method(method), "w", params, mp, inputs, True, shapes[0], dtype, False, device)
+
+
+def test_plan_chooses_torch_where_the_fused_kernel_does_not_apply():
+    mp, params = _params("ties", 3, 0.5)
+    assert isinstance(_choice("ties", params, mp), kernels.Gta)
+    assert isinstance(_choice("ties", {**params, "rescale": True}, mp), kernels.Torch)  # L1 rescale
+    mp, params = _params("dare_ties", 3, 0.5)
+    assert isinstance(_choice("dare_ties", {**params, "rescale_l1": True}, mp), kernels.Torch)
+    assert isinstance(_choice("dare_ties", params, mp, shapes=((5, 9), (6, 9), (5, 9), (5, 9))), kernels.Torch)
+    assert isinstance(_choice("dare_ties", params, mp, mapped=False), kernels.Torch)  # pickled / model+lora
+    assert isinstance(_choice("dare_ties", params, mp, dtype="I64"), kernels.Torch)
+    assert isinstance(_choice("dare_ties", params, mp, device="cuda"), kernels.Torch)
+
+
+def test_reference_handles_what_the_plan_sends_to_torch():
     base, xs = _models((5, 9), torch.float32)
     mp, params = _params("ties", 3, 0.5)
     params["rescale"] = True
-    m = get_method("ties")
-    monkeypatch.setattr(native_dispatch, "gta_merge", lambda *a, **k: pytest.fail("should not be fused"))
-    m.merge(MergeInputs("w", xs, mp, params, base=base, out_dtype=torch.float32))
+    get_method("ties").merge(MergeInputs("w", xs, mp, params, base=base, out_dtype=torch.float32))
     mp, params = _params("dare_ties", 3, 0.5)
     params["rescale_l1"] = True
     get_method("dare_ties").merge(MergeInputs("w", xs, mp, params, base=base, out_dtype=torch.float32, seed=1))
-    # an input of another shape (embedding crop) takes the unfused path
+    # an input of another shape (embedding crop)
     big = torch.randn(6, 9)
     mp, params = _params("ties", 3, 0.5)
     get_method("ties").merge(
@@ -146,46 +151,22 @@ def test_l1_rescale_and_shape_mismatch_fall_back(monkeypatch):
     )
 
 
-@pytest.mark.parametrize("n", [1, 2, 7, 1000, 70001, (1 << 20) + 4099])  # the last takes the sampled path
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_thresholds_match_sorting(n, dtype):
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 70001, (1 << 20) + 4099])  # the last takes the sampled thresholds
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_thresholds_at_every_size(n, method):
     g = torch.Generator().manual_seed(n)
-    base = torch.randn(n, generator=g).to(dtype)
-    xs = [(base.float() + 0.01 * torch.randn(n, generator=g)).to(dtype) for _ in range(3)]
+    base = torch.randn(n, generator=g).to(torch.bfloat16)
+    xs = [(base.float() + 0.01 * torch.randn(n, generator=g)).to(torch.bfloat16) for _ in range(3)]
     if n > 10:
         xs[0][:5] = base[:5]  # zeros
         xs[1][3] = float("nan")
         xs[2][4] = float("inf")
-    ranks = [[0], sorted({n // 3, n - 1}), [n // 2, n - 1]]
-    for mode in ["magnitude", "outliers"]:
-        for threads in [1, 2]:
-            keys = _native.gta_thresholds(
-                [bytes_view(x) for x in xs],
-                [_code(x) for x in xs],
-                bytes_view(base),
-                _code(base),
-                ranks,
-                [mode] * 3,
-                threads,
-            )
-            for x, r, k in zip(xs, ranks, keys):
-                mags = (x.float() - base.float()).abs()
-                if mode == "outliers":
-                    mags = torch.nan_to_num(mags, nan=math.inf)
-                    sortable = mags.view(torch.int32).clone()
-                    sortable[torch.isinf(mags) & ~torch.isnan(x.float() - base.float())] = 0x7F7FFFFF
-                    sortable[torch.isnan(x.float() - base.float())] = 0x7F800000
-                else:
-                    sortable = mags.view(torch.int32).clone()
-                    sortable[torch.isnan(mags)] = 0x7F800001
-                ordered = torch.sort(sortable).values
-                assert k == [int(ordered[i]) for i in r], (mode, threads)
-
-
-def _code(t):
-    from mergekitty.io.dtypes import code_of
-
-    return code_of(t.dtype)
+    for density in (0.3, 0.9):
+        mp, params = _params(method, 3, density)
+        ref = _run(method, base, xs, mp, params, torch.bfloat16, fused=False)
+        for threads in (1, 2):
+            got = _run(method, base, xs, mp, params, torch.bfloat16, fused=True, threads=threads)
+            assert _bits_equal(got, ref), (method, density, threads)
 
 
 # ---------------------------------------------------------------- the executor's torch-free path
@@ -210,14 +191,17 @@ def _e2e_config(fam, method: str, dtype: str) -> str:
 
 @pytest.mark.parametrize("method", list(_E2E_METHODS))
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_executor_native_path_equals_the_unfused_torch_path(method, dtype, llama, tmp_path, monkeypatch):
+def test_executor_native_kernels_equal_the_torch_reference(method, dtype, llama, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    from mergekitty import plan as plan_module
     from mergekitty.api import run_merge
 
     text = _e2e_config(llama, method, dtype)
-    run_merge(text, tmp_path / "native", quiet=True)
-    monkeypatch.setattr(gta, "FUSED_ENABLED", False)  # the reference: task vectors, sparsifiers, combine in torch
+    native = run_merge(text, tmp_path / "native", quiet=True)
+    assert any(isinstance(j.kernel, kernels.Gta) for j in native.jobs)
+    # the reference: the plan sends every job to the torch function (task vectors, sparsifiers, combine)
+    monkeypatch.setattr(plan_module, "choose", lambda *a, **k: kernels.Torch("test"))
     run_merge(text, tmp_path / "unfused", quiet=True)
     got, want = (
         load_file(tmp_path / "native" / "model.safetensors"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from mergekitty.errors import ConfigError
+from mergekitty.errors import ConfigError, MergeError
 from mergekitty.methods.base import MergeInputs
 from mergekitty.methods.registry import get_method
 from mergekitty.ops import consensus, sparsify
@@ -525,7 +525,7 @@ def test_embedding_cropped_and_other_mismatch_skipped(caplog):
 def test_integer_tensors_copied():
     base = torch.arange(10)
     assert torch.equal(_run("ties", [base.clone()], base, [{"weight": 1.0}], out_dtype=torch.int64), base)
-    with pytest.raises(ValueError, match="integer"):
+    with pytest.raises(MergeError, match="integer"):
         _run("ties", [base + 1], base, [{"weight": 1.0}], out_dtype=torch.int64)
 
 

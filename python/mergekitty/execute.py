@@ -6,26 +6,24 @@ follows the largest job rather than the model size. A background thread does the
 positioned writes so that arithmetic and I/O overlap; its queue is bounded, and
 output buffers are recycled so that no job pays for faulting in fresh memory.
 
-Two paths compute a job:
-- native: methods that are fixed linear combinations (``MergeMethod.coefficients``)
-  and the GTA family (``MergeMethod.fused_gta``: ties, dare, della, breadcrumbs) on
-  CPU, over bf16/f16/f32 safetensors inputs, run as fused Rust passes from the
-  memory maps into a recycled buffer; a plain copy is written straight from the map.
-  This path never imports torch.
-- torch: everything else (other methods, other devices, .bin inputs) through
-  ``MergeMethod.merge`` on torch tensors.
+The executor decides nothing: each job carries the kernel the plan chose for it
+(mergekitty.kernels) and ``run_job`` dispatches on it. The native kernels (copy,
+linear combination, GTA) read the memory maps and write a recycled buffer without
+importing torch; ``Torch`` jobs run ``MergeMethod.merge`` on torch tensors.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
 from collections.abc import Callable
 
 from .errors import MergeError, MergekittyError
-from .io.dtypes import NATIVE_FLOAT_CODES, nbytes, torch_dtype
-from .plan import MergePlan, TensorJob
+from .io.dtypes import nbytes, torch_dtype
+from .kernels import Copy, Gta, LinearCombination
+from .plan import MergePlan, Source, TensorJob
 
 PREFETCH_JOBS = 2
 WRITE_QUEUE = 2
@@ -101,112 +99,80 @@ class _BackgroundWriter:
             raise self.error
 
 
-def _inputs(job: TensorJob) -> tuple:
-    return (*((job.base,) if job.base else ()), *job.sources)
+def run_job(plan: MergePlan, job: TensorJob, threads: int, pool: BufferPool):
+    """Compute one output tensor with the kernel the plan chose for it.
+    Returns (bytes to write, pooled buffer to recycle or None)."""
+    kernel = job.kernel
+    if isinstance(kernel, Copy):
+        return _view(plan, job.inputs[kernel.input], job), None
+    if isinstance(kernel, LinearCombination):
+        return _run_linear(plan, job, kernel, pool, threads)
+    if isinstance(kernel, Gta):
+        return _run_gta(plan, job, kernel, pool, threads)
+    return _run_torch(plan, job, threads, pool)
 
 
-def _linear_terms(plan: MergePlan, job: TensorJob) -> list[tuple] | None:
-    """(source, coefficient) pairs when the job is a fixed linear combination, else None."""
-    coefficients = plan.method.coefficients
-    if coefficients is None:
-        return None
-    base_coef, coefs = coefficients(job.params, list(job.model_params), job.out_name)
-    terms = list(zip(job.sources, coefs))
-    if job.base is not None and (base_coef != 0.0 or not terms):
-        terms.insert(0, (job.base, base_coef))
-    return terms
+def _view(plan: MergePlan, src: Source, job: TensorJob):
+    """The zero-copy bytes of an input the plan found mapped."""
+    view = plan.models[src.model].checkpoint.view(src.tensor)
+    if view is None:  # the plan saw it mapped: the checkpoint changed under us
+        raise MergeError(f"tensor '{job.out_name}': input '{src.tensor}' of {plan.models[src.model].label} is no longer mapped")
+    return view
 
 
-def _run_native(plan: MergePlan, job: TensorJob, terms, pool: BufferPool, threads: int):
-    """Compute ``job`` without torch. Returns (bytes to write, pooled buffer or None), or None
-    when the native kernels cannot take this job."""
+def _dtype(plan: MergePlan, src: Source) -> str:
+    return plan.models[src.model].checkpoint.infos[src.tensor].dtype
+
+
+def _out_buffer(job: TensorJob, pool: BufferPool):
+    size = nbytes(job.out_dtype, math.prod(job.shape))
+    buf = pool.take(size)
+    return buf[:size], buf
+
+
+def _run_linear(plan: MergePlan, job: TensorJob, kernel: LinearCombination, pool: BufferPool, threads: int):
     from . import _native
 
-    views, codes = [], []
-    for src, _ in terms:
-        view = plan.models[src.model].checkpoint.view(src.tensor)
-        if view is None:
-            return None
-        views.append(view)
-        codes.append(plan.models[src.model].checkpoint.infos[src.tensor].dtype)
-    if len(terms) == 1 and terms[0][1] == 1.0 and codes[0] == job.out_dtype:
-        return views[0], None  # a plain copy: written straight from the memory map
-    if job.out_dtype not in NATIVE_FLOAT_CODES or any(c not in NATIVE_FLOAT_CODES for c in codes):
-        return None
-    size = nbytes(job.out_dtype, _numel(job.shape))
-    buf = pool.take(size)
-    out = buf[:size]
-    _native.weighted_sum(views, codes, [float(c) for _, c in terms], out, job.out_dtype, threads)
+    sources = [job.inputs[i] for i, _ in kernel.terms]
+    out, buf = _out_buffer(job, pool)
+    _native.weighted_sum(
+        [_view(plan, s, job) for s in sources],
+        [_dtype(plan, s) for s in sources],
+        [c for _, c in kernel.terms],
+        out,
+        job.out_dtype,
+        threads,
+    )
     return out, buf
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _run_native_gta(plan: MergePlan, job: TensorJob, pool: BufferPool, threads: int):
-    """A GTA-family job (ties, dare_*, della*, breadcrumbs*) as one fused native pass from the
-    memory maps, without torch: (bytes, pooled buffer), or None for the torch path."""
-    from .methods.base import MergeInputs
-    from .methods.gta import warn_zero_sum
+def _run_gta(plan: MergePlan, job: TensorJob, kernel: Gta, pool: BufferPool, threads: int):
     from .ops.native_dispatch import gta_merge_views
 
-    if job.base is None or not job.sources:
-        return None
-    inputs = MergeInputs(
-        name=job.out_name, tensors=[], model_params=list(job.model_params), params=job.params, seed=plan.random_seed
+    base, *sources = job.inputs
+    out, buf = _out_buffer(job, pool)
+    gta_merge_views(
+        [_view(plan, s, job) for s in sources],
+        [_dtype(plan, s) for s in sources],
+        _view(plan, base, job),
+        _dtype(plan, base),
+        tuple(job.shape),
+        kernel.spec,
+        plan.random_seed,
+        out,
+        job.out_dtype,
+        threads,
     )
-    fused = plan.method.fused_gta(inputs)
-    if fused is None:
-        return None
-    views, codes = [], []
-    for src in (job.base, *job.sources):
-        checkpoint = plan.models[src.model].checkpoint
-        info = checkpoint.infos[src.tensor]
-        view = checkpoint.view(src.tensor) if tuple(info.shape) == tuple(job.shape) else None
-        if view is None:
-            return None  # cropped embeddings, computed (model+lora) or pickled inputs
-        views.append(view)
-        codes.append(info.dtype)
-    size = nbytes(job.out_dtype, _numel(job.shape))
-    buf = pool.take(size)
-    out = buf[:size]
-    done = gta_merge_views(
-        views[1:], codes[1:], views[0], codes[0], tuple(job.shape), fused.specs, fused.weights,
-        fused.consensus, fused.normalize, fused.lam, plan.random_seed, out, job.out_dtype, threads,
-    )  # fmt: skip
-    if not done:
-        pool.give(buf)
-        return None
-    warn_zero_sum(inputs, fused)
     return out, buf
 
 
-def run_job(plan: MergePlan, job: TensorJob, device: str, threads: int, pool: BufferPool):
-    """Compute one output tensor. Returns (bytes to write, pooled buffer to recycle or None)."""
-    if device == "cpu" and not job.aligned:
-        terms = _linear_terms(plan, job)
-        if terms is not None:
-            done = _run_native(plan, job, terms, pool, threads)
-            if done is not None:
-                return done
-        elif plan.method.fused_gta is not None:
-            done = _run_native_gta(plan, job, pool, threads)
-            if done is not None:
-                return done
-    return _run_torch(plan, job, device, threads, pool)
-
-
-def _run_torch(plan: MergePlan, job: TensorJob, device: str, threads: int, pool: BufferPool):
+def _run_torch(plan: MergePlan, job: TensorJob, threads: int, pool: BufferPool):
     import torch
 
     from .methods.base import MergeInputs
     from .ops.reduce import bytes_view
 
-    dev = torch.device(device)
+    dev = torch.device(plan.device)
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 
@@ -218,7 +184,7 @@ def _run_torch(plan: MergePlan, job: TensorJob, device: str, threads: int, pool:
         load = _aligned_loader(plan, job, load)
 
     out_dtype = torch_dtype(job.out_dtype)
-    size = nbytes(job.out_dtype, _numel(job.shape))
+    size = nbytes(job.out_dtype, math.prod(job.shape))
     buf = pool.take(size) if dev.type == "cpu" and size else None
     out = torch.from_numpy(buf[:size]).view(out_dtype).view(job.shape) if buf is not None else None
     result = plan.method.merge(
@@ -250,20 +216,19 @@ def _aligned_loader(plan: MergePlan, job: TensorJob, load):
     row order (tokenizer.embeddings), with the default rows computed once for the job."""
     from .tokenizer.embeddings import align_rows, default_rows
 
-    loaded = {s.model: load(s) for s in (*_inputs(job), *job.row_sources)}
+    loaded = {s.model: load(s) for s in (*job.inputs, *job.row_sources)}
     defaults = default_rows(plan.vocab, loaded)
     return lambda src: align_rows(plan.vocab, src.model, loaded[src.model], defaults)
 
 
 def _touch(plan: MergePlan, job: TensorJob, action: str) -> None:
-    for s in (*_inputs(job), *job.row_sources):
+    for s in (*job.inputs, *job.row_sources):
         getattr(plan.models[s.model].checkpoint, action)(s.tensor)
 
 
 def execute(
     plan: MergePlan,
     writer,
-    device: str = "cpu",
     threads: int = 0,
     on_progress: Callable[[TensorJob, float], None] | None = None,
 ) -> None:
@@ -276,7 +241,7 @@ def execute(
                 _touch(plan, ahead, "prefetch")
             started = time.perf_counter()
             try:
-                data, pooled = run_job(plan, job, device, threads, pool)
+                data, pooled = run_job(plan, job, threads, pool)
                 background.put(job.out_name, data, pooled)
             except MergekittyError:
                 raise

@@ -15,6 +15,7 @@ from typing import Any
 
 from .architecture.layout import ModelLayout, is_embedding_name, other_spellings
 from .errors import ArchitectureError, ConfigError, PlanError
+from .kernels import JobInput, Kernel, Torch, choose
 from .methods.base import MergeMethod, ParamSpec
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,12 @@ class TensorJob:
     # vocabulary-sized tensors whose rows are re-laid out to the output vocabulary (tokenizer.build)
     aligned: bool = False
     row_sources: tuple[Source, ...] = ()  # further models' tensors the default rows are taken from
+    kernel: Kernel = Torch("unplanned")  # how the executor computes it (kernels.choose)
+
+    @property
+    def inputs(self) -> tuple[Source, ...]:
+        """The base (when the method uses one) followed by the sources: what kernels index."""
+        return (self.base, *self.sources) if self.base is not None else self.sources
 
 
 @dataclass
@@ -68,6 +75,7 @@ class MergePlan:
     )  # out layer -> [(model label, in layer)]
     random_seed: int = 0  # used by random methods; recorded in the model card
     vocab: Any = None  # tokenizer.build.VocabPlan, None when no input has tokenizer files
+    device: str = "cpu"  # where the jobs run; the kernels were chosen for it
 
     @property
     def input_bytes(self) -> int:
@@ -153,7 +161,7 @@ class Planner:
         self.index_of = {str(m.ref): i for i, m in enumerate(models)}
         self.resolver = ParameterResolver(config)
         self.used_param_names: set[str] = set()
-        self.vocab = None  # tokenizer.build.VocabPlan, set by the caller before plan()
+        self.vocab = None  # tokenizer.build.VocabPlan, given to plan()
 
     # ---------------------------------------------------------------- helpers
     def _model(self, ref) -> int:
@@ -208,7 +216,10 @@ class Planner:
             raise ConfigError(f"{exc} {where}", key=f"parameters.{spec.name}") from None
 
     # ---------------------------------------------------------------- planning
-    def plan(self, slices) -> MergePlan:
+    def plan(self, slices, vocab=None, random_seed: int = 0, device: str = "cpu") -> MergePlan:
+        """The plan of ``slices`` for the output vocabulary ``vocab`` (tokenizer.build.VocabPlan or
+        None), with kernels chosen for ``device``."""
+        self.vocab = vocab
         method = self.method
         donor = self._donor()
         donor_layout = self.models[donor].layout
@@ -312,6 +323,23 @@ class Planner:
                 if aligned
                 else ()
             )
+            all_inputs = (*([base_src] if base_src else []), *sources)
+            all_infos = (*infos[len(sources) :], *infos[: len(sources)])  # base first, as job.inputs
+            kernel = choose(
+                method,
+                out_name,
+                params,
+                list(mparams),
+                [
+                    JobInput(i.dtype, tuple(i.shape), self.models[s.model].checkpoint.view(s.tensor) is not None)
+                    for s, i in zip(all_inputs, all_infos)
+                ],
+                base_src is not None,
+                tuple(shape),
+                out_dtype,
+                aligned,
+                device,
+            )
             jobs.append(
                 TensorJob(
                     out_name=out_name,
@@ -325,6 +353,7 @@ class Planner:
                     output_bytes=int(_numel(shape) * _dtype_size(out_dtype)),
                     aligned=aligned,
                     row_sources=row_sources,
+                    kernel=kernel,
                 )
             )
             order.append(out_name)
@@ -367,9 +396,9 @@ class Planner:
             _set_vocab_size(out_config, self.vocab.rows)
         jobs_sorted = sorted(jobs, key=self._read_position)
         base_index = self._model(base_ref) if base_ref is not None else None
-        plan = MergePlan(method, self.models, donor, base_index, jobs_sorted, order, out_config, layer_map)
-        plan.vocab = self.vocab
-        return plan
+        return MergePlan(
+            method, self.models, donor, base_index, jobs_sorted, order, out_config, layer_map, random_seed, vocab, device
+        )
 
     def embedding_rows(self, model: int) -> int | None:
         """Rows of the model's token embedding (its vocabulary size as the weights see it)."""

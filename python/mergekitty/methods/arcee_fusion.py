@@ -18,7 +18,7 @@ recomputed as B + (X - B).
 from __future__ import annotations
 
 from ._geometric import f32, finish, trivial
-from .base import MergeInputs, MergeMethod
+from .base import MergeInputs, MergeMethod, TorchFunction
 
 
 def order_statistic(flat, index: int):
@@ -69,7 +69,7 @@ METHOD = MergeMethod(
     name="arcee_fusion",
     pretty_name="Arcee Fusion",
     paper_url="https://www.arcee.ai/blog/meet-mergekit-v0-1-arcee-fusion-expanded-model-support-multi-gpu-acceleration",
-    merge=merge,
+    compute=TorchFunction(merge),
     base="required",
     min_models=1,
     max_models=1,

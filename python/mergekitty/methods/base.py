@@ -1,4 +1,4 @@
-"""What a merge method is: its parameters and one pure function over tensors."""
+"""What a merge method is: its parameters, its checks, and how it computes a tensor (declared, not run)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..errors import MergeError
+
 if TYPE_CHECKING:
     import torch
+
+    from ..kernels import GtaSpec
 
 
 @dataclass(frozen=True)
@@ -69,49 +73,77 @@ class MergeInputs:
 
     def stream_key(self, model_position: int) -> str:
         """The key of the random stream of the ``model_position``-th non-base input (see docs/kernels.md)."""
-        return f"{self.name}#{model_position}"
+        from ..kernels import stream_key
+
+        return stream_key(self.name, model_position)
 
 
 # (global params, per-model params, tensor name) -> (base coefficient, one coefficient per model)
 Coefficients = Callable[[dict[str, Any], list[dict[str, Any]], str], tuple[float, list[float]]]
+# (global params, per-model params, tensor name) -> the whole GTA merge of that tensor
+GtaSpecOf = Callable[[dict[str, Any], list[dict[str, Any]], str], "GtaSpec"]
 
 
-def linear_merge(coefficients: Coefficients) -> Callable[[MergeInputs], torch.Tensor]:
+@dataclass(frozen=True)
+class LinearCoefficients:
+    """The result is a fixed linear combination of the inputs (linear, task_arithmetic,
+    passthrough): a native weighted sum on CPU, ``linear_merge`` in torch."""
+
+    coefficients: Coefficients
+
+
+@dataclass(frozen=True)
+class GtaSpecBuilder:
+    """Generalized task arithmetic (ties, dare_*, della*, breadcrumbs*) described as a
+    ``kernels.GtaSpec``: the fused native kernel on CPU, ``methods.gta.gta_reference`` in torch."""
+
+    spec: GtaSpecOf
+
+
+@dataclass(frozen=True)
+class TorchFunction:
+    """A method with no native kernel: its torch function computes every tensor."""
+
+    merge: Callable[[MergeInputs], torch.Tensor]
+
+
+# How a method computes a tensor; the planner turns it into each job's kernel (plan.choose_kernel).
+Computation = LinearCoefficients | GtaSpecBuilder | TorchFunction
+
+
+def linear_merge(coefficients: Coefficients, inputs: MergeInputs) -> torch.Tensor:
     """The torch implementation of a method whose result is a fixed linear combination of its inputs."""
+    from ..ops.reduce import weighted_sum
 
-    def merge(inputs: MergeInputs) -> torch.Tensor:
-        from ..ops.reduce import weighted_sum
-
-        base_coef, coefs = coefficients(inputs.params, inputs.model_params, inputs.name)
-        tensors, weights = list(inputs.tensors), list(coefs)
-        if inputs.base is not None and (base_coef != 0.0 or not tensors):
-            tensors.insert(0, inputs.base)
-            weights.insert(0, base_coef)
-        out_dtype = inputs.out_dtype or tensors[0].dtype
-        if not tensors[0].is_floating_point():
-            # integer buffers (position ids, masks) are copied, never averaged
-            if all(t.shape == tensors[0].shape and bool((t == tensors[0]).all()) for t in tensors[1:]):
-                return tensors[0].to(out_dtype)
-            raise ValueError(
-                f"tensor '{inputs.name}' has dtype {tensors[0].dtype} and differs between the models; integer tensors cannot be averaged"
-            )
-        return weighted_sum(tensors, weights, out_dtype, inputs.threads, out=inputs.out)
-
-    return merge
+    base_coef, coefs = coefficients(inputs.params, inputs.model_params, inputs.name)
+    tensors, weights = list(inputs.tensors), list(coefs)
+    if inputs.base is not None and (base_coef != 0.0 or not tensors):
+        tensors.insert(0, inputs.base)
+        weights.insert(0, base_coef)
+    out_dtype = inputs.out_dtype or tensors[0].dtype
+    if not tensors[0].is_floating_point():
+        # integer buffers (position ids, masks) are copied, never averaged
+        if all(t.shape == tensors[0].shape and bool((t == tensors[0]).all()) for t in tensors[1:]):
+            return tensors[0].to(out_dtype)
+        raise MergeError(
+            f"tensor '{inputs.name}' has dtype {tensors[0].dtype} and differs between the models; integer tensors cannot be averaged"
+        )
+    return weighted_sum(tensors, weights, out_dtype, inputs.threads, out=inputs.out)
 
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered merge method.
+    """A registered merge method: what it reads and how it computes, as declarations.
 
     ``base`` says how the base model is used: "required", "optional" or
     "ignored" (then a base model, if given, is merged like any other input).
+    ``compute`` says how a tensor is computed; the planner chooses each job's kernel from it.
     """
 
     name: str
     pretty_name: str
     paper_url: str | None
-    merge: Callable[[MergeInputs], torch.Tensor]
+    compute: Computation
     global_params: tuple[ParamSpec, ...] = ()
     model_params: tuple[ParamSpec, ...] = ()
     base: str = "ignored"
@@ -119,9 +151,6 @@ class MergeMethod:
     max_models: int | None = None
     description: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
-    # Set for methods whose result is a fixed linear combination of the inputs: the
-    # executor then runs them as one fused native pass straight from the memory maps.
-    coefficients: Coefficients | None = None
     random: bool = False  # draws random numbers: the merge records its seed
     # Checks that involve several parameters (e.g. density +- epsilon inside (0, 1]); called at
     # plan time for every tensor with the resolved values; raises ValueError naming the problem.
@@ -129,10 +158,18 @@ class MergeMethod:
     # For a method whose base is "optional": whether these global parameters make it required
     # (slerp with 't' interpolates from the base); returns the reason, or None.
     base_needed_for: Callable[[dict[str, Any]], str | None] | None = None
-    # For the GTA family: the merge of one tensor as data (methods.gta.FusedGta; the inputs'
-    # tensors are not read) or None, so the executor can run the fused native kernel
-    # straight from the memory maps without torch.
-    fused_gta: Callable[[MergeInputs], Any] | None = None
+
+    def merge(self, inputs: MergeInputs) -> torch.Tensor:
+        """The torch computation of one tensor: the reference of the native kernels and the GPU path."""
+        compute = self.compute
+        if isinstance(compute, LinearCoefficients):
+            return linear_merge(compute.coefficients, inputs)
+        if isinstance(compute, GtaSpecBuilder):
+            from .gta import gta_reference
+
+            spec = compute.spec(inputs.params, list(inputs.model_params), inputs.name)
+            return gta_reference(inputs, spec)
+        return compute.merge(inputs)
 
     def param_spec(self, name: str) -> ParamSpec | None:
         for spec in (*self.global_params, *self.model_params):

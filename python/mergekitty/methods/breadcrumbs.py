@@ -17,6 +17,9 @@ zeroed: when floor(gamma*n) is 0 nothing is dropped from the top.
 
 from __future__ import annotations
 
+from typing import Any
+
+from ..kernels import Sparsity
 from . import gta
 from .base import MergeMethod, ParamSpec
 
@@ -25,16 +28,9 @@ GAMMA = ParamSpec(
 )
 
 
-def crumbs(d, i, mp, inputs):
-    from ..ops.sparsify import magnitude_outliers
-
-    return magnitude_outliers(d, mp["density"], mp["gamma"], rescale=bool(inputs.params.get("rescale")))
-
-
-def crumbs_spec(i, mp, inputs):
-    if inputs.params.get("rescale"):
-        return None
-    return gta.Sparsity("outliers", density=float(mp["density"]), gamma=float(mp["gamma"]))
+def crumbs(i: int, mp: dict[str, Any], params: dict[str, Any], name: str) -> Sparsity:
+    rescale = "l1" if params.get("rescale") else "none"
+    return Sparsity("outliers", density=float(mp["density"]), gamma=float(mp["gamma"]), rescale=rescale)
 
 
 def _method(name: str, pretty: str, consensus: bool, description: str) -> MergeMethod:
@@ -42,7 +38,7 @@ def _method(name: str, pretty: str, consensus: bool, description: str) -> MergeM
         name=name,
         pretty_name=pretty,
         paper_url="https://arxiv.org/abs/2312.06795",
-        **gta.method_functions(crumbs, consensus=consensus, fused=crumbs_spec),
+        compute=gta.spec_builder(crumbs, consensus=consensus),
         global_params=(
             gta.normalize_param(False),
             gta.rescale_param(False, "L1-rescale the kept values of each task vector"),

@@ -18,21 +18,15 @@ every device.
 
 from __future__ import annotations
 
+from typing import Any
+
+from ..kernels import Sparsity, stream_key
 from . import gta
 from .base import MergeMethod
 
 
-def drop(d, i, mp, inputs):
-    from ..ops.sparsify import random_mask
-
-    return random_mask(d, mp["density"], inputs.seed, inputs.stream_key(i), rescale=gta.random_rescale(inputs.params))
-
-
-def drop_spec(i, mp, inputs):
-    mode = gta.random_rescale(inputs.params)
-    if mode == "l1":
-        return None
-    return gta.Sparsity("random", density=float(mp["density"]), key=inputs.stream_key(i), rescale=mode == "inverse")
+def drop(i: int, mp: dict[str, Any], params: dict[str, Any], name: str) -> Sparsity:
+    return Sparsity("random", density=float(mp["density"]), key=stream_key(name, i), rescale=gta.random_rescale(params))
 
 
 def _method(name: str, pretty: str, consensus: bool, description: str) -> MergeMethod:
@@ -40,7 +34,7 @@ def _method(name: str, pretty: str, consensus: bool, description: str) -> MergeM
         name=name,
         pretty_name=pretty,
         paper_url="https://arxiv.org/abs/2311.03099",
-        **gta.method_functions(drop, consensus=consensus, fused=drop_spec),
+        compute=gta.spec_builder(drop, consensus=consensus),
         global_params=(
             gta.normalize_param(False),
             gta.rescale_param(True, "divide the kept values by density"),

@@ -24,6 +24,9 @@ models' per-model values are ignored, as in mergekitty 0.3.
 
 from __future__ import annotations
 
+from typing import Any
+
+from ..kernels import Sparsity, stream_key
 from . import gta
 from .base import MergeMethod, ParamSpec
 
@@ -36,30 +39,19 @@ MODEL_LAMBDA = ParamSpec(
 )
 
 
-def magprune(d, i, mp, inputs):
-    from ..ops.sparsify import della
-
-    return della(
-        d, mp["density"], mp["epsilon"], inputs.seed, inputs.stream_key(i), rescale=gta.random_rescale(inputs.params)
-    )
-
-
-def magprune_spec(i, mp, inputs):
-    mode = gta.random_rescale(inputs.params)
-    if mode == "l1":
-        return None
-    return gta.Sparsity(
+def magprune(i: int, mp: dict[str, Any], params: dict[str, Any], name: str) -> Sparsity:
+    return Sparsity(
         "della",
         density=float(mp["density"]),
         epsilon=float(mp["epsilon"]),
-        key=inputs.stream_key(i),
-        rescale=mode == "inverse",
+        key=stream_key(name, i),
+        rescale=gta.random_rescale(params),
     )
 
 
-def first_model_lambda(inputs) -> float:
-    first = inputs.model_params[0].get("lambda") if inputs.model_params else None
-    return float(first) if first is not None else gta.lambda_of(inputs)
+def first_model_lambda(params: dict[str, Any], model_params: list[dict[str, Any]]) -> float:
+    first = model_params[0].get("lambda") if model_params else None
+    return float(first) if first is not None else float(params.get("lambda", 1.0))
 
 
 def check_epsilon(params, model_params) -> None:
@@ -74,7 +66,7 @@ def _method(name: str, pretty: str, consensus: bool, normalize: bool, descriptio
         name=name,
         pretty_name=pretty,
         paper_url="https://arxiv.org/abs/2406.11617",
-        **gta.method_functions(magprune, consensus=consensus, lam=first_model_lambda, fused=magprune_spec),
+        compute=gta.spec_builder(magprune, consensus=consensus, lam=first_model_lambda),
         global_params=(
             gta.normalize_param(normalize),
             gta.rescale_param(True, "divide each kept value by its keep probability"),

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from .base import MergeInputs, ParamSpec
+from ..errors import MergeError
+from ..kernels import GtaSpec, Rescale, Sparsity
+from .base import GtaSpecBuilder, MergeInputs, ParamSpec
 
 if TYPE_CHECKING:
     import torch
@@ -32,37 +34,6 @@ log = logging.getLogger(__name__)
 
 EMBED_MARKERS = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")
 _warned: set[tuple[str, ...]] = set()
-
-# (task vector, index of the model among the non-base inputs, its resolved per-model params) -> sparsified
-Sparsifier = Callable[["torch.Tensor", int, dict[str, Any], MergeInputs], "torch.Tensor"]
-
-
-@dataclass(frozen=True)
-class Sparsity:
-    """One model's sparsifier as data, for the fused CPU kernel (``ops.native_dispatch.gta_merge``).
-
-    ``kind``: "none"; "magnitude" (``density``); "outliers" (Breadcrumbs: ``density``, ``gamma``);
-    "random" (DARE: ``density``, stream ``key``) or "della" (``density``, ``epsilon``, ``key``).
-    ``rescale``: for random/della, divide the kept values by their keep probability. The L1
-    rescales have no ``Sparsity`` (a method's ``fused`` returns None and the unfused path runs).
-    """
-
-    kind: str
-    density: float = 1.0
-    gamma: float = 0.0
-    epsilon: float = 0.0
-    key: str = ""
-    rescale: bool = False
-
-
-NO_SPARSITY = Sparsity("none")
-
-# (index of the model among the non-base inputs, its resolved per-model params, inputs) -> its Sparsity,
-# or None when only the unfused path can run it
-FusedSparsifier = Callable[[int, dict[str, Any], MergeInputs], "Sparsity | None"]
-
-# Tests switch this off to run the unfused (reference) path.
-FUSED_ENABLED = True
 
 
 def _warn_once(key: tuple[str, ...], msg: str, *args: Any) -> None:
@@ -99,8 +70,8 @@ def check_rescale_l1(params: dict[str, Any], model_params: list[dict[str, Any]])
         raise ValueError("'rescale_l1: true' chooses how kept values are rescaled and needs 'rescale: true'")
 
 
-def random_rescale(params: dict[str, Any]) -> str:
-    """The ``rescale`` argument of ops.sparsify.random_mask / della for these params."""
+def random_rescale(params: dict[str, Any]) -> Rescale:
+    """How DARE and DELLA rescale the kept values under these params."""
     if not params.get("rescale"):
         return "none"
     return "l1" if params.get("rescale_l1") else "inverse"
@@ -137,10 +108,6 @@ def task_vectors(inputs: MergeInputs) -> list[tuple[int, torch.Tensor]]:
     return out
 
 
-def lambda_of(inputs: MergeInputs) -> float:
-    return float(inputs.params.get("lambda", 1.0))
-
-
 def _finish(result: torch.Tensor, inputs: MergeInputs) -> torch.Tensor:
     out_dtype = inputs.out_dtype or inputs.base.dtype
     if result is inputs.out:
@@ -155,147 +122,76 @@ def _finish(result: torch.Tensor, inputs: MergeInputs) -> torch.Tensor:
     return result.to(out_dtype)
 
 
-def _check_zero_sum(inputs: MergeInputs, weights: list[float], consensus: bool, normalize: bool) -> None:
-    from ..ops.consensus import NORMALIZE_EPS, weight_sum
+def spec_builder(
+    sparsity: Callable[[int, dict[str, Any], dict[str, Any], str], Sparsity],
+    consensus: bool,
+    lam: Callable[[dict[str, Any], list[dict[str, Any]]], float] | None = None,
+) -> GtaSpecBuilder:
+    """A GTA method's ``compute``: ``sparsity(position, model params, global params, tensor name)``
+    gives each non-base input's sparsifier; ``lam`` the scale (default: the global ``lambda``)."""
 
-    if normalize and not consensus and abs(weight_sum(weights)) < NORMALIZE_EPS:
-        _warn_once(
-            ("zero-sum", inputs.name),
-            "weights for %s sum to zero; the task vectors are summed unnormalized",
-            inputs.name,
+    def spec(params: dict[str, Any], model_params: list[dict[str, Any]], name: str) -> GtaSpec:
+        return GtaSpec(
+            sparsity=tuple(sparsity(i, mp, params, name) for i, mp in enumerate(model_params)),
+            weights=tuple(float(mp["weight"]) for mp in model_params),
+            consensus=consensus,
+            normalize=bool(params.get("normalize", False)),
+            lam=lam(params, model_params) if lam is not None else float(params.get("lambda", 1.0)),
         )
 
-
-@dataclass(frozen=True)
-class FusedGta:
-    """A whole GTA merge of one tensor as data, for the fused native kernel: one ``Sparsity``
-    and weight per non-base input, and the global switches."""
-
-    specs: tuple[Sparsity, ...]
-    weights: tuple[float, ...]
-    consensus: bool
-    normalize: bool
-    lam: float
+    return GtaSpecBuilder(spec)
 
 
-def describe_fused(
-    inputs: MergeInputs, fused: FusedSparsifier, consensus: bool, lam: float | None = None
-) -> FusedGta | None:
-    """The merge ``inputs`` asks for as a ``FusedGta`` (reads the parameters, the name and the
-    seed; never the tensors), or None when a model's sparsifier cannot be fused."""
-    specs = tuple(fused(i, mp, inputs) for i, mp in enumerate(inputs.model_params))
-    if not specs or any(s is None for s in specs):
-        return None
-    weights = tuple(float(mp["weight"]) for mp in inputs.model_params)
-    normalize = bool(inputs.params.get("normalize", False))
-    return FusedGta(specs, weights, consensus, normalize, lambda_of(inputs) if lam is None else lam)
+def sparsify(d: torch.Tensor, spec: Sparsity, seed: int) -> torch.Tensor:
+    """One task vector sparsified as ``spec`` says (the torch reference of the fused kernel)."""
+    from ..ops import sparsify as S
+
+    if spec.kind == "none":
+        return d
+    if spec.kind == "magnitude":
+        return S.magnitude(d, spec.density, rescale=spec.rescale == "l1")
+    if spec.kind == "outliers":
+        return S.magnitude_outliers(d, spec.density, spec.gamma, rescale=spec.rescale == "l1")
+    if spec.kind == "random":
+        return S.random_mask(d, spec.density, seed, spec.key, rescale=spec.rescale)
+    return S.della(d, spec.density, spec.epsilon, seed, spec.key, rescale=spec.rescale)
 
 
-def warn_zero_sum(inputs: MergeInputs, plan: FusedGta) -> None:
-    _check_zero_sum(inputs, list(plan.weights), plan.consensus, plan.normalize)
+def warn_zero_sum(name: str, spec: GtaSpec) -> None:
+    from ..ops.consensus import NORMALIZE_EPS, weight_sum
+
+    if spec.normalize and not spec.consensus and abs(weight_sum(list(spec.weights))) < NORMALIZE_EPS:
+        _warn_once(("zero-sum", name), "weights for %s sum to zero; the task vectors are summed unnormalized", name)
 
 
-def _fused_merge(inputs: MergeInputs, plan: FusedGta) -> torch.Tensor | None:
-    """The whole merge in the fused native kernel (CPU, F32/F16/BF16, every input of the base's
-    shape), or None."""
-    from ..ops.native_dispatch import gta_merge as native_gta_merge
-
-    base = inputs.base
-    if base.device.type != "cpu" or not inputs.tensors or any(x.shape != base.shape for x in inputs.tensors):
-        return None
-    out_dtype = inputs.out_dtype or base.dtype
-    result = native_gta_merge(
-        inputs.tensors,
-        base,
-        plan.specs,
-        plan.weights,
-        plan.consensus,
-        plan.normalize,
-        plan.lam,
-        inputs.seed,
-        out_dtype,
-        inputs.out,
-    )
-    if result is not None:
-        warn_zero_sum(inputs, plan)
-    return result
-
-
-def gta_merge(
-    inputs: MergeInputs,
-    sparsify: Sparsifier | None,
-    consensus: bool,
-    lam: float | None = None,
-    fused: FusedSparsifier | None = None,
-) -> torch.Tensor:
-    """base + lambda * combine(sparsified task vectors); see the module docstring.
-
-    ``fused`` describes each model's sparsifier as a :class:`Sparsity`; when given (and the
-    inputs allow it) the merge runs in one native pass over the inputs (``_fused_merge``) with the
-    same result as the unfused path below, which stays the reference and the GPU path."""
+def gta_reference(inputs: MergeInputs, spec: GtaSpec) -> torch.Tensor:
+    """base + lambda * combine(sparsified task vectors) in torch; see the module docstring.
+    The fused native kernel (``kernels.Gta``) computes the same bits on CPU."""
     from ..ops.consensus import combine
-    from ..ops.native_dispatch import combine_into_base
 
     base = inputs.base
     if base is None:
-        raise ValueError(f"tensor '{inputs.name}': this merge method needs a base model")
+        raise MergeError(f"tensor '{inputs.name}': this merge method needs a base model")
     if not base.is_floating_point():
         # integer buffers (position ids, masks) are copied, never merged
         if all(t.shape == base.shape and bool((t == base).all()) for t in inputs.tensors):
             return base.to(inputs.out_dtype or base.dtype)
-        raise ValueError(
+        raise MergeError(
             f"tensor '{inputs.name}' has dtype {base.dtype} and differs between the models; integer tensors cannot be merged"
         )
-    normalize = bool(inputs.params.get("normalize", False))
-    lam = lambda_of(inputs) if lam is None else lam
-    if fused is not None and FUSED_ENABLED:
-        plan = describe_fused(inputs, fused, consensus, lam)
-        result = _fused_merge(inputs, plan) if plan is not None else None
-        if result is not None:
-            return _finish(result, inputs)
     vectors = task_vectors(inputs)
     if not vectors:
         return _finish(base.float(), inputs)
-    deltas, weights = [], []
-    for i, d in vectors:
-        mp = inputs.model_params[i]
-        deltas.append(sparsify(d, i, mp, inputs) if sparsify is not None else d)
-        weights.append(float(mp["weight"]))
+    deltas = [sparsify(d, spec.sparsity[i], inputs.seed) for i, d in vectors]
+    weights = [spec.weights[i] for i, _ in vectors]
     del vectors
-    _check_zero_sum(inputs, weights, consensus, normalize)
-    fused = combine_into_base(
-        deltas, weights, consensus, normalize, lam, base, inputs.out_dtype or base.dtype, inputs.out
-    )
-    if fused is not None:  # CPU: one native pass from the task vectors and the mmapped base to the output dtype
-        return _finish(fused, inputs)
-    merged = combine(deltas, weights, consensus, normalize)
+    warn_zero_sum(inputs.name, replace(spec, weights=tuple(weights)))
+    merged = combine(deltas, weights, spec.consensus, spec.normalize)
     del deltas
-    if lam != 1.0:
-        merged.mul_(lam)
+    if spec.lam != 1.0:
+        merged.mul_(spec.lam)
     merged.add_(base.float())
     return _finish(merged, inputs)
-
-
-def method_functions(
-    sparsify: Sparsifier | None,
-    consensus: bool,
-    lam: Callable[[MergeInputs], float] | None = None,
-    fused: FusedSparsifier | None = None,
-) -> dict[str, Any]:
-    """The ``merge`` and ``fused_gta`` fields of a GTA method's ``MergeMethod``. ``fused``: the
-    same sparsifier as a ``Sparsity`` per model (implied when ``sparsify`` is None)."""
-    if sparsify is None and fused is None:
-        fused = lambda i, mp, inputs: NO_SPARSITY  # noqa: E731
-
-    def merge(inputs: MergeInputs) -> torch.Tensor:
-        return gta_merge(inputs, sparsify, consensus, lam(inputs) if lam is not None else None, fused)
-
-    def describe(inputs: MergeInputs) -> FusedGta | None:
-        if not FUSED_ENABLED:
-            return None
-        return describe_fused(inputs, fused, consensus, lam(inputs) if lam is not None else None)
-
-    return {"merge": merge, "fused_gta": describe}
 
 
 def all_checks(*checks: Callable[[dict[str, Any], list[dict[str, Any]]], None]):

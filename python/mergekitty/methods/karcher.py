@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 
 from ._geometric import f32, finish, trivial
-from .base import MergeInputs, MergeMethod, ParamSpec
+from .base import MergeInputs, MergeMethod, ParamSpec, TorchFunction
 
 
 def merge(inputs: MergeInputs):
@@ -79,7 +79,7 @@ METHOD = MergeMethod(
     name="karcher",
     pretty_name="Karcher Mean",
     paper_url="https://en.wikipedia.org/wiki/Karcher_mean",
-    merge=merge,
+    compute=TorchFunction(merge),
     global_params=(
         ParamSpec("max_iter", int, default=10, minimum=0, help="maximum number of iterations"),
         ParamSpec("tol", float, default=1e-5, minimum=0.0, help="convergence tolerance"),

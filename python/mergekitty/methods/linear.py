@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from .base import MergeMethod, ParamSpec, linear_merge
+from .base import LinearCoefficients, MergeMethod, ParamSpec
 
 log = logging.getLogger(__name__)
 _EPS = 1e-8
@@ -40,8 +40,7 @@ METHOD = MergeMethod(
     name="linear",
     pretty_name="Linear",
     paper_url="https://arxiv.org/abs/2203.05482",
-    merge=linear_merge(coefficients),
-    coefficients=coefficients,
+    compute=LinearCoefficients(coefficients),
     global_params=(ParamSpec("normalize", bool, default=True, help="divide by the sum of the weights"),),
     model_params=(ParamSpec("weight", float, required=True, help="weight of this model's tensor"),),
     base="ignored",

@@ -21,7 +21,7 @@ very small offsets.)
 from __future__ import annotations
 
 from ._geometric import ZERO_NORM, f32, finish, trivial
-from .base import MergeInputs, MergeMethod, ParamSpec
+from .base import MergeInputs, MergeMethod, ParamSpec, TorchFunction
 
 
 def merge(inputs: MergeInputs):
@@ -66,7 +66,7 @@ METHOD = MergeMethod(
     name="model_stock",
     pretty_name="Model Stock",
     paper_url="https://arxiv.org/abs/2403.19522",
-    merge=merge,
+    compute=TorchFunction(merge),
     global_params=(
         ParamSpec(
             "filter_wise",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 
 from ._geometric import f32, finish, trivial
-from .base import MergeInputs, MergeMethod, ParamSpec
+from .base import MergeInputs, MergeMethod, ParamSpec, TorchFunction
 
 
 def merge(inputs: MergeInputs):
@@ -64,7 +64,7 @@ METHOD = MergeMethod(
     name="multislerp",
     pretty_name="Multi-SLERP",
     paper_url="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
-    merge=merge,
+    compute=TorchFunction(merge),
     global_params=(
         ParamSpec("normalize_weights", bool, default=True, help="divide the weights by their sum"),
         ParamSpec("eps", float, default=1e-8, minimum=0.0, help="added to norms to avoid division by zero"),

@@ -13,7 +13,7 @@ mergekit clamps |B - X| to >= 1e-6; where B == X every choice gives the same val
 from __future__ import annotations
 
 from ._geometric import f32, finish, trivial
-from .base import MergeInputs, MergeMethod, ParamSpec
+from .base import MergeInputs, MergeMethod, ParamSpec, TorchFunction
 
 
 def merge(inputs: MergeInputs):
@@ -37,7 +37,7 @@ METHOD = MergeMethod(
     name="nearswap",
     pretty_name="NearSwap",
     paper_url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
-    merge=merge,
+    compute=TorchFunction(merge),
     global_params=(
         ParamSpec(
             "t",

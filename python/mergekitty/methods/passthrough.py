@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import MergeMethod, ParamSpec, linear_merge
+from .base import LinearCoefficients, MergeMethod, ParamSpec
 
 
 def coefficients(params, model_params, name):
@@ -14,8 +14,7 @@ METHOD = MergeMethod(
     name="passthrough",
     pretty_name="Passthrough",
     paper_url=None,
-    merge=linear_merge(coefficients),
-    coefficients=coefficients,
+    compute=LinearCoefficients(coefficients),
     model_params=(ParamSpec("scale", float, default=None, help="multiply the tensor by this factor"),),
     base="ignored",
     min_models=1,

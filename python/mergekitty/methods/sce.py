@@ -24,7 +24,7 @@ from ``ops.consensus.combine`` because SCE elects on the unweighted task vectors
 from __future__ import annotations
 
 from ._geometric import f32, finish, trivial
-from .base import MergeInputs, MergeMethod, ParamSpec
+from .base import MergeInputs, MergeMethod, ParamSpec, TorchFunction
 
 
 def topk_mask(score, k: int):
@@ -77,7 +77,7 @@ METHOD = MergeMethod(
     name="sce",
     pretty_name="SCE",
     paper_url="https://arxiv.org/abs/2408.07990",
-    merge=merge,
+    compute=TorchFunction(merge),
     global_params=(
         ParamSpec(
             "select_topk",

@@ -32,7 +32,7 @@ differ from these by up to ~1e-4 (relative) on nearly parallel vectors.
 from __future__ import annotations
 
 from ._geometric import f32, finish, slerp_tensors, trivial
-from .base import MergeInputs, MergeMethod, ParamSpec
+from .base import MergeInputs, MergeMethod, ParamSpec, TorchFunction
 
 
 def nuslerp_t(w1: float, w2: float) -> float:
@@ -85,7 +85,7 @@ METHOD = MergeMethod(
     name="slerp",
     pretty_name="SLERP",
     paper_url="https://en.wikipedia.org/wiki/Slerp",
-    merge=merge,
+    compute=TorchFunction(merge),
     global_params=(
         ParamSpec(
             "t",

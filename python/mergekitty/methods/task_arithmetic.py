@@ -10,7 +10,7 @@ Every step is linear, so the whole merge is one fused weighted sum:
 
 from __future__ import annotations
 
-from .base import MergeMethod, ParamSpec, linear_merge
+from .base import LinearCoefficients, MergeMethod, ParamSpec
 from .linear import normalized_weights
 
 
@@ -25,8 +25,7 @@ METHOD = MergeMethod(
     name="task_arithmetic",
     pretty_name="Task Arithmetic",
     paper_url="https://arxiv.org/abs/2212.04089",
-    merge=linear_merge(coefficients),
-    coefficients=coefficients,
+    compute=LinearCoefficients(coefficients),
     global_params=(
         ParamSpec("normalize", bool, default=False, help="divide the summed task vectors by the sum of the weights"),
         ParamSpec("lambda", float, default=1.0, help="scale of the merged task vector"),

@@ -15,27 +15,22 @@ tensor keeps at least one element instead of failing.
 
 from __future__ import annotations
 
+from typing import Any
+
+from ..kernels import Sparsity
 from . import gta
 from .base import MergeMethod
 
 
-def trim(d, i, mp, inputs):
-    from ..ops.sparsify import magnitude
-
-    return magnitude(d, mp["density"], rescale=bool(inputs.params.get("rescale")))
-
-
-def trim_spec(i, mp, inputs):
-    if inputs.params.get("rescale"):
-        return None  # the L1 rescale needs global sums: unfused path
-    return gta.Sparsity("magnitude", density=float(mp["density"]))
+def trim(i: int, mp: dict[str, Any], params: dict[str, Any], name: str) -> Sparsity:
+    return Sparsity("magnitude", density=float(mp["density"]), rescale="l1" if params.get("rescale") else "none")
 
 
 METHOD = MergeMethod(
     name="ties",
     pretty_name="TIES",
     paper_url="https://arxiv.org/abs/2306.01708",
-    **gta.method_functions(trim, consensus=True, fused=trim_spec),
+    compute=gta.spec_builder(trim, consensus=True),
     global_params=(
         gta.normalize_param(True),
         gta.rescale_param(False, "L1-rescale the kept values of each task vector"),

@@ -1,0 +1,189 @@
+"""The kernels a plan can choose for a tensor job, as plain frozen values.
+
+The planner decides, for every job, which kernel computes it (``choose`` in plan.py); the
+executor only dispatches on the choice. Every value here is data: it can be printed by
+``mergekitty plan``, compared in tests and written as JSON for another process to execute.
+
+- ``Copy``: one input written unchanged (same dtype): straight from the memory map.
+- ``LinearCombination``: ``sum_k c_k x_k`` over the job's inputs (base first when it has a
+  coefficient), one fused native pass accumulating in float32.
+- ``Gta``: generalized task arithmetic (ties, dare_*, della*, breadcrumbs*) as a ``GtaSpec``:
+  one fused native pass from the maps (``ops.native_dispatch.gta_merge_views``).
+- ``Torch``: the method's torch function (the reference): GPUs, pickled or computed inputs,
+  methods with no native kernel. ``reason`` says why the native kernels do not apply.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .methods.base import MergeMethod
+
+SparsityKind = Literal["none", "magnitude", "outliers", "random", "della"]
+Rescale = Literal["none", "inverse", "l1"]
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """One model's sparsifier in a GTA merge (definitions in docs/kernels.md).
+
+    ``kind``: "none"; "magnitude" (``density``); "outliers" (Breadcrumbs: ``density``,
+    ``gamma``); "random" (DARE: ``density``, random stream ``key``); "della" (``density``,
+    ``epsilon``, ``key``). ``rescale``: "none"; "inverse" (random/della: divide the kept values
+    by their keep probability); "l1" (keep each task vector's L1 norm; needs a whole-tensor sum,
+    so only the torch reference computes it).
+    """
+
+    kind: SparsityKind
+    density: float = 1.0
+    gamma: float = 0.0
+    epsilon: float = 0.0
+    key: str = ""
+    rescale: Rescale = "none"
+
+
+NO_SPARSITY = Sparsity("none")
+
+
+def stream_key(tensor: str, position: int) -> str:
+    """The key of the random stream of a tensor's ``position``-th non-base input (docs/kernels.md)."""
+    return f"{tensor}#{position}"
+
+
+@dataclass(frozen=True)
+class GtaSpec:
+    """A whole GTA merge of one tensor: ``out = base + lam * combine(sparsify_i(x_i - base), w_i)``.
+
+    One ``Sparsity`` and weight per non-base input, in config order; ``consensus`` is TIES sign
+    election; ``normalize`` divides by the (elected) weights' sum, by 1 where it is zero."""
+
+    sparsity: tuple[Sparsity, ...]
+    weights: tuple[float, ...]
+    consensus: bool
+    normalize: bool
+    lam: float
+
+    @property
+    def native(self) -> bool:
+        """Whether the fused native kernel computes this spec (it has no L1 rescale)."""
+        return bool(self.sparsity) and all(s.rescale != "l1" for s in self.sparsity)
+
+
+@dataclass(frozen=True)
+class Copy:
+    """Job input ``input`` (an index into ``TensorJob.inputs``) written as it is."""
+
+    input: int
+    name = "native.copy"
+
+
+@dataclass(frozen=True)
+class LinearCombination:
+    """``(input index, coefficient)`` terms over ``TensorJob.inputs`` (base first when present)."""
+
+    terms: tuple[tuple[int, float], ...]
+    name = "native.linear_combination"
+
+
+@dataclass(frozen=True)
+class Gta:
+    spec: GtaSpec
+    name = "native.gta"
+
+
+@dataclass(frozen=True)
+class Torch:
+    reason: str
+    name = "torch"
+
+
+Kernel = Copy | LinearCombination | Gta | Torch
+
+
+def kernel_to_json(kernel: Kernel) -> dict[str, Any]:
+    return {"kernel": kernel.name, **asdict(kernel)}
+
+
+def kernel_from_json(data: dict[str, Any]) -> Kernel:
+    kind = data["kernel"]
+    if kind == Copy.name:
+        return Copy(int(data["input"]))
+    if kind == LinearCombination.name:
+        return LinearCombination(tuple((int(i), float(c)) for i, c in data["terms"]))
+    if kind == Gta.name:
+        s = data["spec"]
+        return Gta(
+            GtaSpec(
+                tuple(Sparsity(**p) for p in s["sparsity"]),
+                tuple(float(w) for w in s["weights"]),
+                bool(s["consensus"]),
+                bool(s["normalize"]),
+                float(s["lam"]),
+            )
+        )
+    if kind == Torch.name:
+        return Torch(str(data["reason"]))
+    raise ValueError(f"unknown kernel {kind!r}")
+
+
+@dataclass(frozen=True)
+class JobInput:
+    """What the kernel choice needs to know of one job input (base first, then the sources)."""
+
+    dtype: str  # safetensors code
+    shape: tuple[int, ...]
+    mapped: bool  # readable straight from a memory map (not pickled, not computed from an adapter)
+
+
+def choose(
+    method: MergeMethod,
+    name: str,
+    params: dict[str, Any],
+    model_params: list[dict[str, Any]],
+    inputs: list[JobInput],
+    has_base: bool,
+    shape: tuple[int, ...],
+    out_dtype: str,
+    aligned: bool,
+    device: str,
+) -> Kernel:
+    """The kernel that computes one output tensor: native wherever the method declares a native
+    form and the inputs are mapped float tensors on CPU, else the method's torch function."""
+    from .io.dtypes import NATIVE_FLOAT_CODES
+    from .methods.base import GtaSpecBuilder, LinearCoefficients
+
+    if device != "cpu":
+        return Torch(f"device {device}")
+    if aligned:
+        return Torch("vocabulary rows re-laid out")
+    compute = method.compute
+    if isinstance(compute, LinearCoefficients):
+        base_coef, coefs = compute.coefficients(params, model_params, name)
+        terms = [(i + int(has_base), float(c)) for i, c in enumerate(coefs)]
+        if has_base and (base_coef != 0.0 or not terms):
+            terms.insert(0, (0, float(base_coef)))
+        used = [inputs[i] for i, _ in terms]
+        if not all(u.mapped for u in used):
+            return Torch("an input is pickled or computed")
+        if len(terms) == 1 and terms[0][1] == 1.0 and used[0].dtype == out_dtype:
+            return Copy(terms[0][0])
+        if out_dtype not in NATIVE_FLOAT_CODES or any(u.dtype not in NATIVE_FLOAT_CODES for u in used):
+            return Torch("not a float16/bfloat16/float32 tensor")
+        return LinearCombination(tuple(terms))
+    if isinstance(compute, GtaSpecBuilder):
+        spec = compute.spec(params, model_params, name)
+        if not has_base or len(inputs) < 2:
+            return Torch("no task vector")
+        if not spec.native:
+            return Torch("L1 rescale")
+        if any(i.shape != shape for i in inputs) or math.prod(shape) == 0:
+            return Torch("inputs of another shape")
+        if not all(i.mapped for i in inputs):
+            return Torch("an input is pickled or computed")
+        if out_dtype not in NATIVE_FLOAT_CODES or any(i.dtype not in NATIVE_FLOAT_CODES for i in inputs):
+            return Torch("not a float16/bfloat16/float32 tensor")
+        return Gta(spec)
+    return Torch(f"{method.name} has no native kernel")

@@ -295,6 +295,29 @@ impl Drop for ShardWriter {
     }
 }
 
+/// Ask the kernel to start writing this range to disk now, without waiting. The final fsync
+/// then has little left to do, so durability overlaps with the rest of the merge instead of
+/// stalling at the end. Advisory: errors are ignored (fsync reports real ones).
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::unix::io::AsRawFd;
+    if len == 0 {
+        return;
+    }
+    // SAFETY: plain syscall on a valid open descriptor; no memory is passed.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -501,26 +524,3 @@ mod tests {
         assert!(f.bytes("t63").unwrap().as_slice().iter().all(|&b| b == 63));
     }
 }
-
-/// Ask the kernel to start writing this range to disk now, without waiting. The final fsync
-/// then has little left to do, so durability overlaps with the rest of the merge instead of
-/// stalling at the end. Advisory: errors are ignored (fsync reports real ones).
-#[cfg(target_os = "linux")]
-fn start_writeback(file: &File, offset: u64, len: u64) {
-    use std::os::unix::io::AsRawFd;
-    if len == 0 {
-        return;
-    }
-    // SAFETY: plain syscall on a valid open descriptor; no memory is passed.
-    unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            offset as libc::off64_t,
-            len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn start_writeback(_file: &File, _offset: u64, _len: u64) {}

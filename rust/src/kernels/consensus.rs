@@ -14,6 +14,7 @@
 
 use crate::dtype::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, FloatDtype};
 use crate::error::{Error, Result};
+use crate::kernels::with_avx2;
 use crate::threads;
 
 const BLOCK: usize = 1024;
@@ -119,22 +120,6 @@ pub fn combine_into(
 /// `out = M` as float32 (little-endian bytes).
 pub fn combine_delta(spec: &Combine, out: &mut [u8], threads: usize) -> Result<()> {
     combine_into(spec, 1.0, None, out, FloatDtype::F32, threads)
-}
-
-#[inline(always)]
-fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2")]
-        unsafe fn go<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            return unsafe { go(f) };
-        }
-    }
-    f()
 }
 
 #[inline(always)]

@@ -25,9 +25,10 @@ use crate::error::{Error, Result};
 use crate::kernels::consensus::{load, store};
 use crate::kernels::random::Stream;
 use crate::kernels::sparsify::{
-    capped_key, check_density, della_probabilities, della_row, locate, with_avx2, RowScratch,
-    HI_BUCKETS, INF_KEY, LO_BUCKETS, NAN_KEY,
+    capped_key, check_density, della_probabilities, della_row, locate, RowScratch, HI_BUCKETS,
+    INF_KEY, LO_BUCKETS, NAN_KEY,
 };
+use crate::kernels::with_avx2;
 use crate::threads;
 
 /// Elements per inner block of the element-wise passes.
@@ -127,6 +128,7 @@ fn task_vector(x: Tensor, start: usize, bv: &[f32], d: &mut [f32]) {
 
 /// Histograms (one per active model, `nb` buckets each) of `bucket(model, key)` over all
 /// elements, computed in parallel and summed.
+#[allow(clippy::too_many_arguments)]
 fn histograms(
     xs: &[Tensor],
     base: Tensor,
@@ -692,12 +694,10 @@ pub fn combine(
     let mut ptabs: Vec<Option<Vec<f32>>> = vec![None; k];
     for (i, s) in spec.sparsify.iter().enumerate() {
         match s {
-            Sparsify::Random { p, .. } => {
-                if p.is_nan() {
-                    return Err(Error::InvalidArgument(format!(
-                        "gta_combine: model {i}: random keep probability is NaN"
-                    )));
-                }
+            Sparsify::Random { p, .. } if p.is_nan() => {
+                return Err(Error::InvalidArgument(format!(
+                    "gta_combine: model {i}: random keep probability is NaN"
+                )));
             }
             Sparsify::Della {
                 density, epsilon, ..

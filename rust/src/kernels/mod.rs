@@ -9,6 +9,28 @@ pub mod sparsify;
 
 pub use reduce::{convert, weighted_sum, WeightedInput};
 
+/// Run `f` compiled with AVX2 enabled when the CPU has it (u32 multiplies for the generator,
+/// wider compares and selects), otherwise as is.
+///
+/// The closure is only compiled with AVX2 when it is inlined into the `target_feature`
+/// function, so pass it as `with_avx2(#[inline(always)] || ...)`: without the attribute a large
+/// closure stays a separate function built for the baseline target (SSE2).
+#[inline(always)]
+pub(crate) fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn go<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { go(f) };
+        }
+    }
+    f()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@
 
 use crate::error::{Error, Result};
 use crate::kernels::random::Stream;
+use crate::kernels::with_avx2;
 use crate::threads;
 
 /// How kept values are rescaled after random dropping.
@@ -69,28 +70,6 @@ const L1_BLOCK: usize = 1 << 16;
 const BLOCK: usize = 2048;
 /// Both sums must reach this before the L1 rescale applies.
 const L1_MIN: f64 = 1e-8;
-
-/// Run `f` compiled with AVX2 enabled when the CPU has it (u32 multiplies for the generator,
-/// wider compares and selects), otherwise as is.
-///
-/// The closure is only compiled with AVX2 when it is inlined into the `target_feature`
-/// function, so pass it as `with_avx2(#[inline(always)] || ...)`: without the attribute a large
-/// closure stays a separate function built for the baseline target (SSE2).
-#[inline(always)]
-pub(crate) fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2")]
-        unsafe fn go<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            return unsafe { go(f) };
-        }
-    }
-    f()
-}
 
 /// Split `x` into chunks of whole `align`-element units (one per thread), run `f(start, chunk,
 /// partials)` on each, where `partials` has one `(sum|x|, sum|kept|)` slot per `unit` elements

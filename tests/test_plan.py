@@ -64,8 +64,9 @@ merge_method: linear
     starts = [plan.models[j.sources[0].model].checkpoint.infos[j.sources[0].tensor].start for j in plan.jobs]
     assert starts == sorted(starts)  # sequential reads
     assert all(j.model_params == ({"weight": 1.0}, {"weight": 2.0}) for j in plan.jobs)
-    one = max(j.input_bytes for j in plan.jobs)
-    assert one <= plan.peak_memory_estimate() < plan.input_bytes
+    memory = plan.memory_estimate()
+    assert max(j.output_bytes for j in plan.jobs) <= memory.buffers_bytes < plan.output_bytes
+    assert max(j.input_bytes for j in plan.jobs) <= memory.mapped_input_bytes < plan.input_bytes
 
 
 def test_task_arithmetic_base_is_separate_and_params_resolved(llama):

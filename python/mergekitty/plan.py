@@ -11,11 +11,14 @@ import difflib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .architecture.layout import ModelLayout, is_embedding_name, other_spellings
 from .errors import ArchitectureError, ConfigError, PlanError
 from .kernels import JobInput, Kernel, Torch, choose
+
+if TYPE_CHECKING:
+    from .memory import MemoryEstimate
 from .methods.base import MergeMethod, ParamSpec
 
 log = logging.getLogger(__name__)
@@ -85,15 +88,11 @@ class MergePlan:
     def output_bytes(self) -> int:
         return sum(j.output_bytes for j in self.jobs)
 
-    def peak_memory_estimate(self, prefetch: int = 2) -> int:
-        """Bytes held at the worst moment: the largest job's mapped inputs and float32
-        working copies, plus the output buffers queued for writing."""
-        if not self.jobs:
-            return 0
-        worst = max(self.jobs, key=lambda j: j.input_bytes + j.output_bytes)
-        n_in = len(worst.sources) + (worst.base is not None)
-        f32 = 4 * _numel(worst.shape)
-        return worst.input_bytes + worst.output_bytes * (prefetch + 1) + f32 * min(n_in, 2)
+    def memory_estimate(self) -> MemoryEstimate:
+        """Peak anonymous memory and resident input pages of executing this plan (memory.py)."""
+        from .memory import estimate
+
+        return estimate(self)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -397,7 +396,17 @@ class Planner:
         jobs_sorted = sorted(jobs, key=self._read_position)
         base_index = self._model(base_ref) if base_ref is not None else None
         return MergePlan(
-            method, self.models, donor, base_index, jobs_sorted, order, out_config, layer_map, random_seed, vocab, device
+            method,
+            self.models,
+            donor,
+            base_index,
+            jobs_sorted,
+            order,
+            out_config,
+            layer_map,
+            random_seed,
+            vocab,
+            device,
         )
 
     def embedding_rows(self, model: int) -> int | None:

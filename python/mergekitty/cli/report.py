@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from ..sizes import format_size
+
+_LAYER_INDEX = re.compile(r"\.\d+\.")
 
 
 def print_plan(plan, console: Console) -> None:
@@ -27,7 +31,36 @@ def print_plan(plan, console: Console) -> None:
     console.print(f"[bold]tensors:[/] {len(plan.jobs)}")
     console.print(f"[bold]input read:[/] {format_size(plan.input_bytes)}")
     console.print(f"[bold]output size:[/] {format_size(plan.output_bytes)}")
-    console.print(f"[bold]peak memory estimate:[/] {format_size(plan.peak_memory_estimate())}")
+    memory = plan.memory_estimate()
+    console.print(
+        f"[bold]peak memory estimate:[/] {format_size(memory.anonymous_bytes)} allocated"
+        f" (of which {format_size(memory.buffers_bytes)} buffers and kernel scratch),"
+        f" {format_size(memory.mapped_input_bytes)} of mapped inputs resident (page cache)"
+    )
+    print_kernels(plan, console)
+
+
+def kernel_groups(plan) -> list[tuple[str, str, int, int]]:
+    """(tensor group, kernel, tensors, output bytes) in output order; a group is the tensor name
+    with its layer index replaced by ``*``."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for job in plan.jobs:
+        kernel = job.kernel.name + (f" ({job.kernel.reason})" if job.kernel.name == "torch" else "")
+        entry = groups.setdefault((_LAYER_INDEX.sub(".*.", job.out_name), kernel), [0, 0])
+        entry[0] += 1
+        entry[1] += job.output_bytes
+    return [(group, kernel, n, size) for (group, kernel), (n, size) in groups.items()]
+
+
+def print_kernels(plan, console: Console) -> None:
+    table = Table(title="kernels", show_lines=False)
+    table.add_column("tensors")
+    table.add_column("kernel")
+    table.add_column("count", justify="right")
+    table.add_column("output", justify="right")
+    for group, kernel, n, size in kernel_groups(plan):
+        table.add_row(escape(group), escape(kernel), str(n), format_size(size))
+    console.print(table)
 
 
 def print_vocabulary(plan, console: Console) -> None:

@@ -69,7 +69,7 @@ METHOD = MergeMethod(
     name="arcee_fusion",
     pretty_name="Arcee Fusion",
     paper_url="https://www.arcee.ai/blog/meet-mergekit-v0-1-arcee-fusion-expanded-model-support-multi-gpu-acceleration",
-    compute=TorchFunction(merge),
+    compute=TorchFunction(merge, working_copies=(1.5, 0.5)),  # measured: memory.py
     base="required",
     min_models=1,
     max_models=1,

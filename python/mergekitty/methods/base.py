@@ -102,9 +102,13 @@ class GtaSpecBuilder:
 
 @dataclass(frozen=True)
 class TorchFunction:
-    """A method with no native kernel: its torch function computes every tensor."""
+    """A method with no native kernel: its torch function computes every tensor.
+
+    ``working_copies``: how many float32 copies of the tensor the function holds at once, as
+    (per input, fixed); the plan's memory estimate (memory.py) reads it."""
 
     merge: Callable[[MergeInputs], torch.Tensor]
+    working_copies: tuple[float, float] = (2.0, 2.0)
 
 
 # How a method computes a tensor; the planner turns it into each job's kernel (plan.choose_kernel).

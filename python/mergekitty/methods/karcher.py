@@ -79,7 +79,7 @@ METHOD = MergeMethod(
     name="karcher",
     pretty_name="Karcher Mean",
     paper_url="https://en.wikipedia.org/wiki/Karcher_mean",
-    compute=TorchFunction(merge),
+    compute=TorchFunction(merge, working_copies=(2.0, 0.25)),  # measured: memory.py
     global_params=(
         ParamSpec("max_iter", int, default=10, minimum=0, help="maximum number of iterations"),
         ParamSpec("tol", float, default=1e-5, minimum=0.0, help="convergence tolerance"),

@@ -66,7 +66,7 @@ METHOD = MergeMethod(
     name="model_stock",
     pretty_name="Model Stock",
     paper_url="https://arxiv.org/abs/2403.19522",
-    compute=TorchFunction(merge),
+    compute=TorchFunction(merge, working_copies=(1.5, 0.75)),  # measured: memory.py
     global_params=(
         ParamSpec(
             "filter_wise",

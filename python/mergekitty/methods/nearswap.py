@@ -37,7 +37,7 @@ METHOD = MergeMethod(
     name="nearswap",
     pretty_name="NearSwap",
     paper_url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
-    compute=TorchFunction(merge),
+    compute=TorchFunction(merge, working_copies=(2.0, 0.75)),  # measured: memory.py
     global_params=(
         ParamSpec(
             "t",

@@ -77,7 +77,7 @@ METHOD = MergeMethod(
     name="sce",
     pretty_name="SCE",
     paper_url="https://arxiv.org/abs/2408.07990",
-    compute=TorchFunction(merge),
+    compute=TorchFunction(merge, working_copies=(3.5, 1.75)),  # measured: memory.py
     global_params=(
         ParamSpec(
             "select_topk",

@@ -85,7 +85,7 @@ METHOD = MergeMethod(
     name="slerp",
     pretty_name="SLERP",
     paper_url="https://en.wikipedia.org/wiki/Slerp",
-    compute=TorchFunction(merge),
+    compute=TorchFunction(merge, working_copies=(1.0, 0.5)),  # measured: memory.py
     global_params=(
         ParamSpec(
             "t",

@@ -1,0 +1,120 @@
+"""What a plan will hold in memory, from the kernel the plan chose for each job.
+
+Two figures, reported apart because they cost a machine differently:
+- anonymous memory: what the process allocates (output buffers, kernel scratch, torch's working
+  copies, the interpreter and the libraries). This is what must fit in RAM.
+- mapped inputs: the input pages resident at once (the job being computed and the ones being
+  prefetched). They are page cache: the kernel drops them under pressure, the executor releases
+  each job's pages when it is done.
+
+The output buffers are simulated exactly as the executor recycles them (execute.BufferPool): a
+job takes the smallest free buffer that fits or allocates one; at worst the writer still holds
+the three previous jobs' buffers (one being written, two queued) when the next job takes its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .io.dtypes import nbytes
+from .kernels import Copy, Gta, LinearCombination, Torch
+
+if TYPE_CHECKING:
+    from .methods.base import MergeMethod
+    from .plan import MergePlan, TensorJob
+
+# The interpreter with numpy, pydantic and the native module loaded (measured: ~32 MB), and what importing
+# torch adds on top (measured: ~260 MB with torch 2.x on Linux).
+PROCESS_BYTES = 32 << 20
+TORCH_IMPORT_BYTES = 260 << 20
+# Fused GTA thresholds: above this many elements a strided sample of runs is ranked first
+# (rust/src/kernels/gta.rs: SAMPLED_MIN_N, SAMPLE_RUN, SAMPLE_STRIDE); below it, 4-byte keys.
+SAMPLED_MIN_N = 1 << 20
+SAMPLE_RUN = 64
+SAMPLE_STRIDE = 4093
+# float32 working copies (per input, fixed) of the torch references of the native methods
+LINEAR_TORCH_COPIES = (0.0, 1.0)  # one accumulator
+GTA_TORCH_COPIES = (2.0, 2.0)  # task vectors and their sparsified copies, the combined result
+# Allocated while a merge runs besides the jobs (modules imported, the writer, tokenizer files).
+RUN_BYTES = 20 << 20
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    anonymous_bytes: int  # peak allocated by the process, interpreter included
+    buffers_bytes: int  # of which: output buffers and kernel scratch at the worst moment
+    mapped_input_bytes: int  # peak resident input pages (page cache, released job by job)
+
+
+def estimate(plan: MergePlan, prefetch: int = 2, in_flight: int = 3, keep_free: int = 4) -> MemoryEstimate:
+    """The peak memory of executing ``plan`` (see the module docstring). ``prefetch``, ``in_flight``
+    and ``keep_free`` mirror execute.PREFETCH_JOBS, WRITE_QUEUE + 1 and the pool's ``keep``."""
+    jobs = plan.jobs
+    free: list[int] = []  # sizes of the pool's free buffers
+    pending: list[int | None] = []  # buffers the writer still holds, oldest first
+    peak = 0
+    for job in jobs:
+        if len(pending) >= in_flight:
+            _give(free, pending.pop(0), keep_free)
+        size = _buffer_bytes(job, plan.device)
+        if size is not None:
+            fitting = [b for b in free if b >= size]
+            if fitting:
+                size = min(fitting)
+                free.remove(size)
+            size = max(size, 1)
+        held = sum(free) + sum(b for b in pending if b) + (size or 0)
+        peak = max(peak, held + _scratch_bytes(job, plan.method))
+        pending.append(size)
+    uses_torch = any(isinstance(j.kernel, Torch) for j in jobs)
+    base = PROCESS_BYTES + RUN_BYTES + (TORCH_IMPORT_BYTES if uses_torch else 0)
+    window = prefetch + 1
+    mapped = max((sum(j.input_bytes for j in jobs[i : i + window]) for i in range(len(jobs))), default=0)
+    return MemoryEstimate(base + peak, peak, mapped)
+
+
+def _give(free: list[int], size: int | None, keep: int) -> None:
+    if size is None:
+        return
+    free.append(size)
+    if len(free) > keep:
+        free.remove(min(free))
+
+
+def _buffer_bytes(job: TensorJob, device: str) -> int | None:
+    """The pooled output buffer a job takes (None: written straight from the map or from the GPU)."""
+    if isinstance(job.kernel, Copy) or (isinstance(job.kernel, Torch) and device != "cpu"):
+        return None
+    return nbytes(job.out_dtype, math.prod(job.shape))
+
+
+def _scratch_bytes(job: TensorJob, method: MergeMethod) -> int:
+    """What the job's kernel allocates besides its output buffer."""
+    n = math.prod(job.shape)
+    kernel = job.kernel
+    if isinstance(kernel, (Copy, LinearCombination)):
+        return 0
+    if isinstance(kernel, Gta):
+        ranked = sum(s.kind in ("magnitude", "outliers") and 0 < s.density < 1 for s in kernel.spec.sparsity)
+        if not ranked:
+            return 0
+        keys = math.ceil(n / SAMPLE_STRIDE) * SAMPLE_RUN if n >= SAMPLED_MIN_N else n
+        return 4 * keys * ranked
+    # torch: the float32 working copies the method declares, per input and fixed
+    per_input, fixed = _working_copies(method)
+    inputs = len(job.inputs) + len(job.row_sources)
+    return int(4 * n * (per_input * inputs + fixed))
+
+
+def _working_copies(method: MergeMethod) -> tuple[float, float]:
+    from .methods.base import GtaSpecBuilder, LinearCoefficients, TorchFunction
+
+    compute = method.compute
+    if isinstance(compute, TorchFunction):
+        return compute.working_copies
+    if isinstance(compute, LinearCoefficients):
+        return LINEAR_TORCH_COPIES
+    assert isinstance(compute, GtaSpecBuilder)
+    return GTA_TORCH_COPIES

@@ -46,7 +46,7 @@ def generate_card(
         "### Merge Method",
         "",
         f"This model was merged using the {method_text} merge method"
-        + (f" using {_link(base_ref)} as a base." if uses_base else "."),
+        + (f" using {_link(base_ref)} as a base." if uses_base and base_ref is not None else "."),
         "",
         "### Models Merged",
         "",

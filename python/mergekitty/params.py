@@ -15,10 +15,16 @@ OUTPUT tensor name; per-model parameters see the INPUT tensor name of that model
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .config import ConditionalParameter, InputSliceDefinition, MergeConfiguration, OutputSliceDefinition
+from .config import (
+    ConditionalParameter,
+    InputModelDefinition,
+    InputSliceDefinition,
+    MergeConfiguration,
+    OutputSliceDefinition,
+)
 from .refs import ModelReference
 
 __all__ = ["evaluate", "interpolate_gradient", "filter_matches", "layer_t", "ParameterResolver", "normalize_to_slices"]
@@ -96,6 +102,7 @@ class ParameterResolver:
         return None
 
     def _source_params(self, slice_idx: int, source_idx: int) -> Mapping[str, Any] | None:
+        sources: Sequence[InputSliceDefinition | InputModelDefinition]
         if self.config.slices is not None:
             sources = self.config.slices[slice_idx].sources
         else:
@@ -104,9 +111,9 @@ class ParameterResolver:
             return sources[source_idx].parameters
         return None  # the appended base model
 
-    def _places(self, slice_idx: int, source_idx: int | None) -> list[tuple[Mapping[str, Any] | None, tuple]]:
+    def _places(self, slice_idx: int, source_idx: int | None) -> list[tuple[Mapping[str, Any] | None, tuple[Any, ...]]]:
         """(parameters, their config key path) in precedence order."""
-        out = []
+        out: list[tuple[Mapping[str, Any] | None, tuple[Any, ...]]] = []
         if source_idx is not None:
             where = (
                 ("slices", slice_idx, "sources", source_idx)
@@ -119,7 +126,7 @@ class ParameterResolver:
         out.append((self.config.parameters, ("parameters",)))
         return out
 
-    def origin(self, name: str, slice_idx: int, source_idx: int | None, tensor_name: str, t: float) -> tuple:
+    def origin(self, name: str, slice_idx: int, source_idx: int | None, tensor_name: str, t: float) -> tuple[Any, ...]:
         """The config key path the value of ``name`` comes from (for error messages with a line)."""
         for params, where in self._places(slice_idx, source_idx):
             if _lookup(params, name, tensor_name, t) is not None:

@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from rich.progress import BarColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from .plan import MergePlan
 
 
 class _Throughput(ProgressColumn):
-    def render(self, task) -> Text:
+    def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
         return Text("-- GB/s" if not speed else f"{speed / 1e9:.2f} GB/s")
 
 
 class _Tensors(ProgressColumn):
-    def render(self, task) -> Text:
+    def render(self, task: Task) -> Text:
         return Text(f"{task.fields.get('tensors', 0)}/{task.fields.get('total_tensors', 0)} tensors")
 
 
-def run_with_progress(plan, body: Callable[[Callable], None]) -> None:
+def run_with_progress(plan: MergePlan, body: Callable[[Callable[[Any, float], None]], None]) -> None:
     """Run ``body(callback)`` while showing progress; the callback is called after each job."""
     columns = [
         TextColumn("[bold]merging"),
@@ -33,7 +37,7 @@ def run_with_progress(plan, body: Callable[[Callable], None]) -> None:
         task = bar.add_task("merge", total=plan.input_bytes or 1, tensors=0, total_tensors=len(plan.jobs))
         done = [0]
 
-        def callback(job, _seconds: float) -> None:
+        def callback(job: Any, _seconds: float) -> None:
             done[0] += 1
             bar.update(task, advance=job.input_bytes, tensors=done[0])
 

@@ -12,7 +12,12 @@ special tokens (and embedding rows for them), for tokenizer-union examples.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, vocab_size=96)
 
@@ -23,13 +28,13 @@ SMALL_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, nu
 _PATTERN = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
 
 
-def _small(arch: str, **overrides):
+def _small(arch: str, **overrides: Any) -> PretrainedConfig | None:
     """Configs for every architecture family of the test matrix (hidden 32, 4 layers, vocab 96)."""
     import transformers as T
 
     s = {**SMALL_SIZES, **overrides}
     n = s["num_hidden_layers"]
-    c = dict(
+    c: dict[str, Any] = dict(
         hidden_size=s["hidden_size"],
         intermediate_size=s["intermediate_size"],
         num_hidden_layers=n,
@@ -37,11 +42,12 @@ def _small(arch: str, **overrides):
         vocab_size=s["vocab_size"],
         max_position_embeddings=64,
     )
-    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    kv = dict(num_key_value_heads=2)
+    ids: dict[str, Any] = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    kv: dict[str, Any] = dict(num_key_value_heads=2)
     pattern = (_PATTERN * n)[:n]
-    gemma = dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=4)
-    table = {
+    head_dim: dict[str, Any] = dict(head_dim=8)  # Qwen3MoeConfig takes it through **kwargs
+    gemma: dict[str, Any] = dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=4)
+    table: dict[str, Callable[[], PretrainedConfig]] = {
         "qwen3": lambda: T.Qwen3Config(head_dim=8, tie_word_embeddings=False, **kv, **ids, **c),
         "gemma": lambda: T.GemmaConfig(head_dim=8, **kv, **ids, **c),
         "gemma2": lambda: T.Gemma2Config(layer_types=pattern, **gemma, **kv, **ids, **c),
@@ -71,7 +77,7 @@ def _small(arch: str, **overrides):
         "olmo2": lambda: T.Olmo2Config(**kv, **ids, **c),
         "mixtral": lambda: T.MixtralConfig(num_local_experts=3, num_experts_per_tok=2, **kv, **ids, **c),
         "qwen3_moe": lambda: T.Qwen3MoeConfig(
-            head_dim=8,
+            **head_dim,
             num_experts=3,
             num_experts_per_tok=2,
             moe_intermediate_size=32,
@@ -127,14 +133,14 @@ SMALL_ARCHS = (
 ARCHS = ("llama", "mistral", "qwen2") + SMALL_ARCHS
 
 
-def _config(arch: str, **overrides):
+def _config(arch: str, **overrides: Any) -> PretrainedConfig:
     import transformers
 
     small = _small(arch, **overrides)
     if small is not None:
         return small
     sizes = {**TINY_SIZES, **overrides}
-    common = dict(
+    common: dict[str, Any] = dict(
         hidden_size=sizes["hidden_size"],
         intermediate_size=sizes["intermediate_size"],
         num_hidden_layers=sizes["num_hidden_layers"],
@@ -155,7 +161,7 @@ def _config(arch: str, **overrides):
     raise ValueError(f"unknown tiny architecture {arch!r} ({', '.join(ARCHS)})")
 
 
-def model_class(config):
+def model_class(config: PretrainedConfig) -> Any:
     """The transformers class that loads a tiny model: the causal LM, else the image-text-to-text model."""
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -165,7 +171,7 @@ def model_class(config):
     return transformers.AutoModelForImageTextToText
 
 
-def _tokenizer(vocab_size: int):
+def _tokenizer(vocab_size: int) -> Any:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -181,7 +187,7 @@ def make_model(
     seed: int = 0,
     parent: str | Path | None = None,
     delta: float = 0.02,
-    **overrides,
+    **overrides: Any,
 ) -> Path:
     """Write a tiny random model. With ``parent``, start from that model's weights and add noise of scale ``delta``."""
     import torch
@@ -209,7 +215,7 @@ def make_model(
     return out
 
 
-def make_family(root: str | Path, arch: str = "llama", fine_tunes: int = 3, **overrides) -> list[Path]:
+def make_family(root: str | Path, arch: str = "llama", fine_tunes: int = 3, **overrides: Any) -> list[Path]:
     """A base model and ``fine_tunes`` models derived from it: [base, ft1, ...]."""
     root = Path(root)
     base = make_model(root / "base", arch, seed=0, **overrides)
@@ -246,7 +252,7 @@ def add_special_tokens(src: str | Path, out_dir: str | Path, tokens: tuple[str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("out_dir")
     parser.add_argument("--arch", default="llama", choices=list(ARCHS))
     parser.add_argument("--fine-tunes", type=int, default=3)

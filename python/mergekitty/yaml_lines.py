@@ -121,7 +121,7 @@ def format_path(path: KeyPath) -> str:
     return out
 
 
-def error_at_key(exc: Exception, config, key: KeyPath) -> Exception:
+def error_at_key(exc: Exception, config: Any, key: KeyPath) -> Exception:
     """``exc`` again (same type), its message prefixed with the config file, line and ``key``:
     for errors about a model found while opening it (``config`` has ``line_of`` and ``source_name``)."""
     line = config.line_of(key)

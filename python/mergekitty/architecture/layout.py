@@ -18,9 +18,12 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ArchitectureError
+
+if TYPE_CHECKING:
+    from .override import LayoutOverride
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 # Nested configs that hold the language model's settings.
@@ -123,7 +126,7 @@ class ModelLayout:
 
 
 def _choose_stack(stacks: dict[str, dict[int, list[str]]], expected: int | None, where: str) -> str:
-    def score(prefix: str) -> tuple:
+    def score(prefix: str) -> tuple[bool, bool, bool, int]:
         indices = stacks[prefix]
         count = max(indices) + 1
         textual = not any(h in prefix.lower() for h in _NON_TEXT_HINTS)
@@ -151,7 +154,9 @@ def _choose_stack(stacks: dict[str, dict[int, list[str]]], expected: int | None,
     return best
 
 
-def infer_layout(tensor_names: Iterable[str], cfg: dict[str, Any], where: str = "model", override=None) -> ModelLayout:
+def infer_layout(
+    tensor_names: Iterable[str], cfg: dict[str, Any], where: str = "model", override: LayoutOverride | None = None
+) -> ModelLayout:
     """Split ``tensor_names`` into pre weights, numbered layers and post weights.
 
     ``where`` names the model in error messages. ``override`` (a ``LayoutOverride``) states
@@ -183,7 +188,8 @@ def infer_layout(tensor_names: Iterable[str], cfg: dict[str, Any], where: str = 
     layer_tensors = {i: tuple(stacks[prefix][i]) for i in sorted(stacks[prefix])}
     stack_members = {f"{prefix}.{i}.{rest}" for i, rests in layer_tensors.items() for rest in rests}
 
-    pre, post = [], []
+    pre: list[str] = []
+    post: list[str] = []
     for name in names:
         if name in stack_members:
             continue

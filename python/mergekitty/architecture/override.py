@@ -26,9 +26,12 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ArchitectureError
+
+if TYPE_CHECKING:
+    from .layout import ModelLayout
 
 OVERRIDE_FILE = "mergekitty_layout.json"
 _KEYS = {"layer_prefix", "num_layers_key", "pre", "post"}
@@ -87,7 +90,7 @@ def load_layout_override(path: str | Path) -> LayoutOverride:
 
 def layout_from_override(
     tensor_names: Iterable[str], cfg: dict[str, Any], override: LayoutOverride, where: str = "model"
-):
+) -> ModelLayout:
     """The ModelLayout that ``override`` describes, checked against the model's tensors and config."""
     from .layout import ModelLayout, _get_nested, layer_count_key
 

@@ -26,7 +26,7 @@ row count when that is larger (its padding rows are kept), or the token count ro
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,7 +78,7 @@ class VocabDiff:
         return not (self.added or self.missing or self.conflicting or self.beyond)
 
     def summary(self) -> str:
-        def show(items, fmt) -> str:
+        def show(items: list[Any], fmt: Callable[[Any], str]) -> str:
             head = ", ".join(fmt(x) for x in items[:EXAMPLES])
             return head + (", ..." if len(items) > EXAMPLES else "")
 
@@ -220,7 +220,9 @@ def plan_vocabulary(
         return VocabPlan(label, vm, out, [], rows_of[vm], [None] * len(inputs), empty, [], held, diffs)
 
     used = max((i + 1 for i in out.values()), default=0)
-    vm_rows = inputs[vm].rows if inputs[vm].rows is not None else vm_vocab.size
+    vm_rows = inputs[vm].rows
+    if vm_rows is None:
+        vm_rows = vm_vocab.size
     if pad_to_multiple_of:
         rows = _round_up(used, pad_to_multiple_of)
     else:
@@ -259,10 +261,10 @@ def plan_vocabulary(
         held = eff[m]
         own = np.fromiter((held.get(t, MISSING) for t in row_tokens), dtype=np.int64, count=len(row_tokens))
         own[forced] = MISSING
-        used = np.zeros(max(rows, own_rows), dtype=bool)
-        used[np.fromiter(held.values(), dtype=np.int64, count=len(held))] = True
+        taken = np.zeros(max(rows, own_rows), dtype=bool)
+        taken[np.fromiter(held.values(), dtype=np.int64, count=len(held))] = True
         # rows without a token: the model's own padding row there, else its mean token row
-        rmap = np.where((arange < own_rows) & ~used[:rows], arange, OWN_MEAN)
+        rmap = np.where((arange < own_rows) & ~taken[:rows], arange, OWN_MEAN)
         rmap[token_rows] = own
         missing_any[token_rows[own == MISSING]] = True
         identity = rows == own_rows and np.array_equal(rmap, arange)
@@ -290,7 +292,9 @@ def plan_vocabulary(
     return VocabPlan(label, vm, out, new_tokens, rows, row_maps, default_slot, defaults, token_rows, diffs)
 
 
-def _setting_rows(setting: TokenSetting, token: str, inputs: list[VocabInput], eff) -> tuple[tuple[int, int], ...]:
+def _setting_rows(
+    setting: TokenSetting, token: str, inputs: list[VocabInput], eff: Sequence[Mapping[str, int]]
+) -> tuple[tuple[int, int], ...]:
     if setting.kind == "zero":
         return ()
     m = setting.model
@@ -314,7 +318,7 @@ def _setting_rows(setting: TokenSetting, token: str, inputs: list[VocabInput], e
     return ((m, row),)
 
 
-def token_settings(config, model_index: Callable[[Any], int | None]) -> dict[str, TokenSetting]:
+def token_settings(config: Any, model_index: Callable[[Any], int | None]) -> dict[str, TokenSetting]:
     """``tokenizer.tokens`` with model references resolved; ConfigError for a model that is not merged."""
     from ..config import ModelTokenEmbedding, ZeroEmbedding
 
@@ -324,7 +328,7 @@ def token_settings(config, model_index: Callable[[Any], int | None]) -> dict[str
         key = f"tokenizer.tokens.{token}"
         src = entry.source
 
-        def index(ref, sub: str) -> int:
+        def index(ref: Any, sub: str) -> int:
             i = model_index(ref)
             if i is None:
                 raise config.error(

@@ -19,9 +19,10 @@ import difflib
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -43,7 +44,7 @@ def is_jinja(text: str) -> bool:
     return "{%" in text or "{{" in text
 
 
-def _normalize(template) -> str | None:
+def _normalize(template: Any) -> str | None:
     """A template as stored in a model: a string, a list of {name, template} or a dict by name
     (the "default" entry counts). Returns the stripped text, or None."""
     if isinstance(template, list):
@@ -55,7 +56,7 @@ def _normalize(template) -> str | None:
     return None
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -82,7 +83,7 @@ def model_chat_template(path: str | Path) -> str | None:
     return None
 
 
-def _unknown(value: str, error) -> ConfigError:
+def _unknown(value: str, error: Callable[[str], Exception]) -> Exception:
     names = ", ".join(BUILTIN_TEMPLATES)
     close = difflib.get_close_matches(value.strip().lower(), [AUTO, *BUILTIN_TEMPLATES], n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -92,7 +93,7 @@ def _unknown(value: str, error) -> ConfigError:
     )
 
 
-def _check_jinja(template: str, error) -> None:
+def _check_jinja(template: str, error: Callable[[str], Exception]) -> None:
     try:
         from jinja2.exceptions import TemplateSyntaxError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -104,7 +105,9 @@ def _check_jinja(template: str, error) -> None:
         raise error(f"the Jinja template does not parse: {exc.message} (template line {exc.lineno})") from None
 
 
-def resolve_chat_template(value: str | None, model_dirs: Iterable[str | Path], error=None) -> str | None:
+def resolve_chat_template(
+    value: str | None, model_dirs: Iterable[str | Path], error: Callable[[str], Exception] | None = None
+) -> str | None:
     """The template text ``value`` asks for, or None to leave the donor's tokenizer files alone.
 
     ``model_dirs`` are the input models in config order (base first); only ``auto`` reads them.
@@ -112,7 +115,7 @@ def resolve_chat_template(value: str | None, model_dirs: Iterable[str | Path], e
     """
     if error is None:
 
-        def error(message: str) -> ConfigError:
+        def error(message: str) -> Exception:
             return ConfigError(message, key=KEY)
 
     if value is None or not str(value).strip():

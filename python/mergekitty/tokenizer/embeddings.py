@@ -56,6 +56,7 @@ def align_rows(plan: VocabPlan, model: int, tensor: torch.Tensor, defaults: torc
     out[own] = tensor[index[own]]
     missing = index == MISSING
     if bool(missing.any()):
+        assert defaults is not None, "the plan has default rows whenever a row is missing"
         slots = torch.from_numpy(plan.default_slot).to(dev)[missing]
         out[missing] = defaults[slots].to(tensor.dtype)
     mean_rows = index == OWN_MEAN

@@ -17,6 +17,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import ModelFormatError
 
@@ -36,7 +37,7 @@ class AddedToken:
     normalized: bool = True
 
     @classmethod
-    def from_json(cls, data: dict) -> AddedToken:
+    def from_json(cls, data: dict[str, Any]) -> AddedToken:
         return cls(
             content=str(data["content"]),
             special=bool(data.get("special", False)),
@@ -46,7 +47,7 @@ class AddedToken:
             normalized=bool(data.get("normalized", not data.get("special", False))),
         )
 
-    def to_json(self, token_id: int) -> dict:
+    def to_json(self, token_id: int) -> dict[str, Any]:
         return {
             "id": token_id,
             "content": self.content,
@@ -77,7 +78,7 @@ class Vocabulary:
         return {i: t for t, i in self.tokens.items()}
 
 
-def _read_json(path: Path):
+def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError) as exc:

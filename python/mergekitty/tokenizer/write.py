@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .vocab import SENTENCEPIECE, TOKENIZER_JSON, AddedToken
 
@@ -44,11 +44,11 @@ TOKENIZER_FILES = (
 )
 
 
-def _read(path: Path):
+def _read(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _write(path: Path, data) -> None:
+def _write(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, ensure_ascii=False, indent=2)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import load_model, model_logits, read_state, run_yaml
 from mergekitty.tiny_models import SMALL_ARCHS
 
 ARCHS = ("llama", "mistral", "qwen2") + SMALL_ARCHS
@@ -29,46 +30,6 @@ _CONFIG_CLASS = {
 # the frankenmerge: [0, 2) + [1, 4) of a 4-layer model
 SLICES = ((0, 2), (1, 4))
 LAYER_MAP = [0, 1, 1, 2, 3]
-
-
-def _run_yaml(config_path: Path, out: Path, *extra: str) -> None:
-    """``mergekitty-yaml CONFIG OUT --quiet`` in this process (the same click command as the script)."""
-    from mergekitty.cli.yaml_cmd import main
-
-    try:
-        main([str(config_path), str(out), "--quiet", *extra], standalone_mode=False)
-    except SystemExit as exc:
-        if exc.code:
-            raise AssertionError(f"mergekitty-yaml {config_path} failed with exit code {exc.code}") from None
-
-
-def _state(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():
-                out[k] = h.get_tensor(k)
-    return out
-
-
-def _load(path: Path):
-    import transformers
-
-    from mergekitty.tiny_models import model_class
-
-    cls = model_class(transformers.AutoConfig.from_pretrained(path))
-    model = cls.from_pretrained(path, dtype=torch.float32)
-    return model.eval()
-
-
-def _logits(path: Path) -> torch.Tensor:
-    model = _load(path)
-    vocab = model.config.get_text_config().vocab_size
-    ids = (torch.arange(1, 17).view(2, 8) * 7) % (vocab - 10) + 3
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 @pytest.fixture(scope="session")
@@ -118,8 +79,8 @@ merge_method: linear
 dtype: float32
 """)
     out = tmp_path / "out"
-    _run_yaml(cfg, out)
-    s1, s2, got = _state(fam["ft1"]), _state(fam["ft2"]), _state(out)
+    run_yaml(cfg, out)
+    s1, s2, got = read_state(fam["ft1"]), read_state(fam["ft2"]), read_state(out)
     expected = {k: 0.6 * s1[k].double() + 0.4 * s2[k].double() for k in s1}
     assert set(got) == set(expected)
     for k in expected:
@@ -135,9 +96,9 @@ dtype: float32
         metadata={"format": "pt"},
     )
     (ref / "config.json").write_text((fam["ft1"] / "config.json").read_text())
-    logits = _logits(out)
+    logits = model_logits(out)
     assert torch.isfinite(logits).all()
-    torch.testing.assert_close(logits, _logits(ref), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, model_logits(ref), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -156,11 +117,11 @@ dtype: float32
 random_seed: 1
 """)
     out = tmp_path / "out"
-    _run_yaml(cfg, out)
-    base, got = _state(fam["base"]), _state(out)
+    run_yaml(cfg, out)
+    base, got = read_state(fam["base"]), read_state(out)
     assert set(got) == set(base)
     assert any(not torch.equal(got[k], base[k]) for k in base)
-    assert torch.isfinite(_logits(out)).all()
+    assert torch.isfinite(model_logits(out)).all()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -174,7 +135,7 @@ def test_frankenmerge(arch, families, tmp_path):
         + "merge_method: passthrough\ndtype: float32\n"
     )
     out = tmp_path / "out"
-    _run_yaml(cfg, out)
+    run_yaml(cfg, out)
 
     in_cfg = json.loads((src / "config.json").read_text())
     out_cfg = json.loads((out / "config.json").read_text())
@@ -189,7 +150,7 @@ def test_frankenmerge(arch, families, tmp_path):
 
     from mergekitty.architecture import infer_layout
 
-    s_in, got = _state(src), _state(out)
+    s_in, got = read_state(src), read_state(out)
     layout = infer_layout(s_in, in_cfg)
     assert layout.num_layers == 4
     if "vision_config" in in_cfg:  # the language layers are renumbered, the vision tower's are not
@@ -205,9 +166,9 @@ def test_frankenmerge(arch, families, tmp_path):
     for k, v in expected.items():
         assert torch.equal(got[k], v), k
 
-    model = _load(out)
+    model = load_model(out)
     assert model.config.get_text_config().num_hidden_layers == len(LAYER_MAP)
-    logits = _logits(out)
+    logits = model_logits(out)
     assert torch.isfinite(logits).all()
 
 
@@ -235,7 +196,7 @@ def test_frankenmerge_renumbers_dense_layer_indices(dense_layers, want_dense, tm
         + "merge_method: passthrough\n"
     )
     out = tmp_path / "out"
-    _run_yaml(cfg, out)
+    run_yaml(cfg, out)
     out_cfg = json.loads((out / "config.json").read_text())
     assert out_cfg["num_hidden_layers"] == len(LAYER_MAP)
     assert out_cfg["mlp_only_layers"] == want_dense and out_cfg.get("decoder_sparse_step", 1) == 1
@@ -264,16 +225,6 @@ parameters: {{weight: 1.0}}
     assert all(j.shape[0] <= 64 for j in plan.jobs if ".experts." in j.out_name)
 
 
-def _exit_code(config_path: Path, out: Path, *extra: str) -> int:
-    from mergekitty.cli.yaml_cmd import main
-
-    try:
-        main([str(config_path), str(out), "--quiet", *extra], standalone_mode=False)
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
-
-
 def test_different_architectures_need_allow_crimes(families, tmp_path, capsys):
     """Llama and Mistral of equal sizes have the same tensor names and shapes; merging them is a crime."""
     llama, mistral = families("llama"), families("mistral")
@@ -285,12 +236,12 @@ models:
 merge_method: linear
 parameters: {{weight: 0.5}}
 """)
-    assert _exit_code(cfg, tmp_path / "no") == 1
+    assert run_yaml(cfg, tmp_path / "no", check=False) == 1
     err = capsys.readouterr().err
     assert "MistralForCausalLM" in err and "LlamaForCausalLM" in err and "--allow-crimes" in err
     assert not (tmp_path / "no" / "config.json").exists()
-    assert _exit_code(cfg, tmp_path / "yes", "--allow-crimes") == 0
-    assert torch.isfinite(_logits(tmp_path / "yes")).all()
+    assert run_yaml(cfg, tmp_path / "yes", "--allow-crimes", check=False) == 0
+    assert torch.isfinite(model_logits(tmp_path / "yes")).all()
 
 
 def test_tied_and_untied_heads_merge(families, tmp_path):
@@ -301,7 +252,7 @@ def test_tied_and_untied_heads_merge(families, tmp_path):
     tied = families("falcon")["ft2"]
     untied = tmp_path / "untied"
     untied.mkdir()
-    state = _state(families("falcon")["ft1"])
+    state = read_state(families("falcon")["ft1"])
     head = state["transformer.word_embeddings.weight"] + 0.05 * torch.randn_like(
         state["transformer.word_embeddings.weight"]
     )
@@ -321,10 +272,10 @@ parameters: {{weight: 0.5}}
 dtype: float32
 """)
     out = tmp_path / "out"
-    _run_yaml(cfg, out)
-    got, other = _state(out), _state(tied)
+    run_yaml(cfg, out)
+    got, other = read_state(out), read_state(tied)
     torch.testing.assert_close(got["lm_head.weight"], 0.5 * head + 0.5 * other["transformer.word_embeddings.weight"])
-    assert torch.isfinite(_logits(out)).all()
+    assert torch.isfinite(model_logits(out)).all()
 
 
 # ------------------------------------------------------------------ layout override files
@@ -386,9 +337,9 @@ def test_layout_file_next_to_the_model(tmp_path):
     odd = _odd_model(tmp_path / "odd")
     (odd / "mergekitty_layout.json").write_text(json.dumps(_ODD_LAYOUT))
     out = tmp_path / "out"
-    _run_yaml(_franken_yaml(tmp_path, odd), out)
+    run_yaml(_franken_yaml(tmp_path, odd), out)
     assert json.loads((out / "config.json").read_text())["depth"] == 4
-    s_in, got = _state(odd), _state(out)
+    s_in, got = read_state(odd), read_state(out)
     for out_idx, in_idx in enumerate([0, 1, 1, 2]):
         for part in ("mix", "ff"):
             assert torch.equal(
@@ -399,7 +350,7 @@ def test_layout_file_next_to_the_model(tmp_path):
         assert torch.equal(got[k], s_in[k])
     # the output carries the layout file, so it can be merged again
     assert json.loads((out / "mergekitty_layout.json").read_text()) == _ODD_LAYOUT
-    assert plan_merge(_franken_yaml(tmp_path, out)).models[0].layout.num_layers == 4
+    assert plan_merge(_franken_yaml(tmp_path, out)).models[0].num_layers == 4
 
 
 def test_layout_override_option_yaml(tmp_path):
@@ -409,7 +360,7 @@ def test_layout_override_option_yaml(tmp_path):
         "layer_prefix: trunk.blocks\nnum_layers_key: depth\npre: ['tok_table.*', 'trunk.aux.*']\npost: ['final.*', 'readout.*']\n"
     )
     out = tmp_path / "out"
-    _run_yaml(_franken_yaml(tmp_path, odd), out, "--layout-override", str(layout))
+    run_yaml(_franken_yaml(tmp_path, odd), out, "--layout-override", str(layout))
     assert json.loads((out / "config.json").read_text())["depth"] == 4
 
 
@@ -443,7 +394,7 @@ def _to_other_scheme(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst)
     for f in dst.glob("*.safetensors"):
         f.unlink()
-    state = _state(src)
+    state = read_state(src)
     renamed = {(other_spellings(k) or [k])[0]: v.contiguous() for k, v in state.items()}
     assert len(renamed) == len(state) and set(renamed) != set(state)
     save_file(renamed, str(dst / "model.safetensors"), metadata={"format": "pt"})
@@ -456,16 +407,16 @@ def test_vlm_checkpoints_of_both_naming_schemes_merge(arch, families, tmp_path):
     fam = families(arch)
     other = tmp_path / "ft1-other-scheme"
     _to_other_scheme(fam["ft1"], other)
-    a, b = _state(fam["base"]), _state(fam["ft1"])
+    a, b = read_state(fam["base"]), read_state(fam["ft1"])
     for donor, second in ((fam["base"], other), (other, fam["base"])):
         cfg = tmp_path / "linear.yml"
         cfg.write_text(
             f"merge_method: linear\ndtype: float32\nmodels:\n  - model: {donor}\n    parameters: {{weight: 0.5}}\n  - model: {second}\n    parameters: {{weight: 0.5}}\n"
         )
         out = tmp_path / f"out-{donor.name}"
-        _run_yaml(cfg, out)
-        got = _state(out)
-        donor_names = set(_state(donor))
+        run_yaml(cfg, out)
+        got = read_state(out)
+        donor_names = set(read_state(donor))
         assert set(got) == donor_names  # written in the donor's scheme
         for name, v in got.items():
             plain = name if name in a else (other_spellings(name) or [name])[0]
@@ -478,4 +429,4 @@ def test_vlm_checkpoints_of_both_naming_schemes_merge(arch, families, tmp_path):
             out, dtype=torch.float32, output_loading_info=True
         )
         assert not info["missing_keys"] and not info["unexpected_keys"], info
-        assert torch.isfinite(_logits(out)).all()
+        assert torch.isfinite(model_logits(out)).all()

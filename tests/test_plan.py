@@ -61,7 +61,8 @@ merge_method: linear
 """)
     assert plan.out_config["num_hidden_layers"] == 4
     assert [m.path for m in plan.models] == [llama["ft2"], llama["ft1"]]  # config order, never a set's
-    starts = [plan.models[j.sources[0].model].checkpoint.infos[j.sources[0].tensor].start for j in plan.jobs]
+    opened = [m.open() for m in plan.models]
+    starts = [opened[j.sources[0].model].infos[j.sources[0].tensor].start for j in plan.jobs]
     assert starts == sorted(starts)  # sequential reads
     assert all(j.model_params == ({"weight": 1.0}, {"weight": 2.0}) for j in plan.jobs)
     memory = plan.memory_estimate()

@@ -99,29 +99,31 @@ class _BackgroundWriter:
             raise self.error
 
 
-def run_job(plan: MergePlan, job: TensorJob, threads: int, pool: BufferPool):
+def run_job(plan: MergePlan, opened: list, job: TensorJob, threads: int, pool: BufferPool):
     """Compute one output tensor with the kernel the plan chose for it.
     Returns (bytes to write, pooled buffer to recycle or None)."""
     kernel = job.kernel
     if isinstance(kernel, Copy):
-        return _view(plan, job.inputs[kernel.input], job), None
+        return _view(plan, opened, job.inputs[kernel.input], job), None
     if isinstance(kernel, LinearCombination):
-        return _run_linear(plan, job, kernel, pool, threads)
+        return _run_linear(plan, opened, job, kernel, pool, threads)
     if isinstance(kernel, Gta):
-        return _run_gta(plan, job, kernel, pool, threads)
-    return _run_torch(plan, job, threads, pool)
+        return _run_gta(plan, opened, job, kernel, pool, threads)
+    return _run_torch(plan, opened, job, threads, pool)
 
 
-def _view(plan: MergePlan, src: Source, job: TensorJob):
+def _view(plan: MergePlan, opened: list, src: Source, job: TensorJob):
     """The zero-copy bytes of an input the plan found mapped."""
-    view = plan.models[src.model].checkpoint.view(src.tensor)
+    view = opened[src.model].view(src.tensor)
     if view is None:  # the plan saw it mapped: the checkpoint changed under us
-        raise MergeError(f"tensor '{job.out_name}': input '{src.tensor}' of {plan.models[src.model].label} is no longer mapped")
+        raise MergeError(
+            f"tensor '{job.out_name}': input '{src.tensor}' of {plan.models[src.model].label} is no longer mapped"
+        )
     return view
 
 
-def _dtype(plan: MergePlan, src: Source) -> str:
-    return plan.models[src.model].checkpoint.infos[src.tensor].dtype
+def _dtype(opened: list, src: Source) -> str:
+    return opened[src.model].infos[src.tensor].dtype
 
 
 def _out_buffer(job: TensorJob, pool: BufferPool):
@@ -130,14 +132,16 @@ def _out_buffer(job: TensorJob, pool: BufferPool):
     return buf[:size], buf
 
 
-def _run_linear(plan: MergePlan, job: TensorJob, kernel: LinearCombination, pool: BufferPool, threads: int):
+def _run_linear(
+    plan: MergePlan, opened: list, job: TensorJob, kernel: LinearCombination, pool: BufferPool, threads: int
+):
     from . import _native
 
     sources = [job.inputs[i] for i, _ in kernel.terms]
     out, buf = _out_buffer(job, pool)
     _native.weighted_sum(
-        [_view(plan, s, job) for s in sources],
-        [_dtype(plan, s) for s in sources],
+        [_view(plan, opened, s, job) for s in sources],
+        [_dtype(opened, s) for s in sources],
         [c for _, c in kernel.terms],
         out,
         job.out_dtype,
@@ -146,16 +150,16 @@ def _run_linear(plan: MergePlan, job: TensorJob, kernel: LinearCombination, pool
     return out, buf
 
 
-def _run_gta(plan: MergePlan, job: TensorJob, kernel: Gta, pool: BufferPool, threads: int):
+def _run_gta(plan: MergePlan, opened: list, job: TensorJob, kernel: Gta, pool: BufferPool, threads: int):
     from .ops.native_dispatch import gta_merge_views
 
     base, *sources = job.inputs
     out, buf = _out_buffer(job, pool)
     gta_merge_views(
-        [_view(plan, s, job) for s in sources],
-        [_dtype(plan, s) for s in sources],
-        _view(plan, base, job),
-        _dtype(plan, base),
+        [_view(plan, opened, s, job) for s in sources],
+        [_dtype(opened, s) for s in sources],
+        _view(plan, opened, base, job),
+        _dtype(opened, base),
         tuple(job.shape),
         kernel.spec,
         plan.random_seed,
@@ -166,7 +170,7 @@ def _run_gta(plan: MergePlan, job: TensorJob, kernel: Gta, pool: BufferPool, thr
     return out, buf
 
 
-def _run_torch(plan: MergePlan, job: TensorJob, threads: int, pool: BufferPool):
+def _run_torch(plan: MergePlan, opened: list, job: TensorJob, threads: int, pool: BufferPool):
     import torch
 
     from .methods.base import MergeInputs
@@ -177,7 +181,7 @@ def _run_torch(plan: MergePlan, job: TensorJob, threads: int, pool: BufferPool):
         torch.set_num_threads(threads)
 
     def load(src):
-        t = plan.models[src.model].checkpoint.tensor(src.tensor)
+        t = opened[src.model].tensor(src.tensor)
         return t if dev.type == "cpu" else t.to(dev, non_blocking=True)
 
     if job.aligned:
@@ -221,9 +225,9 @@ def _aligned_loader(plan: MergePlan, job: TensorJob, load):
     return lambda src: align_rows(plan.vocab, src.model, loaded[src.model], defaults)
 
 
-def _touch(plan: MergePlan, job: TensorJob, action: str) -> None:
+def _touch(opened: list, job: TensorJob, action: str) -> None:
     for s in (*job.inputs, *job.row_sources):
-        getattr(plan.models[s.model].checkpoint, action)(s.tensor)
+        getattr(opened[s.model], action)(s.tensor)
 
 
 def execute(
@@ -232,23 +236,25 @@ def execute(
     threads: int = 0,
     on_progress: Callable[[TensorJob, float], None] | None = None,
 ) -> None:
-    """Run every job of ``plan`` and hand each result to ``writer`` (a native ShardWriter)."""
+    """Run every job of ``plan`` and hand each result to ``writer`` (a native ShardWriter).
+    The inputs are opened here from what the plan recorded of them."""
+    opened = [m.open(plan.device) for m in plan.models]
     pool = BufferPool(keep=WRITE_QUEUE + 2)
     background = _BackgroundWriter(writer, pool)
     try:
         for i, job in enumerate(plan.jobs):
             for ahead in plan.jobs[i + 1 : i + 1 + PREFETCH_JOBS]:
-                _touch(plan, ahead, "prefetch")
+                _touch(opened, ahead, "prefetch")
             started = time.perf_counter()
             try:
-                data, pooled = run_job(plan, job, threads, pool)
+                data, pooled = run_job(plan, opened, job, threads, pool)
                 background.put(job.out_name, data, pooled)
             except MergekittyError:
                 raise
             except (ValueError, TypeError, RuntimeError, OSError) as exc:
                 raise MergeError(f"tensor '{job.out_name}': {exc}") from exc
             del data, pooled
-            _touch(plan, job, "release")
+            _touch(opened, job, "release")
             if on_progress is not None:
                 on_progress(job, time.perf_counter() - started)
     except BaseException:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,31 +54,86 @@ class TensorJob:
         return (self.base, *self.sources) if self.base is not None else self.sources
 
 
-@dataclass
+@dataclass(frozen=True)
+class PlannedModel:
+    """An input as the plan records it: enough to open it again, in this process or another."""
+
+    label: str  # the model reference as the config wrote it
+    path: Path  # the resolved local directory
+    num_layers: int
+    tokenizer_dir: Path  # where its tokenizer files are (a model+lora input's adapter when it ships one)
+    adapter: Path | None = None  # model+lora: the resolved adapter directory
+    lora_merge_dtype: str | None = None  # model+lora: dtype the adapted tensors are rounded to
+
+    @property
+    def ref(self) -> str:
+        return self.label
+
+    def open(self, device: str = "cpu") -> Any:
+        """The checkpoint (io.checkpoint.Checkpoint, or lora.apply's adapted view of it)."""
+        from .io.checkpoint import Checkpoint
+
+        checkpoint = Checkpoint(self.path, label=self.label)
+        if self.adapter is None:
+            return checkpoint
+        # model+lora: the adapter is applied tensor by tensor as the executor loads them
+        from .lora.apply import open_lora_checkpoint
+
+        return open_lora_checkpoint(
+            checkpoint, self.adapter, label=self.label, device=device, merge_dtype=self.lora_merge_dtype
+        )
+
+
+@dataclass(frozen=True)
 class InputModel:
+    """An input while planning: its open checkpoint, config.json and inferred layout."""
+
     ref: Any  # ModelReference
-    label: str
-    path: Path
+    planned: PlannedModel
     checkpoint: Any  # io.checkpoint.Checkpoint
     config: dict[str, Any]
     layout: ModelLayout
 
+    @property
+    def label(self) -> str:
+        return self.planned.label
 
-@dataclass
+    @property
+    def path(self) -> Path:
+        return self.planned.path
+
+
+@dataclass(frozen=True)
 class MergePlan:
+    """Everything a merge will do, decided before any weight is read: frozen, holding no open
+    file, and written to and read from JSON (``to_json``/``from_json``) so that another
+    process can execute it (``execute.execute`` opens the inputs itself)."""
+
     method: MergeMethod
-    models: list[InputModel]
+    models: tuple[PlannedModel, ...]
     donor: int  # the model whose config.json, tokenizer and tensor names the output follows
     base: int | None
-    jobs: list[TensorJob]  # in execution order (sequential reads)
-    output_order: list[str]  # tensor names in the order they are laid out in the output
+    jobs: tuple[TensorJob, ...]  # in execution order (sequential reads)
+    output_order: tuple[str, ...]  # tensor names in the order they are laid out in the output
     out_config: dict[str, Any]
-    layer_map: list[tuple[int, list[tuple[str, int]]]] = field(
-        default_factory=list
-    )  # out layer -> [(model label, in layer)]
+    layer_map: tuple[tuple[int, tuple[tuple[str, int], ...]], ...] = ()  # out layer -> ((model label, in layer), ...)
     random_seed: int = 0  # used by random methods; recorded in the model card
     vocab: Any = None  # tokenizer.build.VocabPlan, None when no input has tokenizer files
     device: str = "cpu"  # where the jobs run; the kernels were chosen for it
+
+    def to_json(self) -> str:
+        from .plan_json import dumps
+
+        return dumps(self)
+
+    @staticmethod
+    def from_json(text: str) -> MergePlan:
+        from .plan_json import loads
+
+        plan = loads(text)
+        if not isinstance(plan, MergePlan):
+            raise PlanError("the JSON text is not a merge plan")
+        return plan
 
     @property
     def input_bytes(self) -> int:
@@ -397,13 +452,13 @@ class Planner:
         base_index = self._model(base_ref) if base_ref is not None else None
         return MergePlan(
             method,
-            self.models,
+            tuple(m.planned for m in self.models),
             donor,
             base_index,
-            jobs_sorted,
-            order,
+            tuple(jobs_sorted),
+            tuple(order),
             out_config,
-            layer_map,
+            tuple((out, tuple(sources)) for out, sources in layer_map),
             random_seed,
             vocab,
             device,

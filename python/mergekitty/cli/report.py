@@ -18,7 +18,7 @@ def print_plan(plan, console: Console) -> None:
     for i, m in enumerate(plan.models):
         tags = [t for t, on in (("donor", i == plan.donor), ("base", i == plan.base)) if on]
         suffix = f" ({', '.join(tags)})" if tags else ""
-        console.print(f"[bold]model {i}:[/] {escape(m.label)}, {m.layout.num_layers} layers{suffix}")
+        console.print(f"[bold]model {i}:[/] {escape(m.label)}, {m.num_layers} layers{suffix}")
     if plan.layer_map:
         table = Table(title="layer map", show_lines=False)
         table.add_column("output layer", justify="right")

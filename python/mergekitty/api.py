@@ -88,24 +88,16 @@ def _open_models(config, options: MergeOptions):
 
 def _open_model(ref, config, options: MergeOptions, forced):
     from .architecture import OVERRIDE_FILE, infer_layout, load_layout_override
-    from .io.checkpoint import Checkpoint
-    from .plan import InputModel
+    from .plan import InputModel, PlannedModel
     from .refs import resolve_local_path
 
-    path = resolve_local_path(ref.path, getattr(ref, "revision", None), options.transformers_cache)
-    checkpoint = Checkpoint(Path(path), label=str(ref))
+    path = Path(resolve_local_path(ref.path, getattr(ref, "revision", None), options.transformers_cache))
+    adapter = None
     if getattr(ref, "lora", None) is not None:
-        # model+lora: the adapter is applied tensor by tensor as the executor loads them
-        from .lora.apply import open_lora_checkpoint
-
-        adapter = resolve_local_path(ref.lora.path, ref.lora.revision, options.transformers_cache)
-        checkpoint = open_lora_checkpoint(
-            checkpoint,
-            Path(adapter),
-            label=str(ref),
-            device=options.resolved_device(),
-            merge_dtype=options.lora_merge_dtype,
-        )
+        adapter = Path(resolve_local_path(ref.lora.path, ref.lora.revision, options.transformers_cache))
+    # what the plan keeps of the input; the tokenizer and layer count are filled in below
+    planned = PlannedModel(str(ref), path, 0, path, adapter, options.lora_merge_dtype if adapter else None)
+    checkpoint = planned.open(options.resolved_device())
     cfg = checkpoint.config()
     override = getattr(ref, "override_architecture", None)
     if override:
@@ -114,7 +106,8 @@ def _open_model(ref, config, options: MergeOptions, forced):
     layout_file = Path(path) / OVERRIDE_FILE
     stated = forced or (load_layout_override(layout_file) if layout_file.is_file() else None)
     layout = infer_layout(checkpoint.names(), cfg, where=str(ref), override=stated)
-    return InputModel(ref, str(ref), Path(path), checkpoint, cfg, layout)
+    planned = replace(planned, num_layers=layout.num_layers, tokenizer_dir=_tokenizer_dir(checkpoint, path))
+    return InputModel(ref, planned, checkpoint, cfg, layout)
 
 
 def plan_merge(
@@ -142,10 +135,8 @@ def plan_merge(
         check_output_dir(Path(out_path), models)
     if config.chat_template:
         _chat_template(config, [m.path for m in models])  # a bad name or template fails here, before any weight is read
-    planner.vocab = _plan_vocabulary(config, models, planner)
-    plan = planner.plan(slices)
-    plan.random_seed = _random_seed(config, options)
-    return plan
+    vocab = _plan_vocabulary(config, models, planner)
+    return planner.plan(slices, vocab, _random_seed(config, options), options.resolved_device())
 
 
 def _random_seed(config, options: MergeOptions) -> int:
@@ -166,7 +157,7 @@ def _plan_vocabulary(config, models, planner):
     from .tokenizer.build import VocabInput, plan_vocabulary, token_settings
     from .tokenizer.vocab import read_vocabulary
 
-    vocabs = [read_vocabulary(_tokenizer_dir(m)) for m in models]
+    vocabs = [read_vocabulary(m.planned.tokenizer_dir) for m in models]
     if all(v is None for v in vocabs):
         if getattr(config, "tokenizer", None) is not None or config.tokenizer_source not in (None, "base"):
             log.warning("the tokenizer settings have no effect: no input model has tokenizer files")
@@ -190,12 +181,12 @@ def _plan_vocabulary(config, models, planner):
     )
 
 
-def _tokenizer_dir(model) -> Path:
+def _tokenizer_dir(checkpoint, path: Path) -> Path:
     """Where an input's tokenizer files are: a model+lora input's adapter when it ships a
     tokenizer (an adapter that added tokens does), else the model's directory."""
-    adapter = getattr(model.checkpoint, "adapter", None)
+    adapter = getattr(checkpoint, "adapter", None)
     found = adapter.tokenizer_dir() if adapter is not None else None
-    return found or model.path
+    return found or path
 
 
 def _chat_template(config, model_dirs) -> str | None:
@@ -235,9 +226,9 @@ def _write_sidecars(plan, config, out: Path, options: MergeOptions) -> None:
         from .tokenizer.write import copy_tokenizer, write_tokenizer
 
         if plan.vocab is not None:
-            write_tokenizer(plan.vocab, _tokenizer_dir(plan.models[plan.vocab.vocab_model]), out)
+            write_tokenizer(plan.vocab, plan.models[plan.vocab.vocab_model].tokenizer_dir, out)
         else:
-            copy_tokenizer(_tokenizer_dir(donor), out)
+            copy_tokenizer(donor.tokenizer_dir, out)
     if config.chat_template:
         template = _chat_template(config, [m.path for m in plan.models])
         if template is not None and not options.copy_tokenizer:
@@ -301,9 +292,9 @@ def run_merge(
         if progress is None and not options.quiet:
             from .progress import run_with_progress
 
-            run_with_progress(plan, lambda cb: execute(plan, writer, device, options.threads, cb))
+            run_with_progress(plan, lambda cb: execute(plan, writer, options.threads, cb))
         else:
-            execute(plan, writer, device, options.threads, progress)
+            execute(plan, writer, options.threads, progress)
         writer.finalize()
     except BaseException:
         writer.abort()

@@ -15,6 +15,7 @@ the three previous jobs' buffers (one being written, two queued) when the next j
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,9 +26,9 @@ if TYPE_CHECKING:
     from .methods.base import MergeMethod
     from .plan import MergePlan, TensorJob
 
-# The interpreter with numpy, pydantic and the native module loaded (measured: ~32 MB), and what importing
-# torch adds on top (measured: ~260 MB with torch 2.x on Linux).
-PROCESS_BYTES = 32 << 20
+# The interpreter with numpy, pydantic and the native module loaded, the headers and vocabularies
+# read (measured: 25-28 MB), and what importing torch adds on top (measured: ~260 MB, torch 2.x).
+PROCESS_BYTES = 26 << 20
 TORCH_IMPORT_BYTES = 260 << 20
 # Fused GTA thresholds: above this many elements a strided sample of runs is ranked first
 # (rust/src/kernels/gta.rs: SAMPLED_MIN_N, SAMPLE_RUN, SAMPLE_STRIDE); below it, 4-byte keys.
@@ -38,7 +39,11 @@ SAMPLE_STRIDE = 4093
 LINEAR_TORCH_COPIES = (0.0, 1.0)  # one accumulator
 GTA_TORCH_COPIES = (2.0, 2.0)  # task vectors and their sparsified copies, the combined result
 # Allocated while a merge runs besides the jobs (modules imported, the writer, tokenizer files).
-RUN_BYTES = 20 << 20
+RUN_BYTES = 4 << 20
+# The shard writer's aligned staging buffer, used once a tensor is large enough for direct I/O
+# (rust/src/direct_io.rs: STAGE, MIN_DIRECT).
+WRITER_STAGE_BYTES = 16 << 20
+DIRECT_IO_MIN_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,8 @@ def estimate(plan: MergePlan, prefetch: int = 2, in_flight: int = 3, keep_free: 
         pending.append(size)
     uses_torch = any(isinstance(j.kernel, Torch) for j in jobs)
     base = PROCESS_BYTES + RUN_BYTES + (TORCH_IMPORT_BYTES if uses_torch else 0)
+    if any(j.output_bytes >= DIRECT_IO_MIN_BYTES for j in jobs) and not os.environ.get("MERGEKITTY_NO_DIRECT_IO"):
+        peak += WRITER_STAGE_BYTES
     window = prefetch + 1
     mapped = max((sum(j.input_bytes for j in jobs[i : i + window]) for i in range(len(jobs))), default=0)
     return MemoryEstimate(base + peak, peak, mapped)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .architecture.layout import ModelLayout, is_embedding_name, other_spellings
+from .architecture.layout import ModelLayout, is_embedding_name, other_spellings, set_vocab_size
 from .errors import ArchitectureError, ConfigError, PlanError
+from .io.dtypes import nbytes
 from .kernels import JobInput, Kernel, Torch, choose
 
 if TYPE_CHECKING:
@@ -150,30 +153,6 @@ class MergePlan:
         return estimate(self)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _dtype_size(code: str) -> float:
-    sizes = {
-        "F64": 8,
-        "I64": 8,
-        "U64": 8,
-        "C64": 8,
-        "F32": 4,
-        "I32": 4,
-        "U32": 4,
-        "F16": 2,
-        "BF16": 2,
-        "I16": 2,
-        "U16": 2,
-    }
-    return sizes.get(code, 1)
-
-
 def _set_nested(cfg: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = cfg
@@ -189,17 +168,26 @@ def _get_parent(cfg: dict[str, Any], dotted: str) -> dict[str, Any]:
     return node
 
 
-def _set_vocab_size(cfg: dict[str, Any], rows: int) -> None:
-    """Write the embedding row count wherever the config keeps ``vocab_size``."""
-    from .architecture.layout import TEXT_CONFIG_KEYS
+@dataclass(frozen=True)
+class SlicePicks:
+    """One slice's reads: (model, first layer, source index) per non-base input, the base's
+    (model, first layer) or None, and the number of layers."""
 
-    found = False
-    for node in (cfg, *(cfg.get(k) for k in TEXT_CONFIG_KEYS)):
-        if isinstance(node, dict) and isinstance(node.get("vocab_size"), int):
-            node["vocab_size"] = rows
-            found = True
-    if not found:
-        cfg["vocab_size"] = rows
+    entries: list[tuple[int, int, int]]
+    base: tuple[int, int] | None
+    length: int
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One output tensor before its job is built: (model, input name, source index) per
+    non-base input, the base's (model, input name), its slice and layer position ``t``."""
+
+    out_name: str
+    slice: int
+    t: float
+    picks: list[tuple[int, str, int]]
+    base: tuple[int, str] | None
 
 
 class Planner:
@@ -276,193 +264,188 @@ class Planner:
         self.vocab = vocab
         method = self.method
         donor = self._donor()
-        donor_layout = self.models[donor].layout
         base_ref = self.config.base_model
-        uses_base = method.base != "ignored"
         if method.base == "required" and base_ref is None:
             raise ConfigError(f"merge method '{method.name}' needs a base_model", key="base_model")
-
-        jobs: list[TensorJob] = []
-        order: list[str] = []
-        layer_map: list[tuple[int, list[tuple[str, int]]]] = []
-
-        # Per slice: (non-base entries [(model, start, source_idx)], base entry (model, start) or None, length)
-        plans = []
-        for si, sl in enumerate(slices):
-            slice_base = getattr(sl, "base_model", None) or base_ref
-            entries, base_entry = [], None
-            lengths = set()
-            for j, src in enumerate(sl.sources):
-                start, stop = src.layer_range
-                mi = self._model(src.model)
-                layout = self.models[mi].layout
-                if stop > layout.num_layers:
-                    raise ConfigError(
-                        f"layer_range [{start}, {stop}) is beyond the {layout.num_layers} layers of {self.models[mi].label}",
-                        key=f"slices[{si}].sources[{j}].layer_range",
-                    )
-                lengths.add(stop - start)
-                is_base = slice_base is not None and str(src.model) == str(slice_base)
-                if uses_base and is_base:
-                    base_entry = (mi, start)
-                elif is_base and not self._listed(src.model):
-                    continue  # a base the method does not use, added only to carry the config
-                else:
-                    entries.append((mi, start, j))
-            if len(lengths) > 1:
-                raise ConfigError(
-                    f"all sources of a slice must cover the same number of layers (got {sorted(lengths)})",
-                    key=f"slices[{si}].sources",
-                )
-            length = lengths.pop() if lengths else 0
-            if uses_base and base_entry is None and slice_base is not None:
-                first_start = sl.sources[0].layer_range[0]
-                base_entry = (self._model(slice_base), first_start)
-            if not entries and not (uses_base and base_entry):
-                raise ConfigError("a slice needs at least one source model", key=f"slices[{si}].sources")
-            if method.max_models is not None and len(entries) > method.max_models:
-                raise ConfigError(
-                    f"merge method '{method.name}' takes at most {method.max_models} model(s) per tensor, got {len(entries)}",
-                    key=f"slices[{si}].sources" if self.config.slices else "models",
-                )
-            plans.append((entries, base_entry, length))
-
-        def add(
-            out_name: str, si: int, t: float, picks: list[tuple[int, str, int]], base_pick: tuple[int, str] | None
-        ) -> None:
-            sources = tuple(Source(mi, self._find(mi, name, out_name)) for mi, name, _ in picks)
-            base_src = Source(base_pick[0], self._find(base_pick[0], base_pick[1], out_name)) if base_pick else None
-            infos = [
-                self.models[s.model].checkpoint.infos[s.tensor] for s in (*sources, *([base_src] if base_src else []))
-            ]
-            ref_info = infos[-1] if base_src else infos[0]
-            aligned = self._is_aligned(out_name, (*sources, *([base_src] if base_src else [])), infos)
-            shape = (self.vocab.rows, *ref_info.shape[1:]) if aligned else ref_info.shape
-            for s, info in zip((*sources, *([base_src] if base_src else [])), infos):
-                if (info.shape[1:] if aligned else info.shape) != (ref_info.shape[1:] if aligned else ref_info.shape):
-                    hint = (
-                        " (embedding sizes differ: vocabulary handling needs the tokenizer options)"
-                        if is_embedding_name(out_name)
-                        else ""
-                    )
-                    raise PlanError(
-                        f"tensor '{out_name}': {self.models[s.model].label} has shape {list(info.shape)} "
-                        f"but {self.models[(base_src or sources[0]).model].label} has {list(ref_info.shape)}{hint}"
-                    )
-            params = self._global_params(si, out_name, t)
-            mparams = tuple(
-                self._model_params(si, j, sources[k].tensor, t, self.models[mi].label)
-                for k, (mi, _, j) in enumerate(picks)
-            )
-            if method.validate is not None:
-                try:
-                    method.validate(params, list(mparams))
-                except ValueError as exc:
-                    raise ConfigError(f"{exc} (tensor '{out_name}')", key="parameters") from None
-            reason = method.base_needed_for(params) if method.base_needed_for is not None and base_src is None else None
-            if reason:
-                raise ConfigError(f"merge method '{method.name}' needs a base_model here: {reason}", key="base_model")
-            # a slice holding only the base model is allowed (the base passes through)
-            if 0 < len(sources) < method.min_models or (not sources and base_src is None):
-                raise ConfigError(
-                    f"merge method '{method.name}' needs at least {method.min_models} model(s) besides the base, got {len(sources)}",
-                    key="models" if self.config.models else "slices",
-                )
-            out_dtype = self._out_dtype(ref_info.dtype)
-            in_job = {s.model for s in (*sources, *([base_src] if base_src else []))}
-            row_sources = (
-                tuple(
-                    Source(m, self._find(m, out_name, out_name)) for m in sorted(self.vocab.default_models() - in_job)
-                )
-                if aligned
-                else ()
-            )
-            all_inputs = (*([base_src] if base_src else []), *sources)
-            all_infos = (*infos[len(sources) :], *infos[: len(sources)])  # base first, as job.inputs
-            kernel = choose(
-                method,
-                out_name,
-                params,
-                list(mparams),
-                [
-                    JobInput(i.dtype, tuple(i.shape), self.models[s.model].checkpoint.view(s.tensor) is not None)
-                    for s, i in zip(all_inputs, all_infos)
-                ],
-                base_src is not None,
-                tuple(shape),
-                out_dtype,
-                aligned,
-                device,
-            )
-            jobs.append(
-                TensorJob(
-                    out_name=out_name,
-                    shape=shape,
-                    out_dtype=out_dtype,
-                    sources=sources,
-                    model_params=mparams,
-                    base=base_src,
-                    params=params,
-                    input_bytes=sum(i.nbytes for i in infos),
-                    output_bytes=int(_numel(shape) * _dtype_size(out_dtype)),
-                    aligned=aligned,
-                    row_sources=row_sources,
-                    kernel=kernel,
-                )
-            )
-            order.append(out_name)
-
-        # pre weights: first slice, t = 0
-        entries, base_entry, _ = plans[0]
-        for name in donor_layout.pre:
-            add(name, 0, 0.0, [(mi, name, j) for mi, _, j in entries], (base_entry[0], name) if base_entry else None)
-
-        from .params import layer_t
-
-        out_layer = 0
-        for si, (entries, base_entry, length) in enumerate(plans):
-            for idx in range(length):
-                t = layer_t(idx, length)
-                lead_model, lead_start = (entries[0][0], entries[0][1]) if entries else base_entry
-                lead_layout = self.models[lead_model].layout
-                layer_map.append((out_layer, [(self.models[mi].label, start + idx) for mi, start, _ in entries]))
-                for suffix in lead_layout.layer_tensors.get(lead_start + idx, ()):
-                    out_name = donor_layout.layer_name(out_layer, suffix)
-                    picks = [
-                        (mi, self.models[mi].layout.layer_name(start + idx, suffix), j) for mi, start, j in entries
-                    ]
-                    base_pick = (
-                        (base_entry[0], self.models[base_entry[0]].layout.layer_name(base_entry[1] + idx, suffix))
-                        if base_entry
-                        else None
-                    )
-                    add(out_name, si, t, picks, base_pick)
-                out_layer += 1
-
-        # post weights: last slice, t = 1
-        entries, base_entry, _ = plans[-1]
-        last = len(plans) - 1
-        for name in donor_layout.post:
-            add(name, last, 1.0, [(mi, name, j) for mi, _, j in entries], (base_entry[0], name) if base_entry else None)
-
-        out_config = self._out_config(donor, slices, out_layer)
+        picks = [self._slice_picks(si, sl, base_ref) for si, sl in enumerate(slices)]
+        layer_map: list[tuple[int, tuple[tuple[str, int], ...]]] = []
+        jobs = [self._job(tensor, device) for tensor in self._output_tensors(picks, layer_map)]
+        out_config = self._out_config(donor, slices, len(layer_map))
         if self.vocab is not None and any(j.aligned for j in jobs):
-            _set_vocab_size(out_config, self.vocab.rows)
-        jobs_sorted = sorted(jobs, key=self._read_position)
-        base_index = self._model(base_ref) if base_ref is not None else None
+            set_vocab_size(out_config, self.vocab.rows)
         return MergePlan(
             method,
             tuple(m.planned for m in self.models),
             donor,
-            base_index,
-            tuple(jobs_sorted),
-            tuple(order),
+            self._model(base_ref) if base_ref is not None else None,
+            tuple(sorted(jobs, key=self._read_position)),
+            tuple(j.out_name for j in jobs),
             out_config,
-            tuple((out, tuple(sources)) for out, sources in layer_map),
+            tuple(layer_map),
             random_seed,
             vocab,
             device,
         )
+
+    def _slice_picks(self, si: int, sl: Any, base_ref: Any) -> SlicePicks:
+        """Which models a slice reads, from which layer, and which is its base; checks the ranges."""
+        method = self.method
+        uses_base = method.base != "ignored"
+        slice_base = getattr(sl, "base_model", None) or base_ref
+        entries, base_entry = [], None
+        lengths = set()
+        for j, src in enumerate(sl.sources):
+            start, stop = src.layer_range
+            mi = self._model(src.model)
+            layout = self.models[mi].layout
+            if stop > layout.num_layers:
+                raise ConfigError(
+                    f"layer_range [{start}, {stop}) is beyond the {layout.num_layers} layers of {self.models[mi].label}",
+                    key=f"slices[{si}].sources[{j}].layer_range",
+                )
+            lengths.add(stop - start)
+            is_base = slice_base is not None and str(src.model) == str(slice_base)
+            if uses_base and is_base:
+                base_entry = (mi, start)
+            elif is_base and not self._listed(src.model):
+                continue  # a base the method does not use, added only to carry the config
+            else:
+                entries.append((mi, start, j))
+        if len(lengths) > 1:
+            raise ConfigError(
+                f"all sources of a slice must cover the same number of layers (got {sorted(lengths)})",
+                key=f"slices[{si}].sources",
+            )
+        if uses_base and base_entry is None and slice_base is not None:
+            base_entry = (self._model(slice_base), sl.sources[0].layer_range[0])
+        if not entries and not (uses_base and base_entry):
+            raise ConfigError("a slice needs at least one source model", key=f"slices[{si}].sources")
+        if method.max_models is not None and len(entries) > method.max_models:
+            raise ConfigError(
+                f"merge method '{method.name}' takes at most {method.max_models} model(s) per tensor, got {len(entries)}",
+                key=f"slices[{si}].sources" if self.config.slices else "models",
+            )
+        return SlicePicks(entries, base_entry, lengths.pop() if lengths else 0)
+
+    def _output_tensors(
+        self, picks: list[SlicePicks], layer_map: list[tuple[int, tuple[tuple[str, int], ...]]]
+    ) -> Iterator[OutputTensor]:
+        """Every output tensor in output order: the donor's pre weights (first slice, t = 0), each
+        slice's layers renumbered consecutively (appended to ``layer_map``), the post weights
+        (last slice, t = 1)."""
+        from .params import layer_t
+
+        donor_layout = self.models[self._donor()].layout
+
+        def whole(name: str, si: int, t: float) -> OutputTensor:
+            sp = picks[si]
+            base = (sp.base[0], name) if sp.base else None
+            return OutputTensor(name, si, t, [(mi, name, j) for mi, _, j in sp.entries], base)
+
+        for name in donor_layout.pre:
+            yield whole(name, 0, 0.0)
+        for si, sp in enumerate(picks):
+            for idx in range(sp.length):
+                out_layer = len(layer_map)
+                lead_model, lead_start = (sp.entries[0][0], sp.entries[0][1]) if sp.entries else sp.base
+                layer_map.append(
+                    (out_layer, tuple((self.models[mi].label, start + idx) for mi, start, _ in sp.entries))
+                )
+                for suffix in self.models[lead_model].layout.layer_tensors.get(lead_start + idx, ()):
+                    names = [
+                        (mi, self.models[mi].layout.layer_name(start + idx, suffix), j) for mi, start, j in sp.entries
+                    ]
+                    base = None
+                    if sp.base:
+                        base = (sp.base[0], self.models[sp.base[0]].layout.layer_name(sp.base[1] + idx, suffix))
+                    t = layer_t(idx, sp.length)
+                    yield OutputTensor(donor_layout.layer_name(out_layer, suffix), si, t, names, base)
+        for name in donor_layout.post:
+            yield whole(name, len(picks) - 1, 1.0)
+
+    def _job(self, tensor: OutputTensor, device: str) -> TensorJob:
+        """One output tensor's job: its inputs found and shape-checked, parameters resolved and
+        validated, and the kernel chosen."""
+        method, out_name = self.method, tensor.out_name
+        sources = tuple(Source(mi, self._find(mi, name, out_name)) for mi, name, _ in tensor.picks)
+        base = Source(tensor.base[0], self._find(tensor.base[0], tensor.base[1], out_name)) if tensor.base else None
+        inputs = (base, *sources) if base else sources  # as TensorJob.inputs
+        infos = [self.models[s.model].checkpoint.infos[s.tensor] for s in inputs]
+        ref_info = infos[0]
+        aligned = self._is_aligned(out_name, inputs, infos)
+        shape = (self.vocab.rows, *ref_info.shape[1:]) if aligned else ref_info.shape
+        self._check_shapes(out_name, inputs, infos, aligned)
+        params = self._global_params(tensor.slice, out_name, tensor.t)
+        mparams = tuple(
+            self._model_params(tensor.slice, j, sources[k].tensor, tensor.t, self.models[mi].label)
+            for k, (mi, _, j) in enumerate(tensor.picks)
+        )
+        self._validate(out_name, params, mparams, sources, base)
+        out_dtype = self._out_dtype(ref_info.dtype)
+        row_sources: tuple[Source, ...] = ()
+        if aligned:
+            missing = sorted(self.vocab.default_models() - {s.model for s in inputs})
+            row_sources = tuple(Source(m, self._find(m, out_name, out_name)) for m in missing)
+        mapped = [self.models[s.model].checkpoint.view(s.tensor) is not None for s in inputs]
+        kernel = choose(
+            method,
+            out_name,
+            params,
+            list(mparams),
+            [JobInput(i.dtype, tuple(i.shape), m) for i, m in zip(infos, mapped)],
+            base is not None,
+            tuple(shape),
+            out_dtype,
+            aligned,
+            device,
+        )
+        return TensorJob(
+            out_name=out_name,
+            shape=shape,
+            out_dtype=out_dtype,
+            sources=sources,
+            model_params=mparams,
+            base=base,
+            params=params,
+            input_bytes=sum(i.nbytes for i in infos),
+            output_bytes=nbytes(out_dtype, math.prod(shape)),
+            aligned=aligned,
+            row_sources=row_sources,
+            kernel=kernel,
+        )
+
+    def _check_shapes(self, out_name: str, inputs: tuple[Source, ...], infos: list[Any], aligned: bool) -> None:
+        """Every input of the first's shape (rows aside, for a re-laid-out vocabulary tensor)."""
+        want = infos[0].shape[1:] if aligned else infos[0].shape
+        for s, info in zip(inputs, infos):
+            if (info.shape[1:] if aligned else info.shape) != want:
+                hint = ""
+                if is_embedding_name(out_name):
+                    hint = " (embedding sizes differ: vocabulary handling needs the tokenizer options)"
+                raise PlanError(
+                    f"tensor '{out_name}': {self.models[s.model].label} has shape {list(info.shape)} "
+                    f"but {self.models[inputs[0].model].label} has {list(infos[0].shape)}{hint}"
+                )
+
+    def _validate(
+        self, out_name: str, params: dict[str, Any], mparams: tuple[dict[str, Any], ...], sources, base
+    ) -> None:
+        """The method's own checks and model counts, with the resolved parameters of one tensor."""
+        method = self.method
+        if method.validate is not None:
+            try:
+                method.validate(params, list(mparams))
+            except ValueError as exc:
+                raise ConfigError(f"{exc} (tensor '{out_name}')", key="parameters") from None
+        reason = method.base_needed_for(params) if method.base_needed_for is not None and base is None else None
+        if reason:
+            raise ConfigError(f"merge method '{method.name}' needs a base_model here: {reason}", key="base_model")
+        # a slice holding only the base model is allowed (the base passes through)
+        if 0 < len(sources) < method.min_models or (not sources and base is None):
+            raise ConfigError(
+                f"merge method '{method.name}' needs at least {method.min_models} model(s) besides the base, got {len(sources)}",
+                key="models" if self.config.models else "slices",
+            )
 
     def embedding_rows(self, model: int) -> int | None:
         """Rows of the model's token embedding (its vocabulary size as the weights see it)."""

@@ -196,3 +196,14 @@ def infer_layout(
         (pre if any(h in name.lower() for h in _PRE_HINTS) else post).append(name)
     extra = {p: max(v) + 1 for p, v in stacks.items() if p != prefix}
     return ModelLayout(len(layer_tensors), count_key, prefix, layer_tensors, tuple(pre), tuple(post), extra)
+
+
+def set_vocab_size(cfg: dict[str, Any], rows: int) -> None:
+    """Write the embedding row count wherever the config keeps ``vocab_size``."""
+    found = False
+    for node in (cfg, *(cfg.get(k) for k in TEXT_CONFIG_KEYS)):
+        if isinstance(node, dict) and isinstance(node.get("vocab_size"), int):
+            node["vocab_size"] = rows
+            found = True
+    if not found:
+        cfg["vocab_size"] = rows

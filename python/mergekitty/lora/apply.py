@@ -226,8 +226,7 @@ class LoraCheckpoint:
 
     def _check_vocabulary(self) -> None:
         """An embedding whose rows the adapter changes: config.json follows it, and an untied head must match."""
-        from ..architecture.layout import is_embedding_name
-        from ..plan import _set_vocab_size
+        from ..architecture.layout import is_embedding_name, set_vocab_size
 
         embedding = self._input_embedding()
         if embedding is None or embedding not in self._ops:
@@ -246,7 +245,7 @@ class LoraCheckpoint:
                 raise self._error(
                     f"the adapter gives '{embedding}' {rows} rows but '{name}' keeps {info.shape[0]}; both must follow the vocabulary"
                 )
-        _set_vocab_size(self._config, rows)
+        set_vocab_size(self._config, rows)
 
     # ------------------------------------------------------------------ Checkpoint interface
     def __contains__(self, name: str) -> bool:

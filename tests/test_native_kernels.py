@@ -15,10 +15,13 @@ _native = pytest.importorskip("mergekitty._native")
 if not hasattr(_native, "magnitude"):
     pytest.skip("native module built without the sparsify kernels", allow_module_level=True)
 
+from mergekitty.errors import InvalidArgumentError, MergekittyError  # noqa: E402
+from mergekitty.kernels import NO_SPARSITY, GtaSpec, Sparsity  # noqa: E402
 from mergekitty.ops import consensus as C  # noqa: E402
 from mergekitty.ops import native_dispatch as N  # noqa: E402
 from mergekitty.ops import random as R  # noqa: E402
 from mergekitty.ops import sparsify as S  # noqa: E402
+from mergekitty.ops.reduce import bytes_view  # noqa: E402
 
 SHAPES = [
     (),
@@ -257,12 +260,6 @@ def test_combine_parity(shape):
                     assert torch.equal(outs[0].view(torch.int32), outs[1].view(torch.int32))
                     assert ulps(outs[0], want) <= 1
                     assert ulps(C.combine(ds, weights, consensus, normalize), want) <= 1
-                    # fused with a bf16 base, written as bf16
-                    base = data(shape, seed=99).to(torch.bfloat16)
-                    fused = N.combine_into_base(ds, weights, consensus, normalize, 0.8, base, torch.bfloat16)
-                    ref = (base.float() + 0.8 * want).to(torch.bfloat16)
-                    assert fused.dtype == torch.bfloat16
-                    assert ulps(fused.float(), ref.float()) <= 1
 
 
 def test_combine_errors():
@@ -278,6 +275,191 @@ def test_combine_errors():
         _native.combine([a.numpy()], [1.0], True, True, 1.0, None, "F32", a.numpy(), "F32", 1)
     with pytest.raises(ValueError):
         _native.combine([], [], True, True, 1.0, None, "F32", out.numpy(), "F32", 1)
+
+
+# ------------------------------------------------------------------ fused GTA (native_dispatch.gta_merge)
+def _task_vectors(xs, base):
+    return [x.float() - base.float() for x in xs]
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (1000,), (3, 7), (97, 1031)])
+def test_gta_merge_without_sparsity_matches_torch(shape):
+    base = data(shape, seed=99).to(torch.bfloat16)
+    for k in (1, 2, 3):
+        xs = [(base.float() + data(shape, seed=20 + i)).to(torch.bfloat16) for i in range(k)]
+        for weights in ([0.7, 0.4, -0.3][:k], [0.5, -0.5, 0.25][:k]):
+            for consensus in (False, True):
+                for normalize in (False, True):
+                    spec = GtaSpec((NO_SPARSITY,) * k, tuple(weights), consensus, normalize, 0.8)
+                    merged = C.combine_reference(_task_vectors(xs, base), weights, consensus, normalize)
+                    want = (base.float() + 0.8 * merged).to(torch.bfloat16)
+                    got = N.gta_merge(xs, base, spec, 0, torch.bfloat16)
+                    assert got.dtype == torch.bfloat16 and got.shape == base.shape
+                    assert ulps(got, want) <= 1
+
+
+def _unfused(xs, base, spec, seed, out_dtype):
+    """Task vectors, each sparsified by its own kernel (parity-tested above), then one combine."""
+    ds = []
+    for d, s in zip(_task_vectors(xs, base), spec.sparsity):
+        if s.kind == "magnitude":
+            d = S.magnitude(d, s.density)
+        elif s.kind == "outliers":
+            d = S.magnitude_outliers(d, s.density, s.gamma)
+        elif s.kind == "random":
+            d = S.random_mask(d, s.density, seed, s.key, s.rescale)
+        elif s.kind == "della":
+            d = S.della(d, s.density, s.epsilon, seed, s.key, s.rescale)
+        ds.append(d.contiguous())
+    out = torch.empty(base.shape, dtype=out_dtype)
+    code = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+    _native.combine(
+        [bytes_view(d) for d in ds],
+        list(spec.weights),
+        spec.consensus,
+        spec.normalize,
+        spec.lam,
+        bytes_view(base),
+        code[base.dtype],
+        bytes_view(out),
+        code[out_dtype],
+        1,
+    )
+    return out
+
+
+def _sparsity(kind, density, i):
+    key = f"model.layers.0.w#{i}"
+    if kind == "magnitude":
+        return Sparsity("magnitude", density)
+    if kind == "outliers":
+        return Sparsity("outliers", density, gamma=0.05)
+    if kind == "random":
+        return Sparsity("random", density, key=key, rescale="inverse" if i != 1 else "none")
+    eps = min(0.05, density / 2, (1 - density) / 2) if 0 < density < 1 else 0.1
+    return Sparsity("della", density, epsilon=eps, key=key, rescale="inverse" if i != 1 else "none")
+
+
+def _models(shape, dtype, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    xs = []
+    for i in range(k):
+        d = 0.05 * torch.randn(shape, generator=g)
+        if d.numel() > 4:
+            d.view(-1)[:: 5 + i] = 0.0  # exact zero task-vector entries
+            d.view(-1)[1::7] = 0.03125  # ties
+        xs.append((base + d).to(dtype))
+    return base.to(dtype), xs
+
+
+def _bits(t):
+    return t.reshape(-1).view(torch.uint8)
+
+
+GTA_KINDS = ["magnitude", "outliers", "random", "della", "mixed"]
+
+
+@pytest.mark.parametrize("kind", GTA_KINDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(7,), (1,), (13, 257), (3, 1), (64, 1031)])
+@pytest.mark.parametrize("density", [0.5, 0.9, 1e-3, 1.0, 0.0])
+def test_gta_merge_is_bit_identical_to_the_unfused_kernels(kind, dtype, shape, density):
+    base, xs = _models(shape, dtype)
+    kinds = ["magnitude", "outliers", "della"] if kind == "mixed" else [kind] * 3
+    sparsity = tuple(_sparsity(kd, density, i) for i, kd in enumerate(kinds))
+    for consensus, normalize in ((True, True), (False, False)):
+        spec = GtaSpec(sparsity, (0.5, -0.3, 0.2), consensus, normalize, 0.8)
+        want = _unfused(xs, base, spec, 1234, dtype)
+        for threads in (1, 2):
+            old = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                got = N.gta_merge(xs, base, spec, 1234, dtype)
+            finally:
+                torch.set_num_threads(old)
+            assert torch.equal(_bits(got), _bits(want)), (consensus, threads)
+
+
+@pytest.mark.parametrize("kind", ["magnitude", "outliers", "random", "della"])
+def test_gta_merge_nan_inf_and_out_buffer(kind):
+    base, xs = _models((11, 37), torch.float32, seed=5)
+    xs[0].view(-1)[[3, 50, 100]] = float("nan")
+    xs[1].view(-1)[[4, 60]] = float("inf")
+    xs[2].view(-1)[[5]] = float("-inf")
+    for density in (0.5, 1e-3):
+        spec = GtaSpec(tuple(_sparsity(kind, density, i) for i in range(3)), (0.5, -0.3, 0.2), True, True, 1.0)
+        want = _unfused(xs, base, spec, 7, torch.float32)
+        out = torch.empty_like(base)
+        got = N.gta_merge(xs, base, spec, 7, torch.float32, out=out)
+        assert got is out
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), density
+
+
+def test_gta_merge_large_tensor_thresholds():
+    # more than 2**20 elements: the order statistics take the sampled path
+    n = (1 << 20) + 4099
+    base, xs = _models((n,), torch.bfloat16, seed=3)
+    xs[1][3] = float("nan")
+    xs[2][4] = float("inf")
+    for kinds in (["magnitude"] * 3, ["outliers"] * 3, ["magnitude", "outliers", "random"]):
+        spec = GtaSpec(tuple(_sparsity(k, 0.3, i) for i, k in enumerate(kinds)), (0.5, 0.3, 0.2), True, True, 1.0)
+        want = _unfused(xs, base, spec, 11, torch.bfloat16)
+        assert torch.equal(_bits(N.gta_merge(xs, base, spec, 11, torch.bfloat16)), _bits(want)), kinds
+
+
+def test_gta_merge_empty_tensor():
+    base = torch.zeros((0, 5), dtype=torch.bfloat16)
+    spec = GtaSpec((_sparsity("della", 0.5, 0),), (1.0,), True, True, 1.0)
+    assert N.gta_merge([base.clone()], base, spec, 1, torch.float32).shape == (0, 5)
+
+
+def test_gta_merge_errors():
+    base, xs = _models((4, 8), torch.float32)
+    spec = GtaSpec((Sparsity("magnitude", 0.5),) * 3, (1.0, 1.0, 1.0), False, False, 1.0)
+    views = [bytes_view(x) for x in xs]
+    out = torch.empty(4, 8)
+
+    def call(spec=spec, codes=("F32",) * 3, seed=1, shape=(4, 8), out_view=None, out_code="F32"):
+        out_view = bytes_view(out) if out_view is None else out_view
+        N.gta_merge_views(views, list(codes), bytes_view(base), "F32", shape, spec, seed, out_view, out_code, 1)
+
+    call()
+    l1 = GtaSpec((Sparsity("magnitude", 0.5, rescale="l1"),) * 3, (1.0, 1.0, 1.0), False, False, 1.0)
+    assert not l1.native
+    for bad in (
+        dict(spec=l1),
+        dict(spec=GtaSpec((), (), False, False, 1.0)),
+        dict(spec=GtaSpec(spec.sparsity[:2], (1.0, 1.0), False, False, 1.0)),  # 3 inputs, 2 specs
+        dict(codes=("F32", "I8", "F32")),
+        dict(out_code="F64"),
+        dict(seed=-1),
+        dict(seed=1 << 64),
+        dict(shape=(4, 9)),
+        dict(out_view=bytes_view(torch.empty(3))),
+        dict(out_view=views[0]),  # the output overlaps an input
+        dict(spec=GtaSpec((Sparsity("della", 0.5, epsilon=0.6, key="k"),) * 3, (1.0,) * 3, False, False, 1.0)),
+    ):
+        with pytest.raises(InvalidArgumentError):
+            call(**bad)
+    with pytest.raises(MergekittyError):
+        N.gta_merge([xs[0]], base, GtaSpec((NO_SPARSITY,), (1.0,), False, False, 1.0), 1, torch.float64)
+    with pytest.raises(InvalidArgumentError, match="shape"):
+        N.gta_merge([xs[0][:2]], base, GtaSpec((NO_SPARSITY,), (1.0,), False, False, 1.0), 1, torch.float32)
+
+
+def test_native_sparsity_spec():
+    s = _native.Sparsity("della", 0.4, epsilon=0.1, key="w#0", rescale="inverse")
+    assert (s.kind, s.density, s.gamma, s.epsilon, s.key, s.rescale) == ("della", 0.4, 0.0, 0.1, "w#0", "inverse")
+    assert _native.Sparsity("none").rescale == "none"
+    for args, kw, match in (
+        (("bogus",), {}, "kind"),
+        (("magnitude", 0.5), {"rescale": "l1"}, "l1"),
+        (("magnitude", 0.5), {"rescale": "inverse"}, "inverse"),
+        (("random", float("nan")), {}, "density"),
+    ):
+        with pytest.raises(InvalidArgumentError, match=match):
+            _native.Sparsity(*args, **kw)
 
 
 # ------------------------------------------------------------------ argument checks and dispatch

@@ -53,3 +53,70 @@ class OutputError(MergekittyError):
 
 class MergeError(MergekittyError):
     """Computing or writing one output tensor failed; the message names the tensor."""
+
+
+# ---------------------------------------------------------------- raised by the native module
+# ``mergekitty._native`` raises these (it imports this module when it raises). Each also
+# derives from the builtin its callers used to catch, so ``except KeyError`` and
+# ``except OSError`` (with errno, strerror, filename and the errno's own subclass) keep working.
+
+
+class SafetensorsError(ModelFormatError):
+    """A file is not a valid safetensors file; the message names the file and the tensor."""
+
+
+class TensorNotFoundError(MergekittyError, KeyError):
+    """A tensor is not in the file (or the output layout) it was looked up in; the message names both."""
+
+    # KeyError's own __str__ would print the message in quotes
+    __str__ = BaseException.__str__
+
+
+class InvalidArgumentError(MergekittyError, ValueError):
+    """A value passed to a mergekitty function is out of its domain (a dtype the kernels do not
+    handle, a buffer of the wrong size, a density outside [0, 1]...)."""
+
+
+class ShardWriterError(OutputError, ValueError):
+    """The shard writer was used against its layout (an unknown, repeated or missing tensor, a
+    size that differs from the plan, a closed writer); the message names the tensor."""
+
+
+class FileIOError(MergekittyError, OSError):
+    """The operating system refused a file operation. ``FileIOError(errno, strerror, filename)``
+    gives an instance of the errno's subclass (``MissingFileError`` is also a
+    ``FileNotFoundError``...), as ``OSError(errno, ...)`` does."""
+
+    def __new__(cls, *args: object) -> FileIOError:
+        if cls is FileIOError and len(args) >= 2 and isinstance(args[0], int):
+            cls = _FILE_IO_SUBCLASSES.get(type(OSError(args[0], "")), cls)
+        return super().__new__(cls, *args)
+
+
+class MissingFileError(FileIOError, FileNotFoundError):
+    pass
+
+
+class FilePermissionError(FileIOError, PermissionError):
+    pass
+
+
+class FileIsADirectoryError(FileIOError, IsADirectoryError):
+    pass
+
+
+class FileNotADirectoryError(FileIOError, NotADirectoryError):
+    pass
+
+
+class FileAlreadyExistsError(FileIOError, FileExistsError):
+    pass
+
+
+_FILE_IO_SUBCLASSES: dict[type[OSError], type[FileIOError]] = {
+    FileNotFoundError: MissingFileError,
+    PermissionError: FilePermissionError,
+    IsADirectoryError: FileIsADirectoryError,
+    NotADirectoryError: FileNotADirectoryError,
+    FileExistsError: FileAlreadyExistsError,
+}

@@ -6,10 +6,8 @@ use std::path::PathBuf;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything that can go wrong in the native core.
-///
-/// Variants are grouped by what the Python layer raises for them: `Io` -> OSError, header
-/// problems -> SafetensorsError, `TensorNotFound` -> KeyError, everything else -> ValueError.
+/// Everything that can go wrong in the native core. Variants are grouped by [`ErrorKind`],
+/// which decides the Python exception class.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     // ---- operating system ----
@@ -189,7 +187,62 @@ fn format_names(names: &[String]) -> String {
         .join(", ")
 }
 
+/// What kind of mistake an [`Error`] is; the Python layer raises one exception class per kind
+/// (`mergekitty.errors`: FileIOError, SafetensorsError, TensorNotFoundError,
+/// InvalidArgumentError, ShardWriterError).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The operating system refused a file operation.
+    Io,
+    /// A file is not a valid safetensors file.
+    MalformedFile,
+    /// A tensor is not where it was looked up.
+    NotFound,
+    /// The caller passed something the function cannot take.
+    InvalidArgument,
+    /// The shard writer was used against its layout.
+    Output,
+}
+
 impl Error {
+    /// Every variant is listed (no catch-all), so a new one has to choose its kind.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { .. } => ErrorKind::Io,
+            Error::FileTooSmall { .. }
+            | Error::HeaderTooLarge { .. }
+            | Error::HeaderBeyondFile { .. }
+            | Error::HeaderNotUtf8 { .. }
+            | Error::HeaderNotJson { .. }
+            | Error::HeaderNotObject { .. }
+            | Error::DuplicateName { .. }
+            | Error::InvalidMetadata { .. }
+            | Error::EntryNotObject { .. }
+            | Error::MissingField { .. }
+            | Error::WrongFieldType { .. }
+            | Error::UnknownDtypeInFile { .. }
+            | Error::ShapeOverflow { .. }
+            | Error::SizeMismatch { .. }
+            | Error::OffsetsReversed { .. }
+            | Error::OffsetsOutOfBounds { .. }
+            | Error::Overlap { .. } => ErrorKind::MalformedFile,
+            Error::TensorNotFound { .. } => ErrorKind::NotFound,
+            Error::UnknownDtype(_)
+            | Error::UnsupportedKernelDtype(_)
+            | Error::BufferLength { .. }
+            | Error::RaggedOutput { .. }
+            | Error::ArgumentCount { .. }
+            | Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Error::DuplicateTensor(_)
+            | Error::LayoutOverflow { .. }
+            | Error::UnknownTensor(_)
+            | Error::AlreadyWritten(_)
+            | Error::WriteSizeMismatch { .. }
+            | Error::NotWritten { .. }
+            | Error::WriterClosed(_) => ErrorKind::Output,
+        }
+    }
+
     /// Wrap an I/O error with the path it happened on.
     pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
         Error::Io {
@@ -200,26 +253,7 @@ impl Error {
 
     /// True for errors that mean "this file is not a valid safetensors file".
     pub fn is_malformed_file(&self) -> bool {
-        matches!(
-            self,
-            Error::FileTooSmall { .. }
-                | Error::HeaderTooLarge { .. }
-                | Error::HeaderBeyondFile { .. }
-                | Error::HeaderNotUtf8 { .. }
-                | Error::HeaderNotJson { .. }
-                | Error::HeaderNotObject { .. }
-                | Error::DuplicateName { .. }
-                | Error::InvalidMetadata { .. }
-                | Error::EntryNotObject { .. }
-                | Error::MissingField { .. }
-                | Error::WrongFieldType { .. }
-                | Error::UnknownDtypeInFile { .. }
-                | Error::ShapeOverflow { .. }
-                | Error::SizeMismatch { .. }
-                | Error::OffsetsReversed { .. }
-                | Error::OffsetsOutOfBounds { .. }
-                | Error::Overlap { .. }
-        )
+        self.kind() == ErrorKind::MalformedFile
     }
 }
 

@@ -14,4 +14,4 @@ pub mod writer;
 
 pub mod py;
 
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};

@@ -1,22 +1,27 @@
-"""Native CPU paths of ``ops.random``, ``ops.sparsify`` and ``ops.consensus``.
+"""Native CPU paths of ``ops.random``, ``ops.sparsify`` and ``ops.consensus``, and the fused GTA merge.
 
-Each function here returns the result computed by ``mergekitty._native`` when the native path
+The per-op functions return the result computed by ``mergekitty._native`` when the native path
 applies (CPU tensors of a float dtype, valid arguments), or ``None`` so the caller falls back to
 its torch ``*_reference`` (which also raises the argument errors). The sparsifiers copy the
 input into a fresh float32 tensor and work on that in place, so inputs are never modified and
 the result is float32 like the references'.
+
+``gta_merge_views`` (the executor's) and ``gta_merge`` (tests, benches) run a whole planned
+``kernels.GtaSpec`` in one native call; they raise when the kernel cannot do what they are given.
 
 Thread count: ``torch.get_num_threads()``, which the executor sets from ``--threads``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+    from typing_extensions import Buffer
+
+    from ..kernels import GtaSpec
 
 _U64 = 1 << 64
 
@@ -150,121 +155,75 @@ def combine(
     return out
 
 
-def combine_into_base(
-    deltas: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    consensus: bool,
-    normalize: bool,
-    lambda_: float,
-    base: torch.Tensor,
-    out_dtype: torch.dtype,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor | None:
-    """Fused ``(base.float() + lambda_ * combine(...)).to(out_dtype)`` in one pass: base is read
-    straight from its (possibly mmapped) bf16/f16/f32 storage and the output written in
-    ``out_dtype``. ``None`` when the native path does not apply."""
-    import torch
-
-    from ..io.dtypes import NATIVE_FLOAT_CODES, code_of
-
-    if len(deltas) == 0 or len(deltas) != len(weights):
-        return None
-    shape = deltas[0].shape
-    if not all(_ok(d) and d.shape == shape for d in deltas):
-        return None
-    if not (_ok(base) and base.shape == shape and base.is_contiguous()):
-        return None
-    if code_of(base.dtype) not in NATIVE_FLOAT_CODES or code_of(out_dtype) not in NATIVE_FLOAT_CODES:
-        return None
-    from .. import _native
-    from .reduce import bytes_view
-
-    ds = [_f32_contiguous(d) for d in deltas]
-    if (
-        out is None
-        or out.shape != shape
-        or out.dtype != out_dtype
-        or out.device.type != "cpu"
-        or not out.is_contiguous()
-    ):
-        out = torch.empty(shape, dtype=out_dtype)
-    _native.combine(
-        [bytes_view(d) for d in ds],
-        [float(w) for w in weights],
-        bool(consensus),
-        bool(normalize),
-        float(lambda_),
-        bytes_view(base),
-        code_of(base.dtype),
-        bytes_view(out),
-        code_of(out_dtype),
-        _threads(),
-    )
-    return out
-
-
 # ---------------------------------------------------------------------------- fused GTA
-_NO_UPPER = 0xFFFFFFFF  # a key above every magnitude key: "no upper bound" / "keep nothing"
+def gta_merge_views(
+    views: Sequence[Buffer],
+    codes: Sequence[str],
+    base_view: Buffer,
+    base_code: str,
+    shape: tuple[int, ...],
+    spec: GtaSpec,
+    seed: int,
+    out_view: Buffer,
+    out_code: str,
+    threads: int,
+) -> None:
+    """``out = base + spec.lam * combine(sparsify_i(x_i - base))`` for one tensor of ``shape``, in one
+    native call straight from raw little-endian byte buffers (memory maps, a pooled output buffer)
+    of safetensors dtype ``codes`` (F32, F16 or BF16): needs no torch, and never materializes a
+    task vector. One input per ``spec.sparsity`` entry, in order; the random sparsifiers draw from
+    ``seed`` and each ``Sparsity.key``.
 
+    Raises ``InvalidArgumentError`` for what the kernel cannot do (``spec.native`` is False, a
+    dtype other than F32/F16/BF16, buffers of the wrong size, a seed outside [0, 2**64)...);
+    plans decide beforehand through ``GtaSpec.native``."""
+    from .. import _native
+    from ..errors import InvalidArgumentError
+    from ..io.dtypes import NATIVE_FLOAT_CODES
 
-def _gta_plan(spec, n: int):
-    """(kernel spec tuple, ranks it needs, key mode) for one model's ``Sparsity`` (methods/gta.py),
-    or None when the fused kernel cannot do it (L1 rescales)."""
-    kind, density = spec.kind, float(spec.density)
-    if kind == "none":
-        return ("none",), [], "magnitude"
-    if kind in ("magnitude", "random", "della") and density >= 1:
-        return ("none",), [], "magnitude"
-    if kind == "outliers" and density >= 1 and spec.gamma <= 0:
-        return ("none",), [], "magnitude"
-    if density <= 0:
-        return ("band", _NO_UPPER, _NO_UPPER, "magnitude"), [], "magnitude"
-    if kind == "magnitude":
-        k = max(1, math.floor(density * n))
-        return ("magnitude",), [n - k], "magnitude"
-    if kind == "outliers":
-        target = min(n, max(1, math.floor(density * n)))
-        n_top = max(0, math.floor(float(spec.gamma) * n))
-        n_bot = n - target - n_top
-        if n_bot < 0:
-            n_top += n_bot
-            n_bot = 0
-        ranks = [n_bot] + ([n_bot + target] if n_top > 0 else [])
-        return ("outliers", n_bot, n_top), ranks, "outliers"
-    if kind == "random":
-        return ("random", density, spec.key, bool(spec.rescale)), [], "magnitude"
-    if kind == "della":
-        from .sparsify import check_della
-
-        check_della(density, float(spec.epsilon))  # the reference's error message
-        return ("della", density, float(spec.epsilon), spec.key, bool(spec.rescale)), [], "magnitude"
-    return None
+    if not spec.native:
+        raise InvalidArgumentError(
+            "the fused GTA kernel needs at least one input and no L1 rescale; the torch reference computes this merge"
+        )
+    if not _seed_ok(seed):
+        raise InvalidArgumentError(f"random seed must be an integer in [0, 2**64), got {seed!r}")
+    for code in (*codes, base_code, out_code):
+        if code not in NATIVE_FLOAT_CODES:
+            raise InvalidArgumentError(f"the fused GTA kernel reads and writes F32, F16 and BF16, not {code}")
+    sparsity = [
+        _native.Sparsity(s.kind, float(s.density), float(s.gamma), float(s.epsilon), s.key, s.rescale)
+        for s in spec.sparsity
+    ]
+    _native.gta_merge(
+        list(views), list(codes), base_view, base_code, out_view, out_code, [int(d) for d in shape], sparsity,
+        [float(w) for w in spec.weights], bool(spec.consensus), bool(spec.normalize), float(spec.lam), seed, threads,
+    )  # fmt: skip
 
 
 def gta_merge(
     xs: Sequence[torch.Tensor],
     base: torch.Tensor,
-    specs: Sequence,
-    weights: Sequence[float],
-    consensus: bool,
-    normalize: bool,
-    lambda_: float,
+    spec: GtaSpec,
     seed: int,
     out_dtype: torch.dtype,
     out: torch.Tensor | None = None,
-) -> torch.Tensor | None:
-    """Fused ``base + lambda_ * combine(sparsify_i(x_i - base))`` straight from the (mmapped)
-    F32/F16/BF16 inputs, without materializing task vectors (``gta_merge_views``). ``specs``
-    are ``methods.gta.Sparsity`` values; L1 rescales are not fused. ``None`` when the fused
-    path does not apply."""
+) -> torch.Tensor:
+    """``gta_merge_views`` on CPU tensors (every input of the base's shape), for tests and benches:
+    ``(base.float() + spec.lam * combine(...)).to(out_dtype)``. Writes into ``out`` when it is a
+    contiguous CPU tensor of the base's shape and ``out_dtype``, otherwise into a new tensor."""
     import torch
 
-    from ..io.dtypes import code_of
+    from ..errors import InvalidArgumentError
     from .reduce import bytes_view
 
     shape = base.shape
-    if not xs or not all(_ok(t) and t.shape == shape and t.is_contiguous() for t in (base, *xs)):
-        return None
+    for t in (base, *xs):
+        if t.device.type != "cpu" or t.shape != shape:
+            raise InvalidArgumentError(
+                f"gta_merge takes CPU tensors of the base's shape {tuple(shape)}, got {t.device} {tuple(t.shape)}"
+            )
+    xs = [t.contiguous() for t in xs]
+    base = base.contiguous()
     if (
         out is None
         or out.shape != shape
@@ -273,57 +232,18 @@ def gta_merge(
         or not out.is_contiguous()
     ):
         out = torch.empty(shape, dtype=out_dtype)
-    done = gta_merge_views(
-        [bytes_view(t) for t in xs], [code_of(t.dtype) for t in xs], bytes_view(base), code_of(base.dtype), tuple(shape),
-        specs, weights, consensus, normalize, lambda_, seed, bytes_view(out), code_of(out_dtype), _threads(),
+    gta_merge_views(
+        [bytes_view(t) for t in xs], [_code(t.dtype) for t in xs], bytes_view(base), _code(base.dtype), tuple(shape),
+        spec, seed, bytes_view(out), _code(out_dtype), _threads(),
     )  # fmt: skip
-    return out if done else None
+    return out
 
 
-def gta_merge_views(
-    views: Sequence,
-    codes: Sequence[str | None],
-    base_view,
-    base_code: str | None,
-    shape: tuple[int, ...],
-    specs: Sequence,
-    weights: Sequence[float],
-    consensus: bool,
-    normalize: bool,
-    lambda_: float,
-    seed: int,
-    out_view,
-    out_code: str | None,
-    threads: int,
-) -> bool:
-    """``gta_merge`` on raw little-endian byte buffers (memory maps, a pooled output buffer) of
-    safetensors dtype ``codes``, every input of ``shape``: needs no torch. Fills ``out_view``
-    and returns True, or returns False (nothing written) when the fused kernel cannot do it."""
-    from ..io.dtypes import NATIVE_FLOAT_CODES
+def _code(dtype: torch.dtype) -> str:
+    from ..errors import InvalidArgumentError
+    from ..io.dtypes import code_of
 
-    n = math.prod(shape)
-    if not views or len(views) != len(specs) or len(views) != len(weights) or not _seed_ok(seed) or n == 0:
-        return False
-    if not all(c in NATIVE_FLOAT_CODES for c in (*codes, base_code, out_code)):
-        return False
-    plans = [_gta_plan(s, n) for s in specs]
-    if any(p is None for p in plans):
-        return False
-    from .. import _native
-
-    keys = [[] for _ in views]
-    if any(ranks for _, ranks, _ in plans):
-        keys = _native.gta_thresholds(list(views), list(codes), base_view, base_code, [r for _, r, _ in plans],
-                                      [m for _, _, m in plans], threads)  # fmt: skip
-    kernel_specs = []
-    for (plan, _, _), k in zip(plans, keys):
-        if plan[0] == "magnitude":
-            plan = ("band", k[0], _NO_UPPER, "magnitude")
-        elif plan[0] == "outliers":
-            _, n_bot, n_top = plan
-            plan = ("band", k[0] if n_bot > 0 else 0, k[1] if n_top > 0 else _NO_UPPER, "outliers")
-        kernel_specs.append(plan)
-    row_len = shape[-1] if len(shape) >= 1 else 1
-    _native.gta_combine(list(views), list(codes), base_view, base_code, out_view, out_code, [float(w) for w in weights],
-                        kernel_specs, bool(consensus), bool(normalize), float(lambda_), row_len, seed, threads)  # fmt: skip
-    return True
+    code = code_of(dtype)
+    if code is None:
+        raise InvalidArgumentError(f"dtype {dtype} has no safetensors code")
+    return code

@@ -71,7 +71,7 @@ impl KeyMode {
 }
 
 /// One model's sparsification inside [`combine`].
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Sparsify {
     /// The task vector as is.
     None,

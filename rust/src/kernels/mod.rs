@@ -3,6 +3,7 @@
 
 pub mod consensus;
 pub mod gta;
+pub mod gta_spec;
 pub mod random;
 pub mod reduce;
 pub mod sparsify;

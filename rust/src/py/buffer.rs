@@ -8,6 +8,8 @@ use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 
+use crate::error::Error;
+
 pub struct Buffer {
     // Boxed so the Py_buffer keeps its address until PyBuffer_Release.
     view: Box<ffi::Py_buffer>,
@@ -84,6 +86,99 @@ impl Drop for Buffer {
         // PyBuffer_Release needs the interpreter; attaching is a no-op when already attached.
         Python::attach(|_| unsafe { ffi::PyBuffer_Release(&mut *self.view) });
     }
+}
+
+/// The buffers of one kernel call, acquired together: read-only inputs and at most one
+/// writable output that overlaps none of them (Rust slices may not alias, and an in-place
+/// kernel would read values it already rewrote), so all their slices can be handed out at once.
+#[derive(Default)]
+pub struct Buffers {
+    inputs: Vec<(Buffer, String)>,
+    out: Option<(Buffer, String)>,
+}
+
+impl Buffers {
+    /// Add a read-only input; `what` names it in errors.
+    pub fn input(&mut self, obj: &Bound<'_, PyAny>, what: &str) -> PyResult<()> {
+        let buf = Buffer::get(obj, false, what)?;
+        if let Some((out, out_name)) = &self.out {
+            check_disjoint(out, out_name, &buf, what)?;
+        }
+        self.inputs.push((buf, what.to_owned()));
+        Ok(())
+    }
+
+    /// Add every object of `objs` as an input, named `what[i]`.
+    pub fn inputs(&mut self, objs: &[Bound<'_, PyAny>], what: &str) -> PyResult<()> {
+        for (i, o) in objs.iter().enumerate() {
+            self.input(o, &format!("{what}[{i}]"))?;
+        }
+        Ok(())
+    }
+
+    /// Set the writable output.
+    pub fn output(&mut self, obj: &Bound<'_, PyAny>, what: &str) -> PyResult<()> {
+        let buf = Buffer::get(obj, true, what)?;
+        for (b, name) in &self.inputs {
+            check_disjoint(&buf, what, b, name)?;
+        }
+        self.out = Some((buf, what.to_owned()));
+        Ok(())
+    }
+
+    /// The inputs' bytes in the order they were added, and the output's (empty without one).
+    /// Borrowing `self` mutably keeps the output slice unique.
+    pub fn slices(&mut self) -> (Vec<&[u8]>, &mut [u8]) {
+        // SAFETY: the slices borrow `self`, which holds every buffer acquired; the output was
+        // checked to overlap no input, and `&mut self` prevents a second output slice.
+        unsafe {
+            let inputs = self.inputs.iter().map(|(b, _)| b.as_slice()).collect();
+            let out = match &self.out {
+                Some((b, _)) => b.as_mut_slice(),
+                None => &mut [],
+            };
+            (inputs, out)
+        }
+    }
+
+    /// The output as float32 elements, for the in-place kernels: a whole number of 4-byte
+    /// aligned floats (a numpy view of a contiguous float32 CPU tensor is).
+    pub fn out_f32(&mut self) -> PyResult<&mut [f32]> {
+        let what = self
+            .out
+            .as_ref()
+            .map_or("out", |(_, n)| n.as_str())
+            .to_owned();
+        let (_, bytes) = self.slices();
+        if !bytes.len().is_multiple_of(4) {
+            return Err(Error::InvalidArgument(format!(
+                "{what}: {} bytes is not a whole number of float32 elements",
+                bytes.len()
+            ))
+            .into());
+        }
+        if !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<f32>()) {
+            return Err(
+                Error::InvalidArgument(format!("{what}: buffer is not 4-byte aligned")).into(),
+            );
+        }
+        // SAFETY: the pointer is non-null and 4-byte aligned, the length is a whole number of
+        // f32s, every bit pattern is a valid f32, and the borrow is that of `bytes`.
+        Ok(unsafe {
+            std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<f32>(), bytes.len() / 4)
+        })
+    }
+}
+
+fn check_disjoint(out: &Buffer, out_name: &str, input: &Buffer, name: &str) -> PyResult<()> {
+    let (o, r) = (out.range(), input.range());
+    if !o.is_empty() && !r.is_empty() && r.start < o.end && o.start < r.end {
+        return Err(Error::InvalidArgument(format!(
+            "{out_name} overlaps {name}; write into a separate buffer"
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,125 +1,93 @@
-//! The fused GTA kernels (`kernels::gta`) over Python buffers: the model tensors are read
-//! straight from their (typically memory-mapped) storage. Every call releases the GIL.
+//! The fused GTA merge (`kernels::gta_spec`) over Python buffers: the model tensors are read
+//! straight from their (typically memory-mapped) storage. Only argument conversion lives
+//! here; the call releases the GIL.
 
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
 
-use super::buffer::Buffer;
-use super::kernels::check_no_overlap;
+use super::buffer::Buffers;
+use super::kernels::parse_dtypes;
 use crate::dtype::FloatDtype;
-use crate::kernels::gta::{self, Gta, KeyMode, Sparsify, Tensor};
-use crate::kernels::random::Stream;
+use crate::error::Error;
+use crate::kernels::gta::Tensor;
+use crate::kernels::gta_spec::{self, GtaMerge, Sparsity};
 
-fn acquire(
-    xs: &[Bound<'_, PyAny>],
-    x_dtypes: &[String],
-    base: &Bound<'_, PyAny>,
-    base_dtype: &str,
-) -> PyResult<(Vec<Buffer>, Vec<FloatDtype>)> {
-    if xs.len() != x_dtypes.len() {
-        return Err(PyValueError::new_err(format!(
-            "{} inputs but {} dtypes",
-            xs.len(),
-            x_dtypes.len()
-        )));
+/// One model's sparsifier in a GTA merge (docs/kernels.md). `kind`: "none", "magnitude",
+/// "outliers" (Breadcrumbs: `density`, `gamma`), "random" (DARE: `density`, stream `key`) or
+/// "della" (`density`, `epsilon`, `key`); `rescale`: "none", or "inverse" for random/della.
+#[pyclass(frozen, module = "mergekitty._native", name = "Sparsity")]
+pub struct PySparsity {
+    inner: Sparsity,
+    rescale: &'static str,
+}
+
+#[pymethods]
+impl PySparsity {
+    #[new]
+    #[pyo3(signature = (kind, density = 1.0, gamma = 0.0, epsilon = 0.0, key = "", rescale = "none"))]
+    fn new(
+        kind: &str,
+        density: f64,
+        gamma: f64,
+        epsilon: f64,
+        key: &str,
+        rescale: &str,
+    ) -> PyResult<Self> {
+        let inner = Sparsity::new(kind, density, gamma, epsilon, key, rescale)?;
+        let rescale = if inner.inverse { "inverse" } else { "none" };
+        Ok(PySparsity { inner, rescale })
     }
-    let mut dtypes = x_dtypes
-        .iter()
-        .map(|c| FloatDtype::parse(c))
-        .collect::<Result<Vec<_>, _>>()?;
-    dtypes.push(FloatDtype::parse(base_dtype)?);
-    let mut bufs = xs
-        .iter()
-        .enumerate()
-        .map(|(i, o)| Buffer::get(o, false, &format!("xs[{i}]")))
-        .collect::<PyResult<Vec<_>>>()?;
-    bufs.push(Buffer::get(base, false, "base")?);
-    Ok((bufs, dtypes))
+
+    #[getter]
+    fn kind(&self) -> &'static str {
+        self.inner.kind.name()
+    }
+
+    #[getter]
+    fn density(&self) -> f64 {
+        self.inner.density
+    }
+
+    #[getter]
+    fn gamma(&self) -> f64 {
+        self.inner.gamma
+    }
+
+    #[getter]
+    fn epsilon(&self) -> f64 {
+        self.inner.epsilon
+    }
+
+    #[getter]
+    fn key(&self) -> &str {
+        &self.inner.key
+    }
+
+    #[getter]
+    fn rescale(&self) -> &'static str {
+        self.rescale
+    }
+
+    fn __repr__(&self) -> String {
+        let s = &self.inner;
+        format!(
+            "Sparsity({:?}, density={:?}, gamma={:?}, epsilon={:?}, key={:?}, rescale={:?})",
+            s.kind.name(),
+            s.density,
+            s.gamma,
+            s.epsilon,
+            s.key,
+            self.rescale
+        )
+    }
 }
 
-/// For each model i, the magnitude keys (float32 bit patterns of |f32(x_i) - f32(base)|, NaN
-/// and inf ranked as `modes[i]` says: "magnitude" or "outliers") at the ascending ranks
-/// `ranks[i]` (at most two; an empty list skips the model).
+/// `out = base + lambda_ * combine(sparsify_i(f32(x_i) - f32(base)), weights)` for one tensor
+/// of `shape`, written as `out_dtype`: the order statistics the sparsifiers need, then one
+/// pass over the inputs (see `kernels::gta_spec::merge`).
 #[pyfunction]
-#[pyo3(signature = (xs, x_dtypes, base, base_dtype, ranks, modes, threads = 0))]
+#[pyo3(signature = (xs, x_dtypes, base, base_dtype, out, out_dtype, shape, sparsity, weights, consensus, normalize, lambda_, seed, threads = 0))]
 #[allow(clippy::too_many_arguments)]
-pub fn gta_thresholds(
-    py: Python<'_>,
-    xs: Vec<Bound<'_, PyAny>>,
-    x_dtypes: Vec<String>,
-    base: Bound<'_, PyAny>,
-    base_dtype: &str,
-    ranks: Vec<Vec<usize>>,
-    modes: Vec<String>,
-    threads: usize,
-) -> PyResult<Vec<Vec<u32>>> {
-    let modes = modes
-        .iter()
-        .map(|m| KeyMode::parse(m))
-        .collect::<Result<Vec<_>, _>>()?;
-    let (bufs, dtypes) = acquire(&xs, &x_dtypes, &base, base_dtype)?;
-    // SAFETY: the buffers stay acquired until the end of this function; all are read-only.
-    let slices: Vec<&[u8]> = bufs.iter().map(|b| unsafe { b.as_slice() }).collect();
-    let tensors: Vec<Tensor> = slices
-        .iter()
-        .zip(&dtypes)
-        .map(|(&data, &dtype)| Tensor { data, dtype })
-        .collect();
-    let (base_t, xs_t) = tensors.split_last().expect("base was pushed");
-    let base_t = *base_t;
-    Ok(py.detach(|| gta::thresholds(xs_t, base_t, &ranks, &modes, threads))?)
-}
-
-/// One model's sparsification: ("none",), ("band", lo_key, hi_key, mode),
-/// ("random", p, key, inverse) or ("della", density, epsilon, key, inverse).
-fn parse_sparsify(spec: &Bound<'_, PyAny>, seed: u64, i: usize) -> PyResult<Sparsify> {
-    let t = spec
-        .cast::<PyTuple>()
-        .map_err(|_| PyValueError::new_err(format!("sparsify[{i}] must be a tuple")))?;
-    let kind: String = t.get_item(0)?.extract()?;
-    Ok(match kind.as_str() {
-        "none" => Sparsify::None,
-        "band" => {
-            let (_, lo, hi, mode): (String, u32, u32, String) = t.extract()?;
-            Sparsify::Band {
-                lo,
-                hi,
-                mode: KeyMode::parse(&mode)?,
-            }
-        }
-        "random" => {
-            let (_, p, key, inverse): (String, f64, String, bool) = t.extract()?;
-            Sparsify::Random {
-                p: p as f32,
-                stream: Stream::new(seed, &key),
-                inverse,
-            }
-        }
-        "della" => {
-            let (_, density, epsilon, key, inverse): (String, f64, f64, String, bool) =
-                t.extract()?;
-            Sparsify::Della {
-                density,
-                epsilon,
-                stream: Stream::new(seed, &key),
-                inverse,
-            }
-        }
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "sparsify[{i}]: unknown kind {other:?}"
-            )))
-        }
-    })
-}
-
-/// `out = base + lambda_ * combine(sparsify_i(f32(x_i) - f32(base)), weights)` in one pass,
-/// written as `out_dtype` (see `kernels::gta::combine`).
-#[pyfunction]
-#[pyo3(signature = (xs, x_dtypes, base, base_dtype, out, out_dtype, weights, sparsify, consensus, normalize, lambda_, row_len, seed, threads = 0))]
-#[allow(clippy::too_many_arguments)]
-pub fn gta_combine(
+pub fn gta_merge(
     py: Python<'_>,
     xs: Vec<Bound<'_, PyAny>>,
     x_dtypes: Vec<String>,
@@ -127,48 +95,50 @@ pub fn gta_combine(
     base_dtype: &str,
     out: Bound<'_, PyAny>,
     out_dtype: &str,
+    shape: Vec<usize>,
+    sparsity: Vec<Bound<'_, PySparsity>>,
     weights: Vec<f64>,
-    sparsify: Vec<Bound<'_, PyAny>>,
     consensus: bool,
     normalize: bool,
     lambda_: f64,
-    row_len: usize,
     seed: u64,
     threads: usize,
 ) -> PyResult<()> {
+    if xs.len() != x_dtypes.len() {
+        return Err(Error::InvalidArgument(format!(
+            "gta_merge: {} inputs but {} dtypes",
+            xs.len(),
+            x_dtypes.len()
+        ))
+        .into());
+    }
+    let dtypes = parse_dtypes(&x_dtypes)?;
+    let base_dtype = FloatDtype::parse(base_dtype)?;
     let out_dtype = FloatDtype::parse(out_dtype)?;
-    let specs = sparsify
-        .iter()
-        .enumerate()
-        .map(|(i, s)| parse_sparsify(s, seed, i))
-        .collect::<PyResult<Vec<_>>>()?;
-    let (bufs, dtypes) = acquire(&xs, &x_dtypes, &base, base_dtype)?;
-    let out_buf = Buffer::get(&out, true, "out")?;
-    check_no_overlap(&out_buf, &bufs)?;
-    // SAFETY: the buffers stay acquired until the end of this function, and `out` does not
-    // overlap any input (checked above).
-    let (slices, out_slice) = unsafe {
-        (
-            bufs.iter().map(|b| b.as_slice()).collect::<Vec<_>>(),
-            out_buf.as_mut_slice(),
-        )
-    };
+    let sparsity: Vec<Sparsity> = sparsity.iter().map(|s| s.get().inner.clone()).collect();
+    let mut bufs = Buffers::default();
+    bufs.inputs(&xs, "xs")?;
+    bufs.input(&base, "base")?;
+    bufs.output(&out, "out")?;
+    let (slices, out) = bufs.slices();
     let tensors: Vec<Tensor> = slices
         .iter()
-        .zip(&dtypes)
+        .zip(dtypes.iter().chain([&base_dtype]))
         .map(|(&data, &dtype)| Tensor { data, dtype })
         .collect();
-    let (base_t, xs_t) = tensors.split_last().expect("base was pushed");
-    let spec = Gta {
-        xs: xs_t,
-        base: *base_t,
-        sparsify: &specs,
+    let (&base, xs) = tensors.split_last().expect("base was added");
+    let m = GtaMerge {
+        xs,
+        base,
+        shape: &shape,
+        sparsity: &sparsity,
         weights: &weights,
         consensus,
         normalize,
-        lambda: lambda_ as f32,
+        lambda: lambda_,
+        seed,
     };
-    py.detach(|| gta::combine(&spec, row_len, out_slice, out_dtype, threads))?;
+    py.detach(|| gta_spec::merge(&m, out, out_dtype, threads))?;
     Ok(())
 }
 
@@ -176,6 +146,7 @@ pub fn gta_combine(
 mod tests {
     use super::*;
     use crate::py::tests::with_py;
+    use pyo3::exceptions::PyValueError;
     use pyo3::types::PyByteArray;
 
     fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -187,62 +158,51 @@ mod tests {
         with_py(|py| {
             let b = PyByteArray::new(py, &f32_bytes(&[0.0, 0.0, 0.0, 0.0]));
             let x = PyByteArray::new(py, &f32_bytes(&[1.0, -3.0, 2.0, 0.5]));
-            let keys = gta_thresholds(
-                py,
-                vec![x.clone().into_any()],
-                vec!["F32".into()],
-                b.clone().into_any(),
-                "F32",
-                vec![vec![1]],
-                vec!["magnitude".into()],
-                1,
-            )
-            .unwrap();
-            assert_eq!(keys, vec![vec![1.0f32.to_bits()]]);
             let out = PyByteArray::new(py, &[0u8; 16]);
-            let spec = ("band", 1.0f32.to_bits(), u32::MAX, "magnitude")
-                .into_pyobject(py)
+            let magnitude = |density| {
+                Bound::new(
+                    py,
+                    PySparsity::new("magnitude", density, 0.0, 0.0, "", "none").unwrap(),
+                )
                 .unwrap()
-                .into_any();
-            gta_combine(
-                py,
-                vec![x.clone().into_any()],
-                vec!["F32".into()],
-                b.clone().into_any(),
-                "F32",
-                out.clone().into_any(),
-                "F32",
-                vec![2.0],
-                vec![spec],
-                false,
-                false,
-                1.0,
-                4,
-                0,
-                1,
-            )
-            .unwrap();
+            };
+            let run = |sparsity, out: &Bound<'_, PyByteArray>, shape| {
+                gta_merge(
+                    py,
+                    vec![x.clone().into_any()],
+                    vec!["F32".into()],
+                    b.clone().into_any(),
+                    "F32",
+                    out.clone().into_any(),
+                    "F32",
+                    shape,
+                    vec![sparsity],
+                    vec![2.0],
+                    false,
+                    false,
+                    1.0,
+                    0,
+                    1,
+                )
+            };
+            // density 0.75 of 4: the three largest magnitudes
+            run(magnitude(0.75), &out, vec![2, 2]).unwrap();
             assert_eq!(out.to_vec(), f32_bytes(&[2.0, -6.0, 4.0, 0.0]));
-            let bogus = ("bogus",).into_pyobject(py).unwrap().into_any();
-            let e = gta_combine(
-                py,
-                vec![x.clone().into_any()],
-                vec!["F32".into()],
-                b.into_any(),
-                "F32",
-                out.into_any(),
-                "F32",
-                vec![2.0],
-                vec![bogus],
-                false,
-                false,
-                1.0,
-                4,
-                0,
-                1,
-            )
-            .unwrap_err();
+            let e = run(magnitude(0.5), &out, vec![3]).unwrap_err();
+            assert!(e.is_instance_of::<PyValueError>(py), "{e}");
+            let e = run(magnitude(0.5), &x, vec![4]).unwrap_err();
+            assert!(e.value(py).to_string().contains("overlaps"), "{e}");
+
+            let e = PySparsity::new("magnitude", 0.5, 0.0, 0.0, "", "l1")
+                .err()
+                .unwrap();
             assert!(e.is_instance_of::<PyValueError>(py));
+            let s = PySparsity::new("random", 0.5, 0.0, 0.0, "w#0", "inverse").unwrap();
+            assert_eq!(
+                (s.kind(), s.rescale(), s.key()),
+                ("random", "inverse", "w#0")
+            );
+            assert!(s.__repr__().starts_with("Sparsity(\"random\", density=0.5"));
         });
     }
 }

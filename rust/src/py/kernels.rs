@@ -1,25 +1,15 @@
 //! `weighted_sum` and `convert` over Python buffers.
 
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use super::buffer::Buffer;
+use super::buffer::Buffers;
 use crate::dtype::FloatDtype;
 use crate::error::Error;
 use crate::kernels::{self, WeightedInput};
 
-pub(super) fn check_no_overlap(out: &Buffer, inputs: &[Buffer]) -> PyResult<()> {
-    let o = out.range();
-    for (i, b) in inputs.iter().enumerate() {
-        let r = b.range();
-        if !o.is_empty() && !r.is_empty() && r.start < o.end && o.start < r.end {
-            // Rust slices may not alias; an in-place sum would also read rewritten values.
-            return Err(PyValueError::new_err(format!(
-                "out overlaps inputs[{i}]; write into a separate buffer"
-            )));
-        }
-    }
-    Ok(())
+/// Kernel dtypes from their codes.
+pub(super) fn parse_dtypes(codes: &[String]) -> Result<Vec<FloatDtype>, Error> {
+    codes.iter().map(|c| FloatDtype::parse(c)).collect()
 }
 
 /// out = sum_i weights[i] * inputs[i], accumulated in float32, written as `out_dtype`.
@@ -42,26 +32,12 @@ pub fn weighted_sum(
         }
         .into());
     }
-    let dtypes = in_dtypes
-        .iter()
-        .map(|c| FloatDtype::parse(c))
-        .collect::<Result<Vec<_>, _>>()?;
+    let dtypes = parse_dtypes(&in_dtypes)?;
     let out_dtype = FloatDtype::parse(out_dtype)?;
-    let bufs = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, o)| Buffer::get(o, false, &format!("inputs[{i}]")))
-        .collect::<PyResult<Vec<_>>>()?;
-    let out_buf = Buffer::get(&out, true, "out")?;
-    check_no_overlap(&out_buf, &bufs)?;
-    // SAFETY: the buffers stay acquired until the end of this function, and `out` does not
-    // overlap any input (checked above).
-    let (slices, out_slice) = unsafe {
-        (
-            bufs.iter().map(|b| b.as_slice()).collect::<Vec<_>>(),
-            out_buf.as_mut_slice(),
-        )
-    };
+    let mut bufs = Buffers::default();
+    bufs.inputs(&inputs, "inputs")?;
+    bufs.output(&out, "out")?;
+    let (slices, out_slice) = bufs.slices();
     let winputs: Vec<WeightedInput> = slices
         .iter()
         .zip(&dtypes)
@@ -89,11 +65,11 @@ pub fn convert(
 ) -> PyResult<()> {
     let in_dtype = FloatDtype::parse(in_dtype)?;
     let out_dtype = FloatDtype::parse(out_dtype)?;
-    let in_buf = Buffer::get(&input, false, "input")?;
-    let out_buf = Buffer::get(&out, true, "out")?;
-    check_no_overlap(&out_buf, std::slice::from_ref(&in_buf))?;
-    // SAFETY: as in `weighted_sum`.
-    let (src, dst) = unsafe { (in_buf.as_slice(), out_buf.as_mut_slice()) };
+    let mut bufs = Buffers::default();
+    bufs.input(&input, "input")?;
+    bufs.output(&out, "out")?;
+    let (inputs, dst) = bufs.slices();
+    let src = inputs[0];
     py.detach(|| kernels::convert(src, in_dtype, dst, out_dtype, threads))?;
     Ok(())
 }

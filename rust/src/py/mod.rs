@@ -1,9 +1,10 @@
 //! The Python module `mergekitty._native`: the only code in the crate that knows about Python.
 
-use pyo3::exceptions::{PyException, PyKeyError, PyOSError, PyValueError};
+use pyo3::exceptions::{PyKeyError, PyOSError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::{PyTuple, PyType};
 
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 
 mod buffer;
 mod file;
@@ -12,53 +13,81 @@ mod kernels;
 mod sparsify;
 mod writer;
 
-pyo3::create_exception!(
-    mergekitty._native,
-    SafetensorsError,
-    PyException,
-    "A file is not a valid safetensors file; the message names the file and the tensor."
-);
+/// The module that defines the exception classes raised here.
+const ERRORS_MODULE: &str = "mergekitty.errors";
 
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
-        match e {
-            Error::Io { path, source } => os_error(&path.to_string_lossy(), &source),
-            e if e.is_malformed_file() => SafetensorsError::new_err(e.to_string()),
-            e @ Error::TensorNotFound { .. } => PyKeyError::new_err(e.to_string()),
-            e => PyValueError::new_err(e.to_string()),
-        }
+        Python::attach(|py| match &e {
+            Error::Io { path, source } => io_error(py, &path.to_string_lossy(), source),
+            _ => error_of_kind(py, e.kind(), e.to_string()),
+        })
     }
 }
 
-/// OSError(errno, strerror, filename): Python picks the subclass from errno
-/// (FileNotFoundError, PermissionError...) and formats "[Errno 2] ...: 'path'".
-fn os_error(path: &str, source: &std::io::Error) -> PyErr {
-    match source.raw_os_error() {
+/// The exception raised for errors of `kind` (see `ErrorKind`), with `message`.
+pub(crate) fn error_of_kind(py: Python<'_>, kind: ErrorKind, message: String) -> PyErr {
+    let (class, fallback) = match kind {
+        ErrorKind::Io => ("FileIOError", py.get_type::<PyOSError>()),
+        ErrorKind::MalformedFile => ("SafetensorsError", py.get_type::<PyValueError>()),
+        ErrorKind::NotFound => ("TensorNotFoundError", py.get_type::<PyKeyError>()),
+        ErrorKind::InvalidArgument => ("InvalidArgumentError", py.get_type::<PyValueError>()),
+        ErrorKind::Output => ("ShardWriterError", py.get_type::<PyValueError>()),
+    };
+    match (message,).into_pyobject(py) {
+        Ok(args) => new_error(py, class, &fallback, args),
+        Err(e) => e,
+    }
+}
+
+/// `mergekitty.errors.<class>(*args)`, built now (not lazily) so that constructors which pick
+/// a subclass from their arguments (FileIOError) run. `fallback(*args)` if that module cannot
+/// be imported (the extension loaded on its own).
+fn new_error(
+    py: Python<'_>,
+    class: &str,
+    fallback: &Bound<'_, PyType>,
+    args: Bound<'_, PyTuple>,
+) -> PyErr {
+    let cls = py
+        .import(ERRORS_MODULE)
+        .and_then(|m| m.getattr(class))
+        .unwrap_or_else(|_| fallback.clone().into_any());
+    match cls.call1(args) {
+        Ok(instance) => PyErr::from_value(instance),
+        Err(e) => e,
+    }
+}
+
+/// FileIOError(errno, strerror, filename): the class picks the errno's subclass (also a
+/// FileNotFoundError, PermissionError...) and formats "[Errno 2] ...: 'path'".
+fn io_error(py: Python<'_>, path: &str, source: &std::io::Error) -> PyErr {
+    let oserror = py.get_type::<PyOSError>();
+    let args = match source.raw_os_error() {
         Some(errno) => {
             let text = source.to_string();
             let strerror = text
                 .strip_suffix(&format!(" (os error {errno})"))
                 .unwrap_or(&text)
                 .to_owned();
-            // Build the instance now (not lazily) so the errno -> subclass mapping applies.
-            Python::attach(|py| {
-                match py
-                    .get_type::<PyOSError>()
-                    .call1((errno, strerror.as_str(), path))
-                {
-                    Ok(instance) => PyErr::from_value(instance),
-                    Err(e) => e,
-                }
-            })
+            (errno, strerror, path).into_pyobject(py)
         }
-        None => PyOSError::new_err(format!("{path}: {source}")),
+        None => (format!("{path}: {source}"),).into_pyobject(py),
+    };
+    match args {
+        Ok(args) => new_error(py, "FileIOError", &oserror, args),
+        Err(e) => e,
     }
 }
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("SafetensorsError", m.py().get_type::<SafetensorsError>())?;
+    // The class lives in mergekitty.errors (a ModelFormatError); exported here as well.
+    m.add(
+        "SafetensorsError",
+        m.py().import(ERRORS_MODULE)?.getattr("SafetensorsError")?,
+    )?;
     m.add_class::<file::PySafetensorsFile>()?;
     m.add_class::<file::PyTensorView>()?;
     m.add_class::<writer::PyShardWriter>()?;
@@ -70,8 +99,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sparsify::della, m)?)?;
     m.add_function(wrap_pyfunction!(sparsify::combine, m)?)?;
     m.add_function(wrap_pyfunction!(sparsify::uniform, m)?)?;
-    m.add_function(wrap_pyfunction!(gta::gta_thresholds, m)?)?;
-    m.add_function(wrap_pyfunction!(gta::gta_combine, m)?)?;
+    m.add_class::<gta::PySparsity>()?;
+    m.add_function(wrap_pyfunction!(gta::gta_merge, m)?)?;
     Ok(())
 }
 
@@ -81,9 +110,29 @@ pub(crate) mod tests {
     use pyo3::exceptions::{PyFileNotFoundError, PyKeyError};
 
     /// Run `f` with an interpreter (cargo test links libpython; maturin builds don't run this).
+    /// The source tree's `python/` is importable, so errors are raised as their real classes.
     pub(crate) fn with_py<R>(f: impl FnOnce(Python<'_>) -> R) -> R {
         Python::initialize();
-        Python::attach(f)
+        Python::attach(|py| {
+            let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/python");
+            let path = py.import("sys").and_then(|s| s.getattr("path")).unwrap();
+            if !path.contains(dir).unwrap() {
+                path.call_method1("insert", (0, dir)).unwrap();
+            }
+            f(py)
+        })
+    }
+
+    fn class_name(py: Python<'_>, e: &PyErr) -> String {
+        e.get_type(py).name().unwrap().to_string()
+    }
+
+    fn is_mergekitty_error(py: Python<'_>, e: &PyErr) -> bool {
+        let base = py
+            .import(ERRORS_MODULE)
+            .and_then(|m| m.getattr("MergekittyError"))
+            .unwrap();
+        e.value(py).is_instance(&base).unwrap()
     }
 
     #[test]
@@ -92,15 +141,22 @@ pub(crate) mod tests {
             let e: PyErr =
                 Error::io("/no/such", std::io::Error::from_raw_os_error(libc::ENOENT)).into();
             assert!(e.is_instance_of::<PyFileNotFoundError>(py));
+            assert_eq!(class_name(py, &e), "MissingFileError");
             let s = e.value(py).to_string();
             assert!(s.contains("/no/such") && s.contains("No such file"), "{s}");
+            let errno: i32 = e.value(py).getattr("errno").unwrap().extract().unwrap();
+            assert_eq!(errno, libc::ENOENT);
+
+            let e: PyErr = Error::io("/x", std::io::Error::other("odd")).into();
+            assert!(e.is_instance_of::<PyOSError>(py));
+            assert_eq!(class_name(py, &e), "FileIOError");
 
             let e: PyErr = Error::FileTooSmall {
                 path: "/m/x".into(),
                 len: 1,
             }
             .into();
-            assert!(e.is_instance_of::<SafetensorsError>(py));
+            assert_eq!(class_name(py, &e), "SafetensorsError");
             assert!(e.value(py).to_string().contains("/m/x"));
 
             let e: PyErr = Error::TensorNotFound {
@@ -109,8 +165,28 @@ pub(crate) mod tests {
             }
             .into();
             assert!(e.is_instance_of::<PyKeyError>(py));
+            assert_eq!(class_name(py, &e), "TensorNotFoundError");
+            // the plain message, not KeyError's quoted repr
+            assert!(e.value(py).to_string().starts_with("tensor \"w\""));
+
+            let e: PyErr = Error::InvalidArgument("bad".into()).into();
+            assert!(e.is_instance_of::<PyValueError>(py));
+            assert_eq!(class_name(py, &e), "InvalidArgumentError");
+
             let e: PyErr = Error::AlreadyWritten("w".into()).into();
             assert!(e.is_instance_of::<PyValueError>(py));
+            assert_eq!(class_name(py, &e), "ShardWriterError");
+
+            let all = [
+                Error::io("/x", std::io::Error::from_raw_os_error(libc::EACCES)),
+                Error::HeaderNotUtf8 { path: "/x".into() },
+                Error::UnknownDtype("Q".into()),
+                Error::WriterClosed("finalized"),
+            ];
+            for e in all {
+                let e: PyErr = e.into();
+                assert!(is_mergekitty_error(py, &e), "{}", class_name(py, &e));
+            }
         });
     }
 }

@@ -3,43 +3,13 @@
 //! The sparsifiers work in place on a writable float32 buffer (a numpy view of a contiguous
 //! CPU float32 tensor: 4-byte aligned, native little-endian). Every call releases the GIL.
 
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use super::buffer::Buffer;
-use super::kernels::check_no_overlap;
+use super::buffer::Buffers;
 use crate::dtype::FloatDtype;
 use crate::kernels::consensus::{self, Combine};
 use crate::kernels::random::{self, Stream};
 use crate::kernels::sparsify::{self, Rescale};
-
-/// The buffer as a mutable float32 slice; it must be a whole number of 4-byte-aligned floats.
-///
-/// SAFETY: as `Buffer::as_mut_slice`: the slice must not outlive `buf` and no other slice of
-/// this memory may be live.
-#[allow(clippy::mut_from_ref)]
-unsafe fn f32_slice_mut<'a>(buf: &'a Buffer, what: &str) -> PyResult<&'a mut [f32]> {
-    // SAFETY: forwarded to the caller.
-    let bytes = unsafe { buf.as_mut_slice() };
-    if !bytes.len().is_multiple_of(4) {
-        return Err(PyValueError::new_err(format!(
-            "{what}: {} bytes is not a whole number of float32 elements",
-            bytes.len()
-        )));
-    }
-    if !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<f32>()) {
-        return Err(PyValueError::new_err(format!(
-            "{what}: buffer is not 4-byte aligned"
-        )));
-    }
-    // SAFETY: the pointer is non-null and 4-byte aligned, the length is a whole number of
-    // f32s, every bit pattern is a valid f32, and the borrow is that of `bytes`.
-    Ok(
-        unsafe {
-            std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<f32>(), bytes.len() / 4)
-        },
-    )
-}
 
 /// Zero all but the `max(1, floor(density*n))` largest magnitudes (ties at the threshold kept,
 /// NaN counts as largest), in place; `rescale_l1` multiplies by `sum|x| / sum|kept|`.
@@ -52,9 +22,9 @@ pub fn magnitude(
     rescale_l1: bool,
     threads: usize,
 ) -> PyResult<()> {
-    let buf = Buffer::get(&x, true, "x")?;
-    // SAFETY: `buf` lives until the end of the function; this is the only slice of it.
-    let xs = unsafe { f32_slice_mut(&buf, "x")? };
+    let mut bufs = Buffers::default();
+    bufs.output(&x, "x")?;
+    let xs = bufs.out_f32()?;
     py.detach(|| sparsify::magnitude(xs, density, rescale_l1, threads))?;
     Ok(())
 }
@@ -71,9 +41,9 @@ pub fn magnitude_outliers(
     rescale_l1: bool,
     threads: usize,
 ) -> PyResult<()> {
-    let buf = Buffer::get(&x, true, "x")?;
-    // SAFETY: as in `magnitude`.
-    let xs = unsafe { f32_slice_mut(&buf, "x")? };
+    let mut bufs = Buffers::default();
+    bufs.output(&x, "x")?;
+    let xs = bufs.out_f32()?;
     py.detach(|| sparsify::magnitude_outliers(xs, density, gamma, rescale_l1, threads))?;
     Ok(())
 }
@@ -93,9 +63,9 @@ pub fn random_mask(
 ) -> PyResult<()> {
     let rescale = Rescale::parse(rescale)?;
     let stream = Stream::new(seed, key);
-    let buf = Buffer::get(&x, true, "x")?;
-    // SAFETY: as in `magnitude`.
-    let xs = unsafe { f32_slice_mut(&buf, "x")? };
+    let mut bufs = Buffers::default();
+    bufs.output(&x, "x")?;
+    let xs = bufs.out_f32()?;
     py.detach(|| sparsify::random_mask(xs, density, &stream, rescale, threads))?;
     Ok(())
 }
@@ -119,9 +89,9 @@ pub fn della(
 ) -> PyResult<()> {
     let rescale = Rescale::parse(rescale)?;
     let stream = Stream::new(seed, key);
-    let buf = Buffer::get(&x, true, "x")?;
-    // SAFETY: as in `magnitude`.
-    let xs = unsafe { f32_slice_mut(&buf, "x")? };
+    let mut bufs = Buffers::default();
+    bufs.output(&x, "x")?;
+    let xs = bufs.out_f32()?;
     py.detach(|| {
         sparsify::della(
             xs, rows, row_len, density, epsilon, &stream, rescale, threads,
@@ -149,28 +119,17 @@ pub fn combine(
     threads: usize,
 ) -> PyResult<()> {
     let out_dtype = FloatDtype::parse(out_dtype)?;
-    let mut inputs = deltas
-        .iter()
-        .enumerate()
-        .map(|(i, d)| Buffer::get(d, false, &format!("deltas[{i}]")))
-        .collect::<PyResult<Vec<_>>>()?;
+    let mut bufs = Buffers::default();
+    bufs.inputs(&deltas, "deltas")?;
     let base = match &base {
         Some(b) => {
-            inputs.push(Buffer::get(b, false, "base")?);
+            bufs.input(b, "base")?;
             Some(FloatDtype::parse(base_dtype)?)
         }
         None => None,
     };
-    let out_buf = Buffer::get(&out, true, "out")?;
-    check_no_overlap(&out_buf, &inputs)?;
-    // SAFETY: the buffers stay acquired until the end of this function, and `out` does not
-    // overlap any input (checked above).
-    let (slices, out_slice) = unsafe {
-        (
-            inputs.iter().map(|b| b.as_slice()).collect::<Vec<_>>(),
-            out_buf.as_mut_slice(),
-        )
-    };
+    bufs.output(&out, "out")?;
+    let (slices, out_slice) = bufs.slices();
     let (delta_slices, base) = match base {
         Some(bd) => (&slices[..slices.len() - 1], slices.last().map(|&s| (s, bd))),
         None => (&slices[..], None),
@@ -197,9 +156,9 @@ pub fn uniform(
     out: Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let stream = Stream::new(seed, key);
-    let buf = Buffer::get(&out, true, "out")?;
-    // SAFETY: as in `magnitude`.
-    let xs = unsafe { f32_slice_mut(&buf, "out")? };
+    let mut bufs = Buffers::default();
+    bufs.output(&out, "out")?;
+    let xs = bufs.out_f32()?;
     py.detach(|| random::fill_uniform(&stream, start, xs));
     Ok(())
 }
@@ -208,6 +167,7 @@ pub fn uniform(
 mod tests {
     use super::*;
     use crate::py::tests::with_py;
+    use pyo3::exceptions::PyValueError;
     use pyo3::types::PyByteArray;
 
     fn f32_bytes(v: &[f32]) -> Vec<u8> {

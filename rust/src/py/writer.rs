@@ -2,12 +2,13 @@
 
 use std::path::PathBuf;
 
-use pyo3::exceptions::PyKeyError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use super::buffer::Buffer;
+use super::buffer::Buffers;
+use super::error_of_kind;
 use crate::dtype::Dtype;
+use crate::error::ErrorKind;
 use crate::layout::TensorSpec;
 use crate::writer::ShardWriter;
 
@@ -59,11 +60,12 @@ impl PyShardWriter {
         self.inner.shard_files()
     }
 
-    fn shard_of(&self, name: &str) -> PyResult<String> {
+    /// A lookup by name: an unknown tensor is a TensorNotFoundError (a KeyError).
+    fn shard_of(&self, py: Python<'_>, name: &str) -> PyResult<String> {
         self.inner
             .shard_of(name)
             .map(str::to_owned)
-            .map_err(|e| PyKeyError::new_err(e.to_string()))
+            .map_err(|e| error_of_kind(py, ErrorKind::NotFound, e.to_string()))
     }
 
     #[getter]
@@ -72,9 +74,10 @@ impl PyShardWriter {
     }
 
     fn write(&self, py: Python<'_>, name: &str, data: Bound<'_, PyAny>) -> PyResult<()> {
-        let buf = Buffer::get(&data, false, "data")?;
-        // SAFETY: `buf` outlives the slice (both end with this function).
-        let bytes = unsafe { buf.as_slice() };
+        let mut bufs = Buffers::default();
+        bufs.input(&data, "data")?;
+        let (inputs, _) = bufs.slices();
+        let bytes = inputs[0];
         Ok(py.detach(|| self.inner.write(name, bytes))?)
     }
 
@@ -142,7 +145,7 @@ mod tests {
             )
             .unwrap();
             assert_eq!(w.shard_files().len(), 2);
-            assert!(w.shard_of("zz").is_err());
+            assert!(w.shard_of(py, "zz").is_err());
             w.write(py, "t", PyBytes::new(py, &[1, 2]).into_any())
                 .unwrap();
             assert!(w.write(py, "u", PyBytes::new(py, &[1]).into_any()).is_err());

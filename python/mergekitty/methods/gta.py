@@ -9,7 +9,7 @@ For one output tensor with base B and the non-base inputs X_i (config order):
     out = B + lambda * M                   cast to the output dtype
 
 Task vectors: an input whose shape differs from the base is cropped to the base's shape for
-embeddings (names containing embed_tokens / lm_head / wte / embed_in / embed_out) and skipped
+embeddings (``architecture.layout.is_embedding_name``) and skipped
 with a warning otherwise. With no task vector left the base is returned.
 
 ``lambda`` is a global parameter (default 1) on every GTA method, as in mergekit 0.1.5.
@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from ..architecture.layout import is_embedding_name
 from ..errors import MergeError
 from ..kernels import GtaSpec, Rescale, Sparsity
 from .base import GtaSpecBuilder, MergeInputs, ParamSpec
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EMBED_MARKERS = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")
 _warned: set[tuple[str, ...]] = set()
 
 
@@ -78,10 +78,6 @@ def random_rescale(params: dict[str, Any]) -> Rescale:
 
 
 # ---------------------------------------------------------------- the merge
-def is_embedding(name: str) -> bool:
-    return any(m in name for m in EMBED_MARKERS)
-
-
 def task_vectors(inputs: MergeInputs) -> list[tuple[int, torch.Tensor]]:
     """``(position, X_i - B)`` in float32 for every usable non-base input, in order."""
     import torch
@@ -92,7 +88,11 @@ def task_vectors(inputs: MergeInputs) -> list[tuple[int, torch.Tensor]]:
     out = []
     for i, x in enumerate(inputs.tensors):
         if x.shape != base.shape:
-            if is_embedding(inputs.name) and x.dim() == base.dim() and all(a >= b for a, b in zip(x.shape, base.shape)):
+            if (
+                is_embedding_name(inputs.name)
+                and x.dim() == base.dim()
+                and all(a >= b for a, b in zip(x.shape, base.shape))
+            ):
                 x = x[tuple(slice(0, s) for s in base.shape)]
             else:
                 _warn_once(

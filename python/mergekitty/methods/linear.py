@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 
+from ..ops.consensus import NORMALIZE_EPS
 from .base import LinearCoefficients, MergeMethod, ParamSpec
 
 log = logging.getLogger(__name__)
-_EPS = 1e-8
 _warned: set[str] = set()
 
 
@@ -23,7 +23,7 @@ def normalized_weights(weights: list[float], normalize: bool, name: str) -> list
     if not normalize:
         return weights
     total = sum(weights)
-    if abs(total) < _EPS:
+    if abs(total) < NORMALIZE_EPS:
         if name not in _warned:
             _warned.add(name)
             log.warning("weights for %s sum to zero; using them unnormalized", name)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+from ..ops.consensus import NORMALIZE_EPS
 from ._geometric import f32, finish, trivial
 from .base import MergeInputs, MergeMethod, ParamSpec, TorchFunction
 
@@ -38,7 +39,7 @@ def merge(inputs: MergeInputs):
     base = f32(inputs.base).reshape(-1) if inputs.base is not None else None
     xs = torch.stack([f32(x).reshape(-1) - base if base is not None else f32(x).reshape(-1) for x in inputs.tensors])
     w = [float(mp["weight"]) for mp in inputs.model_params]
-    if p["normalize_weights"] and abs(sum(w)) >= 1e-8:
+    if p["normalize_weights"] and abs(sum(w)) >= NORMALIZE_EPS:
         total = sum(w)
         w = [wi / total for wi in w]
     wt = torch.tensor(w, dtype=torch.float32, device=xs.device).unsqueeze(-1)

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mergekitty import _native
+from mergekitty.errors import FileIOError, InvalidArgumentError, ShardWriterError, TensorNotFoundError
 
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -42,8 +43,11 @@ def write_raw(path, header: dict | bytes, data: bytes = b"") -> str:
 
 
 def test_version_and_exception():
+    from mergekitty import errors
+
     assert isinstance(_native.__version__, str) and _native.__version__
-    assert issubclass(_native.SafetensorsError, Exception)
+    assert _native.SafetensorsError is errors.SafetensorsError
+    assert issubclass(_native.SafetensorsError, errors.ModelFormatError)
 
 
 def test_read_back_file_written_by_safetensors(tmp_path):
@@ -115,6 +119,7 @@ def test_missing_tensor_is_keyerror(tmp_path):
     with pytest.raises(KeyError, match="nope") as ei:
         f.view("nope")
     assert "m.safetensors" in str(ei.value)
+    assert isinstance(ei.value, TensorNotFoundError)
 
 
 def test_missing_file_is_filenotfound(tmp_path):
@@ -122,6 +127,7 @@ def test_missing_file_is_filenotfound(tmp_path):
     with pytest.raises(FileNotFoundError) as ei:
         _native.SafetensorsFile(p)
     assert p in str(ei.value)
+    assert isinstance(ei.value, FileIOError) and ei.value.filename == p
 
 
 def _valid_header():
@@ -274,7 +280,7 @@ def test_weighted_sum_errors():
         _native.weighted_sum([a, b], ["F16", "F16"], [1.0, 1.0], np.zeros(8, dtype=np.uint8), "F16")
     with pytest.raises(ValueError):
         _native.weighted_sum([a], ["F16", "F16"], [1.0], out, "F16")
-    with pytest.raises(ValueError, match="I8"):
+    with pytest.raises(InvalidArgumentError, match="I8"):
         _native.weighted_sum([a], ["I8"], [1.0], out, "F16")
     with pytest.raises(ValueError, match="XX"):
         _native.weighted_sum([a], ["F16"], [1.0], out, "XX")
@@ -395,11 +401,11 @@ def test_shard_writer_errors(tmp_path):
     with pytest.raises(ValueError, match="zz"):
         w.write("zz", np.zeros(3, dtype=np.uint8))
     w.write("a", as_bytes(ts["a"]))
-    with pytest.raises(ValueError, match="already written"):
+    with pytest.raises(ShardWriterError, match="already written"):
         w.write("a", as_bytes(ts["a"]))
     with pytest.raises(ValueError, match='"b"'):
         w.finalize()
-    with pytest.raises(KeyError):
+    with pytest.raises(TensorNotFoundError, match="zz"):
         w.shard_of("zz")
     w.abort()
     w.abort()

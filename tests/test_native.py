@@ -178,6 +178,21 @@ def test_malformed_messages_name_tensor(tmp_path):
         _native.SafetensorsFile(str(path))
 
 
+@pytest.mark.parametrize("numel", [1, 3, 5, 8])
+def test_dtype_sizes_agree_with_the_native_table(tmp_path, numel):
+    from mergekitty.io.dtypes import DTYPE_BITS, nbytes
+
+    for code in DTYPE_BITS:
+        size = nbytes(code, numel)
+        path = tmp_path / f"{code}.safetensors"
+        write_raw(path, {"t": {"dtype": code, "shape": [numel], "data_offsets": [0, size]}}, bytes(size))
+        (name, dtype, shape, start, end), *_ = _native.SafetensorsFile(str(path)).tensors()
+        assert (dtype, end - start) == (code, size)
+        write_raw(path, {"t": {"dtype": code, "shape": [numel], "data_offsets": [0, size - 1]}}, bytes(size))
+        with pytest.raises(_native.SafetensorsError):
+            _native.SafetensorsFile(str(path))
+
+
 def test_truncations_of_a_real_file_never_crash(tmp_path):
     src = tmp_path / "ok.safetensors"
     save_file({"w": torch.randn(4, 4).to(torch.bfloat16), "b": torch.randn(4)}, str(src))

@@ -6,8 +6,12 @@ torch is imported only when a torch dtype is asked for, so the native CPU path
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import cache
+from types import MappingProxyType
 from typing import TYPE_CHECKING
+
+from ..errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     import torch
@@ -16,17 +20,30 @@ if TYPE_CHECKING:
 NATIVE_FLOAT_CODES = frozenset({"F32", "F16", "BF16"})
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 CONFIG_NAME_TO_CODE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-_BITS = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
-    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32,
-    "F64": 64, "I64": 64, "U64": 64, "C64": 64,
-    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-}  # fmt: skip
+# Bits per element of every safetensors dtype: the one table of element sizes (the Rust side's
+# is `Dtype::bits` in rust/src/dtype.rs). Sub-byte floats pack several elements per byte.
+DTYPE_BITS: Mapping[str, int] = MappingProxyType(
+    {
+        "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+        "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+        "I32": 32, "U32": 32, "F32": 32,
+        "F64": 64, "I64": 64, "U64": 64, "C64": 64,
+        "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    }
+)  # fmt: skip
+
+
+def dtype_bits(code: str) -> int:
+    """Bits per element of the safetensors dtype ``code`` (4 for F4, 6 for F6_*)."""
+    try:
+        return DTYPE_BITS[code]
+    except KeyError:
+        raise InvalidArgumentError(f"unknown safetensors dtype {code!r}") from None
 
 
 def nbytes(code: str, numel: int) -> int:
-    return (numel * _BITS[code] + 7) // 8
+    """Bytes of ``numel`` elements of ``code``: ``ceil(numel * bits / 8)``, as safetensors stores them."""
+    return (numel * dtype_bits(code) + 7) // 8
 
 
 @cache

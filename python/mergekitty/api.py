@@ -130,7 +130,7 @@ def plan_merge(
     planner = Planner(config, method, models, options)
     index = planner.index_of
     slices = normalize_to_slices(config, lambda ref: models[index[str(ref)]].layout.num_layers)
-    check_architectures(models, planner._donor(), options.allow_crimes)
+    check_architectures(models, planner.donor, options.allow_crimes)
     if out_path is not None:
         check_output_dir(Path(out_path), models)
     if config.chat_template:
@@ -171,13 +171,13 @@ def _plan_vocabulary(config, models, planner):
     if source not in ("base", "union") and model_index(source) is None:
         key = "tokenizer.source" if getattr(config, "tokenizer", None) is not None else "tokenizer_source"
         raise config.error(f"tokenizer source {source} is not one of the merged models", key=key)
-    if source == "base" and vocabs[planner._donor()] is None:
+    if source == "base" and vocabs[planner.donor] is None:
         return None  # no base tokenizer: nothing to align to (nor to write)
     settings = token_settings(config, model_index)
     tok = getattr(config, "tokenizer", None)
     inputs = [VocabInput(m.label, v, planner.embedding_rows(i)) for i, (m, v) in enumerate(zip(models, vocabs))]
     return plan_vocabulary(
-        inputs, source, planner._donor(), settings, tok.pad_to_multiple_of if tok is not None else None, model_index
+        inputs, source, planner.donor, settings, tok.pad_to_multiple_of if tok is not None else None, model_index
     )
 
 

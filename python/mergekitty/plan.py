@@ -217,7 +217,7 @@ class Planner:
         for other in other_spellings(name):  # the same tensor, saved under the other VLM naming scheme
             if other in m.checkpoint:
                 return other
-        if is_embedding_name(name) and name in self.models[self._donor()].layout.post and m.layout.input_embedding:
+        if is_embedding_name(name) and name in self.models[self.donor].layout.post and m.layout.input_embedding:
             # a head (lm_head, embed_out...) missing from a model with tied embeddings: its input embedding is the head
             return m.layout.input_embedding
         close = difflib.get_close_matches(name, m.checkpoint.names(), n=1)
@@ -263,7 +263,7 @@ class Planner:
         None), with kernels chosen for ``device``."""
         self.vocab = vocab
         method = self.method
-        donor = self._donor()
+        donor = self.donor
         base_ref = self.config.base_model
         if method.base == "required" and base_ref is None:
             raise ConfigError(f"merge method '{method.name}' needs a base_model", key="base_model")
@@ -335,7 +335,7 @@ class Planner:
         (last slice, t = 1)."""
         from .params import layer_t
 
-        donor_layout = self.models[self._donor()].layout
+        donor_layout = self.models[self.donor].layout
 
         def whole(name: str, si: int, t: float) -> OutputTensor:
             sp = picks[si]
@@ -470,7 +470,9 @@ class Planner:
             return any(str(m.model) == str(ref) for m in self.config.models)
         return True
 
-    def _donor(self) -> int:
+    @property
+    def donor(self) -> int:
+        """The model whose config.json, tokenizer and tensor names the output follows: the base, else the first."""
         if self.config.base_model is not None:
             return self._model(self.config.base_model)
         return 0

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_serializer, model_validator
 
-from .errors import ModelNotFoundError
+from .errors import InvalidArgumentError, ModelNotFoundError
 
 __all__ = ["ModelPath", "ModelReference", "parse_model_path", "looks_local", "resolve_local_path", "HUB_ALLOW_PATTERNS"]
 
@@ -25,12 +25,12 @@ HUB_ALLOW_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.
 def parse_model_path(value: str) -> dict[str, Any]:
     """Split ``path[@revision]`` into ``{"path": ..., "revision": ...}``; ValueError if malformed."""
     if value.count("@") > 1:
-        raise ValueError(f"invalid model path '{value}': more than one '@' (use path@revision)")
+        raise InvalidArgumentError(f"invalid model path '{value}': more than one '@' (use path@revision)")
     path, _, revision = value.partition("@")
     if not path.strip():
-        raise ValueError(f"invalid model path '{value}': the path is empty")
+        raise InvalidArgumentError(f"invalid model path '{value}': the path is empty")
     if "@" in value and not revision.strip():
-        raise ValueError(f"invalid model path '{value}': the revision after '@' is empty")
+        raise InvalidArgumentError(f"invalid model path '{value}': the revision after '@' is empty")
     return {"path": path, "revision": revision or None}
 
 
@@ -48,7 +48,7 @@ class ModelPath(BaseModel):
         if isinstance(value, str):
             return parse_model_path(value)
         if not isinstance(value, (dict, ModelPath)):
-            raise ValueError(f"a model path must be a string, got {value!r}")
+            raise InvalidArgumentError(f"a model path must be a string, got {value!r}")
         return value
 
     def __str__(self) -> str:
@@ -75,13 +75,15 @@ class ModelReference(BaseModel):
         if isinstance(value, str):
             parts = value.split("+")
             if len(parts) > 2:
-                raise ValueError(f"cannot parse model reference '{value}': more than one '+' (use model+lora)")
+                raise InvalidArgumentError(
+                    f"cannot parse model reference '{value}': more than one '+' (use model+lora)"
+                )
             out: dict[str, Any] = {"model": parse_model_path(parts[0])}
             if len(parts) == 2:
                 out["lora"] = parse_model_path(parts[1])
             return out
         if not isinstance(value, (dict, ModelReference)):
-            raise ValueError(f"a model reference must be a path or hub id (a string), got {value!r}")
+            raise InvalidArgumentError(f"a model reference must be a path or hub id (a string), got {value!r}")
         return value
 
     @classmethod
@@ -93,7 +95,7 @@ class ModelReference(BaseModel):
             return cls.model_validate(value)
         except ValidationError as exc:
             msg = exc.errors()[0]["msg"]
-            raise ValueError(msg.removeprefix("Value error, ")) from None
+            raise InvalidArgumentError(msg.removeprefix("Value error, ")) from None
 
     @property
     def path(self) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from .errors import InvalidArgumentError
+
 _UNITS = {
     "": 1,
     "k": 10**3,
@@ -32,7 +34,7 @@ def parse_size(text: str | int) -> int:
         return int(s)
     m = _PATTERN.match(s)
     if not m:
-        raise ValueError(f"cannot read '{text}' as a size in bytes (examples: 5B, 500M, 1.5G, 512MiB)")
+        raise InvalidArgumentError(f"cannot read '{text}' as a size in bytes (examples: 5B, 500M, 1.5G, 512MiB)")
     number, unit, trailing_b = m.groups()
     unit = (unit or "").lower()
     if unit == "" and trailing_b:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ..errors import InvalidArgumentError
 from .sparsify import f32
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def combine_reference(
     import torch
 
     if len(deltas) == 0 or len(deltas) != len(weights):
-        raise ValueError("combine: one weight per task vector, at least one")
+        raise InvalidArgumentError("combine: one weight per task vector, at least one")
     ws = [f32(w) for w in weights]
 
     def term(i: int) -> torch.Tensor:

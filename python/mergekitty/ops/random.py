@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..errors import InvalidArgumentError
+
 if TYPE_CHECKING:
     import torch
 
@@ -24,7 +26,7 @@ CHUNK = 1 << 20  # elements per vectorized step: three int64 temporaries of 8 Mi
 def stream(seed: int, key: str) -> int:
     """FNV-1a 64-bit of the UTF-8 bytes of ``f"{seed}:{key}"``."""
     if seed < 0:
-        raise ValueError(f"random seed must be non-negative, got {seed}")
+        raise InvalidArgumentError(f"random seed must be non-negative, got {seed}")
     h = _FNV_OFFSET
     for b in f"{seed}:{key}".encode():
         h = ((h ^ b) * _FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
@@ -68,9 +70,9 @@ def uniform(seed: int, key: str, numel: int, device="cpu", start: int = 0) -> to
     import torch
 
     if numel < 0 or start < 0:
-        raise ValueError("uniform: numel and start must be non-negative")
+        raise InvalidArgumentError("uniform: numel and start must be non-negative")
     if start + numel > (1 << 63):
-        raise ValueError("uniform: element index beyond 2**63")
+        raise InvalidArgumentError("uniform: element index beyond 2**63")
     out = torch.empty(numel, dtype=torch.float32, device=device)
     for lo in range(0, numel, CHUNK):
         n = min(CHUNK, numel - lo)

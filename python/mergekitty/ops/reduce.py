@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ..errors import InvalidArgumentError
 from ..io.dtypes import NATIVE_FLOAT_CODES, code_of
 
 if TYPE_CHECKING:
@@ -55,9 +56,9 @@ def weighted_sum(
     import torch
 
     if len(tensors) == 0:
-        raise ValueError("weighted_sum needs at least one tensor")
+        raise InvalidArgumentError("weighted_sum needs at least one tensor")
     if len(tensors) != len(weights):
-        raise ValueError("weighted_sum: one weight per tensor")
+        raise InvalidArgumentError("weighted_sum: one weight per tensor")
     if not _native_ok(tensors, out_dtype):
         result = weighted_sum_reference(tensors, weights, out_dtype)
         return out.copy_(result) if out is not None else result

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from ..errors import InvalidArgumentError
 from .random import uniform
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ def _rescale_mode(rescale) -> str:
     if rescale is False or rescale is None:
         return "none"
     if rescale not in RESCALES:
-        raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}")
+        raise InvalidArgumentError(f"rescale must be one of {RESCALES}, got {rescale!r}")
     return rescale
 
 
@@ -171,7 +172,7 @@ def random_mask(x: torch.Tensor, density: float, seed: int, key: str, rescale="i
 def check_della(density: float, epsilon: float) -> None:
     """Raise ValueError unless ``density - epsilon > 0`` and ``density + epsilon <= 1`` (for 0 < density < 1)."""
     if 0 < density < 1 and not (density - epsilon > 0 and density + epsilon <= 1):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"DELLA needs density - epsilon > 0 and density + epsilon <= 1 (keep probabilities inside (0, 1]); "
             f"got density {density:g}, epsilon {epsilon:g}"
         )

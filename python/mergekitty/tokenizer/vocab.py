@@ -113,7 +113,7 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:
         if pos >= len(buf):
-            raise ValueError("truncated varint")
+            raise ModelFormatError("truncated varint")
         b = buf[pos]
         pos += 1
         value |= (b & 0x7F) << shift
@@ -132,7 +132,7 @@ def _skip(buf: bytes, pos: int, wire: int) -> int:
         return pos + n
     if wire == 5:
         return pos + 4
-    raise ValueError(f"unsupported protobuf wire type {wire}")
+    raise ModelFormatError(f"unsupported protobuf wire type {wire}")
 
 
 def sentencepiece_pieces(path: Path) -> list[tuple[str, float, int]]:
@@ -167,7 +167,7 @@ def sentencepiece_pieces(path: Path) -> list[tuple[str, float, int]]:
                 pieces.append((piece, score, kind))
             else:
                 pos = _skip(buf, pos, wire)
-    except (ValueError, UnicodeDecodeError, struct.error) as exc:
+    except (ModelFormatError, ValueError, UnicodeDecodeError, struct.error) as exc:
         raise ModelFormatError(f"{path}: not a readable SentencePiece model ({exc})") from None
     if not pieces:
         raise ModelFormatError(f"{path}: a SentencePiece model without pieces")

@@ -10,6 +10,9 @@ and reports the ratio torch/native and whether the outputs agree.
 
 `combine` merges 3 task vectors with TIES sign consensus into a bf16 base and writes bf16
 (`out = base + lambda * M`), against the reference `base.float() + lambda * combine_reference(...)`.
+`gta_ties` is a whole TIES merge of 3 bf16 models in one native call
+(`ops.native_dispatch.gta_merge`: magnitude thresholds, then sparsify + consensus + base), against
+the same merge through the torch references.
 
 Usage:
     python benches/sparsify_kernels.py
@@ -30,7 +33,7 @@ from pathlib import Path
 import torch
 
 WORK_DIR = Path(__file__).resolve().parent / "work"
-KERNELS = ("uniform", "magnitude", "magnitude_outliers", "random_mask", "della", "combine")
+KERNELS = ("uniform", "magnitude", "magnitude_outliers", "random_mask", "della", "combine", "gta_ties")
 SEED, KEY = 1234, "model.layers.0.mlp.up_proj.weight#1"
 
 
@@ -137,6 +140,22 @@ def main(argv: list[str] | None = None) -> int:
                 lambda: (base.float() + 1.0 * C.combine_reference(deltas, weights, True, True)).to(torch.bfloat16),
                 None,
             )
+        if C is not None:
+            from mergekitty.kernels import GtaSpec, Sparsity
+            from mergekitty.ops import native_dispatch as N
+
+            models = [(base.float() + t).to(torch.bfloat16) for t in deltas]
+            spec = GtaSpec((Sparsity("magnitude", d),) * 3, tuple(weights), True, True, 1.0)
+
+            def ties_reference():
+                ds = [S.magnitude_reference(m.float() - base.float(), d) for m in models]
+                return (base.float() + C.combine_reference(ds, weights, True, True)).to(torch.bfloat16)
+
+            cases["gta_ties"] = (
+                lambda t: N.gta_merge(models, base, spec, SEED, torch.bfloat16, out=out),
+                ties_reference,
+                None,
+            )
         for name in kernels:
             if name not in cases:
                 print(f"[skip] {name}: no reference available")
@@ -150,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 if setup is not None:
                     setup()
                 nat(threads)
-                got = out if name == "combine" else scratch
+                got = out if name in ("combine", "gta_ties") else scratch
                 row = {
                     "kernel": name,
                     "shape": list(shape),

@@ -19,6 +19,9 @@ from helpers import load_model, model_logits, read_state, run_yaml
 from mergekitty.tiny_models import SMALL_ARCHS
 
 ARCHS = ("llama", "mistral", "qwen2") + SMALL_ARCHS
+# the families the fast selection merges (a decoder and a vision-language model); the rest are slow
+FAST_ARCHS = ("llama", "gemma3_vl")
+ARCH_PARAMS = [pytest.param(a, marks=() if a in FAST_ARCHS else pytest.mark.slow) for a in ARCHS]
 # transformers config classes each family needs; a family whose class is missing is skipped
 _CONFIG_CLASS = {
     "llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
@@ -65,7 +68,7 @@ def _count_key(cfg: dict) -> tuple[dict, str]:
     return node, key.split(".")[-1]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
 def test_linear(arch, families, tmp_path):
     fam = families(arch)
     cfg = tmp_path / "linear.yml"
@@ -101,7 +104,7 @@ dtype: float32
     torch.testing.assert_close(logits, model_logits(ref), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
 def test_ties(arch, families, tmp_path):
     fam = families(arch)
     cfg = tmp_path / "ties.yml"
@@ -124,7 +127,7 @@ random_seed: 1
     assert torch.isfinite(model_logits(out)).all()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
 def test_frankenmerge(arch, families, tmp_path):
     fam = families(arch)
     src = fam["ft1"]
@@ -400,7 +403,7 @@ def _to_other_scheme(src: Path, dst: Path) -> None:
     save_file(renamed, str(dst / "model.safetensors"), metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("arch", ["llava", "gemma3_vl"])
+@pytest.mark.parametrize("arch", [pytest.param("llava", marks=pytest.mark.slow), "gemma3_vl"])
 def test_vlm_checkpoints_of_both_naming_schemes_merge(arch, families, tmp_path):
     from mergekitty.architecture.layout import other_spellings
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import run_cli
+from helpers import run_cli
 from mergekitty.errors import ConfigError
 from mergekitty.tokenizer import BUILTIN_TEMPLATES, builtin_template, model_chat_template, resolve_chat_template
 
@@ -164,6 +164,7 @@ def _load_and_render(out):
     return tok, tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
 
 
+@pytest.mark.slow
 def test_cli_builtin(llama, tmp_path, write_yaml):
     base, ft1 = _copy_models(llama, tmp_path, ("base", "ft1"))
     _set_in_config(base, "{{ 'stale donor template' }}")  # the donor's own template must not survive
@@ -183,6 +184,7 @@ def test_cli_custom_round_trips(llama, tmp_path, write_yaml):
     assert text == "<user>hi</user><assistant>"
 
 
+@pytest.mark.slow
 def test_cli_auto(llama, tmp_path, write_yaml):
     base, ft1, ft2 = _copy_models(llama, tmp_path)
     _set_in_config(base, builtin_template("alpaca"))
@@ -198,6 +200,7 @@ def test_cli_auto(llama, tmp_path, write_yaml):
     assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
 
 
+@pytest.mark.slow
 def test_cli_auto_without_templates_copies_donor(llama, tmp_path, write_yaml):
     out = tmp_path / "out"
     run_cli("mergekitty-yaml", write_yaml(_merge_yaml([llama["base"], llama["ft1"]], "auto")), out, "--quiet")

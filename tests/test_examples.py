@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
+
+# each example builds the tiny models and merges them through the command line
+pytestmark = pytest.mark.slow
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.yml"))
 

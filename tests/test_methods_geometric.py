@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from helpers import model_logits, read_state, run_cli
 from mergekitty.api import plan_merge
 from mergekitty.errors import ConfigError
 from mergekitty.methods.base import MergeInputs
@@ -237,42 +237,20 @@ def test_slerp_accepts_t_with_base_listed_and_nuslerp_alias(llama):
 
 
 # ------------------------------------------------------------------ end to end (CLI)
-def _state(path):
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():
-                out[k] = h.get_tensor(k)
-    return out
-
-
-def _finite_logits(model_dir):
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
-    ids = torch.arange(1, 17).view(2, 8) % model.config.vocab_size
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    assert torch.isfinite(logits).all()
-    return logits
-
-
 def _merge(write_yaml, tmp_path, text, name="out"):
     cfg = write_yaml(text, name=f"{name}.yml")
     out = tmp_path / name
     run_cli("mergekitty-yaml", cfg, out, "--quiet")
-    _finite_logits(out)
-    return _state(out)
+    assert torch.isfinite(model_logits(out)).all()
+    return read_state(out)
 
 
 KEYS = ("model.layers.1.self_attn.q_proj.weight", "model.layers.2.mlp.down_proj.weight", "model.norm.weight")
 
 
+@pytest.mark.slow
 def test_e2e_slerp_t0_is_base_listed_second_and_t_half(llama, tmp_path, write_yaml):
-    base, ft1 = _state(llama["base"]), _state(llama["ft1"])
+    base, ft1 = read_state(llama["base"]), read_state(llama["ft1"])
     got = _merge(
         write_yaml,
         tmp_path,
@@ -292,6 +270,7 @@ def test_e2e_slerp_t0_is_base_listed_second_and_t_half(llama, tmp_path, write_ya
         _close(got[k], ref_slerp(0.5, _np(base[k]).ravel(), _np(ft1[k]).ravel()).reshape(base[k].shape))
 
 
+@pytest.mark.slow
 def test_e2e_nuslerp_row_wise_with_base(mistral, tmp_path, write_yaml):
     text = (
         _config(
@@ -304,7 +283,7 @@ def test_e2e_nuslerp_row_wise_with_base(mistral, tmp_path, write_yaml):
         + "dtype: float32\n"
     )
     got = _merge(write_yaml, tmp_path, text)
-    b, s1, s2 = (_state(mistral[k]) for k in ("base", "ft1", "ft2"))
+    b, s1, s2 = (read_state(mistral[k]) for k in ("base", "ft1", "ft2"))
     for k in KEYS:
         B, d1, d2 = _np(b[k]), _np(s1[k]) - _np(b[k]), _np(s2[k]) - _np(b[k])
         if B.ndim == 1:
@@ -687,9 +666,10 @@ def test_bad_configs_fail_at_plan_time(llama, method, models, params, base, glob
 
 
 def _ref_tensors(fixture, keys):
-    return [_state(fixture[k]) for k in keys]
+    return [read_state(fixture[k]) for k in keys]
 
 
+@pytest.mark.slow
 def test_e2e_model_stock(llama, tmp_path, write_yaml):
     got = _merge(write_yaml, tmp_path, _config(llama, "model_stock", ["ft1", "ft2", "ft3"]) + "dtype: float32\n")
     b, *xs = _ref_tensors(llama, ("base", "ft1", "ft2", "ft3"))
@@ -698,6 +678,7 @@ def test_e2e_model_stock(llama, tmp_path, write_yaml):
         _close(got[k], t * sum(_np(x[k]) for x in xs) / 3 + (1 - t) * _np(b[k]))
 
 
+@pytest.mark.slow
 def test_e2e_nearswap_tied_embeddings(qwen2, tmp_path, write_yaml):
     got = _merge(write_yaml, tmp_path, _config(qwen2, "nearswap", ["ft1"], global_params="{t: 0.01}"))
     assert "lm_head.weight" not in got
@@ -709,6 +690,7 @@ def test_e2e_nearswap_tied_embeddings(qwen2, tmp_path, write_yaml):
         _close(got[k], w * X + (1 - w) * B)
 
 
+@pytest.mark.slow
 def test_e2e_multislerp_with_base(mistral, tmp_path, write_yaml):
     text = _config(
         mistral, "multislerp", ["ft1", "ft2", "ft3"], {"ft1": "{weight: 1}", "ft2": "{weight: 2}", "ft3": "{weight: 1}"}
@@ -719,6 +701,7 @@ def test_e2e_multislerp_with_base(mistral, tmp_path, write_yaml):
         _close(got[k], ref_multislerp([_np(x[k]) for x in xs], [1, 2, 1], base=_np(b[k])).reshape(b[k].shape))
 
 
+@pytest.mark.slow
 def test_e2e_karcher(qwen2, tmp_path, write_yaml):
     # per-model weights (which karcher does not use) only warn: mergekit configs carry them
     text = _config(qwen2, "karcher", ["ft1", "ft2"], {"ft1": "{weight: 1}", "ft2": "{weight: 1}"}, base=False)
@@ -731,6 +714,7 @@ def test_e2e_karcher(qwen2, tmp_path, write_yaml):
         _close(got[k], ((na + nb) / 2 * d / np.linalg.norm(d)).reshape(x1[k].shape))
 
 
+@pytest.mark.slow
 def test_e2e_sce(llama, tmp_path, write_yaml):
     got = _merge(
         write_yaml,
@@ -742,6 +726,7 @@ def test_e2e_sce(llama, tmp_path, write_yaml):
         _close(got[k], ref_sce(_np(b[k]), [_np(x[k]) for x in xs], 0.5).reshape(b[k].shape))
 
 
+@pytest.mark.slow
 def test_e2e_arcee_fusion(llama, tmp_path, write_yaml):
     got = _merge(write_yaml, tmp_path, _config(llama, "arcee_fusion", ["ft1"]) + "dtype: float32\n")
     b, x = _ref_tensors(llama, ("base", "ft1"))

@@ -10,7 +10,7 @@ import struct
 import pytest
 import torch
 
-from conftest import run_cli
+from helpers import model_logits, read_state, run_cli
 from mergekitty.errors import ConfigError, MergeError
 from mergekitty.methods.base import MergeInputs
 from mergekitty.methods.registry import get_method
@@ -541,6 +541,7 @@ def test_out_buffer_filled():
     assert out.data_ptr() == buf.data_ptr() and torch.equal(buf, x.to(torch.bfloat16))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", GTA)
 def test_cuda_matches_cpu(name, trio):
@@ -612,27 +613,6 @@ def test_della_lambda_global_and_per_model(llama):
 
 
 # ---------------------------------------------------------------------------- end to end
-def _state(path):
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():
-                out[k] = h.get_tensor(k)
-    return out
-
-
-def _logits(model_dir):
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
-    ids = torch.arange(1, 17).view(2, 8) % model.config.vocab_size
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
 E2E_PARAMS = {
     "ties": "density: 0.5",
     "dare_ties": "density: 0.5",
@@ -644,7 +624,8 @@ E2E_PARAMS = {
 }
 
 
-@pytest.mark.parametrize("name", GTA)
+# ties end to end in the fast selection; the other methods are slow
+@pytest.mark.parametrize("name", [n if n == "ties" else pytest.param(n, marks=pytest.mark.slow) for n in GTA])
 def test_cli_end_to_end(llama, tmp_path, write_yaml, name):
     cfg = write_yaml(f"""
 base_model: {llama["base"]}
@@ -661,17 +642,16 @@ random_seed: 17
 """)
     out = tmp_path / "out"
     run_cli("mergekitty-yaml", cfg, out, "--quiet")
-    logits = _logits(out)
-    assert torch.isfinite(logits).all()
-    got = _state(out)
-    base = _state(llama["base"])
+    assert torch.isfinite(model_logits(out)).all()
+    got = read_state(out)
+    base = read_state(llama["base"])
     assert set(got) == set(base)
     card = (out / "README.md").read_text()
     assert get_method(name).pretty_name in card
     if name.startswith(("dare", "della")):
         assert "17" in card
     if name == "ties":
-        states = [_state(llama[k]) for k in ("ft1", "ft2", "ft3")]
+        states = [read_state(llama[k]) for k in ("ft1", "ft2", "ft3")]
         w = [0.6, 0.4, 0.3]
         for k in ("model.layers.1.mlp.up_proj.weight", "model.layers.0.input_layernorm.weight", "model.norm.weight"):
             deltas = [ref_magnitude(s[k].float() - base[k].float(), 0.5) for s in states]

@@ -15,7 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli
+from helpers import run_cli
+
+# every test merges through the command line (the vocabulary planning itself: test_vocab_files.py)
+pytestmark = pytest.mark.slow
 
 EMBED = "model.embed_tokens.weight"
 HEAD = "lm_head.weight"

@@ -9,4 +9,4 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 # Install only what is missing; never replace the machine's torch.
 python -m pip install -q --no-index --find-links gpu-wheels mergekitty pytest 2>&1 | tail -3
-cd /tmp && python -m pytest -q -p no:cacheprovider "$OLDPWD/tests/gpu" -rs "$@"
+cd /tmp && python -m pytest -q -p no:cacheprovider "$OLDPWD/tests/gpu" -m gpu -rs "$@"

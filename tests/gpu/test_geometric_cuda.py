@@ -7,7 +7,7 @@ import torch
 
 from mergekitty.methods.base import MergeInputs
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 CASES = {
     "slerp": (1, True, dict(t=0.3, nuslerp_flatten=True, nuslerp_row_wise=False)),

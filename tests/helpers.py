@@ -1,0 +1,84 @@
+"""Helpers shared by the test modules: running the commands, reading checkpoints, running models.
+
+Import them with ``from helpers import ...`` (pytest puts ``tests/`` on ``sys.path``). Heavy
+imports (torch, transformers, safetensors) happen inside the functions, so collecting a test
+module that only needs ``run_cli`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["load_model", "model_logits", "read_state", "run_cli", "run_yaml"]
+
+
+def run_cli(*args: Any, check: bool = True, cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a console script of the installed package; returns the CompletedProcess.
+
+    With ``check`` (the default) a non-zero exit is an AssertionError showing both outputs."""
+    exe = shutil.which(args[0]) or args[0]
+    proc = subprocess.run(
+        [exe, *map(str, args[1:])], capture_output=True, text=True, cwd=cwd, env={**os.environ, "COLUMNS": "200"}
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}")
+    return proc
+
+
+def run_yaml(config_path: str | Path, out: str | Path, *extra: str, check: bool = True) -> int:
+    """``mergekitty-yaml CONFIG OUT --quiet`` in this process (the same click command as the script,
+    without the interpreter start-up of a subprocess); returns the exit code.
+
+    With ``check`` (the default) a non-zero exit is an AssertionError."""
+    from mergekitty.cli.yaml_cmd import main
+
+    code: int | str | None = 0
+    try:
+        main([str(config_path), str(out), "--quiet", *extra], standalone_mode=False)
+    except SystemExit as exc:
+        code = exc.code
+    if check and code:
+        raise AssertionError(f"mergekitty-yaml {config_path} failed with exit code {code}")
+    return int(code or 0)
+
+
+def read_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the ``*.safetensors`` files in directory ``path``, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k)
+    return out
+
+
+def load_model(path: str | Path) -> Any:
+    """The model in ``path`` in float32, in eval mode (the causal LM, or the image-text-to-text
+    model of a vision-language checkpoint)."""
+    import torch
+    import transformers
+
+    from mergekitty.tiny_models import model_class
+
+    cls = model_class(transformers.AutoConfig.from_pretrained(path))
+    return cls.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def model_logits(path: str | Path) -> torch.Tensor:
+    """The logits of the model in ``path`` on a fixed batch of two 8-token sequences."""
+    import torch
+
+    model = load_model(path)
+    vocab = model.config.get_text_config().vocab_size
+    ids = (torch.arange(1, 17).view(2, 8) * 7) % (vocab - 10) + 3
+    with torch.no_grad():
+        return model(input_ids=ids).logits

@@ -714,7 +714,7 @@ def test_e2e_karcher(qwen2, tmp_path, write_yaml):
         _close(got[k], ((na + nb) / 2 * d / np.linalg.norm(d)).reshape(x1[k].shape))
 
 
-@pytest.mark.slow
+# the geometric methods' end-to-end merge in the fast selection (the others are slow)
 def test_e2e_sce(llama, tmp_path, write_yaml):
     got = _merge(
         write_yaml,

@@ -145,3 +145,23 @@ def test_memory_estimate_is_within_a_quarter_of_the_measured_peak(method, shape,
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     ratio = got["estimate"] / got["peak"]
     assert 0.75 <= ratio <= 1.25, (method, shape, got)
+
+
+def test_the_plan_places_every_tensor_where_the_writer_writes_it(llama, tmp_path):
+    """Each job's shard and offset are in the plan, and the written files hold each tensor there."""
+    import struct
+
+    from mergekitty.io.dtypes import nbytes
+
+    text = _yaml(llama, "linear", base=False)
+    plan = run_merge(text, tmp_path / "out", quiet=True, out_shard_size=200_000)
+    shards = {j.shard for j in plan.jobs}
+    assert len(shards) > 1 and all(s.startswith("model-") for s in shards)
+    state = read_state(tmp_path / "out")
+    for job in plan.jobs:
+        raw = (tmp_path / "out" / job.shard).read_bytes()
+        header = json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])
+        start, stop = header[job.out_name]["data_offsets"]
+        assert job.offset == 8 + struct.unpack("<Q", raw[:8])[0] + start
+        size = nbytes(job.out_dtype, state[job.out_name].numel())
+        assert stop - start == size and job.output_bytes == size

@@ -21,6 +21,7 @@ __all__ = [
     "SafetensorsFile",
     "TensorView",
     "ShardWriter",
+    "plan_layout",
     "weighted_sum",
     "convert",
     "magnitude",
@@ -65,6 +66,11 @@ class TensorView(Buffer):
 
     def __len__(self) -> int: ...
 
+def plan_layout(
+    tensors: Sequence[tuple[str, str, Sequence[int]]],
+    max_shard_bytes: int,
+    metadata: dict[str, str] | None = None,
+) -> list[tuple[str, str, int, int]]: ...
 @final
 class ShardWriter:
     """Writes the planned tensors into safetensors shards (and an index when there are several)."""

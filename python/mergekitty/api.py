@@ -136,7 +136,8 @@ def plan_merge(
     if config.chat_template:
         _chat_template(config, [m.path for m in models])  # a bad name or template fails here, before any weight is read
     vocab = _plan_vocabulary(config, models, planner)
-    return planner.plan(slices, vocab, _random_seed(config, options), options.resolved_device())
+    seed = _random_seed(config, options)
+    return planner.plan(slices, vocab, seed, options.resolved_device(), options.out_shard_size)
 
 
 def _random_seed(config, options: MergeOptions) -> int:
@@ -280,10 +281,9 @@ def run_merge(
             raise OutputError(f"--device {device} was asked for, but torch sees no CUDA device")
 
     _prepare_out_dir(out)
-    layout = [(name, job.out_dtype, list(job.shape)) for name, job in _jobs_by_name(plan)]
     try:
         writer = _native.ShardWriter(
-            str(out), layout, options.out_shard_size, None, {"mergekitty_version": __version__}
+            str(out), plan.output_layout(), plan.shard_size_bytes, None, {"mergekitty_version": __version__}
         )
     except OSError as exc:
         raise OutputError(f"cannot write to {out}: {exc}") from None
@@ -302,11 +302,6 @@ def run_merge(
     # config.json last: until it exists the directory does not load as a model.
     _atomic_write(out / "config.json", json.dumps(plan.out_config, indent=2) + "\n")
     return plan
-
-
-def _jobs_by_name(plan):
-    by_name = {j.out_name: j for j in plan.jobs}
-    return [(name, by_name[name]) for name in plan.output_order]
 
 
 def option_names() -> list[str]:

@@ -11,7 +11,7 @@ import difflib
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 from .methods.base import MergeMethod, ParamSpec
 
 log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_SIZE_BYTES = 5 * 10**9
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class TensorJob:
     aligned: bool = False
     row_sources: tuple[Source, ...] = ()  # further models' tensors the default rows are taken from
     kernel: Kernel = Torch("unplanned")  # how the executor computes it (kernels.choose)
+    shard: str = ""  # the output file it is written to (native.plan_layout, as the ShardWriter places it)
+    offset: int = 0  # its absolute byte offset in that file
 
     @property
     def inputs(self) -> tuple[Source, ...]:
@@ -123,6 +127,13 @@ class MergePlan:
     random_seed: int = 0  # used by random methods; recorded in the model card
     vocab: Any = None  # tokenizer.build.VocabPlan, None when no input has tokenizer files
     device: str = "cpu"  # where the jobs run; the kernels were chosen for it
+    shard_size_bytes: int = DEFAULT_SHARD_SIZE_BYTES  # the output's shard budget (<= 0: one file)
+
+    def output_layout(self) -> list[tuple[str, str, list[int]]]:
+        """(name, dtype code, shape) of every output tensor in output order: what the ShardWriter
+        is created with (with ``shard_size_bytes``) to place each job at its planned offset."""
+        by_name = {j.out_name: j for j in self.jobs}
+        return [(name, by_name[name].out_dtype, list(by_name[name].shape)) for name in self.output_order]
 
     def to_json(self) -> str:
         from .plan_json import dumps
@@ -166,6 +177,15 @@ def _get_parent(cfg: dict[str, Any], dotted: str) -> dict[str, Any]:
     for p in dotted.split(".")[:-1]:
         node = node[p]
     return node
+
+
+def _placed(jobs: list[TensorJob], shard_size_bytes: int) -> list[TensorJob]:
+    """``jobs`` (in output order) with the shard and offset the ShardWriter will give each."""
+    from . import _native
+
+    layout = [(j.out_name, j.out_dtype, list(j.shape)) for j in jobs]
+    places = _native.plan_layout(layout, shard_size_bytes)
+    return [replace(j, shard=shard, offset=offset) for j, (_, shard, offset, _) in zip(jobs, places)]
 
 
 @dataclass(frozen=True)
@@ -258,9 +278,17 @@ class Planner:
             raise ConfigError(f"{exc} {where}", key=f"parameters.{spec.name}") from None
 
     # ---------------------------------------------------------------- planning
-    def plan(self, slices, vocab=None, random_seed: int = 0, device: str = "cpu") -> MergePlan:
+    def plan(
+        self,
+        slices,
+        vocab=None,
+        random_seed: int = 0,
+        device: str = "cpu",
+        shard_size_bytes: int = DEFAULT_SHARD_SIZE_BYTES,
+    ) -> MergePlan:
         """The plan of ``slices`` for the output vocabulary ``vocab`` (tokenizer.build.VocabPlan or
-        None), with kernels chosen for ``device``."""
+        None), with kernels chosen for ``device`` and the output laid out in shards of
+        ``shard_size_bytes``."""
         self.vocab = vocab
         method = self.method
         donor = self.donor
@@ -269,7 +297,9 @@ class Planner:
             raise ConfigError(f"merge method '{method.name}' needs a base_model", key="base_model")
         picks = [self._slice_picks(si, sl, base_ref) for si, sl in enumerate(slices)]
         layer_map: list[tuple[int, tuple[tuple[str, int], ...]]] = []
-        jobs = [self._job(tensor, device) for tensor in self._output_tensors(picks, layer_map)]
+        jobs = _placed(
+            [self._job(tensor, device) for tensor in self._output_tensors(picks, layer_map)], shard_size_bytes
+        )
         out_config = self._out_config(donor, slices, len(layer_map))
         if self.vocab is not None and any(j.aligned for j in jobs):
             set_vocab_size(out_config, self.vocab.rows)
@@ -285,6 +315,7 @@ class Planner:
             random_seed,
             vocab,
             device,
+            shard_size_bytes,
         )
 
     def _slice_picks(self, si: int, sl: Any, base_ref: Any) -> SlicePicks:

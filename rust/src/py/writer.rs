@@ -9,7 +9,7 @@ use super::buffer::Buffers;
 use super::error_of_kind;
 use crate::dtype::Dtype;
 use crate::error::ErrorKind;
-use crate::layout::TensorSpec;
+use crate::layout::{Layout, TensorSpec};
 use crate::writer::ShardWriter;
 
 /// A str -> str dict as ordered pairs (dicts keep insertion order; headers should too).
@@ -18,6 +18,47 @@ fn string_pairs(d: Option<&Bound<'_, PyDict>>) -> PyResult<Vec<(String, String)>
     d.iter()
         .map(|(k, v)| Ok((k.extract::<String>()?, v.extract::<String>()?)))
         .collect()
+}
+
+/// (name, dtype code, shape) triples as the layout's tensor specs.
+fn tensor_specs(tensors: Vec<(String, String, Vec<u64>)>) -> Result<Vec<TensorSpec>, crate::Error> {
+    tensors
+        .into_iter()
+        .map(|(name, code, shape)| {
+            Ok(TensorSpec {
+                dtype: Dtype::parse(&code)?,
+                name,
+                shape,
+            })
+        })
+        .collect()
+}
+
+/// Where `ShardWriter(out_dir, tensors, max_shard_bytes, metadata)` will put each tensor:
+/// `(name, shard file name, absolute byte offset, byte length)` in the given order. The writer
+/// plans with the same function, so the two always agree.
+#[pyfunction]
+#[pyo3(signature = (tensors, max_shard_bytes, metadata = None))]
+pub fn plan_layout(
+    tensors: Vec<(String, String, Vec<u64>)>,
+    max_shard_bytes: i64,
+    metadata: Option<Bound<'_, PyDict>>,
+) -> PyResult<Vec<(String, String, u64, u64)>> {
+    let metadata = string_pairs(metadata.as_ref())?;
+    let layout = Layout::plan(tensor_specs(tensors)?, max_shard_bytes, &metadata)?;
+    Ok(layout
+        .specs
+        .iter()
+        .zip(&layout.placements)
+        .map(|(spec, place)| {
+            (
+                spec.name.clone(),
+                layout.shards[place.shard].file_name.clone(),
+                place.offset,
+                place.len,
+            )
+        })
+        .collect())
 }
 
 #[pyclass(frozen, module = "mergekitty._native", name = "ShardWriter")]
@@ -37,16 +78,7 @@ impl PyShardWriter {
         metadata: Option<Bound<'_, PyDict>>,
         index_metadata: Option<Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
-        let specs = tensors
-            .into_iter()
-            .map(|(name, code, shape)| {
-                Ok(TensorSpec {
-                    dtype: Dtype::parse(&code)?,
-                    name,
-                    shape,
-                })
-            })
-            .collect::<Result<Vec<_>, crate::Error>>()?;
+        let specs = tensor_specs(tensors)?;
         let metadata = string_pairs(metadata.as_ref())?;
         let index_metadata = string_pairs(index_metadata.as_ref())?;
         let inner = py.detach(|| {

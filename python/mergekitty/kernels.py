@@ -2,7 +2,8 @@
 
 The planner decides, for every job, which kernel computes it (``choose`` in plan.py); the
 executor only dispatches on the choice. Every value here is data: it can be printed by
-``mergekitty plan``, compared in tests and written as JSON for another process to execute.
+``mergekitty plan``, compared in tests and written as JSON (plan_json.py) for another process
+to execute.
 
 - ``Copy``: one input written unchanged (same dtype): straight from the memory map.
 - ``LinearCombination``: ``sum_k c_k x_k`` over the job's inputs (base first when it has a
@@ -16,7 +17,7 @@ executor only dispatches on the choice. Every value here is data: it can be prin
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -101,32 +102,6 @@ class Torch:
 
 
 Kernel = Copy | LinearCombination | Gta | Torch
-
-
-def kernel_to_json(kernel: Kernel) -> dict[str, Any]:
-    return {"kernel": kernel.name, **asdict(kernel)}
-
-
-def kernel_from_json(data: dict[str, Any]) -> Kernel:
-    kind = data["kernel"]
-    if kind == Copy.name:
-        return Copy(int(data["input"]))
-    if kind == LinearCombination.name:
-        return LinearCombination(tuple((int(i), float(c)) for i, c in data["terms"]))
-    if kind == Gta.name:
-        s = data["spec"]
-        return Gta(
-            GtaSpec(
-                tuple(Sparsity(**p) for p in s["sparsity"]),
-                tuple(float(w) for w in s["weights"]),
-                bool(s["consensus"]),
-                bool(s["normalize"]),
-                float(s["lam"]),
-            )
-        )
-    if kind == Torch.name:
-        return Torch(str(data["reason"]))
-    raise ValueError(f"unknown kernel {kind!r}")
 
 
 @dataclass(frozen=True)

@@ -50,9 +50,13 @@ __all__ = [
     "ZeroEmbedding",
     "TokenEmbeddingConfig",
     "TokenizerConfig",
+    "LocatedConfig",
     "MergeConfiguration",
+    "ConfigKind",
+    "MERGE_CONFIG",
     "DTYPE_ALIASES",
     "normalize_dtype",
+    "config_from_data",
     "load_config",
     "load_config_file",
     "check_method",
@@ -85,7 +89,7 @@ VALID_DTYPES = ("bfloat16", "float16", "float32")
 # --------------------------------------------------------------------------- helpers
 
 
-def _fail(message: str, subpath: tuple = (), key: str | None = None) -> PydanticCustomError:
+def fail(message: str, subpath: tuple = (), key: str | None = None) -> PydanticCustomError:
     """An error pydantic reports verbatim; ``subpath`` extends its location, ``key`` names a field."""
     ctx: dict[str, Any] = {"message": message}
     if subpath:
@@ -95,7 +99,7 @@ def _fail(message: str, subpath: tuple = (), key: str | None = None) -> Pydantic
     return PydanticCustomError("mergekitty", "{message}", ctx)
 
 
-def _describe(value: Any) -> str:
+def describe(value: Any) -> str:
     if isinstance(value, str):
         text = value if len(value) <= 40 else value[:37] + "..."
         return f"the string {text!r}"
@@ -108,7 +112,7 @@ def _describe(value: Any) -> str:
     return repr(value)
 
 
-def _suggest(word: str, choices: typing.Iterable[str]) -> str:
+def suggest(word: str, choices: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
 
@@ -129,18 +133,18 @@ _SETTING_HELP = (
 def _check_scalar_or_gradient(value: Any, subpath: tuple = ()) -> Any:
     if isinstance(value, bool) or _is_number(value):
         if isinstance(value, float) and not math.isfinite(value):
-            raise _fail(f"parameter values must be finite numbers, got {value!r}", subpath)
+            raise fail(f"parameter values must be finite numbers, got {value!r}", subpath)
         return value
     if isinstance(value, (list, tuple)):
         if not value:
-            raise _fail("a gradient needs at least one value, got an empty list", subpath)
+            raise fail("a gradient needs at least one value, got an empty list", subpath)
         for i, item in enumerate(value):
             if not _is_number(item):
-                raise _fail(f"gradient values must be numbers, got {_describe(item)}", (*subpath, i))
+                raise fail(f"gradient values must be numbers, got {describe(item)}", (*subpath, i))
             if isinstance(item, float) and not math.isfinite(item):
-                raise _fail(f"gradient values must be finite numbers, got {item!r}", (*subpath, i))
+                raise fail(f"gradient values must be finite numbers, got {item!r}", (*subpath, i))
         return list(value)
-    raise _fail(f"a parameter value must be a number, true/false or a list of numbers; got {_describe(value)}", subpath)
+    raise fail(f"a parameter value must be a number, true/false or a list of numbers; got {describe(value)}", subpath)
 
 
 class ConditionalParameter(BaseModel):
@@ -163,7 +167,7 @@ class ConditionalParameter(BaseModel):
     @classmethod
     def _filter(cls, value: Any) -> Any:
         if value is not None and not isinstance(value, str):
-            raise _fail(f"a filter must be a string (a part of the tensor name), got {_describe(value)}")
+            raise fail(f"a filter must be a string (a part of the tensor name), got {describe(value)}")
         return value
 
 
@@ -171,17 +175,15 @@ def _conditional(value: dict, subpath: tuple) -> ConditionalParameter:
     fields = ("value", "filter")
     for key in value:
         if key not in fields:
-            raise _fail(
-                f"unknown key '{key}' in a conditional parameter (expected 'value' and optionally 'filter'){_suggest(key, fields)}",
+            raise fail(
+                f"unknown key '{key}' in a conditional parameter (expected 'value' and optionally 'filter'){suggest(key, fields)}",
                 (*subpath, key),
             )
     if "value" not in value:
-        raise _fail("a conditional parameter needs a 'value'", subpath)
+        raise fail("a conditional parameter needs a 'value'", subpath)
     filt = value.get("filter")
     if filt is not None and not isinstance(filt, str):
-        raise _fail(
-            f"a filter must be a string (a part of the tensor name), got {_describe(filt)}", (*subpath, "filter")
-        )
+        raise fail(f"a filter must be a string (a part of the tensor name), got {describe(filt)}", (*subpath, "filter"))
     return ConditionalParameter.model_construct(
         value=_check_scalar_or_gradient(value["value"], (*subpath, "value")), filter=filt
     )
@@ -196,13 +198,13 @@ def _validate_setting(value: Any) -> Any:
         return _conditional(value, ())
     if isinstance(value, (list, tuple)):
         if not value:
-            raise _fail(f"a parameter value must be {_SETTING_HELP}; got an empty list")
+            raise fail(f"a parameter value must be {_SETTING_HELP}; got an empty list")
         if all(isinstance(v, (dict, ConditionalParameter)) for v in value):
             return [v if isinstance(v, ConditionalParameter) else _conditional(v, (i,)) for i, v in enumerate(value)]
         if any(isinstance(v, (dict, ConditionalParameter)) for v in value):
-            raise _fail("a parameter list must be all numbers (a gradient) or all {value, filter} entries, not a mix")
+            raise fail("a parameter list must be all numbers (a gradient) or all {value, filter} entries, not a mix")
         return _check_scalar_or_gradient(value)
-    raise _fail(f"a parameter value must be {_SETTING_HELP}; got {_describe(value)}")
+    raise fail(f"a parameter value must be {_SETTING_HELP}; got {describe(value)}")
 
 
 ParameterSetting = Annotated[Any, PlainValidator(_validate_setting)]
@@ -220,14 +222,14 @@ def _nested(cls: type[BaseModel], value: Any, subpath: tuple = ()) -> Any:
         return cls.model_validate(value)
     except ValidationError as exc:
         loc, msg = _translate_errors(exc, cls)[0]
-        raise _fail(msg, (*subpath, *loc)) from None
+        raise fail(msg, (*subpath, *loc)) from None
 
 
-def _model_ref(value: Any) -> ModelReference:
+def model_ref(value: Any) -> ModelReference:
     if isinstance(value, ModelReference):
         return value
     if not isinstance(value, (str, dict)):
-        raise _fail(f"a model reference must be a path or hub id (a string), got {_describe(value)}")
+        raise fail(f"a model reference must be a path or hub id (a string), got {describe(value)}")
     return _nested(ModelReference, value)
 
 
@@ -235,8 +237,8 @@ def _tokenizer_source(value: Any) -> Any:
     if value in ("union", "base"):
         return value
     if isinstance(value, str) and value.strip() == "":
-        raise _fail("a tokenizer source must be 'union', 'base' or a model; got an empty string")
-    return _model_ref(value)
+        raise fail("a tokenizer source must be 'union', 'base' or a model; got an empty string")
+    return model_ref(value)
 
 
 TokenizerSource = Annotated[Any, PlainValidator(_tokenizer_source)]
@@ -260,7 +262,7 @@ class InputSliceDefinition(BaseModel):
     def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
         start, stop = value
         if start < 0 or stop <= start:
-            raise _fail(
+            raise fail(
                 f"layer_range [{start}, {stop}] must satisfy 0 <= start < stop "
                 "(zero-indexed and half-open: layers start .. stop-1)"
             )
@@ -285,7 +287,7 @@ class OutputSliceDefinition(BaseModel):
     @model_validator(mode="after")
     def _non_empty(self) -> OutputSliceDefinition:
         if not self.sources:
-            raise _fail("a slice needs at least one source", key="sources")
+            raise fail("a slice needs at least one source", key="sources")
         return self
 
 
@@ -305,9 +307,9 @@ class ModelTokenEmbedding(BaseModel):
     @model_validator(mode="after")
     def _one_of(self) -> ModelTokenEmbedding:
         if (self.token_id is None) == (self.token is None):
-            raise _fail("give exactly one of 'token' and 'token_id'")
+            raise fail("give exactly one of 'token' and 'token_id'")
         if self.token_id is not None and self.token_id < 0:
-            raise _fail(f"token_id must be >= 0, got {self.token_id}", key="token_id")
+            raise fail(f"token_id must be >= 0, got {self.token_id}", key="token_id")
         return self
 
 
@@ -329,12 +331,12 @@ def _embedding_source(value: Any) -> Any:
         kind = value["kind"]
         cls = _EMBEDDING_KINDS.get(kind) if isinstance(kind, str) else None
         if cls is None:
-            raise _fail(
-                f"unknown embedding source kind {kind!r}; expected 'model_token' or 'zero'{_suggest(str(kind), _EMBEDDING_KINDS)}",
+            raise fail(
+                f"unknown embedding source kind {kind!r}; expected 'model_token' or 'zero'{suggest(str(kind), _EMBEDDING_KINDS)}",
                 ("kind",),
             )
         return _nested(cls, value)
-    return _model_ref(value)
+    return model_ref(value)
 
 
 class TokenEmbeddingConfig(BaseModel):
@@ -356,7 +358,7 @@ class TokenizerConfig(BaseModel):
     @classmethod
     def _positive(cls, value: int | None) -> int | None:
         if value is not None and value <= 0:
-            raise _fail(f"pad_to_multiple_of must be a positive integer, got {value}")
+            raise fail(f"pad_to_multiple_of must be a positive integer, got {value}")
         return value
 
 
@@ -379,81 +381,20 @@ def _dtype(value: Any) -> str | None:
     try:
         return normalize_dtype(value)
     except ValueError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
 
 DType = Annotated[Any, PlainValidator(_dtype)]
 
 
-class MergeConfiguration(BaseModel):
-    """A merge config. Give exactly one of ``slices`` and ``models``."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    merge_method: str
-    slices: list[OutputSliceDefinition] | None = None
-    models: list[InputModelDefinition] | None = None
-    parameters: Parameters | None = None
-    base_model: ModelReference | None = None
-    dtype: DType = None
-    out_dtype: DType = None
-    tokenizer_source: Annotated[Any, PlainValidator(lambda v: None if v is None else _tokenizer_source(v))] = None
-    """``"union" | "base" | ModelReference | None`` (None: see effective_tokenizer_source)."""
-    tokenizer: TokenizerConfig | None = None
-    chat_template: str | None = None
-    random_seed: StrictInt | None = None
+class LocatedConfig(BaseModel):
+    """A config that remembers the YAML it was loaded from (text, file name, the line of every
+    key), so that an error found after loading still points at the line to fix. The base of
+    every config kind; ``ConfigKind`` loads them."""
 
     _source_text: str | None = PrivateAttr(default=None)
     _source_name: str | None = PrivateAttr(default=None)
     _lines: dict = PrivateAttr(default_factory=dict)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _drop_ignored(cls, data: Any) -> Any:
-        if isinstance(data, dict) and any(k in data for k in IGNORED_TOP_LEVEL_KEYS):
-            data = {k: v for k, v in data.items() if k not in IGNORED_TOP_LEVEL_KEYS}
-        return data
-
-    @field_validator("merge_method", mode="after")
-    @classmethod
-    def _method_name(cls, value: str) -> str:
-        if not value.strip():
-            raise _fail("merge_method is empty")
-        return value.strip()
-
-    @field_validator("random_seed", mode="after")
-    @classmethod
-    def _seed(cls, value: int | None) -> int | None:
-        if value is not None and not 0 <= value < 2**64:
-            raise _fail(f"random_seed must be between 0 and 2**64-1, got {value}")
-        return value
-
-    @model_validator(mode="after")
-    def _cross_checks(self) -> MergeConfiguration:
-        if self.slices is not None and self.models is not None:
-            raise _fail("give either 'slices' or 'models', not both", key="models")
-        if self.slices is None and self.models is None:
-            raise _fail("the config needs 'models' (whole models to merge) or 'slices' (layer ranges to merge)")
-        if self.slices is not None and not self.slices:
-            raise _fail("'slices' is empty; list at least one output slice", key="slices")
-        if self.models is not None and not self.models:
-            raise _fail("'models' is empty; list at least one model", key="models")
-        if self.tokenizer_source is not None and self.tokenizer is not None:
-            raise _fail(
-                "give either 'tokenizer' or 'tokenizer_source', not both (tokenizer.source replaces tokenizer_source)",
-                key="tokenizer_source",
-            )
-        return self
-
-    def __eq__(self, other: object) -> bool:
-        """Equal when every field is equal (where the config was loaded from does not count)."""
-        if not isinstance(other, MergeConfiguration):
-            return NotImplemented
-        return self.__dict__ == other.__dict__
-
-    __hash__ = None  # type: ignore[assignment]  # lists and dicts inside: not hashable
-
-    # ------------------------------------------------------------------ accessors
 
     @property
     def source_text(self) -> str | None:
@@ -475,6 +416,73 @@ class MergeConfiguration(BaseModel):
         if isinstance(key, tuple):
             key = format_path(key)
         return ConfigError(message, key=key, line=self.line_of(key) if key else None, source=self._source_name)
+
+
+class MergeConfiguration(LocatedConfig):
+    """A merge config. Give exactly one of ``slices`` and ``models``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    merge_method: str
+    slices: list[OutputSliceDefinition] | None = None
+    models: list[InputModelDefinition] | None = None
+    parameters: Parameters | None = None
+    base_model: ModelReference | None = None
+    dtype: DType = None
+    out_dtype: DType = None
+    tokenizer_source: Annotated[Any, PlainValidator(lambda v: None if v is None else _tokenizer_source(v))] = None
+    """``"union" | "base" | ModelReference | None`` (None: see effective_tokenizer_source)."""
+    tokenizer: TokenizerConfig | None = None
+    chat_template: str | None = None
+    random_seed: StrictInt | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_ignored(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(k in data for k in IGNORED_TOP_LEVEL_KEYS):
+            data = {k: v for k, v in data.items() if k not in IGNORED_TOP_LEVEL_KEYS}
+        return data
+
+    @field_validator("merge_method", mode="after")
+    @classmethod
+    def _method_name(cls, value: str) -> str:
+        if not value.strip():
+            raise fail("merge_method is empty")
+        return value.strip()
+
+    @field_validator("random_seed", mode="after")
+    @classmethod
+    def _seed(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value < 2**64:
+            raise fail(f"random_seed must be between 0 and 2**64-1, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> MergeConfiguration:
+        if self.slices is not None and self.models is not None:
+            raise fail("give either 'slices' or 'models', not both", key="models")
+        if self.slices is None and self.models is None:
+            raise fail("the config needs 'models' (whole models to merge) or 'slices' (layer ranges to merge)")
+        if self.slices is not None and not self.slices:
+            raise fail("'slices' is empty; list at least one output slice", key="slices")
+        if self.models is not None and not self.models:
+            raise fail("'models' is empty; list at least one model", key="models")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise fail(
+                "give either 'tokenizer' or 'tokenizer_source', not both (tokenizer.source replaces tokenizer_source)",
+                key="tokenizer_source",
+            )
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when every field is equal (where the config was loaded from does not count)."""
+        if not isinstance(other, MergeConfiguration):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  # lists and dicts inside: not hashable
+
+    # ------------------------------------------------------------------ accessors
 
     def referenced_models(self) -> list[ModelReference]:
         """Every model whose weights the merge reads: the base first (if set), then in config
@@ -595,7 +603,7 @@ def _translate_errors(exc: ValidationError, root: type[BaseModel]) -> list[tuple
                 msg = UNSUPPORTED_KEYS[key]
             else:
                 allowed = list(parent.model_fields) if parent is not None else []
-                msg = f"unknown key '{key}'{_suggest(key, allowed)}"
+                msg = f"unknown key '{key}'{suggest(key, allowed)}"
                 if allowed and "did you mean" not in msg:
                     msg += f" (allowed here: {', '.join(allowed)})"
         elif "[key]" in loc:  # a mapping key of the wrong type, e.g. an unquoted number
@@ -606,7 +614,7 @@ def _translate_errors(exc: ValidationError, root: type[BaseModel]) -> list[tuple
         else:
             msg = msg.removeprefix("Value error, ")
             if "input" in err and kind != "value_error":
-                msg += f" (got {_describe(err['input'])})"
+                msg += f" (got {describe(err['input'])})"
         out.append((loc, msg))
     # "missing 'merge_method'" next to "unknown key 'merge_methd'; did you mean 'merge_method'?"
     # says the same thing twice: keep only the typo.
@@ -627,76 +635,105 @@ def _parse_key_path(key: str) -> tuple:
     return tuple(parts)
 
 
-def _raise_validation(exc: ValidationError, lines: dict, source: str) -> typing.NoReturn:
-    problems = [(loc, msg, line_of(lines, loc)) for loc, msg in _translate_errors(exc, MergeConfiguration)]
-    problems.sort(key=lambda p: (p[2] is None, p[2] or 0))
-    loc, msg, line = problems[0]
-    if len(problems) > 1:
-        extra = [
-            f"  {format_path(loc) or '(top level)'}" + (f" (line {n})" if n else "") + f": {m}"
-            for loc, m, n in problems[1:]
-        ]
-        msg += f"\n{len(problems) - 1} more problem(s):\n" + "\n".join(extra)
-    raise ConfigError(msg, key=format_path(loc) or None, line=line, source=source) from None
-
-
 # --------------------------------------------------------------------------- loading
 
 
-def config_from_data(
-    data: Any, source: str = "<config>", lines: dict | None = None, text: str | None = None
-) -> MergeConfiguration:
-    """Validate already-parsed YAML data (a dict). Raises ConfigError."""
-    lines = lines or {}
-    if not isinstance(data, dict):
-        what = "empty" if data is None else f"a {type(data).__name__}, not a mapping"
-        raise ConfigError(
-            f"the config must be a YAML mapping of keys (merge_method, models...); this one is {what}",
-            line=lines.get(()),
-            source=source,
-        )
-    for key in data:
-        if not isinstance(key, str):
-            raise ConfigError(f"keys must be strings, got {key!r}", line=lines.get((key,)), source=source)
-    try:
-        config = MergeConfiguration.model_validate(data)
-    except ValidationError as exc:
-        _raise_validation(exc, lines, source)
-    config._source_text = text
-    config._source_name = source
-    config._lines = dict(lines)
-    return config
+class ConfigKind:
+    """The located YAML loader of one config schema (a ``LocatedConfig``): every problem is a
+    ConfigError naming the key path and its line."""
+
+    def __init__(self, schema: type[LocatedConfig], name: str, mapping: str, accepts_dict: bool = False):
+        self.schema = schema
+        self.name = name  # "a MergeConfiguration", for errors
+        self.mapping = mapping  # what the top level must be, for errors
+        self.accepts_dict = accepts_dict  # whether ``coerce`` takes parsed data
+
+    def from_data(self, data: Any, source: str = "<config>", lines: dict | None = None, text: str | None = None):
+        """Validate already-parsed YAML data (a dict). Raises ConfigError."""
+        lines = lines or {}
+        if not isinstance(data, dict):
+            what = "empty" if data is None else f"a {type(data).__name__}, not a mapping"
+            raise ConfigError(f"{self.mapping}; this one is {what}", line=lines.get(()), source=source)
+        for key in data:
+            if not isinstance(key, str):
+                raise ConfigError(f"keys must be strings, got {key!r}", line=lines.get((key,)), source=source)
+        try:
+            config = self.schema.model_validate(data)
+        except ValidationError as exc:
+            self._raise_validation(exc, lines, source)
+        config._source_text = text
+        config._source_name = source
+        config._lines = dict(lines)
+        return config
+
+    def _raise_validation(self, exc: ValidationError, lines: dict, source: str) -> typing.NoReturn:
+        problems = [(loc, msg, line_of(lines, loc)) for loc, msg in _translate_errors(exc, self.schema)]
+        problems.sort(key=lambda p: (p[2] is None, p[2] or 0))
+        loc, msg, line = problems[0]
+        if len(problems) > 1:
+            extra = [
+                f"  {format_path(loc) or '(top level)'}" + (f" (line {n})" if n else "") + f": {m}"
+                for loc, m, n in problems[1:]
+            ]
+            msg += f"\n{len(problems) - 1} more problem(s):\n" + "\n".join(extra)
+        raise ConfigError(msg, key=format_path(loc) or None, line=line, source=source) from None
+
+    def load(self, text: str, source: str = "<config>"):
+        """Parse and validate YAML text. Raises ConfigError with the key path and line."""
+        if not isinstance(text, str):
+            raise ConfigError(f"expected YAML text, got {type(text).__name__}", source=source)
+        try:
+            data, lines = load_with_lines(text)
+        except YamlSyntaxError as exc:
+            raise ConfigError(str(exc), line=exc.line, source=source) from None
+        except DuplicateKeyError as exc:
+            raise ConfigError(
+                f"{exc} (it is given more than once)", key=format_path(exc.path), line=exc.line, source=source
+            ) from None
+        return self.from_data(data, source=source, lines=lines, text=text)
+
+    def load_file(self, path: str | os.PathLike):
+        """Read and validate a YAML config file. Raises ConfigError (also for a missing file)."""
+        p = Path(path).expanduser()
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config path is a directory, not a YAML file: {path}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file is not UTF-8 text: {path}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        return self.load(text, source=str(path))
+
+    def coerce(self, config: Any):
+        """``config`` as a validated config: one already, YAML text, a .yml/.yaml file path,
+        or (where accepted) parsed data."""
+        if isinstance(config, self.schema):
+            return config
+        if (
+            isinstance(config, (str, os.PathLike))
+            and "\n" not in str(config)
+            and Path(config).suffix in (".yml", ".yaml")
+        ):
+            return self.load_file(config)
+        if isinstance(config, str):
+            return self.load(config)
+        if self.accepts_dict and isinstance(config, dict):
+            return self.from_data(config)
+        accepted = "YAML text, a dict" if self.accepts_dict else "YAML text"
+        raise ConfigError(f"expected {self.name}, {accepted} or a YAML file path, got {type(config).__name__}")
 
 
-def load_config(text: str, source: str = "<config>") -> MergeConfiguration:
-    """Parse and validate a YAML config. Raises ConfigError with the key path and line."""
-    if not isinstance(text, str):
-        raise ConfigError(f"expected YAML text, got {type(text).__name__}", source=source)
-    try:
-        data, lines = load_with_lines(text)
-    except YamlSyntaxError as exc:
-        raise ConfigError(str(exc), line=exc.line, source=source) from None
-    except DuplicateKeyError as exc:
-        raise ConfigError(
-            f"{exc} (it is given more than once)", key=format_path(exc.path), line=exc.line, source=source
-        ) from None
-    return config_from_data(data, source=source, lines=lines, text=text)
-
-
-def load_config_file(path: str | os.PathLike) -> MergeConfiguration:
-    """Read and validate a YAML config file. Raises ConfigError (also for a missing file)."""
-    p = Path(path).expanduser()
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config path is a directory, not a YAML file: {path}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file is not UTF-8 text: {path}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    return load_config(text, source=str(path))
+MERGE_CONFIG = ConfigKind(
+    MergeConfiguration,
+    "a MergeConfiguration",
+    "the config must be a YAML mapping of keys (merge_method, models...)",
+)
+config_from_data = MERGE_CONFIG.from_data
+load_config = MERGE_CONFIG.load
+load_config_file = MERGE_CONFIG.load_file
 
 
 # --------------------------------------------------------------------------- checks against the method registry
@@ -713,7 +750,7 @@ def check_method(config: MergeConfiguration):
     except KeyError:
         pass
     names = method_names()
-    hint = _suggest(name, names) or _suggest(name.lower(), names)
+    hint = suggest(name, names) or suggest(name.lower(), names)
     raise config.error(f"unknown merge method '{name}'{hint} (available: {', '.join(names)})", key="merge_method")
 
 
@@ -743,7 +780,7 @@ def parameter_name_problems(config: MergeConfiguration, method) -> list[ConfigEr
                 accepted = f" (it reads: {', '.join(known)})" if known else " (it takes no parameters)"
                 problems.append(
                     config.error(
-                        f"merge method '{method.name}' does not use parameter '{name}'{_suggest(name, known)}{accepted if not _suggest(name, known) else ''}",
+                        f"merge method '{method.name}' does not use parameter '{name}'{suggest(name, known)}{accepted if not suggest(name, known) else ''}",
                         key=(*path, name),
                     )
                 )

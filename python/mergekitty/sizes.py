@@ -47,3 +47,11 @@ def format_size(n: int) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n} B"
+
+
+def numel(shape) -> int:
+    """The number of elements of a tensor of ``shape`` (1 for a scalar)."""
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import PlanError
 from ..io.checkpoint import Checkpoint, TensorInfo
 from ..io.dtypes import nbytes, torch_dtype
+from ..sizes import numel
 from .adapter import Adapter, LoraModule
 
 if TYPE_CHECKING:
@@ -39,13 +40,6 @@ class _Op:
     lora: LoraModule | None = None
     source: tuple[str, str] | None = None  # ("base" | "adapter", tensor name): the tensor changed
     key: str | None = None  # "full": the adapter tensor
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 class LoraCheckpoint:
@@ -166,7 +160,7 @@ class LoraCheckpoint:
         for target, op in self._ops.items():
             src = self.base.infos.get(target) or self._source_info(op.source)
             self.infos[target] = TensorInfo(
-                target, op.dtype, op.shape, src.file, src.start, nbytes(op.dtype, _numel(op.shape))
+                target, op.dtype, op.shape, src.file, src.start, nbytes(op.dtype, numel(op.shape))
             )
         # with a merge dtype the whole adapted model is in it, as if it had been saved so
         self._cast: set[str] = set()
@@ -178,7 +172,7 @@ class LoraCheckpoint:
                     info.shape,
                     info.file,
                     info.start,
-                    nbytes(self.merge_dtype, _numel(info.shape)),
+                    nbytes(self.merge_dtype, numel(info.shape)),
                 )
                 self._cast.add(name)
         self._check_vocabulary()

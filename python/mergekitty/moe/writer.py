@@ -34,11 +34,9 @@ class OutTensor:
     @property
     def nbytes(self) -> int:
         from ..io.dtypes import nbytes
+        from ..sizes import numel
 
-        n = 1
-        for s in self.shape:
-            n *= s
-        return nbytes(self.dtype, n)
+        return nbytes(self.dtype, numel(self.shape))
 
 
 def copy_of(name: str, model, source: str, out_code: str, scale=None, noise=None) -> OutTensor:

@@ -5,11 +5,12 @@ The newer spelling ``--model FT --base-model BASE --out-path OUT`` works too.
 
 from __future__ import annotations
 
-import logging
 import shlex
 import sys
 
 import rich_click as click
+
+from .shell import command_shell, setup_logging
 
 
 def _pick(positional: str | None, option: str | None, what: str, flag: str) -> str:
@@ -119,22 +120,13 @@ def main(
 ) -> None:
     """Extract a PEFT LoRA adapter that turns BASE_MODEL into (approximately) FINETUNED_MODEL,
     and write it to OUT_PATH."""
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(verbose)
     finetuned = _pick(finetuned_model, model_opt, "fine-tuned model", "--model")
     base = _pick(base_model, base_opt, "base model", "--base-model")
     out = _pick(out_path, out_opt, "output path", "--out-path")
-    if lazy_unpickle is not None:
-        console.print("[yellow]note:[/] --lazy-unpickle has no effect: weights are always memory-mapped")
-
-    from ..errors import MergekittyError
-
-    try:
+    with command_shell("no adapter was written") as console:
+        if lazy_unpickle is not None:
+            console.print("[yellow]note:[/] --lazy-unpickle has no effect: weights are always memory-mapped")
         from ..lora.extract import extract_lora
 
         kwargs["save_modules"] = kwargs.pop("save_module")
@@ -159,12 +151,6 @@ def main(
                     bar.update(task, completed=done, total=total, description=module)
 
                 result = extract_lora(finetuned, base, out, command=_command_line(out), progress=progress, **kwargs)
-    except MergekittyError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        console.print("[bold red]interrupted:[/] no adapter was written")
-        sys.exit(130)
     if not quiet:
         _summary(result, console)
     console.print(f"[green]done:[/] LoRA adapter written to {out}")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import rich_click as click
 
 from .options import merge_options
+from .shell import command_shell
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,11 +17,9 @@ def main(base_model: str, adapter_model: str, output_path: str, **kwargs) -> Non
     """Apply the PEFT LoRA adapter ADAPTER_MODEL to BASE_MODEL and write the full model to OUTPUT_PATH."""
     from rich.console import Console
 
-    from ..errors import MergekittyError
     from .options import build_options
 
-    console = Console(stderr=True)
-    try:
+    with command_shell("no merged model was written (partial files were removed)") as console:
         options, dry_run = build_options(kwargs, console)
         from ..lora.merge import merge_lora
 
@@ -33,12 +30,6 @@ def main(base_model: str, adapter_model: str, output_path: str, **kwargs) -> Non
                 Console().print(f"  {name}", highlight=False)
             return
         changed = merge_lora(base_model, adapter_model, output_path, options)
-    except MergekittyError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        console.print("[bold red]interrupted:[/] no merged model was written (partial files were removed)")
-        sys.exit(130)
     console.print(
         f"[green]done:[/] {len(changed)} tensors changed by the adapter; merged model written to {output_path}"
     )

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import rich_click as click
 
 from .options import SizeType
+from .shell import command_shell, setup_logging
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -67,18 +65,12 @@ def main(config_file: str, out_path: str, verbose: int, load_in_4bit: bool, load
     The base model gives embeddings, attention, norms and head; each expert's MLP comes
     from its source_model; the routers come from the prompts (gate_mode).
     """
-    from rich.console import Console
-
-    from ..errors import MergekittyError
-
-    console = Console(stderr=True)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    if load_in_4bit or load_in_8bit:
-        console.print("[yellow]note:[/] --load-in-4bit/--load-in-8bit have no effect: the base model runs unquantized")
-    try:
+    setup_logging(verbose)
+    with command_shell("no model was written (partial files were removed)") as console:
+        if load_in_4bit or load_in_8bit:
+            console.print(
+                "[yellow]note:[/] --load-in-4bit/--load-in-8bit have no effect: the base model runs unquantized"
+            )
         from ..moe import MoEOptions, build_moe
         from ..moe.config import load_moe_config_file
 
@@ -100,12 +92,6 @@ def main(config_file: str, out_path: str, verbose: int, load_in_4bit: bool, load
                 f"random seed: {result.seed} (pass --random-seed {result.seed} to build the same model again)",
                 highlight=False,
             )
-    except MergekittyError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        console.print("[bold red]interrupted:[/] no model was written (partial files were removed)")
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ Options of the older tools that no longer mean anything here are still accepted
 from __future__ import annotations
 
 import functools
-import logging
 
 import rich_click as click
 
@@ -145,12 +144,9 @@ def merge_options(fn):
 def build_options(kwargs: dict, console) -> tuple:
     """Turn the CLI keyword arguments into (MergeOptions, dry_run), printing notes for no-op options."""
     from ..api import MergeOptions
+    from .shell import setup_logging
 
-    verbose = kwargs.pop("verbose", 0)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(kwargs.pop("verbose", 0))
     for name, why in NO_EFFECT.items():
         if kwargs.pop(name, None) not in (None, False):
             console.print(f"[yellow]note:[/] --{name.replace('_', '-')} has no effect: {why}")

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-
 from rich.console import Console
+
+from .shell import command_shell
 
 
 def run_command(config_file: str, out_path: str | None, kwargs: dict, plan_only: bool = False) -> None:
-    from ..errors import MergekittyError
     from .options import build_options
 
-    console = Console(stderr=True)
-    try:
+    with command_shell("no merged model was written (partial files were removed)") as console:
         options, dry_run = build_options(kwargs, console)
         from ..api import plan_merge, run_merge
         from ..config import load_config_file
@@ -25,9 +23,3 @@ def run_command(config_file: str, out_path: str | None, kwargs: dict, plan_only:
             return
         run_merge(config, out_path, options)
         console.print(f"[green]done:[/] merged model written to {out_path}")
-    except MergekittyError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        console.print("[bold red]interrupted:[/] no merged model was written (partial files were removed)")
-        sys.exit(130)

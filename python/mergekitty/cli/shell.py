@@ -1,0 +1,35 @@
+"""What every command runs inside: logging set up from ``-v``, and errors reported without
+tracebacks. A MergekittyError is one red line and exit status 1; Ctrl-C says what was not
+written and exits with 130."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+
+from ..errors import MergekittyError
+
+
+def setup_logging(verbose: int) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+@contextmanager
+def command_shell(interrupted: str) -> Iterator[Console]:
+    """Run the block with a stderr console; ``interrupted`` says what Ctrl-C left unwritten."""
+    console = Console(stderr=True)
+    try:
+        yield console
+    except MergekittyError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print(f"[bold red]interrupted:[/] {interrupted}")
+        sys.exit(130)

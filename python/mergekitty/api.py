@@ -5,32 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, MergekittyError, OutputError
-from .tokenizer.write import TOKENIZER_FILES
+from .errors import MergekittyError, OutputError
+from .io.output import SIDECAR_FILES
 
 log = logging.getLogger(__name__)
-
-# Files copied from the donor model next to the weights (the tokenizer's: tokenizer.write).
-SIDECAR_FILES = (
-    "generation_config.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "mergekitty_layout.json",
-)
-STALE_OUTPUT_GLOBS = (
-    "model*.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model*.bin",
-    "pytorch_model.bin.index.json",
-    ".*.partial",
-    "config.json",
-)
 
 
 @dataclass(frozen=True)
@@ -57,15 +40,9 @@ class MergeOptions:
 
 
 def _load_config(config: Any):
-    from .config import MergeConfiguration, load_config, load_config_file
+    from .config import MERGE_CONFIG
 
-    if isinstance(config, MergeConfiguration):
-        return config
-    if isinstance(config, (str, os.PathLike)) and "\n" not in str(config) and Path(config).suffix in (".yml", ".yaml"):
-        return load_config_file(config)
-    if isinstance(config, str):
-        return load_config(config)
-    raise ConfigError(f"expected a MergeConfiguration, YAML text or a YAML file path, got {type(config).__name__}")
+    return MERGE_CONFIG.coerce(config)
 
 
 def _open_models(config, options: MergeOptions):
@@ -199,37 +176,18 @@ def _chat_template(config, model_dirs) -> str | None:
     )
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _prepare_out_dir(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    # an earlier merge's tokenizer and side files must not survive next to this merge's weights
-    for pattern in (*STALE_OUTPUT_GLOBS, *TOKENIZER_FILES, *SIDECAR_FILES):
-        for stale in out.glob(pattern):
-            if stale.is_file():
-                stale.unlink()
-
-
-def _write_sidecars(plan, config, out: Path, options: MergeOptions) -> None:
+def _write_sidecars(plan, config, out, options: MergeOptions) -> None:
+    """The donor's side files, the tokenizer, the chat template and the model card, into
+    the OutputTransaction ``out``."""
     donor = plan.models[plan.donor]
-    for name in SIDECAR_FILES:
-        src = donor.path / name
-        if src.is_file():
-            shutil.copyfile(src, out / name)
+    out.copy_files(donor.path, SIDECAR_FILES)
     if options.copy_tokenizer:
         from .tokenizer.write import copy_tokenizer, write_tokenizer
 
         if plan.vocab is not None:
-            write_tokenizer(plan.vocab, plan.models[plan.vocab.vocab_model].tokenizer_dir, out)
+            write_tokenizer(plan.vocab, plan.models[plan.vocab.vocab_model].tokenizer_dir, out.dir)
         else:
-            copy_tokenizer(donor.tokenizer_dir, out)
+            copy_tokenizer(donor.tokenizer_dir, out.dir)
     if config.chat_template:
         template = _chat_template(config, [m.path for m in plan.models])
         if template is not None and not options.copy_tokenizer:
@@ -237,7 +195,7 @@ def _write_sidecars(plan, config, out: Path, options: MergeOptions) -> None:
         elif template is not None:
             from .tokenizer import write_chat_template
 
-            write_chat_template(out, template)
+            write_chat_template(out.dir, template)
     if options.write_model_card:
         from .card import generate_card
 
@@ -249,13 +207,13 @@ def _write_sidecars(plan, config, out: Path, options: MergeOptions) -> None:
             if plan.method.random or config.random_seed is not None or options.random_seed is not None
             else None
         )
-        _atomic_write(out / "README.md", generate_card(plan.method, refs, base, text, out.name, seed))
+        out.write_text("README.md", generate_card(plan.method, refs, base, text, out.path.name, seed))
         text = text if text.endswith("\n") else text + "\n"
         if seed is not None and config.random_seed is None:
             text += f"# the seed this merge drew; keep it to reproduce the merge exactly\nrandom_seed: {seed}\n"
         elif seed is not None and config.random_seed != seed:
             text += f"# this merge ran with --random-seed {seed}, which overrides random_seed above\n"
-        _atomic_write(out / "mergekitty_config.yml", text if text.endswith("\n") else text + "\n")
+        out.write_text("mergekitty_config.yml", text)
 
 
 def run_merge(
@@ -266,13 +224,12 @@ def run_merge(
     **kwargs: Any,
 ):
     """Merge as ``config`` says and write the model to ``out_path``. Returns the executed MergePlan."""
-    from . import __version__, _native
     from .execute import execute
+    from .io.output import OutputTransaction
 
     options = replace(options or MergeOptions(), **kwargs)
     config = _load_config(config)
     plan = plan_merge(config, out_path, options)
-    out = Path(out_path).expanduser()
     device = options.resolved_device()
     if device != "cpu":
         import torch
@@ -280,14 +237,8 @@ def run_merge(
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise OutputError(f"--device {device} was asked for, but torch sees no CUDA device")
 
-    _prepare_out_dir(out)
-    try:
-        writer = _native.ShardWriter(
-            str(out), plan.output_layout(), plan.shard_size_bytes, None, {"mergekitty_version": __version__}
-        )
-    except OSError as exc:
-        raise OutputError(f"cannot write to {out}: {exc}") from None
-    try:
+    with OutputTransaction(out_path) as out:
+        writer = out.open_shards(plan.output_layout(), plan.shard_size_bytes)
         _write_sidecars(plan, config, out, options)
         if progress is None and not options.quiet:
             from .progress import run_with_progress
@@ -295,12 +246,7 @@ def run_merge(
             run_with_progress(plan, lambda cb: execute(plan, writer, options.threads, cb))
         else:
             execute(plan, writer, options.threads, progress)
-        writer.finalize()
-    except BaseException:
-        writer.abort()
-        raise
-    # config.json last: until it exists the directory does not load as a model.
-    _atomic_write(out / "config.json", json.dumps(plan.out_config, indent=2) + "\n")
+        out.commit(json.dumps(plan.out_config, indent=2) + "\n")
     return plan
 
 

@@ -9,15 +9,21 @@ import yaml
 from .methods.base import MergeMethod
 
 
-def _is_hub_id(path: str) -> bool:
+def is_hub_id(path: str) -> bool:
     """A hub repository id looks like ``org/name``; local paths are left out of ``base_model``."""
     if os.path.exists(path) or path.startswith(("/", "~", ".")):
         return False
     return path.count("/") == 1
 
 
-def _link(ref: str) -> str:
-    return f"[{ref}](https://huggingface.co/{ref})" if _is_hub_id(ref) else ref
+def hub_link(ref: str) -> str:
+    """``ref`` as a markdown link to its hub page when it is a hub id."""
+    return f"[{ref}](https://huggingface.co/{ref})" if is_hub_id(ref) else ref
+
+
+def front_matter(fields: dict) -> list[str]:
+    """The card's YAML header lines (keys in the order given)."""
+    return ["---", yaml.safe_dump(fields, sort_keys=False).strip(), "---"]
 
 
 def generate_card(
@@ -28,16 +34,14 @@ def generate_card(
     title: str,
     random_seed: int | None = None,
 ) -> str:
-    hub_models = [r.split("@")[0] for r in model_refs if _is_hub_id(r.split("+")[0].split("@")[0])]
+    hub_models = [r.split("@")[0] for r in model_refs if is_hub_id(r.split("+")[0].split("@")[0])]
     front = {"base_model": hub_models, "library_name": "transformers", "tags": ["mergekitty", "merge"]}
     if not hub_models:
         del front["base_model"]
     method_text = f"[{method.pretty_name}]({method.paper_url})" if method.paper_url else method.pretty_name
     uses_base = base_ref is not None and method.base != "ignored"
     lines = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False).strip(),
-        "---",
+        *front_matter(front),
         f"# {title}",
         "",
         "This is a merge of pre-trained language models created using [mergekitty](https://github.com/allura-org/mergekitty).",
@@ -46,7 +50,7 @@ def generate_card(
         "### Merge Method",
         "",
         f"This model was merged using the {method_text} merge method"
-        + (f" using {_link(base_ref)} as a base." if uses_base and base_ref is not None else "."),
+        + (f" using {hub_link(base_ref)} as a base." if uses_base and base_ref is not None else "."),
         "",
         "### Models Merged",
         "",
@@ -55,7 +59,7 @@ def generate_card(
     for ref in model_refs:
         if uses_base and ref == base_ref:
             continue
-        lines.append(f"* {_link(ref)}")
+        lines.append(f"* {hub_link(ref)}")
     if random_seed is not None:
         lines += ["", f"Random seed: `{random_seed}`"]
     lines += [

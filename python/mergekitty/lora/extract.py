@@ -35,11 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArchitectureError, ConfigError, OutputError, PlanError
+from ..tokenizer.write import TOKENIZER_FILES
 from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "lora_extraction.json"
+# What an earlier extraction may have left that must not survive next to a new adapter.
+ADAPTER_FILES = (ADAPTER_CONFIG, *ADAPTER_WEIGHTS, REPORT_FILE, *TOKENIZER_FILES)
 OVERSAMPLE = 10
 POWER_ITERATIONS = 4
 
@@ -288,9 +291,9 @@ def _plan(ft, base, ft_layout, mods: _Modules, opts: dict[str, Any]) -> tuple[li
 
 
 # ---------------------------------------------------------------------------- output
-def _write_safetensors(path: Path, tensors: list[tuple[str, Any]], metadata: dict[str, str]) -> None:
-    """Write ``tensors`` (name, torch tensor) as one safetensors file, one tensor at a time,
-    through a temporary name renamed into place at the end."""
+def _write_safetensors(f, tensors: list[tuple[str, Any]], metadata: dict[str, str]) -> None:
+    """Write ``tensors`` (name, torch tensor) into the binary file ``f`` as one safetensors
+    file, one tensor at a time."""
     from ..io.dtypes import code_of
     from ..ops.reduce import bytes_view
 
@@ -302,28 +305,19 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, Any]], metadata: dic
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for _, t in tensors:
-                if t.numel():
-                    f.write(bytes_view(t.detach().to("cpu").contiguous()))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for _, t in tensors:
+        if t.numel():
+            f.write(bytes_view(t.detach().to("cpu").contiguous()))
 
 
 def _readme(result: ExtractionResult, finetuned: str, base: str, title: str, command: str | None) -> str:
-    from ..card import _is_hub_id, _link
+    from ..card import hub_link, is_hub_id
 
     cfg = result.adapter_config
     front = ["---", "library_name: peft", "tags:", "- mergekitty", "- lora", "- extracted"]
-    if _is_hub_id(base.split("@")[0]):
+    if is_hub_id(base.split("@")[0]):
         front.insert(2, f"base_model: {base.split('@')[0]}")
     factored = result.factored
     errors = [m.relative_error for m in factored]
@@ -336,8 +330,8 @@ def _readme(result: ExtractionResult, finetuned: str, base: str, title: str, com
         "[mergekitty](https://github.com/allura-org/mergekitty) (`mergekitty-extract-lora`): "
         "each linear layer's difference from the base model, factored by a truncated SVD.",
         "",
-        f"* Fine-tuned model: {_link(finetuned)}",
-        f"* Base model: {_link(base)}",
+        f"* Fine-tuned model: {hub_link(finetuned)}",
+        f"* Base model: {hub_link(base)}",
         f"* Rank: {cfg['r']} (lora_alpha {cfg['lora_alpha']}, scale 1)"
         + (f"; {len(cfg['rank_pattern'])} modules with lower ranks in rank_pattern" if cfg["rank_pattern"] else ""),
         f"* Modules factored: {len(factored)}; saved in full (modules_to_save): {', '.join(cfg['modules_to_save'] or []) or 'none'}",
@@ -392,6 +386,7 @@ def extract_lora(
 
     from ..architecture import infer_layout
     from ..io.checkpoint import Checkpoint
+    from ..io.output import check_output_path
     from ..refs import ModelReference, resolve_local_path
 
     if rank < 1:
@@ -428,13 +423,7 @@ def extract_lora(
     ft_dir, ft = open_model(str(finetuned))
     base_dir, bs = open_model(str(base))
     out = Path(out_path).expanduser()
-    for src in (ft_dir, base_dir):
-        if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-            raise OutputError(
-                f"output directory {out_path} is (inside) the input model {src}; choose another directory"
-            )
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output path {out_path} exists and is not a directory")
+    check_output_path(out_path, [(ft_dir, "input model"), (base_dir, "input model")])
     ft_cfg = ft.config()
     try:
         layout = infer_layout(ft.names(), ft_cfg, where=ft.label)
@@ -632,16 +621,9 @@ def _write_output(
     result: ExtractionResult, tensors, ft_dir: Path, finetuned: str, base: str, title: str, command: str | None
 ) -> None:
     from .. import __version__
-    from ..api import _atomic_write
-    from ..tokenizer.write import TOKENIZER_FILES, copy_tokenizer
+    from ..io.output import OutputTransaction
+    from ..tokenizer.write import copy_tokenizer
 
-    out = result.out_path
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in (ADAPTER_CONFIG, *ADAPTER_WEIGHTS, REPORT_FILE, *TOKENIZER_FILES):
-        if (out / stale).is_file():
-            (out / stale).unlink()
-    _write_safetensors(out / ADAPTER_WEIGHTS[0], tensors, {"format": "pt", "mergekitty_version": __version__})
-    copy_tokenizer(ft_dir, out)  # the fine-tune's tokenizer (it may have added tokens)
     report = {
         "finetuned": finetuned,
         "base": base,
@@ -657,7 +639,10 @@ def _write_output(
             for m in result.modules
         },
     }
-    _atomic_write(out / REPORT_FILE, json.dumps(report, indent=2) + "\n")
-    _atomic_write(out / "README.md", _readme(result, finetuned, base, title, command))
-    # adapter_config.json last: until it exists the directory does not load as an adapter
-    _atomic_write(out / ADAPTER_CONFIG, json.dumps(result.adapter_config, indent=2) + "\n")
+    with OutputTransaction(result.out_path, marker=ADAPTER_CONFIG, stale=ADAPTER_FILES) as out:
+        with out.open_file(ADAPTER_WEIGHTS[0]) as f:
+            _write_safetensors(f, tensors, {"format": "pt", "mergekitty_version": __version__})
+        copy_tokenizer(ft_dir, out.dir)  # the fine-tune's tokenizer (it may have added tokens)
+        out.write_text(REPORT_FILE, json.dumps(report, indent=2) + "\n")
+        out.write_text("README.md", _readme(result, finetuned, base, title, command))
+        out.commit(json.dumps(result.adapter_config, indent=2) + "\n")

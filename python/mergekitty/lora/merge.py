@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -25,27 +24,23 @@ log = logging.getLogger(__name__)
 
 
 def _card(base: str, adapter: str, adapter_cfg: dict[str, Any], changed: int, title: str) -> str:
-    import yaml
-
-    from ..card import _is_hub_id, _link
+    from ..card import front_matter, hub_link, is_hub_id
 
     front: dict[str, Any] = {"library_name": "transformers", "tags": ["mergekitty", "lora", "merge"]}
-    hubs = [r for r in (base.split("@")[0], adapter.split("@")[0]) if _is_hub_id(r)]
+    hubs = [r for r in (base.split("@")[0], adapter.split("@")[0]) if is_hub_id(r)]
     if hubs:
         front["base_model"] = hubs
     scale = "lora_alpha / sqrt(r)" if adapter_cfg.get("use_rslora") else "lora_alpha / r"
     return "\n".join(
         [
-            "---",
-            yaml.safe_dump(front, sort_keys=False).strip(),
-            "---",
+            *front_matter(front),
             f"# {title}",
             "",
             "This model is a base model with a LoRA adapter merged into its weights, made with "
             "[mergekitty](https://github.com/allura-org/mergekitty) (`mergekitty-merge-lora`).",
             "",
-            f"* Base model: {_link(base)}",
-            f"* LoRA adapter: {_link(adapter)} (r = {adapter_cfg.get('r')}, lora_alpha = {adapter_cfg.get('lora_alpha')}, scale {scale})",
+            f"* Base model: {hub_link(base)}",
+            f"* LoRA adapter: {hub_link(adapter)} (r = {adapter_cfg.get('r')}, lora_alpha = {adapter_cfg.get('lora_alpha')}, scale {scale})",
             f"* Tensors changed by the adapter: {changed}",
             "",
         ]
@@ -69,9 +64,9 @@ def merge_lora(
     Returns the names of the tensors the adapter changes; with ``dry_run`` only the
     checks run (headers only) and nothing is written.
     """
-    from .. import __version__, _native
-    from ..api import SIDECAR_FILES, MergeOptions, _atomic_write, _prepare_out_dir
+    from ..api import MergeOptions
     from ..io.checkpoint import Checkpoint
+    from ..io.output import SIDECAR_FILES, OutputTransaction, check_output_path
     from ..ops.reduce import bytes_view
     from ..refs import ModelPath, resolve_local_path
     from .adapter import Adapter
@@ -93,34 +88,18 @@ def merge_lora(
     device = options.resolved_device()
     model = LoraCheckpoint(Checkpoint(Path(base_dir), label=str(base)), lora, label=f"{base}+{adapter}", device=device)
 
-    out = Path(out_path).expanduser()
-    resolved = out.resolve()
-    for src, what in ((Path(base_dir), "base model"), (Path(adapter_dir), "adapter")):
-        src = src.resolve()
-        if resolved == src or src in resolved.parents:
-            raise OutputError(f"output directory {out_path} is (inside) the {what} {src}; choose another directory")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output path {out_path} exists and is not a directory")
-
+    check_output_path(out_path, [(Path(base_dir), "base model"), (Path(adapter_dir), "adapter")])
     if dry_run:
         return model.changed()
     names = model.names()
-    _prepare_out_dir(out)
     layout = [(n, model.infos[n].dtype, list(model.infos[n].shape)) for n in names]
-    try:
-        writer = _native.ShardWriter(
-            str(out), layout, options.out_shard_size, None, {"mergekitty_version": __version__}
-        )
-    except OSError as exc:
-        raise OutputError(f"cannot write to {out}: {exc}") from None
-    try:
-        for name in SIDECAR_FILES:
-            if (Path(base_dir) / name).is_file():
-                shutil.copyfile(Path(base_dir) / name, out / name)
+    with OutputTransaction(out_path) as out:
+        writer = out.open_shards(layout, options.out_shard_size)
+        out.copy_files(base_dir, SIDECAR_FILES)
         if options.copy_tokenizer:
             from ..tokenizer.write import copy_tokenizer
 
-            copy_tokenizer(lora.tokenizer_dir() or Path(base_dir), out)
+            copy_tokenizer(lora.tokenizer_dir() or Path(base_dir), out.dir)
         for i, name in enumerate(names):
             view = model.view(name)
             if view is not None:
@@ -130,12 +109,8 @@ def merge_lora(
             model.release(name)
             if progress is not None:
                 progress(name, i + 1, len(names))
-        writer.finalize()
-    except BaseException:
-        writer.abort()
-        raise
-    if options.write_model_card:
-        _atomic_write(out / "README.md", _card(str(base), str(adapter), lora.config, len(model.changed()), out.name))
-    # config.json last: until it exists the directory does not load as a model.
-    _atomic_write(out / "config.json", json.dumps(model.config(), indent=2) + "\n")
+        if options.write_model_card:
+            card = _card(str(base), str(adapter), lora.config, len(model.changed()), out.path.name)
+            out.write_text("README.md", card)
+        out.commit(json.dumps(model.config(), indent=2) + "\n")
     return model.changed()

@@ -11,14 +11,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, OutputError
-from .config import RANDOM_GATE_MODES, MoEConfig, load_moe_config, load_moe_config_file
-from .inputs import _DROPPED_SUFFIXES, MLP_PARTS, MoEInputs, open_inputs
+from ..errors import OutputError
+from ..io.output import MODEL_FILES
+from .config import MOE_CONFIG, RANDOM_GATE_MODES, MoEConfig
+from .inputs import DROPPED_SUFFIXES, MLP_PARTS, MoEInputs, open_inputs
 
 log = logging.getLogger(__name__)
 
 CONFIG_COPY = "mergekitty_moe_config.yml"
 SIDECAR_FILES = ("generation_config.json",)
+# an earlier build's config copy goes with its weights
+OUTPUT_FILES = (*MODEL_FILES, CONFIG_COPY)
 
 
 @dataclass(frozen=True)
@@ -49,20 +52,6 @@ class MoEResult:
     seed: int
     tensors: list = field(default_factory=list)  # writer.OutTensor, in file order
     used_seed: bool = False  # random gates or expert noise drew from the seed
-
-
-def _load(config: Any) -> MoEConfig:
-    if isinstance(config, MoEConfig):
-        return config
-    if isinstance(config, (str, os.PathLike)) and "\n" not in str(config) and Path(config).suffix in (".yml", ".yaml"):
-        return load_moe_config_file(config)
-    if isinstance(config, str):
-        return load_moe_config(config)
-    if isinstance(config, dict):
-        from .config import moe_config_from_data
-
-        return moe_config_from_data(config)
-    raise ConfigError(f"expected an MoEConfig, YAML text, a dict or a YAML file path, got {type(config).__name__}")
 
 
 def _output_dtype(config: MoEConfig, inputs: MoEInputs) -> str:
@@ -104,7 +93,7 @@ def plan_tensors(config: MoEConfig, inputs: MoEInputs, arch, out_code: str, rout
     base = inputs.base
     layout = base.layout
     prefix = layout.prefix
-    keep = lambda n: not n.endswith(_DROPPED_SUFFIXES)  # noqa: E731
+    keep = lambda n: not n.endswith(DROPPED_SUFFIXES)  # noqa: E731
     out = [copy_of(n, base, n, out_code) for n in layout.pre if keep(n)]
     suffixes = inputs.base_layer_suffixes()
     for layer in range(inputs.num_layers):
@@ -150,15 +139,14 @@ def build_moe(config: Any, out_path: str | os.PathLike, options: MoEOptions | No
     file path) and write it to ``out_path``. Keyword arguments override ``options`` fields."""
     import json
 
-    from .. import __version__, _native
-    from ..api import _atomic_write, _prepare_out_dir
     from ..io.dtypes import CONFIG_NAME_TO_CODE
+    from ..io.output import OutputTransaction
     from ..plan import check_output_dir
     from .arch import select_architecture
     from .gates import compute_gates
 
     options = replace(options or MoEOptions(), **kwargs)
-    config = _load(config)
+    config = MOE_CONFIG.coerce(config)
     out = Path(out_path).expanduser()
     inputs = open_inputs(config, options)
     check_output_dir(out, inputs.models)
@@ -190,28 +178,15 @@ def build_moe(config: Any, out_path: str | os.PathLike, options: MoEOptions | No
     )
     tensors = plan_tensors(config, inputs, arch, out_code, routed, shared)
 
-    _prepare_out_dir(out)
-    for stale in out.glob(CONFIG_COPY):
-        stale.unlink()
-    layout = [(t.name, t.dtype, list(t.shape)) for t in tensors]
-    try:
-        writer = _native.ShardWriter(
-            str(out), layout, options.out_shard_size, None, {"mergekitty_version": __version__}
-        )
-    except OSError as exc:
-        raise OutputError(f"cannot write to {out}: {exc}") from None
-    try:
-        _write_sidecars(config, inputs, out, options, seed)
-        _write_tensors(tensors, writer, seed, options.quiet)
-        writer.finalize()
-    except BaseException:
-        writer.abort()
-        raise
     text = hf_config.to_json_string(use_diff=True)
     data = json.loads(text)
     data.pop("transformers_version", None)
     data["transformers_version"] = _transformers_version()
-    _atomic_write(out / "config.json", json.dumps(data, indent=2, sort_keys=True) + "\n")
+    with OutputTransaction(out, stale=OUTPUT_FILES) as txn:
+        writer = txn.open_shards([(t.name, t.dtype, list(t.shape)) for t in tensors], options.out_shard_size)
+        _write_sidecars(config, inputs, txn, options, seed)
+        _write_tensors(tensors, writer, seed, options.quiet)
+        txn.commit(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return MoEResult(arch.name, arch.hf_class, out, seed, tensors, _uses_seed(config))
 
 
@@ -240,21 +215,15 @@ def _write_tensors(tensors, writer, seed: int, quiet: bool) -> None:
         write_all(tensors, writer, seed, lambda _t: bar.update(task, advance=1))
 
 
-def _write_sidecars(config: MoEConfig, inputs: MoEInputs, out: Path, options: MoEOptions, seed: int) -> None:
-    import shutil
-
-    from ..api import _atomic_write
-
-    for name in SIDECAR_FILES:
-        src = inputs.base.path / name
-        if src.is_file():
-            shutil.copyfile(src, out / name)
+def _write_sidecars(config: MoEConfig, inputs: MoEInputs, out, options: MoEOptions, seed: int) -> None:
+    """The base's side files and tokenizer, and the config copy, into the OutputTransaction ``out``."""
+    out.copy_files(inputs.base.path, SIDECAR_FILES)
     if options.copy_tokenizer:
         from ..tokenizer.write import copy_tokenizer
 
-        copy_tokenizer(inputs.base.path, out)
+        copy_tokenizer(inputs.base.path, out.dir)
     text = config.source_text or config.to_yaml()
     text = text if text.endswith("\n") else text + "\n"
     if _uses_seed(config):
         text += f"# built with --random-seed {seed}; pass it again to reproduce this model exactly\n"
-    _atomic_write(out / CONFIG_COPY, text)
+    out.write_text(CONFIG_COPY, text)

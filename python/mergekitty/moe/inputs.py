@@ -16,7 +16,7 @@ from ..yaml_lines import error_at_key
 
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
 # tensors some checkpoints carry that are recomputed by transformers, never loaded
-_DROPPED_SUFFIXES = ("rotary_emb.inv_freq",)
+DROPPED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 @dataclass
@@ -74,7 +74,7 @@ class MoEInputs:
         return [
             s
             for s in self.base.layout.layer_tensors[0]
-            if not s.startswith("mlp.") and not s.endswith(_DROPPED_SUFFIXES)
+            if not s.startswith("mlp.") and not s.endswith(DROPPED_SUFFIXES)
         ]
 
     def base_mlp_extras(self) -> list[str]:

@@ -1,0 +1,205 @@
+"""The output transaction: the marker last, nothing complete-looking after a failure, reruns
+replace what the tool wrote and keep what it did not."""
+
+import json
+import struct
+
+import pytest
+
+from mergekitty import OutputError, run_merge
+from mergekitty.io.output import OutputTransaction
+
+
+def _names(path):
+    return sorted(p.name for p in path.iterdir())
+
+
+def _layout(n=3):
+    return [(f"t{i}", "F32", [4]) for i in range(n)]
+
+
+def _data(i):
+    return struct.pack("<4f", i, i, i, i)
+
+
+def _linear(llama, *names):
+    models = "".join(f"\n  - model: {llama[n]}\n    parameters: {{weight: 1.0}}" for n in names)
+    return f"models:{models}\nmerge_method: linear\n"
+
+
+class _FailingWriter:
+    """A ShardWriter that raises KeyboardInterrupt on its ``after``-th write."""
+
+    def __init__(self, writer, after):
+        self.writer, self.after, self.calls = writer, after, 0
+
+    def __getattr__(self, name):
+        return getattr(self.writer, name)
+
+    def write(self, name, data):
+        self.calls += 1
+        if self.calls == self.after:
+            raise KeyboardInterrupt
+        self.writer.write(name, data)
+
+
+@pytest.fixture
+def failing_writes(monkeypatch):
+    """Every transaction's shard writer fails on its third write."""
+    real = OutputTransaction.open_shards
+
+    def open_shards(self, *args, **kwargs):
+        return _FailingWriter(real(self, *args, **kwargs), after=3)
+
+    monkeypatch.setattr(OutputTransaction, "open_shards", open_shards)
+
+
+# ------------------------------------------------------------------ the transaction itself
+def test_commit_publishes_everything_and_the_marker_last(tmp_path):
+    out = tmp_path / "out"
+    with OutputTransaction(out) as txn:
+        writer = txn.open_shards(_layout(), 0)
+        txn.write_text("README.md", "card\n")
+        for i, (name, _, _) in enumerate(_layout()):
+            writer.write(name, _data(i))
+        # nothing is in place before commit
+        assert not any(n in _names(out) for n in ("README.md", "model.safetensors", "config.json"))
+        published = txn.commit('{"a": 1}\n')
+    assert published[-1] == "config.json" and "model.safetensors" in published and "README.md" in published
+    assert _names(out) == ["README.md", "config.json", "model.safetensors"]
+    assert json.loads((out / "config.json").read_text()) == {"a": 1}
+    assert (out / "README.md").read_text() == "card\n"
+
+
+@pytest.mark.faults
+def test_an_exception_mid_write_leaves_nothing_that_looks_complete(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError), OutputTransaction(out, stale=()) as txn:
+        writer = txn.open_shards(_layout(), 20)  # one tensor per shard
+        txn.write_text("README.md", "card\n")
+        writer.write("t0", _data(0))
+        raise ValueError("boom")
+    assert _names(out) == ["notes.txt"]
+
+
+@pytest.mark.faults
+def test_a_failed_marker_removes_the_shards_it_would_have_completed(tmp_path, monkeypatch):
+    def no_marker(self, name, text):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(OutputTransaction, "_write_now", no_marker)
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match="disk full"), OutputTransaction(out) as txn:
+        writer = txn.open_shards(_layout(), 20)
+        txn.write_text("README.md", "card\n")
+        for i, (name, _, _) in enumerate(_layout()):
+            writer.write(name, _data(i))
+        txn.commit("{}\n")
+    assert _names(out) == []
+
+
+@pytest.mark.faults
+def test_missing_tensors_fail_the_commit_and_publish_nothing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="never written"), OutputTransaction(out) as txn:
+        writer = txn.open_shards(_layout(), 0)
+        writer.write("t0", _data(0))
+        txn.commit("{}\n")
+    assert _names(out) == []
+
+
+def test_leaving_the_block_without_commit_aborts(tmp_path):
+    out = tmp_path / "out"
+    with OutputTransaction(out) as txn:
+        txn.write_text("README.md", "card\n")
+        txn.open_shards(_layout(), 0)
+    assert _names(out) == []
+    with pytest.raises(OutputError):
+        txn.commit("{}\n")
+
+
+def test_an_output_path_that_is_a_file_is_an_output_error(tmp_path):
+    (tmp_path / "out").write_text("not a directory")
+    with pytest.raises(OutputError), OutputTransaction(tmp_path / "out"):
+        pass
+
+
+# ------------------------------------------------------------------ every command through it
+def test_rerun_replaces_the_previous_output_and_keeps_foreign_files(llama, tmp_path):
+    out = tmp_path / "out"
+    run_merge(_linear(llama, "ft1"), out, quiet=True, out_shard_size=50_000)
+    assert "model.safetensors.index.json" in _names(out)
+    (out / "notes.txt").write_text("mine")
+    (out / "extra").mkdir()
+    run_merge(_linear(llama, "ft1", "ft2"), out, quiet=True, copy_tokenizer=False)
+    names = _names(out)
+    assert "model.safetensors" in names and "config.json" in names and "notes.txt" in names and "extra" in names
+    assert not any(n.startswith(("model-", "tokenizer", ".")) or n.endswith(".index.json") for n in names), names
+    assert "ft2" in (out / "README.md").read_text()
+
+
+@pytest.mark.faults
+def test_a_failed_merge_over_a_previous_output_leaves_no_model(llama, tmp_path, failing_writes):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "config.json").write_text("{}")  # an earlier output's
+    (out / "model.safetensors").write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        run_merge(_linear(llama, "ft1", "ft2"), out, quiet=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    left = _names(out)
+    assert "config.json" not in left and not any(n.endswith((".safetensors", ".partial")) for n in left), left
+    assert "README.md" not in left and "generation_config.json" not in left, left
+
+
+@pytest.mark.faults
+def test_a_failed_lora_merge_leaves_no_model(llama, tmp_path, failing_writes):
+    from mergekitty.lora import extract_lora, merge_lora
+
+    adapter = tmp_path / "adapter"
+    extract_lora(llama["ft1"], llama["base"], adapter, rank=2)
+    out = tmp_path / "merged"
+    with pytest.raises(KeyboardInterrupt):
+        merge_lora(llama["base"], adapter, out, quiet=True)
+    left = _names(out)
+    assert "config.json" not in left and not any(n.endswith((".safetensors", ".partial")) for n in left), left
+
+
+@pytest.mark.faults
+def test_a_failed_moe_build_leaves_no_model(llama, tmp_path, failing_writes):
+    from mergekitty.moe import build_moe
+
+    config = f"""
+base_model: {llama["base"]}
+gate_mode: random
+experts:
+  - source_model: {llama["ft1"]}
+  - source_model: {llama["ft2"]}
+"""
+    out = tmp_path / "moe"
+    with pytest.raises(KeyboardInterrupt):
+        build_moe(config, out, random_seed=0, quiet=True)
+    left = _names(out)
+    assert "config.json" not in left and not any(n.endswith((".safetensors", ".partial", ".yml")) for n in left), left
+
+
+@pytest.mark.faults
+def test_a_failed_extraction_leaves_no_adapter(llama, tmp_path, monkeypatch):
+    import mergekitty.lora.extract as extract_mod
+
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+
+    def failing_readme(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(extract_mod, "_readme", failing_readme)
+    with pytest.raises(KeyboardInterrupt):
+        extract_mod.extract_lora(llama["ft1"], llama["base"], out, rank=2)
+    left = _names(out)
+    assert "adapter_config.json" not in left and "adapter_model.safetensors" not in left, left
+    assert not any(n.endswith(".partial") for n in left) and "notes.txt" in left, left

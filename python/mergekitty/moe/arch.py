@@ -139,3 +139,18 @@ def sliding_window_of(base_config: dict) -> int | None:
     if base_config.get("use_sliding_window"):
         return window or None
     return None
+
+
+def qwen_moe_settings(inputs, config) -> dict[str, Any]:
+    """The expert settings Qwen2-MoE and Qwen3-MoE configs share: every layer sparse, one
+    MLP size for every expert, top-k weights renormalized."""
+    size = inputs.experts[0].intermediate_size
+    return {
+        "intermediate_size": inputs.base.config.get("intermediate_size", size),
+        "moe_intermediate_size": size,
+        "num_experts": len(inputs.experts),
+        "num_experts_per_tok": config.experts_per_token,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
+    }

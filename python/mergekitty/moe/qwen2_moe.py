@@ -9,7 +9,7 @@ mistral) get ``qkv_bias: false`` rather than zero-filled biases.
 
 from __future__ import annotations
 
-from .arch import OutputArchitecture, sliding_window_of
+from .arch import OutputArchitecture, qwen_moe_settings, sliding_window_of
 
 
 class Qwen2Moe(OutputArchitecture):
@@ -40,16 +40,9 @@ class Qwen2Moe(OutputArchitecture):
 
     def moe_settings(self, inputs, config) -> dict:
         base = inputs.base.config
-        size = inputs.experts[0].intermediate_size
         out = {
-            "intermediate_size": base.get("intermediate_size", size),
-            "moe_intermediate_size": size,
+            **qwen_moe_settings(inputs, config),
             "shared_expert_intermediate_size": inputs.shared[0].intermediate_size,
-            "num_experts": len(inputs.experts),
-            "num_experts_per_tok": config.experts_per_token,
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
-            "norm_topk_prob": True,
             "qkv_bias": bool(inputs.attention_biases()),
             "use_sliding_window": False,
         }

@@ -6,7 +6,7 @@ On disk: ``mlp.experts.E.{gate,up,down}_proj.weight`` and router ``mlp.gate.weig
 
 from __future__ import annotations
 
-from .arch import OutputArchitecture
+from .arch import OutputArchitecture, qwen_moe_settings
 
 
 class Qwen3Moe(OutputArchitecture):
@@ -29,15 +29,8 @@ class Qwen3Moe(OutputArchitecture):
 
     def moe_settings(self, inputs, config) -> dict:
         base = inputs.base.config
-        size = inputs.experts[0].intermediate_size
         out = {
-            "intermediate_size": base.get("intermediate_size", size),
-            "moe_intermediate_size": size,
-            "num_experts": len(inputs.experts),
-            "num_experts_per_tok": config.experts_per_token,
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
-            "norm_topk_prob": True,
+            **qwen_moe_settings(inputs, config),
             "attention_bias": bool(base.get("attention_bias", False)),
             "use_sliding_window": bool(base.get("use_sliding_window", False)),
         }

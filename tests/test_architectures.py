@@ -35,6 +35,20 @@ SLICES = ((0, 2), (1, 4))
 LAYER_MAP = [0, 1, 1, 2, 3]
 
 
+def _franken_yaml(
+    tmp_path: Path, model: Path, slices: tuple[tuple[int, int], ...] = ((0, 2), (1, 3)), extra: str = ""
+) -> Path:
+    """A passthrough frankenmerge config of ``model``'s layer ranges ``slices``."""
+    cfg = tmp_path / "franken.yml"
+    cfg.write_text(
+        "slices:\n"
+        + "".join(f"  - sources: [{{model: {model}, layer_range: [{a}, {b}]}}]\n" for a, b in slices)
+        + "merge_method: passthrough\n"
+        + extra
+    )
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def families(tmp_path_factory):
     """arch -> {base, ft1, ft2}; each family is built once per session, on first use."""
@@ -131,14 +145,8 @@ random_seed: 1
 def test_frankenmerge(arch, families, tmp_path):
     fam = families(arch)
     src = fam["ft1"]
-    cfg = tmp_path / "franken.yml"
-    cfg.write_text(
-        "slices:\n"
-        + "".join(f"  - sources: [{{model: {src}, layer_range: [{a}, {b}]}}]\n" for a, b in SLICES)
-        + "merge_method: passthrough\ndtype: float32\n"
-    )
     out = tmp_path / "out"
-    run_yaml(cfg, out)
+    run_yaml(_franken_yaml(tmp_path, src, SLICES, "dtype: float32\n"), out)
 
     in_cfg = json.loads((src / "config.json").read_text())
     out_cfg = json.loads((out / "config.json").read_text())
@@ -192,14 +200,8 @@ def test_frankenmerge_renumbers_dense_layer_indices(dense_layers, want_dense, tm
     src = tmp_path / "src"
     torch.manual_seed(0)
     transformers.Qwen3MoeForCausalLM(config).save_pretrained(src)
-    cfg = tmp_path / "franken.yml"
-    cfg.write_text(
-        "slices:\n"
-        + "".join(f"  - sources: [{{model: {src}, layer_range: [{a}, {b}]}}]\n" for a, b in SLICES)
-        + "merge_method: passthrough\n"
-    )
     out = tmp_path / "out"
-    run_yaml(cfg, out)
+    run_yaml(_franken_yaml(tmp_path, src, SLICES), out)
     out_cfg = json.loads((out / "config.json").read_text())
     assert out_cfg["num_hidden_layers"] == len(LAYER_MAP)
     assert out_cfg["mlp_only_layers"] == want_dense and out_cfg.get("decoder_sparse_step", 1) == 1
@@ -309,17 +311,6 @@ _ODD_LAYOUT = {
     "pre": ["tok_table.*", "trunk.aux.*"],
     "post": ["final.*", "readout.weight"],
 }
-
-
-def _franken_yaml(tmp_path: Path, model: Path) -> Path:
-    cfg = tmp_path / "odd.yml"
-    cfg.write_text(f"""
-slices:
-  - sources: [{{model: {model}, layer_range: [0, 2]}}]
-  - sources: [{{model: {model}, layer_range: [1, 3]}}]
-merge_method: passthrough
-""")
-    return cfg
 
 
 def test_unknown_layout_is_an_error_naming_the_tensors(tmp_path):

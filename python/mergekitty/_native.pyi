@@ -71,6 +71,7 @@ def plan_layout(
     max_shard_bytes: int,
     metadata: dict[str, str] | None = None,
 ) -> list[tuple[str, str, int, int]]: ...
+
 @final
 class ShardWriter:
     """Writes the planned tensors into safetensors shards (and an index when there are several)."""

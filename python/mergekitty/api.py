@@ -92,8 +92,9 @@ def plan_merge(
 ):
     """Read every header, check everything, and return the MergePlan without reading weights."""
     from .config import check_method, parameter_name_problems
+    from .io.output import check_output_path
     from .params import normalize_to_slices
-    from .plan import Planner, check_architectures, check_output_dir
+    from .plan import Planner, check_architectures
 
     options = replace(options or MergeOptions(), **kwargs)
     config = _load_config(config)
@@ -109,7 +110,7 @@ def plan_merge(
     slices = normalize_to_slices(config, lambda ref: models[index[str(ref)]].layout.num_layers)
     check_architectures(models, planner.donor, options.allow_crimes)
     if out_path is not None:
-        check_output_dir(Path(out_path), models)
+        check_output_path(out_path, [(m.path, f"input model {m.label}") for m in models])
     if config.chat_template:
         _chat_template(config, [m.path for m in models])  # a bad name or template fails here, before any weight is read
     vocab = _plan_vocabulary(config, models, planner)

@@ -596,22 +596,6 @@ class Planner:
 LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers")
 
 
-def check_output_dir(out_path: Path, models: list[InputModel]) -> None:
-    from .errors import OutputError
-
-    out = out_path.expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output path {out_path} exists and is not a directory")
-    for m in models:
-        src = m.path.resolve()
-        if out == src:
-            raise OutputError(f"output directory {out_path} is the input model {m.label}; choose another directory")
-        if src in out.parents:
-            raise OutputError(
-                f"output directory {out_path} is inside the input model {m.label}; choose another directory"
-            )
-
-
 def check_architectures(models: list[InputModel], donor: int, allow_crimes: bool) -> None:
     def arch(m: InputModel):
         return (tuple(m.config.get("architectures") or ()), m.config.get("model_type"))

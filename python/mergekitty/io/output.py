@@ -61,16 +61,18 @@ MODEL_FILES = (
 
 
 def check_output_path(out_path: str | os.PathLike, inputs: Iterable[tuple[Path, str]]) -> None:
-    """OutputError unless ``out_path`` can be an output directory: not a file, and neither
-    one of the ``inputs`` ((directory, what it is)) nor inside one."""
+    """OutputError unless ``out_path`` can be an output directory: not a file, and neither one of
+    the ``inputs`` ((directory, what it is, e.g. "input model org/model")) nor inside one."""
     out = Path(out_path).expanduser()
     resolved = out.resolve()
-    for src, what in inputs:
-        src = Path(src).resolve()
-        if resolved == src or src in resolved.parents:
-            raise OutputError(f"output directory {out_path} is (inside) the {what} {src}; choose another directory")
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path {out_path} exists and is not a directory")
+    for src, what in inputs:
+        src = Path(src).resolve()
+        if resolved == src:
+            raise OutputError(f"output directory {out_path} is the {what}; choose another directory")
+        if src in resolved.parents:
+            raise OutputError(f"output directory {out_path} is inside the {what}; choose another directory")
 
 
 def _temp_name(name: str) -> str:

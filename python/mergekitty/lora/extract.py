@@ -423,7 +423,7 @@ def extract_lora(
     ft_dir, ft = open_model(str(finetuned))
     base_dir, bs = open_model(str(base))
     out = Path(out_path).expanduser()
-    check_output_path(out_path, [(ft_dir, "input model"), (base_dir, "input model")])
+    check_output_path(out_path, [(ft_dir, f"input model {ft_dir}"), (base_dir, f"input model {base_dir}")])
     ft_cfg = ft.config()
     try:
         layout = infer_layout(ft.names(), ft_cfg, where=ft.label)

@@ -88,7 +88,9 @@ def merge_lora(
     device = options.resolved_device()
     model = LoraCheckpoint(Checkpoint(Path(base_dir), label=str(base)), lora, label=f"{base}+{adapter}", device=device)
 
-    check_output_path(out_path, [(Path(base_dir), "base model"), (Path(adapter_dir), "adapter")])
+    check_output_path(
+        out_path, [(Path(base_dir), f"base model {base_dir}"), (Path(adapter_dir), f"adapter {adapter_dir}")]
+    )
     if dry_run:
         return model.changed()
     names = model.names()

@@ -140,8 +140,7 @@ def build_moe(config: Any, out_path: str | os.PathLike, options: MoEOptions | No
     import json
 
     from ..io.dtypes import CONFIG_NAME_TO_CODE
-    from ..io.output import OutputTransaction
-    from ..plan import check_output_dir
+    from ..io.output import OutputTransaction, check_output_path
     from .arch import select_architecture
     from .gates import compute_gates
 
@@ -149,7 +148,7 @@ def build_moe(config: Any, out_path: str | os.PathLike, options: MoEOptions | No
     config = MOE_CONFIG.coerce(config)
     out = Path(out_path).expanduser()
     inputs = open_inputs(config, options)
-    check_output_dir(out, inputs.models)
+    check_output_path(out, [(m.path, f"input model {m.label}") for m in inputs.models])
     _check_experts(config, inputs, options)
     arch = select_architecture(inputs, config)
     log.info("output architecture: %s", arch.hf_class)

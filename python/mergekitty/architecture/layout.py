@@ -50,7 +50,7 @@ _INPUT_EMBED_HINTS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok
 _OVERRIDE_HINT = "; describe the layout in a mergekitty_layout.json next to config.json (README: 'Model layouts')"
 
 
-def _get_nested(cfg: dict[str, Any], dotted: str) -> Any:
+def get_nested(cfg: dict[str, Any], dotted: str) -> Any:
     node: Any = cfg
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -168,7 +168,7 @@ def infer_layout(
         return layout_from_override(tensor_names, cfg, override, where)
     names = list(tensor_names)
     count_key = layer_count_key(cfg)
-    expected = _get_nested(cfg, count_key) if count_key else None
+    expected = get_nested(cfg, count_key) if count_key else None
 
     stacks: dict[str, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
     for name in names:

@@ -92,7 +92,7 @@ def layout_from_override(
     tensor_names: Iterable[str], cfg: dict[str, Any], override: LayoutOverride, where: str = "model"
 ) -> ModelLayout:
     """The ModelLayout that ``override`` describes, checked against the model's tensors and config."""
-    from .layout import ModelLayout, _get_nested, layer_count_key
+    from .layout import ModelLayout, get_nested, layer_count_key
 
     names = list(tensor_names)
     numbered = re.compile(re.escape(override.layer_prefix) + r"\.(\d+)\.(.+)$")
@@ -120,7 +120,7 @@ def layout_from_override(
         raise ArchitectureError(f"{src}: layer stack '{override.layer_prefix}' has no tensors for layers {missing[:5]}")
     key = override.num_layers_key
     if key is not None:
-        value = _get_nested(cfg, key)
+        value = get_nested(cfg, key)
         if not isinstance(value, int):
             raise ArchitectureError(f"{src}: config.json has no integer '{key}' (num_layers_key)")
         if value != count:
@@ -129,7 +129,7 @@ def layout_from_override(
             )
     else:
         key = layer_count_key(cfg)
-        if key is not None and _get_nested(cfg, key) != count:
+        if key is not None and get_nested(cfg, key) != count:
             key = None  # not this stack's count; slicing then keeps the config's value
     layer_tensors = {i: tuple(layers[i]) for i in sorted(layers)}
     return ModelLayout(count, key, override.layer_prefix, layer_tensors, tuple(pre), tuple(post))

@@ -89,11 +89,11 @@ def magnitude_outliers(x: torch.Tensor, density: float, gamma: float, rescale: b
 
 
 def random_mask(x: torch.Tensor, density: float, seed: int, key: str, rescale="inverse") -> torch.Tensor | None:
-    from .sparsify import _rescale_mode
+    from .sparsify import rescale_mode
 
     if not _ok(x) or not _seed_ok(seed):
         return None
-    mode = _rescale_mode(rescale)
+    mode = rescale_mode(rescale)
     from .. import _native
 
     w = _work_copy(x)
@@ -104,11 +104,11 @@ def random_mask(x: torch.Tensor, density: float, seed: int, key: str, rescale="i
 def della(
     x: torch.Tensor, density: float, epsilon: float, seed: int, key: str, rescale="inverse"
 ) -> torch.Tensor | None:
-    from .sparsify import _rescale_mode, check_della
+    from .sparsify import check_della, rescale_mode
 
     if not _ok(x) or not _seed_ok(seed):
         return None
-    mode = _rescale_mode(rescale)
+    mode = rescale_mode(rescale)
     check_della(density, epsilon)  # the reference's error message
     from .. import _native
 

@@ -34,7 +34,7 @@ def f32(value: float) -> float:
     return torch.tensor(float(value), dtype=torch.float32).item()
 
 
-def _rescale_mode(rescale) -> str:
+def rescale_mode(rescale) -> str:
     if rescale is True:
         return "inverse"
     if rescale is False or rescale is None:
@@ -146,7 +146,7 @@ def random_mask_reference(x: torch.Tensor, density: float, seed: int, key: str, 
     """
     import torch
 
-    mode = _rescale_mode(rescale)
+    mode = rescale_mode(rescale)
     x = x.float()
     if density >= 1:
         return x.clone()
@@ -204,7 +204,7 @@ def della_reference(
     ``p_i`` (the DELLA paper), "l1" rescales as mergekit 0.1.5 does, "none" leaves them."""
     import torch
 
-    mode = _rescale_mode(rescale)
+    mode = rescale_mode(rescale)
     x = x.float()
     if density >= 1:
         return x.clone()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import yaml
 
@@ -21,7 +22,7 @@ def hub_link(ref: str) -> str:
     return f"[{ref}](https://huggingface.co/{ref})" if is_hub_id(ref) else ref
 
 
-def front_matter(fields: dict) -> list[str]:
+def front_matter(fields: dict[str, Any]) -> list[str]:
     """The card's YAML header lines (keys in the order given)."""
     return ["---", yaml.safe_dump(fields, sort_keys=False).strip(), "---"]
 

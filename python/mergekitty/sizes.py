@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from .errors import InvalidArgumentError
 
@@ -49,7 +50,7 @@ def format_size(n: int) -> str:
     return f"{n} B"
 
 
-def numel(shape) -> int:
+def numel(shape: Iterable[int]) -> int:
     """The number of elements of a tensor of ``shape`` (1 for a scalar)."""
     n = 1
     for s in shape:

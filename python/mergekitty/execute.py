@@ -19,14 +19,23 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .errors import MergeError, MergekittyError
 from .io.dtypes import nbytes, torch_dtype
 from .kernels import Copy, Gta, LinearCombination
 from .plan import MergePlan, Source, TensorJob
 
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
 PREFETCH_JOBS = 2
 WRITE_QUEUE = 2
+
+# What a job hands the writer: the bytes (a map view or a pooled buffer's slice) and the pooled
+# buffer to recycle once written (None for a map view or a fresh tensor).
+Computed = tuple[Any, "np.ndarray | None"]
 
 
 class BufferPool:
@@ -34,10 +43,10 @@ class BufferPool:
 
     def __init__(self, keep: int) -> None:
         self.keep = keep
-        self.free: list = []
+        self.free: list[np.ndarray] = []
         self.lock = threading.Lock()
 
-    def take(self, size: int):
+    def take(self, size: int) -> np.ndarray:
         import numpy as np
 
         with self.lock:
@@ -46,7 +55,7 @@ class BufferPool:
                 return self.free.pop(min(fitting, key=lambda i: self.free[i].nbytes))
         return np.empty(max(size, 1), dtype=np.uint8)
 
-    def give(self, buf) -> None:
+    def give(self, buf: np.ndarray) -> None:
         # numpy arrays compare elementwise, so the list is handled by index, never by value
         with self.lock:
             self.free.append(buf)
@@ -57,10 +66,10 @@ class BufferPool:
 class _BackgroundWriter:
     """Feeds ShardWriter.write from one thread; the first error is re-raised in the producer."""
 
-    def __init__(self, writer, pool: BufferPool) -> None:
+    def __init__(self, writer: Any, pool: BufferPool) -> None:
         self.writer = writer
         self.pool = pool
-        self.queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
+        self.queue: queue.Queue[tuple[str, Any, np.ndarray | None] | None] = queue.Queue(maxsize=WRITE_QUEUE)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="mergekitty-writer", daemon=True)
         self.thread.start()
@@ -79,7 +88,7 @@ class _BackgroundWriter:
             if pooled is not None:
                 self.pool.give(pooled)
 
-    def put(self, name: str, data, pooled=None) -> None:
+    def put(self, name: str, data: Any, pooled: np.ndarray | None = None) -> None:
         while True:
             if self.error is not None:
                 raise self.error
@@ -99,7 +108,7 @@ class _BackgroundWriter:
             raise self.error
 
 
-def run_job(plan: MergePlan, opened: list, job: TensorJob, threads: int, pool: BufferPool):
+def run_job(plan: MergePlan, opened: list[Any], job: TensorJob, threads: int, pool: BufferPool) -> Computed:
     """Compute one output tensor with the kernel the plan chose for it.
     Returns (bytes to write, pooled buffer to recycle or None)."""
     kernel = job.kernel
@@ -112,7 +121,7 @@ def run_job(plan: MergePlan, opened: list, job: TensorJob, threads: int, pool: B
     return _run_torch(plan, opened, job, threads, pool)
 
 
-def _view(plan: MergePlan, opened: list, src: Source, job: TensorJob):
+def _view(plan: MergePlan, opened: list[Any], src: Source, job: TensorJob) -> Any:
     """The zero-copy bytes of an input the plan found mapped."""
     view = opened[src.model].view(src.tensor)
     if view is None:  # the plan saw it mapped: the checkpoint changed under us
@@ -122,19 +131,19 @@ def _view(plan: MergePlan, opened: list, src: Source, job: TensorJob):
     return view
 
 
-def _dtype(opened: list, src: Source) -> str:
-    return opened[src.model].infos[src.tensor].dtype
+def _dtype(opened: list[Any], src: Source) -> str:
+    return str(opened[src.model].infos[src.tensor].dtype)
 
 
-def _out_buffer(job: TensorJob, pool: BufferPool):
+def _out_buffer(job: TensorJob, pool: BufferPool) -> tuple[Any, np.ndarray]:
     size = nbytes(job.out_dtype, math.prod(job.shape))
     buf = pool.take(size)
     return buf[:size], buf
 
 
 def _run_linear(
-    plan: MergePlan, opened: list, job: TensorJob, kernel: LinearCombination, pool: BufferPool, threads: int
-):
+    plan: MergePlan, opened: list[Any], job: TensorJob, kernel: LinearCombination, pool: BufferPool, threads: int
+) -> Computed:
     from . import _native
 
     sources = [job.inputs[i] for i, _ in kernel.terms]
@@ -150,7 +159,9 @@ def _run_linear(
     return out, buf
 
 
-def _run_gta(plan: MergePlan, opened: list, job: TensorJob, kernel: Gta, pool: BufferPool, threads: int):
+def _run_gta(
+    plan: MergePlan, opened: list[Any], job: TensorJob, kernel: Gta, pool: BufferPool, threads: int
+) -> Computed:
     from .ops.native_dispatch import gta_merge_views
 
     base, *sources = job.inputs
@@ -170,7 +181,7 @@ def _run_gta(plan: MergePlan, opened: list, job: TensorJob, kernel: Gta, pool: B
     return out, buf
 
 
-def _run_torch(plan: MergePlan, opened: list, job: TensorJob, threads: int, pool: BufferPool):
+def _run_torch(plan: MergePlan, opened: list[Any], job: TensorJob, threads: int, pool: BufferPool) -> Computed:
     import torch
 
     from .methods.base import MergeInputs
@@ -180,24 +191,25 @@ def _run_torch(plan: MergePlan, opened: list, job: TensorJob, threads: int, pool
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 
-    def load(src):
-        t = opened[src.model].tensor(src.tensor)
+    def load(src: Source) -> torch.Tensor:
+        t: torch.Tensor = opened[src.model].tensor(src.tensor)
         return t if dev.type == "cpu" else t.to(dev, non_blocking=True)
 
-    if job.aligned:
-        load = _aligned_loader(plan, job, load)
+    read = _aligned_loader(plan, job, load) if job.aligned else load
 
     out_dtype = torch_dtype(job.out_dtype)
+    if out_dtype is None:
+        raise MergeError(f"tensor '{job.out_name}': torch has no dtype for {job.out_dtype}")
     size = nbytes(job.out_dtype, math.prod(job.shape))
     buf = pool.take(size) if dev.type == "cpu" and size else None
     out = torch.from_numpy(buf[:size]).view(out_dtype).view(job.shape) if buf is not None else None
     result = plan.method.merge(
         MergeInputs(
             name=job.out_name,
-            tensors=[load(s) for s in job.sources],
+            tensors=[read(s) for s in job.sources],
             model_params=list(job.model_params),
             params=job.params,
-            base=load(job.base) if job.base else None,
+            base=read(job.base) if job.base else None,
             out_dtype=out_dtype,
             threads=threads,
             out=out,
@@ -205,17 +217,19 @@ def _run_torch(plan: MergePlan, opened: list, job: TensorJob, threads: int, pool
         )
     )
     if tuple(result.shape) != tuple(job.shape):
-        raise ValueError(
+        raise MergeError(
             f"merge method '{plan.method.name}' returned shape {tuple(result.shape)} for '{job.out_name}', expected {job.shape}"
         )
-    if out is None:
+    if out is None or buf is None:
         return bytes_view(result.to(out_dtype).cpu().contiguous()), None
     if result.data_ptr() != out.data_ptr():
         out.copy_(result)
     return buf[:size], buf
 
 
-def _aligned_loader(plan: MergePlan, job: TensorJob, load):
+def _aligned_loader(
+    plan: MergePlan, job: TensorJob, load: Callable[[Source], torch.Tensor]
+) -> Callable[[Source], torch.Tensor]:
     """``load`` for a vocabulary-sized tensor: each input re-laid out in the output vocabulary's
     row order (tokenizer.embeddings), with the default rows computed once for the job."""
     from .tokenizer.embeddings import align_rows, default_rows
@@ -225,14 +239,14 @@ def _aligned_loader(plan: MergePlan, job: TensorJob, load):
     return lambda src: align_rows(plan.vocab, src.model, loaded[src.model], defaults)
 
 
-def _touch(opened: list, job: TensorJob, action: str) -> None:
+def _touch(opened: list[Any], job: TensorJob, action: str) -> None:
     for s in (*job.inputs, *job.row_sources):
         getattr(opened[s.model], action)(s.tensor)
 
 
 def execute(
     plan: MergePlan,
-    writer,
+    writer: Any,
     threads: int = 0,
     on_progress: Callable[[TensorJob, float], None] | None = None,
 ) -> None:

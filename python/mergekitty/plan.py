@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +22,7 @@ from .kernels import JobInput, Kernel, Torch, choose
 
 if TYPE_CHECKING:
     from .memory import MemoryEstimate
+    from .tokenizer.build import VocabPlan
 from .methods.base import MergeMethod, ParamSpec
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ class OutputTensor:
 class Planner:
     """Builds a MergePlan. ``open_model(ref) -> (path, Checkpoint, config dict)`` does the I/O of headers."""
 
-    def __init__(self, config, method: MergeMethod, models: list[InputModel], options) -> None:
+    def __init__(self, config: Any, method: MergeMethod, models: list[InputModel], options: Any) -> None:
         from .params import ParameterResolver
 
         self.config = config
@@ -223,10 +224,10 @@ class Planner:
         self.index_of = {str(m.ref): i for i, m in enumerate(models)}
         self.resolver = ParameterResolver(config)
         self.used_param_names: set[str] = set()
-        self.vocab = None  # tokenizer.build.VocabPlan, given to plan()
+        self.vocab: VocabPlan | None = None  # the output vocabulary, given to plan()
 
     # ---------------------------------------------------------------- helpers
-    def _model(self, ref) -> int:
+    def _model(self, ref: Any) -> int:
         return self.index_of[str(ref)]
 
     def _find(self, model: int, name: str, out_name: str) -> str:
@@ -262,7 +263,14 @@ class Planner:
             )
         return out
 
-    def _checked(self, spec: ParamSpec, value: Any, tensor: str, label: str | None, origin=None) -> Any:
+    def _checked(
+        self,
+        spec: ParamSpec,
+        value: Any,
+        tensor: str,
+        label: str | None,
+        origin: Callable[[], tuple[Any, ...]] | None = None,
+    ) -> Any:
         where = f"for model {label}, tensor '{tensor}'" if label else f"for tensor '{tensor}'"
         if value is None:
             if spec.required:
@@ -280,8 +288,8 @@ class Planner:
     # ---------------------------------------------------------------- planning
     def plan(
         self,
-        slices,
-        vocab=None,
+        slices: list[Any],
+        vocab: VocabPlan | None = None,
         random_seed: int = 0,
         device: str = "cpu",
         shard_size_bytes: int = DEFAULT_SHARD_SIZE_BYTES,
@@ -378,7 +386,9 @@ class Planner:
         for si, sp in enumerate(picks):
             for idx in range(sp.length):
                 out_layer = len(layer_map)
-                lead_model, lead_start = (sp.entries[0][0], sp.entries[0][1]) if sp.entries else sp.base
+                lead = (sp.entries[0][0], sp.entries[0][1]) if sp.entries else sp.base
+                assert lead is not None  # _slice_picks: a slice has sources or a base
+                lead_model, lead_start = lead
                 layer_map.append(
                     (out_layer, tuple((self.models[mi].label, start + idx) for mi, start, _ in sp.entries))
                 )
@@ -404,7 +414,7 @@ class Planner:
         infos = [self.models[s.model].checkpoint.infos[s.tensor] for s in inputs]
         ref_info = infos[0]
         aligned = self._is_aligned(out_name, inputs, infos)
-        shape = (self.vocab.rows, *ref_info.shape[1:]) if aligned else ref_info.shape
+        shape = (self.vocab.rows, *ref_info.shape[1:]) if aligned and self.vocab else ref_info.shape
         self._check_shapes(out_name, inputs, infos, aligned)
         params = self._global_params(tensor.slice, out_name, tensor.t)
         mparams = tuple(
@@ -414,7 +424,7 @@ class Planner:
         self._validate(out_name, params, mparams, sources, base)
         out_dtype = self._out_dtype(ref_info.dtype)
         row_sources: tuple[Source, ...] = ()
-        if aligned:
+        if aligned and self.vocab is not None:
             missing = sorted(self.vocab.default_models() - {s.model for s in inputs})
             row_sources = tuple(Source(m, self._find(m, out_name, out_name)) for m in missing)
         mapped = [self.models[s.model].checkpoint.view(s.tensor) is not None for s in inputs]
@@ -459,7 +469,12 @@ class Planner:
                 )
 
     def _validate(
-        self, out_name: str, params: dict[str, Any], mparams: tuple[dict[str, Any], ...], sources, base
+        self,
+        out_name: str,
+        params: dict[str, Any],
+        mparams: tuple[dict[str, Any], ...],
+        sources: tuple[Source, ...],
+        base: Source | None,
     ) -> None:
         """The method's own checks and model counts, with the resolved parameters of one tensor."""
         method = self.method
@@ -487,7 +502,7 @@ class Planner:
         shape = m.checkpoint.infos[name].shape
         return shape[0] if shape else None
 
-    def _is_aligned(self, out_name: str, sources, infos) -> bool:
+    def _is_aligned(self, out_name: str, sources: tuple[Source, ...], infos: list[Any]) -> bool:
         """Whether this tensor's rows follow the vocabulary and must be re-laid out."""
         if self.vocab is None or not self.vocab.changes_rows or not is_embedding_name(out_name):
             return False
@@ -496,7 +511,7 @@ class Planner:
             return False
         return any(self.vocab.row_maps[s.model] is not None for s in sources)
 
-    def _listed(self, ref) -> bool:
+    def _listed(self, ref: Any) -> bool:
         if self.config.models:
             return any(str(m.model) == str(ref) for m in self.config.models)
         return True
@@ -514,12 +529,12 @@ class Planner:
             return in_code
         return {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[name]
 
-    def _read_position(self, job: TensorJob) -> tuple:
-        first = job.sources[0] if job.sources else job.base
+    def _read_position(self, job: TensorJob) -> tuple[int, str, int]:
+        first = job.sources[0] if job.sources else job.inputs[0]
         info = self.models[first.model].checkpoint.infos[first.tensor]
         return (first.model, info.file, info.start)
 
-    def _out_config(self, donor: int, slices, num_out_layers: int) -> dict[str, Any]:
+    def _out_config(self, donor: int, slices: list[Any], num_out_layers: int) -> dict[str, Any]:
         import copy
 
         cfg = copy.deepcopy(self.models[donor].config)
@@ -541,7 +556,7 @@ class Planner:
                 self._rewrite_layer_lists(cfg, key, slices, num_out_layers)
         return cfg
 
-    def _rewrite_layer_lists(self, cfg: dict[str, Any], key: str, slices, num_out_layers: int) -> None:
+    def _rewrite_layer_lists(self, cfg: dict[str, Any], key: str, slices: list[Any], num_out_layers: int) -> None:
         """Set the layer count and rebuild every per-layer list (``layer_types``...) slice by slice."""
         parent = _get_parent(cfg, key)
         old_count = parent[key.split(".")[-1]]
@@ -568,7 +583,7 @@ class Planner:
                 parent[list_key] = rebuilt
         self._rewrite_layer_indices(parent, key, slices)
 
-    def _rewrite_layer_indices(self, parent: dict[str, Any], key: str, slices) -> None:
+    def _rewrite_layer_indices(self, parent: dict[str, Any], key: str, slices: list[Any]) -> None:
         """Renumber the lists of layer indices (``mlp_only_layers``, ``moe_layers``) for the new
         stack; a ``decoder_sparse_step`` pattern becomes an explicit ``mlp_only_layers``, since
         slicing breaks the stride."""
@@ -597,7 +612,7 @@ LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers")
 
 
 def check_architectures(models: list[InputModel], donor: int, allow_crimes: bool) -> None:
-    def arch(m: InputModel):
+    def arch(m: InputModel) -> tuple[tuple[str, ...], Any]:
         return (tuple(m.config.get("architectures") or ()), m.config.get("model_type"))
 
     ref = arch(models[donor])

@@ -143,10 +143,9 @@ class OutputTransaction:
     def __enter__(self) -> OutputTransaction:
         return self.begin()
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if self._state != "committed":
             self.abort()
-        return False
 
     def commit(self, marker_text: str) -> list[str]:
         """Publish the shards and the other files, then write the marker last. Returns the

@@ -165,3 +165,14 @@ def test_the_plan_places_every_tensor_where_the_writer_writes_it(llama, tmp_path
         assert job.offset == 8 + struct.unpack("<Q", raw[:8])[0] + start
         size = nbytes(job.out_dtype, state[job.out_name].numel())
         assert stop - start == size and job.output_bytes == size
+
+
+def test_plan_command_prints_kernels_and_writes_the_plan_json(llama, tmp_path):
+    from helpers import run_cli
+
+    config = tmp_path / "ties.yml"
+    config.write_text(_yaml(llama, "ties", "weight: 0.5, density: 0.5"))
+    proc = run_cli("mergekitty", "plan", config, "--json", tmp_path / "plan.json")
+    assert "native.gta" in proc.stdout and "allocated" in proc.stdout and "page cache" in proc.stdout
+    plan = MergePlan.from_json((tmp_path / "plan.json").read_text())
+    assert plan.method.name == "ties" and all(isinstance(j.kernel, kernels.Gta) for j in plan.jobs)

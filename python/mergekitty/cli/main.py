@@ -33,12 +33,19 @@ def merge(config_file: str, out_path: str, **kwargs) -> None:
 @group.command()
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.argument("out_path", type=click.Path(file_okay=False), required=False)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the plan as JSON to this file: every tensor's sources, parameters, kernel, shard and offset.",
+)
 @merge_options
-def plan(config_file: str, out_path: str | None, **kwargs) -> None:
-    """Print what merging CONFIG_FILE would do (layer map, output size, peak memory) without reading weights."""
+def plan(config_file: str, out_path: str | None, json_path: str | None, **kwargs) -> None:
+    """Print what merging CONFIG_FILE would do (layer map, kernels, output size, memory) without reading weights."""
     from .run import run_command
 
-    run_command(config_file, out_path, kwargs, plan_only=True)
+    run_command(config_file, out_path, kwargs, plan_only=True, json_path=json_path)
 
 
 group.add_command(moe_command, "moe")

@@ -7,7 +7,9 @@ from rich.console import Console
 from .shell import command_shell
 
 
-def run_command(config_file: str, out_path: str | None, kwargs: dict, plan_only: bool = False) -> None:
+def run_command(
+    config_file: str, out_path: str | None, kwargs: dict, plan_only: bool = False, json_path: str | None = None
+) -> None:
     from .options import build_options
 
     with command_shell("no merged model was written (partial files were removed)") as console:
@@ -19,7 +21,13 @@ def run_command(config_file: str, out_path: str | None, kwargs: dict, plan_only:
         if plan_only or dry_run:
             from .report import print_plan
 
-            print_plan(plan_merge(config, out_path, options), Console())
+            plan = plan_merge(config, out_path, options)
+            print_plan(plan, Console())
+            if json_path is not None:
+                from pathlib import Path
+
+                Path(json_path).write_text(plan.to_json())
+                console.print(f"plan written to {json_path}")
             return
         run_merge(config, out_path, options)
         console.print(f"[green]done:[/] merged model written to {out_path}")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["load_model", "model_logits", "read_state", "run_cli", "run_yaml"]
+__all__ = ["load_model", "model_logits", "read_state", "run_cli", "run_yaml", "task_vector_family"]
 
 
 def run_cli(*args: Any, check: bool = True, cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -82,3 +82,22 @@ def model_logits(path: str | Path) -> torch.Tensor:
     ids = (torch.arange(1, 17).view(2, 8) * 7) % (vocab - 10) + 3
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+def task_vector_family(
+    shape: tuple[int, ...], dtype: torch.dtype, k: int = 3, seed: int = 0
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A base tensor and ``k`` fine-tunes of it (``dtype``) whose task vectors hold exact zeros
+    and repeated magnitudes (ties), for the GTA kernel tests."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    xs = []
+    for i in range(k):
+        d = 0.05 * torch.randn(shape, generator=g)
+        if d.numel() > 4:
+            d.view(-1)[:: 5 + i] = 0.0  # exact zero task-vector entries
+            d.view(-1)[1::7] = 0.03125  # ties
+        xs.append((base + d).to(dtype))
+    return base.to(dtype), xs

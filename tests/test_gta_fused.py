@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from helpers import task_vector_family  # noqa: E402
 from mergekitty import kernels  # noqa: E402
 from mergekitty.methods.base import MergeInputs  # noqa: E402
 from mergekitty.methods.registry import get_method  # noqa: E402
@@ -19,19 +20,6 @@ from mergekitty.ops import native_dispatch  # noqa: E402
 
 SHAPES = [(7,), (1,), (13, 257), (3, 1), (64, 1031)]
 DTYPES = [torch.bfloat16, torch.float32]
-
-
-def _models(shape, dtype, k=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(shape, generator=g)
-    xs = []
-    for i in range(k):
-        d = 0.05 * torch.randn(shape, generator=g)
-        if d.numel() > 4:
-            d.view(-1)[:: 5 + i] = 0.0  # exact zero task-vector entries
-            d.view(-1)[1::7] = 0.03125  # ties
-        xs.append((base + d).to(dtype))
-    return base.to(dtype), xs
 
 
 def _params(method, k, density):
@@ -81,7 +69,7 @@ METHODS = ["ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("density", [0.5, 0.9, 1e-3, 1.0])
 def test_fused_matches_unfused(method, dtype, shape, density):
-    base, xs = _models(shape, dtype)
+    base, xs = task_vector_family(shape, dtype)
     mp, params = _params(method, len(xs), density)
     ref = _run(method, base, xs, mp, params, dtype, fused=False)
     got = _run(method, base, xs, mp, params, dtype, fused=True, threads=1)
@@ -93,7 +81,7 @@ def test_fused_matches_unfused(method, dtype, shape, density):
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
 def test_large_multithreaded_and_out_buffer(method):
     # big enough that the kernels split the work across threads
-    base, xs = _models((300, 1000), torch.bfloat16, seed=3)
+    base, xs = task_vector_family((300, 1000), torch.bfloat16, seed=3)
     mp, params = _params(method, 3, 0.3)
     ref = _run(method, base, xs, mp, params, torch.bfloat16, fused=False)
     out = torch.empty_like(base)
@@ -106,7 +94,7 @@ def test_large_multithreaded_and_out_buffer(method):
 
 
 def test_nan_and_inf():
-    base, xs = _models((11, 37), torch.float32, seed=5)
+    base, xs = task_vector_family((11, 37), torch.float32, seed=5)
     xs[0].view(-1)[[3, 50, 100]] = float("nan")
     xs[1].view(-1)[[4, 60]] = float("inf")
     xs[2].view(-1)[[5]] = float("-inf")
@@ -136,7 +124,7 @@ def test_plan_chooses_torch_where_the_fused_kernel_does_not_apply():
 
 
 def test_reference_handles_what_the_plan_sends_to_torch():
-    base, xs = _models((5, 9), torch.float32)
+    base, xs = task_vector_family((5, 9), torch.float32)
     mp, params = _params("ties", 3, 0.5)
     params["rescale"] = True
     get_method("ties").merge(MergeInputs("w", xs, mp, params, base=base, out_dtype=torch.float32))

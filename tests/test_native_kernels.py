@@ -11,6 +11,9 @@ import math
 import pytest
 
 torch = pytest.importorskip("torch")
+
+from helpers import task_vector_family  # noqa: E402
+
 _native = pytest.importorskip("mergekitty._native")
 if not hasattr(_native, "magnitude"):
     pytest.skip("native module built without the sparsify kernels", allow_module_level=True)
@@ -340,19 +343,6 @@ def _sparsity(kind, density, i):
     return Sparsity("della", density, epsilon=eps, key=key, rescale="inverse" if i != 1 else "none")
 
 
-def _models(shape, dtype, k=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(shape, generator=g)
-    xs = []
-    for i in range(k):
-        d = 0.05 * torch.randn(shape, generator=g)
-        if d.numel() > 4:
-            d.view(-1)[:: 5 + i] = 0.0  # exact zero task-vector entries
-            d.view(-1)[1::7] = 0.03125  # ties
-        xs.append((base + d).to(dtype))
-    return base.to(dtype), xs
-
-
 def _bits(t):
     return t.reshape(-1).view(torch.uint8)
 
@@ -365,7 +355,7 @@ GTA_KINDS = ["magnitude", "outliers", "random", "della", "mixed"]
 @pytest.mark.parametrize("shape", [(7,), (1,), (13, 257), (3, 1), (64, 1031)])
 @pytest.mark.parametrize("density", [0.5, 0.9, 1e-3, 1.0, 0.0])
 def test_gta_merge_is_bit_identical_to_the_unfused_kernels(kind, dtype, shape, density):
-    base, xs = _models(shape, dtype)
+    base, xs = task_vector_family(shape, dtype)
     kinds = ["magnitude", "outliers", "della"] if kind == "mixed" else [kind] * 3
     sparsity = tuple(_sparsity(kd, density, i) for i, kd in enumerate(kinds))
     for consensus, normalize in ((True, True), (False, False)):
@@ -383,7 +373,7 @@ def test_gta_merge_is_bit_identical_to_the_unfused_kernels(kind, dtype, shape, d
 
 @pytest.mark.parametrize("kind", ["magnitude", "outliers", "random", "della"])
 def test_gta_merge_nan_inf_and_out_buffer(kind):
-    base, xs = _models((11, 37), torch.float32, seed=5)
+    base, xs = task_vector_family((11, 37), torch.float32, seed=5)
     xs[0].view(-1)[[3, 50, 100]] = float("nan")
     xs[1].view(-1)[[4, 60]] = float("inf")
     xs[2].view(-1)[[5]] = float("-inf")
@@ -399,7 +389,7 @@ def test_gta_merge_nan_inf_and_out_buffer(kind):
 def test_gta_merge_large_tensor_thresholds():
     # more than 2**20 elements: the order statistics take the sampled path
     n = (1 << 20) + 4099
-    base, xs = _models((n,), torch.bfloat16, seed=3)
+    base, xs = task_vector_family((n,), torch.bfloat16, seed=3)
     xs[1][3] = float("nan")
     xs[2][4] = float("inf")
     for kinds in (["magnitude"] * 3, ["outliers"] * 3, ["magnitude", "outliers", "random"]):
@@ -415,7 +405,7 @@ def test_gta_merge_empty_tensor():
 
 
 def test_gta_merge_errors():
-    base, xs = _models((4, 8), torch.float32)
+    base, xs = task_vector_family((4, 8), torch.float32)
     spec = GtaSpec((Sparsity("magnitude", 0.5),) * 3, (1.0, 1.0, 1.0), False, False, 1.0)
     views = [bytes_view(x) for x in xs]
     out = torch.empty(4, 8)

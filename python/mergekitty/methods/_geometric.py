@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..errors import MergeError
+
 if TYPE_CHECKING:
     import torch
 
@@ -45,13 +47,13 @@ def trivial(inputs: MergeInputs) -> torch.Tensor | None:
     every = [*([inputs.base] if inputs.base is not None else []), *inputs.tensors]
     if not inputs.tensors:
         if inputs.base is None:
-            raise ValueError(f"no input tensors for '{inputs.name}'")
+            raise MergeError(f"no input tensors for '{inputs.name}'")
         return finish(inputs.base, inputs)
     if not every[0].is_floating_point():
         first = every[0]
         if all(t.shape == first.shape and bool((t == first).all()) for t in every[1:]):
             return finish(first, inputs)
-        raise ValueError(
+        raise MergeError(
             f"tensor '{inputs.name}' has dtype {first.dtype} and differs between the models; integer tensors cannot be interpolated"
         )
     return None

@@ -17,6 +17,7 @@ recomputed as B + (X - B).
 
 from __future__ import annotations
 
+from ..errors import MergeError
 from ._geometric import f32, finish, trivial
 from .base import MergeInputs, MergeMethod, TorchFunction
 
@@ -53,7 +54,7 @@ def merge(inputs: MergeInputs):
     if done is not None:
         return done
     if inputs.base is None or len(inputs.tensors) != 1:
-        raise ValueError("arcee_fusion needs a base model and exactly one other model")
+        raise MergeError(f"tensor '{inputs.name}': arcee_fusion needs a base model and exactly one other model")
     b, x = f32(inputs.base), f32(inputs.tensors[0])
     importance = (x - b).abs() * row_kl(x, b)
     flat = importance.reshape(-1)

@@ -20,6 +20,7 @@ very small offsets.)
 
 from __future__ import annotations
 
+from ..errors import MergeError
 from ._geometric import ZERO_NORM, f32, finish, trivial
 from .base import MergeInputs, MergeMethod, ParamSpec, TorchFunction
 
@@ -31,7 +32,7 @@ def merge(inputs: MergeInputs):
     if done is not None:
         return done
     if inputs.base is None or len(inputs.tensors) < 2:
-        raise ValueError("model_stock needs a base model and at least two other models")
+        raise MergeError(f"tensor '{inputs.name}': model_stock needs a base model and at least two other models")
     base = f32(inputs.base)
     shape = base.shape
     if inputs.params.get("filter_wise") and base.dim() > 1:

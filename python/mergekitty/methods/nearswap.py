@@ -12,6 +12,7 @@ mergekit clamps |B - X| to >= 1e-6; where B == X every choice gives the same val
 
 from __future__ import annotations
 
+from ..errors import MergeError
 from ._geometric import f32, finish, trivial
 from .base import MergeInputs, MergeMethod, ParamSpec, TorchFunction
 
@@ -23,7 +24,7 @@ def merge(inputs: MergeInputs):
     if done is not None:
         return done
     if inputs.base is None or len(inputs.tensors) != 1:
-        raise ValueError("nearswap needs a base model and exactly one other model")
+        raise MergeError(f"tensor '{inputs.name}': nearswap needs a base model and exactly one other model")
     b, x = f32(inputs.base), f32(inputs.tensors[0])
     t = float(inputs.params["t"])
     diff = (b - x).abs()

@@ -23,6 +23,7 @@ from ``ops.consensus.combine`` because SCE elects on the unweighted task vectors
 
 from __future__ import annotations
 
+from ..errors import MergeError
 from ._geometric import f32, finish, trivial
 from .base import MergeInputs, MergeMethod, ParamSpec, TorchFunction
 
@@ -52,7 +53,7 @@ def merge(inputs: MergeInputs):
     if done is not None:
         return done
     if inputs.base is None:
-        raise ValueError("sce needs a base model")
+        raise MergeError(f"tensor '{inputs.name}': sce needs a base model")
     base = f32(inputs.base)
     deltas = torch.stack([f32(x) - base for x in inputs.tensors])
     n = deltas.shape[0]

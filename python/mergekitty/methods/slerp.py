@@ -31,6 +31,7 @@ differ from these by up to ~1e-4 (relative) on nearly parallel vectors.
 
 from __future__ import annotations
 
+from ..errors import MergeError
 from ._geometric import f32, finish, slerp_tensors, trivial
 from .base import MergeInputs, MergeMethod, ParamSpec, TorchFunction
 
@@ -68,11 +69,13 @@ def merge(inputs: MergeInputs):
     flatten, row_wise = bool(p["nuslerp_flatten"]), bool(p["nuslerp_row_wise"])
     if p.get("t") is not None:
         if inputs.base is None or len(inputs.tensors) != 1:
-            raise ValueError("slerp with 't' needs a base_model and exactly one other model")
+            raise MergeError(f"tensor '{inputs.name}': slerp with 't' needs a base_model and exactly one other model")
         result = slerp_tensors(float(p["t"]), f32(inputs.base), f32(inputs.tensors[0]), flatten, row_wise)
         return finish(result, inputs)
     if len(inputs.tensors) != 2:
-        raise ValueError(f"slerp with per-model 'weight' needs two models besides the base, got {len(inputs.tensors)}")
+        raise MergeError(
+            f"tensor '{inputs.name}': slerp with per-model 'weight' needs two models besides the base, got {len(inputs.tensors)}"
+        )
     t = nuslerp_t(float(inputs.model_params[0]["weight"]), float(inputs.model_params[1]["weight"]))
     x1, x2 = f32(inputs.tensors[0]), f32(inputs.tensors[1])
     if inputs.base is None:

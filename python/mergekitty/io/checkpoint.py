@@ -130,6 +130,27 @@ def _read_index(path: Path) -> dict[str, str]:
     return weight_map
 
 
+def confined(directory: Path, name: str, referrer: str) -> Path:
+    """``directory / name``, refusing a name that leaves the model directory: an absolute path, a
+    ``..`` component, or a symlink whose target is outside it. The one exception is the Hugging
+    Face cache layout, where ``<repo>/snapshots/<revision>/<file>`` links into ``<repo>/blobs/``.
+    ``referrer`` (the index file, or the directory) is named in the error."""
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or ".." in parts:
+        raise ModelFormatError(f"{referrer}: refers to '{name}', which is not a file inside {directory}")
+    path = directory / name
+    root = directory.resolve()
+    target = path.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    if not any(target == a or a in target.parents for a in allowed):
+        raise ModelFormatError(
+            f"{referrer}: '{name}' resolves to {target}, outside the model directory {directory}; refusing to read it"
+        )
+    return path
+
+
 class Checkpoint:
     """The tensors of one model directory, opened lazily and read zero-copy."""
 
@@ -161,7 +182,7 @@ class Checkpoint:
                 self._index_map = _read_index(d / index_name)
                 files = list(dict.fromkeys(self._index_map.values()))
                 for f in files:
-                    if not (d / f).is_file():
+                    if not confined(d, f, str(d / index_name)).is_file():
                         raise ModelFormatError(f"{d / index_name}: lists shard '{f}', which does not exist")
                 return files
         for single in (SAFETENSORS_SINGLE, BIN_SINGLE):
@@ -187,7 +208,7 @@ class Checkpoint:
     def _shard(self, file_name: str):
         shard = self._shards.get(file_name)
         if shard is None:
-            path = self.directory / file_name
+            path = confined(self.directory, file_name, str(self.directory))
             shard = _BinShard(path) if file_name.endswith(".bin") else _SafetensorsShard(path)
             self._shards[file_name] = shard
         return shard

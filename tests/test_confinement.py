@@ -79,3 +79,22 @@ def test_the_cli_names_the_escaping_entry_in_one_line(llama, tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "../../etc/passwd" in proc.stderr and "not a file inside" in proc.stderr
     assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_side_files_symlinked_outside_the_model_are_refused(llama, tmp_path):
+    """config.json and the tokenizer are read and copied into the output: a symlink from the model
+    to a file elsewhere must not smuggle that file in."""
+    from mergekitty.api import run_merge
+    from mergekitty.errors import MergekittyError
+
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"not": "yours"}')
+    for name in ("config.json", "tokenizer.json"):
+        model = tmp_path / f"model-{name}"
+        shutil.copytree(llama["ft1"], model)
+        (model / name).unlink()
+        os.symlink(secret, model / name)
+        text = f"merge_method: linear\nmodels:\n  - model: {model}\n    parameters: {{weight: 1.0}}\n"
+        with pytest.raises(MergekittyError, match="outside the model directory"):
+            run_merge(text, tmp_path / f"out-{name}", quiet=True)
+        assert not (tmp_path / f"out-{name}" / "config.json").exists()

@@ -240,6 +240,7 @@ class Checkpoint:
         path = self.directory / "config.json"
         if not path.is_file():
             raise ModelFormatError(f"{self.directory}: no config.json")
+        confined(self.directory, "config.json", str(self.directory))
         try:
             cfg = json.loads(path.read_text())
         except ValueError as exc:

@@ -225,9 +225,11 @@ class OutputTransaction:
 
     def copy_files(self, src_dir: str | os.PathLike, names: Iterable[str]) -> None:
         """Copy each of ``names`` that ``src_dir`` has."""
+        from .checkpoint import confined
+
         for name in names:
             if (Path(src_dir) / name).is_file():
-                self.copy_file(Path(src_dir) / name, name)
+                self.copy_file(confined(Path(src_dir), name, str(src_dir)), name)
 
     def _write_now(self, name: str, text: str) -> None:
         tmp = self.dir / _temp_name(name)

@@ -196,9 +196,11 @@ def _merge_config_added(vocab: Vocabulary, directory: Path) -> None:
 
 def read_vocabulary(directory: str | Path) -> Vocabulary | None:
     """The vocabulary of the tokenizer in ``directory``, or None when it has no tokenizer files."""
+    from ..io.checkpoint import confined
+
     directory = Path(directory)
     if (directory / TOKENIZER_JSON).is_file():
-        vocab = _from_tokenizer_json(directory / TOKENIZER_JSON)
+        vocab = _from_tokenizer_json(confined(directory, TOKENIZER_JSON, str(directory)))
     elif (directory / "vocab.json").is_file():
         data = _read_json(directory / "vocab.json")
         if not isinstance(data, dict):

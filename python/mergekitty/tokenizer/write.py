@@ -57,9 +57,11 @@ def _write(path: Path, data: Any) -> None:
 
 
 def copy_tokenizer(src: Path, out: Path) -> None:
+    from ..io.checkpoint import confined
+
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
-            shutil.copyfile(src / name, out / name)
+            shutil.copyfile(confined(src, name, str(src)), out / name)
 
 
 def write_tokenizer(plan: VocabPlan, src: Path, out: Path) -> None:

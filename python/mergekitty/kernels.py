@@ -113,6 +113,17 @@ class JobInput:
     mapped: bool  # readable straight from a memory map (not pickled, not computed from an adapter)
 
 
+UNMAPPED = Torch("an input is pickled or computed")
+NOT_FLOAT = Torch("not a float16/bfloat16/float32 tensor")
+
+
+def _native_floats(inputs: list[JobInput], out_dtype: str) -> bool:
+    """Whether the native kernels read every input and write the output in its dtype."""
+    from .io.dtypes import NATIVE_FLOAT_CODES
+
+    return out_dtype in NATIVE_FLOAT_CODES and all(i.dtype in NATIVE_FLOAT_CODES for i in inputs)
+
+
 def choose(
     method: MergeMethod,
     name: str,
@@ -127,7 +138,6 @@ def choose(
 ) -> Kernel:
     """The kernel that computes one output tensor: native wherever the method declares a native
     form and the inputs are mapped float tensors on CPU, else the method's torch function."""
-    from .io.dtypes import NATIVE_FLOAT_CODES
     from .methods.base import GtaSpecBuilder, LinearCoefficients
 
     if device != "cpu":
@@ -142,12 +152,10 @@ def choose(
             terms.insert(0, (0, float(base_coef)))
         used = [inputs[i] for i, _ in terms]
         if not all(u.mapped for u in used):
-            return Torch("an input is pickled or computed")
+            return UNMAPPED
         if len(terms) == 1 and terms[0][1] == 1.0 and used[0].dtype == out_dtype:
             return Copy(terms[0][0])
-        if out_dtype not in NATIVE_FLOAT_CODES or any(u.dtype not in NATIVE_FLOAT_CODES for u in used):
-            return Torch("not a float16/bfloat16/float32 tensor")
-        return LinearCombination(tuple(terms))
+        return LinearCombination(tuple(terms)) if _native_floats(used, out_dtype) else NOT_FLOAT
     if isinstance(compute, GtaSpecBuilder):
         spec = compute.spec(params, model_params, name)
         if not has_base or len(inputs) < 2:
@@ -157,8 +165,6 @@ def choose(
         if any(i.shape != shape for i in inputs) or math.prod(shape) == 0:
             return Torch("inputs of another shape")
         if not all(i.mapped for i in inputs):
-            return Torch("an input is pickled or computed")
-        if out_dtype not in NATIVE_FLOAT_CODES or any(i.dtype not in NATIVE_FLOAT_CODES for i in inputs):
-            return Torch("not a float16/bfloat16/float32 tensor")
-        return Gta(spec)
+            return UNMAPPED
+        return Gta(spec) if _native_floats(inputs, out_dtype) else NOT_FLOAT
     return Torch(f"{method.name} has no native kernel")

@@ -57,6 +57,11 @@ class TensorJob:
     offset: int = 0  # its absolute byte offset in that file
 
     @property
+    def layout_entry(self) -> tuple[str, str, list[int]]:
+        """(name, dtype code, shape): how the shard layout and the ShardWriter see this tensor."""
+        return (self.out_name, self.out_dtype, list(self.shape))
+
+    @property
     def inputs(self) -> tuple[Source, ...]:
         """The base (when the method uses one) followed by the sources: what kernels index."""
         return (self.base, *self.sources) if self.base is not None else self.sources
@@ -134,7 +139,7 @@ class MergePlan:
         """(name, dtype code, shape) of every output tensor in output order: what the ShardWriter
         is created with (with ``shard_size_bytes``) to place each job at its planned offset."""
         by_name = {j.out_name: j for j in self.jobs}
-        return [(name, by_name[name].out_dtype, list(by_name[name].shape)) for name in self.output_order]
+        return [by_name[name].layout_entry for name in self.output_order]
 
     def to_json(self) -> str:
         from .plan_json import dumps
@@ -184,8 +189,7 @@ def _placed(jobs: list[TensorJob], shard_size_bytes: int) -> list[TensorJob]:
     """``jobs`` (in output order) with the shard and offset the ShardWriter will give each."""
     from . import _native
 
-    layout = [(j.out_name, j.out_dtype, list(j.shape)) for j in jobs]
-    places = _native.plan_layout(layout, shard_size_bytes)
+    places = _native.plan_layout([j.layout_entry for j in jobs], shard_size_bytes)
     return [replace(j, shard=shard, offset=offset) for j, (_, shard, offset, _) in zip(jobs, places)]
 
 

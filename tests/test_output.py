@@ -1,5 +1,6 @@
-"""The output transaction: the marker last, nothing complete-looking after a failure, reruns
-replace what the tool wrote and keep what it did not."""
+"""The output transaction: the new output is staged beside the old one and replaces it in one
+step; a failure or interrupt leaves the old output exactly as it was; reruns replace what the
+tool wrote and keep what it did not; one run per output."""
 
 import json
 import struct
@@ -12,6 +13,11 @@ from mergekitty.io.output import OutputTransaction
 
 def _names(path):
     return sorted(p.name for p in path.iterdir())
+
+
+def _beside(out):
+    """What the transaction may leave next to the output (nothing, after it ends)."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 
 
 def _layout(n=3):
@@ -62,13 +68,13 @@ def test_commit_publishes_everything_and_the_marker_last(tmp_path):
         txn.write_text("README.md", "card\n")
         for i, (name, _, _) in enumerate(_layout()):
             writer.write(name, _data(i))
-        # nothing is in place before commit
-        assert not any(n in _names(out) for n in ("README.md", "model.safetensors", "config.json"))
+        assert not out.exists()  # nothing is in place before commit
         published = txn.commit('{"a": 1}\n')
     assert published[-1] == "config.json" and "model.safetensors" in published and "README.md" in published
     assert _names(out) == ["README.md", "config.json", "model.safetensors"]
     assert json.loads((out / "config.json").read_text()) == {"a": 1}
     assert (out / "README.md").read_text() == "card\n"
+    assert _beside(out) == []
 
 
 @pytest.mark.faults
@@ -76,20 +82,20 @@ def test_an_exception_mid_write_leaves_nothing_that_looks_complete(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError), OutputTransaction(out, stale=()) as txn:
+    with pytest.raises(ValueError), OutputTransaction(out, owned=()) as txn:
         writer = txn.open_shards(_layout(), 20)  # one tensor per shard
         txn.write_text("README.md", "card\n")
         writer.write("t0", _data(0))
         raise ValueError("boom")
-    assert _names(out) == ["notes.txt"]
+    assert _names(out) == ["notes.txt"] and _beside(out) == []
 
 
 @pytest.mark.faults
 def test_a_failed_marker_removes_the_shards_it_would_have_completed(tmp_path, monkeypatch):
-    def no_marker(self, name, text):
+    def no_marker(self, text):
         raise OSError("disk full")
 
-    monkeypatch.setattr(OutputTransaction, "_write_now", no_marker)
+    monkeypatch.setattr(OutputTransaction, "_write_marker", no_marker)
     out = tmp_path / "out"
     with pytest.raises(OutputError, match="disk full"), OutputTransaction(out) as txn:
         writer = txn.open_shards(_layout(), 20)
@@ -97,7 +103,7 @@ def test_a_failed_marker_removes_the_shards_it_would_have_completed(tmp_path, mo
         for i, (name, _, _) in enumerate(_layout()):
             writer.write(name, _data(i))
         txn.commit("{}\n")
-    assert _names(out) == []
+    assert not out.exists() and _beside(out) == []
 
 
 @pytest.mark.faults
@@ -107,7 +113,7 @@ def test_missing_tensors_fail_the_commit_and_publish_nothing(tmp_path):
         writer = txn.open_shards(_layout(), 0)
         writer.write("t0", _data(0))
         txn.commit("{}\n")
-    assert _names(out) == []
+    assert not out.exists() and _beside(out) == []
 
 
 def test_leaving_the_block_without_commit_aborts(tmp_path):
@@ -115,7 +121,7 @@ def test_leaving_the_block_without_commit_aborts(tmp_path):
     with OutputTransaction(out) as txn:
         txn.write_text("README.md", "card\n")
         txn.open_shards(_layout(), 0)
-    assert _names(out) == []
+    assert not out.exists() and _beside(out) == []
     with pytest.raises(OutputError):
         txn.commit("{}\n")
 
@@ -140,36 +146,42 @@ def test_rerun_replaces_the_previous_output_and_keeps_foreign_files(llama, tmp_p
     assert "ft2" in (out / "README.md").read_text()
 
 
-@pytest.mark.faults
-def test_a_failed_merge_over_a_previous_output_leaves_no_model(llama, tmp_path, failing_writes):
+def _snapshot(path):
+    """Every file under ``path`` with its bytes (what "exactly as it was" means)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def previous_model(llama, tmp_path):
+    """An output directory holding an earlier merge and files of the user's."""
     out = tmp_path / "out"
-    out.mkdir()
+    run_merge(_linear(llama, "ft1"), out, quiet=True)
     (out / "notes.txt").write_text("mine")
-    (out / "config.json").write_text("{}")  # an earlier output's
-    (out / "model.safetensors").write_bytes(b"old")
-    with pytest.raises(KeyboardInterrupt):
-        run_merge(_linear(llama, "ft1", "ft2"), out, quiet=True)
-    assert (out / "notes.txt").read_text() == "mine"
-    left = _names(out)
-    assert "config.json" not in left and not any(n.endswith((".safetensors", ".partial")) for n in left), left
-    assert "README.md" not in left and "generation_config.json" not in left, left
+    return out
 
 
 @pytest.mark.faults
-def test_a_failed_lora_merge_leaves_no_model(llama, tmp_path, failing_writes):
+def test_a_failed_merge_over_a_previous_output_leaves_it_exactly_as_it_was(llama, previous_model, failing_writes):
+    before = _snapshot(previous_model)
+    with pytest.raises(KeyboardInterrupt):
+        run_merge(_linear(llama, "ft1", "ft2"), previous_model, quiet=True)
+    assert _snapshot(previous_model) == before and _beside(previous_model) == []
+
+
+@pytest.mark.faults
+def test_a_failed_lora_merge_leaves_the_previous_output(llama, previous_model, tmp_path, failing_writes):
     from mergekitty.lora import extract_lora, merge_lora
 
     adapter = tmp_path / "adapter"
     extract_lora(llama["ft1"], llama["base"], adapter, rank=2)
-    out = tmp_path / "merged"
+    before = _snapshot(previous_model)
     with pytest.raises(KeyboardInterrupt):
-        merge_lora(llama["base"], adapter, out, quiet=True)
-    left = _names(out)
-    assert "config.json" not in left and not any(n.endswith((".safetensors", ".partial")) for n in left), left
+        merge_lora(llama["base"], adapter, previous_model, quiet=True)
+    assert _snapshot(previous_model) == before and _beside(previous_model) == []
 
 
 @pytest.mark.faults
-def test_a_failed_moe_build_leaves_no_model(llama, tmp_path, failing_writes):
+def test_a_failed_moe_build_leaves_the_previous_output(llama, previous_model, failing_writes):
     from mergekitty.moe import build_moe
 
     config = f"""
@@ -179,11 +191,10 @@ experts:
   - source_model: {llama["ft1"]}
   - source_model: {llama["ft2"]}
 """
-    out = tmp_path / "moe"
+    before = _snapshot(previous_model)
     with pytest.raises(KeyboardInterrupt):
-        build_moe(config, out, random_seed=0, quiet=True)
-    left = _names(out)
-    assert "config.json" not in left and not any(n.endswith((".safetensors", ".partial", ".yml")) for n in left), left
+        build_moe(config, previous_model, random_seed=0, quiet=True)
+    assert _snapshot(previous_model) == before and _beside(previous_model) == []
 
 
 @pytest.mark.faults
@@ -200,6 +211,4 @@ def test_a_failed_extraction_leaves_no_adapter(llama, tmp_path, monkeypatch):
     monkeypatch.setattr(extract_mod, "_readme", failing_readme)
     with pytest.raises(KeyboardInterrupt):
         extract_mod.extract_lora(llama["ft1"], llama["base"], out, rank=2)
-    left = _names(out)
-    assert "adapter_config.json" not in left and "adapter_model.safetensors" not in left, left
-    assert not any(n.endswith(".partial") for n in left) and "notes.txt" in left, left
+    assert _names(out) == ["notes.txt"] and _beside(out) == []

@@ -124,7 +124,7 @@ def main(
     finetuned = _pick(finetuned_model, model_opt, "fine-tuned model", "--model")
     base = _pick(base_model, base_opt, "base model", "--base-model")
     out = _pick(out_path, out_opt, "output path", "--out-path")
-    with command_shell("no adapter was written") as console:
+    with command_shell("no adapter was written; the output directory is as it was") as console:
         if lazy_unpickle is not None:
             console.print("[yellow]note:[/] --lazy-unpickle has no effect: weights are always memory-mapped")
         from ..lora.extract import extract_lora

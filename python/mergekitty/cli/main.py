@@ -21,7 +21,7 @@ def group() -> None:
 
 @group.command()
 @click.argument("config_file", type=click.Path(dir_okay=False))
-@click.argument("out_path", type=click.Path(file_okay=False))
+@click.argument("out_path", type=click.Path())
 @merge_options
 def merge(config_file: str, out_path: str, **kwargs) -> None:
     """Merge the models described by CONFIG_FILE and write the result to OUT_PATH."""
@@ -32,7 +32,7 @@ def merge(config_file: str, out_path: str, **kwargs) -> None:
 
 @group.command()
 @click.argument("config_file", type=click.Path(dir_okay=False))
-@click.argument("out_path", type=click.Path(file_okay=False), required=False)
+@click.argument("out_path", type=click.Path(), required=False)
 @click.option(
     "--json",
     "json_path",

@@ -11,7 +11,7 @@ from .shell import command_shell
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("base_model")
 @click.argument("adapter_model")
-@click.argument("output_path", type=click.Path(file_okay=False))
+@click.argument("output_path", type=click.Path())
 @merge_options
 def main(base_model: str, adapter_model: str, output_path: str, **kwargs) -> None:
     """Apply the PEFT LoRA adapter ADAPTER_MODEL to BASE_MODEL and write the full model to OUTPUT_PATH."""
@@ -19,7 +19,7 @@ def main(base_model: str, adapter_model: str, output_path: str, **kwargs) -> Non
 
     from .options import build_options
 
-    with command_shell("no merged model was written (partial files were removed)") as console:
+    with command_shell("no merged model was written; the output directory is as it was") as console:
         options, dry_run = build_options(kwargs, console)
         from ..lora.merge import merge_lora
 

@@ -10,7 +10,7 @@ from .shell import command_shell, setup_logging
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("config_file", type=click.Path(dir_okay=False))
-@click.argument("out_path", type=click.Path(file_okay=False))
+@click.argument("out_path", type=click.Path())
 @click.option(
     "--device",
     default="cpu",
@@ -66,7 +66,7 @@ def main(config_file: str, out_path: str, verbose: int, load_in_4bit: bool, load
     from its source_model; the routers come from the prompts (gate_mode).
     """
     setup_logging(verbose)
-    with command_shell("no model was written (partial files were removed)") as console:
+    with command_shell("no model was written; the output directory is as it was") as console:
         if load_in_4bit or load_in_8bit:
             console.print(
                 "[yellow]note:[/] --load-in-4bit/--load-in-8bit have no effect: the base model runs unquantized"

@@ -28,8 +28,13 @@ def command_shell(interrupted: str) -> Iterator[Console]:
     try:
         yield console
     except MergekittyError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        # soft_wrap: one line however narrow the terminal (or none), so it can be grepped
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except OSError as exc:  # the environment (disk, permissions) rather than the inputs
+        where = f" ({exc.filename})" if exc.filename else ""
+        console.print(f"[bold red]error:[/] {exc.strerror or exc}{where}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        console.print(f"[bold red]interrupted:[/] {interrupted}")
+        console.print(f"[bold red]interrupted:[/] {interrupted}", soft_wrap=True)
         sys.exit(130)

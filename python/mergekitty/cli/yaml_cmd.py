@@ -9,7 +9,7 @@ from .options import merge_options
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("config_file", type=click.Path(dir_okay=False))
-@click.argument("out_path", type=click.Path(file_okay=False))
+@click.argument("out_path", type=click.Path())
 @merge_options
 def main(config_file: str, out_path: str, **kwargs) -> None:
     """Merge the models described by CONFIG_FILE (YAML) and write the result to OUT_PATH."""

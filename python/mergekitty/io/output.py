@@ -3,31 +3,42 @@
 Every command that writes an output (merge, MoE, LoRA merge, extracted adapter) does it
 through an ``OutputTransaction``::
 
-    with OutputTransaction(out_path) as out:          # begin: the directory is prepared
-        writer = out.open_shards(layout, shard_size)  # the native ShardWriter
+    with OutputTransaction(out_path) as out:          # begin: lock, staging directory
+        writer = out.open_shards(layout, shard_size)  # the native ShardWriter, in staging
         out.copy_file(donor / "generation_config.json")
         copy_tokenizer(donor, out.dir)                # helpers that write files take out.dir
         ...stream tensors into writer...
-        out.commit(json.dumps(config))                # everything published, the marker last
+        out.commit(json.dumps(config))                # the new model replaces the old in one step
 
-The marker (``config.json`` for a model, ``adapter_config.json`` for an adapter) is written
-last: until it exists the directory does not load, so an output that looks complete is
-complete. Files written through the transaction (the shards, ``write_text``, ``copy_file``,
-``open_file``) wait under hidden temp names until ``commit`` renames them into place. An
-exception inside the block aborts: the temp files are removed, and so is anything a
-failed ``commit`` had already published. Files the tool did not write are never touched.
-
-Today the temp files sit in the output directory itself, ``begin`` removes the files an
-earlier run of the same kind left there (so an old tokenizer or shard cannot survive next
-to new weights), and helpers that write into ``dir`` (the tokenizer writers) publish at
-once. The interface is meant to stay as it is when the transaction grows a staging
-directory beside the output (``dir`` becomes it), a lock against a concurrent run on the
-same output, and a journal of finished shards for resuming: callers name files relative to
-the output, write other files only into ``dir``, and never touch ``path`` themselves.
+What it guarantees:
+- **Nothing visible until it is whole.** The new output is assembled in a staging directory
+  beside the output (``.NAME.mergekitty-staging``, on the same file system so the final step
+  is a rename). The output directory is not touched until the new model is complete and
+  fsynced; then the two directories are exchanged in one atomic step (``renameat2`` with
+  ``RENAME_EXCHANGE``). ``kill -9`` at any moment leaves either the old output or the new one.
+  Where the file system cannot exchange, the old directory is renamed aside and the new one
+  into place; a run killed between those two renames is repaired by the next run on that
+  output, which puts the old directory back.
+- **One run per output.** A lock file beside the output (``.NAME.mergekitty-lock``, held with
+  ``flock``) makes a second run on the same output fail at once with a message naming the
+  process that holds it. The kernel drops the lock when its holder dies, so a killed run
+  never blocks the next one.
+- **Files the tool did not write are kept.** Entries of the old output that do not match
+  ``owned`` (the file patterns this kind of output consists of) and that the new output does
+  not write are carried into the new directory (files as hard links before the exchange,
+  directories moved), so notes, a ``.git`` folder or a hand-written README survive a re-merge.
+- **What a killed run leaves is cleaned by the next one**: it removes the old output's files
+  that were replaced and moves any carried entry back where it belongs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import fcntl
+import fnmatch
+import logging
 import os
 import shutil
 from collections.abc import Iterable, Iterator
@@ -38,6 +49,8 @@ from typing import IO, Any
 from ..errors import OutputError
 from ..tokenizer.write import TOKENIZER_FILES
 
+log = logging.getLogger(__name__)
+
 MODEL_MARKER = "config.json"
 
 # Files copied from the donor model next to the weights (the tokenizer's are TOKENIZER_FILES).
@@ -47,7 +60,8 @@ SIDECAR_FILES = (
     "processor_config.json",
     "mergekitty_layout.json",
 )
-# What an earlier model output may have left that must not survive next to new weights.
+# What a model output consists of: an old output's files matching these are replaced by the new
+# output as a whole (an old shard or tokenizer file never survives next to new weights).
 MODEL_FILES = (
     "model*.safetensors",
     "model.safetensors.index.json",
@@ -59,14 +73,23 @@ MODEL_FILES = (
     *SIDECAR_FILES,
 )
 
+# Files the tool writes that an old output may hold as the user's own: carried into the new output
+# when it writes none, replaced when it writes its own.
+REPLACEABLE_FILES = ("README.md", "mergekitty_config.yml", "mergekitty_health.json")
+# In a staging directory until the moment it becomes the output: what a killed run left with it is
+# unfinished and is removed whole (only carried directories go back).
+INCOMPLETE = ".mergekitty-incomplete"
+
+STAGING_SUFFIX = ".mergekitty-staging"
+OLD_SUFFIX = ".mergekitty-old"
+LOCK_SUFFIX = ".mergekitty-lock"
+
 
 def check_output_path(out_path: str | os.PathLike, inputs: Iterable[tuple[Path, str]]) -> None:
-    """OutputError unless ``out_path`` can be an output directory: not a file, and neither one of
-    the ``inputs`` ((directory, what it is, e.g. "input model org/model")) nor inside one."""
-    out = Path(out_path).expanduser()
-    resolved = out.resolve()
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output path {out_path} exists and is not a directory")
+    """OutputError unless ``out_path`` can be an output directory: not a file, not a dangling
+    or looping symlink, and neither one of the ``inputs`` ((directory, what it is, e.g. "input
+    model org/model")) nor inside one."""
+    resolved = resolve_output(out_path)
     for src, what in inputs:
         src = Path(src).resolve()
         if resolved == src:
@@ -75,21 +98,31 @@ def check_output_path(out_path: str | os.PathLike, inputs: Iterable[tuple[Path, 
             raise OutputError(f"output directory {out_path} is inside the {what}; choose another directory")
 
 
-def _temp_name(name: str) -> str:
-    return f".{name}.partial"
-
-
-@contextmanager
-def _durable(tmp: Path, mode: str) -> Iterator[IO[Any]]:
-    """``tmp`` open for writing, on disk when the block ends; removed if the block raises."""
+def resolve_output(out_path: str | os.PathLike) -> Path:
+    """The real directory an output path names (symlinks followed), or OutputError saying why
+    it cannot be one. The directory itself need not exist yet."""
+    out = Path(out_path).expanduser()
     try:
-        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        resolved = Path(os.path.realpath(out, strict=False))
+    except (OSError, RuntimeError) as exc:
+        raise OutputError(f"output path {out_path} cannot be resolved: {exc}") from None
+    if out.is_symlink():
+        try:
+            os.stat(out)
+        except OSError as exc:
+            what = (
+                "a symlink loop"
+                if exc.errno == errno.ELOOP
+                else f"a symlink to {os.readlink(out)}, which does not exist"
+            )
+            raise OutputError(f"output path {out_path} is {what}") from None
+    for p in (resolved, *resolved.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                where = "exists" if p == resolved else f"is inside {p}, which"
+                raise OutputError(f"output path {out_path} {where} is not a directory")
+            break
+    return resolved
 
 
 def _fsync_dir(path: Path) -> None:
@@ -100,45 +133,135 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE). False where the
+    platform or the file system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+class _OutputLock:
+    """An exclusive ``flock`` on a file beside the output. A second holder is refused at once;
+    the kernel releases the lock when the process dies, so a stale lock file is simply taken."""
+
+    def __init__(self, path: Path, output: Path) -> None:
+        self.path = path
+        self.output = output
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                raise OutputError(
+                    f"output directory {self.output} is being written by another run ({holder}); "
+                    "wait for it to finish or choose another directory"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # else the file was released and removed under us: take the new one
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()  # while still held: a waiting run then retries on a fresh file
+        os.close(self.fd)
+        self.fd = None
+
+
 class OutputTransaction:
     """One output directory being written; see the module docstring.
 
-    ``marker`` is the file ``commit`` writes last; ``stale`` are glob patterns (relative to
-    the output) of files an earlier run of this kind wrote, removed by ``begin``.
-    Leaving the ``with`` block by an exception, or without ``commit``, aborts.
+    ``marker`` is the file ``commit`` writes last (``config.json`` for a model,
+    ``adapter_config.json`` for an adapter); ``owned`` are the glob patterns of the files this
+    kind of output consists of. Leaving the ``with`` block by an exception, or without
+    ``commit``, aborts: the staging directory goes and the output stays as it was.
     """
 
     def __init__(
-        self, out_path: str | os.PathLike, *, marker: str = MODEL_MARKER, stale: Iterable[str] = MODEL_FILES
+        self, out_path: str | os.PathLike, *, marker: str = MODEL_MARKER, owned: Iterable[str] = MODEL_FILES
     ) -> None:
         self.path = Path(out_path).expanduser()
         self.marker = marker
-        self._stale = tuple(stale)
+        self._owned = (*owned, marker)
         self._writer: Any = None
-        self._pending: dict[str, Path] = {}  # name -> its temp file, renamed by commit
-        self._published: list[str] = []  # what commit has put in place so far
         self._state = "new"  # new -> open -> committed | aborted
+        self._target = self.path  # the real directory (symlinks resolved) set by begin
+        self._lock: _OutputLock | None = None
+        self._written: set[str] = set()  # names written through open_file
+
+    def _beside(self, suffix: str) -> Path:
+        return self._target.parent / f".{self._target.name}{suffix}"
 
     @property
     def dir(self) -> Path:
-        """The directory files are written into now (the output itself, for now)."""
-        return self.path
+        """The staging directory the new output is written into."""
+        return self._beside(STAGING_SUFFIX)
 
     # ------------------------------------------------------------------ lifecycle
     def begin(self) -> OutputTransaction:
-        """Create the output directory and remove what an earlier run left in it."""
+        """Take the lock, repair what a killed run left, and create an empty staging directory."""
         if self._state != "new":
             raise OutputError(f"the output transaction for {self.path} has already begun")
+        self._target = resolve_output(self.path)
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            for pattern in self._stale:
-                for stale in self.path.glob(pattern):
-                    if stale.is_file():
-                        stale.unlink()
+            self._target.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = _OutputLock(self._beside(LOCK_SUFFIX), self.path)
+            self._lock.acquire()
         except OSError as exc:
-            raise OutputError(f"cannot write to {self.path}: {exc}") from None
+            raise OutputError(f"cannot write to {self.path}: {_reason(exc)}") from None
+        try:
+            self._recover()
+            self.dir.mkdir()
+            (self.dir / INCOMPLETE).touch()
+        except BaseException as exc:
+            self._lock.release()
+            if isinstance(exc, OSError):
+                raise OutputError(f"cannot write to {self.path}: {_reason(exc)}") from None
+            raise
         self._state = "open"
         return self
+
+    def _recover(self) -> None:
+        """Put right what an earlier, killed run on this output left beside it."""
+        old = self._beside(OLD_SUFFIX)
+        if old.exists() and not self._target.exists():
+            os.rename(old, self._target)  # killed between the two renames of a swap: restore
+        for leftover in (old, self.dir):
+            if leftover.exists():
+                self._dispose(leftover)
 
     def __enter__(self) -> OutputTransaction:
         return self.begin()
@@ -148,42 +271,112 @@ class OutputTransaction:
             self.abort()
 
     def commit(self, marker_text: str) -> list[str]:
-        """Publish the shards and the other files, then write the marker last. Returns the
-        names published, the marker last."""
+        """Finish the shards, write the marker, make it all durable, and replace the output with
+        it in one step. Returns the names the new output consists of, the marker last."""
         self._check_open()
         try:
+            published: list[str] = []
             if self._writer is not None:
-                self._published += self._writer.finalize()
-            for name, tmp in self._pending.items():
-                os.replace(tmp, self.dir / name)
-                self._published.append(name)
-            self._pending.clear()
-            self._write_now(self.marker, marker_text)
+                published += self._writer.finalize()
+            self._write_marker(marker_text)
+            names = sorted(p.name for p in self.dir.iterdir() if p.name != INCOMPLETE)
+            self._carry_foreign_entries()
+            (self.dir / INCOMPLETE).unlink()  # from here a killed run leaves a whole new output
             _fsync_dir(self.dir)
+            self._replace_output()
         except OSError as exc:
             self.abort()
-            raise OutputError(f"cannot write to {self.path}: {exc}") from None
+            raise OutputError(f"cannot write to {self.path}: {_reason(exc)}") from None
         except BaseException:
             self.abort()
             raise
         self._state = "committed"
-        return [*self._published, self.marker]
+        try:
+            self._dispose(self.dir)  # the old output, now at the staging path
+            _fsync_dir(self._target.parent)
+        except OSError as exc:
+            log.warning("the new output is in place; cleaning up the old one failed: %s", _reason(exc))
+        finally:
+            self._release()
+        order = [n for n in published if n in names] + [n for n in names if n not in published and n != self.marker]
+        return [*order, self.marker]
 
     def abort(self) -> None:
-        """Remove the temp files, and what a failed commit published. Idempotent."""
-        if self._state in ("committed", "aborted"):
+        """Remove the staging directory; the output stays as it was. Idempotent."""
+        if self._state in ("committed", "aborted", "new"):
+            self._state = "aborted" if self._state == "new" else self._state
             return
         self._state = "aborted"
-        if self._writer is not None:
-            self._writer.abort()
-        for tmp in self._pending.values():
-            tmp.unlink(missing_ok=True)
-        for name in self._published:
-            (self.dir / name).unlink(missing_ok=True)
+        try:
+            if self._writer is not None:
+                self._writer.abort()
+            if self.dir.exists():
+                self._dispose(self.dir)
+        except OSError as exc:
+            log.warning("could not remove the staging directory %s: %s", self.dir, _reason(exc))
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _check_open(self) -> None:
         if self._state != "open":
             raise OutputError(f"the output transaction for {self.path} is {self._state}, not open")
+
+    # ------------------------------------------------------------------ the final step
+    def _carry_foreign_entries(self) -> None:
+        """Give the new output what the old one holds that the tool did not write, as hard
+        links (a directory as a tree of them): both outputs have it until the exchange, so
+        there is no moment when the visible output lacks it."""
+        if not self._target.is_dir():
+            return
+        for entry in self._target.iterdir():
+            if not (_matches(entry.name, self._owned) or os.path.lexists(self.dir / entry.name)):
+                _link_tree(entry, self.dir / entry.name)
+
+    def _replace_output(self) -> None:
+        target = self._target
+        if not target.exists():
+            os.rename(self.dir, target)
+            self.dir.mkdir()  # the (empty) old output, disposed of like any other
+            return
+        if _exchange(self.dir, target):
+            return
+        old = self._beside(OLD_SUFFIX)
+        os.rename(target, old)
+        os.rename(self.dir, target)
+        os.rename(old, self.dir)
+
+    def _dispose(self, leftover: Path) -> None:
+        """Remove a directory left beside the output: an unfinished staging directory (it holds
+        the ``INCOMPLETE`` stamp) or a replaced output. What the output also has (hard links
+        carried there) goes, and so does what the tool writes; anything else is moved into the
+        output, or kept (with a warning) where the output has an entry of that name. The
+        directory itself goes once it is empty. The user's files are never deleted."""
+        unfinished = (leftover / INCOMPLETE).exists()
+        kept = []
+        for entry in leftover.iterdir():
+            name = entry.name
+            dest = self._target / name
+            is_dir = entry.is_dir() and not entry.is_symlink()
+            if os.path.lexists(dest) and _mirrored(entry, dest):
+                shutil.rmtree(entry) if is_dir else entry.unlink()
+            elif not is_dir and (unfinished or self._disposable(name)):
+                entry.unlink()
+            elif not os.path.lexists(dest) and self._target.is_dir():
+                os.rename(entry, dest)
+            else:
+                kept.append(name)
+        if kept:
+            log.warning("kept %s in %s: the output has entries of the same names", ", ".join(sorted(kept)), leftover)
+        else:
+            leftover.rmdir()
+
+    def _disposable(self, name: str) -> bool:
+        return _matches(name, self._owned) or name in self._written or name in (*REPLACEABLE_FILES, INCOMPLETE)
 
     # ------------------------------------------------------------------ writing
     def open_shards(self, layout: list[tuple[str, str, list[int]]], shard_size_bytes: int):
@@ -199,19 +392,22 @@ class OutputTransaction:
                 str(self.dir), layout, shard_size_bytes, None, {"mergekitty_version": __version__}
             )
         except OSError as exc:
-            raise OutputError(f"cannot write to {self.path}: {exc}") from None
+            raise OutputError(f"cannot write to {self.path}: {_reason(exc)}") from None
         return self._writer
 
     @contextmanager
     def open_file(self, name: str, mode: str = "wb") -> Iterator[IO[Any]]:
-        """A file to write as ``name``; ``commit`` puts it in place (its temp file is removed
-        if the block raises)."""
+        """A file of the new output, written durably into the staging directory."""
         self._check_open()
-        tmp = self.dir / _temp_name(name)
-        self._pending.pop(name, None)
-        with _durable(tmp, mode) as f:
-            yield f
-        self._pending[name] = tmp
+        path = self.dir / name
+        self._written.add(name)
+        try:
+            with open(path, mode, encoding=None if "b" in mode else "utf-8") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise OutputError(f"cannot write {name} to {self.path}: {_reason(exc)}") from None
 
     def write_text(self, name: str, text: str) -> None:
         with self.open_file(name, "w") as f:
@@ -231,8 +427,41 @@ class OutputTransaction:
             if (Path(src_dir) / name).is_file():
                 self.copy_file(confined(Path(src_dir), name, str(src_dir)), name)
 
-    def _write_now(self, name: str, text: str) -> None:
-        tmp = self.dir / _temp_name(name)
-        with _durable(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, self.dir / name)
+    def _write_marker(self, text: str) -> None:
+        self.write_text(self.marker, text)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """``dst`` as hard links of ``src`` (a file, a symlink, or a directory tree); a file that
+    cannot be linked is copied."""
+    if src.is_dir() and not src.is_symlink():
+        dst.mkdir()
+        for entry in src.iterdir():
+            _link_tree(entry, dst / entry.name)
+        return
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _mirrored(a: Path, b: Path) -> bool:
+    """Whether ``a`` is the same file as ``b``, or a directory tree of hard links of ``b``'s."""
+    try:
+        sa, sb = os.lstat(a), os.lstat(b)
+    except OSError:
+        return False
+    if os.path.samestat(sa, sb):
+        return True
+    if not (a.is_dir() and b.is_dir()) or a.is_symlink() or b.is_symlink():
+        return False
+    names = {e.name for e in a.iterdir()}
+    return names <= {e.name for e in b.iterdir()} and all(_mirrored(a / n, b / n) for n in names)
+
+
+def _reason(exc: OSError) -> str:
+    """An OSError as a short reason: the errno's text and the file it concerns."""
+    text = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        text = "no space left on device"
+    return f"{text} ({exc.filename})" if exc.filename else text

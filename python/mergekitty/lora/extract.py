@@ -639,7 +639,7 @@ def _write_output(
             for m in result.modules
         },
     }
-    with OutputTransaction(result.out_path, marker=ADAPTER_CONFIG, stale=ADAPTER_FILES) as out:
+    with OutputTransaction(result.out_path, marker=ADAPTER_CONFIG, owned=ADAPTER_FILES) as out:
         with out.open_file(ADAPTER_WEIGHTS[0]) as f:
             _write_safetensors(f, tensors, {"format": "pt", "mergekitty_version": __version__})
         copy_tokenizer(ft_dir, out.dir)  # the fine-tune's tokenizer (it may have added tokens)

@@ -181,7 +181,7 @@ def build_moe(config: Any, out_path: str | os.PathLike, options: MoEOptions | No
     data = json.loads(text)
     data.pop("transformers_version", None)
     data["transformers_version"] = _transformers_version()
-    with OutputTransaction(out, stale=OUTPUT_FILES) as txn:
+    with OutputTransaction(out, owned=OUTPUT_FILES) as txn:
         writer = txn.open_shards([(t.name, t.dtype, list(t.shape)) for t in tensors], options.out_shard_size)
         _write_sidecars(config, inputs, txn, options, seed)
         _write_tensors(tensors, writer, seed, options.quiet)

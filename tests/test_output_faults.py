@@ -4,8 +4,10 @@ runs on one output never both write; the user's own files survive."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,8 +105,6 @@ def remerge(llama, tmp_path):
 
 
 def _fresh_output(tmp_path: Path, old: Path, name: str) -> Path:
-    import shutil
-
     out = tmp_path / "runs" / name
     shutil.copytree(old, out)
     (out / "notes.txt").write_text("mine")
@@ -300,3 +300,67 @@ def test_a_read_only_output_directory_is_a_one_line_error(llama, tmp_path):
         assert proc.returncode == 1 and "ermission denied" in proc.stderr and "Traceback" not in proc.stderr
     finally:
         parent.chmod(0o755)
+
+
+# ------------------------------------------------------------------ full and read-only file systems
+@pytest.fixture
+def small_fs(tmp_path):
+    """Mount a tmpfs of a given size (in bytes) under tmp_path; skipped where mounting is not allowed."""
+    mounted = []
+
+    def mount(size: int, *options: str) -> Path:
+        where = tmp_path / f"fs{len(mounted)}"
+        where.mkdir()
+        opts = ",".join([f"size={size}", *options])
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True)
+        if proc.returncode != 0:
+            pytest.skip("cannot mount a tmpfs here")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in reversed(mounted):
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_a_model_that_cannot_fit_is_refused_before_any_weight_is_read(llama, small_fs, tmp_path):
+    fs = small_fs(300_000)  # the tiny merged model is about 650 kB
+    config = tmp_path / "c.yml"
+    config.write_text(_linear(llama, "ft1"))
+    proc = subprocess.run(["mergekitty-yaml", str(config), str(fs / "out"), "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "not enough free space" in proc.stderr and "needs" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert os.listdir(fs) == []
+
+
+@pytest.mark.parametrize("after_jobs", [1, 30])
+def test_the_disk_filling_up_mid_merge_is_one_line_and_keeps_the_old_model(remerge, small_fs, after_jobs):
+    old, config, _ = remerge
+    out = _fresh_output(small_fs(4_000_000), old, "out")
+    before = _snapshot(out)
+    done = []
+
+    def fill_the_disk(job, seconds):  # another program takes all the space that is left
+        done.append(job)
+        if len(done) == after_jobs:
+            with open(out.parent / "filler", "wb") as f:
+                with contextlib.suppress(OSError):
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+
+    with pytest.raises(OutputError, match="no space left on device"):
+        run_merge(config.read_text(), out, progress=fill_the_disk, out_shard_size=200_000)
+    assert _snapshot(out) == before and _beside(out) == []
+
+
+def test_a_read_only_file_system_is_a_one_line_error(remerge, small_fs, tmp_path):
+    old, config, _ = remerge
+    fs = small_fs(4_000_000)
+    shutil.copytree(old, fs / "out")
+    subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
+    before = _snapshot(fs / "out")
+    proc = subprocess.run(["mergekitty-yaml", str(config), str(fs / "out"), "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "read-only file system" in proc.stderr.lower(), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert _snapshot(fs / "out") == before

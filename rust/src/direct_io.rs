@@ -164,17 +164,36 @@ impl DirectWriter {
 }
 
 /// `pwrite` until everything is written; a short direct write would leave the rest unaligned,
-/// so it is an error.
+/// so it is an error. A file system that runs out of space mid-write returns a short count
+/// rather than ENOSPC: that case is reported as the ENOSPC it is.
 fn write_all_at(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
     let n = file.write_at(data, offset)?;
     if n != data.len() {
+        if free_bytes(file).is_some_and(|free| free < (data.len() - n) as u64) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
         return Err(io::Error::new(
             io::ErrorKind::WriteZero,
             format!("short direct write ({n} of {} bytes)", data.len()),
         ));
     }
     Ok(())
+}
+
+/// Bytes an unprivileged writer may still use on `file`'s file system.
+fn free_bytes(file: &File) -> Option<u64> {
+    use std::os::unix::io::AsRawFd;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: fstatvfs fills the struct on success; it is read only then.
+    let rc = unsafe { libc::fstatvfs(file.as_raw_fd(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: rc == 0, so the kernel initialised it.
+    let st = unsafe { st.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // the field types differ between targets
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 #[cfg(target_os = "linux")]

@@ -269,6 +269,9 @@ class OutputTransaction:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._state != "committed":
             self.abort()
+        if isinstance(exc, OSError) and str(exc.filename or "").startswith(str(self.dir)):
+            # a write into staging failed (disk full, I/O error): say which output, not which temp file
+            raise OutputError(f"cannot write to {self.path}: {_reason(exc, with_file=False)}") from None
 
     def commit(self, marker_text: str) -> list[str]:
         """Finish the shards, write the marker, make it all durable, and replace the output with
@@ -393,7 +396,22 @@ class OutputTransaction:
             )
         except OSError as exc:
             raise OutputError(f"cannot write to {self.path}: {_reason(exc)}") from None
+        self._check_space(self._writer.total_bytes)
         return self._writer
+
+    def _check_space(self, needed_bytes: int) -> None:
+        """OutputError before any weight is read when the output's file system cannot hold the
+        new model (the old one is replaced only at the end, so it still takes its space)."""
+        try:
+            st = os.statvfs(self.dir)
+        except OSError:
+            return  # no figure to check against: the writes themselves will tell
+        free = st.f_bavail * st.f_frsize
+        if free < needed_bytes + SPACE_MARGIN_BYTES:
+            raise OutputError(
+                f"not enough free space for {self.path}: the new model needs {_size(needed_bytes)}, "
+                f"{self.dir.parent} has {_size(free)} free"
+            )
 
     @contextmanager
     def open_file(self, name: str, mode: str = "wb") -> Iterator[IO[Any]]:
@@ -459,9 +477,20 @@ def _mirrored(a: Path, b: Path) -> bool:
     return names <= {e.name for e in b.iterdir()} and all(_mirrored(a / n, b / n) for n in names)
 
 
-def _reason(exc: OSError) -> str:
+# Room kept for the side files, the tokenizer and the file system's own metadata.
+SPACE_MARGIN_BYTES = 1 << 20
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _reason(exc: OSError, with_file: bool = True) -> str:
     """An OSError as a short reason: the errno's text and the file it concerns."""
     text = exc.strerror or str(exc)
     if exc.errno == errno.ENOSPC:
         text = "no space left on device"
-    return f"{text} ({exc.filename})" if exc.filename else text
+    return f"{text} ({exc.filename})" if exc.filename and with_file else text

@@ -22,6 +22,7 @@ __all__ = [
     "TensorView",
     "ShardWriter",
     "plan_layout",
+    "shard_digest",
     "weighted_sum",
     "convert",
     "magnitude",
@@ -71,6 +72,8 @@ def plan_layout(
     max_shard_bytes: int,
     metadata: dict[str, str] | None = None,
 ) -> list[tuple[str, str, int, int]]: ...
+def shard_digest(path: str | PathLike[str]) -> str:
+    """The digest a ShardWriter journals for a complete shard, recomputed from the file."""
 
 @final
 class ShardWriter:
@@ -83,7 +86,10 @@ class ShardWriter:
         max_shard_bytes: int,
         metadata: dict[str, str] | None = None,
         index_metadata: dict[str, str] | None = None,
+        reuse: Sequence[str] | None = None,
+        journal: str | PathLike[str] | None = None,
     ) -> Self: ...
+    def is_written(self, name: str) -> bool: ...
     @property
     def shard_files(self) -> list[str]: ...
     @property

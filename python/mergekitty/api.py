@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -238,17 +239,47 @@ def run_merge(
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise OutputError(f"--device {device} was asked for, but torch sees no CUDA device")
 
-    with OutputTransaction(out_path) as out:
+    with OutputTransaction(out_path, resume_key=_resume_key(plan)) as out:
         writer = out.open_shards(plan.output_layout(), plan.shard_size_bytes)
         _write_sidecars(plan, config, out, options)
+        # a rerun of an interrupted merge computes only the tensors of the shards it lacks
+        todo = replace(plan, jobs=tuple(j for j in plan.jobs if not writer.is_written(j.out_name)))
+        if out.reused:
+            log.warning(
+                "resuming: %d complete shard(s) of an interrupted run of this merge are reused; %d of %d tensors left",
+                len(out.reused),
+                len(todo.jobs),
+                len(plan.jobs),
+            )
         if progress is None and not options.quiet:
             from .progress import run_with_progress
 
-            run_with_progress(plan, lambda cb: execute(plan, writer, options.threads, cb))
+            run_with_progress(todo, lambda cb: execute(todo, writer, options.threads, cb))
         else:
-            execute(plan, writer, options.threads, progress)
+            execute(todo, writer, options.threads, progress)
         out.commit(json.dumps(plan.out_config, indent=2) + "\n")
     return plan
+
+
+def _resume_key(plan) -> str:
+    """What a staged shard of an interrupted run must have been made from to be reused: this
+    plan (method, parameters, seed, layout), this version, and the input files as they are now
+    (names, sizes, modification times)."""
+    import hashlib
+
+    from . import __version__
+
+    h = hashlib.sha256(f"mergekitty {__version__}\n".encode())
+    h.update(plan.to_json().encode())
+    for model in plan.models:
+        for directory in (model.path, model.adapter):
+            if directory is None:
+                continue
+            for f in sorted(Path(directory).iterdir()):
+                with contextlib.suppress(OSError):
+                    st = f.stat()
+                    h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def option_names() -> list[str]:

@@ -2,14 +2,24 @@
 //! any order (from any thread), then fsync + rename, with the index written last. An interrupted
 //! or abandoned writer never leaves anything that looks like a finished model.
 //!
+//! Resuming: with a journal, a shard is put in place the moment its last tensor is written: it
+//! is fsynced, renamed to its final name, and recorded in the journal with
+//! its size and digest, so that a killed run's complete shards can be verified and reused by the
+//! next run of the same plan (`reuse`: those shards are taken as written). The digest
+//! ([`shard_digest`]) is built from hashes of each tensor's bytes taken as they are written, so
+//! it costs no extra pass over the output; verifying reads the file once.
+//!
 //! Large tensors bypass the page cache where the file system allows it ([`crate::direct_io`]):
 //! their whole aligned pages are written with O_DIRECT, their partial edge pages buffered.
 
 use std::fs::{self, File, OpenOptions};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
+
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::direct_io::{align_down, align_up, DirectWriter, MIN_DIRECT};
 use crate::error::{Error, Result};
@@ -30,12 +40,67 @@ pub struct ShardWriter {
     dir: PathBuf,
     layout: Layout,
     index_metadata: Vec<(String, String)>,
-    files: Vec<File>,
+    /// Per shard: its temp file, None once complete (or reused).
+    files: Vec<Mutex<Option<File>>>,
     direct: DirectWriter,
     temp_paths: Vec<PathBuf>,
     /// Per tensor: EMPTY, WRITING (claimed by a writer thread) or DONE.
     slots: Vec<AtomicU8>,
+    /// Per tensor: the hash of the bytes written (see [`shard_digest`]).
+    hashes: Vec<AtomicU64>,
+    /// Per shard: tensors not written yet.
+    remaining: Vec<AtomicUsize>,
+    journal: Option<Mutex<File>>,
     state: Mutex<State>,
+}
+
+/// The digest of a safetensors file as the writer records it: a hash of the header bytes and of
+/// each tensor's bytes, in file order. Verifying a journaled shard recomputes it from the file.
+pub fn shard_digest(header: &[u8], tensor_hashes: impl Iterator<Item = u64>) -> u64 {
+    // file_digest combines its parts the same way
+    let mut parts = xxh3_64(header).to_le_bytes().to_vec();
+    for h in tensor_hashes {
+        parts.extend_from_slice(&h.to_le_bytes());
+    }
+    xxh3_64(&parts)
+}
+
+/// [`shard_digest`] of the file at `path`, read back (with positioned reads, not a map: a file
+/// that shrinks under the reader is an error, not a fault).
+pub fn file_digest(path: &Path) -> Result<u64> {
+    let header = crate::mmap_file::SafetensorsFile::open(path)?;
+    let mut ranges: Vec<_> = header
+        .tensors()
+        .iter()
+        .map(|t| header.absolute_range(t))
+        .collect();
+    ranges.sort_unstable();
+    let data_start = ranges.first().map_or(header.len(), |r| r.0);
+    drop(header);
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut buf = vec![0u8; 8 << 20];
+    let mut hash_range = |start: u64, end: u64| -> Result<u64> {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], at)
+                .map_err(|e| Error::io(path, e))?;
+            h.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(h.digest())
+    };
+    let head = hash_range(0, data_start)?;
+    let tensors = ranges
+        .iter()
+        .map(|&(a, b)| hash_range(a, b))
+        .collect::<Result<Vec<u64>>>()?;
+    let mut parts = head.to_le_bytes().to_vec();
+    for t in tensors {
+        parts.extend_from_slice(&t.to_le_bytes());
+    }
+    Ok(xxh3_64(&parts))
 }
 
 fn temp_name(final_name: &str) -> String {
@@ -50,14 +115,60 @@ impl ShardWriter {
         metadata: &[(String, String)],
         index_metadata: &[(String, String)],
     ) -> Result<ShardWriter> {
+        Self::create_resuming(
+            dir,
+            specs,
+            max_shard_bytes,
+            metadata,
+            index_metadata,
+            &[],
+            None,
+        )
+    }
+
+    /// [`ShardWriter::create`] for a run that takes the shards named in `reuse` (already complete
+    /// in `dir`, verified by the caller) as written, and appends each shard it completes to the
+    /// journal file `journal` (one JSON line: shard, size, digest).
+    pub fn create_resuming(
+        dir: impl AsRef<Path>,
+        specs: Vec<TensorSpec>,
+        max_shard_bytes: i64,
+        metadata: &[(String, String)],
+        index_metadata: &[(String, String)],
+        reuse: &[String],
+        journal: Option<&Path>,
+    ) -> Result<ShardWriter> {
         let dir = dir.as_ref().to_path_buf();
         let layout = Layout::plan(specs, max_shard_bytes, metadata)?;
         fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let journal = match journal {
+            Some(path) => Some(Mutex::new(
+                OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(path)
+                    .map_err(|e| Error::io(path, e))?,
+            )),
+            None => None,
+        };
 
         let mut files = Vec::with_capacity(layout.shards.len());
         let mut temp_paths = Vec::with_capacity(layout.shards.len());
+        let slots: Vec<AtomicU8> = (0..layout.specs.len())
+            .map(|_| AtomicU8::new(EMPTY))
+            .collect();
+        let mut remaining = Vec::with_capacity(layout.shards.len());
         for shard in &layout.shards {
             let path = dir.join(temp_name(&shard.file_name));
+            if reuse.contains(&shard.file_name) {
+                for &i in &shard.tensors {
+                    slots[i].store(DONE, Ordering::Relaxed);
+                }
+                files.push(Mutex::new(None));
+                temp_paths.push(path);
+                remaining.push(AtomicUsize::new(0));
+                continue;
+            }
             let opened = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -72,8 +183,9 @@ impl ShardWriter {
                 });
             match opened {
                 Ok(f) => {
-                    files.push(f);
+                    files.push(Mutex::new(Some(f)));
                     temp_paths.push(path);
+                    remaining.push(AtomicUsize::new(shard.tensors.len()));
                 }
                 Err(e) => {
                     let _ = fs::remove_file(&path);
@@ -84,9 +196,7 @@ impl ShardWriter {
                 }
             }
         }
-        let slots = (0..layout.specs.len())
-            .map(|_| AtomicU8::new(EMPTY))
-            .collect();
+        let hashes = (0..layout.specs.len()).map(|_| AtomicU64::new(0)).collect();
         let direct = DirectWriter::open(&temp_paths);
         Ok(ShardWriter {
             dir,
@@ -96,8 +206,58 @@ impl ShardWriter {
             direct,
             temp_paths,
             slots,
+            hashes,
+            remaining,
+            journal,
             state: Mutex::new(State::Open),
         })
+    }
+
+    /// The temp file of a shard still being written.
+    fn shard_file(&self, shard: usize) -> std::io::Result<File> {
+        let guard = self.files[shard].lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_ref() {
+            Some(f) => f.try_clone(),
+            None => Err(std::io::Error::other("the shard is already complete")),
+        }
+    }
+
+    /// fsync a shard whose every tensor is written, rename it into place and journal it.
+    fn complete_shard(&self, shard: usize) -> Result<()> {
+        let plan = &self.layout.shards[shard];
+        let tmp = &self.temp_paths[shard];
+        let Some(file) = self.files[shard]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return Ok(()); // reused, or completed already
+        };
+        file.sync_all().map_err(|e| Error::io(tmp, e))?;
+        drop(file);
+        let dest = self.dir.join(&plan.file_name);
+        fs::rename(tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+        if let Some(journal) = &self.journal {
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| Error::io(&self.dir, e))?;
+            let digest = shard_digest(
+                &plan.header,
+                plan.tensors
+                    .iter()
+                    .map(|&i| self.hashes[i].load(Ordering::Acquire)),
+            );
+            let line = serde_json::json!({
+                "shard": plan.file_name,
+                "size": plan.file_len(),
+                "digest": format!("{digest:016x}"),
+            });
+            let mut f = journal.lock().unwrap_or_else(|p| p.into_inner());
+            f.write_all(format!("{line}\n").as_bytes())
+                .and_then(|()| f.sync_data())
+                .map_err(|e| Error::io(&self.dir, e))?;
+        }
+        Ok(())
     }
 
     pub fn layout(&self) -> &Layout {
@@ -120,6 +280,14 @@ impl ShardWriter {
         self.layout
             .shard_file_of(name)
             .ok_or_else(|| Error::UnknownTensor(name.to_owned()))
+    }
+
+    pub fn is_written(&self, name: &str) -> Result<bool> {
+        let i = self
+            .layout
+            .index_of(name)
+            .ok_or_else(|| Error::UnknownTensor(name.to_owned()))?;
+        Ok(self.slots[i].load(Ordering::Acquire) == DONE)
     }
 
     pub fn total_bytes(&self) -> u64 {
@@ -162,7 +330,15 @@ impl ShardWriter {
         }
         match self.write_placed(place.shard, data, place.offset) {
             Ok(()) => {
+                self.hashes[i].store(xxh3_64(data), Ordering::Release);
                 self.slots[i].store(DONE, Ordering::Release);
+                // with a journal a complete shard is put in place at once (for a rerun to
+                // reuse); without one every shard waits for finalize
+                if self.remaining[place.shard].fetch_sub(1, Ordering::AcqRel) == 1
+                    && self.journal.is_some()
+                {
+                    self.complete_shard(place.shard)?;
+                }
                 Ok(())
             }
             Err(e) => {
@@ -176,7 +352,7 @@ impl ShardWriter {
     /// `data` at `offset` of shard `shard`: the whole aligned pages directly (when the shard
     /// takes direct writes and they are worth it), everything else through the page cache.
     fn write_placed(&self, shard: usize, data: &[u8], offset: u64) -> std::io::Result<()> {
-        let file = &self.files[shard];
+        let file = &self.shard_file(shard)?;
         let end = offset + data.len() as u64;
         let (mid_start, mid_end) = (align_up(offset), align_down(end));
         if self.direct.enabled(shard) && mid_end > mid_start && mid_end - mid_start >= MIN_DIRECT {
@@ -236,13 +412,9 @@ impl ShardWriter {
     }
 
     fn publish(&self) -> Result<Vec<String>> {
-        for (f, p) in self.files.iter().zip(&self.temp_paths) {
-            f.sync_all().map_err(|e| Error::io(p, e))?;
-        }
         let mut written = Vec::with_capacity(self.temp_paths.len() + 1);
-        for (shard, tmp) in self.layout.shards.iter().zip(&self.temp_paths) {
-            let dest = self.dir.join(&shard.file_name);
-            fs::rename(tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+        for (k, shard) in self.layout.shards.iter().enumerate() {
+            self.complete_shard(k)?; // a shard without tensors was never completed by a write
             written.push(shard.file_name.clone());
         }
         if self.layout.shards.len() > 1 {
@@ -275,7 +447,8 @@ impl ShardWriter {
         }
     }
 
-    /// Delete the temp files. Idempotent; a no-op after a successful finalize.
+    /// Delete the temp files (shards already put in place for a journal stay, for a rerun to
+    /// reuse). Idempotent; a no-op after a successful finalize.
     pub fn abort(&self) {
         let mut state = self.lock();
         if *state == State::Open {
@@ -457,6 +630,65 @@ mod tests {
             w.write("a", &[0; 4]),
             Err(Error::WriterClosed("aborted"))
         ));
+    }
+
+    #[test]
+    fn complete_shards_are_journaled_and_reused() {
+        let dir = TempDir::new("writer");
+        let journal = dir.0.join("journal");
+        let specs = || vec![spec("a", 4), spec("b", 4), spec("c", 4)];
+        let w = ShardWriter::create_resuming(&dir.0, specs(), 4, &[], &[], &[], Some(&journal))
+            .unwrap();
+        w.write("c", &[3; 4]).unwrap();
+        w.write("a", &[1; 4]).unwrap();
+        drop(w); // killed before "b"
+        let lines: Vec<serde_json::Value> = fs::read_to_string(&journal)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["shard"], "model-00003-of-00003.safetensors");
+        for line in &lines {
+            let path = dir.0.join(line["shard"].as_str().unwrap());
+            assert_eq!(
+                fs::metadata(&path).unwrap().len(),
+                line["size"].as_u64().unwrap()
+            );
+            let digest = format!("{:016x}", file_digest(&path).unwrap());
+            assert_eq!(line["digest"].as_str().unwrap(), digest);
+        }
+        // a changed byte changes the digest
+        let shard = dir.0.join("model-00001-of-00003.safetensors");
+        let mut bytes = fs::read(&shard).unwrap();
+        let before = file_digest(&shard).unwrap();
+        *bytes.last_mut().unwrap() ^= 1;
+        fs::write(&shard, &bytes).unwrap();
+        assert_ne!(file_digest(&shard).unwrap(), before);
+        *bytes.last_mut().unwrap() ^= 1;
+        fs::write(&shard, &bytes).unwrap();
+
+        // the rerun takes both as written and writes only "b"
+        let reuse = [
+            "model-00001-of-00003.safetensors".to_owned(),
+            "model-00003-of-00003.safetensors".to_owned(),
+        ];
+        let w = ShardWriter::create_resuming(&dir.0, specs(), 4, &[], &[], &reuse, Some(&journal))
+            .unwrap();
+        assert!(matches!(
+            w.write("a", &[1; 4]),
+            Err(Error::AlreadyWritten(_))
+        ));
+        w.write("b", &[2; 4]).unwrap();
+        assert_eq!(w.finalize().unwrap().len(), 4);
+        for (name, byte) in [("a", 1u8), ("b", 2), ("c", 3)] {
+            let idx: serde_json::Value =
+                serde_json::from_str(&fs::read_to_string(dir.0.join(INDEX_FILE_NAME)).unwrap())
+                    .unwrap();
+            let f = SafetensorsFile::open(dir.0.join(idx["weight_map"][name].as_str().unwrap()))
+                .unwrap();
+            assert_eq!(f.bytes(name).unwrap().as_slice(), &[byte; 4]);
+        }
     }
 
     #[test]

@@ -12,7 +12,9 @@ def run_command(
 ) -> None:
     from .options import build_options
 
-    with command_shell("no merged model was written; the output directory is as it was") as console:
+    with command_shell(
+        "no merged model was written; the output directory is as it was, and running the same merge again resumes it"
+    ) as console:
         options, dry_run = build_options(kwargs, console)
         from ..api import plan_merge, run_merge
         from ..config import load_config_file

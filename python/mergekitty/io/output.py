@@ -29,6 +29,11 @@ What it guarantees:
   directories moved), so notes, a ``.git`` folder or a hand-written README survive a re-merge.
 - **What a killed run leaves is cleaned by the next one**: it removes the old output's files
   that were replaced and moves any carried entry back where it belongs.
+- **Resume.** Given a ``resume_key`` (a digest of the plan and its inputs), the shard writer
+  renames each shard into the staging directory as soon as it is complete and journals its size
+  and digest. A killed or interrupted run leaves those shards there; the next run with the same
+  key verifies them (size and digest, read back) and writes only the rest. Any other leftover
+  staging directory is removed.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import ctypes
 import errno
 import fcntl
 import fnmatch
+import json
 import logging
 import os
 import shutil
@@ -76,6 +82,8 @@ MODEL_FILES = (
 # Files the tool writes that an old output may hold as the user's own: carried into the new output
 # when it writes none, replaced when it writes its own.
 REPLACEABLE_FILES = ("README.md", "mergekitty_config.yml", "mergekitty_health.json")
+# The staging directory's record of the shards completed so far (for a rerun to reuse).
+JOURNAL_FILE = ".mergekitty-journal"
 # In a staging directory until the moment it becomes the output: what a killed run left with it is
 # unfinished and is removed whole (only carried directories go back).
 INCOMPLETE = ".mergekitty-incomplete"
@@ -211,9 +219,16 @@ class OutputTransaction:
     """
 
     def __init__(
-        self, out_path: str | os.PathLike, *, marker: str = MODEL_MARKER, owned: Iterable[str] = MODEL_FILES
+        self,
+        out_path: str | os.PathLike,
+        *,
+        marker: str = MODEL_MARKER,
+        owned: Iterable[str] = MODEL_FILES,
+        resume_key: str | None = None,
     ) -> None:
         self.path = Path(out_path).expanduser()
+        self.resume_key = resume_key
+        self.reused: list[str] = []  # complete shards of an earlier run of the same plan, verified
         self.marker = marker
         self._owned = (*owned, marker)
         self._writer: Any = None
@@ -244,8 +259,10 @@ class OutputTransaction:
             raise OutputError(f"cannot write to {self.path}: {_reason(exc)}") from None
         try:
             self._recover()
-            self.dir.mkdir()
+            self.dir.mkdir(exist_ok=True)
             (self.dir / INCOMPLETE).touch()
+            if self.resume_key is not None:
+                self._start_journal()
         except BaseException as exc:
             self._lock.release()
             if isinstance(exc, OSError):
@@ -259,16 +276,63 @@ class OutputTransaction:
         old = self._beside(OLD_SUFFIX)
         if old.exists() and not self._target.exists():
             os.rename(old, self._target)  # killed between the two renames of a swap: restore
-        for leftover in (old, self.dir):
-            if leftover.exists():
-                self._dispose(leftover)
+        if old.exists():
+            self._dispose(old)
+        if self.dir.exists():
+            self.reused = self._verified_shards()
+            self._dispose(self.dir, keep={*self.reused, JOURNAL_FILE} if self.reused else set())
+
+    def _verified_shards(self) -> list[str]:
+        """The shards an earlier run of the same plan completed in staging whose size and digest
+        the journal recorded and the files still have."""
+        from .. import _native
+
+        journal = self.dir / JOURNAL_FILE
+        if self.resume_key is None or not journal.is_file():
+            return []
+        try:
+            lines = [json.loads(line) for line in journal.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (ValueError, UnicodeDecodeError):  # torn by a kill: trust none of it
+            return []
+        if not lines or lines[0] != {"key": self.resume_key}:
+            return []
+        verified = []
+        for entry in lines[1:]:
+            name = entry.get("shard") if isinstance(entry, dict) else None
+            if not isinstance(name, str) or "/" in name or not _matches(name, self._owned):
+                continue
+            path = self.dir / name
+            try:
+                if path.stat().st_size == entry.get("size") and _native.shard_digest(path) == entry.get("digest"):
+                    verified.append(name)
+            except (OSError, ValueError):
+                continue  # missing, damaged or unreadable: written again
+        return verified
+
+    def _start_journal(self) -> None:
+        """The journal of this run: its key, then the shards reused (the writer appends the
+        shards it completes)."""
+        from .. import _native
+
+        lines: list[dict[str, Any]] = [{"key": self.resume_key}]
+        lines += [
+            {"shard": n, "size": (self.dir / n).stat().st_size, "digest": _native.shard_digest(self.dir / n)}
+            for n in self.reused
+        ]
+        tmp = self.dir / f"{JOURNAL_FILE}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(json.dumps(line) + "\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.dir / JOURNAL_FILE)
 
     def __enter__(self) -> OutputTransaction:
         return self.begin()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._state != "committed":
-            self.abort()
+            # an interrupted run keeps its complete shards for the rerun; a failed one does not
+            self.abort(keep_complete_shards=isinstance(exc, KeyboardInterrupt))
         if isinstance(exc, OSError) and str(exc.filename or "").startswith(str(self.dir)):
             # a write into staging failed (disk full, I/O error): say which output, not which temp file
             raise OutputError(f"cannot write to {self.path}: {_reason(exc, with_file=False)}") from None
@@ -282,6 +346,7 @@ class OutputTransaction:
             if self._writer is not None:
                 published += self._writer.finalize()
             self._write_marker(marker_text)
+            (self.dir / JOURNAL_FILE).unlink(missing_ok=True)
             names = sorted(p.name for p in self.dir.iterdir() if p.name != INCOMPLETE)
             self._carry_foreign_entries()
             (self.dir / INCOMPLETE).unlink()  # from here a killed run leaves a whole new output
@@ -304,8 +369,9 @@ class OutputTransaction:
         order = [n for n in published if n in names] + [n for n in names if n not in published and n != self.marker]
         return [*order, self.marker]
 
-    def abort(self) -> None:
-        """Remove the staging directory; the output stays as it was. Idempotent."""
+    def abort(self, keep_complete_shards: bool = False) -> None:
+        """Remove the staging directory (or, with ``keep_complete_shards`` and a resume key, all
+        of it but the journaled shards and the journal); the output stays as it was. Idempotent."""
         if self._state in ("committed", "aborted", "new"):
             self._state = "aborted" if self._state == "new" else self._state
             return
@@ -314,11 +380,24 @@ class OutputTransaction:
             if self._writer is not None:
                 self._writer.abort()
             if self.dir.exists():
-                self._dispose(self.dir)
+                keep = self._journaled() if keep_complete_shards and self.resume_key is not None else set()
+                self._dispose(self.dir, keep=keep | {JOURNAL_FILE} if keep else set())
         except OSError as exc:
             log.warning("could not remove the staging directory %s: %s", self.dir, _reason(exc))
         finally:
             self._release()
+
+    def _journaled(self) -> set[str]:
+        """The shard names this run's journal records (complete, in staging)."""
+        try:
+            text = (self.dir / JOURNAL_FILE).read_text(encoding="utf-8")
+        except OSError:
+            return set()
+        names = set()
+        for line in text.splitlines()[1:]:
+            with contextlib.suppress(ValueError, AttributeError):
+                names.add(str(json.loads(line).get("shard")))
+        return {n for n in names if (self.dir / n).is_file()}
 
     def _release(self) -> None:
         if self._lock is not None:
@@ -353,7 +432,7 @@ class OutputTransaction:
         os.rename(self.dir, target)
         os.rename(old, self.dir)
 
-    def _dispose(self, leftover: Path) -> None:
+    def _dispose(self, leftover: Path, keep: set[str] | None = None) -> None:
         """Remove a directory left beside the output: an unfinished staging directory (it holds
         the ``INCOMPLETE`` stamp) or a replaced output. What the output also has (hard links
         carried there) goes, and so does what the tool writes; anything else is moved into the
@@ -363,6 +442,8 @@ class OutputTransaction:
         kept = []
         for entry in leftover.iterdir():
             name = entry.name
+            if keep and name in keep:
+                continue
             dest = self._target / name
             is_dir = entry.is_dir() and not entry.is_symlink()
             if os.path.lexists(dest) and _mirrored(entry, dest):
@@ -375,11 +456,15 @@ class OutputTransaction:
                 kept.append(name)
         if kept:
             log.warning("kept %s in %s: the output has entries of the same names", ", ".join(sorted(kept)), leftover)
-        else:
+        elif not keep:
             leftover.rmdir()
 
     def _disposable(self, name: str) -> bool:
-        return _matches(name, self._owned) or name in self._written or name in (*REPLACEABLE_FILES, INCOMPLETE)
+        return (
+            _matches(name, self._owned)
+            or name in self._written
+            or name in (*REPLACEABLE_FILES, INCOMPLETE, JOURNAL_FILE)
+        )
 
     # ------------------------------------------------------------------ writing
     def open_shards(self, layout: list[tuple[str, str, list[int]]], shard_size_bytes: int):
@@ -392,11 +477,18 @@ class OutputTransaction:
             raise OutputError(f"the shards of {self.path} are already open")
         try:
             self._writer = _native.ShardWriter(
-                str(self.dir), layout, shard_size_bytes, None, {"mergekitty_version": __version__}
+                str(self.dir),
+                layout,
+                shard_size_bytes,
+                None,
+                {"mergekitty_version": __version__},
+                reuse=self.reused,
+                journal=self.dir / JOURNAL_FILE if self.resume_key is not None else None,
             )
         except OSError as exc:
             raise OutputError(f"cannot write to {self.path}: {_reason(exc)}") from None
-        self._check_space(self._writer.total_bytes)
+        reused_bytes = sum((self.dir / n).stat().st_size for n in self.reused)
+        self._check_space(self._writer.total_bytes - reused_bytes)
         return self._writer
 
     def _check_space(self, needed_bytes: int) -> None:

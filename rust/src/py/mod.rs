@@ -92,6 +92,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<file::PyTensorView>()?;
     m.add_class::<writer::PyShardWriter>()?;
     m.add_function(wrap_pyfunction!(writer::plan_layout, m)?)?;
+    m.add_function(wrap_pyfunction!(writer::shard_digest, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::weighted_sum, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::convert, m)?)?;
     m.add_function(wrap_pyfunction!(sparsify::magnitude, m)?)?;

@@ -68,8 +68,11 @@ pub struct PyShardWriter {
 
 #[pymethods]
 impl PyShardWriter {
+    /// `reuse`: shard files already complete in `out_dir` (verified by the caller), taken as
+    /// written. `journal`: a file each shard completed is appended to (shard, size, digest).
     #[new]
-    #[pyo3(signature = (out_dir, tensors, max_shard_bytes, metadata = None, index_metadata = None))]
+    #[pyo3(signature = (out_dir, tensors, max_shard_bytes, metadata = None, index_metadata = None, reuse = None, journal = None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         out_dir: PathBuf,
@@ -77,14 +80,32 @@ impl PyShardWriter {
         max_shard_bytes: i64,
         metadata: Option<Bound<'_, PyDict>>,
         index_metadata: Option<Bound<'_, PyDict>>,
+        reuse: Option<Vec<String>>,
+        journal: Option<PathBuf>,
     ) -> PyResult<Self> {
         let specs = tensor_specs(tensors)?;
         let metadata = string_pairs(metadata.as_ref())?;
         let index_metadata = string_pairs(index_metadata.as_ref())?;
+        let reuse = reuse.unwrap_or_default();
         let inner = py.detach(|| {
-            ShardWriter::create(&out_dir, specs, max_shard_bytes, &metadata, &index_metadata)
+            ShardWriter::create_resuming(
+                &out_dir,
+                specs,
+                max_shard_bytes,
+                &metadata,
+                &index_metadata,
+                &reuse,
+                journal.as_deref(),
+            )
         })?;
         Ok(PyShardWriter { inner })
+    }
+
+    /// Whether tensor `name` is written (or in a reused shard).
+    fn is_written(&self, py: Python<'_>, name: &str) -> PyResult<bool> {
+        self.inner
+            .is_written(name)
+            .map_err(|e| error_of_kind(py, ErrorKind::NotFound, e.to_string()))
     }
 
     #[getter]
@@ -151,6 +172,14 @@ impl PyShardWriter {
     }
 }
 
+/// The digest a ShardWriter journals for a complete shard, recomputed from the file at `path`
+/// (16 hex digits).
+#[pyfunction]
+pub fn shard_digest(py: Python<'_>, path: PathBuf) -> PyResult<String> {
+    let digest = py.detach(|| crate::writer::file_digest(&path))?;
+    Ok(format!("{digest:016x}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,6 +203,8 @@ mod tests {
                 2,
                 Some(meta),
                 None,
+                None,
+                None,
             )
             .unwrap();
             assert_eq!(w.shard_files().len(), 2);
@@ -189,6 +220,8 @@ mod tests {
                 dir.0.clone(),
                 vec![("t".into(), "Q".into(), vec![])],
                 0,
+                None,
+                None,
                 None,
                 None
             )

@@ -10,12 +10,23 @@ from __future__ import annotations
 import difflib
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .architecture.layout import ModelLayout, is_embedding_name, other_spellings, set_vocab_size
+from .architecture.layout import (
+    ModelLayout,
+    is_embedding_name,
+    is_head_name,
+    is_recomputed_buffer,
+    other_spellings,
+    set_untied,
+    set_vocab_size,
+    spelled_like,
+    ties_embeddings,
+)
 from .errors import ArchitectureError, ConfigError, PlanError
 from .io.dtypes import nbytes
 from .kernels import JobInput, Kernel, Torch, choose
@@ -65,6 +76,16 @@ class TensorJob:
     def inputs(self) -> tuple[Source, ...]:
         """The base (when the method uses one) followed by the sources: what kernels index."""
         return (self.base, *self.sources) if self.base is not None else self.sources
+
+
+@dataclass(frozen=True)
+class Excluded:
+    """Tensors of one input that no output tensor reads, and why. Every other input tensor is
+    read by some job: the planner checks it, so that no tensor is ever left out unsaid."""
+
+    model: int  # index into MergePlan.models
+    reason: str
+    tensors: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -134,6 +155,7 @@ class MergePlan:
     vocab: Any = None  # tokenizer.build.VocabPlan, None when no input has tokenizer files
     device: str = "cpu"  # where the jobs run; the kernels were chosen for it
     shard_size_bytes: int = DEFAULT_SHARD_SIZE_BYTES  # the output's shard budget (<= 0: one file)
+    excluded: tuple[Excluded, ...] = ()  # the input tensors no job reads, with the reason
 
     def output_layout(self) -> list[tuple[str, str, list[int]]]:
         """(name, dtype code, shape) of every output tensor in output order: what the ShardWriter
@@ -203,6 +225,12 @@ class SlicePicks:
     length: int
 
 
+def _readers(sp: SlicePicks) -> list[tuple[int, int]]:
+    """(model, first layer) of every model a slice reads: its base (when the method uses it) and
+    its other sources."""
+    return ([sp.base] if sp.base else []) + [(mi, start) for mi, start, _ in sp.entries]
+
+
 @dataclass(frozen=True)
 class OutputTensor:
     """One output tensor before its job is built: (model, input name, source index) per
@@ -229,25 +257,67 @@ class Planner:
         self.resolver = ParameterResolver(config)
         self.used_param_names: set[str] = set()
         self.vocab: VocabPlan | None = None  # the output vocabulary, given to plan()
+        # head name -> models without it whose input embedding is read as their head (tied embeddings)
+        self.tied_heads: dict[str, set[int]] = defaultdict(set)
+        # (model, tensor) -> why the output leaves it out, for tensors the enumeration skips on purpose
+        self.skipped: dict[tuple[int, str], str] = {}
 
     # ---------------------------------------------------------------- helpers
     def _model(self, ref: Any) -> int:
         return self.index_of[str(ref)]
 
-    def _find(self, model: int, name: str, out_name: str) -> str:
-        """The name of ``name`` in ``model``, falling back from a missing head to tied embeddings."""
+    def _stored(self, model: int, name: str) -> str | None:
+        """The name under which ``model`` stores ``name`` (itself, or its spelling under the other
+        vision-language naming scheme); None when it does not."""
+        checkpoint = self.models[model].checkpoint
+        return next((n for n in (name, *other_spellings(name)) if n in checkpoint), None)
+
+    def _tied_head(self, model: int, name: str) -> str | None:
+        """For a head (lm_head, embed_out...) that ``model`` does not store: its input embedding,
+        when the model ties them (its config.json does not say ``tie_word_embeddings: false``)."""
         m = self.models[model]
-        if name in m.checkpoint:
-            return name
-        for other in other_spellings(name):  # the same tensor, saved under the other VLM naming scheme
-            if other in m.checkpoint:
-                return other
-        if is_embedding_name(name) and name in self.models[self.donor].layout.post and m.layout.input_embedding:
-            # a head (lm_head, embed_out...) missing from a model with tied embeddings: its input embedding is the head
+        if is_head_name(name) and m.layout.input_embedding and ties_embeddings(m.config) is not False:
             return m.layout.input_embedding
-        close = difflib.get_close_matches(name, m.checkpoint.names(), n=1)
-        hint = f" (closest: '{close[0]}')" if close else ""
-        raise PlanError(f"model {m.label}: tensor '{name}' (needed for output '{out_name}') is missing{hint}")
+        return None
+
+    def _find_all(self, out_name: str, wanted: Iterable[tuple[int, str]]) -> list[str]:
+        """The stored name of each (model, name) of one output tensor, a missing head read from a
+        tied model's embedding; one PlanError naming the tensor and every model that lacks it."""
+        wanted = list(wanted)
+        found: list[str | None] = []
+        for mi, name in wanted:
+            stored = self._stored(mi, name)
+            if stored is None and (stored := self._tied_head(mi, name)) is not None:
+                self.tied_heads[out_name].add(mi)
+            found.append(stored)
+        if all(f is not None for f in found):
+            return [f for f in found if f is not None]
+        having = [mi for mi, f in zip((mi for mi, _ in wanted), found) if f is not None]
+        lacking = []
+        for (mi, name), f in zip(wanted, found):
+            if f is None:
+                lacking.append(self.models[mi].label + self._missing_note(mi, name, out_name, having))
+        present = f" but present in {self._labels(set(having))}" if having else ""
+        if not having:  # a tensor of the donor, which is not read here
+            present = f" (the output follows {self.models[self.donor].label}, which has it)"
+        raise PlanError(
+            f"tensor '{out_name}' is missing from {', '.join(lacking)}{present}: every model a tensor is "
+            "merged from must have it"
+        )
+
+    def _missing_note(self, mi: int, name: str, out_name: str, having: list[int]) -> str:
+        """What helps to see why ``mi`` lacks ``name``: the name it was read under, an untied
+        config, or the closest name that only this model has (a tensor under another name)."""
+        m = self.models[mi]
+        notes = [f"as '{name}'"] if name != out_name else []
+        if is_head_name(name) and ties_embeddings(m.config) is False:
+            notes.append("its config.json says tie_word_embeddings: false")
+        else:
+            own = [n for n in m.checkpoint.names() if not any(n in self.models[h].checkpoint for h in having)]
+            close = difflib.get_close_matches(name, own, n=1)
+            if close:
+                notes.append(f"closest: '{close[0]}'")
+        return f" ({'; '.join(notes)})" if notes else ""
 
     def _global_params(self, slice_idx: int, out_name: str, t: float) -> dict[str, Any]:
         out = {}
@@ -309,10 +379,11 @@ class Planner:
             raise ConfigError(f"merge method '{method.name}' needs a base_model", key="base_model")
         picks = [self._slice_picks(si, sl, base_ref) for si, sl in enumerate(slices)]
         layer_map: list[tuple[int, tuple[tuple[str, int], ...]]] = []
-        jobs = _placed(
-            [self._job(tensor, device) for tensor in self._output_tensors(picks, layer_map)], shard_size_bytes
-        )
+        tensors = [t for t in self._output_tensors(picks, layer_map) if self._kept(t)]
+        jobs = _placed([self._job(tensor, device) for tensor in tensors], shard_size_bytes)
+        excluded = self._accounted(picks, jobs)
         out_config = self._out_config(donor, slices, len(layer_map))
+        self._untie_for_heads(out_config, jobs)
         if self.vocab is not None and any(j.aligned for j in jobs):
             set_vocab_size(out_config, self.vocab.rows)
         return MergePlan(
@@ -328,6 +399,7 @@ class Planner:
             vocab,
             device,
             shard_size_bytes,
+            excluded,
         )
 
     def _slice_picks(self, si: int, sl: Any, base_ref: Any) -> SlicePicks:
@@ -373,30 +445,44 @@ class Planner:
     def _output_tensors(
         self, picks: list[SlicePicks], layer_map: list[tuple[int, tuple[tuple[str, int], ...]]]
     ) -> Iterator[OutputTensor]:
-        """Every output tensor in output order: the donor's pre weights (first slice, t = 0), each
-        slice's layers renumbered consecutively (appended to ``layer_map``), the post weights
-        (last slice, t = 1)."""
+        """Every output tensor in output order: the weights before the layer stack (first slice,
+        t = 0), each slice's layers renumbered consecutively (appended to ``layer_map``), the
+        weights after it (last slice, t = 1). Each group holds every tensor that any model it
+        reads has (the donor's first, in its order, then the others' in theirs): a tensor that
+        some of them lack is never dropped, it is an error (``_find_all``) or a stated exclusion
+        (``_kept``)."""
         from .params import layer_t
 
-        donor_layout = self.models[self.donor].layout
+        donor = self.models[self.donor]
+        donor_layout = donor.layout
 
         def whole(name: str, si: int, t: float) -> OutputTensor:
             sp = picks[si]
             base = (sp.base[0], name) if sp.base else None
             return OutputTensor(name, si, t, [(mi, name, j) for mi, _, j in sp.entries], base)
 
-        for name in donor_layout.pre:
+        def named(groups: Iterable[Iterable[str]]) -> list[str]:
+            """The union of ``groups`` in first-seen order, each name in the donor's spelling."""
+            out: dict[str, None] = {}
+            for group in groups:
+                for name in group:
+                    name = spelled_like(name, (donor_layout.prefix,))
+                    if name not in out and not any(o in out for o in other_spellings(name)):
+                        out[name] = None
+            return list(out)
+
+        first, last = _readers(picks[0]), _readers(picks[-1])
+        for name in named([donor_layout.pre, *(self.models[mi].layout.pre for mi, _ in first)]):
             yield whole(name, 0, 0.0)
         for si, sp in enumerate(picks):
+            readers = _readers(sp)
             for idx in range(sp.length):
                 out_layer = len(layer_map)
-                lead = (sp.entries[0][0], sp.entries[0][1]) if sp.entries else sp.base
-                assert lead is not None  # _slice_picks: a slice has sources or a base
-                lead_model, lead_start = lead
                 layer_map.append(
                     (out_layer, tuple((self.models[mi].label, start + idx) for mi, start, _ in sp.entries))
                 )
-                for suffix in self.models[lead_model].layout.layer_tensors.get(lead_start + idx, ()):
+                suffixes = named(self.models[mi].layout.layer_tensors.get(start + idx, ()) for mi, start in readers)
+                for suffix in suffixes:
                     names = [
                         (mi, self.models[mi].layout.layer_name(start + idx, suffix), j) for mi, start, j in sp.entries
                     ]
@@ -405,15 +491,118 @@ class Planner:
                         base = (sp.base[0], self.models[sp.base[0]].layout.layer_name(sp.base[1] + idx, suffix))
                     t = layer_t(idx, sp.length)
                     yield OutputTensor(donor_layout.layer_name(out_layer, suffix), si, t, names, base)
-        for name in donor_layout.post:
+        for name in named([donor_layout.post, *(self.models[mi].layout.post for mi, _ in last)]):
             yield whole(name, len(picks) - 1, 1.0)
+
+    def _kept(self, tensor: OutputTensor) -> bool:
+        """False for a buffer transformers rebuilds at load time (rotary ``inv_freq``, a causal
+        mask) that some of the tensor's models lack: it is left out, and recorded as excluded."""
+        wanted = [(mi, name) for mi, name, _ in tensor.picks] + ([tensor.base] if tensor.base else [])
+        stored = [(mi, self._stored(mi, name)) for mi, name in wanted]
+        have = [(mi, n) for mi, n in stored if n is not None]
+        if len(have) == len(stored):
+            return True
+        # a name only the donor has (it is not read here) is the donor's
+        mi, name = have[0] if have else (self.donor, self._stored(self.donor, tensor.out_name) or "")
+        info = self.models[mi].checkpoint.infos.get(name)
+        if info is None or not is_recomputed_buffer(tensor.out_name, info.shape):
+            return True  # not a rebuilt buffer: _find_all reports the models that lack it
+        lacking = ", ".join(self.models[m].label for m, n in stored if n is None)
+        for m, n in have:
+            self.skipped[(m, n)] = f"a buffer transformers rebuilds at load time, missing from {lacking}"
+        return False
+
+    def _accounted(self, picks: list[SlicePicks], jobs: list[TensorJob]) -> tuple[Excluded, ...]:
+        """Why each input tensor that no job reads is left out, grouped by model and reason (logged
+        at info level). The reasons come from the slices alone, not from the enumeration of output
+        tensors, so that an input tensor left out by mistake is a PlanError, never a silent loss."""
+        read: dict[int, set[str]] = defaultdict(set)
+        for job in jobs:
+            for s in (*job.inputs, *job.row_sources):
+                read[s.model].add(s.tensor)
+        layers: dict[int, set[int]] = defaultdict(set)  # per model, the layers some slice reads
+        for sp in picks:
+            for mi, start in _readers(sp):
+                layers[mi].update(range(start, start + sp.length))
+        first, last = {mi for mi, _ in _readers(picks[0])}, {mi for mi, _ in _readers(picks[-1])}
+        groups: dict[tuple[int, str], list[str]] = defaultdict(list)
+        for mi, m in enumerate(self.models):
+            for name in m.checkpoint.names():
+                if name in read[mi]:
+                    continue
+                reason = self.skipped.get((mi, name)) or self._left_out_because(mi, name, layers, first, last)
+                if reason is None:
+                    raise PlanError(
+                        f"tensor '{name}' of {m.label} would be left out of the output: no output tensor reads it"
+                    )
+                groups[(mi, reason)].append(name)
+        excluded = tuple(Excluded(mi, reason, tuple(names)) for (mi, reason), names in groups.items())
+        for e in excluded:
+            shown = ", ".join(e.tensors[:3]) + (f" and {len(e.tensors) - 3} more" if len(e.tensors) > 3 else "")
+            n = len(e.tensors)
+            log.info(
+                "not in the output: %d tensor%s of %s (%s): %s",
+                n,
+                "s" if n > 1 else "",
+                self.models[e.model].label,
+                e.reason,
+                shown,
+            )
+        return excluded
+
+    def _left_out_because(
+        self, mi: int, name: str, layers: dict[int, set[int]], first: set[int], last: set[int]
+    ) -> str | None:
+        """Why the slices do not read tensor ``name`` of model ``mi``; None when they should."""
+        layout = self.models[mi].layout
+        if mi not in layers:
+            if self.config.base_model is not None and mi == self._model(self.config.base_model):
+                return f"merge method '{self.method.name}' does not use the base model"
+            return "no slice reads this model"
+        prefix = layout.prefix + "."
+        if layout.prefix and name.startswith(prefix):
+            index, _, suffix = name[len(prefix) :].partition(".")
+            if index.isdigit() and suffix in layout.layer_tensors.get(int(index), ()):
+                return None if int(index) in layers[mi] else "a layer outside the slices' layer ranges"
+        if name in layout.pre and mi not in first:
+            return f"before the layer stack, which the first slice takes from {self._labels(first)}"
+        if name in layout.post and mi not in last:
+            return f"after the layer stack, which the last slice takes from {self._labels(last)}"
+        return None
+
+    def _labels(self, models: Iterable[int]) -> str:
+        return ", ".join(self.models[m].label for m in sorted(models))
+
+    def _untie_for_heads(self, out_config: dict[str, Any], jobs: list[TensorJob]) -> None:
+        """A written head is the output's head: config.json must not tie it to the embedding. One
+        warning says which models' embeddings stood in for their heads."""
+        donor = self.donor
+        for job in jobs:
+            if not is_head_name(job.out_name):
+                continue
+            tied = ties_embeddings(out_config)
+            untie = tied is True or (tied is None and self._stored(donor, job.out_name) is None)
+            if untie:
+                set_untied(out_config)
+            stand_ins = self.tied_heads.get(job.out_name)
+            if stand_ins:
+                log.warning(
+                    "'%s': no head in %s (tied embeddings), so the input embedding stands in for it%s",
+                    job.out_name,
+                    self._labels(stand_ins),
+                    "; the output has its own head (tie_word_embeddings: false)" if untie else "",
+                )
+            elif untie:
+                log.warning("the output has its own head '%s' (tie_word_embeddings: false)", job.out_name)
 
     def _job(self, tensor: OutputTensor, device: str) -> TensorJob:
         """One output tensor's job: its inputs found and shape-checked, parameters resolved and
         validated, and the kernel chosen."""
         method, out_name = self.method, tensor.out_name
-        sources = tuple(Source(mi, self._find(mi, name, out_name)) for mi, name, _ in tensor.picks)
-        base = Source(tensor.base[0], self._find(tensor.base[0], tensor.base[1], out_name)) if tensor.base else None
+        wanted = [(mi, name) for mi, name, _ in tensor.picks] + ([tensor.base] if tensor.base else [])
+        found = self._find_all(out_name, wanted)
+        sources = tuple(Source(mi, name) for (mi, _, _), name in zip(tensor.picks, found))
+        base = Source(tensor.base[0], found[-1]) if tensor.base else None
         inputs = (base, *sources) if base else sources  # as TensorJob.inputs
         infos = [self.models[s.model].checkpoint.infos[s.tensor] for s in inputs]
         ref_info = infos[0]
@@ -430,7 +619,8 @@ class Planner:
         row_sources: tuple[Source, ...] = ()
         if aligned and self.vocab is not None:
             missing = sorted(self.vocab.default_models() - {s.model for s in inputs})
-            row_sources = tuple(Source(m, self._find(m, out_name, out_name)) for m in missing)
+            found_rows = self._find_all(out_name, [(m, out_name) for m in missing])
+            row_sources = tuple(Source(m, name) for m, name in zip(missing, found_rows))
         mapped = [self.models[s.model].checkpoint.view(s.tensor) is not None for s in inputs]
         kernel = choose(
             method,

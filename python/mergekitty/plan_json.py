@@ -21,6 +21,7 @@ def _types() -> dict[str, type]:
 
     classes: list[type] = [
         plan.MergePlan,
+        plan.Excluded,
         plan.PlannedModel,
         plan.TensorJob,
         plan.Source,

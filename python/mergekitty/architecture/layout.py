@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +78,48 @@ def is_embedding_name(name: str) -> bool:
     return any(h in name for h in _EMBED_HINTS) or name in ("output.weight",)
 
 
+def is_head_name(name: str) -> bool:
+    """An output head (``lm_head``, ``embed_out``...): what a model with tied embeddings does not store."""
+    return is_embedding_name(name) and not any(h in name.lower() for h in _INPUT_EMBED_HINTS)
+
+
+def ties_embeddings(cfg: dict[str, Any]) -> bool | None:
+    """The config's ``tie_word_embeddings`` (top level, else the text config's); None when it says nothing."""
+    for node in (cfg, *(cfg.get(k) for k in TEXT_CONFIG_KEYS)):
+        if isinstance(node, dict) and isinstance(node.get("tie_word_embeddings"), bool):
+            return bool(node["tie_word_embeddings"])
+    return None
+
+
+def set_untied(cfg: dict[str, Any]) -> bool:
+    """Make the config say ``tie_word_embeddings: false`` wherever it keeps the flag (the top
+    level when nowhere); True when that changed what it said."""
+    changed, found = False, False
+    for node in (cfg, *(cfg.get(k) for k in TEXT_CONFIG_KEYS)):
+        if isinstance(node, dict) and "tie_word_embeddings" in node:
+            found = True
+            changed |= node["tie_word_embeddings"] is not False
+            node["tie_word_embeddings"] = False
+    if not found:
+        cfg["tie_word_embeddings"] = False
+    return changed or not found
+
+
+# Buffers that some transformers releases saved into checkpoints and that every release rebuilds
+# when it loads the model (rotary frequencies, GPT-NeoX/GPT-2 causal masks). A merge whose inputs
+# do not all carry one leaves it out: the loaded model is the same with or without it.
+_RECOMPUTED_SUFFIXES = (".inv_freq", ".masked_bias")
+_MASK_SUFFIXES = (".attention.bias", ".attn.bias")
+
+
+def is_recomputed_buffer(name: str, shape: Sequence[int]) -> bool:
+    """A buffer transformers rebuilds at load time (see ``_RECOMPUTED_SUFFIXES``); a causal mask
+    is recognized by its 4-D ``[1, 1, n, n]`` shape, so that a real attention bias never is."""
+    if name.endswith(_RECOMPUTED_SUFFIXES):
+        return True
+    return name.endswith(_MASK_SUFFIXES) and len(shape) == 4 and shape[0] == shape[1] == 1
+
+
 # Two on-disk naming schemes of the same vision-language checkpoints: what transformers'
 # save_pretrained writes (left) and what some 4.x releases wrote (right). A tensor missing
 # under one spelling is looked up under the other.
@@ -98,6 +140,20 @@ def other_spellings(name: str) -> list[str]:
         elif name.startswith(b):
             out.append(a + name[len(b) :])
     return out
+
+
+def spelled_like(name: str, names: Iterable[str]) -> str:
+    """``name`` under the vision-language naming scheme that ``names`` (another model's tensors)
+    use, so that a tensor one model adds to the output follows the output's scheme."""
+    (a_marker, b_marker), names = VLM_NAME_SCHEMES[0], list(names)
+    uses_a = any(n.startswith(a_marker) for n in names)
+    if uses_a == any(n.startswith(b_marker) for n in names):
+        return name  # not a vision-language checkpoint (or both schemes at once): nothing to follow
+    for a, b in VLM_NAME_SCHEMES:
+        src, dst = (b, a) if uses_a else (a, b)
+        if name.startswith(src) and not name.startswith(dst):
+            return dst + name[len(src) :]
+    return name
 
 
 @dataclass(frozen=True)

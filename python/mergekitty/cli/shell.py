@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import MergekittyError
 
@@ -21,6 +22,14 @@ def setup_logging(verbose: int) -> None:
     )
 
 
+def _shown(exc: Exception) -> str:
+    """The message as the terminal should show it: what looks like rich markup (a path such as
+    ``m[/x]``) printed as it is, control characters (an escape sequence from a hostile file or
+    config) written as ``\\x1b``."""
+    text = "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in str(exc))
+    return escape(text)
+
+
 @contextmanager
 def command_shell(interrupted: str) -> Iterator[Console]:
     """Run the block with a stderr console; ``interrupted`` says what Ctrl-C left unwritten."""
@@ -28,7 +37,7 @@ def command_shell(interrupted: str) -> Iterator[Console]:
     try:
         yield console
     except MergekittyError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {_shown(exc)}", highlight=False, soft_wrap=True)  # not wrapped
         sys.exit(1)
     except KeyboardInterrupt:
         console.print(f"[bold red]interrupted:[/] {interrupted}")

@@ -1,7 +1,9 @@
 """Every file a model directory refers to must be inside that directory: an index entry with
-``..`` or an absolute path, or a shard that is a symlink to elsewhere, is refused with one line
-naming the index (or directory) and the entry; the Hugging Face cache layout (snapshot files
-linking into the repo's blobs) is still read."""
+``..`` or an absolute path, or a file that is a symlink to elsewhere (a shard, the index,
+``config.json``, any tokenizer or chat template file, a LoRA adapter's files,
+``mergekitty_layout.json``), is refused with one line naming the referring file (or directory)
+and the entry; the Hugging Face cache layout (snapshot files linking into the repo's blobs) is
+still read."""
 
 from __future__ import annotations
 
@@ -98,3 +100,102 @@ def test_side_files_symlinked_outside_the_model_are_refused(llama, tmp_path):
         with pytest.raises(MergekittyError, match="outside the model directory"):
             run_merge(text, tmp_path / f"out-{name}", quiet=True)
         assert not (tmp_path / f"out-{name}" / "config.json").exists()
+
+
+def _link_outside(directory: Path, name: str, content: bytes) -> Path:
+    """``directory/name`` as a symlink to a file outside ``directory`` holding ``content``."""
+    secret = directory.parent / f"secret-{name}"
+    secret.write_bytes(content)
+    directory.mkdir(exist_ok=True)
+    (directory / name).unlink(missing_ok=True)
+    os.symlink(secret, directory / name)
+    return secret
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("vocab.json", b'{"a": 0}'),
+        ("vocab.txt", b"a\nb\n"),
+        ("tokenizer.model", b"\n\x03\n\x01a"),
+        ("tokenizer_config.json", b"{}"),
+        ("added_tokens.json", b'{"<x>": 1}'),
+    ],
+)
+def test_tokenizer_files_symlinked_outside_the_model_are_refused(tmp_path, name, content):
+    from mergekitty.tokenizer.vocab import read_vocabulary
+
+    model = tmp_path / "model"
+    model.mkdir()
+    if name in ("tokenizer_config.json", "added_tokens.json"):  # read next to a vocabulary
+        (model / "vocab.json").write_text('{"a": 0}')
+    _link_outside(model, name, content)
+    with pytest.raises(ModelFormatError, match=f"'{name}' resolves to .*outside the model directory"):
+        read_vocabulary(model)
+
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "chat_template.json", "tokenizer_config.json"])
+def test_a_chat_template_symlinked_outside_the_model_is_refused(tmp_path, name):
+    from mergekitty.tokenizer import model_chat_template
+
+    model = tmp_path / "model"
+    text = "{{ messages }}"
+    _link_outside(
+        model, name, text.encode() if name.endswith(".jinja") else json.dumps({"chat_template": text}).encode()
+    )
+    with pytest.raises(ModelFormatError, match=f"'{name}' resolves to .*outside the model directory"):
+        model_chat_template(model)
+
+
+def test_copied_tokenizer_files_symlinked_outside_are_refused(llama, tmp_path):
+    from mergekitty.tokenizer.write import copy_tokenizer
+
+    model = Path(shutil.copytree(llama["ft1"], tmp_path / "model"))
+    _link_outside(model, "merges.txt", b"#version: 0.2\na b\n")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ModelFormatError, match="'merges.txt' resolves to .*outside the model directory"):
+        copy_tokenizer(model, tmp_path / "out")
+    assert not (tmp_path / "out" / "merges.txt").exists()
+
+
+@pytest.mark.parametrize("name", ["adapter_config.json", "adapter_model.safetensors"])
+def test_adapter_files_symlinked_outside_the_adapter_are_refused(tmp_path, name):
+    import torch
+    from safetensors.torch import save_file
+
+    from mergekitty.lora.adapter import Adapter
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file(
+        {f"{prefix}.lora_A.weight": torch.zeros(2, 8), f"{prefix}.lora_B.weight": torch.zeros(8, 2)},
+        str(adapter / "adapter_model.safetensors"),
+    )
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    assert Adapter(adapter).modules
+    _link_outside(adapter, name, (adapter / name).read_bytes())
+    with pytest.raises(ModelFormatError, match=f"'{name}' resolves to .*outside the model directory"):
+        Adapter(adapter)
+
+
+def test_a_layout_file_or_index_symlinked_outside_the_model_is_refused(llama, tmp_path):
+    from mergekitty.architecture import model_layout_override
+
+    model = Path(shutil.copytree(llama["ft1"], tmp_path / "model"))
+    layout = {"layer_prefix": "model.layers", "pre": ["model.embed_tokens.*"], "post": ["model.norm.*", "lm_head.*"]}
+    _link_outside(model, "mergekitty_layout.json", json.dumps(layout).encode())
+    with pytest.raises(ModelFormatError, match="'mergekitty_layout.json' resolves to .*outside the model directory"):
+        model_layout_override(model)
+    (model / "mergekitty_layout.json").unlink()
+    assert model_layout_override(model) is None
+    names = list(Checkpoint(model).infos)
+    _link_outside(
+        model,
+        "model.safetensors.index.json",
+        json.dumps({"weight_map": dict.fromkeys(names, "model.safetensors")}).encode(),
+    )
+    with pytest.raises(
+        ModelFormatError, match="'model.safetensors.index.json' resolves to .*outside the model directory"
+    ):
+        Checkpoint(model)

@@ -65,7 +65,7 @@ def _open_models(config, options: MergeOptions):
 
 
 def _open_model(ref, config, options: MergeOptions, forced):
-    from .architecture import OVERRIDE_FILE, infer_layout, load_layout_override
+    from .architecture import infer_layout, model_layout_override
     from .plan import InputModel, PlannedModel
     from .refs import resolve_local_path
 
@@ -81,8 +81,7 @@ def _open_model(ref, config, options: MergeOptions, forced):
     if override:
         cfg["architectures"] = [override]
     # the layout: --layout-override, else the model's own mergekitty_layout.json, else inferred
-    layout_file = Path(path) / OVERRIDE_FILE
-    stated = forced or (load_layout_override(layout_file) if layout_file.is_file() else None)
+    stated = forced or model_layout_override(path)
     layout = infer_layout(checkpoint.names(), cfg, where=str(ref), override=stated)
     planned = replace(planned, num_layers=layout.num_layers, tokenizer_dir=_tokenizer_dir(checkpoint, path))
     return InputModel(ref, planned, checkpoint, cfg, layout)

@@ -35,6 +35,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
+from .limits import MAX_CONFIG_BYTES, MAX_PAD_TO_MULTIPLE_OF, MAX_TOKEN_ID
 from .refs import ModelReference
 from .yaml_lines import DuplicateKeyError, YamlSyntaxError, format_path, line_of, load_with_lines
 
@@ -308,8 +309,8 @@ class ModelTokenEmbedding(BaseModel):
     def _one_of(self) -> ModelTokenEmbedding:
         if (self.token_id is None) == (self.token is None):
             raise fail("give exactly one of 'token' and 'token_id'")
-        if self.token_id is not None and self.token_id < 0:
-            raise fail(f"token_id must be >= 0, got {self.token_id}", key="token_id")
+        if self.token_id is not None and not 0 <= self.token_id < MAX_TOKEN_ID:
+            raise fail(f"token_id must be >= 0 and below {MAX_TOKEN_ID:,}, got {self.token_id}", key="token_id")
         return self
 
 
@@ -359,6 +360,11 @@ class TokenizerConfig(BaseModel):
     def _positive(cls, value: int | None) -> int | None:
         if value is not None and value <= 0:
             raise fail(f"pad_to_multiple_of must be a positive integer, got {value}")
+        if value is not None and value > MAX_PAD_TO_MULTIPLE_OF:
+            raise fail(
+                f"pad_to_multiple_of is {value:,}; at most {MAX_PAD_TO_MULTIPLE_OF:,} (padding to a GPU tile or a "
+                "tensor-parallel degree needs far less, and every padding row is written)"
+            )
         return value
 
 
@@ -638,6 +644,12 @@ def _parse_key_path(key: str) -> tuple:
 # --------------------------------------------------------------------------- loading
 
 
+def _too_large(source: str) -> ConfigError:
+    return ConfigError(
+        f"the config is larger than {MAX_CONFIG_BYTES // 2**20} MiB; is it a YAML config?", source=source
+    )
+
+
 class ConfigKind:
     """The located YAML loader of one config schema (a ``LocatedConfig``): every problem is a
     ConfigError naming the key path and its line."""
@@ -682,6 +694,8 @@ class ConfigKind:
         """Parse and validate YAML text. Raises ConfigError with the key path and line."""
         if not isinstance(text, str):
             raise ConfigError(f"expected YAML text, got {type(text).__name__}", source=source)
+        if len(text) > MAX_CONFIG_BYTES:
+            raise _too_large(source)
         try:
             data, lines = load_with_lines(text)
         except YamlSyntaxError as exc:
@@ -694,17 +708,29 @@ class ConfigKind:
 
     def load_file(self, path: str | os.PathLike):
         """Read and validate a YAML config file. Raises ConfigError (also for a missing file)."""
+        from .io.model_files import undecodable_at
+
         p = Path(path).expanduser()
         try:
-            text = p.read_text(encoding="utf-8")
+            with open(p, "rb") as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except IsADirectoryError:
             raise ConfigError(f"config path is a directory, not a YAML file: {path}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file is not UTF-8 text: {path}") from None
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise _too_large(str(path))
+        try:
+            text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it
+        except UnicodeDecodeError as exc:
+            line, column, byte = undecodable_at(exc)
+            raise ConfigError(
+                f"the config is not UTF-8 text: byte 0x{byte:02x} cannot be decoded (column {column})",
+                line=line,
+                source=str(path),
+            ) from None
         return self.load(text, source=str(path))
 
     def coerce(self, config: Any):

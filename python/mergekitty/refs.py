@@ -142,19 +142,30 @@ def resolve_local_path(ref_path: str, revision: str | None = None, cache_dir: st
     hub repository id (HF_HUB_OFFLINE is honoured: only the local cache is used).
     """
     local = Path(ref_path).expanduser()
-    if local.is_dir():
-        return local
-    if local.exists():
+    try:
+        if local.is_dir():
+            return local
+        exists = local.exists()
+    except OSError as exc:  # a name too long, a directory on the way that cannot be searched...
+        raise ModelNotFoundError(f"model path {ref_path} cannot be used: {exc.strerror or exc}") from None
+    if exists:
         raise ModelNotFoundError(f"model path is not a directory: {ref_path}")
     if looks_local(ref_path):
         raise ModelNotFoundError(f"model directory not found: {ref_path}{_sibling_hint(local)}")
-    if local.parent != Path(".") and local.parent.is_dir():
+    if local.parent != Path(".") and _is_dir(local.parent):
         # "models/llama-ft" where ./models exists is a local path with a typo, not a hub id
         raise ModelNotFoundError(
             f"model directory not found: {ref_path} ({local.parent} exists locally, so this is not taken "
             f"as a hub id){_sibling_hint(local)}"
         )
     return _download(ref_path, revision, cache_dir)
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def _sibling_hint(path: Path) -> str:

@@ -3,6 +3,11 @@
 ``load_with_lines(text)`` returns the plain Python data (what ``yaml.safe_load`` gives)
 and a map from key paths such as ``("slices", 1, "sources", 0, "layer_range")`` to
 1-based line numbers, so that config errors can point at the line to fix.
+
+The text is untrusted: characters YAML forbids, values Python cannot hold, nesting deeper than
+``MAX_NESTING``, recursive aliases, and aliases that expand to more than ``MAX_CONFIG_VALUES``
+values (an alias "bomb") are each a YamlSyntaxError with the line, found before the data is built.
+Aliases are walked once per node, so shared anchors cost nothing.
 """
 
 from __future__ import annotations
@@ -12,17 +17,21 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from .limits import MAX_CONFIG_VALUES, MAX_NESTING
+
 __all__ = ["YamlSyntaxError", "DuplicateKeyError", "load_with_lines", "line_of", "format_path"]
 
 KeyPath = tuple[Any, ...]
 
 
 class YamlSyntaxError(ValueError):
-    """The text is not valid YAML. ``line`` is 1-based, or None when unknown."""
+    """The text is not valid YAML, or asks for more than a config may hold. ``line`` and
+    ``column`` are 1-based, or None when unknown; the message ends with the column."""
 
-    def __init__(self, message: str, line: int | None):
-        super().__init__(message)
+    def __init__(self, message: str, line: int | None, column: int | None = None):
+        super().__init__(message + (f" (column {column})" if column else ""))
         self.line = line
+        self.column = column
 
 
 class DuplicateKeyError(ValueError):
@@ -34,6 +43,37 @@ class DuplicateKeyError(ValueError):
         self.line = line
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that stops at MAX_NESTING levels while composing (PyYAML's scanner slows down
+    with every open bracket and its composer recurses per level), and whose scalars that Python
+    cannot hold (an integer of 5000 digits, the date 2001-02-30) are YAML errors at the scalar,
+    not a ValueError from deep inside PyYAML."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_NESTING:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise YamlSyntaxError(
+                    f"the config is nested more than {MAX_NESTING} levels deep", mark.line + 1, mark.column + 1
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, OverflowError) as exc:
+            value = node.value if isinstance(node, ScalarNode) else ""
+            shown = value if len(value) <= 40 else value[:37] + "..."
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read the value {shown!r}: {exc}", node.start_mark
+            ) from None
+
+
 def _scalar_key(loader: yaml.SafeLoader, node: Node) -> Any:
     if isinstance(node, ScalarNode):
         try:
@@ -43,7 +83,56 @@ def _scalar_key(loader: yaml.SafeLoader, node: Node) -> Any:
     return None
 
 
-def _walk(loader: yaml.SafeLoader, node: Node, path: KeyPath, lines: dict[KeyPath, int]) -> None:
+def _children(node: Node) -> list[Node]:
+    if isinstance(node, MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_size(root: Node) -> None:
+    """Refuse a document nested deeper than MAX_NESTING, with a recursive alias, or holding more
+    than MAX_CONFIG_VALUES values once every alias is expanded. Each node is visited once (sizes
+    and heights are kept per node), without recursion, so a bomb costs what its text does."""
+    size: dict[int, int] = {}
+    height: dict[int, int] = {}
+    open_nodes: set[int] = set()  # the path from the root to the node being visited
+    stack: list[tuple[Node, int, bool]] = [(root, 1, False)]
+    while stack:
+        node, depth, leaving = stack.pop()
+        key = id(node)
+        if leaving:
+            open_nodes.discard(key)
+            children = _children(node)
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            height[key] = 1 + max((height[id(c)] for c in children), default=0)
+            if size[key] > MAX_CONFIG_VALUES:
+                raise YamlSyntaxError(
+                    f"the config holds more than {MAX_CONFIG_VALUES:,} values once its aliases (*name) are "
+                    "expanded; no merge needs that many",
+                    node.start_mark.line + 1,
+                )
+            continue
+        if key in open_nodes:
+            raise YamlSyntaxError(
+                "an alias refers to a value that contains it (a recursive alias)", node.start_mark.line + 1
+            )
+        if depth + height.get(key, 1) - 1 > MAX_NESTING:
+            raise YamlSyntaxError(f"the config is nested more than {MAX_NESTING} levels deep", node.start_mark.line + 1)
+        if key in size:
+            continue
+        open_nodes.add(key)
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in _children(node))
+
+
+def _walk(loader: yaml.SafeLoader, node: Node, path: KeyPath, lines: dict[KeyPath, int], seen_nodes: set[int]) -> None:
+    """Record the line of every key and item below ``node``. A node reached again through an
+    alias is not walked again: paths below the alias take the line of the alias' target."""
+    if id(node) in seen_nodes:
+        return
+    seen_nodes.add(id(node))
     if isinstance(node, MappingNode):
         # Keys written twice are an error; keys that override a merged ``<<: *anchor`` are not.
         seen: set[Any] = set()
@@ -65,37 +154,62 @@ def _walk(loader: yaml.SafeLoader, node: Node, path: KeyPath, lines: dict[KeyPat
                 continue
             sub = (*path, key)
             lines[sub] = key_node.start_mark.line + 1
-            _walk(loader, value_node, sub, lines)
+            _walk(loader, value_node, sub, lines, seen_nodes)
     elif isinstance(node, SequenceNode):
         for i, item in enumerate(node.value):
             sub = (*path, i)
             lines[sub] = item.start_mark.line + 1
-            _walk(loader, item, sub, lines)
+            _walk(loader, item, sub, lines, seen_nodes)
+
+
+def _reader_error(text: str, exc: yaml.reader.ReaderError) -> YamlSyntaxError:
+    """A character YAML does not allow (a control character, a lone surrogate), at its line and column."""
+    position = exc.position
+    line = text.count("\n", 0, position) + 1
+    column = position - (text.rfind("\n", 0, position) + 1) + 1
+    char = exc.character
+    code = char if isinstance(char, int) else ord(char) if isinstance(char, str) and len(char) == 1 else None
+    what = f"the character U+{code:04X}" if code is not None else "a character"
+    return YamlSyntaxError(
+        f"YAML syntax error: {what} is not allowed in YAML; write it escaped in a double-quoted string", line, column
+    )
 
 
 def load_with_lines(text: str) -> tuple[Any, dict[KeyPath, int]]:
     """Parse one YAML document; return ``(data, {key path: line})``.
 
-    Raises YamlSyntaxError (with the line) for malformed YAML and DuplicateKeyError
-    for a key given twice in one mapping.
+    Raises YamlSyntaxError (with the line) for malformed YAML or a document over the limits
+    above, and DuplicateKeyError for a key given twice in one mapping.
     """
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = _Loader(text)
+    except yaml.reader.ReaderError as exc:
+        raise _reader_error(text, exc) from None
     try:
         node = loader.get_single_node()
         if node is None:
             return None, {}
+        _check_size(node)
         lines: dict[KeyPath, int] = {(): node.start_mark.line + 1}
-        _walk(loader, node, (), lines)
+        _walk(loader, node, (), lines, set())
         data = loader.construct_document(node)
         return data, lines
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
+        column = mark.column + 1 if mark is not None else None
         problem = exc.problem or "invalid YAML"
         context = f" ({exc.context})" if exc.context else ""
-        raise YamlSyntaxError(f"YAML syntax error: {problem}{context}", line) from None
+        raise YamlSyntaxError(f"YAML syntax error: {problem}{context}", line, column) from None
+    except yaml.reader.ReaderError as exc:
+        raise _reader_error(text, exc) from None
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(f"YAML syntax error: {exc}", None) from None
+    except RecursionError:  # merged mappings nest in ways the composer's count does not see
+        mark = loader.get_mark()
+        raise YamlSyntaxError(
+            f"the config is nested more than {MAX_NESTING} levels deep", mark.line + 1, mark.column + 1
+        ) from None
     finally:
         loader.dispose()
 

@@ -21,7 +21,6 @@ with ``--layout-override FILE``) states the layout instead of inferring it::
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -48,22 +47,21 @@ class LayoutOverride:
 
 def load_layout_override(path: str | Path) -> LayoutOverride:
     """Read and check a layout override file (JSON, or YAML for .yml/.yaml)."""
+    from ..errors import ModelFormatError
+    from ..io.model_files import read_json, read_text
+    from ..yaml_lines import DuplicateKeyError, YamlSyntaxError, load_with_lines
+
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ArchitectureError(f"cannot read layout override {path}: {exc.strerror or exc}") from None
-    try:
         if path.suffix in (".yml", ".yaml"):
-            import yaml
-
-            data = yaml.safe_load(text)
+            data, _ = load_with_lines(read_text(path))
         else:
-            data = json.loads(text)
-    except ValueError as exc:  # json.JSONDecodeError and yaml.YAMLError
-        raise ArchitectureError(f"layout override {path} does not parse: {exc}") from None
-    except Exception as exc:  # yaml errors are not ValueErrors
-        raise ArchitectureError(f"layout override {path} does not parse: {exc}") from None
+            data = read_json(path)
+    except ModelFormatError as exc:  # unreadable, not UTF-8, invalid JSON, nested too deeply
+        raise ArchitectureError(f"layout override {exc}") from None
+    except (YamlSyntaxError, DuplicateKeyError) as exc:
+        line = getattr(exc, "line", None)
+        raise ArchitectureError(f"layout override {path}{f':{line}' if line else ''} does not parse: {exc}") from None
     if not isinstance(data, dict):
         raise ArchitectureError(f"layout override {path} must be a mapping with 'layer_prefix', 'pre' and 'post'")
     unknown = sorted(set(data) - _KEYS)
@@ -86,6 +84,14 @@ def load_layout_override(path: str | Path) -> LayoutOverride:
             raise ArchitectureError(f"layout override {path}: '{name}' must be a list of tensor name patterns")
         lists[name] = tuple(value)
     return LayoutOverride(prefix, key, lists["pre"], lists["post"], str(path))
+
+
+def model_layout_override(directory: str | Path) -> LayoutOverride | None:
+    """The ``mergekitty_layout.json`` of a model directory (confined to it), or None without one."""
+    from ..io.model_files import model_file
+
+    path = model_file(directory, OVERRIDE_FILE)
+    return load_layout_override(path) if path is not None else None
 
 
 def layout_from_override(

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import MergekittyError
 
@@ -21,6 +22,14 @@ def setup_logging(verbose: int) -> None:
     )
 
 
+def _shown(exc: object) -> str:
+    """The message as the terminal should show it: what looks like rich markup (a path such as
+    ``m[/x]``) printed as it is, control characters (an escape sequence from a hostile file or
+    config) written as ``\\x1b``."""
+    text = "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in str(exc))
+    return escape(text)
+
+
 @contextmanager
 def command_shell(interrupted: str) -> Iterator[Console]:
     """Run the block with a stderr console; ``interrupted`` says what Ctrl-C left unwritten."""
@@ -29,11 +38,11 @@ def command_shell(interrupted: str) -> Iterator[Console]:
         yield console
     except MergekittyError as exc:
         # soft_wrap: one line however narrow the terminal (or none), so it can be grepped
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {_shown(exc)}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except OSError as exc:  # the environment (disk, permissions) rather than the inputs
         where = f" ({exc.filename})" if exc.filename else ""
-        console.print(f"[bold red]error:[/] {exc.strerror or exc}{where}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {_shown(f'{exc.strerror or exc}{where}')}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print(f"[bold red]interrupted:[/] {interrupted}", soft_wrap=True)

@@ -7,7 +7,6 @@ mmap=True)``, which never unpickles arbitrary objects.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelFormatError, ModelNotFoundError
 from .dtypes import code_of, torch_dtype
+from .model_files import confined, model_file, read_json
+
+__all__ = ["Checkpoint", "TensorInfo", "confined"]
 
 if TYPE_CHECKING:
     import torch
@@ -120,35 +122,13 @@ class _BinShard:
 
 
 def _read_index(path: Path) -> dict[str, str]:
-    try:
-        data = json.loads(path.read_text())
-        weight_map = data["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("weight_map must map tensor names to file names")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelFormatError(f"{path}: not a valid checkpoint index ({exc.__class__.__name__}: {exc})") from None
-    return weight_map
-
-
-def confined(directory: Path, name: str, referrer: str) -> Path:
-    """``directory / name``, refusing a name that leaves the model directory: an absolute path, a
-    ``..`` component, or a symlink whose target is outside it. The one exception is the Hugging
-    Face cache layout, where ``<repo>/snapshots/<revision>/<file>`` links into ``<repo>/blobs/``.
-    ``referrer`` (the index file, or the directory) is named in the error."""
-    parts = Path(name).parts
-    if not name or Path(name).is_absolute() or ".." in parts:
-        raise ModelFormatError(f"{referrer}: refers to '{name}', which is not a file inside {directory}")
-    path = directory / name
-    root = directory.resolve()
-    target = path.resolve()
-    allowed = [root]
-    if root.parent.name == "snapshots":
-        allowed.append(root.parent.parent / "blobs")
-    if not any(target == a or a in target.parents for a in allowed):
+    data = read_json(path)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ModelFormatError(
-            f"{referrer}: '{name}' resolves to {target}, outside the model directory {directory}; refusing to read it"
+            f"{path}: not a valid checkpoint index ('weight_map' must map tensor names to file names)"
         )
-    return path
+    return weight_map
 
 
 class Checkpoint:
@@ -178,8 +158,9 @@ class Checkpoint:
         d = self.directory
         self._index_map: dict[str, str] | None = None
         for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
-            if (d / index_name).is_file():
-                self._index_map = _read_index(d / index_name)
+            index = model_file(d, index_name)
+            if index is not None:
+                self._index_map = _read_index(index)
                 files = list(dict.fromkeys(self._index_map.values()))
                 for f in files:
                     if not confined(d, f, str(d / index_name)).is_file():
@@ -237,14 +218,12 @@ class Checkpoint:
         self._shard(info.file).release(name)
 
     def config(self) -> dict[str, Any]:
-        path = self.directory / "config.json"
-        if not path.is_file():
+        """The model's ``config.json``, with every value mergekitty reads checked."""
+        from ..architecture.config_json import check_model_config
+
+        path = model_file(self.directory, "config.json")
+        if path is None:
             raise ModelFormatError(f"{self.directory}: no config.json")
-        confined(self.directory, "config.json", str(self.directory))
-        try:
-            cfg = json.loads(path.read_text())
-        except ValueError as exc:
-            raise ModelFormatError(f"{path}: invalid JSON: {exc}") from None
-        if not isinstance(cfg, dict):
-            raise ModelFormatError(f"{path}: expected a JSON object")
+        cfg = read_json(path)
+        check_model_config(cfg, path)
         return cfg

@@ -16,7 +16,6 @@ Nothing here reads tensor data: only the safetensors header.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelFormatError, ModelNotFoundError
+from ..io.model_files import model_file, read_json, shown
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -65,6 +65,14 @@ class LoraModule:
         return out_in[::-1] if self.fan_in_fan_out else out_in
 
 
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's rank_pattern / alpha_pattern lookup: the first key that equals ``module`` or
     matches its tail as a regular expression (``(.*\\.)?KEY$``)."""
@@ -88,17 +96,15 @@ class Adapter:
 
         self.directory = Path(directory)
         self.label = label or str(directory)
-        cfg_path = self.directory / ADAPTER_CONFIG
         if not self.directory.is_dir():
             raise ModelNotFoundError(f"LoRA adapter directory not found: {self.directory}")
-        if not cfg_path.is_file():
+        cfg_path = model_file(self.directory, ADAPTER_CONFIG)
+        if cfg_path is None:
             raise ModelNotFoundError(f"{self.directory}: not a LoRA adapter (no {ADAPTER_CONFIG})")
-        try:
-            self.config: dict[str, Any] = json.loads(cfg_path.read_text())
-        except ValueError as exc:
-            raise ModelFormatError(f"{cfg_path}: invalid JSON: {exc}") from None
-        if not isinstance(self.config, dict):
-            raise ModelFormatError(f"{cfg_path}: expected a JSON object")
+        config = read_json(cfg_path)
+        if not isinstance(config, dict):
+            raise ModelFormatError(f"{cfg_path}: expected a JSON object, got {shown(config)}")
+        self.config: dict[str, Any] = config
         self._check_config(cfg_path)
         weights = next((w for w in ADAPTER_WEIGHTS if (self.directory / w).is_file()), None)
         if weights is None:
@@ -112,24 +118,40 @@ class Adapter:
 
     # ------------------------------------------------------------------ config
     def _check_config(self, path: Path) -> None:
+        """Every value of ``adapter_config.json`` that is read, checked here (a string ``"false"``
+        must not read as true, a rank must not be ``"8"``)."""
         cfg = self.config
-        peft_type = str(cfg.get("peft_type", "")).upper()
-        if peft_type != "LORA":
-            raise ModelFormatError(f"{path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters can be applied")
+
+        def bad(key: str, expected: str) -> ModelFormatError:
+            return ModelFormatError(f"{path}: '{key}' must be {expected}, got {shown(cfg.get(key))}")
+
+        peft_type = cfg.get("peft_type", "")
+        if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+            raise ModelFormatError(f"{path}: peft_type is {shown(peft_type)}; only LORA adapters can be applied")
         for key, what in _UNSUPPORTED_CONFIG.items():
             if cfg.get(key):
                 raise ModelFormatError(f"{path}: {what} cannot be applied (only plain LoRA)")
-        try:
-            self.r = int(cfg.get("r", 8))
-            self.alpha = float(cfg.get("lora_alpha", self.r))
-        except (TypeError, ValueError):
-            raise ModelFormatError(f"{path}: 'r' and 'lora_alpha' must be numbers") from None
+        self.r = cfg.get("r", 8)
+        if not _is_rank(self.r):
+            raise bad("r", "a positive integer")
+        self.alpha = cfg.get("lora_alpha", self.r)
+        if not _is_number(self.alpha):
+            raise bad("lora_alpha", "a finite number")
         self.rank_pattern = cfg.get("rank_pattern") or {}
         self.alpha_pattern = cfg.get("alpha_pattern") or {}
-        if not isinstance(self.rank_pattern, dict) or not isinstance(self.alpha_pattern, dict):
-            raise ModelFormatError(f"{path}: rank_pattern and alpha_pattern must be objects")
+        for key, pattern, ok, expected in (
+            ("rank_pattern", self.rank_pattern, _is_rank, "positive integers"),
+            ("alpha_pattern", self.alpha_pattern, _is_number, "finite numbers"),
+        ):
+            if not isinstance(pattern, dict) or not all(ok(v) for v in pattern.values()):
+                raise bad(key, f"an object mapping module names to {expected}")
+        for key in ("use_rslora", "fan_in_fan_out"):
+            if key in cfg and not isinstance(cfg[key], bool):
+                raise bad(key, "true or false")
         self.use_rslora = bool(cfg.get("use_rslora", False))
         self.fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
+        if not isinstance(cfg.get("base_model_name_or_path", ""), (str, type(None))):
+            raise bad("base_model_name_or_path", "a model path or hub id (a string)")
 
     @property
     def base_model_name(self) -> str | None:

@@ -93,7 +93,7 @@ class MoEInputs:
 
 
 def open_model(ref, options) -> SourceModel:
-    from ..architecture import OVERRIDE_FILE, infer_layout, load_layout_override
+    from ..architecture import infer_layout, model_layout_override
     from ..io.checkpoint import Checkpoint
     from ..refs import resolve_local_path
 
@@ -106,8 +106,7 @@ def open_model(ref, options) -> SourceModel:
         adapter = resolve_local_path(ref.lora.path, ref.lora.revision, options.transformers_cache)
         checkpoint = open_lora_checkpoint(checkpoint, Path(adapter), label=str(ref))
     cfg = checkpoint.config()
-    layout_file = Path(path) / OVERRIDE_FILE
-    stated = load_layout_override(layout_file) if layout_file.is_file() else None
+    stated = model_layout_override(path)
     layout = infer_layout(checkpoint.names(), cfg, where=str(ref), override=stated)
     return SourceModel(ref, str(ref), Path(path), checkpoint, cfg, layout)
 

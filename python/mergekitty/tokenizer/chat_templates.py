@@ -24,7 +24,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelFormatError
+from ..io.model_files import model_file, read_json, read_text, shown
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ def _normalize(template: Any) -> str | None:
     """A template as stored in a model: a string, a list of {name, template} or a dict by name
     (the "default" entry counts). Returns the stripped text, or None."""
     if isinstance(template, list):
-        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = {
+            t.get("name"): t.get("template") for t in template if isinstance(t, dict) and isinstance(t.get("name"), str)
+        }
     if isinstance(template, dict):
         template = template.get("default")
     if isinstance(template, str) and template.strip():
@@ -57,27 +60,32 @@ def _normalize(template: Any) -> str | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in an output's tokenizer file; {} (with a warning) when it holds none,
+    so that writing the template replaces it."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        log.warning("cannot read %s: %s", path, exc)
+        data = read_json(path)
+    except ModelFormatError as exc:
+        log.warning("%s", exc)
         return {}
     return data if isinstance(data, dict) else {}
 
 
 def model_chat_template(path: str | Path) -> str | None:
     """The chat template of the model in directory ``path``, looked up in the order transformers
-    uses: ``chat_template.jinja``, then ``tokenizer_config.json``, then ``chat_template.json``."""
-    path = Path(path)
-    jinja = path / "chat_template.jinja"
-    if jinja.is_file():
-        found = _normalize(jinja.read_text(encoding="utf-8"))
+    uses: ``chat_template.jinja``, then ``tokenizer_config.json``, then ``chat_template.json``.
+    A file that is unreadable or not what it should be is a ModelFormatError naming it."""
+    jinja = model_file(path, "chat_template.jinja")
+    if jinja is not None:
+        found = _normalize(read_text(jinja))
         if found:
             return found
     for name in ("tokenizer_config.json", "chat_template.json"):
-        f = path / name
-        if f.is_file():
-            found = _normalize(_read_json(f).get(KEY))
+        f = model_file(path, name)
+        if f is not None:
+            data = read_json(f)
+            if not isinstance(data, dict):
+                raise ModelFormatError(f"{f}: expected a JSON object, got {shown(data)}")
+            found = _normalize(data.get(KEY))
             if found:
                 return found
     return None
@@ -103,6 +111,8 @@ def _check_jinja(template: str, error: Callable[[str], Exception]) -> None:
         ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
     except TemplateSyntaxError as exc:
         raise error(f"the Jinja template does not parse: {exc.message} (template line {exc.lineno})") from None
+    except RecursionError:  # jinja2's parser recurses per nested block or bracket
+        raise error("the Jinja template does not parse: it nests blocks or brackets too deeply") from None
 
 
 def resolve_chat_template(

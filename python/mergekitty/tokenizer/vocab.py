@@ -9,17 +9,23 @@ Sources, first found wins:
 
 Added tokens listed in ``tokenizer_config.json`` (``added_tokens_decoder``) are merged in, so
 both the transformers 4 and 5 layouts are understood.
+
+Every file is read through ``io.model_files`` (confined to the model directory) and checked here,
+where it is read: a token id that is not an integer in ``[0, MAX_TOKEN_ID)``, a vocabulary of the
+wrong shape, an added token without its ``id`` or ``content`` is a ModelFormatError naming the
+file and the key, so that planning and writing only see well-formed vocabularies.
 """
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ModelFormatError
+from ..io.model_files import model_file, read_json, read_text, shown
+from ..limits import MAX_TOKEN_ID
 
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE = "tokenizer.model"
@@ -78,33 +84,94 @@ class Vocabulary:
         return {i: t for t, i in self.tokens.items()}
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise ModelFormatError(f"{path}: not a readable JSON file ({exc})") from None
+def _token_id(value: Any, path: Path, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_TOKEN_ID:
+        raise ModelFormatError(
+            f"{path}: '{key}' is {shown(value)}; a token id must be an integer from 0 to {MAX_TOKEN_ID - 1:,}"
+        )
+    return value
+
+
+def _token_ids(ids: dict[str, Any], path: Path, prefix: str) -> dict[str, int]:
+    """``ids`` (token -> id), every id checked; the error names the first bad one."""
+    if not all(type(i) is int and 0 <= i < MAX_TOKEN_ID for i in ids.values()):
+        for token, i in ids.items():
+            _token_id(i, path, prefix + token)
+    return ids
+
+
+def _object(value: Any, path: Path, key: str | None = None) -> dict[str, Any]:
+    """``value`` if it is a JSON object; ``key`` None: the whole file."""
+    if not isinstance(value, dict):
+        what = f"'{key}' must be" if key is not None else "expected"
+        raise ModelFormatError(f"{path}: {what} a JSON object, got {shown(value)}")
+    return value
+
+
+def _added_token(entry: Any, path: Path, key: str) -> AddedToken:
+    """An added token entry (``tokenizer.json`` ``added_tokens``, ``added_tokens_decoder``)."""
+    entry = _object(entry, path, key)
+    if not isinstance(entry.get("content"), str):
+        raise ModelFormatError(f"{path}: '{key}.content' must be the token text, got {shown(entry.get('content'))}")
+    for flag in ("special", "single_word", "lstrip", "rstrip", "normalized"):
+        if flag in entry and not isinstance(entry[flag], bool):
+            raise ModelFormatError(f"{path}: '{key}.{flag}' must be true or false, got {shown(entry[flag])}")
+    return AddedToken.from_json(entry)
+
+
+def _too_many(count: int, path: Path, what: str) -> None:
+    if count > MAX_TOKEN_ID:
+        raise ModelFormatError(f"{path}: {what} has {count:,} tokens; at most {MAX_TOKEN_ID:,} are read")
 
 
 def _from_tokenizer_json(path: Path) -> Vocabulary:
-    data = _read_json(path)
-    model = data.get("model") if isinstance(data, dict) else None
+    data = _object(read_json(path), path)
+    model = data.get("model")
     if not isinstance(model, dict) or "vocab" not in model:
         raise ModelFormatError(f"{path}: no model vocabulary ('model.vocab')")
     kind = model.get("type")
+    if kind is not None and not isinstance(kind, str):
+        raise ModelFormatError(f"{path}: 'model.type' must be a string, got {shown(kind)}")
     vocab = model["vocab"]
+    tokens: dict[str, int] = {}
     if isinstance(vocab, dict):
-        tokens = {str(t): int(i) for t, i in vocab.items()}
+        tokens = dict(_token_ids(vocab, path, "model.vocab."))
     elif isinstance(vocab, list):  # Unigram: [[piece, score], ...], the position is the id
-        tokens = {}
+        _too_many(len(vocab), path, "'model.vocab'")
         for i, entry in enumerate(vocab):
-            piece = entry[0] if isinstance(entry, (list, tuple)) else entry
-            tokens.setdefault(str(piece), i)
+            piece = entry[0] if isinstance(entry, list) and entry else entry
+            if not isinstance(piece, str):
+                raise ModelFormatError(f"{path}: 'model.vocab[{i}]' must be [piece, score], got {shown(entry)}")
+            tokens.setdefault(piece, i)
     else:
         raise ModelFormatError(f"{path}: 'model.vocab' is neither a mapping nor a list")
+    merges = model.get("merges")
+    if merges is not None:
+        # not read here, but written back when tokens are appended: a broken list would be copied
+        if not isinstance(merges, list):
+            raise ModelFormatError(f"{path}: 'model.merges' must be a list, got {shown(merges)}")
+        if merges and type(merges[0]) is str:  # "a b", the older form
+            bad = next((i for i, m in enumerate(merges) if type(m) is not str), None)
+        else:  # ["a", "b"]
+            bad = next(
+                (
+                    i
+                    for i, m in enumerate(merges)
+                    if not (type(m) is list and len(m) == 2 and type(m[0]) is str and type(m[1]) is str)
+                ),
+                None,
+            )
+        if bad is not None:
+            raise ModelFormatError(
+                f'{path}: \'model.merges[{bad}]\' must be "a b" or ["a", "b"] like the others, got {shown(merges[bad])}'
+            )
     added = {}
-    for entry in data.get("added_tokens") or ():
-        token = AddedToken.from_json(entry)
-        tokens[token.content] = int(entry["id"])
+    entries = data.get("added_tokens")
+    if entries is not None and not isinstance(entries, list):
+        raise ModelFormatError(f"{path}: 'added_tokens' must be a list, got {shown(entries)}")
+    for i, entry in enumerate(entries or ()):
+        token = _added_token(entry, path, f"added_tokens[{i}]")
+        tokens[token.content] = _token_id(entry.get("id"), path, f"added_tokens[{i}].id")
         added[token.content] = token
     return Vocabulary(path.parent, TOKENIZER_JSON, tokens, added, kind)
 
@@ -139,7 +206,10 @@ def sentencepiece_pieces(path: Path) -> list[tuple[str, float, int]]:
     """(piece, score, type) of every piece of a SentencePiece model, in id order.
 
     ModelProto field 1 is the repeated SentencePiece message {1: piece, 2: score, 3: type}."""
-    buf = path.read_bytes()
+    try:
+        buf = path.read_bytes()
+    except OSError as exc:
+        raise ModelFormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
     pieces = []
     pos = 0
     try:
@@ -171,52 +241,53 @@ def sentencepiece_pieces(path: Path) -> list[tuple[str, float, int]]:
         raise ModelFormatError(f"{path}: not a readable SentencePiece model ({exc})") from None
     if not pieces:
         raise ModelFormatError(f"{path}: a SentencePiece model without pieces")
+    _too_many(len(pieces), path, "the SentencePiece model")
     return pieces
 
 
 def _merge_config_added(vocab: Vocabulary, directory: Path) -> None:
     """Added tokens that only the slow-tokenizer files list (transformers 4 layouts)."""
-    config = directory / "tokenizer_config.json"
-    if config.is_file():
-        data = _read_json(config)
-        decoder = data.get("added_tokens_decoder") if isinstance(data, dict) else None
-        for key, entry in (decoder or {}).items():
-            if isinstance(entry, dict) and "content" in entry and entry["content"] not in vocab.tokens:
-                token = AddedToken.from_json(entry)
-                vocab.tokens[token.content] = int(key)
+    config = model_file(directory, "tokenizer_config.json")
+    if config is not None:
+        data = _object(read_json(config), config)
+        decoder = data.get("added_tokens_decoder")
+        for key, entry in _object(decoder, config, "added_tokens_decoder").items() if decoder is not None else ():
+            where = f"added_tokens_decoder.{key}"
+            token = _added_token(entry, config, where)
+            token_id = _token_id(int(key) if key.isascii() and key.isdigit() and len(key) < 10 else key, config, where)
+            if token.content not in vocab.tokens:
+                vocab.tokens[token.content] = token_id
                 vocab.added[token.content] = token
-    extra = directory / "added_tokens.json"
-    if extra.is_file():
-        data = _read_json(extra)
-        for content, token_id in (data or {}).items() if isinstance(data, dict) else ():
+    extra = model_file(directory, "added_tokens.json")
+    if extra is not None:
+        for content, token_id in _object(read_json(extra), extra).items():
+            token_id = _token_id(token_id, extra, content)
             if content not in vocab.tokens:
-                vocab.tokens[content] = int(token_id)
+                vocab.tokens[content] = token_id
                 vocab.added[content] = AddedToken(content)
 
 
 def read_vocabulary(directory: str | Path) -> Vocabulary | None:
     """The vocabulary of the tokenizer in ``directory``, or None when it has no tokenizer files."""
-    from ..io.checkpoint import confined
-
     directory = Path(directory)
-    if (directory / TOKENIZER_JSON).is_file():
-        vocab = _from_tokenizer_json(confined(directory, TOKENIZER_JSON, str(directory)))
-    elif (directory / "vocab.json").is_file():
-        data = _read_json(directory / "vocab.json")
-        if not isinstance(data, dict):
-            raise ModelFormatError(f"{directory / 'vocab.json'}: not a token -> id mapping")
-        vocab = Vocabulary(directory, "vocab.json", {str(t): int(i) for t, i in data.items()})
-    elif (directory / "vocab.txt").is_file():
-        lines = (directory / "vocab.txt").read_text(encoding="utf-8").split("\n")
+    if (path := model_file(directory, TOKENIZER_JSON)) is not None:
+        vocab = _from_tokenizer_json(path)
+    elif (path := model_file(directory, "vocab.json")) is not None:
+        data = _object(read_json(path), path)
+        vocab = Vocabulary(directory, "vocab.json", dict(_token_ids(data, path, "")))
+    elif (path := model_file(directory, "vocab.txt")) is not None:
+        # the line breaks transformers reads it with (universal newlines)
+        lines = read_text(path).replace("\r\n", "\n").replace("\r", "\n").split("\n")
         if lines and lines[-1] == "":
             lines.pop()
+        _too_many(len(lines), path, "the file")
         tokens: dict[str, int] = {}
         for i, line in enumerate(lines):
             tokens.setdefault(line, i)
         vocab = Vocabulary(directory, "vocab.txt", tokens)
-    elif (directory / SENTENCEPIECE).is_file():
+    elif (path := model_file(directory, SENTENCEPIECE)) is not None:
         tokens = {}
-        for i, (piece, _, _) in enumerate(sentencepiece_pieces(directory / SENTENCEPIECE)):
+        for i, (piece, _, _) in enumerate(sentencepiece_pieces(path)):
             tokens.setdefault(piece, i)
         vocab = Vocabulary(directory, SENTENCEPIECE, tokens)
     else:

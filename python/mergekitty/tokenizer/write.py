@@ -45,7 +45,10 @@ TOKENIZER_FILES = (
 
 
 def _read(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+    """A tokenizer file copied into the output (its input was checked when the vocabulary was read)."""
+    from ..io.model_files import read_json
+
+    return read_json(path)
 
 
 def _write(path: Path, data: Any) -> None:
@@ -57,11 +60,12 @@ def _write(path: Path, data: Any) -> None:
 
 
 def copy_tokenizer(src: Path, out: Path) -> None:
-    from ..io.checkpoint import confined
+    from ..io.model_files import model_file
 
     for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(confined(src, name, str(src)), out / name)
+        path = model_file(src, name)
+        if path is not None:
+            shutil.copyfile(path, out / name)
 
 
 def write_tokenizer(plan: VocabPlan, src: Path, out: Path) -> None:

@@ -264,6 +264,10 @@ class OutputTransaction:
             if self.resume_key is not None:
                 self._start_journal()
         except BaseException as exc:
+            with contextlib.suppress(OSError):
+                if self.dir.exists():
+                    keep = {*self.reused, JOURNAL_FILE} if self.reused else set()
+                    self._dispose(self.dir, keep=keep)
             self._lock.release()
             if isinstance(exc, OSError):
                 raise OutputError(f"cannot write to {self.path}: {_reason(exc)}") from None

@@ -538,3 +538,12 @@ def test_fuzzed_model_files_plan_or_fail_with_a_typed_error(llama, model, name):
         else:
             path.write_text(json.dumps(_mutate_json(rng, json.loads(original))))
         _plan(text)
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"a":' * 100 + "1" + "}" * 100, "[1]", '{"__t": 5}', "1" * 5000])
+def test_a_hostile_plan_file_is_a_plan_error(text):
+    from mergekitty.errors import PlanError
+    from mergekitty.plan import MergePlan
+
+    with pytest.raises(PlanError):
+        MergePlan.from_json(text)

@@ -101,11 +101,16 @@ def dumps(plan: Any) -> str:
 
 
 def loads(text: str) -> Any:
+    from .io.model_files import nesting_exceeds
+    from .limits import MAX_NESTING
+
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PlanError(f"a plan file is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise PlanError(f"a plan file is not JSON: {str(exc) or 'nested too deeply'}") from None
+    if isinstance(data, (dict, list)) and nesting_exceeds(data, MAX_NESTING):
+        raise PlanError(f"a plan file nests more than {MAX_NESTING} levels deep")
     try:
         return _decode(data, _types())
-    except (TypeError, KeyError) as exc:
+    except (TypeError, KeyError, ValueError, AttributeError) as exc:
         raise PlanError(f"a plan file does not describe a plan: {exc}") from None

@@ -73,7 +73,7 @@ def read_text(path: Path) -> str:
         raise ModelFormatError(f"{path}: not UTF-8 text (byte 0x{byte:02x} at line {line}, column {column})") from None
 
 
-def _nesting_exceeds(data: Any, limit: int) -> bool:
+def nesting_exceeds(data: Any, limit: int) -> bool:
     """Whether parsed JSON nests deeper than ``limit``: one level at a time, without recursion
     (json.loads gives exactly dicts and lists; a 150k-token tokenizer.json takes milliseconds)."""
     level = [data]
@@ -99,7 +99,7 @@ def read_json(path: Path) -> Any:
         data = None
         deep = True
     else:
-        deep = isinstance(data, (dict, list)) and _nesting_exceeds(data, MAX_NESTING)
+        deep = isinstance(data, (dict, list)) and nesting_exceeds(data, MAX_NESTING)
     if deep:
         raise ModelFormatError(f"{path}: JSON nested more than {MAX_NESTING} levels deep")
     return data

@@ -341,7 +341,7 @@ def test_a_model_that_cannot_fit_is_refused_before_any_weight_is_read(llama, sma
     assert os.listdir(fs) == []
 
 
-@pytest.mark.parametrize("after_jobs", [1, 30])
+@pytest.mark.parametrize("after_jobs", [1, 30, 39])  # 39: the last tensor, so the commit hits it
 def test_the_disk_filling_up_mid_merge_is_one_line_and_keeps_the_old_model(remerge, small_fs, after_jobs):
     old, config, _ = remerge
     out = _fresh_output(small_fs(4_000_000), old, "out")

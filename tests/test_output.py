@@ -3,6 +3,7 @@ step; a failure or interrupt leaves the old output exactly as it was; reruns rep
 tool wrote and keep what it did not; one run per output."""
 
 import json
+import os
 import struct
 
 import pytest
@@ -212,3 +213,52 @@ def test_a_failed_extraction_leaves_no_adapter(llama, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         extract_mod.extract_lora(llama["ft1"], llama["base"], out, rank=2)
     assert _names(out) == ["notes.txt"] and _beside(out) == []
+
+
+# ------------------------------------------------------------------ without an atomic exchange
+@pytest.fixture
+def no_exchange(monkeypatch):
+    """A file system that cannot exchange two directories in one step."""
+    import mergekitty.io.output as output
+
+    monkeypatch.setattr(output, "_exchange", lambda a, b: False)
+
+
+def test_without_an_exchange_the_old_output_is_renamed_aside_then_removed(previous_model, llama, no_exchange):
+    run_merge(_linear(llama, "ft1", "ft2"), previous_model, quiet=True)
+    assert "ft2" in (previous_model / "README.md").read_text()
+    assert (previous_model / "notes.txt").read_text() == "mine" and _beside(previous_model) == []
+
+
+@pytest.mark.faults
+def test_a_run_killed_between_the_two_renames_gets_the_old_output_back(previous_model):
+    before = _snapshot(previous_model)
+    # what a kill between "output -> .old" and "staging -> output" leaves
+    old = previous_model.parent / f".{previous_model.name}.mergekitty-old"
+    previous_model.rename(old)
+    staging = previous_model.parent / f".{previous_model.name}.mergekitty-staging"
+    staging.mkdir()
+    (staging / "config.json").write_text("{}")
+    with OutputTransaction(previous_model):
+        assert _snapshot(previous_model) == before  # restored as the transaction began
+    assert _snapshot(previous_model) == before and _beside(previous_model) == []
+
+
+@pytest.mark.faults
+def test_a_run_killed_after_the_exchange_has_its_cleanup_finished_by_the_next(previous_model, tmp_path):
+    # what a kill right after the exchange leaves: the old output at the staging path, with a
+    # hard link of the user's file that was carried into the new output
+    new_files = _snapshot(previous_model)
+    staging = previous_model.parent / f".{previous_model.name}.mergekitty-staging"
+    staging.mkdir()
+    (staging / "config.json").write_text('{"old": true}')
+    (staging / "model.safetensors").write_bytes(b"old weights")
+    os.link(previous_model / "notes.txt", staging / "notes.txt")
+    (staging / "forgotten.txt").write_text("the user's, never carried")
+    with OutputTransaction(previous_model):
+        pass
+    assert _beside(previous_model) == []
+    assert (previous_model / "forgotten.txt").read_text() == "the user's, never carried"
+    after = _snapshot(previous_model)
+    del after["forgotten.txt"]
+    assert after == new_files

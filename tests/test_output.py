@@ -262,3 +262,18 @@ def test_a_run_killed_after_the_exchange_has_its_cleanup_finished_by_the_next(pr
     after = _snapshot(previous_model)
     del after["forgotten.txt"]
     assert after == new_files
+
+
+def test_a_large_foreign_directory_is_moved_across_after_the_exchange(previous_model, llama, monkeypatch):
+    import mergekitty.io.output as output
+
+    monkeypatch.setattr(output, "LINK_TREE_MAX_ENTRIES", 1)
+    big = previous_model / "checkpoints"
+    big.mkdir()
+    for i in range(3):
+        (big / f"step{i}.txt").write_text(str(i))
+    inode = big.stat().st_ino
+    run_merge(_linear(llama, "ft1", "ft2"), previous_model, quiet=True)
+    assert big.stat().st_ino == inode  # moved, not copied
+    assert sorted(p.name for p in big.iterdir()) == ["step0.txt", "step1.txt", "step2.txt"]
+    assert "ft2" in (previous_model / "README.md").read_text() and _beside(previous_model) == []

@@ -352,7 +352,7 @@ class OutputTransaction:
             self._write_marker(marker_text)
             (self.dir / JOURNAL_FILE).unlink(missing_ok=True)
             names = sorted(p.name for p in self.dir.iterdir() if p.name != INCOMPLETE)
-            self._carry_foreign_entries()
+            deferred = self._carry_foreign_entries()
             (self.dir / INCOMPLETE).unlink()  # from here a killed run leaves a whole new output
             _fsync_dir(self.dir)
             self._replace_output()
@@ -364,7 +364,10 @@ class OutputTransaction:
             raise
         self._state = "committed"
         try:
-            self._dispose(self.dir)  # the old output, now at the staging path
+            for name in deferred:  # from the old output (now at the staging path) into the new
+                if not os.path.lexists(self._target / name):
+                    os.rename(self.dir / name, self._target / name)
+            self._dispose(self.dir)  # the rest of the old output
             _fsync_dir(self._target.parent)
         except OSError as exc:
             log.warning("the new output is in place; cleaning up the old one failed: %s", _reason(exc))
@@ -413,15 +416,28 @@ class OutputTransaction:
             raise OutputError(f"the output transaction for {self.path} is {self._state}, not open")
 
     # ------------------------------------------------------------------ the final step
-    def _carry_foreign_entries(self) -> None:
+    def _carry_foreign_entries(self) -> list[str]:
         """Give the new output what the old one holds that the tool did not write, as hard
         links (a directory as a tree of them): both outputs have it until the exchange, so
-        there is no moment when the visible output lacks it."""
+        there is no moment when the visible output lacks it. What cannot be linked cheaply (a
+        large tree, another device, a file system without hard links) is returned, to be moved
+        across after the exchange instead (a run killed in between leaves it in the old output
+        beside, and the next run moves it)."""
+        deferred: list[str] = []
         if not self._target.is_dir():
-            return
+            return deferred
         for entry in self._target.iterdir():
-            if not (_matches(entry.name, self._owned) or os.path.lexists(self.dir / entry.name)):
+            if _matches(entry.name, self._owned) or os.path.lexists(self.dir / entry.name):
+                continue
+            if not _linkable(entry, self.dir):
+                deferred.append(entry.name)
+                continue
+            try:
                 _link_tree(entry, self.dir / entry.name)
+            except OSError:
+                _remove(self.dir / entry.name)
+                deferred.append(entry.name)
+        return deferred
 
     def _replace_output(self) -> None:
         target = self._target
@@ -451,7 +467,7 @@ class OutputTransaction:
             dest = self._target / name
             is_dir = entry.is_dir() and not entry.is_symlink()
             if os.path.lexists(dest) and _mirrored(entry, dest):
-                shutil.rmtree(entry) if is_dir else entry.unlink()
+                _remove(entry)
             elif not is_dir and (unfinished or self._disposable(name)):
                 entry.unlink()
             elif not os.path.lexists(dest) and self._target.is_dir():
@@ -545,18 +561,41 @@ class OutputTransaction:
         self.write_text(self.marker, text)
 
 
+# A directory of more entries than this is moved across after the exchange rather than linked.
+LINK_TREE_MAX_ENTRIES = 10_000
+
+
+def _linkable(entry: Path, into: Path) -> bool:
+    """Whether ``entry`` (a file, a symlink or a directory tree) is on ``into``'s device and small
+    enough to carry as hard links."""
+    device = os.stat(into).st_dev
+    if os.lstat(entry).st_dev != device:
+        return False
+    if not entry.is_dir() or entry.is_symlink():
+        return True
+    count = 0
+    for root, dirs, files in os.walk(entry):
+        count += len(dirs) + len(files)
+        if count > LINK_TREE_MAX_ENTRIES or os.lstat(root).st_dev != device:
+            return False
+    return True
+
+
 def _link_tree(src: Path, dst: Path) -> None:
-    """``dst`` as hard links of ``src`` (a file, a symlink, or a directory tree); a file that
-    cannot be linked is copied."""
+    """``dst`` as hard links of ``src`` (a file, a symlink, or a directory tree)."""
     if src.is_dir() and not src.is_symlink():
         dst.mkdir()
         for entry in src.iterdir():
             _link_tree(entry, dst / entry.name)
         return
-    try:
-        os.link(src, dst, follow_symlinks=False)
-    except OSError:
-        shutil.copy2(src, dst, follow_symlinks=False)
+    os.link(src, dst, follow_symlinks=False)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
 
 
 def _mirrored(a: Path, b: Path) -> bool:

@@ -61,6 +61,13 @@ pub enum Error {
         field: &'static str,
     },
 
+    #[error("{}: tensor {tensor:?}: header entry has {field:?} twice", path.display())]
+    DuplicateField {
+        path: PathBuf,
+        tensor: String,
+        field: &'static str,
+    },
+
     #[error("{}: tensor {tensor:?}: {field:?} must be {expected}", path.display())]
     WrongFieldType {
         path: PathBuf,
@@ -76,7 +83,10 @@ pub enum Error {
         code: String,
     },
 
-    #[error("{}: tensor {tensor:?}: shape {shape:?} is too large (byte size overflows)", path.display())]
+    #[error(
+        "{}: tensor {tensor:?}: shape {shape:?} is too large (its element count must stay below 2^63 and its byte size below 2^64)",
+        path.display()
+    )]
     ShapeOverflow {
         path: PathBuf,
         tensor: String,
@@ -219,6 +229,7 @@ impl Error {
             | Error::InvalidMetadata { .. }
             | Error::EntryNotObject { .. }
             | Error::MissingField { .. }
+            | Error::DuplicateField { .. }
             | Error::WrongFieldType { .. }
             | Error::UnknownDtypeInFile { .. }
             | Error::ShapeOverflow { .. }

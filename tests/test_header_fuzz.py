@@ -173,6 +173,7 @@ def read_native(path: Path) -> None:
         assert math.prod(d for d in shape if d) < 2**63 and all(d >= 0 for d in shape), shape
         assert len(bytes(memoryview(f.view(name)))) == end - start
         assert name in f
+    f.check_intact()
 
 
 def read_checkpoint(path: Path) -> None:

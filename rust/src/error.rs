@@ -131,6 +131,13 @@ pub enum Error {
         second: String,
     },
 
+    // ---- inputs that change while they are read ----
+    #[error(
+        "input file {} changed during the merge ({detail}); what was read from it cannot be trusted",
+        path.display()
+    )]
+    InputChanged { path: PathBuf, detail: String },
+
     // ---- lookups ----
     #[error("tensor {tensor:?} not found in {}", path.display())]
     TensorNotFound { path: PathBuf, tensor: String },
@@ -198,7 +205,7 @@ fn format_names(names: &[String]) -> String {
 }
 
 /// What kind of mistake an [`Error`] is; the Python layer raises one exception class per kind
-/// (`mergekitty.errors`: FileIOError, SafetensorsError, TensorNotFoundError,
+/// (`mergekitty.errors`: FileIOError, SafetensorsError, ModelFormatError, TensorNotFoundError,
 /// InvalidArgumentError, ShardWriterError).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -206,6 +213,8 @@ pub enum ErrorKind {
     Io,
     /// A file is not a valid safetensors file.
     MalformedFile,
+    /// An input file changed (shrank, was replaced or rewritten) after it was opened.
+    InputChanged,
     /// A tensor is not where it was looked up.
     NotFound,
     /// The caller passed something the function cannot take.
@@ -237,6 +246,7 @@ impl Error {
             | Error::OffsetsReversed { .. }
             | Error::OffsetsOutOfBounds { .. }
             | Error::Overlap { .. } => ErrorKind::MalformedFile,
+            Error::InputChanged { .. } => ErrorKind::InputChanged,
             Error::TensorNotFound { .. } => ErrorKind::NotFound,
             Error::UnknownDtype(_)
             | Error::UnsupportedKernelDtype(_)

@@ -79,6 +79,12 @@ impl PySafetensorsFile {
         Ok(py.detach(|| self.inner.release(name))?)
     }
 
+    /// Raise ModelFormatError naming the file if it changed since it was opened (a read ran
+    /// past its end because it shrank, or its size, inode or mtime differ).
+    fn check_intact(&self, py: Python<'_>) -> PyResult<()> {
+        Ok(py.detach(|| self.inner.check_intact())?)
+    }
+
     fn __contains__(&self, name: &str) -> bool {
         self.inner.header().get(name).is_some()
     }

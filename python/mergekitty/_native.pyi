@@ -3,7 +3,12 @@ and the CPU kernels. Kernels read and write caller-allocated little-endian buffe
 safetensors dtype codes they are given ("F32", "F16", "BF16"); ``threads=0`` uses every core.
 
 Errors are raised as ``mergekitty.errors`` classes: FileIOError (an OSError), SafetensorsError,
-TensorNotFoundError (a KeyError), InvalidArgumentError and ShardWriterError (ValueErrors).
+ModelFormatError (an input changed while mapped), TensorNotFoundError (a KeyError),
+InvalidArgumentError and ShardWriterError (ValueErrors).
+
+A read of a mapped input that shrank under it does not kill the process: the native module
+installs a SIGBUS handler that fills such pages with zeros and remembers it, and
+``SafetensorsFile.check_intact`` reports it.
 """
 
 from collections.abc import Sequence
@@ -57,6 +62,10 @@ class SafetensorsFile:
 
     def prefetch(self, name: str) -> None: ...
     def release(self, name: str) -> None: ...
+    def check_intact(self) -> None:
+        """Raise ModelFormatError naming the file if it changed since it was opened: a read ran
+        past its end (it shrank while mapped), or its size, inode or mtime differ."""
+
     def __contains__(self, key: str, /) -> bool: ...
     def __len__(self) -> int: ...
 

@@ -244,6 +244,21 @@ def _touch(opened: list[Any], job: TensorJob, action: str) -> None:
         getattr(opened[s.model], action)(s.tensor)
 
 
+def _check_inputs(opened: list[Any], job: TensorJob | None = None) -> None:
+    """Raise ModelFormatError naming the file if an input file the job read (every input when
+    ``job`` is None) changed while mapped: what was computed from it is zeros or another
+    file's bytes, and must not reach the output."""
+    if job is None:
+        for checkpoint in opened:
+            checkpoint.check_intact()
+        return
+    read: dict[int, list[str]] = {}
+    for s in (*job.inputs, *job.row_sources):
+        read.setdefault(s.model, []).append(s.tensor)
+    for model, names in read.items():
+        opened[model].check_intact(names)
+
+
 def execute(
     plan: MergePlan,
     writer: Any,
@@ -262,6 +277,7 @@ def execute(
             started = time.perf_counter()
             try:
                 data, pooled = run_job(plan, opened, job, threads, pool)
+                _check_inputs(opened, job)
                 background.put(job.out_name, data, pooled)
             except MergekittyError:
                 raise
@@ -271,7 +287,12 @@ def execute(
             _touch(opened, job, "release")
             if on_progress is not None:
                 on_progress(job, time.perf_counter() - started)
-    except BaseException:
+    except BaseException as exc:
         background.stop()  # the caller aborts the writer
+        if isinstance(exc, Exception):
+            _check_inputs(opened)  # an input that changed is the cause to name, not what it broke
         raise
-    background.close()
+    try:
+        background.close()
+    finally:
+        _check_inputs(opened)  # the writer copied mapped inputs until now

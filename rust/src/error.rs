@@ -61,6 +61,13 @@ pub enum Error {
         field: &'static str,
     },
 
+    #[error("{}: tensor {tensor:?}: header entry has {field:?} twice", path.display())]
+    DuplicateField {
+        path: PathBuf,
+        tensor: String,
+        field: &'static str,
+    },
+
     #[error("{}: tensor {tensor:?}: {field:?} must be {expected}", path.display())]
     WrongFieldType {
         path: PathBuf,
@@ -76,7 +83,10 @@ pub enum Error {
         code: String,
     },
 
-    #[error("{}: tensor {tensor:?}: shape {shape:?} is too large (byte size overflows)", path.display())]
+    #[error(
+        "{}: tensor {tensor:?}: shape {shape:?} is too large (its element count must stay below 2^63 and its byte size below 2^64)",
+        path.display()
+    )]
     ShapeOverflow {
         path: PathBuf,
         tensor: String,
@@ -120,6 +130,13 @@ pub enum Error {
         first: String,
         second: String,
     },
+
+    // ---- inputs that change while they are read ----
+    #[error(
+        "input file {} changed during the merge ({detail}); what was read from it cannot be trusted",
+        path.display()
+    )]
+    InputChanged { path: PathBuf, detail: String },
 
     // ---- lookups ----
     #[error("tensor {tensor:?} not found in {}", path.display())]
@@ -188,7 +205,7 @@ fn format_names(names: &[String]) -> String {
 }
 
 /// What kind of mistake an [`Error`] is; the Python layer raises one exception class per kind
-/// (`mergekitty.errors`: FileIOError, SafetensorsError, TensorNotFoundError,
+/// (`mergekitty.errors`: FileIOError, SafetensorsError, ModelFormatError, TensorNotFoundError,
 /// InvalidArgumentError, ShardWriterError).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -196,6 +213,8 @@ pub enum ErrorKind {
     Io,
     /// A file is not a valid safetensors file.
     MalformedFile,
+    /// An input file changed (shrank, was replaced or rewritten) after it was opened.
+    InputChanged,
     /// A tensor is not where it was looked up.
     NotFound,
     /// The caller passed something the function cannot take.
@@ -219,6 +238,7 @@ impl Error {
             | Error::InvalidMetadata { .. }
             | Error::EntryNotObject { .. }
             | Error::MissingField { .. }
+            | Error::DuplicateField { .. }
             | Error::WrongFieldType { .. }
             | Error::UnknownDtypeInFile { .. }
             | Error::ShapeOverflow { .. }
@@ -226,6 +246,7 @@ impl Error {
             | Error::OffsetsReversed { .. }
             | Error::OffsetsOutOfBounds { .. }
             | Error::Overlap { .. } => ErrorKind::MalformedFile,
+            Error::InputChanged { .. } => ErrorKind::InputChanged,
             Error::TensorNotFound { .. } => ErrorKind::NotFound,
             Error::UnknownDtype(_)
             | Error::UnsupportedKernelDtype(_)

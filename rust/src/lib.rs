@@ -9,6 +9,7 @@ pub mod header;
 pub mod kernels;
 pub mod layout;
 pub mod mmap_file;
+pub mod sigbus;
 pub mod threads;
 pub mod writer;
 

@@ -1,9 +1,13 @@
 //! An open safetensors file: a read-only mmap plus its validated header.
 //!
 //! The mapping sits behind an `Arc` so zero-copy views handed to Python keep it alive after the
-//! file object itself is gone.
+//! file object itself is gone. It is registered with [`crate::sigbus`] for its whole life, so a
+//! read past the end of a file that shrank under us gives zeros instead of killing the process;
+//! [`SafetensorsFile::check_intact`] turns that, and any other change of the file since it was
+//! opened, into an error naming the file.
 
-use std::fs::File;
+use std::fs::{File, Metadata};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,17 +15,47 @@ use memmap2::{Advice, Mmap, UncheckedAdvice};
 
 use crate::error::{Error, Result};
 use crate::header::{self, Header, TensorInfo};
+use crate::sigbus;
 
 pub struct SafetensorsFile {
     path: PathBuf,
-    mmap: Arc<Mmap>,
+    mapping: Arc<Mapping>,
     header: Header,
+    opened: Identity,
+}
+
+/// A file's bytes, mapped read-only and registered with the SIGBUS guard while mapped.
+struct Mapping {
+    // Declared before `map`, so it is dropped first: unregistered before the unmap.
+    guard: sigbus::Registration,
+    map: Mmap,
+}
+
+/// What tells one version of a file from another: compared against the file on disk to see
+/// whether it changed after it was opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Identity {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+}
+
+impl Identity {
+    fn of(meta: &Metadata) -> Identity {
+        Identity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+        }
+    }
 }
 
 /// A tensor's bytes inside a shared mapping. Cheap to clone; keeps the mapping alive.
 #[derive(Clone)]
 pub struct MappedBytes {
-    mmap: Arc<Mmap>,
+    mapping: Arc<Mapping>,
     start: usize,
     end: usize,
 }
@@ -29,7 +63,7 @@ pub struct MappedBytes {
 impl MappedBytes {
     pub fn as_slice(&self) -> &[u8] {
         // The range was validated against the mapping's length when the header was parsed.
-        &self.mmap[self.start..self.end]
+        &self.mapping.map[self.start..self.end]
     }
 
     pub fn len(&self) -> usize {
@@ -45,18 +79,28 @@ impl SafetensorsFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
-        if len < 8 {
-            return Err(Error::FileTooSmall { path, len });
+        let opened = Identity::of(&file.metadata().map_err(|e| Error::io(&path, e))?);
+        if opened.len < 8 {
+            return Err(Error::FileTooSmall {
+                path,
+                len: opened.len,
+            });
         }
-        // SAFETY: the mapping is read-only and private. If another process truncates the file
-        // while it is mapped, reads fault (SIGBUS) — the same contract every mmap reader has.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-        let header = header::parse(&path, &mmap)?;
+        // SAFETY: the mapping is read-only and private. Another process may still change the
+        // file under it: a read past a shrunken end is survived through `sigbus` (registered
+        // before the first read, the header's) and reported by `check_intact`.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let guard = sigbus::register(map.as_ptr(), map.len()).map_err(|e| Error::io(&path, e))?;
+        let mapping = Arc::new(Mapping { guard, map });
+        // A header read from a file that shrank meanwhile is zeros: report the change, not
+        // the nonsense it parsed into.
+        let header = header::parse(&path, &mapping.map);
+        mapping.check_intact(&path, opened)?;
         Ok(SafetensorsFile {
+            header: header?,
             path,
-            mmap: Arc::new(mmap),
-            header,
+            mapping,
+            opened,
         })
     }
 
@@ -65,11 +109,11 @@ impl SafetensorsFile {
     }
 
     pub fn len(&self) -> u64 {
-        self.mmap.len() as u64
+        self.mapping.map.len() as u64
     }
 
     pub fn is_empty(&self) -> bool {
-        self.mmap.is_empty()
+        self.mapping.map.is_empty()
     }
 
     pub fn header(&self) -> &Header {
@@ -103,7 +147,7 @@ impl SafetensorsFile {
     pub fn bytes(&self, name: &str) -> Result<MappedBytes> {
         let (start, end) = self.absolute_range(self.info(name)?);
         Ok(MappedBytes {
-            mmap: Arc::clone(&self.mmap),
+            mapping: Arc::clone(&self.mapping),
             start: start as usize,
             end: end as usize,
         })
@@ -116,7 +160,8 @@ impl SafetensorsFile {
             return Ok(());
         }
         // memmap2 rounds the start down to a page; the kernel rounds the length up.
-        self.mmap
+        self.mapping
+            .map
             .advise_range(Advice::WillNeed, start as usize, (end - start) as usize)
             .map_err(|e| Error::io(&self.path, e))
     }
@@ -133,13 +178,49 @@ impl SafetensorsFile {
         // view of a neighbouring tensor sharing an edge page) re-faults identical bytes from
         // the file. Rounding the range outward to whole pages is therefore harmless.
         unsafe {
-            self.mmap.unchecked_advise_range(
+            self.mapping.map.unchecked_advise_range(
                 UncheckedAdvice::DontNeed,
                 start as usize,
                 (end - start) as usize,
             )
         }
         .map_err(|e| Error::io(&self.path, e))
+    }
+
+    /// Whether the file is still the one that was opened: an error naming the file if a read
+    /// ran past its end (it shrank while mapped), or its size, inode or mtime changed. Call it
+    /// before using anything computed from the file's tensors.
+    pub fn check_intact(&self) -> Result<()> {
+        self.mapping.check_intact(&self.path, self.opened)
+    }
+}
+
+impl Mapping {
+    fn check_intact(&self, path: &Path, opened: Identity) -> Result<()> {
+        let faulted = self.guard.faulted();
+        let detail = match std::fs::metadata(path) {
+            Err(e) => format!("was {} bytes, now unreadable: {e}", opened.len),
+            Ok(meta) => {
+                let now = Identity::of(&meta);
+                if now == opened && !faulted {
+                    return Ok(());
+                }
+                let sizes = format!("was {} bytes, now {}", opened.len, now.len);
+                if (now.dev, now.ino) != (opened.dev, opened.ino) {
+                    format!("replaced by another file; {sizes}")
+                } else if now.len != opened.len {
+                    sizes
+                } else if now.mtime != opened.mtime {
+                    format!("rewritten in place; {sizes}")
+                } else {
+                    format!("a read ran past its end; {sizes}")
+                }
+            }
+        };
+        Err(Error::InputChanged {
+            path: path.to_path_buf(),
+            detail,
+        })
     }
 }
 
@@ -235,5 +316,70 @@ pub(crate) mod tests {
         ));
         let p = write(&dir, "bad.safetensors", &build_file("{\"a\":", &[]));
         assert!(SafetensorsFile::open(&p).err().unwrap().is_malformed_file());
+    }
+
+    fn changed(f: &SafetensorsFile) -> String {
+        let e = f.check_intact().unwrap_err();
+        assert!(matches!(e, Error::InputChanged { .. }));
+        let s = e.to_string();
+        assert!(s.contains(&f.path().display().to_string()), "{s}");
+        s
+    }
+
+    #[test]
+    fn truncated_under_a_view() {
+        let dir = TempDir::new("mmap");
+        let data = vec![9u8; 3 * 16384];
+        let header = format!(
+            r#"{{"w":{{"dtype":"U8","shape":[{n}],"data_offsets":[0,{n}]}}}}"#,
+            n = data.len()
+        );
+        let p = write(&dir, "t.safetensors", &build_file(&header, &data));
+        let f = SafetensorsFile::open(&p).unwrap();
+        f.check_intact().unwrap();
+        let w = f.bytes("w").unwrap();
+        let len = f.len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        // SAFETY: in bounds of the view; volatile so the read really happens after the truncation
+        let last = unsafe { std::ptr::read_volatile(w.as_slice().as_ptr().add(w.len() - 1)) };
+        assert_eq!(last, 0);
+        let s = changed(&f);
+        assert!(s.contains(&format!("(was {len} bytes, now 4096)")), "{s}");
+        // Still reported after the file is restored to its old size.
+        std::fs::write(&p, build_file(&header, &data)).unwrap();
+        changed(&f);
+    }
+
+    #[test]
+    fn replaced_rewritten_or_removed() {
+        let dir = TempDir::new("mmap");
+        let bytes = build_file(
+            r#"{"x":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}}"#,
+            &[1, 2, 3],
+        );
+        let p = write(&dir, "a.safetensors", &bytes);
+        let f = SafetensorsFile::open(&p).unwrap();
+
+        let other = write(&dir, "b.safetensors", &bytes);
+        std::fs::rename(&other, &p).unwrap();
+        assert!(changed(&f).contains("replaced by another file"));
+        // The old contents stay readable through the map.
+        assert_eq!(f.bytes("x").unwrap().as_slice(), &[1, 2, 3]);
+
+        let f = SafetensorsFile::open(&p).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut g = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        g.write_all(&bytes).unwrap();
+        drop(g);
+        assert!(changed(&f).contains("rewritten in place"));
+
+        let f = SafetensorsFile::open(&p).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        assert!(changed(&f).contains("now unreadable"));
     }
 }

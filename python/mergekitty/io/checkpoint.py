@@ -8,6 +8,7 @@ mmap=True)``, which never unpickles arbitrary objects.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,6 +81,9 @@ class _SafetensorsShard:
     def release(self, name: str) -> None:
         self.handle.release(name)
 
+    def check_intact(self) -> None:
+        self.handle.check_intact()
+
 
 class _BinShard:
     def __init__(self, path: Path):
@@ -119,6 +123,9 @@ class _BinShard:
 
     def release(self, name: str) -> None:
         pass
+
+    def check_intact(self) -> None:
+        pass  # torch maps these files itself; only the native reader can watch a map
 
 
 def _read_index(path: Path) -> dict[str, str]:
@@ -214,8 +221,22 @@ class Checkpoint:
         self._shard(info.file).prefetch(name)
 
     def release(self, name: str) -> None:
-        info = self.infos[name]
-        self._shard(info.file).release(name)
+        """Done with ``name``: drop its pages from this process (they stay in the page cache),
+        and check that what was read was the file's (``check_intact``), so that every reader
+        that releases what it read stops at an input that changed under it."""
+        shard = self._shard(self.infos[name].file)
+        shard.release(name)
+        shard.check_intact()
+
+    def check_intact(self, names: Iterable[str] | None = None) -> None:
+        """Raise ModelFormatError naming the file if a file holding ``names`` (every opened
+        file when None) changed since it was opened: it shrank under a read, or was replaced
+        or rewritten. Whatever was computed from it since is not to be trusted."""
+        files = self._shards if names is None else dict.fromkeys(self.infos[n].file for n in names)
+        for file_name in files:
+            shard = self._shards.get(file_name)
+            if shard is not None:
+                shard.check_intact()
 
     def config(self) -> dict[str, Any]:
         """The model's ``config.json``, with every value mergekitty reads checked."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -270,6 +271,14 @@ class LoraCheckpoint:
         op = self._ops.get(name)
         if op is not None and op.source is not None and op.source[0] == "base" and op.source[1] != name:
             self.base.release(op.source[1])
+        if op is not None:
+            self.adapter.checkpoint.check_intact()  # its tensors are read, never released
+
+    def check_intact(self, names: Iterable[str] | None = None) -> None:
+        """``Checkpoint.check_intact`` of every file of the base and the adapter (a changed
+        tensor may be computed from base tensors of other names)."""
+        self.base.check_intact()
+        self.adapter.checkpoint.check_intact()
 
     def _source(self, source: tuple[str, str]) -> torch.Tensor:
         where, name = source

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyList, PyString};
 
 use crate::mmap_file::{MappedBytes, SafetensorsFile};
 
@@ -47,16 +47,16 @@ impl PySafetensorsFile {
         Ok(Some(d))
     }
 
-    /// (name, dtype, shape, start, end), absolute byte offsets, sorted by start.
-    fn tensors(&self) -> Vec<(String, &'static str, Vec<u64>, u64, u64)> {
-        self.inner
-            .tensors()
-            .iter()
-            .map(|t| {
-                let (s, e) = self.inner.absolute_range(t);
-                (t.name.clone(), t.dtype.code(), t.shape.clone(), s, e)
-            })
-            .collect()
+    /// (name, dtype, shape, start, end), absolute byte offsets, sorted by start. Built straight
+    /// into Python objects (no intermediate copy), with one string object per dtype code.
+    fn tensors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = PyList::empty(py);
+        for t in self.inner.tensors() {
+            let (s, e) = self.inner.absolute_range(t);
+            let dtype = PyString::intern(py, t.dtype.code());
+            list.append((t.name.as_str(), dtype, t.shape.as_slice(), s, e))?;
+        }
+        Ok(list)
     }
 
     /// A read-only, zero-copy buffer over the tensor's bytes.
@@ -77,6 +77,12 @@ impl PySafetensorsFile {
 
     fn release(&self, py: Python<'_>, name: &str) -> PyResult<()> {
         Ok(py.detach(|| self.inner.release(name))?)
+    }
+
+    /// Raise ModelFormatError naming the file if it changed since it was opened (a read ran
+    /// past its end because it shrank, or its size, inode or mtime differ).
+    fn check_intact(&self, py: Python<'_>) -> PyResult<()> {
+        Ok(py.detach(|| self.inner.check_intact())?)
     }
 
     fn __contains__(&self, name: &str) -> bool {
@@ -189,7 +195,8 @@ mod tests {
         .unwrap();
         with_py(|py| {
             let f = PySafetensorsFile::new(py, p.clone()).unwrap();
-            assert_eq!(f.tensors()[0].0, "x");
+            let first = f.tensors(py).unwrap().get_item(0).unwrap();
+            assert_eq!(first.get_item(0).unwrap().extract::<String>().unwrap(), "x");
             let v = Bound::new(py, f.view("x").unwrap()).unwrap();
             drop(f);
             let b = Buffer::get(v.as_any(), false, "v").unwrap();

@@ -30,6 +30,7 @@ pub(crate) fn error_of_kind(py: Python<'_>, kind: ErrorKind, message: String) ->
     let (class, fallback) = match kind {
         ErrorKind::Io => ("FileIOError", py.get_type::<PyOSError>()),
         ErrorKind::MalformedFile => ("SafetensorsError", py.get_type::<PyValueError>()),
+        ErrorKind::InputChanged => ("ModelFormatError", py.get_type::<PyOSError>()),
         ErrorKind::NotFound => ("TensorNotFoundError", py.get_type::<PyKeyError>()),
         ErrorKind::InvalidArgument => ("InvalidArgumentError", py.get_type::<PyValueError>()),
         ErrorKind::Output => ("ShardWriterError", py.get_type::<PyValueError>()),

@@ -242,3 +242,20 @@ def test_a_tensor_one_model_adds_follows_the_outputs_naming_scheme():
     assert spelled_like(HEAD, ["language_model.model.layers"]) == "language_model.lm_head.weight"
     assert spelled_like("language_model.lm_head.weight", ["model.language_model.layers"]) == HEAD
     assert spelled_like(HEAD, ["model.layers"]) == HEAD
+
+
+def test_mergekitty_plan_lists_what_it_leaves_out_and_why(llama, write_yaml, cli):
+    config = write_yaml(f"""
+slices:
+  - sources:
+      - model: {llama["ft1"]}
+        layer_range: [0, 1]
+  - sources:
+      - model: {llama["ft2"]}
+        layer_range: [1, 2]
+merge_method: passthrough
+""")
+    out = cli("mergekitty", "plan", config).stdout
+    lines = [line for line in out.splitlines() if "left out of" in line]
+    assert any(str(llama["ft1"]) in line and "layer outside the slices" in line for line in lines), out
+    assert any(str(llama["ft2"]) in line and "before the layer stack" in line for line in lines), out

@@ -29,6 +29,10 @@ def print_plan(plan, console: Console) -> None:
     if plan.vocab is not None:
         print_vocabulary(plan, console)
     console.print(f"[bold]tensors:[/] {len(plan.jobs)}")
+    for ex in plan.excluded:  # input tensors no output tensor reads, each with the planner's reason
+        console.print(
+            f"  left out of {escape(plan.models[ex.model].label)}: {len(ex.tensors)} tensor(s), {escape(ex.reason)}"
+        )
     console.print(f"[bold]input read:[/] {format_size(plan.input_bytes)}")
     console.print(f"[bold]output size:[/] {format_size(plan.output_bytes)}")
     memory = plan.memory_estimate()

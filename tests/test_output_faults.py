@@ -372,3 +372,59 @@ def test_a_read_only_file_system_is_a_one_line_error(remerge, small_fs, tmp_path
     assert proc.returncode == 1 and "read-only file system" in proc.stderr.lower(), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert _snapshot(fs / "out") == before
+
+
+@pytest.mark.parametrize("where", ["lock", "staging", "finalize", "exchange"])
+def test_file_system_errors_at_each_step_are_one_output_error_and_keep_the_old_model(
+    remerge, tmp_path, monkeypatch, where
+):
+    """Permission denied (as a non-root user would get it) or an I/O error at each step of the
+    transaction: an OutputError naming the output, the old model as it was, nothing beside."""
+    import mergekitty.io.output as output
+
+    old, config, _ = remerge
+    out = _fresh_output(tmp_path, old, "out")
+    before = _snapshot(out)
+    denied = PermissionError(13, "Permission denied", str(out.parent))
+    if where == "lock":
+        real_open = os.open
+
+        def refusing_open(path, *args, **kwargs):
+            if str(path).endswith(".mergekitty-lock"):
+                raise denied
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(output.os, "open", refusing_open)
+    elif where == "staging":
+        real_mkdir = Path.mkdir
+
+        def refusing_mkdir(self, *args, **kwargs):
+            if self.name.endswith(".mergekitty-staging"):
+                raise denied
+            return real_mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", refusing_mkdir)
+    elif where == "finalize":
+        from mergekitty import _native
+
+        real = _native.ShardWriter
+
+        class FailingFinalize:
+            def __init__(self, *args, **kwargs):
+                self.writer = real(*args, **kwargs)
+
+            def __getattr__(self, name):
+                return getattr(self.writer, name)
+
+            def finalize(self):
+                raise OSError(5, "Input/output error", "x")
+
+        monkeypatch.setattr(_native, "ShardWriter", FailingFinalize)
+    else:
+        monkeypatch.setattr(output, "_exchange", lambda a, b: (_ for _ in ()).throw(OSError(5, "Input/output error")))
+    with pytest.raises(OutputError) as caught:
+        run_merge(config.read_text(), out, quiet=True)
+    message = str(caught.value)
+    assert str(out) in message and "\n" not in message
+    assert ("Permission denied" if where in ("lock", "staging") else "Input/output error") in message
+    assert _snapshot(out) == before and _beside(out) == []

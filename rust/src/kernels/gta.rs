@@ -757,13 +757,18 @@ pub fn combine(
             #[inline(always)]
             || {
                 let mut sc = Scratch::new(k, unit.max(1));
+                // summed on this thread's stack: the parts share cache lines
+                let mut local = Health::new(k + 1);
                 let mut b = r.start;
                 while b < r.end {
                     let len = unit.min(r.end - b);
                     let o = &mut out[(b - r.start) * osz..(b - r.start + len) * osz];
-                    block(spec, ptabs, w32, div, b, len, &mut sc, o, out_dtype, h);
+                    block(
+                        spec, ptabs, w32, div, b, len, &mut sc, o, out_dtype, &mut local,
+                    );
                     b += len;
                 }
+                *h = local;
             },
         )
     });

@@ -64,7 +64,10 @@ pub fn weighted_sum(
         rest = tail;
     }
     threads::run_all(tasks, |(start, out, h)| {
-        sum_range(inputs, start, out, out_dtype, h)
+        // summed on this thread's stack: the parts share cache lines
+        let mut local = Health::new(inputs.len());
+        sum_range(inputs, start, out, out_dtype, &mut local);
+        *h = local;
     });
     Ok(Health::sum(inputs.len(), &parts))
 }
@@ -237,13 +240,14 @@ mod simd {
         let n = acc.len().min(src.len() / sz);
         let (p, a) = (src.as_ptr(), acc.as_mut_ptr());
         let wv = _mm256_set1_ps(w);
-        let mut sq = [_mm256_setzero_ps(); 2];
-        let mut osq = [_mm256_setzero_ps(); 2];
+        // four independent chains: one FMA chain per vector would wait on the FMA latency
+        let mut sq = [_mm256_setzero_ps(); 4];
+        let mut osq = [_mm256_setzero_ps(); 4];
         let mut i = 0;
-        // SAFETY: i + 16 <= n keeps every load and store in bounds.
+        // SAFETY: i + 32 <= n keeps every load and store in bounds.
         unsafe {
-            while i + 16 <= n {
-                for j in 0..2 {
+            while i + 32 <= n {
+                for j in 0..4 {
                     let at = i + 8 * j;
                     let v = load8::<D>(p.add(at * sz));
                     sq[j] = _mm256_fmadd_ps(v, v, sq[j]);
@@ -258,7 +262,7 @@ mod simd {
                     }
                     _mm256_storeu_ps(a.add(at), r);
                 }
-                i += 16;
+                i += 32;
             }
         }
         let (mut total, mut out_total) = (hsum(&sq), hsum(&osq));

@@ -15,6 +15,14 @@ same order with round-to-nearest-even; an FMA-based kernel may differ by one ulp
 Usage:
     python benches/kernels.py
     python benches/kernels.py --threads 1,2,4 --repeat 15 --shapes 32000x2048,5632x2048
+
+Before/after (``--ab BEFORE_PYTHON_DIR``): the native ``weighted_sum`` of ``--inputs`` tensors and
+the native TIES ``gta_merge`` (a base and ``--inputs - 1`` fine-tunes, density 0.5) of the first
+shape, timed alternately by two builds: a worker subprocess imports ``mergekitty`` from
+BEFORE_PYTHON_DIR (a copy of another tree's ``python/`` with its ``_native`` built in place),
+then one from this tree, then the other way round, ``--rounds`` times. The headline is the median
+over rounds of after/before, which shares the machine's load between the two builds:
+    python benches/kernels.py --ab /tmp/before/python --shapes 8192x4096 --inputs 4 --threads 2
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import statistics
 import sys
@@ -71,6 +80,73 @@ def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
     }
 
 
+def _worker(shape: tuple[int, ...], k: int, threads: int, repeat: int, warmup: int) -> dict:
+    """Median seconds of the native weighted_sum and TIES gta_merge of the mergekitty on sys.path."""
+    from mergekitty import _native
+    from mergekitty.kernels import GtaSpec, Sparsity
+    from mergekitty.ops.native_dispatch import gta_merge_views
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(shape, generator=gen).mul_(0.02)
+    tensors = [base.to(torch.bfloat16)] + [
+        (base + torch.randn(shape, generator=gen).mul_(0.002)).to(torch.bfloat16) for _ in range(k - 1)
+    ]
+    del base
+    views = [t.reshape(-1).view(torch.uint8).numpy() for t in tensors]
+    out = torch.empty(shape, dtype=torch.bfloat16).reshape(-1).view(torch.uint8).numpy()
+    weights = [1.0 / k] * k
+    spec = GtaSpec(tuple(Sparsity("magnitude", 0.5) for _ in range(k - 1)), tuple(weights[1:]), True, True, 1.0)
+    times = {
+        "weighted_sum": timeit(
+            lambda: _native.weighted_sum(views, ["BF16"] * k, weights, out, "BF16", threads), repeat, warmup
+        ),
+        "gta_merge": timeit(
+            lambda: gta_merge_views(
+                views[1:], ["BF16"] * (k - 1), views[0], "BF16", shape, spec, 7, out, "BF16", threads
+            ),
+            repeat,
+            warmup,
+        ),
+    }
+    return {"native": _native.__file__, **{name: statistics.median(t) for name, t in times.items()}}
+
+
+def ab_main(args: argparse.Namespace) -> int:
+    import subprocess
+
+    shape = parse_shapes(args.shapes)[0]
+    threads = int(args.threads.split(",")[0])
+    trees = {"before": str(Path(args.ab).resolve()), "after": str(Path(__file__).resolve().parent.parent / "python")}
+    rows: dict[str, list[dict]] = {"before": [], "after": []}
+    for r in range(args.rounds):
+        for which in ("before", "after") if r % 2 == 0 else ("after", "before"):
+            cmd = [sys.executable, __file__, "--worker", "--shapes", args.shapes, "--inputs", str(args.inputs)]
+            cmd += ["--threads", str(threads), "--repeat", str(args.repeat), "--warmup", str(args.warmup)]
+            env = {**os.environ, "PYTHONPATH": trees[which]}
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            rows[which].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+            f"{w} {k} {rows[w][-1][k] * 1e3:.1f} ms" for k in ("weighted_sum", "gta_merge") for w in ("before", "after")
+        ), flush=True)  # fmt: skip
+    mib = math.prod(shape) * 2 / 2**20
+    print(f"{'x'.join(map(str, shape))} BF16 ({mib:.0f} MiB) x {args.inputs} inputs, threads={threads}")
+    print(f"before: {rows['before'][0]['native']}\nafter:  {rows['after'][0]['native']}")
+    report = {"shape": list(shape), "inputs": args.inputs, "threads": threads, "load_avg": os.getloadavg()}
+    for kernel in ("weighted_sum", "gta_merge"):
+        ratios = [a[kernel] / b[kernel] for a, b in zip(rows["after"], rows["before"])]
+        before = statistics.median(b[kernel] for b in rows["before"])
+        after = statistics.median(a[kernel] for a in rows["after"])
+        report[kernel] = {"before_s": before, "after_s": after, "ratio": statistics.median(ratios)}
+        print(
+            f"{kernel:>12}: before {before * 1e3:7.1f} ms, after {after * 1e3:7.1f} ms, "
+            f"after/before (median of {len(ratios)} rounds) {statistics.median(ratios):.3f}"
+        )
+    path = args.json or WORK_DIR / f"kernels-ab-{_dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="32000x2048,5632x2048")
@@ -87,7 +163,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="exit 1 when the native module is missing instead of running torch only",
     )
+    ap.add_argument("--ab", default=None, metavar="BEFORE_PYTHON_DIR", help="time two builds alternately (see above)")
+    ap.add_argument("--rounds", type=int, default=5, help="--ab: alternating rounds")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        shape = parse_shapes(args.shapes)[0]
+        threads = int(args.threads.split(",")[0])
+        print(json.dumps(_worker(shape, args.inputs, threads, args.repeat, args.warmup)))
+        return 0
+    if args.ab is not None:
+        return ab_main(args)
 
     try:
         try:

@@ -30,6 +30,8 @@ __all__ = [
     "shard_digest",
     "weighted_sum",
     "convert",
+    "TensorHealth",
+    "scan_health",
     "magnitude",
     "magnitude_outliers",
     "random_mask",
@@ -143,6 +145,24 @@ class Sparsity:
     @property
     def rescale(self) -> Literal["none", "inverse"]: ...
 
+@final
+class TensorHealth:
+    """What a kernel call saw: per input (in the order the call takes them) and for its output as
+    written, the count of NaN/Inf elements and the sum of squares of the finite ones (float64).
+    The output's sum of squares may be taken on the unrounded float32 results (within 2**-8)."""
+
+    @property
+    def input_nonfinite(self) -> list[int]: ...
+    @property
+    def input_sumsq(self) -> list[float]: ...
+    @property
+    def output_nonfinite(self) -> int: ...
+    @property
+    def output_sumsq(self) -> float: ...
+
+def scan_health(data: Buffer, dtype: str, threads: int = 0) -> TensorHealth:
+    """The figures of one F32/F16/BF16 tensor (a copied tensor): its one input and its output."""
+
 def weighted_sum(
     inputs: Sequence[Buffer],
     in_dtypes: Sequence[str],
@@ -150,8 +170,9 @@ def weighted_sum(
     out: Buffer,
     out_dtype: str,
     threads: int = 0,
-) -> None:
-    """out = sum_i weights[i] * inputs[i], accumulated in float32, written as ``out_dtype``."""
+) -> TensorHealth:
+    """out = sum_i weights[i] * inputs[i], accumulated in float32, written as ``out_dtype``.
+    Returns the inputs' and the output's health."""
 
 def convert(input: Buffer, in_dtype: str, out: Buffer, out_dtype: str, threads: int = 0) -> None:
     """Cast ``input`` into ``out`` among F32/F16/BF16."""
@@ -218,5 +239,6 @@ def gta_merge(
     lambda_: float,
     seed: int,
     threads: int = 0,
-) -> None:
-    """out = base + lambda_ * combine(sparsify_i(x_i - base), weights) for one tensor of ``shape``."""
+) -> TensorHealth:
+    """out = base + lambda_ * combine(sparsify_i(x_i - base), weights) for one tensor of ``shape``.
+    Returns the health of ``xs``, then ``base``, and of the output."""

@@ -9,10 +9,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import MergekittyError, OutputError
 from .io.output import SIDECAR_FILES
+
+if TYPE_CHECKING:
+    from .health import HealthReport
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,8 @@ class MergeOptions:
     lora_merge_dtype: str | None = None  # model+lora: dtype the adapted tensors are rounded to (default: the base's)
     quiet: bool = False
     layout_override: str | None = None  # a layout file (README: "Model layouts") used for every model
+    allow_nonfinite: bool = False  # write (and report) merged tensors holding NaN/Inf instead of failing
+    health_json: bool = False  # write the health report as mergekitty_health.json next to the model
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -222,10 +227,16 @@ def run_merge(
     out_path: str | os.PathLike,
     options: MergeOptions | None = None,
     progress: Callable[[Any, float], None] | None = None,
+    on_health: Callable[[HealthReport], None] | None = None,
     **kwargs: Any,
 ):
-    """Merge as ``config`` says and write the model to ``out_path``. Returns the executed MergePlan."""
+    """Merge as ``config`` says and write the model to ``out_path``. Returns the executed MergePlan.
+
+    ``on_health`` is called with the merge's ``HealthReport`` (health.py) once the model is written.
+    A merged tensor holding NaN/Inf raises ``NonFiniteError`` (nothing is written) unless
+    ``allow_nonfinite``."""
     from .execute import execute
+    from .health import HEALTH_FILE, HealthReport
     from .io.output import OutputTransaction
 
     options = replace(options or MergeOptions(), **kwargs)
@@ -238,6 +249,7 @@ def run_merge(
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise OutputError(f"--device {device} was asked for, but torch sees no CUDA device")
 
+    health = HealthReport.for_plan(plan, options.allow_nonfinite)
     with OutputTransaction(out_path, resume_key=_resume_key(plan)) as out:
         writer = out.open_shards(plan.output_layout(), plan.shard_size_bytes)
         _write_sidecars(plan, config, out, options)
@@ -253,10 +265,14 @@ def run_merge(
         if progress is None and not options.quiet:
             from .progress import run_with_progress
 
-            run_with_progress(todo, lambda cb: execute(todo, writer, options.threads, cb))
+            run_with_progress(todo, lambda cb: execute(todo, writer, options.threads, cb, health))
         else:
-            execute(todo, writer, options.threads, progress)
+            execute(todo, writer, options.threads, progress, health)
+        if options.health_json:
+            out.write_text(HEALTH_FILE, health.to_json())
         out.commit(json.dumps(plan.out_config, indent=2) + "\n")
+    if on_health is not None:
+        on_health(health)
     return plan
 
 

@@ -55,6 +55,17 @@ class MergeError(MergekittyError):
     """Computing or writing one output tensor failed; the message names the tensor."""
 
 
+class NonFiniteError(MergeError):
+    """A merged tensor holds NaN or Inf values (refused unless ``allow_nonfinite``): ``tensor``
+    names it, ``models`` the labels of its inputs that held such values (empty: the arithmetic
+    produced them)."""
+
+    def __init__(self, tensor: str, models: tuple[str, ...], message: str):
+        self.tensor = tensor
+        self.models = models
+        super().__init__(message)
+
+
 # ---------------------------------------------------------------- raised by the native module
 # ``mergekitty._native`` raises these (it imports this module when it raises). Each also
 # derives from the builtin its callers used to catch, so ``except KeyError`` and

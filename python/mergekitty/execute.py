@@ -10,6 +10,10 @@ The executor decides nothing: each job carries the kernel the plan chose for it
 (mergekitty.kernels) and ``run_job`` dispatches on it. The native kernels (copy,
 linear combination, GTA) read the memory maps and write a recycled buffer without
 importing torch; ``Torch`` jobs run ``MergeMethod.merge`` on torch tensors.
+
+Every job also yields its health figures (NaN/Inf counts, sums of squares of its inputs and
+output: health.py), which the native kernels gather on their own pass; the ``HealthReport``
+refuses a non-finite output before it is handed to the writer.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import MergeError, MergekittyError
+from .health import HealthReport, JobFigures, buffer_figures, tensor_figures
 from .io.dtypes import nbytes, torch_dtype
 from .kernels import Copy, Gta, LinearCombination
 from .plan import MergePlan, Source, TensorJob
@@ -34,8 +39,8 @@ PREFETCH_JOBS = 2
 WRITE_QUEUE = 2
 
 # What a job hands the writer: the bytes (a map view or a pooled buffer's slice) and the pooled
-# buffer to recycle once written (None for a map view or a fresh tensor).
-Computed = tuple[Any, "np.ndarray | None"]
+# buffer to recycle once written (None for a map view or a fresh tensor); and its health figures.
+Computed = tuple[Any, "np.ndarray | None", JobFigures]
 
 
 class BufferPool:
@@ -110,10 +115,14 @@ class _BackgroundWriter:
 
 def run_job(plan: MergePlan, opened: list[Any], job: TensorJob, threads: int, pool: BufferPool) -> Computed:
     """Compute one output tensor with the kernel the plan chose for it.
-    Returns (bytes to write, pooled buffer to recycle or None)."""
+    Returns (bytes to write, pooled buffer to recycle or None, health figures)."""
     kernel = job.kernel
     if isinstance(kernel, Copy):
-        return _view(plan, opened, job.inputs[kernel.input], job), None
+        src = job.inputs[kernel.input]
+        view = _view(plan, opened, src, job)
+        copied = buffer_figures(view, _dtype(opened, src), math.prod(job.shape), threads)
+        inputs = tuple(copied if i == kernel.input else None for i in range(len(job.inputs)))
+        return view, None, JobFigures(inputs, copied)
     if isinstance(kernel, LinearCombination):
         return _run_linear(plan, opened, job, kernel, pool, threads)
     if isinstance(kernel, Gta):
@@ -148,7 +157,7 @@ def _run_linear(
 
     sources = [job.inputs[i] for i, _ in kernel.terms]
     out, buf = _out_buffer(job, pool)
-    _native.weighted_sum(
+    health = _native.weighted_sum(
         [_view(plan, opened, s, job) for s in sources],
         [_dtype(opened, s) for s in sources],
         [c for _, c in kernel.terms],
@@ -156,7 +165,7 @@ def _run_linear(
         job.out_dtype,
         threads,
     )
-    return out, buf
+    return out, buf, JobFigures.from_native(job, [i for i, _ in kernel.terms], health)
 
 
 def _run_gta(
@@ -166,7 +175,7 @@ def _run_gta(
 
     base, *sources = job.inputs
     out, buf = _out_buffer(job, pool)
-    gta_merge_views(
+    health = gta_merge_views(
         [_view(plan, opened, s, job) for s in sources],
         [_dtype(opened, s) for s in sources],
         _view(plan, opened, base, job),
@@ -178,7 +187,8 @@ def _run_gta(
         job.out_dtype,
         threads,
     )
-    return out, buf
+    # the kernel reports the sources, then the base
+    return out, buf, JobFigures.from_native(job, [*range(1, len(job.inputs)), 0], health)
 
 
 def _run_torch(plan: MergePlan, opened: list[Any], job: TensorJob, threads: int, pool: BufferPool) -> Computed:
@@ -203,13 +213,15 @@ def _run_torch(plan: MergePlan, opened: list[Any], job: TensorJob, threads: int,
     size = nbytes(job.out_dtype, math.prod(job.shape))
     buf = pool.take(size) if dev.type == "cpu" and size else None
     out = torch.from_numpy(buf[:size]).view(out_dtype).view(job.shape) if buf is not None else None
+    tensors = [read(s) for s in job.sources]
+    base = read(job.base) if job.base else None
     result = plan.method.merge(
         MergeInputs(
             name=job.out_name,
-            tensors=[read(s) for s in job.sources],
+            tensors=tensors,
             model_params=list(job.model_params),
             params=job.params,
-            base=read(job.base) if job.base else None,
+            base=base,
             out_dtype=out_dtype,
             threads=threads,
             out=out,
@@ -220,11 +232,13 @@ def _run_torch(plan: MergePlan, opened: list[Any], job: TensorJob, threads: int,
         raise MergeError(
             f"merge method '{plan.method.name}' returned shape {tuple(result.shape)} for '{job.out_name}', expected {job.shape}"
         )
+    inputs = tuple(tensor_figures(t, threads) for t in ([base] if base is not None else []) + tensors)
     if out is None or buf is None:
-        return bytes_view(result.to(out_dtype).cpu().contiguous()), None
+        written = result.to(out_dtype).cpu().contiguous()
+        return bytes_view(written), None, JobFigures(inputs, tensor_figures(written, threads))
     if result.data_ptr() != out.data_ptr():
         out.copy_(result)
-    return buf[:size], buf
+    return buf[:size], buf, JobFigures(inputs, tensor_figures(out, threads))
 
 
 def _aligned_loader(
@@ -264,9 +278,13 @@ def execute(
     writer: Any,
     threads: int = 0,
     on_progress: Callable[[TensorJob, float], None] | None = None,
+    health: HealthReport | None = None,
 ) -> None:
     """Run every job of ``plan`` and hand each result to ``writer`` (a native ShardWriter).
-    The inputs are opened here from what the plan recorded of them."""
+    The inputs are opened here from what the plan recorded of them. Each job's figures go to
+    ``health`` (a fresh report refusing non-finite outputs when None): a job it refuses raises
+    its ``NonFiniteError`` before the tensor reaches the writer."""
+    report = health if health is not None else HealthReport.for_plan(plan)
     opened = [m.open(plan.device) for m in plan.models]
     pool = BufferPool(keep=WRITE_QUEUE + 2)
     background = _BackgroundWriter(writer, pool)
@@ -276,8 +294,9 @@ def execute(
                 _touch(opened, ahead, "prefetch")
             started = time.perf_counter()
             try:
-                data, pooled = run_job(plan, opened, job, threads, pool)
-                _check_inputs(opened, job)
+                data, pooled, figures = run_job(plan, opened, job, threads, pool)
+                _check_inputs(opened, job)  # first: a changed input explains any odd figure
+                report.record(job, figures)
                 background.put(job.out_name, data, pooled)
             except MergekittyError:
                 raise

@@ -10,7 +10,7 @@ import rich_click as click
 from .extract_lora import main as extract_lora_command
 from .merge_lora import main as merge_lora_command
 from .moe import main as moe_command
-from .options import merge_options
+from .options import health_options, merge_options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,6 +23,7 @@ def group() -> None:
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.argument("out_path", type=click.Path())
 @merge_options
+@health_options
 def merge(config_file: str, out_path: str, **kwargs) -> None:
     """Merge the models described by CONFIG_FILE and write the result to OUT_PATH."""
     from .run import run_command

@@ -141,6 +141,26 @@ def merge_options(fn):
     return functools.reduce(lambda f, o: o(f), reversed(opts), fn)
 
 
+def health_options(fn):
+    """The health report's options, for the commands that write a merged model."""
+    opts = [
+        click.option(
+            "--allow-nonfinite",
+            is_flag=True,
+            default=False,
+            help="Write merged tensors that hold NaN or Inf (and report them) instead of stopping with an error.",
+        ),
+        click.option(
+            "--json",
+            "health_json",
+            is_flag=True,
+            default=False,
+            help="Also write the health report (NaN/Inf found, norms, the seed) as mergekitty_health.json next to the model.",
+        ),
+    ]
+    return functools.reduce(lambda f, o: o(f), reversed(opts), fn)
+
+
 def build_options(kwargs: dict, console) -> tuple:
     """Turn the CLI keyword arguments into (MergeOptions, dry_run), printing notes for no-op options."""
     from ..api import MergeOptions

@@ -31,5 +31,18 @@ def run_command(
                 Path(json_path).write_text(plan.to_json())
                 console.print(f"plan written to {json_path}")
             return
-        run_merge(config, out_path, options)
+        reports = []
+        run_merge(config, out_path, options, on_health=reports.append)
+        print_health(reports[0], console, problems_only=options.quiet)
         console.print(f"[green]done:[/] merged model written to {out_path}")
+
+
+def print_health(report, console, problems_only: bool = False) -> None:
+    """The health summary: the totals line (left out with ``problems_only``), then a warning per problem."""
+    from rich.markup import escape
+
+    head, *warnings = report.summary_lines()
+    if not problems_only:
+        console.print(escape(head), highlight=False, soft_wrap=True)
+    for line in warnings:
+        console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)

@@ -75,13 +75,14 @@ MODEL_FILES = (
     "pytorch_model.bin.index.json",
     ".*.partial",
     MODEL_MARKER,
+    "mergekitty_health.json",
     *TOKENIZER_FILES,
     *SIDECAR_FILES,
 )
 
 # Files the tool writes that an old output may hold as the user's own: carried into the new output
 # when it writes none, replaced when it writes its own.
-REPLACEABLE_FILES = ("README.md", "mergekitty_config.yml", "mergekitty_health.json")
+REPLACEABLE_FILES = ("README.md", "mergekitty_config.yml")
 # The staging directory's record of the shards completed so far (for a rerun to reuse).
 JOURNAL_FILE = ".mergekitty-journal"
 # In a staging directory until the moment it becomes the output: what a killed run left with it is

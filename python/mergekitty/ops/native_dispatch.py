@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
     from typing_extensions import Buffer
 
+    from .. import _native
     from ..kernels import GtaSpec
 
 _U64 = 1 << 64
@@ -167,12 +168,13 @@ def gta_merge_views(
     out_view: Buffer,
     out_code: str,
     threads: int,
-) -> None:
+) -> _native.TensorHealth:
     """``out = base + spec.lam * combine(sparsify_i(x_i - base))`` for one tensor of ``shape``, in one
     native call straight from raw little-endian byte buffers (memory maps, a pooled output buffer)
     of safetensors dtype ``codes`` (F32, F16 or BF16): needs no torch, and never materializes a
     task vector. One input per ``spec.sparsity`` entry, in order; the random sparsifiers draw from
-    ``seed`` and each ``Sparsity.key``.
+    ``seed`` and each ``Sparsity.key``. Returns the kernel's ``TensorHealth`` (the inputs in
+    ``views`` order, then the base, and the output).
 
     Raises ``InvalidArgumentError`` for what the kernel cannot do (``spec.native`` is False, a
     dtype other than F32/F16/BF16, buffers of the wrong size, a seed outside [0, 2**64)...);
@@ -194,7 +196,7 @@ def gta_merge_views(
         _native.Sparsity(s.kind, float(s.density), float(s.gamma), float(s.epsilon), s.key, s.rescale)
         for s in spec.sparsity
     ]
-    _native.gta_merge(
+    return _native.gta_merge(
         list(views), list(codes), base_view, base_code, out_view, out_code, [int(d) for d in shape], sparsity,
         [float(w) for w in spec.weights], bool(spec.consensus), bool(spec.normalize), float(spec.lam), seed, threads,
     )  # fmt: skip

@@ -19,10 +19,15 @@
 //! unfused path (`weighted_sum([x, b], [1, -1])`, the sparsifiers of `sparsify.rs`, and
 //! `consensus::combine_into`), so the results are bit-identical to it and do not depend on the
 //! thread count. The L1 rescale modes need global sums and are not offered here.
+//!
+//! The combine pass also returns the call's [`Health`]: every input block and every written
+//! output block is scanned while it is in L1 (the order statistics' passes are not scanned:
+//! the combine pass reads every element of every input once).
 
 use crate::dtype::{bf16_to_f32, f16_to_f32, FloatDtype};
 use crate::error::{Error, Result};
 use crate::kernels::consensus::{load, store};
+use crate::kernels::health::{out_squares_stand_in, scan, scan_f32, Health};
 use crate::kernels::random::Stream;
 use crate::kernels::sparsify::{
     capped_key, check_density, della_probabilities, della_row, locate, RowScratch, HI_BUCKETS,
@@ -665,14 +670,14 @@ impl Scratch {
 
 /// `out = b + lambda * combine(sparsify_i(f32(x_i) - f32(b)), w_i)` written as `out_dtype`.
 /// With any DELLA model the work goes row by row (`row_len` elements, the last dimension);
-/// otherwise `row_len` is ignored.
+/// otherwise `row_len` is ignored. Returns the figures of `x_1..x_k`, then `b`, and the output.
 pub fn combine(
     spec: &Gta,
     row_len: usize,
     out: &mut [u8],
     out_dtype: FloatDtype,
     threads: usize,
-) -> Result<()> {
+) -> Result<Health> {
     let k = spec.xs.len();
     if k == 0 || spec.sparsify.len() != k || spec.weights.len() != k {
         return Err(Error::InvalidArgument(format!(
@@ -737,31 +742,37 @@ pub fn combine(
     let div = (spec.normalize && (sw as f64).abs() >= 1e-8).then_some(sw);
     let osz = out_dtype.size();
     let ranges = threads::chunk_ranges(n, threads::resolve(threads), unit.max(1));
+    let mut parts: Vec<Health> = ranges.iter().map(|_| Health::new(k + 1)).collect();
     let mut tasks = Vec::with_capacity(ranges.len());
     let mut rest = out;
-    for r in ranges {
+    for (r, h) in ranges.into_iter().zip(parts.iter_mut()) {
         let (head, tail) = rest.split_at_mut(r.len() * osz);
-        tasks.push((r, head));
+        tasks.push((r, head, h));
         rest = tail;
     }
     let ptabs = &ptabs;
     let w32 = &w32;
-    threads::run_all(tasks, |(r, out)| {
+    threads::run_all(tasks, |(r, out, h)| {
         with_avx2(
             #[inline(always)]
             || {
                 let mut sc = Scratch::new(k, unit.max(1));
+                // summed on this thread's stack: the parts share cache lines
+                let mut local = Health::new(k + 1);
                 let mut b = r.start;
                 while b < r.end {
                     let len = unit.min(r.end - b);
                     let o = &mut out[(b - r.start) * osz..(b - r.start + len) * osz];
-                    block(spec, ptabs, w32, div, b, len, &mut sc, o, out_dtype);
+                    block(
+                        spec, ptabs, w32, div, b, len, &mut sc, o, out_dtype, &mut local,
+                    );
                     b += len;
                 }
+                *h = local;
             },
         )
     });
-    Ok(())
+    Ok(Health::sum(k + 1, &parts))
 }
 
 /// Sparsify one model's task vector block `d` (elements `start..start+len`) in place.
@@ -928,7 +939,8 @@ fn fused(
     }
 }
 
-/// One block (or row): task vectors, sparsification, combination, `b + lambda*M`, store.
+/// One block (or row): task vectors, sparsification, combination, `b + lambda*M`, store; each
+/// input block and the stored output block are scanned into `health`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn block(
@@ -941,6 +953,7 @@ fn block(
     sc: &mut Scratch,
     out: &mut [u8],
     out_dtype: FloatDtype,
+    health: &mut Health,
 ) {
     let stride = sc.bv.len();
     let base = spec.base;
@@ -950,8 +963,17 @@ fn block(
         &base.data[start * base.dtype.size()..(start + len) * base.dtype.size()],
         bv,
     );
+    let k = spec.xs.len();
+    let bsz = base.dtype.size();
+    health.inputs[k].add(scan(
+        base.dtype,
+        &base.data[start * bsz..(start + len) * bsz],
+    ));
     let s = &mut sc.s[..len];
     for (i, (&x, &w)) in spec.xs.iter().zip(w32).enumerate() {
+        let sz = x.dtype.size();
+        // (after the model's pass below, the block is in L1)
+        let x_block = &x.data[start * sz..(start + len) * sz];
         let v = if spec.consensus {
             &mut sc.vals[i * stride..i * stride + len]
         } else {
@@ -960,9 +982,11 @@ fn block(
         if ptabs[i].is_none() {
             // Everything but DELLA: one fused pass per model.
             model_pass(x, start, bv, &spec.sparsify[i], &mut sc.u, w, v, s, i == 0);
+            health.inputs[i].add(scan(x.dtype, x_block));
             continue;
         }
         task_vector(x, start, bv, v);
+        health.inputs[i].add(scan(x.dtype, x_block));
         sparsify_block(
             &spec.sparsify[i],
             ptabs[i].as_deref(),
@@ -996,6 +1020,11 @@ fn block(
         .zip(bv.iter())
         .for_each(|(x, &bb)| *x = bb + lambda * *x);
     store(out_dtype, m, out);
+    health.output.add(if out_squares_stand_in(out_dtype) {
+        scan_f32(m, out_dtype, out)
+    } else {
+        scan(out_dtype, out)
+    });
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 use crate::dtype::FloatDtype;
 use crate::error::{Error, Result};
 use crate::kernels::gta::{self, Gta, KeyMode, Sparsify, Tensor};
+use crate::kernels::health::Health;
 use crate::kernels::random::Stream;
 
 /// A key above every magnitude key: "no upper bound", or with `lo` too "keep nothing".
@@ -288,8 +289,14 @@ pub struct GtaMerge<'a> {
 
 /// Compute `m` into `out` (`out_dtype`, the shape's element count): the order statistics
 /// every magnitude and Breadcrumbs model needs in one [`gta::thresholds`] call, then one
-/// [`gta::combine`] pass. Bit-identical to sparsifying materialized task vectors.
-pub fn merge(m: &GtaMerge, out: &mut [u8], out_dtype: FloatDtype, threads: usize) -> Result<()> {
+/// [`gta::combine`] pass. Bit-identical to sparsifying materialized task vectors. Returns the
+/// figures of `xs`, then `base`, and the output ([`Health`]).
+pub fn merge(
+    m: &GtaMerge,
+    out: &mut [u8],
+    out_dtype: FloatDtype,
+    threads: usize,
+) -> Result<Health> {
     let k = m.xs.len();
     if k == 0 || m.sparsity.len() != k || m.weights.len() != k {
         return Err(Error::InvalidArgument(format!(
@@ -311,7 +318,7 @@ pub fn merge(m: &GtaMerge, out: &mut [u8], out_dtype: FloatDtype, threads: usize
     }
     check_len("out", out.len(), out_dtype, n)?;
     if n == 0 {
-        return Ok(());
+        return Ok(Health::new(k + 1));
     }
     let steps = m
         .sparsity
@@ -583,6 +590,75 @@ mod tests {
         let mut out = vec![0u8; n * 4];
         merge(&m, &mut out, FloatDtype::F32, 2).unwrap();
         assert!(out == unfused(&xs, &b, &mixed, shape, 9));
+    }
+
+    #[test]
+    fn health_of_inputs_base_and_output() {
+        use crate::kernels::health::tests::{close, encode, reference};
+        let (rows, row_len) = (31, 1001);
+        let n = rows * row_len;
+        let shape = [rows, row_len];
+        let mut g = 7u64;
+        let mut next = move || {
+            g = g
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((g >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let b: Vec<f32> = (0..n).map(|_| next()).collect();
+        let mut xs: Vec<Vec<f32>> = (0..3)
+            .map(|_| b.iter().map(|&v| v + 0.01 * next()).collect())
+            .collect();
+        // model 1: a NaN whose tiny task vector TIES drops (NaN ranks above everything in
+        // magnitude, so it is the NaN's neighbour that is tiny: a NaN is kept); model 2: an Inf.
+        xs[1][10] = f32::NAN;
+        xs[2][20_000] = f32::INFINITY;
+        let dtype = FloatDtype::BF16;
+        let bb = encode(&b, dtype);
+        let xb: Vec<Vec<u8>> = xs.iter().map(|x| encode(x, dtype)).collect();
+        let xt: Vec<Tensor> = xb.iter().map(|d| Tensor { data: d, dtype }).collect();
+        let base = Tensor { data: &bb, dtype };
+        for kind in ["magnitude", "della", "none"] {
+            let sps: Vec<Sparsity> = (0..3)
+                .map(|i| Sparsity::new(kind, 0.5, 0.0, 0.1, &format!("t#{i}"), "none").unwrap())
+                .collect();
+            for threads in [1, 2] {
+                let m = GtaMerge {
+                    xs: &xt,
+                    base,
+                    shape: &shape,
+                    sparsity: &sps,
+                    weights: &[0.5, 0.3, 0.2],
+                    consensus: true,
+                    normalize: true,
+                    lambda: 1.0,
+                    seed: 1,
+                };
+                let mut out = vec![0u8; n * 2];
+                let h = merge(&m, &mut out, dtype, threads).unwrap();
+                assert_eq!(h.inputs.len(), 4);
+                for (i, x) in xb.iter().enumerate() {
+                    assert!(close(h.inputs[i], reference(x, dtype)), "{kind} x{i}");
+                }
+                assert!(close(h.inputs[3], reference(&bb, dtype)), "{kind} base");
+                assert_eq!(
+                    (
+                        h.inputs[0].nonfinite,
+                        h.inputs[1].nonfinite,
+                        h.inputs[2].nonfinite
+                    ),
+                    (0, 1, 1)
+                );
+                // the unrounded results' squares (within 2^-8 of the written values')
+                let want = reference(&out, dtype);
+                let rel = (h.output.sumsq - want.sumsq).abs() / want.sumsq;
+                assert!(
+                    h.output.nonfinite == want.nonfinite && rel < 1e-3,
+                    "{kind}: {:?} {want:?}",
+                    h.output
+                );
+            }
+        }
     }
 
     #[test]

@@ -4,10 +4,12 @@
 pub mod consensus;
 pub mod gta;
 pub mod gta_spec;
+pub mod health;
 pub mod random;
 pub mod reduce;
 pub mod sparsify;
 
+pub use health::{scan_tensor, Health, Stats};
 pub use reduce::{convert, weighted_sum, WeightedInput};
 
 /// Run `f` compiled with AVX2 enabled when the CPU has it (u32 multiplies for the generator,

@@ -4,10 +4,12 @@
 //! `w0*a.float() + w1*b.float() + ...` bit for bit: no FMA contraction), then rounded to the
 //! output dtype (RNE). One pass over memory: each block of elements is accumulated in a small
 //! f32 buffer that stays in L1, so the loop runs at memory bandwidth. Inputs are read as bytes,
-//! so any alignment works.
+//! so any alignment works. Each input block and each written output block is also scanned while
+//! in L1 for the call's [`Health`] (non-finite counts, sums of squares).
 
 use crate::dtype::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, FloatDtype};
 use crate::error::{Error, Result};
+use crate::kernels::health::{block_stats, out_squares_stand_in, scan, Health};
 use crate::threads;
 
 /// Elements per block: 8 KiB of f32 accumulator, comfortably inside L1 next to the inputs.
@@ -42,27 +44,32 @@ fn element_count(inputs: &[WeightedInput], out: &[u8], out_dtype: FloatDtype) ->
     Ok(n)
 }
 
-/// Fused weighted sum. `threads`: 0 = all cores, 1 = the calling thread only.
+/// Fused weighted sum. `threads`: 0 = all cores, 1 = the calling thread only. Returns the
+/// figures of every input (in order) and of the output as written.
 pub fn weighted_sum(
     inputs: &[WeightedInput],
     out: &mut [u8],
     out_dtype: FloatDtype,
     threads: usize,
-) -> Result<()> {
+) -> Result<Health> {
     let n = element_count(inputs, out, out_dtype)?;
     let ranges = threads::chunk_ranges(n, threads::resolve(threads), BLOCK);
     let osz = out_dtype.size();
+    let mut parts: Vec<Health> = ranges.iter().map(|_| Health::new(inputs.len())).collect();
     let mut tasks = Vec::with_capacity(ranges.len());
     let mut rest = out;
-    for r in ranges {
+    for (r, h) in ranges.into_iter().zip(parts.iter_mut()) {
         let (head, tail) = rest.split_at_mut(r.len() * osz);
-        tasks.push((r.start, head));
+        tasks.push((r.start, head, h));
         rest = tail;
     }
-    threads::run_all(tasks, |(start, out)| {
-        sum_range(inputs, start, out, out_dtype)
+    threads::run_all(tasks, |(start, out, h)| {
+        // summed on this thread's stack: the parts share cache lines
+        let mut local = Health::new(inputs.len());
+        sum_range(inputs, start, out, out_dtype, &mut local);
+        *h = local;
     });
-    Ok(())
+    Ok(Health::sum(inputs.len(), &parts))
 }
 
 /// Cast between F32, F16 and BF16 (a weighted sum of one input with weight 1, which is exact).
@@ -83,85 +90,208 @@ pub fn convert(
         out.copy_from_slice(input);
         return Ok(());
     }
-    weighted_sum(&inputs, out, out_dtype, threads)
+    weighted_sum(&inputs, out, out_dtype, threads).map(drop)
 }
 
 /// Process elements `start..start + out.len()/osz`, dispatching to a wider-vector build of the
-/// same code (plus hardware f16 conversion) when the CPU has AVX2 and F16C.
-fn sum_range(inputs: &[WeightedInput], start: usize, out: &mut [u8], out_dtype: FloatDtype) {
+/// same code (plus hardware f16 conversion, and the inputs' squares summed in the accumulation
+/// loop) when the CPU has AVX2, F16C and FMA.
+fn sum_range(
+    inputs: &[WeightedInput],
+    start: usize,
+    out: &mut [u8],
+    out_dtype: FloatDtype,
+    health: &mut Health,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("f16c")
+            && std::arch::is_x86_feature_detected!("fma")
         {
-            // SAFETY: the CPU supports AVX2 and F16C (checked just above).
-            unsafe { sum_range_avx2(inputs, start, out, out_dtype) };
+            // SAFETY: the CPU supports AVX2, F16C and FMA (checked just above).
+            unsafe { sum_range_avx2(inputs, start, out, out_dtype, health) };
             return;
         }
     }
-    sum_range_generic(inputs, start, out, out_dtype, false)
+    sum_range_generic(inputs, start, out, out_dtype, false, health)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,f16c,fma")]
 unsafe fn sum_range_avx2(
     inputs: &[WeightedInput],
     start: usize,
     out: &mut [u8],
     out_dtype: FloatDtype,
+    health: &mut Health,
 ) {
-    sum_range_generic(inputs, start, out, out_dtype, true)
+    sum_range_generic(inputs, start, out, out_dtype, true, health)
 }
 
-/// `f16c`: only true when the caller verified the CPU has F16C; f16 blocks then go through
-/// the hardware converters (the bit-twiddling versions cost ~2x in throughput).
+/// `simd`: only true when the caller verified the CPU has AVX2, F16C and FMA; the inputs are
+/// then accumulated by [`simd::accumulate`] (which sums the squares of the inputs and of the
+/// result on the way, and converts f16 in hardware: the bit-twiddling version costs ~2x in
+/// throughput) and f16 outputs encoded by the F16C instructions.
 #[inline(always)]
 fn sum_range_generic(
     inputs: &[WeightedInput],
     start: usize,
     out: &mut [u8],
     out_dtype: FloatDtype,
-    f16c: bool,
+    simd: bool,
+    health: &mut Health,
 ) {
     let osz = out_dtype.size();
     let n = out.len() / osz;
     let mut acc = [0f32; BLOCK];
-    let mut tmp = [0f32; BLOCK];
     let mut b = 0;
+    // the squares of the f32 sums for the written output's (health::out_squares_stand_in)
+    let fused_out = simd && !inputs.is_empty() && out_squares_stand_in(out_dtype);
     while b < n {
         let len = BLOCK.min(n - b);
         let acc = &mut acc[..len];
         if inputs.is_empty() {
             acc.fill(0.0);
         }
+        let mut out_sumsq = 0.0;
         for (k, inp) in inputs.iter().enumerate() {
             let sz = inp.dtype.size();
             let lo = (start + b) * sz;
             let src = &inp.data[lo..lo + len * sz];
-            if f16c && inp.dtype == FloatDtype::F16 {
-                let tmp = &mut tmp[..len];
-                hw_f16::decode(src, tmp);
-                let w = inp.weight;
-                if k == 0 {
-                    acc.iter_mut()
-                        .zip(tmp.iter())
-                        .for_each(|(a, &x)| *a = w * x);
-                } else {
-                    acc.iter_mut()
-                        .zip(tmp.iter())
-                        .for_each(|(a, &x)| *a += w * x);
-                }
+            let (first, last) = (k == 0, k + 1 == inputs.len());
+            let stats = if simd {
+                // SAFETY: `simd` says the CPU has AVX2, F16C and FMA.
+                let (sumsq, result_sumsq) =
+                    unsafe { simd::accumulate(inp.dtype, src, inp.weight, acc, first, last) };
+                out_sumsq = result_sumsq;
+                block_stats(sumsq, inp.dtype, src)
             } else {
-                accumulate(inp.dtype, src, inp.weight, acc, k == 0);
-            }
+                accumulate(inp.dtype, src, inp.weight, acc, first);
+                scan(inp.dtype, src)
+            };
+            health.inputs[k].add(stats);
         }
         let dst = &mut out[b * osz..(b + len) * osz];
-        if f16c && out_dtype == FloatDtype::F16 {
+        if simd && out_dtype == FloatDtype::F16 {
             hw_f16::encode(acc, dst);
         } else {
             store(out_dtype, acc, dst);
         }
+        health.output.add(if fused_out {
+            block_stats(out_sumsq, out_dtype, dst)
+        } else {
+            scan(out_dtype, dst)
+        });
         b += len;
+    }
+}
+
+/// The accumulation with AVX2 intrinsics, fused with the sums of squares.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use crate::dtype::FloatDtype;
+    use crate::kernels::health::x86::{hsum, load1, load8};
+    use std::arch::x86_64::*;
+
+    /// `acc = w*x` (`first`) or `acc += w*x` over the elements of `src` (`dtype`, one per `acc`
+    /// element), the same float32 operations as the portable loop (a multiply, then an add:
+    /// no FMA in the sum). Returns the sum of the squares of `x`, and with `last` that of the
+    /// resulting `acc` (0 otherwise); a sum is non-finite when an element is.
+    ///
+    /// SAFETY: the CPU must have AVX2, F16C and FMA; `src` holds `acc.len()` elements.
+    #[target_feature(enable = "avx2,f16c,fma")]
+    pub unsafe fn accumulate(
+        dtype: FloatDtype,
+        src: &[u8],
+        w: f32,
+        acc: &mut [f32],
+        first: bool,
+        last: bool,
+    ) -> (f64, f64) {
+        macro_rules! go {
+            ($d:literal) => {
+                match (first, last) {
+                    (true, true) => run::<$d, true, true>(src, w, acc),
+                    (true, false) => run::<$d, true, false>(src, w, acc),
+                    (false, true) => run::<$d, false, true>(src, w, acc),
+                    (false, false) => run::<$d, false, false>(src, w, acc),
+                }
+            };
+        }
+        // SAFETY: forwarded.
+        unsafe {
+            match dtype {
+                FloatDtype::F32 => go!(0),
+                FloatDtype::BF16 => go!(1),
+                FloatDtype::F16 => go!(2),
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,f16c,fma")]
+    unsafe fn run<const D: u8, const FIRST: bool, const LAST: bool>(
+        src: &[u8],
+        w: f32,
+        acc: &mut [f32],
+    ) -> (f64, f64) {
+        let sz = if D == 0 { 4 } else { 2 };
+        let n = acc.len().min(src.len() / sz);
+        let (p, a) = (src.as_ptr(), acc.as_mut_ptr());
+        let wv = _mm256_set1_ps(w);
+        // four independent chains: one FMA chain per vector would wait on the FMA latency
+        let mut sq = [_mm256_setzero_ps(); 4];
+        let mut osq = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        // SAFETY: i + 32 <= n keeps every load and store in bounds.
+        unsafe {
+            while i + 32 <= n {
+                for j in 0..4 {
+                    let at = i + 8 * j;
+                    let v = load8::<D>(p.add(at * sz));
+                    sq[j] = _mm256_fmadd_ps(v, v, sq[j]);
+                    let x = _mm256_mul_ps(wv, v);
+                    let r = if FIRST {
+                        x
+                    } else {
+                        _mm256_add_ps(_mm256_loadu_ps(a.add(at)), x)
+                    };
+                    if LAST {
+                        osq[j] = _mm256_fmadd_ps(r, r, osq[j]);
+                    }
+                    _mm256_storeu_ps(a.add(at), r);
+                }
+                i += 32;
+            }
+        }
+        let (mut total, mut out_total) = (hsum(&sq), hsum(&osq));
+        for (j, a) in acc.iter_mut().enumerate().take(n).skip(i) {
+            let v = load1::<D>(src, j);
+            total += v * v;
+            let x = w * v;
+            *a = if FIRST { x } else { *a + x };
+            if LAST {
+                out_total += *a * *a;
+            }
+        }
+        (total as f64, out_total as f64)
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod simd {
+    use crate::dtype::FloatDtype;
+
+    pub unsafe fn accumulate(
+        _: FloatDtype,
+        _: &[u8],
+        _: f32,
+        _: &mut [f32],
+        _: bool,
+        _: bool,
+    ) -> (f64, f64) {
+        unreachable!("the SIMD accumulation is x86_64-only")
     }
 }
 
@@ -169,20 +299,9 @@ fn sum_range_generic(
 /// element loop), so the runtime dispatch costs nothing measurable.
 mod hw_f16 {
     #[cfg(target_arch = "x86_64")]
-    pub fn decode(src: &[u8], dst: &mut [f32]) {
-        // SAFETY: only reached from `sum_range_avx2`, whose caller checked for F16C.
-        unsafe { imp::decode(src, dst) }
-    }
-
-    #[cfg(target_arch = "x86_64")]
     pub fn encode(src: &[f32], dst: &mut [u8]) {
-        // SAFETY: as above.
+        // SAFETY: only reached from `sum_range_avx2`, whose caller checked for F16C.
         unsafe { imp::encode(src, dst) }
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    pub fn decode(_: &[u8], _: &mut [f32]) {
-        unreachable!("F16C path is x86_64-only")
     }
 
     #[cfg(not(target_arch = "x86_64"))]
@@ -192,26 +311,8 @@ mod hw_f16 {
 
     #[cfg(target_arch = "x86_64")]
     mod imp {
-        use crate::dtype::{f16_to_f32, f32_to_f16};
+        use crate::dtype::f32_to_f16;
         use std::arch::x86_64::*;
-
-        #[target_feature(enable = "avx,f16c")]
-        pub unsafe fn decode(src: &[u8], dst: &mut [f32]) {
-            let n = dst.len().min(src.len() / 2);
-            let mut i = 0;
-            while i + 8 <= n {
-                // SAFETY: i + 8 <= n keeps the 16-byte load and 32-byte store in bounds;
-                // both are unaligned-tolerant.
-                unsafe {
-                    let h = _mm_loadu_si128(src.as_ptr().add(2 * i).cast::<__m128i>());
-                    _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
-                }
-                i += 8;
-            }
-            for j in i..n {
-                dst[j] = f16_to_f32(u16::from_le_bytes([src[2 * j], src[2 * j + 1]]));
-            }
-        }
 
         #[target_feature(enable = "avx,f16c")]
         pub unsafe fn encode(src: &[f32], dst: &mut [u8]) {
@@ -429,7 +530,14 @@ mod tests {
         assert_eq!(o1, o4);
         // Generic and AVX2 builds agree too.
         let mut og = vec![0u8; n * 2];
-        sum_range_generic(&inputs, 0, &mut og, FloatDtype::BF16, false);
+        sum_range_generic(
+            &inputs,
+            0,
+            &mut og,
+            FloatDtype::BF16,
+            false,
+            &mut Health::new(2),
+        );
         assert_eq!(o1, og);
     }
 
@@ -455,8 +563,11 @@ mod tests {
         for out_dtype in ALL {
             let mut sw = vec![0u8; n * out_dtype.size()];
             let mut hw = sw.clone();
-            sum_range_generic(&inputs, 0, &mut sw, out_dtype, false);
-            sum_range(&inputs, 0, &mut hw, out_dtype);
+            let (mut hs, mut hh) = (Health::new(1), Health::new(1));
+            sum_range_generic(&inputs, 0, &mut sw, out_dtype, false, &mut hs);
+            sum_range(&inputs, 0, &mut hw, out_dtype, &mut hh);
+            assert_eq!(hs.output.nonfinite, hh.output.nonfinite);
+            assert_eq!(hs.inputs[0].nonfinite, 2 * 1024); // every f16 NaN and both Infs
             for (x, y) in decode(&sw, out_dtype).iter().zip(decode(&hw, out_dtype)) {
                 assert!(
                     x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()),
@@ -483,8 +594,15 @@ mod tests {
         }];
         let mut sw = vec![0u8; vals.len() * 2];
         let mut hw = sw.clone();
-        sum_range_generic(&inputs, 0, &mut sw, FloatDtype::F16, false);
-        sum_range(&inputs, 0, &mut hw, FloatDtype::F16);
+        sum_range_generic(
+            &inputs,
+            0,
+            &mut sw,
+            FloatDtype::F16,
+            false,
+            &mut Health::new(1),
+        );
+        sum_range(&inputs, 0, &mut hw, FloatDtype::F16, &mut Health::new(1));
         for (x, y) in decode(&sw, FloatDtype::F16)
             .iter()
             .zip(decode(&hw, FloatDtype::F16))
@@ -530,6 +648,67 @@ mod tests {
             assert_eq!(v[1], f32::INFINITY);
             assert_eq!(v[2], 2.0);
         }
+    }
+
+    #[test]
+    fn health_counts_inputs_and_the_rounded_output() {
+        use crate::kernels::health::tests::{close, reference};
+        let n = 10_007;
+        let mut rng = Lcg(3);
+        let mut a: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
+        let mut b: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
+        a[5] = f32::NAN;
+        a[9000] = f32::INFINITY;
+        b[77] = 3e38; // finite in f32 and bf16, but 2 * 3e38 overflows
+        for (da, db, dout) in [
+            (FloatDtype::BF16, FloatDtype::F32, FloatDtype::BF16),
+            (FloatDtype::F16, FloatDtype::F16, FloatDtype::F16),
+            (FloatDtype::F32, FloatDtype::F32, FloatDtype::F32),
+        ] {
+            let (ab, bb) = (encode(&a, da), encode(&b, db));
+            let inputs = [
+                WeightedInput {
+                    data: &ab,
+                    dtype: da,
+                    weight: 0.5,
+                },
+                WeightedInput {
+                    data: &bb,
+                    dtype: db,
+                    weight: 2.0,
+                },
+            ];
+            let mut out = vec![0u8; n * dout.size()];
+            for threads in [1, 3] {
+                let h = weighted_sum(&inputs, &mut out, dout, threads).unwrap();
+                assert!(
+                    close(h.inputs[0], reference(&ab, da)),
+                    "{da:?} {:?}",
+                    h.inputs[0]
+                );
+                assert!(
+                    close(h.inputs[1], reference(&bb, db)),
+                    "{db:?} {:?}",
+                    h.inputs[1]
+                );
+                // the squares of the f32 sums (within 2^-8 of the rounded values' squares)
+                let want = reference(&out, dout);
+                let rel = (h.output.sumsq - want.sumsq).abs() / want.sumsq;
+                assert!(rel < 1e-3, "{dout:?} {:?} {want:?}", h.output);
+                // the NaN, the Inf and the overflow (f16 inputs: 3e38 is already Inf)
+                assert_eq!(h.output.nonfinite, 3, "{dout:?}");
+            }
+        }
+        // finite f32 inputs whose sum rounds past the largest bf16
+        let big = encode(&[3.4e38, 1.0], FloatDtype::F32);
+        let inputs = [WeightedInput {
+            data: &big,
+            dtype: FloatDtype::F32,
+            weight: 1.0,
+        }];
+        let mut out = [0u8; 4];
+        let h = weighted_sum(&inputs, &mut out, FloatDtype::BF16, 1).unwrap();
+        assert_eq!((h.inputs[0].nonfinite, h.output.nonfinite), (0, 1));
     }
 
     #[test]

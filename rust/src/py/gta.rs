@@ -5,6 +5,7 @@
 use pyo3::prelude::*;
 
 use super::buffer::Buffers;
+use super::health::PyTensorHealth;
 use super::kernels::parse_dtypes;
 use crate::dtype::FloatDtype;
 use crate::error::Error;
@@ -83,7 +84,8 @@ impl PySparsity {
 
 /// `out = base + lambda_ * combine(sparsify_i(f32(x_i) - f32(base)), weights)` for one tensor
 /// of `shape`, written as `out_dtype`: the order statistics the sparsifiers need, then one
-/// pass over the inputs (see `kernels::gta_spec::merge`).
+/// pass over the inputs (see `kernels::gta_spec::merge`). Returns the `TensorHealth` of `xs`,
+/// then `base`, and the output.
 #[pyfunction]
 #[pyo3(signature = (xs, x_dtypes, base, base_dtype, out, out_dtype, shape, sparsity, weights, consensus, normalize, lambda_, seed, threads = 0))]
 #[allow(clippy::too_many_arguments)]
@@ -103,7 +105,7 @@ pub fn gta_merge(
     lambda_: f64,
     seed: u64,
     threads: usize,
-) -> PyResult<()> {
+) -> PyResult<PyTensorHealth> {
     if xs.len() != x_dtypes.len() {
         return Err(Error::InvalidArgument(format!(
             "gta_merge: {} inputs but {} dtypes",
@@ -138,8 +140,8 @@ pub fn gta_merge(
         lambda: lambda_,
         seed,
     };
-    py.detach(|| gta_spec::merge(&m, out, out_dtype, threads))?;
-    Ok(())
+    let health = py.detach(|| gta_spec::merge(&m, out, out_dtype, threads))?;
+    Ok(health.into())
 }
 
 #[cfg(test)]
@@ -186,8 +188,10 @@ mod tests {
                 )
             };
             // density 0.75 of 4: the three largest magnitudes
-            run(magnitude(0.75), &out, vec![2, 2]).unwrap();
+            let health = run(magnitude(0.75), &out, vec![2, 2]).unwrap();
             assert_eq!(out.to_vec(), f32_bytes(&[2.0, -6.0, 4.0, 0.0]));
+            assert_eq!(health.input_sumsq(), [1.0 + 9.0 + 4.0 + 0.25, 0.0]);
+            assert_eq!(health.output_sumsq(), 4.0 + 36.0 + 16.0);
             let e = run(magnitude(0.5), &out, vec![3]).unwrap_err();
             assert!(e.is_instance_of::<PyValueError>(py), "{e}");
             let e = run(magnitude(0.5), &x, vec![4]).unwrap_err();

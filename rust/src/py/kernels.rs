@@ -3,6 +3,7 @@
 use pyo3::prelude::*;
 
 use super::buffer::Buffers;
+use super::health::PyTensorHealth;
 use crate::dtype::FloatDtype;
 use crate::error::Error;
 use crate::kernels::{self, WeightedInput};
@@ -13,6 +14,7 @@ pub(super) fn parse_dtypes(codes: &[String]) -> Result<Vec<FloatDtype>, Error> {
 }
 
 /// out = sum_i weights[i] * inputs[i], accumulated in float32, written as `out_dtype`.
+/// Returns the inputs' and the output's `TensorHealth`.
 #[pyfunction]
 #[pyo3(signature = (inputs, in_dtypes, weights, out, out_dtype, threads = 0))]
 pub fn weighted_sum(
@@ -23,7 +25,7 @@ pub fn weighted_sum(
     out: Bound<'_, PyAny>,
     out_dtype: &str,
     threads: usize,
-) -> PyResult<()> {
+) -> PyResult<PyTensorHealth> {
     if inputs.len() != in_dtypes.len() || inputs.len() != weights.len() {
         return Err(Error::ArgumentCount {
             inputs: inputs.len(),
@@ -48,8 +50,8 @@ pub fn weighted_sum(
             weight: w as f32,
         })
         .collect();
-    py.detach(|| kernels::weighted_sum(&winputs, out_slice, out_dtype, threads))?;
-    Ok(())
+    let health = py.detach(|| kernels::weighted_sum(&winputs, out_slice, out_dtype, threads))?;
+    Ok(health.into())
 }
 
 /// Cast `input` (in_dtype) into `out` (out_dtype) among F32/F16/BF16.
@@ -86,7 +88,7 @@ mod tests {
             let a = PyBytes::new(py, &[1.0f32, 2.0].map(f32::to_le_bytes).concat());
             let b = PyBytes::new(py, &[0x3f80u16, 0x4000].map(u16::to_le_bytes).concat()); // bf16 1, 2
             let out = PyByteArray::new(py, &[0u8; 8]);
-            weighted_sum(
+            let health = weighted_sum(
                 py,
                 vec![a.clone().into_any(), b.into_any()],
                 vec!["F32".into(), "BF16".into()],
@@ -97,6 +99,9 @@ mod tests {
             )
             .unwrap();
             assert_eq!(out.to_vec(), [2.5f32, 5.0].map(f32::to_le_bytes).concat());
+            assert_eq!(health.input_sumsq(), [5.0, 5.0]);
+            assert_eq!(health.input_nonfinite(), [0, 0]);
+            assert_eq!(health.output_sumsq(), 2.5 * 2.5 + 25.0);
 
             let e = weighted_sum(
                 py,

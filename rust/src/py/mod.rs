@@ -9,6 +9,7 @@ use crate::error::{Error, ErrorKind};
 mod buffer;
 mod file;
 mod gta;
+mod health;
 mod kernels;
 mod sparsify;
 mod writer;
@@ -96,6 +97,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(writer::shard_digest, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::weighted_sum, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::convert, m)?)?;
+    m.add_class::<health::PyTensorHealth>()?;
+    m.add_function(wrap_pyfunction!(health::scan_health, m)?)?;
     m.add_function(wrap_pyfunction!(sparsify::magnitude, m)?)?;
     m.add_function(wrap_pyfunction!(sparsify::magnitude_outliers, m)?)?;
     m.add_function(wrap_pyfunction!(sparsify::random_mask, m)?)?;

@@ -141,7 +141,8 @@ impl ShardWriter {
         let dir = dir.as_ref().to_path_buf();
         let layout = Layout::plan(specs, max_shard_bytes, metadata)?;
         fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let journal = match journal {
+        // one shard is complete only when everything is: nothing a rerun could reuse
+        let journal = match journal.filter(|_| layout.shards.len() > 1) {
             Some(path) => Some(Mutex::new(
                 OpenOptions::new()
                     .append(true)
@@ -330,7 +331,10 @@ impl ShardWriter {
         }
         match self.write_placed(place.shard, data, place.offset) {
             Ok(()) => {
-                self.hashes[i].store(xxh3_64(data), Ordering::Release);
+                if self.journal.is_some() {
+                    // the digest is for the journal only: no journal, no pass over the bytes
+                    self.hashes[i].store(xxh3_64(data), Ordering::Release);
+                }
                 self.slots[i].store(DONE, Ordering::Release);
                 // with a journal a complete shard is put in place at once (for a rerun to
                 // reuse); without one every shard waits for finalize

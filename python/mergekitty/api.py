@@ -276,11 +276,15 @@ def run_merge(
     return plan
 
 
-def _resume_key(plan) -> str:
+def _resume_key(plan) -> str | None:
     """What a staged shard of an interrupted run must have been made from to be reused: this
     plan (method, parameters, seed, layout), this version, and the input files as they are now
-    (names, sizes, modification times)."""
+    (names, sizes, modification times). None for a one-shard output, which has nothing a rerun
+    could reuse (and so saves hashing the plan)."""
     import hashlib
+
+    if len({job.shard for job in plan.jobs}) < 2:
+        return None
 
     from . import __version__
 

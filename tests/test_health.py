@@ -349,4 +349,4 @@ def test_summary_is_printed_unless_quiet(llama, tmp_path, write_yaml, capsys):
     main([str(cfg), str(tmp_path / "out"), "--no-quiet"], standalone_mode=False)
     err = capsys.readouterr().err
     n = len(read_state(tmp_path / "out"))
-    assert f"health: {n} tensors, no NaN/Inf, norms in range, random seed 7\n" in err
+    assert f"health: {n} tensors, no NaN/Inf, norms in range\n" in err  # linear draws no random numbers

@@ -163,7 +163,7 @@ class HealthReport:
     """What the merge of ``plan`` found, filled job by job (``record``)."""
 
     method: str
-    random_seed: int
+    random_seed: int | None  # None for a method that draws no random numbers
     allow_nonfinite: bool = False
     tensors_written: int = 0
     tensors_checked: int = 0  # those with float figures
@@ -177,7 +177,10 @@ class HealthReport:
     @staticmethod
     def for_plan(plan: MergePlan, allow_nonfinite: bool = False) -> HealthReport:
         return HealthReport(
-            plan.method.name, plan.random_seed, allow_nonfinite, _labels=tuple(m.label for m in plan.models)
+            plan.method.name,
+            plan.random_seed if plan.method.random else None,
+            allow_nonfinite,
+            _labels=tuple(m.label for m in plan.models),
         )
 
     # ------------------------------------------------------------------ recording
@@ -255,7 +258,8 @@ class HealthReport:
         parts.append(
             f"{len(self.norm_outliers)} norms far from every parent's" if self.norm_outliers else "norms in range"
         )
-        parts.append(f"random seed {self.random_seed}")
+        if self.random_seed is not None:
+            parts.append(f"random seed {self.random_seed}")
         return ["health: " + ", ".join(parts), *self.warnings]
 
     def to_dict(self) -> dict[str, Any]:

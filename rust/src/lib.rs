@@ -10,6 +10,8 @@ pub mod kernels;
 pub mod layout;
 pub mod mmap_file;
 pub mod sigbus;
+#[cfg(test)]
+pub(crate) mod test_rng;
 pub mod threads;
 pub mod writer;
 

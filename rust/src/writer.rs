@@ -16,7 +16,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use xxhash_rust::xxh3::xxh3_64;
@@ -40,8 +40,10 @@ pub struct ShardWriter {
     dir: PathBuf,
     layout: Layout,
     index_metadata: Vec<(String, String)>,
-    /// Per shard: its temp file, None once complete (or reused).
-    files: Vec<Mutex<Option<File>>>,
+    /// Per shard: its temp file (None for a reused shard).
+    files: Vec<Option<File>>,
+    /// Per shard: fsynced and renamed into place (or reused).
+    completed: Vec<AtomicBool>,
     direct: DirectWriter,
     temp_paths: Vec<PathBuf>,
     /// Per tensor: EMPTY, WRITING (claimed by a writer thread) or DONE.
@@ -165,7 +167,7 @@ impl ShardWriter {
                 for &i in &shard.tensors {
                     slots[i].store(DONE, Ordering::Relaxed);
                 }
-                files.push(Mutex::new(None));
+                files.push(None);
                 temp_paths.push(path);
                 remaining.push(AtomicUsize::new(0));
                 continue;
@@ -184,7 +186,7 @@ impl ShardWriter {
                 });
             match opened {
                 Ok(f) => {
-                    files.push(Mutex::new(Some(f)));
+                    files.push(Some(f));
                     temp_paths.push(path);
                     remaining.push(AtomicUsize::new(shard.tensors.len()));
                 }
@@ -198,12 +200,14 @@ impl ShardWriter {
             }
         }
         let hashes = (0..layout.specs.len()).map(|_| AtomicU64::new(0)).collect();
+        let completed = files.iter().map(|f| AtomicBool::new(f.is_none())).collect();
         let direct = DirectWriter::open(&temp_paths);
         Ok(ShardWriter {
             dir,
             layout,
             index_metadata: index_metadata.to_vec(),
             files,
+            completed,
             direct,
             temp_paths,
             slots,
@@ -214,28 +218,16 @@ impl ShardWriter {
         })
     }
 
-    /// The temp file of a shard still being written.
-    fn shard_file(&self, shard: usize) -> std::io::Result<File> {
-        let guard = self.files[shard].lock().unwrap_or_else(|p| p.into_inner());
-        match guard.as_ref() {
-            Some(f) => f.try_clone(),
-            None => Err(std::io::Error::other("the shard is already complete")),
-        }
-    }
-
     /// fsync a shard whose every tensor is written, rename it into place and journal it.
     fn complete_shard(&self, shard: usize) -> Result<()> {
         let plan = &self.layout.shards[shard];
         let tmp = &self.temp_paths[shard];
-        let Some(file) = self.files[shard]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        else {
+        if self.completed[shard].swap(true, Ordering::AcqRel) {
             return Ok(()); // reused, or completed already
-        };
-        file.sync_all().map_err(|e| Error::io(tmp, e))?;
-        drop(file);
+        }
+        if let Some(file) = &self.files[shard] {
+            file.sync_all().map_err(|e| Error::io(tmp, e))?;
+        }
         let dest = self.dir.join(&plan.file_name);
         fs::rename(tmp, &dest).map_err(|e| Error::io(&dest, e))?;
         if let Some(journal) = &self.journal {
@@ -356,7 +348,11 @@ impl ShardWriter {
     /// `data` at `offset` of shard `shard`: the whole aligned pages directly (when the shard
     /// takes direct writes and they are worth it), everything else through the page cache.
     fn write_placed(&self, shard: usize, data: &[u8], offset: u64) -> std::io::Result<()> {
-        let file = &self.shard_file(shard)?;
+        let Some(file) = &self.files[shard] else {
+            return Err(std::io::Error::other(
+                "the shard is reused: nothing is written to it",
+            ));
+        };
         let end = offset + data.len() as u64;
         let (mid_start, mid_end) = (align_up(offset), align_down(end));
         if self.direct.enabled(shard) && mid_end > mid_start && mid_end - mid_start >= MIN_DIRECT {

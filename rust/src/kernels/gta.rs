@@ -1037,16 +1037,14 @@ mod tests {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
     }
 
-    struct Lcg(u64);
+    use crate::test_rng::Lcg as Rng;
+
+    struct Lcg(Rng);
     impl Lcg {
         fn f32(&mut self) -> f32 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let v = ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+            let v = self.0.unit();
             // Some ties and repeated values, as in real task vectors.
-            if (self.0 >> 20).is_multiple_of(7) {
+            if (self.0 .0 >> 20).is_multiple_of(7) {
                 0.25
             } else {
                 v
@@ -1123,7 +1121,7 @@ mod tests {
 
     #[test]
     fn matches_unfused() {
-        let mut g = Lcg(3);
+        let mut g = Lcg(Rng(3));
         let (rows, row_len) = (37, 3001);
         let n = rows * row_len;
         let b: Vec<f32> = (0..n).map(|_| g.f32()).collect();
@@ -1310,7 +1308,7 @@ mod tests {
     }
 
     fn random_models(n: usize, k: usize, seed: u64) -> (Vec<f32>, Vec<Vec<f32>>) {
-        let mut g = Lcg(seed);
+        let mut g = Lcg(Rng(seed));
         let b: Vec<f32> = (0..n).map(|_| g.f32()).collect();
         let xs = (0..k)
             .map(|_| b.iter().map(|&v| v + 0.01 * g.f32()).collect())
@@ -1347,7 +1345,7 @@ mod tests {
             .collect();
         check_thresholds(&vec![0.0; n], &few, FloatDtype::BF16, "few distinct");
         // NaN and inf.
-        let mut g = Lcg(9);
+        let mut g = Lcg(Rng(9));
         let specials: Vec<Vec<f32>> = (0..3)
             .map(|i| {
                 b.iter()
@@ -1369,7 +1367,7 @@ mod tests {
         // The sampled runs see tiny task vectors, the rest large ones: every band misses.
         let n = SAMPLED_MIN_N + 4093 * 3;
         let b = vec![1.0f32; n];
-        let mut g = Lcg(21);
+        let mut g = Lcg(Rng(21));
         let xs: Vec<Vec<f32>> = (0..2)
             .map(|_| {
                 (0..n)

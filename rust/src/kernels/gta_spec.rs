@@ -495,13 +495,8 @@ mod tests {
     fn merge_matches_the_unfused_path() {
         let shape = [13usize, 257];
         let n = shape[0] * shape[1];
-        let mut state = 5u64;
-        let mut next = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        };
+        let mut rng = crate::test_rng::Lcg(5);
+        let mut next = move || rng.unit();
         let b: Vec<f32> = (0..n).map(|_| next()).collect();
         let xs: Vec<Vec<f32>> = (0..3)
             .map(|i| {
@@ -598,13 +593,8 @@ mod tests {
         let (rows, row_len) = (31, 1001);
         let n = rows * row_len;
         let shape = [rows, row_len];
-        let mut g = 7u64;
-        let mut next = move || {
-            g = g
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((g >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        };
+        let mut rng = crate::test_rng::Lcg(7);
+        let mut next = move || rng.unit();
         let b: Vec<f32> = (0..n).map(|_| next()).collect();
         let mut xs: Vec<Vec<f32>> = (0..3)
             .map(|_| b.iter().map(|&v| v + 0.01 * next()).collect())

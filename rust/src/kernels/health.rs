@@ -340,13 +340,10 @@ pub(crate) mod tests {
     }
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut x = seed;
+        let mut rng = crate::test_rng::Lcg(seed);
         (0..n)
             .map(|i| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let v = ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+                let v = rng.unit();
                 match i % 997 {
                     3 => f32::NAN,
                     5 => f32::INFINITY,

@@ -229,7 +229,7 @@ class OutputTransaction:
     ) -> None:
         self.path = Path(out_path).expanduser()
         self.resume_key = resume_key
-        self.reused: list[str] = []  # complete shards of an earlier run of the same plan, verified
+        self._reused: list[dict[str, Any]] = []  # the verified journal entries of an earlier run
         self.marker = marker
         self._owned = (*owned, marker)
         self._writer: Any = None
@@ -237,6 +237,15 @@ class OutputTransaction:
         self._target = self.path  # the real directory (symlinks resolved) set by begin
         self._lock: _OutputLock | None = None
         self._written: set[str] = set()  # names written through open_file
+
+    @property
+    def reused(self) -> list[str]:
+        """The complete shards of an earlier run of the same plan that this run takes as written."""
+        return [entry["shard"] for entry in self._reused]
+
+    def _resumable(self) -> set[str]:
+        """What of the staging directory a rerun needs: the reused shards and the journal."""
+        return {*self.reused, JOURNAL_FILE} if self._reused else set()
 
     def _beside(self, suffix: str) -> Path:
         return self._target.parent / f".{self._target.name}{suffix}"
@@ -267,8 +276,7 @@ class OutputTransaction:
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 if self.dir.exists():
-                    keep = {*self.reused, JOURNAL_FILE} if self.reused else set()
-                    self._dispose(self.dir, keep=keep)
+                    self._dispose(self.dir, keep=self._resumable())
             self._lock.release()
             if isinstance(exc, OSError):
                 raise OutputError(f"cannot write to {self.path}: {_reason(exc)}") from None
@@ -284,32 +292,28 @@ class OutputTransaction:
         if old.exists():
             self._dispose(old)
         if self.dir.exists():
-            self.reused = self._verified_shards()
-            self._dispose(self.dir, keep={*self.reused, JOURNAL_FILE} if self.reused else set())
+            self._reused = self._verified_shards()
+            self._dispose(self.dir, keep=self._resumable())
 
-    def _verified_shards(self) -> list[str]:
-        """The shards an earlier run of the same plan completed in staging whose size and digest
-        the journal recorded and the files still have."""
+    def _verified_shards(self) -> list[dict[str, Any]]:
+        """The journal entries of the shards an earlier run of the same plan completed in
+        staging whose size and digest the files still have."""
         from .. import _native
 
-        journal = self.dir / JOURNAL_FILE
-        if self.resume_key is None or not journal.is_file():
+        if self.resume_key is None:
             return []
-        try:
-            lines = [json.loads(line) for line in journal.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (ValueError, UnicodeDecodeError):  # torn by a kill: trust none of it
-            return []
-        if not lines or lines[0] != {"key": self.resume_key}:
+        entries = _journal_entries(self.dir / JOURNAL_FILE)
+        if not entries or entries[0] != {"key": self.resume_key}:
             return []
         verified = []
-        for entry in lines[1:]:
-            name = entry.get("shard") if isinstance(entry, dict) else None
+        for entry in entries[1:]:
+            name = entry.get("shard")
             if not isinstance(name, str) or "/" in name or not _matches(name, self._owned):
                 continue
             path = self.dir / name
             try:
                 if path.stat().st_size == entry.get("size") and _native.shard_digest(path) == entry.get("digest"):
-                    verified.append(name)
+                    verified.append(entry)
             except (OSError, ValueError):
                 continue  # missing, damaged or unreadable: written again
         return verified
@@ -317,13 +321,7 @@ class OutputTransaction:
     def _start_journal(self) -> None:
         """The journal of this run: its key, then the shards reused (the writer appends the
         shards it completes)."""
-        from .. import _native
-
-        lines: list[dict[str, Any]] = [{"key": self.resume_key}]
-        lines += [
-            {"shard": n, "size": (self.dir / n).stat().st_size, "digest": _native.shard_digest(self.dir / n)}
-            for n in self.reused
-        ]
+        lines = [{"key": self.resume_key}, *self._reused]
         tmp = self.dir / f"{JOURNAL_FILE}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.write("".join(json.dumps(line) + "\n" for line in lines))
@@ -397,15 +395,8 @@ class OutputTransaction:
 
     def _journaled(self) -> set[str]:
         """The shard names this run's journal records (complete, in staging)."""
-        try:
-            text = (self.dir / JOURNAL_FILE).read_text(encoding="utf-8")
-        except OSError:
-            return set()
-        names = set()
-        for line in text.splitlines()[1:]:
-            with contextlib.suppress(ValueError, AttributeError):
-                names.add(str(json.loads(line).get("shard")))
-        return {n for n in names if (self.dir / n).is_file()}
+        names = {e.get("shard") for e in _journal_entries(self.dir / JOURNAL_FILE)[1:]}
+        return {n for n in names if isinstance(n, str) and "/" not in n and (self.dir / n).is_file()}
 
     def _release(self) -> None:
         if self._lock is not None:
@@ -611,6 +602,22 @@ def _mirrored(a: Path, b: Path) -> bool:
         return False
     names = {e.name for e in a.iterdir()}
     return names <= {e.name for e in b.iterdir()} and all(_mirrored(a / n, b / n) for n in names)
+
+
+def _journal_entries(path: Path) -> list[dict[str, Any]]:
+    """The journal's lines (its key first, then one per complete shard); a line a kill tore, or
+    anything else that is not a JSON object, is skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    entries = []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict):
+                entries.append(entry)
+    return entries
 
 
 # Room kept for the side files, the tokenizer and the file system's own metadata.

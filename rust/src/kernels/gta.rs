@@ -20,14 +20,18 @@
 //! `consensus::combine_into`), so the results are bit-identical to it and do not depend on the
 //! thread count. The L1 rescale modes need global sums and are not offered here.
 //!
-//! The combine pass also returns the call's [`Health`]: every input block and every written
-//! output block is scanned while it is in L1 (the order statistics' passes are not scanned:
-//! the combine pass reads every element of every input once).
+//! The combine pass also returns the call's [`Health`]: the loops that load every input block
+//! and compute every output block sum their squares as they go (with AVX2, `gta_simd`; the
+//! portable loops scan each block after it, while it is in L1). The order statistics' passes
+//! take no figures: the combine pass reads every element of every input once.
 
 use crate::dtype::{bf16_to_f32, f16_to_f32, FloatDtype};
 use crate::error::{Error, Result};
 use crate::kernels::consensus::{load, store};
-use crate::kernels::health::{out_squares_stand_in, scan, scan_f32, Health};
+use crate::kernels::gta_simd::{self, Keep};
+use crate::kernels::health::{
+    block_stats, out_squares_stand_in, scan, squares, squares_f32, Health,
+};
 use crate::kernels::random::Stream;
 use crate::kernels::sparsify::{
     capped_key, check_density, della_probabilities, della_row, locate, RowScratch, HI_BUCKETS,
@@ -125,6 +129,15 @@ fn task_vector(x: Tensor, start: usize, bv: &[f32], d: &mut [f32]) {
     let len = bv.len();
     load(x.dtype, &x.data[start * sz..(start + len) * sz], d);
     d.iter_mut().zip(bv).for_each(|(v, &b)| *v -= b);
+}
+
+/// `dst = f32(src)`, returning the sum of the squares of the values (the health figures).
+#[inline(always)]
+fn load_squares(dtype: FloatDtype, src: &[u8], dst: &mut [f32]) -> f64 {
+    let (h, sq) = gta_simd::load_squares(dtype, src, dst);
+    let rest = &src[h * dtype.size()..];
+    load(dtype, rest, &mut dst[h..]);
+    sq + squares(dtype, rest)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -820,7 +833,8 @@ fn sparsify_block(
 /// For one model and one block: `d = f32(x) - b`, sparsified (none, a magnitude band or DARE's
 /// mask), `v = w * d` (kept in `v` for the sign consensus) and `s = v` for the first model,
 /// `s += v` for the others, in one pass. The same float32 operations, in the same order, as
-/// `task_vector`, `sparsify_block` and the weighting in [`block`].
+/// `task_vector`, `sparsify_block` and the weighting in [`block`]. Returns the sum of the
+/// squares of `f32(x)` (the health figures).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn model_pass(
@@ -833,14 +847,33 @@ fn model_pass(
     v: &mut [f32],
     s: &mut [f32],
     first: bool,
-) {
+) -> f64 {
     let len = bv.len();
     let sz = x.dtype.size();
     let bytes = &x.data[start * sz..(start + len) * sz];
+    let keep = match *sp {
+        Sparsify::None => Keep::All,
+        Sparsify::Band { lo, hi, mode } => Keep::Band {
+            lo,
+            hi,
+            outliers: mode == KeyMode::Outliers,
+        },
+        Sparsify::Random { p, stream, inverse } => {
+            stream.fill_uniform(start as u64, &mut u[..len]);
+            Keep::Random { p, inverse }
+        }
+        // DELLA goes row by row through `sparsify_block`.
+        Sparsify::Della { .. } => unreachable!("DELLA has no fused model pass"),
+    };
+    let u = &u[..len];
+    let (h, sq) = gta_simd::model_pass(x.dtype, bytes, bv, u, keep, w, v, s, first);
+    // the rest of the block (all of it without SIMD): the portable loop, then its squares
+    let rest = &bytes[h * sz..];
+    let (bv, u, v, s) = (&bv[h..], &u[h..], &mut v[h..len], &mut s[h..len]);
     // one call per input dtype, so each gets its own inlined load
     macro_rules! pass {
         ($ld:expr, $sz:expr) => {
-            model_pass_with(bytes, $ld, $sz, start, bv, sp, u, w, v, s, first)
+            model_pass_with(rest, $ld, $sz, bv, keep, u, w, v, s, first)
         };
     }
     match x.dtype {
@@ -848,6 +881,7 @@ fn model_pass(
         FloatDtype::F16 => pass!(|c: &[u8]| f16_to_f32(u16::from_le_bytes([c[0], c[1]])), 2),
         FloatDtype::F32 => pass!(|c: &[u8]| f32::from_le_bytes([c[0], c[1], c[2], c[3]]), 4),
     }
+    sq + squares(x.dtype, rest)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -856,19 +890,18 @@ fn model_pass_with(
     bytes: &[u8],
     ld: impl Fn(&[u8]) -> f32 + Copy,
     sz: usize,
-    start: usize,
     bv: &[f32],
-    sp: &Sparsify,
-    u: &mut [f32],
+    keep: Keep,
+    u: &[f32],
     w: f32,
     v: &mut [f32],
     s: &mut [f32],
     first: bool,
 ) {
-    match *sp {
-        Sparsify::None => fused(bytes, ld, sz, bv, u, w, v, s, first, |d, _| d),
-        Sparsify::Band { lo, hi, mode } => {
-            let cap = mode.cap();
+    match keep {
+        Keep::All => fused(bytes, ld, sz, bv, u, w, v, s, first, |d, _| d),
+        Keep::Band { lo, hi, outliers } => {
+            let cap = if outliers { INF_KEY } else { NAN_KEY };
             fused(bytes, ld, sz, bv, u, w, v, s, first, move |d, _| {
                 let key = capped_key(d, cap);
                 if key >= lo && key < hi {
@@ -878,9 +911,7 @@ fn model_pass_with(
                 }
             })
         }
-        Sparsify::Random { p, stream, inverse } => {
-            let len = bv.len();
-            stream.fill_uniform(start as u64, &mut u[..len]);
+        Keep::Random { p, inverse } => {
             if inverse {
                 fused(bytes, ld, sz, bv, u, w, v, s, first, move |d, r| {
                     if r < p {
@@ -899,8 +930,6 @@ fn model_pass_with(
                 })
             }
         }
-        // DELLA goes row by row through `sparsify_block`.
-        Sparsify::Della { .. } => {}
     }
 }
 
@@ -939,8 +968,8 @@ fn fused(
     }
 }
 
-/// One block (or row): task vectors, sparsification, combination, `b + lambda*M`, store; each
-/// input block and the stored output block are scanned into `health`.
+/// One block (or row): task vectors, sparsification, combination, `b + lambda*M`, store; the
+/// loops that load each input and compute the output also sum their squares into `health`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn block(
@@ -958,21 +987,13 @@ fn block(
     let stride = sc.bv.len();
     let base = spec.base;
     let bv = &mut sc.bv[..len];
-    load(
-        base.dtype,
-        &base.data[start * base.dtype.size()..(start + len) * base.dtype.size()],
-        bv,
-    );
-    let k = spec.xs.len();
     let bsz = base.dtype.size();
-    health.inputs[k].add(scan(
-        base.dtype,
-        &base.data[start * bsz..(start + len) * bsz],
-    ));
+    let b_block = &base.data[start * bsz..(start + len) * bsz];
+    let sq = load_squares(base.dtype, b_block, bv);
+    health.inputs[spec.xs.len()].add(block_stats(sq, base.dtype, b_block));
     let s = &mut sc.s[..len];
     for (i, (&x, &w)) in spec.xs.iter().zip(w32).enumerate() {
         let sz = x.dtype.size();
-        // (after the model's pass below, the block is in L1)
         let x_block = &x.data[start * sz..(start + len) * sz];
         let v = if spec.consensus {
             &mut sc.vals[i * stride..i * stride + len]
@@ -981,12 +1002,13 @@ fn block(
         };
         if ptabs[i].is_none() {
             // Everything but DELLA: one fused pass per model.
-            model_pass(x, start, bv, &spec.sparsify[i], &mut sc.u, w, v, s, i == 0);
-            health.inputs[i].add(scan(x.dtype, x_block));
+            let sq = model_pass(x, start, bv, &spec.sparsify[i], &mut sc.u, w, v, s, i == 0);
+            health.inputs[i].add(block_stats(sq, x.dtype, x_block));
             continue;
         }
-        task_vector(x, start, bv, v);
-        health.inputs[i].add(scan(x.dtype, x_block));
+        let sq = load_squares(x.dtype, x_block, v);
+        v.iter_mut().zip(bv.iter()).for_each(|(v, &b)| *v -= b);
+        health.inputs[i].add(block_stats(sq, x.dtype, x_block));
         sparsify_block(
             &spec.sparsify[i],
             ptabs[i].as_deref(),
@@ -1016,12 +1038,14 @@ fn block(
         div,
     );
     let lambda = spec.lambda;
-    m.iter_mut()
-        .zip(bv.iter())
+    let (h, sq) = gta_simd::rebase_squares(m, bv, lambda);
+    m[h..]
+        .iter_mut()
+        .zip(bv[h..].iter())
         .for_each(|(x, &bb)| *x = bb + lambda * *x);
     store(out_dtype, m, out);
     health.output.add(if out_squares_stand_in(out_dtype) {
-        scan_f32(m, out_dtype, out)
+        block_stats(sq + squares_f32(&m[h..]), out_dtype, out)
     } else {
         scan(out_dtype, out)
     });
@@ -1117,6 +1141,138 @@ mod tests {
         )
         .unwrap();
         out
+    }
+
+    /// The SIMD loops (`gta_simd`, whole groups of 16 at the front) store exactly what the
+    /// portable loops store, for every input dtype, kind of keep, first or later model, with
+    /// NaN, infinities, signed zeros and a ragged tail; their squares are the inputs'.
+    #[test]
+    fn simd_loops_match_the_portable_ones() {
+        use crate::kernels::health::block_stats;
+        use crate::kernels::health::tests::{close, encode, reference};
+        let n = 1000 + 13;
+        let mut g = Lcg(Rng(17));
+        let special = |i: usize, v: f32| match i % 101 {
+            3 => f32::NAN,
+            5 => f32::INFINITY,
+            7 => f32::NEG_INFINITY,
+            11 => -0.0,
+            13 => 0.0,
+            _ => v,
+        };
+        let xv: Vec<f32> = (0..n).map(|i| special(i, g.f32())).collect();
+        let bv: Vec<f32> = (0..n).map(|i| special(i + 50, 0.5 * g.f32())).collect();
+        let u: Vec<f32> = (0..n).map(|_| (g.f32() + 1.0) / 2.0).collect();
+        let mid = capped_key(0.3, NAN_KEY);
+        let keeps = [
+            Keep::All,
+            Keep::Band {
+                lo: mid,
+                hi: u32::MAX,
+                outliers: false,
+            },
+            Keep::Band {
+                lo: capped_key(0.1, INF_KEY),
+                hi: capped_key(0.9, INF_KEY),
+                outliers: true,
+            },
+            Keep::Band {
+                lo: 0,
+                hi: INF_KEY,
+                outliers: true,
+            },
+            Keep::Band {
+                lo: u32::MAX,
+                hi: u32::MAX,
+                outliers: false,
+            },
+            Keep::Random {
+                p: 0.4,
+                inverse: true,
+            },
+            Keep::Random {
+                p: 0.4,
+                inverse: false,
+            },
+        ];
+        for dtype in [FloatDtype::F32, FloatDtype::BF16, FloatDtype::F16] {
+            let xb = encode(&xv, dtype);
+            let x = Tensor { data: &xb, dtype };
+            // the base: loaded with its squares
+            let bb = encode(&bv, dtype);
+            let (mut plain, mut simd) = (vec![0f32; n], vec![0f32; n]);
+            load(dtype, &bb, &mut plain);
+            let sq = load_squares(dtype, &bb, &mut simd);
+            assert_eq!(bits(&plain), bits(&simd), "{dtype:?} load");
+            assert!(
+                close(block_stats(sq, dtype, &bb), reference(&bb, dtype)),
+                "{dtype:?} base"
+            );
+            for keep in keeps {
+                for first in [true, false] {
+                    let s0: Vec<f32> = (0..n).map(|i| i as f32 * 0.25).collect();
+                    let (mut v1, mut s1) = (vec![0f32; n], s0.clone());
+                    let (mut v2, mut s2) = (vec![0f32; n], s0.clone());
+                    let ld = |c: &[u8]| match dtype {
+                        FloatDtype::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+                        FloatDtype::BF16 => bf16_to_f32(u16::from_le_bytes([c[0], c[1]])),
+                        FloatDtype::F16 => f16_to_f32(u16::from_le_bytes([c[0], c[1]])),
+                    };
+                    let sp = match keep {
+                        Keep::All => Sparsify::None,
+                        Keep::Band { lo, hi, outliers } => Sparsify::Band {
+                            lo,
+                            hi,
+                            mode: if outliers {
+                                KeyMode::Outliers
+                            } else {
+                                KeyMode::Magnitude
+                            },
+                        },
+                        Keep::Random { p, inverse } => Sparsify::Random {
+                            p,
+                            stream: Stream::new(3, "t"),
+                            inverse,
+                        },
+                    };
+                    // the uniforms the pass draws for DARE (the others ignore them)
+                    let mut uu = u.clone();
+                    if let Sparsify::Random { stream, .. } = &sp {
+                        stream.fill_uniform(0, &mut uu);
+                    }
+                    let sz = dtype.size();
+                    model_pass_with(&xb, ld, sz, &plain, keep, &uu, 0.7, &mut v1, &mut s1, first);
+                    let mut uu = u.clone();
+                    let sq = model_pass(x, 0, &plain, &sp, &mut uu, 0.7, &mut v2, &mut s2, first);
+                    let what = format!("{dtype:?} {keep:?} first={first}");
+                    assert_eq!(bits(&v1), bits(&v2), "{what}: v");
+                    assert_eq!(bits(&s1), bits(&s2), "{what}: s");
+                    assert!(
+                        close(block_stats(sq, dtype, &xb), reference(&xb, dtype)),
+                        "{what}"
+                    );
+                }
+            }
+        }
+        // the output: b + lambda * m
+        let (mut m1, mut m2) = (xv.clone(), xv.clone());
+        m1.iter_mut().zip(&bv).for_each(|(m, &b)| *m = b + 0.7 * *m);
+        let (h, sq) = gta_simd::rebase_squares(&mut m2, &bv, 0.7);
+        m2[h..]
+            .iter_mut()
+            .zip(&bv[h..])
+            .for_each(|(m, &b)| *m = b + 0.7 * *m);
+        assert_eq!(bits(&m1), bits(&m2), "rebase");
+        let sq = sq + squares_f32(&m2[h..]);
+        let ob = bytes(&m1);
+        assert!(close(
+            block_stats(sq, FloatDtype::F32, &ob),
+            reference(&ob, FloatDtype::F32)
+        ));
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
     }
 
     #[test]

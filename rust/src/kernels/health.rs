@@ -2,16 +2,19 @@
 //!
 //! For each input and the output of a kernel call: how many elements are NaN or +-Inf, and the
 //! sum of squares of the finite ones (the squared L2 norm, non-finite elements left out). The
-//! kernels [`scan`] each block right after processing it, while it is still in L1, so the figures
-//! cost a little arithmetic and no memory traffic. Outputs are scanned as written, after rounding
-//! to their dtype: an f32 result that overflows BF16 or F16 counts as non-finite.
+//! figures cost a little arithmetic and no memory traffic: the fused weighted sum and the GTA
+//! combine pass sum the squares of the values they load and compute while those are in
+//! registers, and other kernels [`scan`] each block right after processing it, while it is in
+//! L1. Outputs are counted as written, after rounding to their dtype: an f32 result that
+//! overflows BF16 or F16 counts as non-finite.
 //!
 //! The common case costs one multiply-add per element: squares are summed in float32 (eight
-//! lanes of four AVX registers on x86-64 with AVX2 and FMA; sixteen lanes otherwise) over a block
-//! of at most a few thousand elements, so the relative error stays below 1e-5, and the block
-//! sums in float64. Where a kernel has a block's values as float32 already, it scans those. A NaN or Inf element makes its block's sum non-finite; only such a block (or
-//! one whose float32 sum overflowed: finite elements above ~1.8e19) is scanned again element by
-//! element, counting the non-finite elements and summing the others' squares in float64.
+//! lanes of a few AVX registers on x86-64 with AVX2 and FMA; sixteen lanes otherwise) over a
+//! block of at most a few thousand elements, so the relative error stays below 1e-5, and the
+//! block sums in float64. A NaN or Inf element makes its block's sum non-finite; only such a
+//! block (or one whose float32 sum overflowed: finite elements above ~1.8e19) is scanned again
+//! element by element, counting the non-finite elements and summing the others' squares in
+//! float64.
 
 use crate::dtype::{bf16_to_f32, f16_to_f32, FloatDtype};
 use crate::error::{Error, Result};
@@ -73,7 +76,7 @@ impl Health {
 /// The figures of a block of little-endian elements of `dtype` (a few thousand: the float32
 /// lanes' error grows with the block).
 #[inline]
-pub(crate) fn scan(dtype: FloatDtype, src: &[u8]) -> Stats {
+pub fn scan(dtype: FloatDtype, src: &[u8]) -> Stats {
     block_stats(squares(dtype, src), dtype, src)
 }
 
@@ -91,14 +94,12 @@ pub(crate) fn block_stats(sumsq: f64, dtype: FloatDtype, src: &[u8]) -> Stats {
     }
 }
 
-/// The figures of a block of float32 values: the exact values of elements of `dtype` held in
-/// `src` (which a rescan reads), or for an output other than F16 its unrounded values (see
-/// [`out_squares_stand_in`]).
+/// The sum of the squares of float32 values (non-finite when one is).
 #[inline]
-pub(crate) fn scan_f32(vals: &[f32], dtype: FloatDtype, src: &[u8]) -> Stats {
+pub(crate) fn squares_f32(vals: &[f32]) -> f64 {
     // SAFETY: the bytes of `vals`, borrowed as long as `vals`.
     let bytes = unsafe { std::slice::from_raw_parts(vals.as_ptr().cast::<u8>(), vals.len() * 4) };
-    block_stats(squares(FloatDtype::F32, bytes), dtype, src)
+    squares(FloatDtype::F32, bytes)
 }
 
 /// Whether the squares of a block's unrounded float32 results can stand for those of the
@@ -111,7 +112,7 @@ pub(crate) fn out_squares_stand_in(dtype: FloatDtype) -> bool {
 
 /// The sum of the squares of every element (non-finite when one is).
 #[inline]
-fn squares(dtype: FloatDtype, src: &[u8]) -> f64 {
+pub(crate) fn squares(dtype: FloatDtype, src: &[u8]) -> f64 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2")

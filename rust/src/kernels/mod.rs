@@ -3,6 +3,7 @@
 
 pub mod consensus;
 pub mod gta;
+pub(crate) mod gta_simd;
 pub mod gta_spec;
 pub mod health;
 pub mod random;

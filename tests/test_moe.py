@@ -430,9 +430,13 @@ def test_config_validation_messages():
 
     ok = "base_model: ./b\ngate_mode: random\nexperts:\n  - source_model: ./a\n  - source_model: ./c\n"
     assert load_moe_config(ok).experts_per_token == 2
+    # a key no build reads is ignored, as mergekit-moe ignores it, and reported
+    (ignored,) = load_moe_config(ok + "experts_per_tokn: 2\n").ignored_keys
+    assert (
+        ignored.key == "experts_per_tokn" and ignored.line == 6 and "did you mean 'experts_per_token'" in str(ignored)
+    )
     cases = {
         ok.replace("gate_mode: random", "gate_mode: hiden"): ("gate_mode", "did you mean 'hidden'"),
-        ok + "experts_per_tokn: 2\n": ("experts_per_tokn", "did you mean 'experts_per_token'"),
         ok + "experts_per_token: 3\n": ("experts_per_token", "only 2 expert(s)"),
         ok.replace("gate_mode: random", "gate_mode: hidden"): ("experts[0]", "no positive_prompts"),
         ok + "architecture: mixtrel\n": ("architecture", "did you mean 'mixtral'"),
@@ -457,7 +461,7 @@ def test_config_validation_messages():
     [
         (
             lambda t: t.replace("experts_per_token", "experts_per_tokn"),
-            "moe.yml:3, key 'experts_per_tokn': unknown key 'experts_per_tokn'; did you mean 'experts_per_token'?",
+            "moe.yml:3, key 'experts_per_tokn': 'experts_per_tokn' is not a config key here; did you mean 'experts_per_token'? (strict mode",
         ),
         (lambda t: t.replace("gate_mode: random", "gate_mode: cheap"), "unknown gate_mode 'cheap'"),
         (lambda t: t.replace("/ft2", "/ft9"), "key 'experts[1].source_model': model directory not found"),
@@ -467,7 +471,7 @@ def test_config_validation_messages():
 def test_cli_config_errors_are_one_clear_line(edit, words, llama, tmp_path):
     cfg = tmp_path / "moe.yml"
     cfg.write_text(edit(expert_yaml(llama["base"], [llama["ft1"], llama["ft2"]], prompts=False)))
-    proc = run_cli("mergekitty-moe", cfg, tmp_path / "out", "--quiet", check=False)
+    proc = run_cli("mergekitty-moe", cfg, tmp_path / "out", "--quiet", "--strict", check=False)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and words in proc.stderr, proc.stderr
     assert not (tmp_path / "out" / "config.json").exists()

@@ -36,6 +36,7 @@ class MergeOptions:
     layout_override: str | None = None  # a layout file (README: "Model layouts") used for every model
     allow_nonfinite: bool = False  # write (and report) merged tensors holding NaN/Inf instead of failing
     health_json: bool = False  # write the health report as mergekitty_health.json next to the model
+    strict: bool = False  # config keys and parameters the merge does not read are errors, not warnings
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -96,7 +97,7 @@ def plan_merge(
     config: Any, out_path: str | os.PathLike | None = None, options: MergeOptions | None = None, **kwargs: Any
 ):
     """Read every header, check everything, and return the MergePlan without reading weights."""
-    from .config import check_method, parameter_name_problems
+    from .config import check_method, report_ignored, report_parameter_problems
     from .io.output import check_output_path
     from .params import normalize_to_slices
     from .plan import Planner, check_architectures
@@ -104,11 +105,8 @@ def plan_merge(
     options = replace(options or MergeOptions(), **kwargs)
     config = _load_config(config)
     method = check_method(config)
-    for problem in parameter_name_problems(config, method):
-        # a near-miss of a real parameter name is a typo that would silently change the merge
-        if "did you mean" in str(problem):
-            raise problem
-        log.warning("%s", problem)
+    report_ignored(config, options.strict)
+    report_parameter_problems(config, method, options.strict)
     models = _open_models(config, options)
     planner = Planner(config, method, models, options)
     index = planner.index_of

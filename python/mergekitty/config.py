@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import math
 import os
 import types
@@ -39,6 +40,8 @@ from .limits import MAX_CONFIG_BYTES, MAX_PAD_TO_MULTIPLE_OF, MAX_TOKEN_ID
 from .refs import ModelReference
 from .yaml_lines import DuplicateKeyError, YamlSyntaxError, format_path, line_of, load_with_lines
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "ConfigError",
     "ConditionalParameter",
@@ -63,10 +66,17 @@ __all__ = [
     "check_method",
     "effective_tokenizer_source",
     "parameter_name_problems",
+    "report_ignored",
+    "report_parameter_problems",
 ]
 
 # Top-level keys that other tools put in a config and that are accepted and ignored.
 IGNORED_TOP_LEVEL_KEYS = ("name",)
+
+# How an ignored key is explained: the other tools' schemas drop unknown keys without a word, so
+# a published recipe holding one (a typo such as 'dype', a key of another tool's version) was
+# merged without it; so is it here, loudly. ``strict`` makes each one the error it is.
+_IGNORED_AS = "is ignored, as mergekit ignores it"
 
 # Keys of the existing tools that this version does not support, with what to do instead.
 UNSUPPORTED_KEYS = {
@@ -132,6 +142,10 @@ _SETTING_HELP = (
 
 
 def _check_scalar_or_gradient(value: Any, subpath: tuple = ()) -> Any:
+    if isinstance(value, str):
+        # the other tools accept a string value (e.g. `int_space: cs`); one a method reads is an
+        # error when the merge is planned (check_parameter_values)
+        return value
     if isinstance(value, bool) or _is_number(value):
         if isinstance(value, float) and not math.isfinite(value):
             raise fail(f"parameter values must be finite numbers, got {value!r}", subpath)
@@ -193,6 +207,8 @@ def _conditional(value: dict, subpath: tuple) -> ConditionalParameter:
 def _validate_setting(value: Any) -> Any:
     if isinstance(value, ConditionalParameter):
         return value
+    if isinstance(value, str):
+        return _check_scalar_or_gradient(value)
     if isinstance(value, bool) or _is_number(value):
         return _check_scalar_or_gradient(value)
     if isinstance(value, dict):
@@ -401,6 +417,13 @@ class LocatedConfig(BaseModel):
     _source_text: str | None = PrivateAttr(default=None)
     _source_name: str | None = PrivateAttr(default=None)
     _lines: dict = PrivateAttr(default_factory=dict)
+    _ignored: tuple = PrivateAttr(default=())
+
+    @property
+    def ignored_keys(self) -> tuple[ConfigError, ...]:
+        """The keys the loaded YAML held that no merge reads, dropped while loading: one
+        ConfigError each (key path, line, did-you-mean), to warn about or, strictly, raise."""
+        return self._ignored
 
     @property
     def source_text(self) -> str | None:
@@ -631,6 +654,28 @@ def _translate_errors(exc: ValidationError, root: type[BaseModel]) -> list[tuple
     return [(loc, msg) for loc, msg in out if not (msg.startswith("missing required key") and loc in suggested)]
 
 
+def _without(data: Any, loc: tuple) -> Any:
+    """A copy of ``data`` without the key at ``loc`` (the containers on the way copied)."""
+    head, *rest = loc
+    if isinstance(data, dict):
+        if not rest:
+            return {k: v for k, v in data.items() if k != head}
+        return {**data, head: _without(data[head], tuple(rest))}
+    if isinstance(data, list) and isinstance(head, int) and rest:
+        return [_without(v, tuple(rest)) if i == head else v for i, v in enumerate(data)]
+    return data
+
+
+def report_ignored(config: LocatedConfig, strict: bool = False) -> None:
+    """Warn once about each key ``config`` held that no merge reads; with ``strict``, raise the
+    first as the ConfigError it is."""
+    for problem in config.ignored_keys:
+        if strict:
+            detail = problem.detail.replace(f" and {_IGNORED_AS}", "") + " (strict mode: ignored keys are errors)"
+            raise ConfigError(detail, problem.key, problem.line, problem.source)
+        log.warning("%s", problem)
+
+
 def _parse_key_path(key: str) -> tuple:
     parts: list[Any] = []
     for chunk in key.replace("]", "").split("."):
@@ -669,14 +714,50 @@ class ConfigKind:
         for key in data:
             if not isinstance(key, str):
                 raise ConfigError(f"keys must be strings, got {key!r}", line=lines.get((key,)), source=source)
-        try:
-            config = self.schema.model_validate(data)
-        except ValidationError as exc:
-            self._raise_validation(exc, lines, source)
+        ignored: list[ConfigError] = []
+        first: ValidationError | None = None
+        while True:
+            try:
+                config = self.schema.model_validate(data)
+                break
+            except ValidationError as exc:
+                first = first or exc
+                unknown = self._unknown_keys(exc)
+                if not unknown:
+                    # every problem as first found: an unknown key next to a missing one is
+                    # likely its typo, and says so
+                    self._raise_validation(first, lines, source)
+                for loc, hint in unknown:
+                    data = _without(data, loc)
+                    ignored.append(
+                        ConfigError(
+                            f"'{loc[-1]}' is not a config key here and {_IGNORED_AS}{hint}",
+                            key=format_path(loc),
+                            line=line_of(lines, loc),
+                            source=source,
+                        )
+                    )
         config._source_text = text
         config._source_name = source
         config._lines = dict(lines)
+        config._ignored = tuple(ignored)
         return config
+
+    def _unknown_keys(self, exc: ValidationError) -> list[tuple[tuple, str]]:
+        """(key path, did-you-mean) of each key the schema does not have, other than the keys
+        of other tools' features this version refuses (UNSUPPORTED_KEYS)."""
+        out = []
+        for err in exc.errors(include_url=False):
+            loc = tuple(err["loc"])
+            if err["type"] != "extra_forbidden" or not loc:
+                continue
+            parent = _model_at(self.schema, loc[:-1])
+            if parent is MergeConfiguration and loc[-1] in UNSUPPORTED_KEYS:
+                continue
+            fields = list(parent.model_fields) if parent is not None else []
+            hint = suggest(loc[-1], fields) or (f" (keys here: {', '.join(fields)})" if fields else "")
+            out.append((loc, hint))
+        return out
 
     def _raise_validation(self, exc: ValidationError, lines: dict, source: str) -> typing.NoReturn:
         problems = [(loc, msg, line_of(lines, loc)) for loc, msg in _translate_errors(exc, self.schema)]
@@ -797,17 +878,53 @@ def _parameter_dicts(config: MergeConfiguration):
 
 def parameter_name_problems(config: MergeConfiguration, method) -> list[ConfigError]:
     """A ConfigError (not raised) for each parameter name ``method`` does not read, with a
-    did-you-mean suggestion. The caller decides whether to warn or fail."""
+    did-you-mean suggestion: the other tools ignore such a parameter, so the caller warns
+    (report_parameter_problems) or, strictly, fails."""
     known = [spec.name for spec in (*method.global_params, *method.model_params)]
     problems = []
     for path, params in _parameter_dicts(config):
         for name in params:
             if name not in known:
+                hint = suggest(name, known)
                 accepted = f" (it reads: {', '.join(known)})" if known else " (it takes no parameters)"
                 problems.append(
                     config.error(
-                        f"merge method '{method.name}' does not use parameter '{name}'{suggest(name, known)}{accepted if not suggest(name, known) else ''}",
+                        f"merge method '{method.name}' does not use parameter '{name}'; it {_IGNORED_AS}"
+                        + (hint or accepted),
                         key=(*path, name),
                     )
                 )
     return problems
+
+
+def _strings_in(setting: Any) -> bool:
+    if isinstance(setting, str):
+        return True
+    if isinstance(setting, ConditionalParameter):
+        return isinstance(setting.value, str)
+    if isinstance(setting, (list, tuple)):
+        return any(_strings_in(v) for v in setting)
+    return False
+
+
+def report_parameter_problems(config: MergeConfiguration, method, strict: bool = False) -> None:
+    """Warn about (or, with ``strict``, raise) each parameter ``method`` does not read; raise for
+    a parameter it does read whose value is a string."""
+    known = {spec.name for spec in (*method.global_params, *method.model_params)}
+    for path, params in _parameter_dicts(config):
+        for name, setting in params.items():
+            if name in known and _strings_in(setting):
+                raise config.error(
+                    f"parameter '{name}' of merge method '{method.name}' must be a number, true/false or a list of "
+                    f"numbers; got a string",
+                    key=(*path, name),
+                )
+    for problem in parameter_name_problems(config, method):
+        if strict:
+            raise ConfigError(
+                problem.detail.replace(f"; it {_IGNORED_AS}", "") + " (strict mode: ignored keys are errors)",
+                problem.key,
+                problem.line,
+                problem.source,
+            )
+        log.warning("%s", problem)

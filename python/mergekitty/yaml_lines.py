@@ -8,10 +8,16 @@ The text is untrusted: characters YAML forbids, values Python cannot hold, nesti
 ``MAX_NESTING``, recursive aliases, and aliases that expand to more than ``MAX_CONFIG_VALUES``
 values (an alias "bomb") are each a YamlSyntaxError with the line, found before the data is built.
 Aliases are walked once per node, so shared anchors cost nothing.
+
+Numbers are read as YAML 1.2 reads them: ``1e-5`` is a float (YAML 1.1, and so PyYAML, wants a
+dot in the mantissa and reads it as the string "1e-5"), as the other merge tools' schemas turn
+such strings into numbers. A file of several documents (a multi-stage recipe) is a
+MultiDocumentError that counts them.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -19,7 +25,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .limits import MAX_CONFIG_VALUES, MAX_NESTING
 
-__all__ = ["YamlSyntaxError", "DuplicateKeyError", "load_with_lines", "line_of", "format_path"]
+__all__ = ["YamlSyntaxError", "DuplicateKeyError", "MultiDocumentError", "load_with_lines", "line_of", "format_path"]
 
 KeyPath = tuple[Any, ...]
 
@@ -32,6 +38,19 @@ class YamlSyntaxError(ValueError):
         super().__init__(message + (f" (column {column})" if column else ""))
         self.line = line
         self.column = column
+
+
+class MultiDocumentError(YamlSyntaxError):
+    """The text holds several YAML documents (``---`` between them): a multi-stage recipe."""
+
+    def __init__(self, documents: int, line: int | None):
+        super().__init__(
+            f"the file holds {documents} YAML documents (separated by '---'): a multi-stage recipe, one merge "
+            "per document. A config holds one merge: put each stage in a file of its own and run them in order, "
+            "each stage's output path as a model of the next (mergekit runs such files with mergekit-multi)",
+            line,
+        )
+        self.documents = documents
 
 
 class DuplicateKeyError(ValueError):
@@ -72,6 +91,13 @@ class _Loader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(
                 None, None, f"cannot read the value {shown!r}: {exc}", node.start_mark
             ) from None
+
+
+# YAML 1.2 core schema floats that YAML 1.1 reads as strings: an exponent without a dot in the
+# mantissa or without a sign ("1e-5", "5e10", "1.5e3", ".5E3"). Tried after YAML 1.1's int and
+# float forms, which keep their meaning.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\.[0-9]+|[0-9][0-9_]*(\.[0-9_]*)?)[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789"))
 
 
 def _scalar_key(loader: yaml.SafeLoader, node: Node) -> Any:
@@ -175,6 +201,30 @@ def _reader_error(text: str, exc: yaml.reader.ReaderError) -> YamlSyntaxError:
     )
 
 
+def _documents_at_most(text: str, limit: int) -> int:
+    """How many documents the text starts (counting stops past ``limit``): cheap, before any
+    document is composed. A syntax error here is left for the composer to report."""
+    if "---" not in text and "..." not in text:
+        return 1
+    return _count_documents(text, limit)[0]
+
+
+def _count_documents(text: str, limit: int | None = None) -> tuple[int, int | None]:
+    """(documents, line of the second one), from the parser's events."""
+    count, second = 0, None
+    try:
+        for event in yaml.parse(text, Loader=_Loader):
+            if isinstance(event, yaml.DocumentStartEvent):
+                count += 1
+                if count == 2:
+                    second = event.start_mark.line + 1
+                if limit is not None and count > limit:
+                    break
+    except yaml.YAMLError:
+        pass
+    return count, second
+
+
 def load_with_lines(text: str) -> tuple[Any, dict[KeyPath, int]]:
     """Parse one YAML document; return ``(data, {key path: line})``.
 
@@ -186,6 +236,8 @@ def load_with_lines(text: str) -> tuple[Any, dict[KeyPath, int]]:
     except yaml.reader.ReaderError as exc:
         raise _reader_error(text, exc) from None
     try:
+        if _documents_at_most(text, 1) > 1:
+            raise MultiDocumentError(*_count_documents(text))
         node = loader.get_single_node()
         if node is None:
             return None, {}

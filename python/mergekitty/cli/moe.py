@@ -56,6 +56,12 @@ from .shell import command_shell, setup_logging
     default=False,
     help="Allow experts that are all the same model, and silence the warning about random gates.",
 )
+@click.option(
+    "--strict",
+    is_flag=True,
+    default=False,
+    help="Config keys the build does not read (which mergekit-moe ignores silently, and this tool with a warning) are errors.",
+)
 @click.option("--load-in-4bit", is_flag=True, default=False, hidden=True)
 @click.option("--load-in-8bit", is_flag=True, default=False, hidden=True)
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")

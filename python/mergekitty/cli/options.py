@@ -77,6 +77,13 @@ def merge_options(fn):
             help="Write README.md and mergekitty_config.yml.",
         ),
         click.option(
+            "--strict",
+            is_flag=True,
+            default=False,
+            help="Config keys and method parameters the merge does not read (which mergekit ignores silently, and "
+            "this tool with a warning) are errors.",
+        ),
+        click.option(
             "--allow-crimes/--no-allow-crimes",
             default=False,
             show_default=True,

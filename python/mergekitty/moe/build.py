@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..config import report_ignored
 from ..errors import OutputError
 from ..io.output import MODEL_FILES
 from .config import MOE_CONFIG, RANDOM_GATE_MODES, MoEConfig
@@ -35,6 +36,7 @@ class MoEOptions:
     trust_remote_code: bool = False
     allow_untrained: bool = False  # --i-understand-this-is-not-useful-without-training
     transformers_cache: str | None = None
+    strict: bool = False  # config keys no build reads are errors, not warnings
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -146,6 +148,7 @@ def build_moe(config: Any, out_path: str | os.PathLike, options: MoEOptions | No
 
     options = replace(options or MoEOptions(), **kwargs)
     config = MOE_CONFIG.coerce(config)
+    report_ignored(config, options.strict)
     out = Path(out_path).expanduser()
     inputs = open_inputs(config, options)
     check_output_path(out, [(m.path, f"input model {m.label}") for m in inputs.models])

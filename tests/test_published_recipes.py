@@ -1,0 +1,194 @@
+"""Configs written the way published recipes are: YAML 1.2 exponent floats, keys and parameters
+the other tools ignore (accepted with one warning naming the key and its line, errors with
+``strict``), and several documents in one file (one clear error). Each accepted recipe merges to
+exactly what the same config without the ignored keys gives."""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+
+import pytest
+import torch
+
+from helpers import read_state
+from mergekitty import run_merge
+from mergekitty.config import load_config
+from mergekitty.errors import ConfigError
+
+
+def _merge(text: str, out, caplog, **options):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_merge(load_config(textwrap.dedent(text), source="recipe.yml"), out, quiet=True, random_seed=1, **options)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    return read_state(out), warnings
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# (recipe as published, the same recipe without what the other tools ignore, the ignored keys
+# with their lines and what each warning must say)
+RECIPES = {
+    "karcher-exponent-floats": (
+        """\
+        merge_method: karcher
+        models:
+          - model: {ft1}
+          - model: {ft2}
+        parameters:
+          tol: 1e-5
+          max_iter: 20
+        """,
+        """\
+        merge_method: karcher
+        models:
+          - model: {ft1}
+          - model: {ft2}
+        parameters:
+          tol: 0.00001
+          max_iter: 20
+        """,
+        [],
+    ),
+    "top-level-typos-and-foreign-keys": (
+        """\
+        # a slerp as shared on a model card
+        slices:
+          - sources:
+              - model: {base}
+                layer_range: [0, 2]
+              - model: {ft1}
+                layer_range: [0, 2]
+        merge_method: slerp
+        base_model: {base}
+        parameters:
+          t: 0.3
+        dype: bfloat16
+        select_topk: 0.5
+        pad_to_multiple_of: 64
+        int8_mask: true
+        """,
+        """\
+        slices:
+          - sources:
+              - model: {base}
+                layer_range: [0, 2]
+              - model: {ft1}
+                layer_range: [0, 2]
+        merge_method: slerp
+        base_model: {base}
+        parameters:
+          t: 0.3
+        """,
+        [
+            (12, "'dype'", "did you mean 'dtype'?"),
+            (13, "'select_topk'", "ignored"),
+            (14, "'pad_to_multiple_of'", "ignored"),
+            (15, "'int8_mask'", "ignored"),
+        ],
+    ),
+    "string-and-unused-parameters": (
+        """\
+        merge_method: ties
+        base_model: {base}
+        models:
+          - model: {ft1}
+            parameters: {{weight: 0.6, density: 0.5}}
+          - model: {ft2}
+            parameters: {{weight: 0.4, density: 0.5}}
+        parameters:
+          normalize: true
+          int_space: cs
+          dtype: bfloat16
+        """,
+        """\
+        merge_method: ties
+        base_model: {base}
+        models:
+          - model: {ft1}
+            parameters: {{weight: 0.6, density: 0.5}}
+          - model: {ft2}
+            parameters: {{weight: 0.4, density: 0.5}}
+        parameters:
+          normalize: true
+        """,
+        [(10, "'int_space'", "ignored"), (11, "'dtype'", "ignored")],
+    ),
+    "revision-on-a-slice-source": (
+        """\
+        merge_method: linear
+        slices:
+          - sources:
+              - model: {ft1}
+                revision: main
+                layer_range: [0, 2]
+                parameters: {{weight: 0.5}}
+              - model: {ft2}
+                layer_range: [0, 2]
+                parameters: {{weight: 0.5}}
+        """,
+        """\
+        merge_method: linear
+        slices:
+          - sources:
+              - model: {ft1}
+                layer_range: [0, 2]
+                parameters: {{weight: 0.5}}
+              - model: {ft2}
+                layer_range: [0, 2]
+                parameters: {{weight: 0.5}}
+        """,
+        [(5, "'revision'", "ignored")],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_published_recipe_merges_as_without_the_ignored_keys(name, llama, tmp_path, caplog):
+    published, plain, expected = RECIPES[name]
+    paths = {k: str(v) for k, v in llama.items()}
+    got, warnings = _merge(published.format(**paths), tmp_path / "published", caplog)
+    want, _ = _merge(plain.format(**paths), tmp_path / "plain", caplog)
+    _same(got, want)
+    ignored = [w for w in warnings if "as mergekit ignores it" in w]
+    assert len(ignored) == len(expected), warnings
+    for line, key, words in expected:
+        assert any(f"recipe.yml:{line}," in w and key in w and words in w for w in ignored), (line, key, ignored)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in RECIPES if RECIPES[n][2]))
+def test_strict_makes_the_first_ignored_key_an_error(name, llama, tmp_path):
+    published, _, expected = RECIPES[name]
+    cfg = load_config(textwrap.dedent(published.format(**{k: str(v) for k, v in llama.items()})), source="recipe.yml")
+    with pytest.raises(ConfigError) as info:
+        run_merge(cfg, tmp_path / "out", quiet=True, strict=True)
+    line, key, _ = expected[0]
+    assert info.value.line == line and key in str(info.value) and "strict" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_exponent_floats_are_numbers_everywhere():
+    cfg = load_config(
+        "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 5e-1}\nparameters: {eps: 1E-8}\n"
+    )
+    assert cfg.models[0].parameters["weight"] == 0.5 and cfg.parameters["eps"] == 1e-8
+    # quoted, a string stays a string; the YAML 1.1 forms keep their meaning
+    cfg = load_config(
+        "merge_method: linear\nmodels: [{model: a}]\nparameters: {a: '1e-5', b: 1_000, c: 1.5e3, d: .5e1}\n"
+    )
+    assert cfg.parameters == {"a": "1e-5", "b": 1000, "c": 1500.0, "d": 5.0}
+
+
+def test_several_documents_say_so():
+    text = "merge_method: linear\nmodels: [{model: a}]\n---\nname: stage2\nmerge_method: ties\nmodels: [{model: b}]\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(text, source="recipe.yml")
+    msg = str(info.value)
+    assert info.value.line == 3 and "2 YAML documents" in msg and "multi-stage" in msg
+    assert "syntax error" not in msg

@@ -216,7 +216,7 @@ def _count_documents(text: str, limit: int | None = None) -> tuple[int, int | No
         for event in yaml.parse(text, Loader=_Loader):
             if isinstance(event, yaml.DocumentStartEvent):
                 count += 1
-                if count == 2:
+                if count == 2 and event.start_mark is not None:
                     second = event.start_mark.line + 1
                 if limit is not None and count > limit:
                     break

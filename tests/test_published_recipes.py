@@ -192,3 +192,53 @@ def test_several_documents_say_so():
     msg = str(info.value)
     assert info.value.line == 3 and "2 YAML documents" in msg and "multi-stage" in msg
     assert "syntax error" not in msg
+
+
+@pytest.mark.parametrize(
+    "text, names",
+    [
+        ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\n", []),
+        (
+            "merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\ndtype: bfloat16\n",
+            ["float32 arithmetic"],
+        ),
+        (
+            "merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, density: 0.5}}]\n",
+            ["ties at the sparsification threshold"],
+        ),
+        (
+            "merge_method: linear\nmodels: [{model: a, parameters: {weight: [{filter: mlp, value: [0, 1]}, {value: 1}]}}]\n",
+            ["the head's gradient value"],
+        ),
+        (
+            "merge_method: slerp\nbase_model: b\nmodels: [{model: a}, {model: b}]\nparameters: {t: 0.5, nuslerp_flatten: false}\n",
+            ["nuslerp_row_wise"],
+        ),
+        (
+            "merge_method: dare_ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, density: 0.5}}]\n",
+            ["DARE/DELLA rescaling"],
+        ),
+        (
+            "merge_method: della\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, density: 0.5}}]\nparameters: {rescale_l1: true}\n",
+            [],
+        ),
+    ],
+)
+def test_the_differences_a_config_touches(text, names):
+    from mergekitty.differences import touched_differences
+
+    assert [d.name for d in touched_differences(load_config(text))] == names
+
+
+def test_cli_notes_the_differences_in_one_line(llama, tmp_path):
+    from helpers import run_cli
+
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {llama['ft1']}\n    parameters: {{weight: [0.2, 0.8]}}\ndtype: bfloat16\n"
+    )
+    proc = run_cli("mergekitty-yaml", cfg, tmp_path / "out")
+    notes = [line for line in proc.stderr.splitlines() if "documented difference" in line]
+    assert len(notes) == 1 and "float32 arithmetic" in notes[0] and "the head's gradient value" in notes[0]
+    proc = run_cli("mergekitty-yaml", cfg, tmp_path / "out", "-v")
+    assert "mergekit 0.1.5 evaluates it at its first value" in proc.stderr

@@ -20,6 +20,7 @@ def run_command(
         from ..config import load_config_file
 
         config = load_config_file(config_file)
+        note_differences(config, console, options.quiet)
         if plan_only or dry_run:
             from .report import print_plan
 
@@ -46,3 +47,24 @@ def print_health(report, console, problems_only: bool = False) -> None:
         console.print(escape(head), highlight=False, soft_wrap=True)
     for line in warnings:
         console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def note_differences(config, console, quiet: bool) -> None:
+    """One line when the config touches a documented difference from mergekit; with -v, each."""
+    import logging
+
+    from ..differences import touched_differences
+
+    touched = touched_differences(config)
+    if not touched or quiet:
+        return
+    console.print(
+        f"[cyan]note:[/] this config touches {len(touched)} documented difference(s) from mergekit: "
+        + ", ".join(d.name for d in touched)
+        + " (-v explains each; README: Differences from mergekit and mergekitty)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    log = logging.getLogger("mergekitty.differences")
+    for d in touched:
+        log.info("%s: %s", d.name, d.detail)

@@ -1,0 +1,96 @@
+"""Where this tool deliberately merges a config differently from mergekit 0.1.5, and which of
+those differences a given config touches.
+
+The README section "Differences from mergekit and mergekitty" lists the same entries; a merge
+whose config touches one says so in one line, and ``-v`` explains each (``cli/run.py``). Pure:
+reads the config only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .config import ConditionalParameter, MergeConfiguration
+
+__all__ = ["Difference", "touched_differences"]
+
+
+@dataclass(frozen=True)
+class Difference:
+    name: str  # a few words, for the one-line note
+    detail: str  # what differs and the option that gives the other behaviour, if any
+
+
+FLOAT32 = Difference(
+    "float32 arithmetic",
+    "every method computes in float32 and rounds once to the output dtype; mergekit computes in the config's "
+    "'dtype' (or, without one, in the models' stored dtype: bfloat16 arithmetic for bfloat16 checkpoints), so "
+    "its results differ by that rounding. No option.",
+)
+THRESHOLD_TIES = Difference(
+    "ties at the sparsification threshold",
+    "magnitude sparsification (TIES, Breadcrumbs) keeps every element tied with the k-th largest magnitude; "
+    "mergekit keeps exactly k, choosing among equal magnitudes arbitrarily. No option.",
+)
+HEAD_GRADIENT = Difference(
+    "the head's gradient value",
+    "a gradient (a list of values) is evaluated at its last value for the tensors after the layers (final "
+    "norm, lm_head), as mergekitty 0.x did; mergekit 0.1.5 evaluates it at its first value there. To "
+    "get either, give those tensors their own value with a filter, e.g. {filter: lm_head, value: 0.5}.",
+)
+ROW_WISE = Difference(
+    "nuslerp_row_wise",
+    "nuslerp_row_wise: true interpolates each row, as its name says; mergekit's interpolates each column. "
+    "Flip the flag to get mergekit's result.",
+)
+RESCALE = Difference(
+    "DARE/DELLA rescaling",
+    "the kept task-vector values are divided by their keep probability (density for DARE, each value's p for "
+    "DELLA), as the papers do; mergekit rescales to keep the L1 norm. rescale_l1: true gives mergekit's.",
+)
+
+
+def _settings(config: MergeConfiguration) -> Iterator[tuple[str, Any]]:
+    """(parameter name, setting) of every parameters block."""
+    blocks = [config.parameters] + [m.parameters for m in config.models or ()]
+    for s in config.slices or ():
+        blocks.append(s.parameters)
+        blocks.extend(src.parameters for src in s.sources)
+    for block in blocks:
+        yield from (block or {}).items()
+
+
+def _values(setting: Any) -> Iterator[Any]:
+    if isinstance(setting, ConditionalParameter):
+        yield setting.value
+    elif isinstance(setting, list) and setting and isinstance(setting[0], ConditionalParameter):
+        for c in setting:
+            yield c.value
+    else:
+        yield setting
+
+
+def _set(config: MergeConfiguration, name: str, value: Any) -> bool:
+    return any(n == name and any(v == value for v in _values(s)) for n, s in _settings(config))
+
+
+def touched_differences(config: MergeConfiguration) -> list[Difference]:
+    """The documented differences that change this config's result, in README order."""
+    method = config.merge_method
+    out = []
+    if config.dtype in ("bfloat16", "float16"):
+        out.append(FLOAT32)
+    if method in ("ties", "breadcrumbs", "breadcrumbs_ties") and any(
+        n in ("density", "gamma") for n, _ in _settings(config)
+    ):
+        out.append(THRESHOLD_TIES)
+    if any(isinstance(v, list) and len(v) > 1 for _, s in _settings(config) for v in _values(s)):
+        out.append(HEAD_GRADIENT)
+    if method in ("slerp", "nuslerp") and _set(config, "nuslerp_flatten", False):
+        out.append(ROW_WISE)
+    if method in ("dare_ties", "dare_linear", "della", "della_linear") and not _set(config, "rescale_l1", True):
+        if not _set(config, "rescale", False):
+            out.append(RESCALE)
+    return out

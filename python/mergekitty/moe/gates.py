@@ -52,18 +52,19 @@ def load_tokenizer(path, trust_remote_code: bool = False):
 
 
 def encode(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Token ids of each prompt, with the tokenizer's bos (if it has one) in front."""
+    """Token ids of each prompt, with the tokenizer's bos (if it has one) in front. An empty
+    (blank) prompt the tokenizer turns into no tokens is the bos alone, or ``[]`` without a bos."""
     bos = tokenizer.bos_token_id
     out = []
     for p in prompts:
         # no tokenizer-added specials (an appended eos would be every prompt's last token)
         ids = list(tokenizer(p, add_special_tokens=False)["input_ids"])
-        if not ids:
+        if not ids and p.strip():
             # with only bos left, every such prompt would give the same gate, silently
             raise ModelFormatError(
                 f"the base model's tokenizer ({type(tokenizer).__name__}) turns the prompt {p!r} into no tokens; the gate cannot be built from it"
             )
-        if bos is not None and ids[0] != bos:
+        if bos is not None and (not ids or ids[0] != bos):
             ids.insert(0, bos)
         out.append(ids)
     return out
@@ -135,11 +136,11 @@ class PromptEncoder:
                     )
                 params[name].copy_(checkpoint.tensor(name))
 
-    def vectors(self, prompts: list[str]) -> torch.Tensor:
-        """The summed (cheap_embed) or mean (hidden modes) prompt vector per layer, float32."""
+    def vectors(self, prompts: list[str], ids: list[list[int]]) -> torch.Tensor:
+        """The summed (cheap_embed) or mean (hidden modes) vector per layer of ``prompts``,
+        tokenized to ``ids`` (each with at least one token), float32."""
         import torch
 
-        ids = encode(self.tokenizer, prompts)
         if self.embedding is not None:
             rows = self.embedding.shape[0]
             total = torch.zeros(self.embedding.shape[1], dtype=torch.float32)
@@ -195,22 +196,98 @@ class PromptEncoder:
         return states[:, :, -1, :]
 
 
-def prompt_gates(encoder: PromptEncoder, experts) -> torch.Tensor:
-    """``[layers, len(experts), hidden]`` gate vectors from each expert's prompts."""
+def _with_tokens(encoder: PromptEncoder, prompts: list[str] | None) -> tuple[list[str], list[list[int]]]:
+    """The prompts that have at least one token (with bos, if any), and their ids. The others
+    (empty prompts of a tokenizer without bos) are left out; they count as done for the progress bar."""
+    prompts = list(prompts or ())
+    ids = encode(encoder.tokenizer, prompts)
+    kept = [j for j, seq in enumerate(ids) if seq]
+    if encoder.progress and len(kept) < len(prompts):
+        encoder.progress(len(prompts) - len(kept))
+    return [prompts[j] for j in kept], [ids[j] for j in kept]
+
+
+def prompt_gates(encoder: PromptEncoder, experts, config=None) -> torch.Tensor:
+    """``[layers, len(experts), hidden]`` gate vectors from each expert's prompts. ``config``
+    (the MoEConfig) locates warnings and errors about a prompt at its YAML line."""
     import torch
 
     out = []
     for e in experts:
-        v = encoder.vectors(e.spec.positive_prompts)
-        if e.spec.negative_prompts:
-            v = v - encoder.vectors(e.spec.negative_prompts)
+        report_empty_prompts(encoder, e, config)
+        v = encoder.vectors(*_with_tokens(encoder, e.spec.positive_prompts))
+        negative = _with_tokens(encoder, e.spec.negative_prompts)
+        if negative[1]:
+            v = v - encoder.vectors(*negative)
         out.append(_normalize(v))
     return torch.stack(out, dim=1)
 
 
-def compute_gates(mode: str, inputs, options, seed: int, quiet: bool = True, shared_gates: bool = True):
+PROMPT_FIELDS = ("positive_prompts", "negative_prompts")
+
+
+def report_empty_prompts(encoder: PromptEncoder, expert, config=None) -> None:
+    """One warning for an expert with empty (blank) prompts, saying what they add to its gate:
+    with a tokenizer that has a bos, an empty prompt is the bos token alone (its embedding row
+    for cheap_embed, the hidden state at it for the hidden modes); without one it has no tokens
+    and is left out. A ConfigError when no positive prompt has a token left."""
+    from ..errors import ConfigError
+    from ..yaml_lines import format_path
+
+    spec = expert.spec
+    empty = {f: [j for j, p in enumerate(getattr(spec, f) or ()) if not p.strip()] for f in PROMPT_FIELDS}
+    if not any(empty.values()):
+        return
+    field, first = next((f, idx[0]) for f, idx in empty.items() if idx)
+    key = (*expert.key, field, first)
+    kind = "shared expert" if expert.key[0] == "shared_experts" else "expert"
+    who = f"{kind} {expert.key[1]} (source_model {expert.model.label})"
+
+    def located(message: str) -> ConfigError:
+        return config.error(message, key=key) if config is not None else ConfigError(message, key=format_path(key))
+
+    bos = encoder.tokenizer.bos_token_id
+    ids = {f: encode(encoder.tokenizer, [getattr(spec, f)[j] for j in idx]) for f, idx in empty.items()}
+    positive_total = len(spec.positive_prompts or ())
+    if positive_total and len(empty["positive_prompts"]) == positive_total and not any(ids["positive_prompts"]):
+        raise located(
+            f"every positive prompt of {who} is empty and the base model's tokenizer adds no bos token, "
+            "so nothing is left to build its gate from; give it a prompt with some text"
+        )
+    counts = " and ".join(f"{len(idx)} of {len(getattr(spec, f))} {f}" for f, idx in empty.items() if idx)
+    found = [seq for f in PROMPT_FIELDS for seq in ids[f]]
+    effects = []
+    if any(seq == [bos] for seq in found):
+        what = (
+            "the bos token's embedding row to the sum"
+            if encoder.mode == "cheap_embed"
+            else "the hidden state at the bos token to the average over prompts"
+        )
+        effects.append(f"the tokenizer puts its bos token in front of every prompt, so an empty prompt adds {what}")
+    if any(not seq for seq in found):
+        what = "adds nothing to the sum" if encoder.mode == "cheap_embed" else "is left out of the average over prompts"
+        effects.append(f"the tokenizer adds no bos token, so an empty prompt has no tokens and {what}")
+    if any(seq and seq != [bos] for seq in found):
+        effects.append("a blank prompt the tokenizer still turns into tokens counts like any other prompt")
+    if (
+        positive_total
+        and len(empty["positive_prompts"]) == positive_total
+        and all(seq == [bos] for seq in ids["positive_prompts"])
+    ):
+        effects.append(
+            "every positive prompt is empty, so this gate is built from nothing but the bos token "
+            "(the same as that of any other such expert)"
+        )
+    negatives = spec.negative_prompts or ()
+    if negatives and len(empty["negative_prompts"]) == len(negatives) and not any(ids["negative_prompts"]):
+        effects.append("no negative prompt has a token, so nothing is subtracted")
+    log.warning("%s", located(f"{who} has empty prompts ({counts}): {'; '.join(effects)}"))
+
+
+def compute_gates(mode: str, inputs, options, seed: int, quiet: bool = True, shared_gates: bool = True, config=None):
     """(routed ``[layers, experts, hidden]``, shared ``[layers, shared, hidden]`` or None), float32.
-    ``shared_gates``: whether the output has gates for its shared experts (None when not)."""
+    ``shared_gates``: whether the output has gates for its shared experts (None when not).
+    ``config``: the MoEConfig, to point warnings about prompts at their YAML line."""
     import torch
 
     layers, hidden = inputs.num_layers, inputs.hidden_size
@@ -224,8 +301,8 @@ def compute_gates(mode: str, inputs, options, seed: int, quiet: bool = True, sha
     total = sum(len(e.spec.positive_prompts or ()) + len(e.spec.negative_prompts or ()) for e in everyone)
     if quiet:
         encoder = PromptEncoder(mode, inputs, options, None)
-        routed = prompt_gates(encoder, inputs.experts)
-        shared = prompt_gates(encoder, inputs.shared) if want_shared else None
+        routed = prompt_gates(encoder, inputs.experts, config)
+        shared = prompt_gates(encoder, inputs.shared, config) if want_shared else None
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -238,8 +315,8 @@ def compute_gates(mode: str, inputs, options, seed: int, quiet: bool = True, sha
         ) as bar:
             task = bar.add_task("gates", total=total)
             encoder = PromptEncoder(mode, inputs, options, lambda n: bar.update(task, advance=n))
-            routed = prompt_gates(encoder, inputs.experts)
-            shared = prompt_gates(encoder, inputs.shared) if want_shared else None
+            routed = prompt_gates(encoder, inputs.experts, config)
+            shared = prompt_gates(encoder, inputs.shared, config) if want_shared else None
     warn_degenerate(routed)
     return routed, shared
 

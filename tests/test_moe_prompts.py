@@ -1,4 +1,4 @@
-"""MoE gates from empty prompts.
+"""MoE gates from empty prompts, and the report of routers that cannot tell experts apart.
 
 An empty prompt stands for what the tokenizer makes of it: the bos token alone when the
 tokenizer has one, no token at all (left out) when it has none. The references below are
@@ -182,3 +182,54 @@ def test_all_empty_prompts_without_bos_are_an_error(llama, nobos_base, tmp_path)
     assert msg.startswith(f"{tmp_path / 'moe.yml'}:{line}, key 'experts[1].positive_prompts[0]'"), msg
     assert f"expert 1 (source_model {llama['ft2']})" in msg and "nothing is left" in msg and "\n" not in msg
     assert not (tmp_path / "out" / "config.json").exists()
+
+
+# --------------------------------------------------------------------------- degenerate routers
+
+
+def healthy(layers: int = 4, experts: int = 4, hidden: int = 64):
+    import torch
+
+    return torch.randn(layers, experts, hidden, generator=torch.Generator().manual_seed(0))
+
+
+def test_healthy_router_is_not_reported(caplog):
+    from mergekitty.moe.gates import warn_degenerate
+
+    with caplog.at_level(logging.WARNING, logger="mergekitty.moe.gates"):
+        assert warn_degenerate(healthy()) == []
+    assert not caplog.records
+
+
+BROKEN_LAYER = {
+    "zero": lambda layer: layer * 0,
+    "near-zero": lambda layer: layer * 1e-9,
+    "nan": lambda layer: layer.index_fill(1, layer.new_tensor([5], dtype=int), float("nan")),
+    "inf": lambda layer: layer.index_fill(1, layer.new_tensor([5], dtype=int), float("inf")),
+}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN_LAYER))
+def test_zero_and_nonfinite_routers_are_reported(broken, caplog):
+    from mergekitty.moe.gates import warn_degenerate
+
+    gates = healthy()
+    gates[2] = BROKEN_LAYER[broken](gates[2])
+    with caplog.at_level(logging.WARNING, logger="mergekitty.moe.gates"):
+        assert warn_degenerate(gates) == [2]
+    (record,) = caplog.records
+    words = "all zero" if "zero" in broken else "NaN or infinite"
+    assert words in record.getMessage() and "(layers 2)" in record.getMessage()
+
+
+def test_single_expert_zero_router_and_dependent_rows_are_reported(caplog):
+    from mergekitty.moe.gates import warn_degenerate
+
+    single = healthy(experts=1)
+    single[1] = 0
+    with caplog.at_level(logging.WARNING, logger="mergekitty.moe.gates"):
+        assert warn_degenerate(single) == [1]
+    gates = healthy()
+    gates[3, 1] = gates[3, 0]  # two experts with the same row: the existing ill-conditioned case
+    assert warn_degenerate(gates) == [3]
+    assert "nearly dependent" in caplog.text

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEGENERATE_CONDITION = 5.0
+# a router whose largest singular value is at most this is taken as all zero
+ZERO_NORM = 1e-6
 
 
 def random_gates(mode: str, layers: int, count: int, hidden: int, generator) -> torch.Tensor:
@@ -321,20 +323,42 @@ def compute_gates(mode: str, inputs, options, seed: int, quiet: bool = True, sha
     return routed, shared
 
 
+def _layer_list(layers: list[int]) -> str:
+    return ", ".join(str(i) for i in layers[:12]) + (", ..." if len(layers) > 12 else "")
+
+
 def warn_degenerate(gates: torch.Tensor) -> list[int]:
-    """Warn about layers whose gate vectors are nearly linearly dependent (the router could
-    hardly tell those experts apart). Returns those layers."""
+    """Warn about layers whose router cannot tell the experts apart: gate vectors that are not
+    finite, all (nearly) zero, or nearly linearly dependent. Returns those layers, sorted."""
     import torch
 
-    if gates.shape[1] < 2:
-        return []
-    sv = torch.linalg.svdvals(gates.to(torch.float64))
-    cond = sv[:, 0] / sv[:, -1].clamp_min(1e-12)
-    bad = [i for i, c in enumerate(cond.tolist()) if c > DEGENERATE_CONDITION]
-    if bad:
-        shown = ", ".join(str(i) for i in bad[:12]) + (", ..." if len(bad) > 12 else "")
+    g = gates.to(torch.float64)
+    nonfinite = [i for i, ok in enumerate(torch.isfinite(g).flatten(1).all(1).tolist()) if not ok]
+    if nonfinite:
+        log.warning(
+            "the gate vectors of %d layer(s) hold NaN or infinite values (layers %s); the router there is unusable",
+            len(nonfinite), _layer_list(nonfinite),
+        )  # fmt: skip
+    finite = [i for i in range(g.shape[0]) if i not in set(nonfinite)]
+    if not finite:
+        return nonfinite
+    # the largest singular value is the matrix's 2-norm: ~0 means every row is ~0
+    sv = torch.linalg.svdvals(g[finite])
+    zero = [finite[k] for k, top in enumerate(sv[:, 0].tolist()) if top <= ZERO_NORM]
+    if zero:
+        log.warning(
+            "the gate vectors of %d layer(s) are all zero (layers %s): the router gives every expert the same score there",
+            len(zero), _layer_list(zero),
+        )  # fmt: skip
+    dependent = []
+    if g.shape[1] >= 2:
+        cond = sv[:, 0] / sv[:, -1].clamp_min(1e-12)
+        dependent = [
+            finite[k] for k, c in enumerate(cond.tolist()) if c > DEGENERATE_CONDITION and finite[k] not in zero
+        ]
+    if dependent:
         log.warning(
             "the gate vectors of %d layer(s) are nearly dependent (condition number > %g: layers %s); prompts that differ more tell the experts apart better",
-            len(bad), DEGENERATE_CONDITION, shown,
+            len(dependent), DEGENERATE_CONDITION, _layer_list(dependent),
         )  # fmt: skip
-    return bad
+    return sorted(nonfinite + zero + dependent)

@@ -176,7 +176,7 @@ def build_moe(config: Any, out_path: str | os.PathLike, options: MoEOptions | No
         seed = secrets.randbits(31)
     has_shared_gate = arch.shared_gate_name(inputs.base.layout.prefix, 0) is not None
     routed, shared = compute_gates(
-        config.gate_mode, inputs, options, seed, quiet=options.quiet, shared_gates=has_shared_gate
+        config.gate_mode, inputs, options, seed, quiet=options.quiet, shared_gates=has_shared_gate, config=config
     )
     tensors = plan_tensors(config, inputs, arch, out_code, routed, shared)
 

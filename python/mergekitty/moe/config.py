@@ -57,8 +57,7 @@ def _prompts(value: Any) -> Any:
     for i, p in enumerate(value):
         if not isinstance(p, str):
             raise fail(f"a prompt must be a string, got {describe(p)}", (i,))
-        if not p.strip():
-            raise fail("a prompt is empty", (i,))
+    # empty prompts are allowed (published configs have them); the gate builder warns about what they add
     return list(value)
 
 

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEGENERATE_CONDITION = 5.0
+# a router whose largest singular value is at most this is taken as all zero
+ZERO_NORM = 1e-6
 
 
 def random_gates(mode: str, layers: int, count: int, hidden: int, generator) -> torch.Tensor:
@@ -52,18 +54,19 @@ def load_tokenizer(path, trust_remote_code: bool = False):
 
 
 def encode(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Token ids of each prompt, with the tokenizer's bos (if it has one) in front."""
+    """Token ids of each prompt, with the tokenizer's bos (if it has one) in front. An empty
+    (blank) prompt the tokenizer turns into no tokens is the bos alone, or ``[]`` without a bos."""
     bos = tokenizer.bos_token_id
     out = []
     for p in prompts:
         # no tokenizer-added specials (an appended eos would be every prompt's last token)
         ids = list(tokenizer(p, add_special_tokens=False)["input_ids"])
-        if not ids:
+        if not ids and p.strip():
             # with only bos left, every such prompt would give the same gate, silently
             raise ModelFormatError(
                 f"the base model's tokenizer ({type(tokenizer).__name__}) turns the prompt {p!r} into no tokens; the gate cannot be built from it"
             )
-        if bos is not None and ids[0] != bos:
+        if bos is not None and (not ids or ids[0] != bos):
             ids.insert(0, bos)
         out.append(ids)
     return out
@@ -135,11 +138,11 @@ class PromptEncoder:
                     )
                 params[name].copy_(checkpoint.tensor(name))
 
-    def vectors(self, prompts: list[str]) -> torch.Tensor:
-        """The summed (cheap_embed) or mean (hidden modes) prompt vector per layer, float32."""
+    def vectors(self, prompts: list[str], ids: list[list[int]]) -> torch.Tensor:
+        """The summed (cheap_embed) or mean (hidden modes) vector per layer of ``prompts``,
+        tokenized to ``ids`` (each with at least one token), float32."""
         import torch
 
-        ids = encode(self.tokenizer, prompts)
         if self.embedding is not None:
             rows = self.embedding.shape[0]
             total = torch.zeros(self.embedding.shape[1], dtype=torch.float32)
@@ -195,22 +198,98 @@ class PromptEncoder:
         return states[:, :, -1, :]
 
 
-def prompt_gates(encoder: PromptEncoder, experts) -> torch.Tensor:
-    """``[layers, len(experts), hidden]`` gate vectors from each expert's prompts."""
+def _with_tokens(encoder: PromptEncoder, prompts: list[str] | None) -> tuple[list[str], list[list[int]]]:
+    """The prompts that have at least one token (with bos, if any), and their ids. The others
+    (empty prompts of a tokenizer without bos) are left out; they count as done for the progress bar."""
+    prompts = list(prompts or ())
+    ids = encode(encoder.tokenizer, prompts)
+    kept = [j for j, seq in enumerate(ids) if seq]
+    if encoder.progress and len(kept) < len(prompts):
+        encoder.progress(len(prompts) - len(kept))
+    return [prompts[j] for j in kept], [ids[j] for j in kept]
+
+
+def prompt_gates(encoder: PromptEncoder, experts, config=None) -> torch.Tensor:
+    """``[layers, len(experts), hidden]`` gate vectors from each expert's prompts. ``config``
+    (the MoEConfig) locates warnings and errors about a prompt at its YAML line."""
     import torch
 
     out = []
     for e in experts:
-        v = encoder.vectors(e.spec.positive_prompts)
-        if e.spec.negative_prompts:
-            v = v - encoder.vectors(e.spec.negative_prompts)
+        report_empty_prompts(encoder, e, config)
+        v = encoder.vectors(*_with_tokens(encoder, e.spec.positive_prompts))
+        negative = _with_tokens(encoder, e.spec.negative_prompts)
+        if negative[1]:
+            v = v - encoder.vectors(*negative)
         out.append(_normalize(v))
     return torch.stack(out, dim=1)
 
 
-def compute_gates(mode: str, inputs, options, seed: int, quiet: bool = True, shared_gates: bool = True):
+PROMPT_FIELDS = ("positive_prompts", "negative_prompts")
+
+
+def report_empty_prompts(encoder: PromptEncoder, expert, config=None) -> None:
+    """One warning for an expert with empty (blank) prompts, saying what they add to its gate:
+    with a tokenizer that has a bos, an empty prompt is the bos token alone (its embedding row
+    for cheap_embed, the hidden state at it for the hidden modes); without one it has no tokens
+    and is left out. A ConfigError when no positive prompt has a token left."""
+    from ..errors import ConfigError
+    from ..yaml_lines import format_path
+
+    spec = expert.spec
+    empty = {f: [j for j, p in enumerate(getattr(spec, f) or ()) if not p.strip()] for f in PROMPT_FIELDS}
+    if not any(empty.values()):
+        return
+    field, first = next((f, idx[0]) for f, idx in empty.items() if idx)
+    key = (*expert.key, field, first)
+    kind = "shared expert" if expert.key[0] == "shared_experts" else "expert"
+    who = f"{kind} {expert.key[1]} (source_model {expert.model.label})"
+
+    def located(message: str) -> ConfigError:
+        return config.error(message, key=key) if config is not None else ConfigError(message, key=format_path(key))
+
+    bos = encoder.tokenizer.bos_token_id
+    ids = {f: encode(encoder.tokenizer, [getattr(spec, f)[j] for j in idx]) for f, idx in empty.items()}
+    positive_total = len(spec.positive_prompts or ())
+    if positive_total and len(empty["positive_prompts"]) == positive_total and not any(ids["positive_prompts"]):
+        raise located(
+            f"every positive prompt of {who} is empty and the base model's tokenizer adds no bos token, "
+            "so nothing is left to build its gate from; give it a prompt with some text"
+        )
+    counts = " and ".join(f"{len(idx)} of {len(getattr(spec, f))} {f}" for f, idx in empty.items() if idx)
+    found = [seq for f in PROMPT_FIELDS for seq in ids[f]]
+    effects = []
+    if any(seq == [bos] for seq in found):
+        what = (
+            "the bos token's embedding row to the sum"
+            if encoder.mode == "cheap_embed"
+            else "the hidden state at the bos token to the average over prompts"
+        )
+        effects.append(f"the tokenizer puts its bos token in front of every prompt, so an empty prompt adds {what}")
+    if any(not seq for seq in found):
+        what = "adds nothing to the sum" if encoder.mode == "cheap_embed" else "is left out of the average over prompts"
+        effects.append(f"the tokenizer adds no bos token, so an empty prompt has no tokens and {what}")
+    if any(seq and seq != [bos] for seq in found):
+        effects.append("a blank prompt the tokenizer still turns into tokens counts like any other prompt")
+    if (
+        positive_total
+        and len(empty["positive_prompts"]) == positive_total
+        and all(seq == [bos] for seq in ids["positive_prompts"])
+    ):
+        effects.append(
+            "every positive prompt is empty, so this gate is built from nothing but the bos token "
+            "(the same as that of any other such expert)"
+        )
+    negatives = spec.negative_prompts or ()
+    if negatives and len(empty["negative_prompts"]) == len(negatives) and not any(ids["negative_prompts"]):
+        effects.append("no negative prompt has a token, so nothing is subtracted")
+    log.warning("%s", located(f"{who} has empty prompts ({counts}): {'; '.join(effects)}"))
+
+
+def compute_gates(mode: str, inputs, options, seed: int, quiet: bool = True, shared_gates: bool = True, config=None):
     """(routed ``[layers, experts, hidden]``, shared ``[layers, shared, hidden]`` or None), float32.
-    ``shared_gates``: whether the output has gates for its shared experts (None when not)."""
+    ``shared_gates``: whether the output has gates for its shared experts (None when not).
+    ``config``: the MoEConfig, to point warnings about prompts at their YAML line."""
     import torch
 
     layers, hidden = inputs.num_layers, inputs.hidden_size
@@ -224,8 +303,8 @@ def compute_gates(mode: str, inputs, options, seed: int, quiet: bool = True, sha
     total = sum(len(e.spec.positive_prompts or ()) + len(e.spec.negative_prompts or ()) for e in everyone)
     if quiet:
         encoder = PromptEncoder(mode, inputs, options, None)
-        routed = prompt_gates(encoder, inputs.experts)
-        shared = prompt_gates(encoder, inputs.shared) if want_shared else None
+        routed = prompt_gates(encoder, inputs.experts, config)
+        shared = prompt_gates(encoder, inputs.shared, config) if want_shared else None
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -238,26 +317,48 @@ def compute_gates(mode: str, inputs, options, seed: int, quiet: bool = True, sha
         ) as bar:
             task = bar.add_task("gates", total=total)
             encoder = PromptEncoder(mode, inputs, options, lambda n: bar.update(task, advance=n))
-            routed = prompt_gates(encoder, inputs.experts)
-            shared = prompt_gates(encoder, inputs.shared) if want_shared else None
+            routed = prompt_gates(encoder, inputs.experts, config)
+            shared = prompt_gates(encoder, inputs.shared, config) if want_shared else None
     warn_degenerate(routed)
     return routed, shared
 
 
+def _layer_list(layers: list[int]) -> str:
+    return ", ".join(str(i) for i in layers[:12]) + (", ..." if len(layers) > 12 else "")
+
+
 def warn_degenerate(gates: torch.Tensor) -> list[int]:
-    """Warn about layers whose gate vectors are nearly linearly dependent (the router could
-    hardly tell those experts apart). Returns those layers."""
+    """Warn about layers whose router cannot tell the experts apart: gate vectors that are not
+    finite, all (nearly) zero, or nearly linearly dependent. Returns those layers, sorted."""
     import torch
 
-    if gates.shape[1] < 2:
-        return []
-    sv = torch.linalg.svdvals(gates.to(torch.float64))
-    cond = sv[:, 0] / sv[:, -1].clamp_min(1e-12)
-    bad = [i for i, c in enumerate(cond.tolist()) if c > DEGENERATE_CONDITION]
-    if bad:
-        shown = ", ".join(str(i) for i in bad[:12]) + (", ..." if len(bad) > 12 else "")
+    g = gates.to(torch.float64)
+    nonfinite = [i for i, ok in enumerate(torch.isfinite(g).flatten(1).all(1).tolist()) if not ok]
+    if nonfinite:
+        log.warning(
+            "the gate vectors of %d layer(s) hold NaN or infinite values (layers %s); the router there is unusable",
+            len(nonfinite), _layer_list(nonfinite),
+        )  # fmt: skip
+    finite = [i for i in range(g.shape[0]) if i not in set(nonfinite)]
+    if not finite:
+        return nonfinite
+    # the largest singular value is the matrix's 2-norm: ~0 means every row is ~0
+    sv = torch.linalg.svdvals(g[finite])
+    zero = [finite[k] for k, top in enumerate(sv[:, 0].tolist()) if top <= ZERO_NORM]
+    if zero:
+        log.warning(
+            "the gate vectors of %d layer(s) are all zero (layers %s): the router gives every expert the same score there",
+            len(zero), _layer_list(zero),
+        )  # fmt: skip
+    dependent = []
+    if g.shape[1] >= 2:
+        cond = sv[:, 0] / sv[:, -1].clamp_min(1e-12)
+        dependent = [
+            finite[k] for k, c in enumerate(cond.tolist()) if c > DEGENERATE_CONDITION and finite[k] not in zero
+        ]
+    if dependent:
         log.warning(
             "the gate vectors of %d layer(s) are nearly dependent (condition number > %g: layers %s); prompts that differ more tell the experts apart better",
-            len(bad), DEGENERATE_CONDITION, shown,
+            len(dependent), DEGENERATE_CONDITION, _layer_list(dependent),
         )  # fmt: skip
-    return bad
+    return sorted(nonfinite + zero + dependent)

@@ -125,7 +125,7 @@ def _union(tmp_path, base_words, other_words, other_added):
         VocabInput("base", read_vocabulary(base), len(base_words)),
         VocabInput("other", read_vocabulary(other), len(other_words) + len(other_added)),
     ]
-    plan = plan_vocabulary(inputs, "union", 0, {}, None, lambda ref: None)
+    plan = plan_vocabulary(inputs, "union", 0, {}, None)
     out = tmp_path / "out"
     out.mkdir()
     write_tokenizer(plan, base, out)
@@ -160,7 +160,7 @@ def test_sentencepiece_only_tokenizer_records_added_tokens(tmp_path):
     (base / "tokenizer.model").write_bytes(sentencepiece_model(["<unk>", "a", "b"]))
     other = _bpe_dir(tmp_path / "other", ["<unk>", "a", "b"], ["<|im_end|>"], with_sp=False)
     inputs = [VocabInput("base", read_vocabulary(base), 3), VocabInput("other", read_vocabulary(other), 4)]
-    plan = plan_vocabulary(inputs, "union", 0, {}, None, lambda ref: None)
+    plan = plan_vocabulary(inputs, "union", 0, {}, None)
     out = tmp_path / "out"
     out.mkdir()
     write_tokenizer(plan, base, out)
@@ -181,19 +181,19 @@ def test_padding_rows_of_the_vocabulary_model_are_kept():
 
     words = {f"w{i}": i for i in range(8)}
     inputs = _inputs(("base", words, 10), ("other", {**words, "new": 8}, 9))
-    plan = plan_vocabulary(inputs, "union", 0, {}, None, lambda ref: None)
+    plan = plan_vocabulary(inputs, "union", 0, {}, None)
     assert plan.rows == 10 and plan.tokens["new"] == 8
     assert plan.row_maps[0].tolist()[8:] == [-1, 9]  # "new" from the defaults; row 9 is base's own padding
     assert plan.row_maps[1].tolist()[8:] == [8, OWN_MEAN]
     assert plan.defaults == [((1, 8),)]
-    padded = plan_vocabulary(inputs, "union", 0, {}, 4, lambda ref: None)
+    padded = plan_vocabulary(inputs, "union", 0, {}, 4)
     assert padded.rows == 12 and padded.row_maps[0].tolist()[9:] == [9, OWN_MEAN, OWN_MEAN]  # its padding row stays
 
 
 def test_tokens_beyond_the_embedding_rows_are_reported_and_skipped():
     words = {f"w{i}": i for i in range(10)}
     inputs = _inputs(("base", words, 10), ("short", words, 8))
-    plan = plan_vocabulary(inputs, "base", 0, {}, None, lambda ref: None)
+    plan = plan_vocabulary(inputs, "base", 0, {}, None)
     assert plan.diffs[1].beyond == [("w8", 8), ("w9", 9)] and "2 ids beyond" in plan.diffs[1].summary()
     assert plan.row_maps[1].tolist()[8:] == [-1, -1]  # w8, w9: the base's rows (the only holder)
     assert plan.defaults == [((0, 8),), ((0, 9),)]
@@ -202,5 +202,5 @@ def test_tokens_beyond_the_embedding_rows_are_reported_and_skipped():
 
 def test_identical_vocabularies_move_nothing():
     words = {f"w{i}": i for i in range(6)}
-    plan = plan_vocabulary(_inputs(("a", words, 6), ("b", words, 6)), "union", 0, {}, None, lambda ref: None)
+    plan = plan_vocabulary(_inputs(("a", words, 6), ("b", words, 6)), "union", 0, {}, None)
     assert not plan.changes_rows and not plan.rewrites_tokenizer and plan.rows == 6

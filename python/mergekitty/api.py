@@ -116,7 +116,7 @@ def plan_merge(
         check_output_path(out_path, [(m.path, f"input model {m.label}") for m in models])
     if config.chat_template:
         _chat_template(config, [m.path for m in models])  # a bad name or template fails here, before any weight is read
-    vocab = _plan_vocabulary(config, models, planner)
+    vocab = _plan_vocabulary(config, models, planner, options)
     seed = _random_seed(config, options)
     return planner.plan(slices, vocab, seed, options.resolved_device(), options.out_shard_size)
 
@@ -133,34 +133,50 @@ def _random_seed(config, options: MergeOptions) -> int:
     return secrets.randbits(31)
 
 
-def _plan_vocabulary(config, models, planner):
-    """The output vocabulary and each input's row map (None when no input has tokenizer files)."""
+def _plan_vocabulary(config, models, planner, options: MergeOptions):
+    """The output vocabulary and each input's row map (None when there is no tokenizer to take it from)."""
     from .config import effective_tokenizer_source
     from .tokenizer.build import VocabInput, plan_vocabulary, token_settings
     from .tokenizer.vocab import read_vocabulary
 
     vocabs = [read_vocabulary(m.planned.tokenizer_dir) for m in models]
-    if all(v is None for v in vocabs):
-        if getattr(config, "tokenizer", None) is not None or config.tokenizer_source not in (None, "base"):
-            log.warning("the tokenizer settings have no effect: no input model has tokenizer files")
-        return None
     index = planner.index_of
 
     def model_index(ref):
         return index.get(str(ref))
 
     source = effective_tokenizer_source(config)
-    if source not in ("base", "union") and model_index(source) is None:
-        key = "tokenizer.source" if getattr(config, "tokenizer", None) is not None else "tokenizer_source"
-        raise config.error(f"tokenizer source {source} is not one of the merged models", key=key)
+    if source not in ("base", "union"):
+        # a model: one of the inputs, or a model whose tokenizer alone is used
+        i = model_index(source)
+        source = i if i is not None else _tokenizer_only_source(config, source, options)
+    if all(v is None for v in vocabs) and not isinstance(source, VocabInput):
+        if getattr(config, "tokenizer", None) is not None or config.tokenizer_source not in (None, "base"):
+            log.warning("the tokenizer settings have no effect: no input model has tokenizer files")
+        return None
     if source == "base" and vocabs[planner.donor] is None:
         return None  # no base tokenizer: nothing to align to (nor to write)
     settings = token_settings(config, model_index)
     tok = getattr(config, "tokenizer", None)
     inputs = [VocabInput(m.label, v, planner.embedding_rows(i)) for i, (m, v) in enumerate(zip(models, vocabs))]
-    return plan_vocabulary(
-        inputs, source, planner.donor, settings, tok.pad_to_multiple_of if tok is not None else None, model_index
-    )
+    return plan_vocabulary(inputs, source, planner.donor, settings, tok.pad_to_multiple_of if tok is not None else None)
+
+
+def _tokenizer_only_source(config, ref, options: MergeOptions):
+    """The vocabulary of tokenizer source ``ref``, a model that is not merged: read from its
+    tokenizer files (and config.json), never its weights. A missing model or tokenizer is a
+    ConfigError at the tokenizer source key."""
+    from .refs import resolve_local_path
+    from .tokenizer.source import tokenizer_only_input
+
+    key = "tokenizer.source" if getattr(config, "tokenizer", None) is not None else "tokenizer_source"
+    if ref.lora is not None:
+        log.warning("tokenizer source %s: the LoRA adapter is not used; the vocabulary is the model's", ref)
+    try:
+        path = resolve_local_path(ref.path, ref.revision, options.transformers_cache, tokenizer_only=True)
+        return tokenizer_only_input(str(ref), Path(path))
+    except MergekittyError as exc:
+        raise config.error(f"tokenizer source {ref} (not one of the merged models): {exc}", key=key) from None
 
 
 def _tokenizer_dir(checkpoint, path: Path) -> Path:
@@ -189,7 +205,7 @@ def _write_sidecars(plan, config, out, options: MergeOptions) -> None:
         from .tokenizer.write import copy_tokenizer, write_tokenizer
 
         if plan.vocab is not None:
-            write_tokenizer(plan.vocab, plan.models[plan.vocab.vocab_model].tokenizer_dir, out.dir)
+            write_tokenizer(plan.vocab, plan.vocab.vocab_dir, out.dir)
         else:
             copy_tokenizer(donor.tokenizer_dir, out.dir)
     if config.chat_template:

@@ -20,6 +20,8 @@ __all__ = ["ModelPath", "ModelReference", "parse_model_path", "looks_local", "re
 # Files fetched from the hub for a model. "*.safetensors" is swapped for "*.bin" when the
 # repository has no safetensors weights.
 HUB_ALLOW_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja")
+# Fetched for a model whose tokenizer alone is used (a tokenizer source that is not merged).
+HUB_TOKENIZER_PATTERNS = ("*.json", "tokenizer.model", "*.txt", "*.jinja")
 
 
 def parse_model_path(value: str) -> dict[str, Any]:
@@ -134,8 +136,11 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
-def resolve_local_path(ref_path: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
-    """The local directory holding ``ref_path``, downloading it from the hub if needed.
+def resolve_local_path(
+    ref_path: str, revision: str | None = None, cache_dir: str | None = None, tokenizer_only: bool = False
+) -> Path:
+    """The local directory holding ``ref_path``, downloading it from the hub if needed
+    (``tokenizer_only``: its tokenizer and config files, no weights).
 
     An existing directory is returned as is. A path that looks local but does not exist
     raises ModelNotFoundError without touching the network; anything else is tried as a
@@ -158,7 +163,7 @@ def resolve_local_path(ref_path: str, revision: str | None = None, cache_dir: st
             f"model directory not found: {ref_path} ({local.parent} exists locally, so this is not taken "
             f"as a hub id){_sibling_hint(local)}"
         )
-    return _download(ref_path, revision, cache_dir)
+    return _download(ref_path, revision, cache_dir, tokenizer_only)
 
 
 def _is_dir(path: Path) -> bool:
@@ -179,7 +184,7 @@ def _sibling_hint(path: Path) -> str:
     return f"; did you mean '{path.parent / close[0]}'?" if close else ""
 
 
-def _download(repo_id: str, revision: str | None, cache_dir: str | None) -> Path:
+def _download(repo_id: str, revision: str | None, cache_dir: str | None, tokenizer_only: bool = False) -> Path:
     label = f"{repo_id}@{revision}" if revision else repo_id
     offline = _offline()
     try:
@@ -194,13 +199,16 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | None) -> Path
     # one clear error instead of a screen of retry warnings when the hub is unreachable
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     try:
-        patterns = list(HUB_ALLOW_PATTERNS)
-        if not offline:
-            files = huggingface_hub.list_repo_files(repo_id, repo_type="model", revision=revision)
-            if not any(f.lower().endswith(".safetensors") for f in files):
-                patterns[patterns.index("*.safetensors")] = "*.bin"
+        if tokenizer_only:
+            patterns = list(HUB_TOKENIZER_PATTERNS)
         else:
-            patterns.append("*.bin")
+            patterns = list(HUB_ALLOW_PATTERNS)
+            if not offline:
+                files = huggingface_hub.list_repo_files(repo_id, repo_type="model", revision=revision)
+                if not any(f.lower().endswith(".safetensors") for f in files):
+                    patterns[patterns.index("*.safetensors")] = "*.bin"
+            else:
+                patterns.append("*.bin")
         path = huggingface_hub.snapshot_download(
             repo_id,
             revision=revision,

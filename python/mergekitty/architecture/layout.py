@@ -254,6 +254,15 @@ def infer_layout(
     return ModelLayout(len(layer_tensors), count_key, prefix, layer_tensors, tuple(pre), tuple(post), extra)
 
 
+def vocab_size_of(cfg: dict[str, Any]) -> int | None:
+    """The ``vocab_size`` the config declares (at its top level, else in a nested language-model
+    config), or None when it has none."""
+    for node in (cfg, *(cfg.get(k) for k in TEXT_CONFIG_KEYS)):
+        if isinstance(node, dict) and isinstance(node.get("vocab_size"), int):
+            return int(node["vocab_size"])
+    return None
+
+
 def set_vocab_size(cfg: dict[str, Any], rows: int) -> None:
     """Write the embedding row count wherever the config keeps ``vocab_size``."""
     found = False

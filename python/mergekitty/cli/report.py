@@ -70,8 +70,11 @@ def print_kernels(plan, console: Console) -> None:
 def print_vocabulary(plan, console: Console) -> None:
     """The output vocabulary and how each input's differs from it (read from the tokenizer files)."""
     v = plan.vocab
-    source = plan.models[v.vocab_model].label
-    what = {"union": f"union, starting from {source}", "base": f"base: {source}"}.get(v.source, v.source)
+    if v.vocab_model is None:
+        what = f"{v.source} (its tokenizer only: the model is not merged)"
+    else:
+        source = plan.models[v.vocab_model].label
+        what = {"union": f"union, starting from {source}", "base": f"base: {source}"}.get(v.source, v.source)
     console.print(f"[bold]vocabulary:[/] {escape(what)}; {len(v.tokens)} tokens, {v.rows} embedding rows")
     if v.new_tokens:
         shown = ", ".join(repr(t) for t, _, _ in v.new_tokens[:8]) + (", ..." if len(v.new_tokens) > 8 else "")

@@ -6,7 +6,8 @@ maps, never a dense permutation matrix.
 
 Output vocabulary (``tokenizer.source`` / ``tokenizer_source``):
 - ``base``: the base model's tokenizer (the first model's when there is no base);
-- a model: that model's tokenizer;
+- a model: that model's tokenizer, whether it is merged or only named as the source (then its
+  tokenizer files are read, and its ``config.json`` for its row count, never its weights);
 - ``union``: the base tokenizer, then the tokens the other models have and it lacks, appended
   in model order (model-vocabulary tokens first, then added tokens); base ids never change.
 Every key of ``tokenizer.tokens`` missing from it is appended too (as an added token).
@@ -28,6 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,7 +51,7 @@ class VocabInput:
 
     label: str
     vocab: Vocabulary | None  # None: no tokenizer files (it is assumed to share the base's)
-    rows: int | None  # embedding rows; None when no token embedding was recognized
+    rows: int | None  # embedding rows; None when no token embedding was recognized (or none is read)
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,8 @@ class VocabDiff:
 @dataclass
 class VocabPlan:
     source: str  # "base", "union" or a model label
-    vocab_model: int  # whose tokenizer files the output starts from
+    vocab_model: int | None  # the input whose vocabulary the output starts from; None: a model that is not merged
+    vocab_dir: Path  # the tokenizer files the output starts from
     tokens: dict[str, int]  # output token -> id
     new_tokens: list[
         tuple[str, int, AddedToken | None]
@@ -146,35 +149,39 @@ def _round_up(n: int, multiple: int) -> int:
 
 def plan_vocabulary(
     inputs: list[VocabInput],
-    source: Any,
+    source: str | int | VocabInput,
     base: int,
     settings: dict[str, TokenSetting],
     pad_to_multiple_of: int | None,
-    model_index: Callable[[Any], int],
 ) -> VocabPlan:
-    """Build the VocabPlan. ``source`` is "base", "union" or a model reference (``model_index``
-    maps it to an input); ``base`` is the base model (or the first model) index."""
-    if source in ("base", "union"):
-        vm = base
+    """Build the VocabPlan. ``source`` is "base", "union", the index of the input whose
+    vocabulary is taken, or a model that is not merged (only its vocabulary and row count are
+    used: it contributes no embedding rows); ``base`` is the base model (or the first model) index."""
+    vm: int | None
+    if isinstance(source, VocabInput):
+        vm, src = None, source
     else:
-        vm = model_index(source)
-    fallback = inputs[vm].vocab or inputs[base].vocab
+        vm = base if source in ("base", "union") else int(source)
+        src = inputs[vm]
+    fallback = src.vocab or inputs[base].vocab
     if fallback is None and source == "union":
         fallback = next((inp.vocab for inp in inputs if inp.vocab is not None), None)
     if fallback is None:
         raise PlanError(
-            f"{inputs[vm].label} has no tokenizer files (tokenizer.json, vocab.json, vocab.txt or tokenizer.model) to take the vocabulary from"
+            f"{src.label} has no tokenizer files (tokenizer.json, vocab.json, vocab.txt or tokenizer.model) to take the vocabulary from"
         )
     for inp in inputs:
         if inp.vocab is None:
-            log.warning("%s has no tokenizer files; its vocabulary is taken to be %s's", inp.label, inputs[vm].label)
+            log.warning("%s has no tokenizer files; its vocabulary is taken to be %s's", inp.label, src.label)
+    label = source if isinstance(source, str) else src.label
 
     eff, beyond = zip(*(_effective(inp, fallback) for inp in inputs))
     for token, setting in settings.items():
         if setting.kind != "default":
             _setting_rows(setting, token, inputs, eff)  # a bad setting fails even where no model needs it
-    vm_vocab = inputs[vm].vocab or fallback
-    out: dict[str, int] = dict(eff[vm])
+    src_eff, _ = _effective(src, fallback)
+    vm_vocab = src.vocab or fallback
+    out: dict[str, int] = dict(src_eff)
     new_tokens: list[tuple[str, int, AddedToken | None]] = []
     next_id = vm_vocab.size
 
@@ -185,7 +192,7 @@ def plan_vocabulary(
         next_id += 1
 
     if source == "union":
-        order = [vm] + [i for i in range(len(inputs)) if i != vm]
+        order = [base] + [i for i in range(len(inputs)) if i != base]
         for i in order[1:]:  # model-vocabulary tokens first
             vocab = inputs[i].vocab
             if vocab is None:
@@ -205,24 +212,21 @@ def plan_vocabulary(
             append(token, AddedToken(token, special=False, normalized=True))
 
     rows_of = [inp.rows if inp.rows is not None else (inp.vocab or fallback).size for inp in inputs]
+    vm_rows = src.rows if src.rows is not None else vm_vocab.size
     if (
         not new_tokens
         and not settings
         and not pad_to_multiple_of
-        and all(e == eff[vm] for e in eff)
-        and len(set(rows_of)) == 1
+        and all(e == src_eff for e in eff)
+        and all(r == vm_rows for r in rows_of)
     ):
         # every input has this vocabulary and row count: nothing moves
-        label = source if source in ("base", "union") else inputs[vm].label
-        empty = np.full(rows_of[vm], -1, dtype=np.int64)
-        held = np.fromiter(sorted(eff[vm].values()), dtype=np.int64, count=len(eff[vm]))
+        empty = np.full(vm_rows, -1, dtype=np.int64)
+        held = np.fromiter(sorted(src_eff.values()), dtype=np.int64, count=len(src_eff))
         diffs = [VocabDiff(inp.label, beyond=list(b)) for inp, b in zip(inputs, beyond)]
-        return VocabPlan(label, vm, out, [], rows_of[vm], [None] * len(inputs), empty, [], held, diffs)
+        return VocabPlan(label, vm, vm_vocab.path, out, [], vm_rows, [None] * len(inputs), empty, [], held, diffs)
 
     used = max((i + 1 for i in out.values()), default=0)
-    vm_rows = inputs[vm].rows
-    if vm_rows is None:
-        vm_rows = vm_vocab.size
     if pad_to_multiple_of:
         rows = _round_up(used, pad_to_multiple_of)
     else:
@@ -288,8 +292,9 @@ def plan_vocabulary(
             )
         )
 
-    label = source if source in ("base", "union") else inputs[vm].label
-    return VocabPlan(label, vm, out, new_tokens, rows, row_maps, default_slot, defaults, token_rows, diffs)
+    return VocabPlan(
+        label, vm, vm_vocab.path, out, new_tokens, rows, row_maps, default_slot, defaults, token_rows, diffs
+    )
 
 
 def _setting_rows(

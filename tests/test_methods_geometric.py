@@ -662,7 +662,8 @@ def test_integer_tensors_are_copied(name):
 )
 def test_bad_configs_fail_at_plan_time(llama, method, models, params, base, global_params, match):
     with pytest.raises(ConfigError, match=match):
-        plan_merge(_config(llama, method, models, params, base, global_params))
+        # strict: a misspelt parameter is otherwise ignored with a warning, as mergekit ignores it
+        plan_merge(_config(llama, method, models, params, base, global_params), strict=True)
 
 
 def _ref_tensors(fixture, keys):

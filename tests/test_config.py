@@ -345,8 +345,11 @@ def test_typo_nested_keys():
     (ignored,) = ignored_of("merge_method: linear\nmodels: [{model: a}]\ntokenizer:\n  sourc: union\n")
     assert ignored.key == "tokenizer.sourc" and ignored.line == 4 and "did you mean 'source'?" in str(ignored)
 
-    err = error_of("merge_method: linear\nmodels: [{model: a}]\nparameters:\n  weight: [{fliter: mlp, value: 1}]\n")
-    assert err.key == "parameters.weight[0].fliter" and "did you mean 'filter'?" in str(err)
+    text = "merge_method: linear\nmodels: [{model: a}]\nparameters:\n  weight: [{fliter: mlp, value: 1}, {value: 2}]\n"
+    (ignored,) = ignored_of(text)
+    assert ignored.key == "parameters.weight[0].fliter" and "did you mean 'filter'?" in str(ignored)
+    # without its filter the entry applies to every tensor, as in the other tools
+    assert load_config(text).parameters["weight"][0] == ConditionalParameter(value=1, filter=None)
 
 
 def test_unknown_key_without_close_match_lists_allowed():

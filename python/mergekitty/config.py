@@ -100,9 +100,13 @@ VALID_DTYPES = ("bfloat16", "float16", "float32")
 # --------------------------------------------------------------------------- helpers
 
 
-def fail(message: str, subpath: tuple = (), key: str | None = None) -> PydanticCustomError:
-    """An error pydantic reports verbatim; ``subpath`` extends its location, ``key`` names a field."""
+def fail(message: str, subpath: tuple = (), key: str | None = None, unknown: str | None = None) -> PydanticCustomError:
+    """An error pydantic reports verbatim; ``subpath`` extends its location, ``key`` names a field.
+    ``unknown`` (its did-you-mean) marks a key the other tools would ignore: the loader drops it
+    with a warning (``ConfigKind.from_data``) unless strict."""
     ctx: dict[str, Any] = {"message": message}
+    if unknown is not None:
+        ctx["_mk_unknown"] = unknown
     if subpath:
         ctx["_mk_subpath"] = tuple(subpath)
     if key is not None:
@@ -193,6 +197,7 @@ def _conditional(value: dict, subpath: tuple) -> ConditionalParameter:
             raise fail(
                 f"unknown key '{key}' in a conditional parameter (expected 'value' and optionally 'filter'){suggest(key, fields)}",
                 (*subpath, key),
+                unknown=suggest(key, fields) or " (keys here: value, filter)",
             )
     if "value" not in value:
         raise fail("a conditional parameter needs a 'value'", subpath)
@@ -749,6 +754,10 @@ class ConfigKind:
         out = []
         for err in exc.errors(include_url=False):
             loc = tuple(err["loc"])
+            ctx = err.get("ctx") or {}
+            if "_mk_unknown" in ctx:  # found by a validator of ours (a conditional parameter's keys)
+                out.append(((*loc, *ctx.get("_mk_subpath", ())), ctx["_mk_unknown"]))
+                continue
             if err["type"] != "extra_forbidden" or not loc:
                 continue
             parent = _model_at(self.schema, loc[:-1])

@@ -285,6 +285,67 @@ parameters: {{weight: 1.0}}
     assert any(r.startswith("a layer of module 'text_decoder'") for r in reasons)
 
 
+def _layout(text: str, vision: str, extra: tuple[str, ...] = (), vision_key: str = "num_hidden_layers"):
+    from mergekitty.architecture import infer_layout
+
+    names = ["embed_tokens.weight"]
+    names += [f"{text}.{i}.mlp.weight" for i in range(4)]
+    names += [f"{vision}.{i}.fc1.weight" for i in range(3)]
+    names += list(extra)
+    cfg = {"text_config": {"num_hidden_layers": 4}, "vision_config": {vision_key: 3, "hidden_size": 4}}
+    return infer_layout(names, cfg), cfg
+
+
+GEMMA3 = ("model.language_model.layers", "model.vision_tower.vision_model.encoder.layers")
+# Qwen2-VL: the merger's numbered MLP is a stack of its own
+QWEN2_VL = ("model.layers", "visual.blocks", ("visual.merger.mlp.0.weight", "visual.merger.mlp.2.weight"), "depth")
+
+
+@pytest.mark.parametrize(
+    "layout, module, selected",
+    [
+        (GEMMA3, "text_decoder", 0),
+        (GEMMA3, "default", 0),
+        (GEMMA3, "language_model", 0),
+        (GEMMA3, "vision_tower", 1),
+        (GEMMA3, "vision_model", 1),
+        (GEMMA3, "encoder", 1),
+        (GEMMA3, "model.vision_tower.vision_model.encoder.layers", 1),
+        (GEMMA3, "vision_tower.vision_model.encoder.layers", 1),  # the other naming scheme
+        (GEMMA3, "audio_tower", None),
+        (QWEN2_VL, "text_decoder", 0),
+        (QWEN2_VL, "vision_tower", 1),
+        (QWEN2_VL, "visual", 1),
+        (QWEN2_VL, "visual.merger.mlp", "visual.merger.mlp"),
+    ],
+)
+def test_module_names_select_stacks(layout, module, selected):
+    from mergekitty.config_modules import stack_of_module
+
+    lay, _ = _layout(*layout)
+    expected = layout[selected] if isinstance(selected, int) else selected
+    assert stack_of_module(module, lay) == expected
+
+
+def test_one_module_on_one_stack_is_that_stack_whatever_its_name():
+    from mergekitty.architecture import infer_layout
+    from mergekitty.config_modules import stack_of_module
+
+    lay = infer_layout([f"model.layers.{i}.w" for i in range(2)], {"num_hidden_layers": 2})
+    assert stack_of_module("anything", lay, single=True) == "model.layers"
+    assert stack_of_module("vision_tower", lay) is None
+
+
+@pytest.mark.parametrize(
+    "layout, key", [(GEMMA3, "vision_config.num_hidden_layers"), (QWEN2_VL, "vision_config.depth")]
+)
+def test_a_vision_stacks_layer_count_key(layout, key):
+    from mergekitty.architecture.layout import stack_count_key
+
+    lay, cfg = _layout(*layout)
+    assert stack_count_key(cfg, layout[1], 3, exclude=lay.count_key) == key
+
+
 # ------------------------------------------------------------------------------ errors
 
 

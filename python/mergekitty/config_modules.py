@@ -62,9 +62,14 @@ def _vision(prefix: str) -> bool:
     return any(h in prefix.lower() for h in _VISION_HINTS)
 
 
-def _largest(prefixes: list[str], stacks: dict[str, int]) -> list[str]:
-    most = max((stacks[p] for p in prefixes), default=0)
-    return [p for p in prefixes if stacks[p] == most]
+def _largest(prefixes: list[str], layout: ModelLayout) -> list[str]:
+    """The stacks of ``prefixes`` with the most layers, then the most tensors."""
+
+    def size(prefix: str) -> tuple[int, int]:
+        return (layout.stacks[prefix], sum(len(t) for t in layout.stack_layers(prefix).values()))
+
+    most = max((size(p) for p in prefixes), default=(0, 0))
+    return [p for p in prefixes if size(p) == most]
 
 
 def stack_of_module(name: str, layout: ModelLayout, single: bool = False) -> str | None:
@@ -83,7 +88,7 @@ def stack_of_module(name: str, layout: ModelLayout, single: bool = False) -> str
         return layout.prefix or None
     if wanted in VISION_MODULE_NAMES:
         # the vision tower itself, not a numbered group inside it (a projector's layers)
-        found = _largest([p for p in (found or stacks) if p != layout.prefix and _vision(p)], stacks)
+        found = _largest([p for p in (found or stacks) if p != layout.prefix and _vision(p)], layout)
     if len(found) > 1:
         raise AmbiguousModule(", ".join(f"'{p}'" for p in found))
     return found[0] if found else None
@@ -92,10 +97,11 @@ def stack_of_module(name: str, layout: ModelLayout, single: bool = False) -> str
 def _available(layout: ModelLayout) -> str:
     """The module names a config can use for ``layout``'s stacks, for error messages."""
     out = []
+    towers = _largest([p for p in layout.extra_stacks if _vision(p)], layout)
     for prefix, count in layout.stacks.items():
         if prefix == layout.prefix:
             out.append(f"'text_decoder' (the language model, '{prefix}', {count} layers)")
-        elif _vision(prefix):
+        elif towers == [prefix]:
             out.append(f"'{prefix}' or 'vision_tower' ({count} layers)")
         else:
             out.append(f"'{prefix}' ({count} layers)")

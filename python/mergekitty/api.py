@@ -98,8 +98,8 @@ def plan_merge(
 ):
     """Read every header, check everything, and return the MergePlan without reading weights."""
     from .config import check_method, report_ignored, report_parameter_problems
+    from .config_modules import output_stacks
     from .io.output import check_output_path
-    from .params import normalize_to_slices
     from .plan import Planner, check_architectures
 
     options = replace(options or MergeOptions(), **kwargs)
@@ -109,8 +109,7 @@ def plan_merge(
     report_parameter_problems(config, method, options.strict)
     models = _open_models(config, options)
     planner = Planner(config, method, models, options)
-    index = planner.index_of
-    slices = normalize_to_slices(config, lambda ref: models[index[str(ref)]].layout.num_layers)
+    stacks = output_stacks(config, models, planner.donor)
     check_architectures(models, planner.donor, options.allow_crimes)
     if out_path is not None:
         check_output_path(out_path, [(m.path, f"input model {m.label}") for m in models])
@@ -118,7 +117,7 @@ def plan_merge(
         _chat_template(config, [m.path for m in models])  # a bad name or template fails here, before any weight is read
     vocab = _plan_vocabulary(config, models, planner, options)
     seed = _random_seed(config, options)
-    return planner.plan(slices, vocab, seed, options.resolved_device(), options.out_shard_size)
+    return planner.plan(stacks, vocab, seed, options.resolved_device(), options.out_shard_size)
 
 
 def _random_seed(config, options: MergeOptions) -> int:

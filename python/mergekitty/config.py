@@ -50,6 +50,7 @@ __all__ = [
     "InputSliceDefinition",
     "InputModelDefinition",
     "OutputSliceDefinition",
+    "OutputModuleDefinition",
     "ModelTokenEmbedding",
     "ZeroEmbedding",
     "TokenEmbeddingConfig",
@@ -81,7 +82,6 @@ _IGNORED_AS = "is ignored, as mergekit ignores it"
 # Keys of the existing tools that this version does not support, with what to do instead.
 UNSUPPORTED_KEYS = {
     "input_model_parameters": "'input_model_parameters' is not supported; put per-model parameters under models[*].parameters",
-    "modules": "multi-module configs ('modules') are not supported; use 'slices' or 'models'",
 }
 
 DTYPE_ALIASES = {
@@ -313,6 +313,37 @@ class OutputSliceDefinition(BaseModel):
         return self
 
 
+class OutputModuleDefinition(BaseModel):
+    """One module of a ``modules:`` config (a language model, a vision tower...): its own
+    ``slices`` or ``models`` (exactly one), and ``parameters`` that rank between the slices'
+    and the top-level ones."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    slices: list[OutputSliceDefinition] | None = None
+    models: list[InputModelDefinition] | None = None
+    parameters: Parameters | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_mapping(cls, data: Any) -> Any:
+        if data is None:
+            raise fail("the module is empty; give it 'slices' (layer ranges) or 'models' (whole models)")
+        return data
+
+    @model_validator(mode="after")
+    def _one_of(self) -> OutputModuleDefinition:
+        if self.slices is not None and self.models is not None:
+            raise fail("give the module either 'slices' or 'models', not both", key="models")
+        if self.slices is None and self.models is None:
+            raise fail("the module needs 'slices' (layer ranges) or 'models' (whole models)")
+        if self.slices is not None and not self.slices:
+            raise fail("'slices' is empty; list at least one output slice", key="slices")
+        if self.models is not None and not self.models:
+            raise fail("'models' is empty; list at least one model", key="models")
+        return self
+
+
 # --------------------------------------------------------------------------- tokenizer
 
 
@@ -447,19 +478,21 @@ class LocatedConfig(BaseModel):
 
     def error(self, message: str, key: str | tuple | None = None) -> ConfigError:
         """A ConfigError about this config, located at ``key`` (a dotted path or a tuple)."""
+        line = self.line_of(key) if key else None  # from the tuple: a module name may hold dots
         if isinstance(key, tuple):
             key = format_path(key)
-        return ConfigError(message, key=key, line=self.line_of(key) if key else None, source=self._source_name)
+        return ConfigError(message, key=key, line=line, source=self._source_name)
 
 
 class MergeConfiguration(LocatedConfig):
-    """A merge config. Give exactly one of ``slices`` and ``models``."""
+    """A merge config. Give exactly one of ``slices``, ``models`` and ``modules``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     merge_method: str
     slices: list[OutputSliceDefinition] | None = None
     models: list[InputModelDefinition] | None = None
+    modules: dict[str, OutputModuleDefinition] | None = None
     parameters: Parameters | None = None
     base_model: ModelReference | None = None
     dtype: DType = None
@@ -491,12 +524,30 @@ class MergeConfiguration(LocatedConfig):
             raise fail(f"random_seed must be between 0 and 2**64-1, got {value}")
         return value
 
+    @field_validator("modules", mode="after")
+    @classmethod
+    def _module_names(cls, value: dict[str, OutputModuleDefinition] | None) -> Any:
+        if value is not None and not value:
+            raise fail("'modules' is empty; give at least one module (e.g. 'default') with its slices or models")
+        for name in value or ():
+            if not name.strip():
+                raise fail("a module name must not be empty", (name,))
+        return value
+
     @model_validator(mode="after")
     def _cross_checks(self) -> MergeConfiguration:
+        if self.modules is not None and (self.slices is not None or self.models is not None):
+            other = "slices" if self.slices is not None else "models"
+            raise fail(
+                f"give either 'modules' or '{other}', not both (a module holds its own '{other}')", key="modules"
+            )
         if self.slices is not None and self.models is not None:
             raise fail("give either 'slices' or 'models', not both", key="models")
-        if self.slices is None and self.models is None:
-            raise fail("the config needs 'models' (whole models to merge) or 'slices' (layer ranges to merge)")
+        if self.slices is None and self.models is None and self.modules is None:
+            raise fail(
+                "the config needs 'models' (whole models to merge) or 'slices' (layer ranges to merge), "
+                "or 'modules' (slices or models per module)"
+            )
         if self.slices is not None and not self.slices:
             raise fail("'slices' is empty; list at least one output slice", key="slices")
         if self.models is not None and not self.models:
@@ -528,27 +579,32 @@ class MergeConfiguration(LocatedConfig):
                 out.append(ref)
 
         add(self.base_model)
-        for m in self.models or ():
-            add(m.model)
-        for s in self.slices or ():
-            for src in s.sources:
-                add(src.model)
-            add(s.base_model)
+        groups = [(self.models, self.slices)] + [(m.models, m.slices) for m in (self.modules or {}).values()]
+        for models, slices in groups:
+            for m in models or ():
+                add(m.model)
+            for s in slices or ():
+                for src in s.sources:
+                    add(src.model)
+                add(s.base_model)
         return out
 
     def model_key(self, ref: ModelReference) -> tuple | None:
         """The first config key that names ``ref`` (for locating errors about that model)."""
         if self.base_model == ref:
             return ("base_model",)
-        for i, m in enumerate(self.models or ()):
-            if m.model == ref:
-                return ("models", i, "model")
-        for si, s in enumerate(self.slices or ()):
-            for j, src in enumerate(s.sources):
-                if src.model == ref:
-                    return ("slices", si, "sources", j, "model")
-            if s.base_model == ref:
-                return ("slices", si, "base_model")
+        groups: list[tuple[tuple, Any]] = [((), self)]
+        groups += [(("modules", name), m) for name, m in (self.modules or {}).items()]
+        for at, group in groups:
+            for i, m in enumerate(group.models or ()):
+                if m.model == ref:
+                    return (*at, "models", i, "model")
+            for si, s in enumerate(group.slices or ()):
+                for j, src in enumerate(s.sources):
+                    if src.model == ref:
+                        return (*at, "slices", si, "sources", j, "model")
+                if s.base_model == ref:
+                    return (*at, "slices", si, "base_model")
         return None
 
     def to_yaml(self) -> str:
@@ -870,19 +926,24 @@ def check_method(config: MergeConfiguration):
     raise config.error(f"unknown merge method '{name}'{hint} (available: {', '.join(names)})", key="merge_method")
 
 
-def _parameter_dicts(config: MergeConfiguration):
+def parameter_blocks(config: MergeConfiguration):
     """(key path, parameters dict) for every parameters block, in config order."""
     if config.parameters:
         yield ("parameters",), config.parameters
-    for i, m in enumerate(config.models or ()):
-        if m.parameters:
-            yield ("models", i, "parameters"), m.parameters
-    for i, s in enumerate(config.slices or ()):
-        if s.parameters:
-            yield ("slices", i, "parameters"), s.parameters
-        for j, src in enumerate(s.sources):
-            if src.parameters:
-                yield ("slices", i, "sources", j, "parameters"), src.parameters
+    groups: list[tuple[tuple, Any]] = [((), config)]
+    groups += [(("modules", name), m) for name, m in (config.modules or {}).items()]
+    for at, group in groups:
+        if at and group.parameters:
+            yield (*at, "parameters"), group.parameters
+        for i, m in enumerate(group.models or ()):
+            if m.parameters:
+                yield (*at, "models", i, "parameters"), m.parameters
+        for i, s in enumerate(group.slices or ()):
+            if s.parameters:
+                yield (*at, "slices", i, "parameters"), s.parameters
+            for j, src in enumerate(s.sources):
+                if src.parameters:
+                    yield (*at, "slices", i, "sources", j, "parameters"), src.parameters
 
 
 def parameter_name_problems(config: MergeConfiguration, method) -> list[ConfigError]:
@@ -891,7 +952,7 @@ def parameter_name_problems(config: MergeConfiguration, method) -> list[ConfigEr
     (report_parameter_problems) or, strictly, fails."""
     known = [spec.name for spec in (*method.global_params, *method.model_params)]
     problems = []
-    for path, params in _parameter_dicts(config):
+    for path, params in parameter_blocks(config):
         for name in params:
             if name not in known:
                 hint = suggest(name, known)
@@ -920,7 +981,7 @@ def report_parameter_problems(config: MergeConfiguration, method, strict: bool =
     """Warn about (or, with ``strict``, raise) each parameter ``method`` does not read; raise for
     a parameter it does read whose value is a string."""
     known = {spec.name for spec in (*method.global_params, *method.model_params)}
-    for path, params in _parameter_dicts(config):
+    for path, params in parameter_blocks(config):
         for name, setting in params.items():
             if name in known and _strings_in(setting):
                 raise config.error(

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ConditionalParameter, MergeConfiguration
+from .config import ConditionalParameter, MergeConfiguration, parameter_blocks
 
 __all__ = ["Difference", "touched_differences"]
 
@@ -54,12 +54,8 @@ RESCALE = Difference(
 
 def _settings(config: MergeConfiguration) -> Iterator[tuple[str, Any]]:
     """(parameter name, setting) of every parameters block."""
-    blocks = [config.parameters] + [m.parameters for m in config.models or ()]
-    for s in config.slices or ():
-        blocks.append(s.parameters)
-        blocks.extend(src.parameters for src in s.sources)
-    for block in blocks:
-        yield from (block or {}).items()
+    for _, block in parameter_blocks(config):
+        yield from block.items()
 
 
 def _values(setting: Any) -> Iterator[Any]:

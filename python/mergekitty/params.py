@@ -4,8 +4,9 @@ Precedence, highest first (``ParameterResolver``):
 1. the parameters of the source (input slice / model) the tensor comes from - per-model
    parameters only;
 2. the output slice's ``parameters``;
-3. the top-level ``parameters``;
-4. unset: ``None`` (the caller applies the method's default or reports a missing value).
+3. the module's ``parameters`` (``modules.<name>.parameters``, in a ``modules:`` config);
+4. the top-level ``parameters``;
+5. unset: ``None`` (the caller applies the method's default or reports a missing value).
 
 A level counts only if it yields a value: a list of conditionals whose filters match
 nothing falls through to the next level. Global (method-level) parameters see the
@@ -15,7 +16,8 @@ OUTPUT tensor name; per-model parameters see the INPUT tensor name of that model
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .config import (
@@ -27,7 +29,17 @@ from .config import (
 )
 from .refs import ModelReference
 
-__all__ = ["evaluate", "interpolate_gradient", "filter_matches", "layer_t", "ParameterResolver", "normalize_to_slices"]
+__all__ = [
+    "evaluate",
+    "interpolate_gradient",
+    "filter_matches",
+    "layer_t",
+    "ParameterResolver",
+    "SliceGroup",
+    "config_groups",
+    "group_slices",
+    "normalize_to_slices",
+]
 
 
 def layer_t(idx: int, num_layers: int) -> float:
@@ -85,46 +97,106 @@ def _lookup(params: Mapping[str, Any] | None, name: str, tensor_name: str, t: fl
     return evaluate(params[name], tensor_name, t)
 
 
+@dataclass(frozen=True)
+class SliceGroup:
+    """The slices or models of one layer stack as the config writes them: the top-level
+    ``slices``/``models``, or those of one module of a ``modules:`` config."""
+
+    module: str | None  # the module's name; None for the top-level slices/models
+    slices: tuple[OutputSliceDefinition, ...] | None
+    models: tuple[InputModelDefinition, ...] | None
+    parameters: Mapping[str, Any] | None  # the module's parameters (precedence level 3)
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """The config key path of the group's ``slices`` or ``models`` list."""
+        at: tuple[Any, ...] = ("modules", self.module) if self.module is not None else ()
+        return (*at, "slices" if self.slices is not None else "models")
+
+    def slice_key(self, index: int) -> tuple[Any, ...]:
+        """The config key path of normalized slice ``index`` (a ``models`` list is one slice)."""
+        return (*self.key, index) if self.slices is not None else self.key
+
+    def source_key(self, index: int, source: int) -> tuple[Any, ...]:
+        """The config key path of source ``source`` of normalized slice ``index``."""
+        return (*self.key, index, "sources", source) if self.slices is not None else (*self.key, source)
+
+
+def config_groups(config: MergeConfiguration) -> list[SliceGroup]:
+    """The config's groups in config order: its modules, else its top-level slices or models."""
+    if config.modules is not None:
+        return [
+            SliceGroup(
+                name,
+                tuple(m.slices) if m.slices is not None else None,
+                tuple(m.models) if m.models is not None else None,
+                m.parameters,
+            )
+            for name, m in config.modules.items()
+        ]
+    return [
+        SliceGroup(
+            None,
+            tuple(config.slices) if config.slices is not None else None,
+            tuple(config.models) if config.models is not None else None,
+            None,
+        )
+    ]
+
+
+@dataclass(frozen=True)
+class _SlicePlaces:
+    """Where the parameters of one normalized slice are: (parameters, config key path) of each
+    source, then of the slice, its module and the top level, in precedence order."""
+
+    sources: tuple[tuple[Mapping[str, Any] | None, tuple[Any, ...]], ...]
+    levels: tuple[tuple[Mapping[str, Any] | None, tuple[Any, ...]], ...]
+
+
+def _slice_places(config: MergeConfiguration) -> list[_SlicePlaces]:
+    """Every normalized slice of the config (``group_slices`` of each group, in order)."""
+    out = []
+    for group in config_groups(config):
+        outer: list[tuple[Mapping[str, Any] | None, tuple[Any, ...]]] = []
+        if group.module is not None:
+            outer.append((group.parameters, ("modules", group.module, "parameters")))
+        outer.append((config.parameters, ("parameters",)))
+        if group.slices is not None:
+            for i, sl in enumerate(group.slices):
+                sources = tuple(
+                    (src.parameters, (*group.source_key(i, j), "parameters")) for j, src in enumerate(sl.sources)
+                )
+                out.append(_SlicePlaces(sources, ((sl.parameters, (*group.slice_key(i), "parameters")), *outer)))
+        else:
+            models = tuple(
+                (m.parameters, (*group.source_key(0, j), "parameters")) for j, m in enumerate(group.models or ())
+            )
+            out.append(_SlicePlaces(models, tuple(outer)))
+    return out
+
+
 class ParameterResolver:
     """Resolves parameter values by precedence for a MergeConfiguration.
 
-    ``slice_idx`` and ``source_idx`` index the normalized slices (``normalize_to_slices``):
-    for a ``models:`` config there is one slice (index 0) whose sources are the models in
-    config order, then the base model if it was appended (which has no parameters).
+    ``slice_idx`` indexes the normalized slices of every group in config order (``config_groups``,
+    each normalized by ``group_slices``): a ``models`` list is one slice whose sources are the
+    models in config order, then the base model if it was appended (which has no parameters).
+    ``source_idx`` indexes that slice's sources.
     """
 
     def __init__(self, config: MergeConfiguration) -> None:
         self.config = config
-
-    def _slice_params(self, slice_idx: int) -> Mapping[str, Any] | None:
-        if self.config.slices is not None:
-            return self.config.slices[slice_idx].parameters
-        return None
-
-    def _source_params(self, slice_idx: int, source_idx: int) -> Mapping[str, Any] | None:
-        sources: Sequence[InputSliceDefinition | InputModelDefinition]
-        if self.config.slices is not None:
-            sources = self.config.slices[slice_idx].sources
-        else:
-            sources = self.config.models or []
-        if 0 <= source_idx < len(sources):
-            return sources[source_idx].parameters
-        return None  # the appended base model
+        self._slices = _slice_places(config)
 
     def _places(self, slice_idx: int, source_idx: int | None) -> list[tuple[Mapping[str, Any] | None, tuple[Any, ...]]]:
         """(parameters, their config key path) in precedence order."""
-        out: list[tuple[Mapping[str, Any] | None, tuple[Any, ...]]] = []
+        places = self._slices[slice_idx]
+        out = []
         if source_idx is not None:
-            where = (
-                ("slices", slice_idx, "sources", source_idx)
-                if self.config.slices is not None
-                else ("models", source_idx)
-            )
-            out.append((self._source_params(slice_idx, source_idx), (*where, "parameters")))
-        if self.config.slices is not None:
-            out.append((self._slice_params(slice_idx), ("slices", slice_idx, "parameters")))
-        out.append((self.config.parameters, ("parameters",)))
-        return out
+            if 0 <= source_idx < len(places.sources):
+                out.append(places.sources[source_idx])
+            # else: the appended base model, which has no parameters of its own
+        return out + list(places.levels)
 
     def origin(self, name: str, slice_idx: int, source_idx: int | None, tensor_name: str, t: float) -> tuple[Any, ...]:
         """The config key path the value of ``name`` comes from (for error messages with a line)."""
@@ -134,45 +206,53 @@ class ParameterResolver:
         return ("parameters", name)
 
     def global_value(self, name: str, slice_idx: int, out_tensor_name: str, t: float) -> Any:
-        """A method-level parameter for an output tensor: slice, then top level; None if unset."""
-        for params in (self._slice_params(slice_idx), self.config.parameters):
-            value = _lookup(params, name, out_tensor_name, t)
+        """A method-level parameter for an output tensor: slice, module, then top level; None if unset."""
+        return self._first(self._places(slice_idx, None), name, out_tensor_name, t)
+
+    def model_value(self, name: str, slice_idx: int, source_idx: int, in_tensor_name: str, t: float) -> Any:
+        """A per-model parameter for one source's input tensor: source, slice, module, then top
+        level; None if unset."""
+        return self._first(self._places(slice_idx, source_idx), name, in_tensor_name, t)
+
+    @staticmethod
+    def _first(places: list[tuple[Mapping[str, Any] | None, tuple[Any, ...]]], name: str, tensor: str, t: float) -> Any:
+        for params, _ in places:
+            value = _lookup(params, name, tensor, t)
             if value is not None:
                 return value
         return None
 
-    def model_value(self, name: str, slice_idx: int, source_idx: int, in_tensor_name: str, t: float) -> Any:
-        """A per-model parameter for one source's input tensor: source, slice, then top level; None if unset."""
-        for params in (
-            self._source_params(slice_idx, source_idx),
-            self._slice_params(slice_idx),
-            self.config.parameters,
-        ):
-            value = _lookup(params, name, in_tensor_name, t)
-            if value is not None:
-                return value
-        return None
+
+def group_slices(
+    group: SliceGroup, base_model: ModelReference | None, num_layers: Callable[[ModelReference], int]
+) -> list[OutputSliceDefinition]:
+    """The group's output slices (no validation: ``num_layers`` is trusted); a ``models`` list
+    becomes one slice covering ``[0, num_layers(model))`` of each model, in order, with the base
+    model appended as an extra source without parameters when it is not among the models."""
+    if group.slices is not None:
+        return list(group.slices)
+    models = group.models or ()
+    sources = [
+        InputSliceDefinition.model_construct(
+            model=m.model, layer_range=(0, num_layers(m.model)), parameters=m.parameters
+        )
+        for m in models
+    ]
+    if base_model is not None and all(m.model != base_model for m in models):
+        sources.append(
+            InputSliceDefinition.model_construct(
+                model=base_model, layer_range=(0, num_layers(base_model)), parameters=None
+            )
+        )
+    return [
+        OutputSliceDefinition.model_construct(sources=sources, base_model=None, residual_weight=None, parameters=None)
+    ]
 
 
 def normalize_to_slices(
     config: MergeConfiguration, num_layers: Callable[[ModelReference], int]
 ) -> list[OutputSliceDefinition]:
-    """The config's output slices (no validation: ``num_layers`` is trusted); a ``models:`` config becomes one slice covering
-    ``[0, num_layers(model))`` of each model, in order, with the base model appended as an
-    extra source without parameters when it is not among the models."""
-    if config.slices is not None:
-        return list(config.slices)
-    sources = [
-        InputSliceDefinition.model_construct(
-            model=m.model, layer_range=(0, num_layers(m.model)), parameters=m.parameters
-        )
-        for m in config.models or ()
-    ]
-    base = config.base_model
-    if base is not None and all(m.model != base for m in config.models or ()):
-        sources.append(
-            InputSliceDefinition.model_construct(model=base, layer_range=(0, num_layers(base)), parameters=None)
-        )
-    return [
-        OutputSliceDefinition.model_construct(sources=sources, base_model=None, residual_weight=None, parameters=None)
-    ]
+    """The output slices of a config of one layer stack (``group_slices`` of each group, in
+    order): a ``models:`` config becomes one slice. A ``modules:`` config of several stacks is
+    planned stack by stack (``config_modules.output_stacks``)."""
+    return [sl for group in config_groups(config) for sl in group_slices(group, config.base_model, num_layers)]

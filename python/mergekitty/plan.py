@@ -11,7 +11,7 @@ import difflib
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +25,7 @@ from .architecture.layout import (
     set_untied,
     set_vocab_size,
     spelled_like,
+    stack_count_key,
     ties_embeddings,
 )
 from .errors import ArchitectureError, ConfigError, PlanError
@@ -32,6 +33,7 @@ from .io.dtypes import nbytes
 from .kernels import JobInput, Kernel, Torch, choose
 
 if TYPE_CHECKING:
+    from .config_modules import StackSlices
     from .memory import MemoryEstimate
     from .tokenizer.build import VocabPlan
 from .methods.base import MergeMethod, ParamSpec
@@ -259,6 +261,13 @@ class Planner:
         self.vocab: VocabPlan | None = None  # the output vocabulary, given to plan()
         # head name -> models without it whose input embedding is read as their head (tied embeddings)
         self.tied_heads: dict[str, set[int]] = defaultdict(set)
+        # the layer stacks planned (one, or one per module of a ``modules:`` config), given to plan()
+        self.stacks: list[StackSlices] = []
+        self._ranges: list[tuple[int, int]] = []  # per stack: its slices' [start, stop) in the flat slice list
+        self._slice_stack: list[tuple[int, int]] = []  # per flat slice: (its stack, its index there)
+        self._main = 0  # the stack of the language model
+        self._layer_cache: dict[tuple[int, str], dict[int, tuple[str, ...]]] = {}
+        self._other_stack_names: dict[int, set[str]] = {}
         # (model, tensor) -> why the output leaves it out, for tensors the enumeration skips on purpose
         self.skipped: dict[tuple[int, str], str] = {}
 
@@ -362,27 +371,30 @@ class Planner:
     # ---------------------------------------------------------------- planning
     def plan(
         self,
-        slices: list[Any],
+        stacks: Sequence[StackSlices],
         vocab: VocabPlan | None = None,
         random_seed: int = 0,
         device: str = "cpu",
         shard_size_bytes: int = DEFAULT_SHARD_SIZE_BYTES,
     ) -> MergePlan:
-        """The plan of ``slices`` for the output vocabulary ``vocab`` (tokenizer.build.VocabPlan or
-        None), with kernels chosen for ``device`` and the output laid out in shards of
-        ``shard_size_bytes``."""
+        """The plan of the slices of ``stacks`` (``config_modules.output_stacks``) for the output
+        vocabulary ``vocab`` (tokenizer.build.VocabPlan or None), with kernels chosen for
+        ``device`` and the output laid out in shards of ``shard_size_bytes``."""
         self.vocab = vocab
+        self._set_stacks(stacks)
         method = self.method
         donor = self.donor
         base_ref = self.config.base_model
         if method.base == "required" and base_ref is None:
             raise ConfigError(f"merge method '{method.name}' needs a base_model", key="base_model")
+        slices = [sl for st in self.stacks for sl in st.slices]
         picks = [self._slice_picks(si, sl, base_ref) for si, sl in enumerate(slices)]
         layer_map: list[tuple[int, tuple[tuple[str, int], ...]]] = []
         tensors = [t for t in self._output_tensors(picks, layer_map) if self._kept(t)]
         jobs = _placed([self._job(tensor, device) for tensor in tensors], shard_size_bytes)
         excluded = self._accounted(picks, jobs)
-        out_config = self._out_config(donor, slices, len(layer_map))
+        out_layers = [sum(sp.length for sp in picks[lo:hi]) for lo, hi in self._ranges]
+        out_config = self._out_config(donor, out_layers)
         self._untie_for_heads(out_config, jobs)
         if self.vocab is not None and any(j.aligned for j in jobs):
             set_vocab_size(out_config, self.vocab.rows)
@@ -402,9 +414,57 @@ class Planner:
             excluded,
         )
 
+    def _set_stacks(self, stacks: Sequence[StackSlices]) -> None:
+        self.stacks = list(stacks)
+        self._ranges, self._slice_stack = [], []
+        for k, st in enumerate(self.stacks):
+            self._ranges.append((len(self._slice_stack), len(self._slice_stack) + len(st.slices)))
+            self._slice_stack += [(k, i) for i in range(len(st.slices))]
+        self._main = next(k for k, st in enumerate(self.stacks) if st.main)
+        self._other_stack_names = {}
+
+    def _prefix(self, stack: int, model: int) -> str:
+        """``model``'s prefix of layer stack ``stack`` (a model a slice reads has it: _slice_picks)."""
+        prefix = self.stacks[stack].prefixes[model]
+        assert prefix is not None
+        return prefix
+
+    def _layers(self, model: int, prefix: str) -> dict[int, tuple[str, ...]]:
+        """Layer index -> tensor suffixes of ``model``'s stack ``prefix``."""
+        key = (model, prefix)
+        if key not in self._layer_cache:
+            self._layer_cache[key] = self.models[model].layout.stack_layers(prefix)
+        return self._layer_cache[key]
+
+    def _in_other_stacks(self, model: int) -> set[str]:
+        """``model``'s tensors in the layer stacks that modules select besides its main one: they
+        are planned layer by layer, not with the weights before or after the main stack."""
+        if model not in self._other_stack_names:
+            layout = self.models[model].layout
+            names = set()
+            for st in self.stacks:
+                prefix = st.prefixes[model]
+                if prefix is not None and prefix != layout.prefix:
+                    names |= {
+                        f"{prefix}.{i}.{rest}" for i, rests in self._layers(model, prefix).items() for rest in rests
+                    }
+            self._other_stack_names[model] = names
+        return self._other_stack_names[model]
+
+    def _config_error(self, message: str, key: tuple[Any, ...]) -> ConfigError:
+        """A ConfigError at config key ``key``, with its line when the config knows it."""
+        if hasattr(self.config, "error"):
+            error: ConfigError = self.config.error(message, key=key)
+            return error
+        from .yaml_lines import format_path
+
+        return ConfigError(message, key=format_path(key))
+
     def _slice_picks(self, si: int, sl: Any, base_ref: Any) -> SlicePicks:
         """Which models a slice reads, from which layer, and which is its base; checks the ranges."""
         method = self.method
+        k, local = self._slice_stack[si]
+        group = self.stacks[k].group
         uses_base = method.base != "ignored"
         slice_base = getattr(sl, "base_model", None) or base_ref
         entries, base_entry = [], None
@@ -412,87 +472,128 @@ class Planner:
         for j, src in enumerate(sl.sources):
             start, stop = src.layer_range
             mi = self._model(src.model)
-            layout = self.models[mi].layout
-            if stop > layout.num_layers:
-                raise ConfigError(
-                    f"layer_range [{start}, {stop}) is beyond the {layout.num_layers} layers of {self.models[mi].label}",
-                    key=f"slices[{si}].sources[{j}].layer_range",
+            count = self._stack_count(k, mi, (*group.source_key(local, j), "model"))
+            if stop > count:
+                raise self._config_error(
+                    f"layer_range [{start}, {stop}) is beyond the {count} layers of {self._stack_label(k, mi)}",
+                    (*group.source_key(local, j), "layer_range"),
                 )
             lengths.add(stop - start)
             is_base = slice_base is not None and str(src.model) == str(slice_base)
             if uses_base and is_base:
                 base_entry = (mi, start)
-            elif is_base and not self._listed(src.model):
+            elif is_base and not self._listed(group, src.model):
                 continue  # a base the method does not use, added only to carry the config
             else:
                 entries.append((mi, start, j))
         if len(lengths) > 1:
-            raise ConfigError(
+            raise self._config_error(
                 f"all sources of a slice must cover the same number of layers (got {sorted(lengths)})",
-                key=f"slices[{si}].sources",
+                (*group.slice_key(local), "sources"),
             )
         if uses_base and base_entry is None and slice_base is not None:
-            base_entry = (self._model(slice_base), sl.sources[0].layer_range[0])
+            base_model = self._model(slice_base)
+            self._stack_count(k, base_model, ("base_model",))
+            base_entry = (base_model, sl.sources[0].layer_range[0])
         if not entries and not (uses_base and base_entry):
-            raise ConfigError("a slice needs at least one source model", key=f"slices[{si}].sources")
+            raise self._config_error("a slice needs at least one source model", (*group.slice_key(local), "sources"))
         if method.max_models is not None and len(entries) > method.max_models:
-            raise ConfigError(
+            raise self._config_error(
                 f"merge method '{method.name}' takes at most {method.max_models} model(s) per tensor, got {len(entries)}",
-                key=f"slices[{si}].sources" if self.config.slices else "models",
+                (*group.slice_key(local), "sources") if group.slices is not None else group.key,
             )
         return SlicePicks(entries, base_entry, lengths.pop() if lengths else 0)
+
+    def _stack_count(self, stack: int, model: int, key: tuple[Any, ...]) -> int:
+        """The layer count of ``model``'s layer stack ``stack``; a ConfigError at ``key`` when it has none."""
+        prefix = self.stacks[stack].prefixes[model]
+        count = self.models[model].layout.stack_size(prefix) if prefix is not None else None
+        if count is None:
+            module = self.stacks[stack].group.module
+            raise self._config_error(f"{self.models[model].label} has no layer stack for module '{module}'", key)
+        return count
+
+    def _stack_label(self, stack: int, model: int) -> str:
+        """``model``'s label, and the stack's prefix when it is not the model's main stack."""
+        prefix, m = self.stacks[stack].prefixes[model], self.models[model]
+        return m.label if prefix == m.layout.prefix else f"{m.label}'s stack '{prefix}'"
+
+    def _named(self, groups: Iterable[Iterable[str]]) -> list[str]:
+        """The union of ``groups`` in first-seen order, each name in the donor's spelling."""
+        donor_prefix = self.models[self.donor].layout.prefix
+        out: dict[str, None] = {}
+        for group in groups:
+            for name in group:
+                name = spelled_like(name, (donor_prefix,))
+                if name not in out and not any(o in out for o in other_spellings(name)):
+                    out[name] = None
+        return list(out)
 
     def _output_tensors(
         self, picks: list[SlicePicks], layer_map: list[tuple[int, tuple[tuple[str, int], ...]]]
     ) -> Iterator[OutputTensor]:
-        """Every output tensor in output order: the weights before the layer stack (first slice,
-        t = 0), each slice's layers renumbered consecutively (appended to ``layer_map``), the
-        weights after it (last slice, t = 1). Each group holds every tensor that any model it
-        reads has (the donor's first, in its order, then the others' in theirs): a tensor that
-        some of them lack is never dropped, it is an error (``_find_all``) or a stated exclusion
-        (``_kept``)."""
-        from .params import layer_t
-
-        donor = self.models[self.donor]
-        donor_layout = donor.layout
+        """Every output tensor in output order: the weights before the layer stack (the first
+        slice of the main stack, t = 0), the layers of the other stacks that modules select, the
+        main stack's layers (appended to ``layer_map``), the weights after it (its last slice,
+        t = 1). Each group holds every tensor that any model it reads has (the donor's first, in
+        its order, then the others' in theirs): a tensor that some of them lack is never dropped,
+        it is an error (``_find_all``) or a stated exclusion (``_kept``)."""
+        donor_layout = self.models[self.donor].layout
 
         def whole(name: str, si: int, t: float) -> OutputTensor:
             sp = picks[si]
             base = (sp.base[0], name) if sp.base else None
             return OutputTensor(name, si, t, [(mi, name, j) for mi, _, j in sp.entries], base)
 
-        def named(groups: Iterable[Iterable[str]]) -> list[str]:
-            """The union of ``groups`` in first-seen order, each name in the donor's spelling."""
-            out: dict[str, None] = {}
-            for group in groups:
-                for name in group:
-                    name = spelled_like(name, (donor_layout.prefix,))
-                    if name not in out and not any(o in out for o in other_spellings(name)):
-                        out[name] = None
-            return list(out)
+        def outside(mi: int, names: Iterable[str]) -> list[str]:
+            other = self._in_other_stacks(mi)
+            return [n for n in names if n not in other]
 
-        first, last = _readers(picks[0]), _readers(picks[-1])
-        for name in named([donor_layout.pre, *(self.models[mi].layout.pre for mi, _ in first)]):
-            yield whole(name, 0, 0.0)
-        for si, sp in enumerate(picks):
+        lo, hi = self._ranges[self._main]
+        first, last = _readers(picks[lo]), _readers(picks[hi - 1])
+        pre = [outside(self.donor, donor_layout.pre), *(outside(mi, self.models[mi].layout.pre) for mi, _ in first)]
+        for name in self._named(pre):
+            yield whole(name, lo, 0.0)
+        for k in range(len(self.stacks)):
+            if k != self._main:
+                yield from self._stack_tensors(k, picks, None)
+        yield from self._stack_tensors(self._main, picks, layer_map)
+        post = [outside(self.donor, donor_layout.post), *(outside(mi, self.models[mi].layout.post) for mi, _ in last)]
+        for name in self._named(post):
+            yield whole(name, hi - 1, 1.0)
+
+    def _stack_tensors(
+        self, stack: int, picks: list[SlicePicks], layer_map: list[tuple[int, tuple[tuple[str, int], ...]]] | None
+    ) -> Iterator[OutputTensor]:
+        """The layers of one stack, slice by slice, renumbered consecutively from 0 under the
+        donor's prefix (each recorded in ``layer_map`` when given)."""
+        from .params import layer_t
+
+        lo, hi = self._ranges[stack]
+        out_prefix = self._prefix(stack, self.donor)
+        out_layer = 0
+        for si in range(lo, hi):
+            sp = picks[si]
             readers = _readers(sp)
             for idx in range(sp.length):
-                out_layer = len(layer_map)
-                layer_map.append(
-                    (out_layer, tuple((self.models[mi].label, start + idx) for mi, start, _ in sp.entries))
+                if layer_map is not None:
+                    layer_map.append(
+                        (out_layer, tuple((self.models[mi].label, start + idx) for mi, start, _ in sp.entries))
+                    )
+                suffixes = self._named(
+                    self._layers(mi, self._prefix(stack, mi)).get(start + idx, ()) for mi, start in readers
                 )
-                suffixes = named(self.models[mi].layout.layer_tensors.get(start + idx, ()) for mi, start in readers)
                 for suffix in suffixes:
                     names = [
-                        (mi, self.models[mi].layout.layer_name(start + idx, suffix), j) for mi, start, j in sp.entries
+                        (mi, f"{self._prefix(stack, mi)}.{start + idx}.{suffix}", j) for mi, start, j in sp.entries
                     ]
                     base = None
                     if sp.base:
-                        base = (sp.base[0], self.models[sp.base[0]].layout.layer_name(sp.base[1] + idx, suffix))
+                        base_model, base_start = sp.base
+                        base = (base_model, f"{self._prefix(stack, base_model)}.{base_start + idx}.{suffix}")
                     t = layer_t(idx, sp.length)
-                    yield OutputTensor(donor_layout.layer_name(out_layer, suffix), si, t, names, base)
-        for name in named([donor_layout.post, *(self.models[mi].layout.post for mi, _ in last)]):
-            yield whole(name, len(picks) - 1, 1.0)
+                    yield OutputTensor(f"{out_prefix}.{out_layer}.{suffix}", si, t, names, base)
+                out_layer += 1
 
     def _kept(self, tensor: OutputTensor) -> bool:
         """False for a buffer transformers rebuilds at load time (rotary ``inv_freq``, a causal
@@ -520,17 +621,20 @@ class Planner:
         for job in jobs:
             for s in (*job.inputs, *job.row_sources):
                 read[s.model].add(s.tensor)
-        layers: dict[int, set[int]] = defaultdict(set)  # per model, the layers some slice reads
-        for sp in picks:
-            for mi, start in _readers(sp):
-                layers[mi].update(range(start, start + sp.length))
-        first, last = {mi for mi, _ in _readers(picks[0])}, {mi for mi, _ in _readers(picks[-1])}
+        layers: dict[tuple[int, str], set[int]] = defaultdict(set)  # per (model, stack), the layers some slice reads
+        for k, (lo, hi) in enumerate(self._ranges):
+            for sp in picks[lo:hi]:
+                for mi, start in _readers(sp):
+                    layers[(mi, self._prefix(k, mi))].update(range(start, start + sp.length))
+        readers = {mi for sp in picks for mi, _ in _readers(sp)}
+        lo, hi = self._ranges[self._main]
+        first, last = {mi for mi, _ in _readers(picks[lo])}, {mi for mi, _ in _readers(picks[hi - 1])}
         groups: dict[tuple[int, str], list[str]] = defaultdict(list)
         for mi, m in enumerate(self.models):
             for name in m.checkpoint.names():
                 if name in read[mi]:
                     continue
-                reason = self.skipped.get((mi, name)) or self._left_out_because(mi, name, layers, first, last)
+                reason = self.skipped.get((mi, name)) or self._left_out_because(mi, name, layers, readers, first, last)
                 if reason is None:
                     raise PlanError(
                         f"tensor '{name}' of {m.label} would be left out of the output: no output tensor reads it"
@@ -551,19 +655,29 @@ class Planner:
         return excluded
 
     def _left_out_because(
-        self, mi: int, name: str, layers: dict[int, set[int]], first: set[int], last: set[int]
+        self,
+        mi: int,
+        name: str,
+        layers: dict[tuple[int, str], set[int]],
+        readers: set[int],
+        first: set[int],
+        last: set[int],
     ) -> str | None:
         """Why the slices do not read tensor ``name`` of model ``mi``; None when they should."""
         layout = self.models[mi].layout
-        if mi not in layers:
+        if mi not in readers:
             if self.config.base_model is not None and mi == self._model(self.config.base_model):
                 return f"merge method '{self.method.name}' does not use the base model"
             return "no slice reads this model"
-        prefix = layout.prefix + "."
-        if layout.prefix and name.startswith(prefix):
-            index, _, suffix = name[len(prefix) :].partition(".")
-            if index.isdigit() and suffix in layout.layer_tensors.get(int(index), ()):
-                return None if int(index) in layers[mi] else "a layer outside the slices' layer ranges"
+        for st in self.stacks:
+            prefix = st.prefixes[mi]
+            if not prefix or not name.startswith(prefix + "."):
+                continue
+            index, _, suffix = name[len(prefix) + 1 :].partition(".")
+            if index.isdigit() and suffix in self._layers(mi, prefix).get(int(index), ()):
+                if (mi, prefix) not in layers:
+                    return f"a layer of module '{st.group.module}', which does not read this model"
+                return None if int(index) in layers[(mi, prefix)] else "a layer outside the slices' layer ranges"
         if name in layout.pre and mi not in first:
             return f"before the layer stack, which the first slice takes from {self._labels(first)}"
         if name in layout.post and mi not in last:
@@ -682,9 +796,10 @@ class Planner:
             raise ConfigError(f"merge method '{method.name}' needs a base_model here: {reason}", key="base_model")
         # a slice holding only the base model is allowed (the base passes through)
         if 0 < len(sources) < method.min_models or (not sources and base is None):
+            given = [k for k in ("modules", "models") if getattr(self.config, k, None)]
             raise ConfigError(
                 f"merge method '{method.name}' needs at least {method.min_models} model(s) besides the base, got {len(sources)}",
-                key="models" if self.config.models else "slices",
+                key=given[0] if given else "slices",
             )
 
     def embedding_rows(self, model: int) -> int | None:
@@ -705,9 +820,11 @@ class Planner:
             return False
         return any(self.vocab.row_maps[s.model] is not None for s in sources)
 
-    def _listed(self, ref: Any) -> bool:
-        if self.config.models:
-            return any(str(m.model) == str(ref) for m in self.config.models)
+    @staticmethod
+    def _listed(group: Any, ref: Any) -> bool:
+        """Whether ``ref`` is one of the models a group lists (always, for slices)."""
+        if group.models is not None:
+            return any(str(m.model) == str(ref) for m in group.models)
         return True
 
     @property
@@ -728,7 +845,9 @@ class Planner:
         info = self.models[first.model].checkpoint.infos[first.tensor]
         return (first.model, info.file, info.start)
 
-    def _out_config(self, donor: int, slices: list[Any], num_out_layers: int) -> dict[str, Any]:
+    def _out_config(self, donor: int, out_layers: list[int]) -> dict[str, Any]:
+        """The donor's config.json with the output dtype, and the layer count (and per-layer
+        lists) of each stack that slices rebuilt."""
         import copy
 
         cfg = copy.deepcopy(self.models[donor].config)
@@ -742,12 +861,26 @@ class Planner:
                     for k in ("torch_dtype", "dtype"):
                         if k in cfg[sub]:
                             cfg[sub][k] = dtype
-        if self.config.slices:
-            key = self.models[donor].layout.count_key
-            if key is None:
-                log.warning("config.json has no layer count key; the output keeps the donor's value")
+        layout = self.models[donor].layout
+        for stack, (st, num_out_layers) in enumerate(zip(self.stacks, out_layers)):
+            if st.group.slices is None:
+                continue  # whole models: the layer count is the donor's
+            if st.main:
+                key = layout.count_key
+                if key is None:
+                    log.warning("config.json has no layer count key; the output keeps the donor's value")
+                    continue
             else:
-                self._rewrite_layer_lists(cfg, key, slices, num_out_layers)
+                prefix = self._prefix(stack, donor)
+                key = stack_count_key(cfg, prefix, layout.stacks[prefix], exclude=layout.count_key)
+                if key is None:
+                    log.warning(
+                        "config.json has no layer count for the layer stack '%s' (module '%s'); the output keeps the donor's value",
+                        prefix,
+                        st.group.module,
+                    )
+                    continue
+            self._rewrite_layer_lists(cfg, key, list(st.slices), num_out_layers)
         return cfg
 
     def _rewrite_layer_lists(self, cfg: dict[str, Any], key: str, slices: list[Any], num_out_layers: int) -> None:
@@ -756,13 +889,7 @@ class Planner:
         old_count = parent[key.split(".")[-1]]
         _set_nested(cfg, key, num_out_layers)
         for list_key, value in list(parent.items()):
-            if (
-                list_key in LAYER_INDEX_LISTS
-                or not isinstance(value, list)
-                or len(value) != old_count
-                or old_count == num_out_layers
-                and not self.config.slices
-            ):
+            if list_key in LAYER_INDEX_LISTS or not isinstance(value, list) or len(value) != old_count:
                 continue
             rebuilt = []
             for sl in slices:

@@ -172,6 +172,28 @@ class ModelLayout:
         return f"{self.prefix}.{index}.{suffix}"
 
     @property
+    def stacks(self) -> dict[str, int]:
+        """Every layer stack's prefix and layer count: the main one first, then the others."""
+        return ({self.prefix: self.num_layers} if self.prefix else {}) | self.extra_stacks
+
+    def stack_size(self, prefix: str) -> int | None:
+        """The layer count of the stack ``prefix`` (the main one or another); None without it."""
+        return self.num_layers if prefix == self.prefix else self.extra_stacks.get(prefix)
+
+    def stack_layers(self, prefix: str) -> dict[int, tuple[str, ...]]:
+        """Layer index -> suffixes of the stack ``prefix`` (the main one, or one of ``extra_stacks``,
+        whose tensors are among the pre and post weights)."""
+        if prefix == self.prefix:
+            return self.layer_tensors
+        numbered = re.compile(re.escape(prefix) + r"\.(\d+)\.(.+)$")
+        layers: dict[int, list[str]] = defaultdict(list)
+        for name in (*self.pre, *self.post):
+            m = numbered.match(name)
+            if m:
+                layers[int(m[1])].append(m[2])
+        return {i: tuple(layers[i]) for i in sorted(layers)}
+
+    @property
     def input_embedding(self) -> str | None:
         """The language model's token embedding (what a tied head shares), if one is recognized."""
         for name in self.pre:
@@ -261,6 +283,30 @@ def vocab_size_of(cfg: dict[str, Any]) -> int | None:
         if isinstance(node, dict) and isinstance(node.get("vocab_size"), int):
             return int(node["vocab_size"])
     return None
+
+
+def _words(text: str) -> set[str]:
+    words = set(re.split(r"[._]", text.lower())) - {"", "config", "model"}
+    return words | ({"vision"} if words & {"visual", "image"} else set())
+
+
+def stack_count_key(cfg: dict[str, Any], prefix: str, count: int, exclude: str | None = None) -> str | None:
+    """The dotted config key holding the layer count of the stack ``prefix`` (of ``count`` layers)
+    other than the language model's (``exclude``): a nested ``*_config`` layer count that equals
+    ``count``, the one whose name shares a word with the prefix (``vision_config`` for
+    ``model.vision_tower.encoder.layers``) when several do. None when none is found."""
+    found = []
+    for sub, node in cfg.items():
+        if not (isinstance(node, dict) and sub.endswith("_config")):
+            continue
+        for key in (*LAYER_COUNT_KEYS, "depth"):
+            value = node.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value == count and f"{sub}.{key}" != exclude:
+                found.append((len(_words(sub) & _words(prefix)), f"{sub}.{key}"))
+                break
+    best = max((score for score, _ in found), default=0)
+    keys = [key for score, key in found if score == best]
+    return keys[0] if len(keys) == 1 else None
 
 
 def set_vocab_size(cfg: dict[str, Any], rows: int) -> None:

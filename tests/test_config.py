@@ -406,7 +406,7 @@ def test_missing_layer_range_and_empty_sources():
 
 def test_string_parameter_of_a_method_is_an_error_when_planned():
     # the other tools' schemas take strings; one the method reads is an error with its key and line
-    from mergekitty.config import check_method, report_parameter_problems
+    from mergekitty.config import check_method, check_parameter_values
 
     cfg = load_config(
         textwrap.dedent(
@@ -422,7 +422,7 @@ def test_string_parameter_of_a_method_is_an_error_when_planned():
         source="cfg.yml",
     )
     with pytest.raises(ConfigError) as info:
-        report_parameter_problems(cfg, check_method(cfg))
+        check_parameter_values(cfg, check_method(cfg))
     assert info.value.key == "models[0].parameters.weight" and info.value.line == 5
     assert "got a string" in str(info.value)
 

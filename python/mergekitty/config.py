@@ -68,7 +68,7 @@ __all__ = [
     "effective_tokenizer_source",
     "parameter_name_problems",
     "report_ignored",
-    "report_parameter_problems",
+    "check_parameter_values",
 ]
 
 # Top-level keys that other tools put in a config and that are accepted and ignored.
@@ -727,13 +727,17 @@ def _without(data: Any, loc: tuple) -> Any:
     return data
 
 
-def report_ignored(config: LocatedConfig, strict: bool = False) -> None:
-    """Warn once about each key ``config`` held that no merge reads; with ``strict``, raise the
-    first as the ConfigError it is."""
-    for problem in config.ignored_keys:
+def report_ignored(config: LocatedConfig, strict: bool = False, also: typing.Iterable[ConfigError] = ()) -> None:
+    """Warn once about each key ``config`` held that no merge reads (and each of ``also``, such
+    as parameters the method does not read), in line order; with ``strict``, raise the first as
+    the ConfigError it is."""
+    problems = sorted([*config.ignored_keys, *also], key=lambda p: (p.line is None, p.line or 0))
+    for problem in problems:
         if strict:
-            detail = problem.detail.replace(f" and {_IGNORED_AS}", "") + " (strict mode: ignored keys are errors)"
-            raise ConfigError(detail, problem.key, problem.line, problem.source)
+            detail = problem.detail.replace(f"; it {_IGNORED_AS}", "").replace(f" and {_IGNORED_AS}", "")
+            raise ConfigError(
+                detail + " (strict mode: ignored keys are errors)", problem.key, problem.line, problem.source
+            )
         log.warning("%s", problem)
 
 
@@ -949,7 +953,7 @@ def parameter_blocks(config: MergeConfiguration):
 def parameter_name_problems(config: MergeConfiguration, method) -> list[ConfigError]:
     """A ConfigError (not raised) for each parameter name ``method`` does not read, with a
     did-you-mean suggestion: the other tools ignore such a parameter, so the caller warns
-    (report_parameter_problems) or, strictly, fails."""
+    (report_ignored) or, strictly, fails."""
     known = [spec.name for spec in (*method.global_params, *method.model_params)]
     problems = []
     for path, params in parameter_blocks(config):
@@ -977,9 +981,9 @@ def _strings_in(setting: Any) -> bool:
     return False
 
 
-def report_parameter_problems(config: MergeConfiguration, method, strict: bool = False) -> None:
-    """Warn about (or, with ``strict``, raise) each parameter ``method`` does not read; raise for
-    a parameter it does read whose value is a string."""
+def check_parameter_values(config: MergeConfiguration, method) -> None:
+    """Raise for a parameter ``method`` reads whose value is a string (the schema accepts strings
+    because the other tools do, for parameters no method reads)."""
     known = {spec.name for spec in (*method.global_params, *method.model_params)}
     for path, params in parameter_blocks(config):
         for name, setting in params.items():
@@ -989,12 +993,3 @@ def report_parameter_problems(config: MergeConfiguration, method, strict: bool =
                     f"numbers; got a string",
                     key=(*path, name),
                 )
-    for problem in parameter_name_problems(config, method):
-        if strict:
-            raise ConfigError(
-                problem.detail.replace(f"; it {_IGNORED_AS}", "") + " (strict mode: ignored keys are errors)",
-                problem.key,
-                problem.line,
-                problem.source,
-            )
-        log.warning("%s", problem)

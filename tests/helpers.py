@@ -16,7 +16,18 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["load_model", "model_logits", "read_state", "run_cli", "run_yaml", "task_vector_family"]
+__all__ = [
+    "VLM_LAYER_TYPES",
+    "VLM_TEXT_LAYERS",
+    "VLM_VISION_LAYERS",
+    "load_model",
+    "model_logits",
+    "read_state",
+    "run_cli",
+    "run_yaml",
+    "task_vector_family",
+    "write_tiny_vlm",
+]
 
 
 def run_cli(*args: Any, check: bool = True, cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -101,3 +112,46 @@ def task_vector_family(
             d.view(-1)[1::7] = 0.03125  # ties
         xs.append((base + d).to(dtype))
     return base.to(dtype), xs
+
+
+VLM_HIDDEN, VLM_VOCAB = 8, 16
+VLM_TEXT_LAYERS, VLM_VISION_LAYERS = 4, 3
+VLM_LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+
+
+def write_tiny_vlm(path: Path, seed: int) -> Path:
+    """A vision-language checkpoint (random weights from ``seed``) of a language model
+    (``model.language_model.layers``), a vision tower (``model.vision_tower.encoder.layers``, with
+    its patch embedding and final norm) and a projector without layers, layer counts nested in
+    config.json as real ones are. Not loadable by transformers: for planning and weight checks."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    H, V = VLM_HIDDEN, VLM_VOCAB
+    g = torch.Generator().manual_seed(seed)
+    state = {
+        "model.language_model.embed_tokens.weight": [V, H],
+        "model.language_model.norm.weight": [H],
+        "lm_head.weight": [V, H],
+        "model.vision_tower.embeddings.patch_embedding.weight": [H, 3],
+        "model.vision_tower.post_layernorm.weight": [H],
+        "model.multi_modal_projector.linear.weight": [H, H],
+    }
+    for i in range(VLM_TEXT_LAYERS):
+        state[f"model.language_model.layers.{i}.self_attn.q_proj.weight"] = [H, H]
+        state[f"model.language_model.layers.{i}.input_layernorm.weight"] = [H]
+    for i in range(VLM_VISION_LAYERS):
+        state[f"model.vision_tower.encoder.layers.{i}.mlp.fc1.weight"] = [H, H]
+        state[f"model.vision_tower.encoder.layers.{i}.layer_norm1.weight"] = [H]
+    path.mkdir()
+    save_file({k: torch.randn(shape, generator=g) for k, shape in state.items()}, str(path / "model.safetensors"))
+    config = {
+        "architectures": ["TinyVisionForConditionalGeneration"],
+        "model_type": "tiny_vision",
+        "text_config": {"num_hidden_layers": VLM_TEXT_LAYERS, "vocab_size": V, "layer_types": VLM_LAYER_TYPES},
+        "vision_config": {"num_hidden_layers": VLM_VISION_LAYERS, "hidden_size": H},
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    return path

@@ -7,7 +7,9 @@ import textwrap
 import pytest
 import torch
 
-from helpers import read_state
+from helpers import VLM_LAYER_TYPES as LAYER_TYPES
+from helpers import VLM_VISION_LAYERS as VISION_LAYERS
+from helpers import read_state, write_tiny_vlm
 from mergekitty.api import plan_merge, run_merge
 from mergekitty.config import load_config
 from mergekitty.errors import ConfigError
@@ -159,47 +161,11 @@ def test_module_parameters_in_a_merge(llama, tmp_path):
 
 # ------------------------------------------------------------------------------ several modules
 
-H, V = 8, 16
-TEXT_LAYERS, VISION_LAYERS = 4, 3
-LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
-
-
-def _write_vlm(path, seed):
-    """A vision-language checkpoint of a language model (``model.language_model.layers``) and a
-    vision tower (``model.vision_tower.encoder.layers``), layer counts nested as real ones are."""
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(seed)
-    state = {
-        "model.language_model.embed_tokens.weight": [V, H],
-        "model.language_model.norm.weight": [H],
-        "lm_head.weight": [V, H],
-        "model.vision_tower.embeddings.patch_embedding.weight": [H, 3],
-        "model.vision_tower.post_layernorm.weight": [H],
-        "model.multi_modal_projector.linear.weight": [H, H],
-    }
-    for i in range(TEXT_LAYERS):
-        state[f"model.language_model.layers.{i}.self_attn.q_proj.weight"] = [H, H]
-        state[f"model.language_model.layers.{i}.input_layernorm.weight"] = [H]
-    for i in range(VISION_LAYERS):
-        state[f"model.vision_tower.encoder.layers.{i}.mlp.fc1.weight"] = [H, H]
-        state[f"model.vision_tower.encoder.layers.{i}.layer_norm1.weight"] = [H]
-    path.mkdir()
-    save_file({k: torch.randn(shape, generator=g) for k, shape in state.items()}, str(path / "model.safetensors"))
-    config = {
-        "architectures": ["TinyVisionForConditionalGeneration"],
-        "model_type": "tiny_vision",
-        "text_config": {"num_hidden_layers": TEXT_LAYERS, "vocab_size": V, "layer_types": LAYER_TYPES},
-        "vision_config": {"num_hidden_layers": VISION_LAYERS, "hidden_size": H},
-    }
-    (path / "config.json").write_text(json.dumps(config))
-    return path
-
 
 @pytest.fixture(scope="module")
 def vlm(tmp_path_factory):
     root = tmp_path_factory.mktemp("vlm")
-    return _write_vlm(root / "a", 1), _write_vlm(root / "b", 2)
+    return write_tiny_vlm(root / "a", 1), write_tiny_vlm(root / "b", 2)
 
 
 @pytest.mark.parametrize(
@@ -241,13 +207,14 @@ def test_two_modules_slice_their_own_stacks(vlm, tmp_path, text_name, vision_nam
             expected[f"model.vision_tower.encoder.layers.{out}.{suffix}"] = mixed(
                 f"model.vision_tower.encoder.layers.{src}.{suffix}", 0.8
             )
-    # the weights outside both stacks follow the language model's slices (weight 0.5)
+    # the vision tower's own weights outside its layers follow its module's sources (0.8 / 0.2)
+    for name in ("model.vision_tower.embeddings.patch_embedding.weight", "model.vision_tower.post_layernorm.weight"):
+        expected[name] = mixed(name, 0.8)
+    # the weights under no module's root follow the language model's slices (weight 0.5)
     for name in (
         "model.language_model.embed_tokens.weight",
         "model.language_model.norm.weight",
         "lm_head.weight",
-        "model.vision_tower.embeddings.patch_embedding.weight",
-        "model.vision_tower.post_layernorm.weight",
         "model.multi_modal_projector.linear.weight",
     ):
         expected[name] = mixed(name, 0.5)

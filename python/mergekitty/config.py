@@ -283,12 +283,17 @@ class InputSliceDefinition(BaseModel):
     @classmethod
     def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
         start, stop = value
-        if start < 0 or stop <= start:
-            raise fail(
-                f"layer_range [{start}, {stop}] must satisfy 0 <= start < stop "
-                "(zero-indexed and half-open: layers start .. stop-1)"
-            )
+        # [0, 0]: the one range of a module without layers (a projector), checked when planning
+        if (start, stop) != (0, 0) and (start < 0 or stop <= start):
+            raise fail(bad_layer_range(start, stop))
         return value
+
+
+def bad_layer_range(start: int, stop: int) -> str:
+    return (
+        f"layer_range [{start}, {stop}] must satisfy 0 <= start < stop "
+        "(zero-indexed and half-open: layers start .. stop-1)"
+    )
 
 
 class InputModelDefinition(BaseModel):
@@ -550,6 +555,10 @@ class MergeConfiguration(LocatedConfig):
             )
         if self.slices is not None and not self.slices:
             raise fail("'slices' is empty; list at least one output slice", key="slices")
+        for i, sl in enumerate(self.slices or ()):
+            for j, src in enumerate(sl.sources):
+                if src.layer_range == (0, 0):  # only a module without layers takes it
+                    raise fail(bad_layer_range(0, 0), ("slices", i, "sources", j, "layer_range"))
         if self.models is not None and not self.models:
             raise fail("'models' is empty; list at least one model", key="models")
         if self.tokenizer_source is not None and self.tokenizer is not None:

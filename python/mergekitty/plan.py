@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .architecture.layout import (
     ModelLayout,
+    before_stack,
     is_embedding_name,
     is_head_name,
     is_recomputed_buffer,
@@ -268,6 +269,7 @@ class Planner:
         self._main = 0  # the stack of the language model
         self._layer_cache: dict[tuple[int, str], dict[int, tuple[str, ...]]] = {}
         self._other_stack_names: dict[int, set[str]] = {}
+        self._roots: dict[int, list[tuple[str, int]]] = {}  # per model: (module root, its stack), longest first
         # (model, tensor) -> why the output leaves it out, for tensors the enumeration skips on purpose
         self.skipped: dict[tuple[int, str], str] = {}
 
@@ -422,6 +424,7 @@ class Planner:
             self._slice_stack += [(k, i) for i in range(len(st.slices))]
         self._main = next(k for k, st in enumerate(self.stacks) if st.main)
         self._other_stack_names = {}
+        self._roots = {}
 
     def _prefix(self, stack: int, model: int) -> str:
         """``model``'s prefix of layer stack ``stack`` (a model a slice reads has it: _slice_picks)."""
@@ -451,6 +454,40 @@ class Planner:
             self._other_stack_names[model] = names
         return self._other_stack_names[model]
 
+    def _owner(self, model: int, name: str) -> int:
+        """The stack (module) whose own weights ``name`` of ``model`` is, outside the layers: the
+        module whose root is the longest prefix of the name; the main stack's when none is."""
+        if len(self.stacks) == 1:
+            return self._main
+        if model not in self._roots:
+            roots = [(r, k) for k, st in enumerate(self.stacks) for r in st.roots[model : model + 1] if r is not None]
+            self._roots[model] = sorted(roots, key=lambda rk: -len(rk[0]))
+        return next((k for root, k in self._roots[model] if name.startswith(root)), self._main)
+
+    def _before(self, stack: int, model: int, name: str) -> bool:
+        """Whether module ``stack``'s own weight ``name`` of ``model`` (outside the layers) comes
+        before its layer stack (t=0, its first slice) rather than after it (t=1, its last). The main
+        module's follow the layout's pre and post weights; another module's are told apart by their
+        name under its root (``layout.before_stack``); a module without layers has all of them
+        before, as mergekit's inferred modules."""
+        st = self.stacks[stack]
+        if stack == self._main:
+            return name in self.models[model].layout.pre
+        return st.layerless or before_stack(name[len(st.roots[model] or "") :])
+
+    def _own_weights(self, stack: int, model: int, before: bool) -> list[str]:
+        """``model``'s weights outside the layers of the modules' stacks that belong to module
+        ``stack`` (``_owner``) and come before its layer stack (``before``) or after it."""
+        layout = self.models[model].layout
+        other = self._in_other_stacks(model)
+        main = stack == self._main
+        names = (layout.pre if before else layout.post) if main else (*layout.pre, *layout.post)
+        return [
+            n
+            for n in names
+            if n not in other and self._owner(model, n) == stack and (main or self._before(stack, model, n) == before)
+        ]
+
     def _config_error(self, message: str, key: tuple[Any, ...]) -> ConfigError:
         """A ConfigError at config key ``key``, with its line when the config knows it."""
         if hasattr(self.config, "error"):
@@ -473,11 +510,7 @@ class Planner:
             start, stop = src.layer_range
             mi = self._model(src.model)
             count = self._stack_count(k, mi, (*group.source_key(local, j), "model"))
-            if stop > count:
-                raise self._config_error(
-                    f"layer_range [{start}, {stop}) is beyond the {count} layers of {self._stack_label(k, mi)}",
-                    (*group.source_key(local, j), "layer_range"),
-                )
+            self._check_range(k, mi, start, stop, count, (*group.source_key(local, j), "layer_range"))
             lengths.add(stop - start)
             is_base = slice_base is not None and str(src.model) == str(slice_base)
             if uses_base and is_base:
@@ -504,13 +537,39 @@ class Planner:
             )
         return SlicePicks(entries, base_entry, lengths.pop() if lengths else 0)
 
+    def _check_range(self, stack: int, model: int, start: int, stop: int, count: int, key: tuple[Any, ...]) -> None:
+        """A ConfigError at ``key`` for a layer range beyond the ``count`` layers of ``model``'s
+        stack, and for an empty one but in a module without layers, which only takes [0, 0]."""
+        st = self.stacks[stack]
+        if st.layerless and (start, stop) != (0, 0):
+            raise self._config_error(
+                f"layer_range [{start}, {stop}] of module '{st.group.module}': the module has no layers (its "
+                f"weights are under '{st.roots[model]}' in {self.models[model].label}); give layer_range [0, 0]",
+                key,
+            )
+        if not st.layerless and start == stop:
+            raise self._config_error(
+                f"layer_range [{start}, {stop}] selects no layers of {self._stack_label(stack, model)}; "
+                "only a module without layers (a projector) takes [0, 0]",
+                key,
+            )
+        if stop > count:
+            raise self._config_error(
+                f"layer_range [{start}, {stop}) is beyond the {count} layers of {self._stack_label(stack, model)}", key
+            )
+
     def _stack_count(self, stack: int, model: int, key: tuple[Any, ...]) -> int:
-        """The layer count of ``model``'s layer stack ``stack``; a ConfigError at ``key`` when it has none."""
-        prefix = self.stacks[stack].prefixes[model]
-        count = self.models[model].layout.stack_size(prefix) if prefix is not None else None
+        """The layer count of ``model``'s layer stack ``stack`` (0 for a module without layers); a
+        ConfigError at ``key`` when it has neither the stack nor the module's weights."""
+        st = self.stacks[stack]
+        if st.layerless:
+            count = 0 if st.roots[model] is not None else None
+        else:
+            prefix = st.prefixes[model]
+            count = self.models[model].layout.stack_size(prefix) if prefix is not None else None
         if count is None:
-            module = self.stacks[stack].group.module
-            raise self._config_error(f"{self.models[model].label} has no layer stack for module '{module}'", key)
+            what = "weights" if st.layerless else "layer stack"
+            raise self._config_error(f"{self.models[model].label} has no {what} for module '{st.group.module}'", key)
         return count
 
     def _stack_label(self, stack: int, model: int) -> str:
@@ -532,35 +591,43 @@ class Planner:
     def _output_tensors(
         self, picks: list[SlicePicks], layer_map: list[tuple[int, tuple[tuple[str, int], ...]]]
     ) -> Iterator[OutputTensor]:
-        """Every output tensor in output order: the weights before the layer stack (the first
-        slice of the main stack, t = 0), the layers of the other stacks that modules select, the
-        main stack's layers (appended to ``layer_map``), the weights after it (its last slice,
-        t = 1). Each group holds every tensor that any model it reads has (the donor's first, in
-        its order, then the others' in theirs): a tensor that some of them lack is never dropped,
-        it is an error (``_find_all``) or a stated exclusion (``_kept``)."""
-        donor_layout = self.models[self.donor].layout
-
-        def whole(name: str, si: int, t: float) -> OutputTensor:
-            sp = picks[si]
-            base = (sp.base[0], name) if sp.base else None
-            return OutputTensor(name, si, t, [(mi, name, j) for mi, _, j in sp.entries], base)
-
-        def outside(mi: int, names: Iterable[str]) -> list[str]:
-            other = self._in_other_stacks(mi)
-            return [n for n in names if n not in other]
-
-        lo, hi = self._ranges[self._main]
-        first, last = _readers(picks[lo]), _readers(picks[hi - 1])
-        pre = [outside(self.donor, donor_layout.pre), *(outside(mi, self.models[mi].layout.pre) for mi, _ in first)]
-        for name in self._named(pre):
-            yield whole(name, lo, 0.0)
+        """Every output tensor in output order: the main module's weights before its layer stack
+        (its first slice, t = 0); each other module's weights before its stack, its layers and its
+        weights after it; the main stack's layers (appended to ``layer_map``), and the main
+        module's weights after it (its last slice, t = 1). Each group holds every tensor that any
+        model it reads has (the donor's first, in its order, then the others' in theirs): a tensor
+        that some of them lack is never dropped, it is an error (``_find_all``) or a stated
+        exclusion (``_kept``)."""
+        yield from self._module_weights(self._main, picks, before=True)
         for k in range(len(self.stacks)):
             if k != self._main:
+                yield from self._module_weights(k, picks, before=True)
                 yield from self._stack_tensors(k, picks, None)
+                yield from self._module_weights(k, picks, before=False)
         yield from self._stack_tensors(self._main, picks, layer_map)
-        post = [outside(self.donor, donor_layout.post), *(outside(mi, self.models[mi].layout.post) for mi, _ in last)]
-        for name in self._named(post):
-            yield whole(name, hi - 1, 1.0)
+        yield from self._module_weights(self._main, picks, before=False)
+
+    def _module_weights(self, stack: int, picks: list[SlicePicks], before: bool) -> Iterator[OutputTensor]:
+        """Module ``stack``'s own weights outside its layers (``_own_weights``) before its layer
+        stack (from its first slice, t = 0) or after it (its last slice, t = 1)."""
+        lo, hi = self._ranges[stack]
+        si = lo if before else hi - 1
+        sp = picks[si]
+        names = self._named(
+            [
+                self._own_weights(stack, self.donor, before),
+                *(self._own_weights(stack, mi, before) for mi, _ in _readers(sp)),
+            ]
+        )
+        base = sp.base[0] if sp.base else None
+        for name in names:
+            yield OutputTensor(
+                name,
+                si,
+                0.0 if before else 1.0,
+                [(mi, name, j) for mi, _, j in sp.entries],
+                (base, name) if base is not None else None,
+            )
 
     def _stack_tensors(
         self, stack: int, picks: list[SlicePicks], layer_map: list[tuple[int, tuple[tuple[str, int], ...]]] | None
@@ -569,6 +636,8 @@ class Planner:
         donor's prefix (each recorded in ``layer_map`` when given)."""
         from .params import layer_t
 
+        if self.stacks[stack].layerless:
+            return
         lo, hi = self._ranges[stack]
         out_prefix = self._prefix(stack, self.donor)
         out_layer = 0
@@ -623,18 +692,23 @@ class Planner:
                 read[s.model].add(s.tensor)
         layers: dict[tuple[int, str], set[int]] = defaultdict(set)  # per (model, stack), the layers some slice reads
         for k, (lo, hi) in enumerate(self._ranges):
+            if self.stacks[k].layerless:
+                continue
             for sp in picks[lo:hi]:
                 for mi, start in _readers(sp):
                     layers[(mi, self._prefix(k, mi))].update(range(start, start + sp.length))
         readers = {mi for sp in picks for mi, _ in _readers(sp)}
-        lo, hi = self._ranges[self._main]
-        first, last = {mi for mi, _ in _readers(picks[lo])}, {mi for mi, _ in _readers(picks[hi - 1])}
+        # per module: the models its first and its last slice read
+        ends = [
+            ({mi for mi, _ in _readers(picks[lo])}, {mi for mi, _ in _readers(picks[hi - 1])})
+            for lo, hi in self._ranges
+        ]
         groups: dict[tuple[int, str], list[str]] = defaultdict(list)
         for mi, m in enumerate(self.models):
             for name in m.checkpoint.names():
                 if name in read[mi]:
                     continue
-                reason = self.skipped.get((mi, name)) or self._left_out_because(mi, name, layers, readers, first, last)
+                reason = self.skipped.get((mi, name)) or self._left_out_because(mi, name, layers, readers, ends)
                 if reason is None:
                     raise PlanError(
                         f"tensor '{name}' of {m.label} would be left out of the output: no output tensor reads it"
@@ -660,8 +734,7 @@ class Planner:
         name: str,
         layers: dict[tuple[int, str], set[int]],
         readers: set[int],
-        first: set[int],
-        last: set[int],
+        ends: list[tuple[set[int], set[int]]],
     ) -> str | None:
         """Why the slices do not read tensor ``name`` of model ``mi``; None when they should."""
         layout = self.models[mi].layout
@@ -678,10 +751,21 @@ class Planner:
                 if (mi, prefix) not in layers:
                     return f"a layer of module '{st.group.module}', which does not read this model"
                 return None if int(index) in layers[(mi, prefix)] else "a layer outside the slices' layer ranges"
-        if name in layout.pre and mi not in first:
-            return f"before the layer stack, which the first slice takes from {self._labels(first)}"
-        if name in layout.post and mi not in last:
-            return f"after the layer stack, which the last slice takes from {self._labels(last)}"
+        if name not in layout.pre and name not in layout.post:
+            return None
+        k = self._owner(mi, name)
+        (first, last), st = ends[k], self.stacks[k]
+        if st.layerless:
+            return None if mi in first else f"a weight of module '{st.group.module}', which does not read this model"
+        # the language model's module as without modules; another one named
+        stack, whose = (
+            ("the layer stack", "the") if k == self._main else (f"the layer stack of module '{st.group.module}'", "its")
+        )
+        before = self._before(k, mi, name)
+        if before and mi not in first:
+            return f"before {stack}, which {whose} first slice takes from {self._labels(first)}"
+        if not before and mi not in last:
+            return f"after {stack}, which {whose} last slice takes from {self._labels(last)}"
         return None
 
     def _labels(self, models: Iterable[int]) -> str:
@@ -863,8 +947,8 @@ class Planner:
                             cfg[sub][k] = dtype
         layout = self.models[donor].layout
         for stack, (st, num_out_layers) in enumerate(zip(self.stacks, out_layers)):
-            if st.group.slices is None:
-                continue  # whole models: the layer count is the donor's
+            if st.group.slices is None or st.layerless:
+                continue  # whole models, or no layers: the layer count is the donor's
             if st.main:
                 key = layout.count_key
                 if key is None:

@@ -276,6 +276,21 @@ def infer_layout(
     return ModelLayout(len(layer_tensors), count_key, prefix, layer_tensors, tuple(pre), tuple(post), extra)
 
 
+# Words of a module's own weights (named from the module's root) that put them before its layer
+# stack, as mergekit's module definitions do: embeddings (patch, position, class), a convolution
+# stem, a norm named "pre". Whole words, so that "post" and "prediction" are not taken for them.
+_BEFORE_STACK_PREFIXES = ("embed", "patch", "position", "conv")
+_BEFORE_STACK_WORDS = ("pos", "pre", "cls", "class", "wte", "wpe", "stem")
+
+
+def before_stack(name: str) -> bool:
+    """Whether a module's own non-layer weight ``name`` (relative to the module's root, e.g.
+    ``embeddings.patch_embedding.weight`` of a vision tower) comes before the module's layer
+    stack (t=0, its first slice) rather than after it (``post_layernorm``, a head: t=1, its last)."""
+    words = re.split(r"[._]", name.lower())
+    return any(w.startswith(_BEFORE_STACK_PREFIXES) or w in _BEFORE_STACK_WORDS for w in words)
+
+
 def vocab_size_of(cfg: dict[str, Any]) -> int | None:
     """The ``vocab_size`` the config declares (at its top level, else in a nested language-model
     config), or None when it has none."""

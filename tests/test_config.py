@@ -404,29 +404,6 @@ def test_missing_layer_range_and_empty_sources():
     assert err.key == "slices[0].sources"
 
 
-def test_string_parameter_of_a_method_is_an_error_when_planned():
-    # the other tools' schemas take strings; one the method reads is an error with its key and line
-    from mergekitty.config import check_method, check_parameter_values
-
-    cfg = load_config(
-        textwrap.dedent(
-            """\
-            merge_method: linear
-            models:
-              - model: a
-                parameters:
-                  weight: "0.5"
-                  int_space: cs
-            """
-        ),
-        source="cfg.yml",
-    )
-    with pytest.raises(ConfigError) as info:
-        check_parameter_values(cfg, check_method(cfg))
-    assert info.value.key == "models[0].parameters.weight" and info.value.line == 5
-    assert "got a string" in str(info.value)
-
-
 @pytest.mark.parametrize(
     "value, key_suffix",
     [

@@ -242,3 +242,30 @@ def test_cli_notes_the_differences_in_one_line(llama, tmp_path):
     assert len(notes) == 1 and "float32 arithmetic" in notes[0] and "the head's gradient value" in notes[0]
     proc = run_cli("mergekitty-yaml", cfg, tmp_path / "out", "-v")
     assert "mergekit 0.1.5 evaluates it at its first value" in proc.stderr
+
+
+def test_quoted_numbers_are_read_as_the_other_tools_read_them(llama, tmp_path, caplog):
+    quoted = f"""\
+        merge_method: ties
+        base_model: {llama["base"]}
+        models:
+          - model: {llama["ft1"]}
+            parameters: {{weight: "0.6", density: "5e-1"}}
+          - model: {llama["ft2"]}
+            parameters: {{weight: 0.4, density: 0.5}}
+        parameters: {{normalize: "true"}}
+        """
+    got, _ = _merge(quoted, tmp_path / "quoted", caplog)
+    plain = quoted.replace('"0.6"', "0.6").replace('"5e-1"', "0.5").replace('"true"', "true")
+    want, _ = _merge(plain, tmp_path / "plain", caplog)
+    _same(got, want)
+
+
+def test_a_string_that_is_no_number_names_its_key_and_line(llama):
+    from mergekitty import plan_merge
+
+    text = f"merge_method: linear\nmodels:\n  - model: {llama['ft1']}\n    parameters:\n      weight: heavy\n"
+    with pytest.raises(ConfigError) as info:
+        plan_merge(load_config(text, source="recipe.yml"))
+    assert info.value.key == "models[0].parameters.weight" and info.value.line == 5
+    assert "must be a number, got the string 'heavy'" in str(info.value) and "\n" not in str(info.value)

@@ -97,7 +97,7 @@ def plan_merge(
     config: Any, out_path: str | os.PathLike | None = None, options: MergeOptions | None = None, **kwargs: Any
 ):
     """Read every header, check everything, and return the MergePlan without reading weights."""
-    from .config import check_method, check_parameter_values, parameter_name_problems, report_ignored
+    from .config import check_method, parameter_name_problems, report_ignored
     from .config_modules import output_stacks
     from .io.output import check_output_path
     from .plan import Planner, check_architectures
@@ -105,7 +105,6 @@ def plan_merge(
     options = replace(options or MergeOptions(), **kwargs)
     config = _load_config(config)
     method = check_method(config)
-    check_parameter_values(config, method)
     report_ignored(config, options.strict, also=parameter_name_problems(config, method))
     models = _open_models(config, options)
     planner = Planner(config, method, models, options)

@@ -68,7 +68,6 @@ __all__ = [
     "effective_tokenizer_source",
     "parameter_name_problems",
     "report_ignored",
-    "check_parameter_values",
 ]
 
 # Top-level keys that other tools put in a config and that are accepted and ignored.
@@ -147,8 +146,8 @@ _SETTING_HELP = (
 
 def _check_scalar_or_gradient(value: Any, subpath: tuple = ()) -> Any:
     if isinstance(value, str):
-        # the other tools accept a string value (e.g. `int_space: cs`); one a method reads is an
-        # error when the merge is planned (check_parameter_values)
+        # the other tools accept a string value (e.g. `int_space: cs`); a method that reads it
+        # converts it or reports it with its key (ParamSpec.check)
         return value
     if isinstance(value, bool) or _is_number(value):
         if isinstance(value, float) and not math.isfinite(value):
@@ -978,27 +977,3 @@ def parameter_name_problems(config: MergeConfiguration, method) -> list[ConfigEr
                     )
                 )
     return problems
-
-
-def _strings_in(setting: Any) -> bool:
-    if isinstance(setting, str):
-        return True
-    if isinstance(setting, ConditionalParameter):
-        return isinstance(setting.value, str)
-    if isinstance(setting, (list, tuple)):
-        return any(_strings_in(v) for v in setting)
-    return False
-
-
-def check_parameter_values(config: MergeConfiguration, method) -> None:
-    """Raise for a parameter ``method`` reads whose value is a string (the schema accepts strings
-    because the other tools do, for parameters no method reads)."""
-    known = {spec.name for spec in (*method.global_params, *method.model_params)}
-    for path, params in parameter_blocks(config):
-        for name, setting in params.items():
-            if name in known and _strings_in(setting):
-                raise config.error(
-                    f"parameter '{name}' of merge method '{method.name}' must be a number, true/false or a list of "
-                    f"numbers; got a string",
-                    key=(*path, name),
-                )

@@ -68,15 +68,15 @@ def filter_matches(filter: str | None, tensor_name: str) -> bool:
 def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
     """The value of one parameter setting for a tensor at depth ``t`` in [0, 1], or None.
 
-    - a scalar (bool, int, float) is returned as is;
+    - a scalar (bool, int, float, or a string as the other tools accept) is returned as is;
     - a list of numbers is a gradient, interpolated at ``t``;
     - a conditional (or a list of them): the first whose filter matches ``tensor_name``
       is evaluated; None when none matches.
     """
     if setting is None:
         return None
-    if isinstance(setting, (bool, int, float)):
-        return setting
+    if isinstance(setting, (bool, int, float, str)):
+        return setting  # a string is the method's parameter check's to convert (ParamSpec.check)
     if isinstance(setting, ConditionalParameter):
         return evaluate(setting.value, tensor_name, t) if filter_matches(setting.filter, tensor_name) else None
     if isinstance(setting, (list, tuple)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -27,9 +28,13 @@ class ParamSpec:
     help: str = ""
 
     def check(self, value: Any) -> Any:
-        """Coerce ``value`` to this parameter's kind; raise ValueError naming the problem."""
+        """Coerce ``value`` to this parameter's kind; raise ValueError naming the problem. A string
+        is read as the other tools' schemas read it: a number ("0.5", "1e-5"), or for a flag
+        true/false, yes/no, on/off, 1/0."""
         if value is None:
             return None
+        if isinstance(value, str):
+            value = self._from_string(value)
         if self.kind is bool:
             if isinstance(value, bool):
                 return value
@@ -49,6 +54,22 @@ class ParamSpec:
         if self.maximum is not None and value > self.maximum:
             raise ValueError(f"'{self.name}' must be <= {self.maximum}, got {value}")
         return value
+
+    def _from_string(self, text: str) -> bool | float:
+        word = text.strip().lower()
+        if self.kind is bool:
+            if word in ("true", "yes", "on", "1"):
+                return True
+            if word in ("false", "no", "off", "0"):
+                return False
+            raise ValueError(f"'{self.name}' must be true or false, got the string {text!r}")
+        try:
+            number = float(word)
+        except ValueError:
+            raise ValueError(f"'{self.name}' must be a number, got the string {text!r}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"'{self.name}' must be a finite number, got the string {text!r}")
+        return number
 
 
 @dataclass(frozen=True)

@@ -269,3 +269,19 @@ def test_a_string_that_is_no_number_names_its_key_and_line(llama):
         plan_merge(load_config(text, source="recipe.yml"))
     assert info.value.key == "models[0].parameters.weight" and info.value.line == 5
     assert "must be a number, got the string 'heavy'" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_keys_inside_model_references_and_token_entries_are_ignored_loudly():
+    text = (
+        "merge_method: linear\nmodels:\n  - model: {model: {path: org/m, revison: r}}\n  - model: b\n"
+        "tokenizer:\n  source: union\n  tokens:\n    <x>:\n      source: {kind: zero}\n      forse: true\n"
+    )
+    cfg = load_config(text, source="r.yml")
+    assert [(p.key, p.line) for p in cfg.ignored_keys] == [
+        ("models[0].model.model.revison", 3),
+        ("tokenizer.tokens.<x>.forse", 10),
+    ]
+    assert "did you mean 'revision'?" in str(cfg.ignored_keys[0]) and "did you mean 'force'?" in str(
+        cfg.ignored_keys[1]
+    )
+    assert str(cfg.models[0].model) == "org/m" and cfg.tokenizer.tokens["<x>"].force is False

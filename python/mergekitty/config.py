@@ -242,6 +242,14 @@ def _nested(cls: type[BaseModel], value: Any, subpath: tuple = ()) -> Any:
     try:
         return cls.model_validate(value)
     except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            if err["type"] == "extra_forbidden":
+                # a key the other tools ignore: the loader drops it with a warning, then validates again
+                loc = tuple(err["loc"])
+                parent = _model_at(cls, loc[:-1])
+                fields = list(parent.model_fields) if parent is not None else []
+                hint = suggest(loc[-1], fields) or (f" (keys here: {', '.join(fields)})" if fields else "")
+                raise fail(f"unknown key '{loc[-1]}'{hint}", (*subpath, *loc), unknown=hint) from None
         loc, msg = _translate_errors(exc, cls)[0]
         raise fail(msg, (*subpath, *loc)) from None
 

@@ -216,11 +216,11 @@ def test_several_documents_say_so():
         ),
         (
             "merge_method: dare_ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, density: 0.5}}]\n",
-            ["DARE/DELLA rescaling"],
+            ["DARE/DELLA rescaling", "random draws"],
         ),
         (
             "merge_method: della\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, density: 0.5}}]\nparameters: {rescale_l1: true}\n",
-            [],
+            ["random draws"],
         ),
     ],
 )

@@ -51,6 +51,25 @@ RESCALE = Difference(
     "DELLA), as the papers do; mergekit rescales to keep the L1 norm. rescale_l1: true gives mergekit's.",
 )
 
+RANDOM_DRAWS = Difference(
+    "random draws",
+    "DARE and DELLA draw their masks from a counter-based generator (the same random_seed gives the same model "
+    "on any device and thread count); mergekit draws from torch's generator, so the same seed keeps different "
+    "elements. No option.",
+)
+SCE_WEIGHTS = Difference(
+    "SCE weights of small task vectors",
+    "SCE falls back to uniform weights only when every task vector's energy is exactly 0; mergekit does below "
+    "1e-6, which includes typical fine-tunes (mean squared change ~1e-6), so its weights are often uniform "
+    "where these follow the energies. No option.",
+)
+ARCEE_QUANTILES = Difference(
+    "arcee_fusion's threshold",
+    "arcee_fusion takes exact quantiles of every element and the KL in float64; mergekit estimates the "
+    "quantiles from a random sample above 1e6 elements and computes the KL in the input dtype, so elements "
+    "near the threshold can be chosen differently. No option.",
+)
+
 
 def _settings(config: MergeConfiguration) -> Iterator[tuple[str, Any]]:
     """(parameter name, setting) of every parameters block."""
@@ -89,4 +108,10 @@ def touched_differences(config: MergeConfiguration) -> list[Difference]:
     if method in ("dare_ties", "dare_linear", "della", "della_linear") and not _set(config, "rescale_l1", True):
         if not _set(config, "rescale", False):
             out.append(RESCALE)
+    if method in ("dare_ties", "dare_linear", "della", "della_linear"):
+        out.append(RANDOM_DRAWS)
+    if method == "sce":
+        out.append(SCE_WEIGHTS)
+    if method == "arcee_fusion":
+        out.append(ARCEE_QUANTILES)
     return out

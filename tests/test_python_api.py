@@ -26,3 +26,29 @@ def test_import_stays_light():
     code = "import sys, mergekitty; mergekitty.__all__; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_run_merge_takes_a_dict_and_the_plan_reads_well(llama, tmp_path):
+    from helpers import read_state
+    from mergekitty import plan_merge, run_merge
+
+    config = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(llama["ft1"]), "parameters": {"weight": 0.25}},
+            {"model": str(llama["ft2"]), "parameters": {"weight": "0.75"}},  # quoted, as mergekit accepts
+        ],
+        "dtype": "float32",
+    }
+    run_merge(config, tmp_path / "from-dict", quiet=True)
+    a, b, out = read_state(llama["ft1"]), read_state(llama["ft2"]), read_state(tmp_path / "from-dict")
+    name = "model.layers.0.mlp.down_proj.weight"
+    expected = 0.25 * a[name].float() + 0.75 * b[name].float()  # normalized: the weights sum to 1
+    assert (out[name] - expected).abs().max() <= 1e-6
+
+    plan = plan_merge(config)
+    text = repr(plan)
+    assert text.startswith("<MergePlan linear: 2 models, ") and "\n" not in text and len(text) < 200
+    summary = plan.summary()
+    assert summary.splitlines()[0] == "method: linear"
+    assert f"model 0: {llama['ft1']}" in summary and f"tensors: {len(plan.jobs)} written" in summary

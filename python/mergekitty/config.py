@@ -922,6 +922,7 @@ MERGE_CONFIG = ConfigKind(
     MergeConfiguration,
     "a MergeConfiguration",
     "the config must be a YAML mapping of keys (merge_method, models...)",
+    accepts_dict=True,
 )
 config_from_data = MERGE_CONFIG.from_data
 load_config = MERGE_CONFIG.load

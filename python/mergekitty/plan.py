@@ -160,6 +160,34 @@ class MergePlan:
     shard_size_bytes: int = DEFAULT_SHARD_SIZE_BYTES  # the output's shard budget (<= 0: one file)
     excluded: tuple[Excluded, ...] = ()  # the input tensors no job reads, with the reason
 
+    def __repr__(self) -> str:
+        # the dataclass repr would print every job: one line that says what the plan does instead
+        from .sizes import format_size
+
+        return (
+            f"<MergePlan {self.method.name}: {len(self.models)} models, {len(self.jobs)} tensors, "
+            f"reads {format_size(self.input_bytes)}, writes {format_size(self.output_bytes)}, on {self.device}>"
+        )
+
+    def summary(self) -> str:
+        """What the merge will do, in a few lines of plain text: the method, each model and its
+        role, the layer count, tensors written and left out, sizes and the memory estimate."""
+        from .sizes import format_size
+
+        lines = [f"method: {self.method.name}"]
+        for i, m in enumerate(self.models):
+            roles = [r for r, on in (("donor", i == self.donor), ("base", i == self.base)) if on]
+            lines.append(f"model {i}: {m.label}, {m.num_layers} layers" + (f" ({', '.join(roles)})" if roles else ""))
+        if self.layer_map:
+            lines.append(f"output layers: {len(self.layer_map)}")
+        lines.append(f"tensors: {len(self.jobs)} written, {sum(len(e.tensors) for e in self.excluded)} left out")
+        lines.append(f"reads {format_size(self.input_bytes)}, writes {format_size(self.output_bytes)}")
+        memory = self.memory_estimate()
+        lines.append(f"peak memory estimate: {format_size(memory.anonymous_bytes)} allocated")
+        if self.method.random:
+            lines.append(f"random seed: {self.random_seed}")
+        return "\n".join(lines)
+
     def output_layout(self) -> list[tuple[str, str, list[int]]]:
         """(name, dtype code, shape) of every output tensor in output order: what the ShardWriter
         is created with (with ``shard_size_bytes``) to place each job at its planned offset."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import rich_click as click
 
 from .options import merge_options
-from .shell import command_shell
+from .shell import command_shell, stdout_console
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,7 +15,6 @@ from .shell import command_shell
 @merge_options
 def main(base_model: str, adapter_model: str, output_path: str, **kwargs) -> None:
     """Apply the PEFT LoRA adapter ADAPTER_MODEL to BASE_MODEL and write the full model to OUTPUT_PATH."""
-    from rich.console import Console
 
     from .options import build_options
 
@@ -25,9 +24,9 @@ def main(base_model: str, adapter_model: str, output_path: str, **kwargs) -> Non
 
         if dry_run:
             changed = merge_lora(base_model, adapter_model, output_path, options, dry_run=True)
-            Console().print(f"[bold]tensors the adapter changes:[/] {len(changed)}")
+            stdout_console().print(f"[bold]tensors the adapter changes:[/] {len(changed)}")
             for name in changed:
-                Console().print(f"  {name}", highlight=False)
+                stdout_console().print(f"  {name}", highlight=False)
             return
         changed = merge_lora(base_model, adapter_model, output_path, options)
     console.print(

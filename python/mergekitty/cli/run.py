@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from rich.console import Console
-
-from .shell import command_shell
+from .shell import command_shell, stdout_console
 
 
 def run_command(
@@ -25,7 +23,7 @@ def run_command(
             from .report import print_plan
 
             plan = plan_merge(config, out_path, options)
-            print_plan(plan, Console())
+            print_plan(plan, stdout_console())
             if json_path is not None:
                 from pathlib import Path
 

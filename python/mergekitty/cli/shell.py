@@ -15,6 +15,16 @@ from rich.markup import escape
 from ..errors import MergekittyError
 
 
+def stdout_console() -> Console:
+    """The console for what a command is asked to print (a plan, a list): stdout, and when that
+    is a file or a pipe, lines as long as they are (rich would wrap them at 80 columns)."""
+    import sys
+
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=100_000, soft_wrap=True)
+
+
 def setup_logging(verbose: int) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING,

@@ -1,0 +1,23 @@
+"""What the commands print where: what a command is asked for on stdout, in whole lines; notes,
+warnings and progress on stderr."""
+
+from __future__ import annotations
+
+from helpers import run_cli
+
+
+def test_plan_goes_to_stdout_in_whole_lines(llama, tmp_path):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {llama['ft1']}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {llama['ft2']}\n    parameters: {{weight: 0.5}}\ndtype: bfloat16\ndype: float16\n"
+    )
+    proc = run_cli("mergekitty", "plan", cfg)
+    out = proc.stdout.splitlines()
+    assert out[0] == "method: linear"
+    # a line longer than 80 columns stays one line when stdout is a file or a pipe
+    (memory,) = [line for line in out if line.startswith("peak memory estimate:")]
+    assert memory.endswith("resident (page cache)") and len(memory) > 80
+    # the warning about the ignored key and the note about the differences are not in the plan
+    assert "dype" not in proc.stdout and "documented difference" not in proc.stdout
+    assert "'dype'" in proc.stderr and "documented difference" in proc.stderr

@@ -3,7 +3,9 @@ warnings and progress on stderr."""
 
 from __future__ import annotations
 
-from helpers import run_cli
+import os
+import shutil
+import subprocess
 
 
 def test_plan_goes_to_stdout_in_whole_lines(llama, tmp_path):
@@ -12,7 +14,10 @@ def test_plan_goes_to_stdout_in_whole_lines(llama, tmp_path):
         f"merge_method: linear\nmodels:\n  - model: {llama['ft1']}\n    parameters: {{weight: 0.5}}\n"
         f"  - model: {llama['ft2']}\n    parameters: {{weight: 0.5}}\ndtype: bfloat16\ndype: float16\n"
     )
-    proc = run_cli("mergekitty", "plan", cfg)
+    # as in a pipe: no terminal and no COLUMNS (rich would then wrap at 80 columns)
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    exe = shutil.which("mergekitty") or "mergekitty"
+    proc = subprocess.run([exe, "plan", str(cfg)], capture_output=True, text=True, env=env, check=True)
     out = proc.stdout.splitlines()
     assert out[0] == "method: linear"
     # a line longer than 80 columns stays one line when stdout is a file or a pipe

@@ -74,5 +74,5 @@ METHOD = MergeMethod(
     base="required",
     min_models=1,
     max_models=1,
-    description="Takes the other model's values only where their KL-weighted change from the base is an outlier.",
+    description="Takes the other model's values only where their KL-weighted change from the base is an outlier. Exactly one model besides the base.",
 )

@@ -51,5 +51,5 @@ METHOD = MergeMethod(
     base="required",
     min_models=1,
     max_models=1,
-    description="Takes the other model's values where they are within t of the base, interpolating farther ones.",
+    description="Takes the other model's values where they are within t of the base, interpolating farther ones. Exactly one model besides the base.",
 )

@@ -285,3 +285,15 @@ def test_keys_inside_model_references_and_token_entries_are_ignored_loudly():
         cfg.ignored_keys[1]
     )
     assert str(cfg.models[0].model) == "org/m" and cfg.tokenizer.tokens["<x>"].force is False
+
+
+def test_a_tokenizer_source_keyword_typo_gets_a_did_you_mean(llama, tmp_path, monkeypatch):
+    from mergekitty import plan_merge
+
+    monkeypatch.chdir(tmp_path)  # no directory named 'unoin' here
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text = f"merge_method: linear\nmodels:\n  - model: {llama['ft1']}\n    parameters: {{weight: 1}}\ntokenizer_source: unoin\n"
+    with pytest.raises(ConfigError) as info:
+        plan_merge(load_config(text, source="r.yml"))
+    assert info.value.key == "tokenizer_source" and info.value.line == 5
+    assert str(info.value).endswith("did you mean 'union'?")

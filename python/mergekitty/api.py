@@ -174,7 +174,11 @@ def _tokenizer_only_source(config, ref, options: MergeOptions):
         path = resolve_local_path(ref.path, ref.revision, options.transformers_cache, tokenizer_only=True)
         return tokenizer_only_input(str(ref), Path(path))
     except MergekittyError as exc:
-        raise config.error(f"tokenizer source {ref} (not one of the merged models): {exc}", key=key) from None
+        from .config import suggest
+
+        # `unoin` is more likely a typo of a keyword than a model name
+        hint = suggest(str(ref), ("union", "base")) if "/" not in str(ref) else ""
+        raise config.error(f"tokenizer source {ref} (not one of the merged models): {exc}{hint}", key=key) from None
 
 
 def _tokenizer_dir(checkpoint, path: Path) -> Path:

@@ -297,3 +297,18 @@ def test_a_tokenizer_source_keyword_typo_gets_a_did_you_mean(llama, tmp_path, mo
         plan_merge(load_config(text, source="r.yml"))
     assert info.value.key == "tokenizer_source" and info.value.line == 5
     assert str(info.value).endswith("did you mean 'union'?")
+
+
+def test_a_chat_template_whose_tokens_the_vocabulary_lacks_is_warned_about(llama, caplog):
+    from mergekitty import plan_merge
+
+    base = f"merge_method: linear\nmodels:\n  - model: {llama['ft1']}\n    parameters: {{weight: 1}}\n"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        plan_merge(load_config(base + "chat_template: chatml\n", source="r.yml"))
+    (warning,) = [r.getMessage() for r in caplog.records if "chat template writes" in r.getMessage()]
+    assert warning.startswith("r.yml:5, key 'chat_template'") and "'<|im_end|>', '<|im_start|>'" in warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        plan_merge(load_config(base + "chat_template: \"{% for m in messages %}{{ m['content'] }}{% endfor %}\"\n"))
+    assert not [r for r in caplog.records if "chat template writes" in r.getMessage()]

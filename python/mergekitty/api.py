@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -112,9 +113,12 @@ def plan_merge(
     check_architectures(models, planner.donor, options.allow_crimes)
     if out_path is not None:
         check_output_path(out_path, [(m.path, f"input model {m.label}") for m in models])
+    template = None
     if config.chat_template:
-        _chat_template(config, [m.path for m in models])  # a bad name or template fails here, before any weight is read
+        template = _chat_template(config, [m.path for m in models])  # a bad one fails here, before any weight is read
     vocab = _plan_vocabulary(config, models, planner, options)
+    if template is not None and vocab is not None:
+        _warn_missing_template_tokens(config, template, vocab.tokens)
     seed = _random_seed(config, options)
     return planner.plan(stacks, vocab, seed, options.resolved_device(), options.out_shard_size)
 
@@ -187,6 +191,25 @@ def _tokenizer_dir(checkpoint, path: Path) -> Path:
     adapter = getattr(checkpoint, "adapter", None)
     found = adapter.tokenizer_dir() if adapter is not None else None
     return found or path
+
+
+# the special tokens chat templates write (<|im_start|>, <|eot_id|>...): a template that writes
+# one the vocabulary lacks makes prompts the model never saw (the text is split into pieces)
+_SPECIAL_TOKEN = re.compile(r"<\|[^|<>\s]+\|>")
+
+
+def _warn_missing_template_tokens(config, template: str, tokens: dict[str, int]) -> None:
+    missing = sorted({t for t in _SPECIAL_TOKEN.findall(template) if t not in tokens})
+    if missing:
+        log.warning(
+            "%s",
+            config.error(
+                f"the chat template writes {', '.join(repr(t) for t in missing)}, which the output vocabulary "
+                "does not have: prompts built with it are split into ordinary tokens (add the tokens with "
+                "tokenizer.tokens, or take the vocabulary from a model that has them)",
+                key="chat_template",
+            ),
+        )
 
 
 def _chat_template(config, model_dirs) -> str | None:

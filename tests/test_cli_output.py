@@ -26,3 +26,19 @@ def test_plan_goes_to_stdout_in_whole_lines(llama, tmp_path):
     # the warning about the ignored key and the note about the differences are not in the plan
     assert "dype" not in proc.stdout and "documented difference" not in proc.stdout
     assert "'dype'" in proc.stderr and "documented difference" in proc.stderr
+
+
+def test_every_command_says_which_version_of_this_project_it_is():
+    from importlib.metadata import version
+
+    for command in (
+        "mergekitty",
+        "mergekitty-yaml",
+        "mergekitty-moe",
+        "mergekitty-extract-lora",
+        "mergekitty-merge-lora",
+    ):
+        proc = subprocess.run(
+            [shutil.which(command) or command, "--version"], capture_output=True, text=True, check=True
+        )
+        assert proc.stdout.strip() == f"mergekitty {version('mergekitty')}", command

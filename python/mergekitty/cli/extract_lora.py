@@ -32,6 +32,7 @@ def _command_line(out_path: str) -> str:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mergekitty", message="mergekitty %(version)s")
 @click.argument("finetuned_model", required=False)
 @click.argument("base_model", required=False)
 @click.argument("out_path", required=False)

@@ -14,7 +14,7 @@ from .options import health_options, merge_options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="mergekitty")
+@click.version_option(package_name="mergekitty", message="mergekitty %(version)s")
 def group() -> None:
     """Merge pretrained language models from a YAML config."""
 

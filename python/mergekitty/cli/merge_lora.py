@@ -9,6 +9,7 @@ from .shell import command_shell, stdout_console
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mergekitty", message="mergekitty %(version)s")
 @click.argument("base_model")
 @click.argument("adapter_model")
 @click.argument("output_path", type=click.Path())

@@ -9,6 +9,7 @@ from .shell import command_shell, setup_logging
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mergekitty", message="mergekitty %(version)s")
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.argument("out_path", type=click.Path())
 @click.option(

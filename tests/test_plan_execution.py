@@ -33,7 +33,7 @@ def test_the_plan_chooses_each_kernel(llama):
     plan = plan_merge(_yaml(llama, "ties", "weight: 0.5, density: 0.5", extra="parameters: {rescale: true}\n"))
     assert {(j.kernel.name, j.kernel.reason) for j in plan.jobs} == {("torch", "L1 rescale")}
     slerp = plan_merge(_yaml(llama, "slerp", "weight: 0.5", models=("ft1",), extra="parameters: {t: 0.3}\n"))
-    assert _kernels(slerp) == {"torch"}
+    assert _kernels(slerp) == {"native.slerp"}
     # one unscaled input in its own dtype is written straight from the map
     text = f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {llama['ft1']}\n        layer_range: [0, 2]\n"
     assert _kernels(plan_merge(text)) == {"native.copy"}
@@ -41,7 +41,9 @@ def test_the_plan_chooses_each_kernel(llama):
     assert _kernels(plan_merge(_yaml(llama, "ties", "weight: 0.5, density: 0.5"), device="cuda:0")) == {"torch"}
 
 
-@pytest.mark.parametrize("method,params", [("linear", "weight: 0.5"), ("della", "weight: 0.5, density: 0.5")])
+@pytest.mark.parametrize(
+    "method,params", [("linear", "weight: 0.5"), ("della", "weight: 0.5, density: 0.5"), ("model_stock", "weight: 1")]
+)
 def test_plan_round_trips_through_json(llama, method, params):
     plan = plan_merge(_yaml(llama, method, params))
     text = plan.to_json()

@@ -174,6 +174,33 @@ def weighted_sum(
     """out = sum_i weights[i] * inputs[i], accumulated in float32, written as ``out_dtype``.
     Returns the inputs' and the output's health."""
 
+def gram(
+    inputs: Sequence[Buffer],
+    in_dtypes: Sequence[str],
+    center: Buffer | None,
+    center_dtype: str | None,
+    groups: str,
+    group_len: int,
+    out: Buffer,
+    threads: int = 0,
+) -> None:
+    """Gram matrices ``v_i . v_j`` (float64, exact products) of the vectors of ``groups``
+    ("whole"; "rows" of ``group_len`` elements; "columns": element e in vector e % ``group_len``)
+    of ``inputs`` minus ``center``, written to ``out`` as ``count * k * k`` float64 values."""
+
+def weighted_sum_grouped(
+    inputs: Sequence[Buffer],
+    in_dtypes: Sequence[str],
+    coefs: Buffer,
+    groups: str,
+    group_len: int,
+    out: Buffer,
+    out_dtype: str,
+    threads: int = 0,
+) -> TensorHealth:
+    """``out[e] = sum_i coefs[g(e)][i] * inputs[i][e]`` (``coefs``: ``count * k`` float32), with
+    the grouping of ``gram``. Returns the inputs' and the output's health."""
+
 def convert(input: Buffer, in_dtype: str, out: Buffer, out_dtype: str, threads: int = 0) -> None:
     """Cast ``input`` into ``out`` among F32/F16/BF16."""
 

@@ -8,7 +8,7 @@ output buffers are recycled so that no job pays for faulting in fresh memory.
 
 The executor decides nothing: each job carries the kernel the plan chose for it
 (mergekitty.kernels) and ``run_job`` dispatches on it. The native kernels (copy,
-linear combination, GTA) read the memory maps and write a recycled buffer without
+linear combination, GTA, a method's own native function) read the memory maps and write a recycled buffer without
 importing torch; ``Torch`` jobs run ``MergeMethod.merge`` on torch tensors.
 
 Every job also yields its health figures (NaN/Inf counts, sums of squares of its inputs and
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import MergeError, MergekittyError
 from .health import HealthReport, JobFigures, buffer_figures, tensor_figures
 from .io.dtypes import nbytes, torch_dtype
-from .kernels import Copy, Gta, LinearCombination
+from .kernels import Copy, Gta, LinearCombination, MethodKernel
 from .plan import MergePlan, Source, TensorJob
 
 if TYPE_CHECKING:
@@ -127,6 +127,8 @@ def run_job(plan: MergePlan, opened: list[Any], job: TensorJob, threads: int, po
         return _run_linear(plan, opened, job, kernel, pool, threads)
     if isinstance(kernel, Gta):
         return _run_gta(plan, opened, job, kernel, pool, threads)
+    if isinstance(kernel, MethodKernel):
+        return _run_method(plan, opened, job, pool, threads)
     return _run_torch(plan, opened, job, threads, pool)
 
 
@@ -189,6 +191,30 @@ def _run_gta(
     )
     # the kernel reports the sources, then the base
     return out, buf, JobFigures.from_native(job, [*range(1, len(job.inputs)), 0], health)
+
+
+def _run_method(plan: MergePlan, opened: list[Any], job: TensorJob, pool: BufferPool, threads: int) -> Computed:
+    from .methods.base import NativeInputs, TorchFunction
+
+    compute = plan.method.compute
+    if not isinstance(compute, TorchFunction) or compute.native is None:
+        raise MergeError(f"tensor '{job.out_name}': merge method '{plan.method.name}' has no native kernel")
+    out, buf = _out_buffer(job, pool)
+    health = compute.native(
+        NativeInputs(
+            name=job.out_name,
+            inputs=[_view(plan, opened, s, job) for s in job.inputs],
+            dtypes=[_dtype(opened, s) for s in job.inputs],
+            has_base=job.base is not None,
+            shape=tuple(job.shape),
+            params=job.params,
+            model_params=list(job.model_params),
+            out=out,
+            out_dtype=job.out_dtype,
+            threads=threads,
+        )
+    )
+    return out, buf, JobFigures.from_native(job, list(range(len(job.inputs))), health)
 
 
 def _run_torch(plan: MergePlan, opened: list[Any], job: TensorJob, threads: int, pool: BufferPool) -> Computed:

@@ -10,6 +10,8 @@ to execute.
   coefficient), one fused native pass accumulating in float32.
 - ``Gta``: generalized task arithmetic (ties, dare_*, della*, breadcrumbs*) as a ``GtaSpec``:
   one fused native pass from the maps (``ops.native_dispatch.gta_merge_views``).
+- ``MethodKernel``: the method's own native function (``TorchFunction.native``: the geometric
+  methods' Gram + grouped-sum passes, nearswap, sce, arcee_fusion) from the maps.
 - ``Torch``: the method's torch function (the reference): GPUs, pickled or computed inputs,
   methods with no native kernel. ``reason`` says why the native kernels do not apply.
 """
@@ -96,12 +98,23 @@ class Gta:
 
 
 @dataclass(frozen=True)
+class MethodKernel:
+    """The merge method's own native CPU function (``methods.base.TorchFunction.native``)."""
+
+    method: str
+
+    @property
+    def name(self) -> str:
+        return f"native.{self.method}"
+
+
+@dataclass(frozen=True)
 class Torch:
     reason: str
     name = "torch"
 
 
-Kernel = Copy | LinearCombination | Gta | Torch
+Kernel = Copy | LinearCombination | Gta | MethodKernel | Torch
 
 
 @dataclass(frozen=True)
@@ -138,7 +151,7 @@ def choose(
 ) -> Kernel:
     """The kernel that computes one output tensor: native wherever the method declares a native
     form and the inputs are mapped float tensors on CPU, else the method's torch function."""
-    from .methods.base import GtaSpecBuilder, LinearCoefficients
+    from .methods.base import GtaSpecBuilder, LinearCoefficients, TorchFunction
 
     if device != "cpu":
         return Torch(f"device {device}")
@@ -167,4 +180,10 @@ def choose(
         if not all(i.mapped for i in inputs):
             return UNMAPPED
         return Gta(spec) if _native_floats(inputs, out_dtype) else NOT_FLOAT
+    if isinstance(compute, TorchFunction) and compute.native is not None:
+        if any(i.shape != shape for i in inputs):
+            return Torch("inputs of another shape")
+        if not all(i.mapped for i in inputs):
+            return UNMAPPED
+        return MethodKernel(method.name) if _native_floats(inputs, out_dtype) else NOT_FLOAT
     return Torch(f"{method.name} has no native kernel")

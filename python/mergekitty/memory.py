@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .io.dtypes import nbytes
-from .kernels import Copy, Gta, LinearCombination, Torch
+from .kernels import Copy, Gta, LinearCombination, MethodKernel, Torch
 
 if TYPE_CHECKING:
     from .methods.base import MergeMethod
@@ -109,10 +109,19 @@ def _scratch_bytes(job: TensorJob, method: MergeMethod) -> int:
             return 0
         keys = math.ceil(n / SAMPLE_STRIDE) * SAMPLE_RUN if n >= SAMPLED_MIN_N else n
         return 4 * keys * ranked
+    if isinstance(kernel, MethodKernel):
+        return int(4 * n * _native_copies(method))
     # torch: the float32 working copies the method declares, per input and fixed
     per_input, fixed = _working_copies(method)
     inputs = len(job.inputs) + len(job.row_sources)
     return int(4 * n * (per_input * inputs + fixed))
+
+
+def _native_copies(method: MergeMethod) -> float:
+    from .methods.base import TorchFunction
+
+    compute = method.compute
+    return compute.native_copies if isinstance(compute, TorchFunction) else 0.0
 
 
 def _working_copies(method: MergeMethod) -> tuple[float, float]:

@@ -28,6 +28,7 @@ def _types() -> dict[str, type]:
         kernels.Copy,
         kernels.LinearCombination,
         kernels.Gta,
+        kernels.MethodKernel,
         kernels.Torch,
         kernels.GtaSpec,
         kernels.Sparsity,

@@ -7,14 +7,16 @@ sizes included), so every method here sees tensors of one shape and does no crop
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from typing import TYPE_CHECKING, Any
 
 from ..errors import MergeError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
-    from .base import MergeInputs
+    from .base import MergeInputs, NativeInputs
 
 # |cos theta| above this: the two vectors are treated as colinear (parallel or antipodal) and
 # linearly interpolated. The value of mergekit's classic slerp; see slerp_vectors.
@@ -103,3 +105,96 @@ def slerp_tensors(
     if row_wise:
         return slerp_vectors(t, a, b)
     return slerp_vectors(t, a.movedim(0, -1), b.movedim(0, -1)).movedim(-1, 0)
+
+
+# --- the native CPU path: a Gram pass, coefficients in numpy, a grouped weighted sum ---------
+# These methods' results are linear combinations of their inputs whose coefficients depend only
+# on inner products, so on CPU they run as two native passes over the memory maps
+# (rust/src/kernels/gram.rs and reduce.rs): ``gram`` reads the inner products of each vector
+# group, the method turns them into coefficients here, and ``combine`` writes the sum. The
+# coefficients are computed in float64 from exact float64 Gram sums; the torch functions above
+# compute the same formulas on float32 tensors, so the two agree to float32 rounding (tests:
+# tests/test_native_geometric.py).
+
+Groups = tuple[str, int]  # ("whole", 0), ("rows", row length) or ("columns", elements per first-axis index)
+WHOLE: Groups = ("whole", 0)
+
+
+def vector_groups(shape: tuple[int, ...], flatten: bool, row_wise: bool) -> Groups:
+    """The vectors ``slerp_tensors`` interpolates, as a native grouping."""
+    numel = math.prod(shape)
+    if flatten or len(shape) <= 1 or numel == 0:
+        return WHOLE
+    if row_wise:
+        return ("rows", shape[-1])
+    return ("columns", numel // shape[0])
+
+
+def group_count(shape: tuple[int, ...], groups: Groups) -> int:
+    kind, size = groups
+    if kind == "whole":
+        return 1
+    return math.prod(shape) // size if kind == "rows" else size
+
+
+def native_gram(x: NativeInputs, which: list[int], center: int | None, groups: Groups) -> np.ndarray:
+    """``G[g, i, j] = v_i . v_j`` (float64) for the vectors of group ``g`` of the job inputs
+    ``which`` (minus input ``center`` when given)."""
+    import numpy as np
+
+    from .. import _native
+
+    k = len(which)
+    out = np.zeros((group_count(x.shape, groups), k, k), dtype=np.float64)
+    _native.gram(
+        [x.inputs[i] for i in which],
+        [x.dtypes[i] for i in which],
+        x.inputs[center] if center is not None else None,
+        x.dtypes[center] if center is not None else None,
+        groups[0],
+        groups[1],
+        out.reshape(-1).view(np.uint8),
+        x.threads,
+    )
+    return out
+
+
+def native_combine(x: NativeInputs, coefs: np.ndarray | list[float], groups: Groups = WHOLE) -> Any:
+    """Write ``sum_i coefs[g, i] * input_i`` over every job input into ``x.out``; returns the
+    ``TensorHealth``. ``coefs``: shape ``[groups, inputs]`` (or ``[inputs]`` for one group)."""
+    import numpy as np
+
+    from .. import _native
+
+    c = np.ascontiguousarray(np.asarray(coefs, dtype=np.float32).reshape(-1, len(x.inputs)))
+    return _native.weighted_sum_grouped(
+        x.inputs, x.dtypes, c.reshape(-1).view(np.uint8), groups[0], groups[1], x.out, x.out_dtype, x.threads
+    )
+
+
+def native_trivial(x: NativeInputs) -> Any | None:
+    """``trivial`` for the native path: the base written as it is when there are no other
+    inputs, else None (integer tensors never reach a native kernel)."""
+    if x.models == 0:
+        if not x.has_base:
+            raise MergeError(f"no input tensors for '{x.name}'")
+        return native_combine(x, [1.0])
+    return None
+
+
+def slerp_coefficients(t: float, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(c0, c1)`` per group with ``slerp_vectors(t, v0, v1) = c0 v0 + c1 v1``, from the
+    groups' 2x2 Gram matrices of ``(v0, v1)``: the same decisions as ``slerp_vectors``."""
+    import numpy as np
+
+    n0 = np.sqrt(np.maximum(gram[:, 0, 0], 0.0))
+    n1 = np.sqrt(np.maximum(gram[:, 1, 1], 0.0))
+    zero = (n0 <= ZERO_NORM) | (n1 <= ZERO_NORM)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dot = np.clip(gram[:, 0, 1] / np.where(zero, 1.0, n0 * n1), -1.0, 1.0)
+        lerp = zero | (np.abs(dot) > COLINEAR_DOT)
+        theta = np.arccos(np.where(lerp, 0.0, dot))
+        sin = np.where(lerp, 1.0, np.sin(theta))
+        c0 = np.where(lerp, 1.0 - t, np.sin((1.0 - t) * theta) / sin)
+        c1 = np.where(lerp, t, np.sin(t * theta) / sin)
+    return c0, c1

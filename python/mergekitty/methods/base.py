@@ -122,14 +122,47 @@ class GtaSpecBuilder:
 
 
 @dataclass(frozen=True)
-class TorchFunction:
-    """A method with no native kernel: its torch function computes every tensor.
+class NativeInputs:
+    """What a method's native CPU function sees for one output tensor.
 
-    ``working_copies``: how many float32 copies of the tensor the function holds at once, as
-    (per input, fixed); the plan's memory estimate (memory.py) reads it."""
+    ``inputs`` are the job's inputs as raw little-endian buffers (memory-map views): the base
+    first when the method uses one, then the other models in config order; ``dtypes`` their
+    codes ("BF16", "F16", "F32"), all of one element count. ``out`` is the writable buffer of
+    the result in ``out_dtype``. The function returns the ``_native.TensorHealth`` of the
+    inputs (in this order) and of the output."""
+
+    name: str
+    inputs: list[Any]
+    dtypes: list[str]
+    has_base: bool
+    shape: tuple[int, ...]
+    params: dict[str, Any]
+    model_params: list[dict[str, Any]]
+    out: Any
+    out_dtype: str
+    threads: int = 0
+
+    @property
+    def models(self) -> int:
+        """The number of non-base inputs."""
+        return len(self.inputs) - int(self.has_base)
+
+
+@dataclass(frozen=True)
+class TorchFunction:
+    """A method computed by its own functions rather than a linear or GTA declaration.
+
+    ``merge`` is the torch function: the reference of the native kernels and the GPU path.
+    ``native``, when the method has one, computes a tensor on CPU from the memory maps without
+    torch (``NativeInputs``); the planner chooses it wherever the inputs allow.
+    ``working_copies``: how many float32 copies of the tensor the torch function holds at once,
+    as (per input, fixed); ``native_copies``: the same for the native function (fixed). The plan's
+    memory estimate (memory.py) reads them."""
 
     merge: Callable[[MergeInputs], torch.Tensor]
     working_copies: tuple[float, float] = (2.0, 2.0)
+    native: Callable[[NativeInputs], Any] | None = None
+    native_copies: float = 0.0
 
 
 # How a method computes a tensor; the planner turns it into each job's kernel (plan.choose_kernel).

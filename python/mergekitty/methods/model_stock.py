@@ -21,8 +21,8 @@ very small offsets.)
 from __future__ import annotations
 
 from ..errors import MergeError
-from ._geometric import ZERO_NORM, f32, finish, trivial
-from .base import MergeInputs, MergeMethod, ParamSpec, TorchFunction
+from ._geometric import WHOLE, ZERO_NORM, f32, finish, native_combine, native_gram, native_trivial, trivial
+from .base import MergeInputs, MergeMethod, NativeInputs, ParamSpec, TorchFunction
 
 
 def merge(inputs: MergeInputs):
@@ -63,11 +63,42 @@ def merge(inputs: MergeInputs):
     return finish(result.reshape(shape), inputs)
 
 
+def native(x: NativeInputs):
+    """``merge`` on CPU: cos theta per vector from the offsets' Gram matrices, then
+    ``(1 - t) W0 + sum_i (t / N) W_i`` in one weighted sum."""
+    import numpy as np
+
+    done = native_trivial(x)
+    if done is not None:
+        return done
+    if not x.has_base or x.models < 2:
+        raise MergeError(f"tensor '{x.name}': model_stock needs a base model and at least two other models")
+    groups = ("rows", x.shape[-1]) if x.params.get("filter_wise") and len(x.shape) > 1 else WHOLE
+    n = x.models
+    gram = native_gram(x, list(range(1, n + 1)), 0, groups)
+    norms = np.sqrt(np.maximum(np.diagonal(gram, axis1=1, axis2=2), 0.0))
+    cos_sum = np.zeros(gram.shape[0])
+    pairs = 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for i in range(n):
+            for j in range(i + 1, n):
+                zero = (norms[:, i] <= ZERO_NORM) | (norms[:, j] <= ZERO_NORM)
+                prod = np.where(zero, 1.0, norms[:, i] * norms[:, j])
+                cos_sum += np.where(zero, 0.0, np.clip(gram[:, i, j] / prod, -1.0, 1.0))
+                pairs += 1
+        cos = cos_sum / pairs
+        denom = 1.0 + (n - 1) * cos
+        singular = np.abs(denom) < 1e-6
+        t = np.where(singular, 0.0, n * cos / np.where(singular, 1.0, denom))
+    coefs = np.concatenate([(1.0 - t)[:, None], np.repeat((t / n)[:, None], n, axis=1)], axis=1)
+    return native_combine(x, coefs, groups)
+
+
 METHOD = MergeMethod(
     name="model_stock",
     pretty_name="Model Stock",
     paper_url="https://arxiv.org/abs/2403.19522",
-    compute=TorchFunction(merge, working_copies=(1.5, 0.75)),  # measured: memory.py
+    compute=TorchFunction(merge, working_copies=(1.5, 0.75), native=native),  # measured: memory.py
     global_params=(
         ParamSpec(
             "filter_wise",

@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 
 from ..ops.consensus import NORMALIZE_EPS
-from ._geometric import f32, finish, trivial
-from .base import MergeInputs, MergeMethod, ParamSpec, TorchFunction
+from ._geometric import WHOLE, f32, finish, native_combine, native_gram, native_trivial, trivial
+from .base import MergeInputs, MergeMethod, NativeInputs, ParamSpec, TorchFunction
 
 
 def merge(inputs: MergeInputs):
@@ -61,11 +61,49 @@ def merge(inputs: MergeInputs):
     return finish(result.reshape(shape), inputs)
 
 
+def native(x: NativeInputs):
+    """``merge`` on CPU: every vector above is a combination ``sum_i a_i x_i`` of the inputs, so
+    the formulas run on coefficient vectors with norms and dots read off the Gram matrix."""
+    import numpy as np
+
+    done = native_trivial(x)
+    if done is not None:
+        return done
+    first = int(x.has_base)
+    if x.models == 1:
+        return native_combine(x, [0.0] * first + [1.0])
+    eps = float(x.params["eps"])
+    models = list(range(first, len(x.inputs)))
+    gram = native_gram(x, models, 0 if x.has_base else None, WHOLE)[0]
+    w = np.array([float(mp["weight"]) for mp in x.model_params])
+    if x.params["normalize_weights"] and abs(w.sum()) >= NORMALIZE_EPS:
+        w = w / w.sum()
+    norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
+    unit = np.where(norms > 0, 1.0 / np.where(norms > 0, norms + eps, 1.0), 0.0)  # u_i = unit_i x_i
+
+    def norm(c: np.ndarray) -> float:
+        return math.sqrt(max(float(c @ gram @ c), 0.0))
+
+    mean = w * unit
+    mean_norm = norm(mean)
+    if not (mean_norm > 0 and mean_norm >= eps):
+        coefs = w
+    else:
+        mean = mean / mean_norm
+        dots = (gram @ mean) * unit  # u_i . m^
+        tangent = w * unit - float(w @ dots) * mean
+        tn = norm(tangent) + eps
+        coefs = (mean * math.cos(tn) + tangent * (math.sin(tn) / tn)) * float(norms @ w)
+    if x.has_base:  # B + sum_i c_i (X_i - B)
+        coefs = np.concatenate([[1.0 - coefs.sum()], coefs])
+    return native_combine(x, coefs)
+
+
 METHOD = MergeMethod(
     name="multislerp",
     pretty_name="Multi-SLERP",
     paper_url="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
-    compute=TorchFunction(merge, working_copies=(2.5, 0.5)),  # measured: memory.py
+    compute=TorchFunction(merge, working_copies=(2.5, 0.5), native=native),  # measured: memory.py
     global_params=(
         ParamSpec("normalize_weights", bool, default=True, help="divide the weights by their sum"),
         ParamSpec("eps", float, default=1e-8, minimum=0.0, help="added to norms to avoid division by zero"),

@@ -32,8 +32,18 @@ differ from these by up to ~1e-4 (relative) on nearly parallel vectors.
 from __future__ import annotations
 
 from ..errors import MergeError
-from ._geometric import f32, finish, slerp_tensors, trivial
-from .base import MergeInputs, MergeMethod, ParamSpec, TorchFunction
+from ._geometric import (
+    f32,
+    finish,
+    native_combine,
+    native_gram,
+    native_trivial,
+    slerp_coefficients,
+    slerp_tensors,
+    trivial,
+    vector_groups,
+)
+from .base import MergeInputs, MergeMethod, NativeInputs, ParamSpec, TorchFunction
 
 
 def nuslerp_t(w1: float, w2: float) -> float:
@@ -84,11 +94,38 @@ def merge(inputs: MergeInputs):
     return finish(b + slerp_tensors(t, x1 - b, x2 - b, flatten, row_wise), inputs)
 
 
+def native(x: NativeInputs):
+    """``merge`` on CPU from the memory maps: the inputs' Gram matrices, then one weighted sum."""
+    import numpy as np
+
+    done = native_trivial(x)
+    if done is not None:
+        return done
+    p = x.params
+    groups = vector_groups(x.shape, bool(p["nuslerp_flatten"]), bool(p["nuslerp_row_wise"]))
+    if p.get("t") is not None:
+        if not x.has_base or x.models != 1:
+            raise MergeError(f"tensor '{x.name}': slerp with 't' needs a base_model and exactly one other model")
+        c0, c1 = slerp_coefficients(float(p["t"]), native_gram(x, [0, 1], None, groups))
+        return native_combine(x, np.stack([c0, c1], axis=1), groups)
+    if x.models != 2:
+        raise MergeError(
+            f"tensor '{x.name}': slerp with per-model 'weight' needs two models besides the base, got {x.models}"
+        )
+    t = nuslerp_t(float(x.model_params[0]["weight"]), float(x.model_params[1]["weight"]))
+    if not x.has_base:
+        c0, c1 = slerp_coefficients(t, native_gram(x, [0, 1], None, groups))
+        return native_combine(x, np.stack([c0, c1], axis=1), groups)
+    # B + slerp(t, X1 - B, X2 - B) = (1 - c0 - c1) B + c0 X1 + c1 X2
+    c0, c1 = slerp_coefficients(t, native_gram(x, [1, 2], 0, groups))
+    return native_combine(x, np.stack([1.0 - c0 - c1, c0, c1], axis=1), groups)
+
+
 METHOD = MergeMethod(
     name="slerp",
     pretty_name="SLERP",
     paper_url="https://en.wikipedia.org/wiki/Slerp",
-    compute=TorchFunction(merge, working_copies=(1.0, 0.5)),  # measured: memory.py
+    compute=TorchFunction(merge, working_copies=(1.0, 0.5), native=native),  # measured: memory.py
     global_params=(
         ParamSpec(
             "t",

@@ -2,6 +2,7 @@
 //! only read inputs and fill outputs, so they never own tensor memory.
 
 pub mod consensus;
+pub mod gram;
 pub mod gta;
 pub(crate) mod gta_simd;
 pub mod gta_spec;
@@ -11,7 +12,7 @@ pub mod reduce;
 pub mod sparsify;
 
 pub use health::{scan_tensor, Health, Stats};
-pub use reduce::{convert, weighted_sum, WeightedInput};
+pub use reduce::{convert, weighted_sum, weighted_sum_grouped, WeightedInput};
 
 /// Run `f` compiled with AVX2 enabled when the CPU has it (u32 multiplies for the generator,
 /// wider compares and selects), otherwise as is.

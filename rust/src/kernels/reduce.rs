@@ -9,6 +9,7 @@
 
 use crate::dtype::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, FloatDtype};
 use crate::error::{Error, Result};
+use crate::kernels::gram::{Groups, Input};
 use crate::kernels::health::{block_stats, out_squares_stand_in, scan, Health};
 use crate::threads;
 
@@ -91,6 +92,115 @@ pub fn convert(
         return Ok(());
     }
     weighted_sum(&inputs, out, out_dtype, threads).map(drop)
+}
+
+/// The elements of `src` (`dtype`) as f32 in `dst` (one per `dst` element).
+#[inline]
+pub(crate) fn decode(dtype: FloatDtype, src: &[u8], dst: &mut [f32]) {
+    accumulate(dtype, src, 1.0, dst, true);
+}
+
+/// `out[e] = sum_i c[g(e)][i] * in_i[e]`: a weighted sum whose weights change from one vector
+/// group to the next (the second pass of the geometric methods, see `kernels::gram`). `coefs`
+/// holds `count * k` weights, group by group. The same f32 operations in the same order as
+/// [`weighted_sum`] with the group's weights, so a single group gives its bits exactly.
+pub fn weighted_sum_grouped(
+    inputs: &[Input],
+    coefs: &[f32],
+    groups: Groups,
+    out: &mut [u8],
+    out_dtype: FloatDtype,
+    threads: usize,
+) -> Result<Health> {
+    let k = inputs.len();
+    let weighted = |w: &[f32]| -> Vec<WeightedInput> {
+        inputs
+            .iter()
+            .zip(w)
+            .map(|(i, &weight)| WeightedInput {
+                data: i.data,
+                dtype: i.dtype,
+                weight,
+            })
+            .collect()
+    };
+    let n = element_count(&weighted(&vec![0.0; k]), out, out_dtype)?;
+    let count = groups.count(n)?;
+    if coefs.len() != count * k {
+        return Err(Error::BufferLength {
+            what: "coefs (f32)".into(),
+            expected: count * k,
+            actual: coefs.len(),
+        });
+    }
+    let (len, rows) = match groups {
+        Groups::Whole => return weighted_sum(&weighted(coefs), out, out_dtype, threads),
+        Groups::Rows { len } => (len, count),
+        Groups::Columns { inner } => (inner, n / inner),
+    };
+    if n == 0 {
+        return Ok(Health::new(k));
+    }
+    let osz = out_dtype.size();
+    let per = rows.div_ceil(threads::resolve(threads).clamp(1, rows));
+    let mut parts: Vec<Health> = (0..rows.div_ceil(per)).map(|_| Health::new(k)).collect();
+    let tasks: Vec<_> = out
+        .chunks_mut(per * len * osz)
+        .zip(parts.iter_mut())
+        .enumerate()
+        .map(|(t, (o, h))| (t * per, o, h))
+        .collect();
+    threads::run_all(tasks, |(first, out, h)| {
+        let mut local = Health::new(k);
+        for (i, row) in out.chunks_exact_mut(len * osz).enumerate() {
+            let r = first + i;
+            match groups {
+                Groups::Rows { .. } => {
+                    let w = weighted(&coefs[r * k..(r + 1) * k]);
+                    sum_range(&w, r * len, row, out_dtype, &mut local);
+                }
+                _ => columns_row(inputs, coefs, r * len, row, out_dtype, &mut local),
+            }
+        }
+        *h = local;
+    });
+    Ok(Health::sum(k, &parts))
+}
+
+/// One outer row of a column-grouped sum: element `j` of the row takes the weights of group `j`.
+fn columns_row(
+    inputs: &[Input],
+    coefs: &[f32],
+    start: usize,
+    out: &mut [u8],
+    out_dtype: FloatDtype,
+    health: &mut Health,
+) {
+    let k = inputs.len();
+    let osz = out_dtype.size();
+    let n = out.len() / osz;
+    let mut acc = [0f32; BLOCK];
+    let mut x = [0f32; BLOCK];
+    let mut b = 0;
+    while b < n {
+        let len = BLOCK.min(n - b);
+        let acc = &mut acc[..len];
+        acc.fill(0.0);
+        for (i, inp) in inputs.iter().enumerate() {
+            let sz = inp.dtype.size();
+            let src = &inp.data[(start + b) * sz..(start + b + len) * sz];
+            decode(inp.dtype, src, &mut x[..len]);
+            for (e, (a, v)) in acc.iter_mut().zip(&x[..len]).enumerate() {
+                let w = coefs[(b + e) * k + i] * v;
+                *a = if i == 0 { w } else { *a + w };
+            }
+            health.inputs[i].add(scan(inp.dtype, src));
+        }
+        let dst = &mut out[b * osz..(b + len) * osz];
+        store(out_dtype, acc, dst);
+        health.output.add(scan(out_dtype, dst));
+        b += len;
+    }
 }
 
 /// Process elements `start..start + out.len()/osz`, dispatching to a wider-vector build of the
@@ -478,6 +588,86 @@ mod tests {
                 "n={n} j={j} got={} want={exact} {dtypes:?}->{out_dtype:?}",
                 got[j]
             );
+        }
+    }
+
+    /// Each group's elements are bit-identical to a plain weighted sum with that group's weights.
+    #[test]
+    fn grouped_sums_take_each_groups_weights() {
+        let (outer, inner) = (5usize, 2100usize);
+        let n = outer * inner;
+        let mut rng = Lcg(11);
+        let vals: Vec<Vec<f32>> = (0..3)
+            .map(|_| (0..n).map(|_| rng.f32()).collect())
+            .collect();
+        for d in ALL {
+            let enc: Vec<Vec<u8>> = vals.iter().map(|v| encode(v, d)).collect();
+            let inputs: Vec<Input> = enc.iter().map(|b| Input { data: b, dtype: d }).collect();
+            for (groups, count) in [
+                (Groups::Whole, 1),
+                (Groups::Rows { len: inner }, outer),
+                (Groups::Columns { inner }, inner),
+            ] {
+                let coefs: Vec<f32> = (0..count * 3).map(|_| rng.f32()).collect();
+                for threads in [1, 3] {
+                    let mut out = vec![0u8; n * d.size()];
+                    let h = weighted_sum_grouped(&inputs, &coefs, groups, &mut out, d, threads)
+                        .unwrap();
+                    for e in (0..n).step_by(97) {
+                        let g = match groups {
+                            Groups::Whole => 0,
+                            Groups::Rows { len } => e / len,
+                            Groups::Columns { inner } => e % inner,
+                        };
+                        let one: Vec<Vec<u8>> = enc
+                            .iter()
+                            .map(|b| b[e * d.size()..(e + 1) * d.size()].to_vec())
+                            .collect();
+                        let w: Vec<WeightedInput> = one
+                            .iter()
+                            .zip(&coefs[g * 3..g * 3 + 3])
+                            .map(|(b, &weight)| WeightedInput {
+                                data: b,
+                                dtype: d,
+                                weight,
+                            })
+                            .collect();
+                        let mut want = vec![0u8; d.size()];
+                        weighted_sum(&w, &mut want, d, 1).unwrap();
+                        assert_eq!(
+                            &out[e * d.size()..(e + 1) * d.size()],
+                            &want[..],
+                            "{d:?} {groups:?} element {e}"
+                        );
+                    }
+                    let plain = weighted_sum(
+                        &inputs
+                            .iter()
+                            .map(|i| WeightedInput {
+                                data: i.data,
+                                dtype: d,
+                                weight: 1.0,
+                            })
+                            .collect::<Vec<_>>(),
+                        &mut vec![0u8; n * d.size()],
+                        d,
+                        1,
+                    )
+                    .unwrap();
+                    for (a, b) in h.inputs.iter().zip(&plain.inputs) {
+                        assert!((a.sumsq - b.sumsq).abs() <= 1e-6 * b.sumsq, "{groups:?}");
+                    }
+                }
+            }
+            assert!(weighted_sum_grouped(
+                &inputs,
+                &[1.0; 2],
+                Groups::Whole,
+                &mut vec![0u8; n * d.size()],
+                d,
+                1
+            )
+            .is_err());
         }
     }
 

@@ -8,6 +8,7 @@ use crate::error::{Error, ErrorKind};
 
 mod buffer;
 mod file;
+mod gram;
 mod gta;
 mod health;
 mod kernels;
@@ -105,6 +106,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sparsify::della, m)?)?;
     m.add_function(wrap_pyfunction!(sparsify::combine, m)?)?;
     m.add_function(wrap_pyfunction!(sparsify::uniform, m)?)?;
+    m.add_function(wrap_pyfunction!(gram::gram, m)?)?;
+    m.add_function(wrap_pyfunction!(gram::weighted_sum_grouped, m)?)?;
     m.add_class::<gta::PySparsity>()?;
     m.add_function(wrap_pyfunction!(gta::gta_merge, m)?)?;
     Ok(())

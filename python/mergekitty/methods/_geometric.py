@@ -153,7 +153,7 @@ def native_gram(x: NativeInputs, which: list[int], center: int | None, groups: G
         x.dtypes[center] if center is not None else None,
         groups[0],
         groups[1],
-        out.reshape(-1).view(np.uint8),
+        memoryview(out.reshape(-1).view(np.uint8)),
         x.threads,
     )
     return out
@@ -168,7 +168,14 @@ def native_combine(x: NativeInputs, coefs: np.ndarray | list[float], groups: Gro
 
     c = np.ascontiguousarray(np.asarray(coefs, dtype=np.float32).reshape(-1, len(x.inputs)))
     return _native.weighted_sum_grouped(
-        x.inputs, x.dtypes, c.reshape(-1).view(np.uint8), groups[0], groups[1], x.out, x.out_dtype, x.threads
+        x.inputs,
+        x.dtypes,
+        memoryview(c.reshape(-1).view(np.uint8)),
+        groups[0],
+        groups[1],
+        x.out,
+        x.out_dtype,
+        x.threads,
     )
 
 

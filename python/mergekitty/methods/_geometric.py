@@ -153,7 +153,7 @@ def native_gram(x: NativeInputs, which: list[int], center: int | None, groups: G
         x.dtypes[center] if center is not None else None,
         groups[0],
         groups[1],
-        memoryview(out.reshape(-1).view(np.uint8)),
+        out.reshape(-1).view(np.uint8).data,
         x.threads,
     )
     return out
@@ -170,7 +170,7 @@ def native_combine(x: NativeInputs, coefs: np.ndarray | list[float], groups: Gro
     return _native.weighted_sum_grouped(
         x.inputs,
         x.dtypes,
-        memoryview(c.reshape(-1).view(np.uint8)),
+        c.reshape(-1).view(np.uint8).data,
         groups[0],
         groups[1],
         x.out,

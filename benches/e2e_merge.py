@@ -677,6 +677,19 @@ def write_configs(cfg_dir: Path, models: dict[str, Path]) -> dict[str, Path]:
             + "models:\n"
             + sparse_lines
         )
+    base, ft1, ft2 = models["base"], models[FINETUNES[0]], models[FINETUNES[1]]
+    # the geometric and elementwise methods, on the inputs they take (MERGE_INPUTS)
+    configs["slerp"] = f"merge_method: slerp\nbase_model: {base}\nparameters:\n  t: 0.3\nmodels:\n  - model: {ft1}\n"
+    configs["nuslerp"] = (
+        f"merge_method: nuslerp\nbase_model: {base}\nmodels:\n"
+        f"  - model: {ft1}\n    parameters:\n      weight: 0.6\n  - model: {ft2}\n    parameters:\n      weight: 0.4\n"
+    )
+    configs["multislerp"] = f"merge_method: multislerp\nbase_model: {base}\nmodels:\n" + model_lines
+    configs["karcher"] = "merge_method: karcher\nmodels:\n" + "".join(f"  - model: {models[ft]}\n" for ft in FINETUNES)
+    configs["model_stock"] = f"merge_method: model_stock\nbase_model: {base}\nmodels:\n" + model_lines
+    configs["sce"] = f"merge_method: sce\nbase_model: {base}\nparameters:\n  select_topk: 0.5\nmodels:\n" + model_lines
+    for method, extra in (("nearswap", "parameters:\n  t: 0.001\n"), ("arcee_fusion", "")):
+        configs[method] = f"merge_method: {method}\nbase_model: {base}\n{extra}models:\n  - model: {ft1}\n"
     paths = {}
     for name, text in configs.items():
         p = cfg_dir / f"{name}.yml"
@@ -696,6 +709,14 @@ MERGE_INPUTS = {
     "ties": ["base", *FINETUNES],
     "dare_ties": ["base", *FINETUNES],
     "della": ["base", *FINETUNES],
+    "slerp": ["base", FINETUNES[0]],
+    "nuslerp": ["base", *FINETUNES[:2]],
+    "multislerp": ["base", *FINETUNES],
+    "karcher": list(FINETUNES),
+    "model_stock": ["base", *FINETUNES],
+    "sce": ["base", *FINETUNES],
+    "nearswap": ["base", FINETUNES[0]],
+    "arcee_fusion": ["base", FINETUNES[0]],
 }
 
 
@@ -765,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--merges",
         default="linear,task_arithmetic",
-        help="comma-separated subset of: linear, task_arithmetic, ties, dare_ties, della",
+        help="comma-separated subset of: " + ", ".join(MERGE_INPUTS),
     )
     ap.add_argument("--skip-incumbent", action="store_true", help="do not run mergekit")
     ap.add_argument("--skip-ours", action="store_true", help="do not run mergekitty")

@@ -28,12 +28,14 @@ from typing import TYPE_CHECKING, Any
 from .errors import MergeError, MergekittyError
 from .health import HealthReport, JobFigures, buffer_figures, tensor_figures
 from .io.dtypes import nbytes, torch_dtype
-from .kernels import Copy, Gta, LinearCombination, MethodKernel
+from .kernels import Copy, Gta, LinearCombination, Torch
 from .plan import MergePlan, Source, TensorJob
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
+
+    from .tokenizer.embeddings import RawTensor
 
 PREFETCH_JOBS = 2
 WRITE_QUEUE = 2
@@ -117,19 +119,56 @@ def run_job(plan: MergePlan, opened: list[Any], job: TensorJob, threads: int, po
     """Compute one output tensor with the kernel the plan chose for it.
     Returns (bytes to write, pooled buffer to recycle or None, health figures)."""
     kernel = job.kernel
+    if isinstance(kernel, Torch):
+        return _run_torch(plan, opened, job, threads, pool)
+    inputs = _inputs(plan, opened, job)
     if isinstance(kernel, Copy):
-        src = job.inputs[kernel.input]
-        view = _view(plan, opened, src, job)
-        copied = buffer_figures(view, _dtype(opened, src), math.prod(job.shape), threads)
-        inputs = tuple(copied if i == kernel.input else None for i in range(len(job.inputs)))
-        return view, None, JobFigures(inputs, copied)
+        view, code = inputs[kernel.input]
+        copied = buffer_figures(view, code, math.prod(job.shape), threads)
+        figures = tuple(copied if i == kernel.input else None for i in range(len(job.inputs)))
+        return view, None, JobFigures(figures, copied)
     if isinstance(kernel, LinearCombination):
-        return _run_linear(plan, opened, job, kernel, pool, threads)
+        return _run_linear(job, kernel, inputs, pool, threads)
     if isinstance(kernel, Gta):
-        return _run_gta(plan, opened, job, kernel, pool, threads)
-    if isinstance(kernel, MethodKernel):
-        return _run_method(plan, opened, job, pool, threads)
-    return _run_torch(plan, opened, job, threads, pool)
+        return _run_gta(plan, job, kernel, inputs, pool, threads)
+    return _run_method(plan, job, inputs, pool, threads)
+
+
+# an input's bytes (a map view or an aligned copy) and its safetensors dtype code
+Input = tuple[Any, str]
+
+
+def _inputs(plan: MergePlan, opened: list[Any], job: TensorJob) -> list[Input]:
+    """The bytes of every job input for the native kernels: zero-copy map views, or for a
+    vocabulary-sized tensor each input re-laid out in the output vocabulary's row order
+    (tokenizer.embeddings), the default rows computed once for the job."""
+    if not job.aligned or plan.vocab is None:
+        return [(_view(plan, opened, s, job), _dtype(opened, s)) for s in job.inputs]
+    aligned = _aligned(plan, opened, job)
+    return [(a.data, a.dtype) for a in (aligned(s) for s in job.inputs)]
+
+
+def _aligned(plan: MergePlan, opened: list[Any], job: TensorJob) -> Callable[[Source], RawTensor]:
+    from .tokenizer.embeddings import align_rows, default_rows
+
+    assert plan.vocab is not None, "aligned jobs come from a plan with a vocabulary"
+    vocab = plan.vocab
+    raw = {s.model: _raw(plan, opened, s, job) for s in (*job.inputs, *job.row_sources)}
+    defaults = default_rows(vocab, raw)
+    return lambda src: align_rows(vocab, src.model, raw[src.model], defaults)
+
+
+def _raw(plan: MergePlan, opened: list[Any], src: Source, job: TensorJob) -> RawTensor:
+    """An input as raw bytes: its map view, or (pickled, computed) its torch tensor's bytes."""
+    from .tokenizer.embeddings import RawTensor
+
+    info = opened[src.model].infos[src.tensor]
+    view = opened[src.model].view(src.tensor)
+    if view is None:
+        from .ops.reduce import bytes_view
+
+        view = bytes_view(opened[src.model].tensor(src.tensor).contiguous().cpu())
+    return RawTensor(view, str(info.dtype), tuple(info.shape))
 
 
 def _view(plan: MergePlan, opened: list[Any], src: Source, job: TensorJob) -> Any:
@@ -153,35 +192,30 @@ def _out_buffer(job: TensorJob, pool: BufferPool) -> tuple[Any, np.ndarray]:
 
 
 def _run_linear(
-    plan: MergePlan, opened: list[Any], job: TensorJob, kernel: LinearCombination, pool: BufferPool, threads: int
+    job: TensorJob, kernel: LinearCombination, inputs: list[Input], pool: BufferPool, threads: int
 ) -> Computed:
     from . import _native
 
-    sources = [job.inputs[i] for i, _ in kernel.terms]
+    used = [inputs[i] for i, _ in kernel.terms]
     out, buf = _out_buffer(job, pool)
     health = _native.weighted_sum(
-        [_view(plan, opened, s, job) for s in sources],
-        [_dtype(opened, s) for s in sources],
-        [c for _, c in kernel.terms],
-        out,
-        job.out_dtype,
-        threads,
+        [v for v, _ in used], [d for _, d in used], [c for _, c in kernel.terms], out, job.out_dtype, threads
     )
     return out, buf, JobFigures.from_native(job, [i for i, _ in kernel.terms], health)
 
 
 def _run_gta(
-    plan: MergePlan, opened: list[Any], job: TensorJob, kernel: Gta, pool: BufferPool, threads: int
+    plan: MergePlan, job: TensorJob, kernel: Gta, inputs: list[Input], pool: BufferPool, threads: int
 ) -> Computed:
     from .ops.native_dispatch import gta_merge_views
 
-    base, *sources = job.inputs
+    (base, base_dtype), *sources = inputs
     out, buf = _out_buffer(job, pool)
     health = gta_merge_views(
-        [_view(plan, opened, s, job) for s in sources],
-        [_dtype(opened, s) for s in sources],
-        _view(plan, opened, base, job),
-        _dtype(opened, base),
+        [v for v, _ in sources],
+        [d for _, d in sources],
+        base,
+        base_dtype,
         tuple(job.shape),
         kernel.spec,
         plan.random_seed,
@@ -193,7 +227,7 @@ def _run_gta(
     return out, buf, JobFigures.from_native(job, [*range(1, len(job.inputs)), 0], health)
 
 
-def _run_method(plan: MergePlan, opened: list[Any], job: TensorJob, pool: BufferPool, threads: int) -> Computed:
+def _run_method(plan: MergePlan, job: TensorJob, inputs: list[Input], pool: BufferPool, threads: int) -> Computed:
     from .methods.base import NativeInputs, TorchFunction
 
     compute = plan.method.compute
@@ -203,8 +237,8 @@ def _run_method(plan: MergePlan, opened: list[Any], job: TensorJob, pool: Buffer
     health = compute.native(
         NativeInputs(
             name=job.out_name,
-            inputs=[_view(plan, opened, s, job) for s in job.inputs],
-            dtypes=[_dtype(opened, s) for s in job.inputs],
+            inputs=[v for v, _ in inputs],
+            dtypes=[d for _, d in inputs],
             has_base=job.base is not None,
             shape=tuple(job.shape),
             params=job.params,
@@ -231,7 +265,7 @@ def _run_torch(plan: MergePlan, opened: list[Any], job: TensorJob, threads: int,
         t: torch.Tensor = opened[src.model].tensor(src.tensor)
         return t if dev.type == "cpu" else t.to(dev, non_blocking=True)
 
-    read = _aligned_loader(plan, job, load) if job.aligned else load
+    read = _aligned_loader(plan, opened, job, dev) if job.aligned else load
 
     out_dtype = torch_dtype(job.out_dtype)
     if out_dtype is None:
@@ -268,15 +302,26 @@ def _run_torch(plan: MergePlan, opened: list[Any], job: TensorJob, threads: int,
 
 
 def _aligned_loader(
-    plan: MergePlan, job: TensorJob, load: Callable[[Source], torch.Tensor]
+    plan: MergePlan, opened: list[Any], job: TensorJob, dev: torch.device
 ) -> Callable[[Source], torch.Tensor]:
-    """``load`` for a vocabulary-sized tensor: each input re-laid out in the output vocabulary's
-    row order (tokenizer.embeddings), with the default rows computed once for the job."""
-    from .tokenizer.embeddings import align_rows, default_rows
+    """The torch path's reader of a vocabulary-sized tensor: the aligned bytes as a tensor on ``dev``."""
+    import warnings
 
-    loaded = {s.model: load(s) for s in (*job.inputs, *job.row_sources)}
-    defaults = default_rows(plan.vocab, loaded)
-    return lambda src: align_rows(plan.vocab, src.model, loaded[src.model], defaults)
+    import torch
+
+    aligned = _aligned(plan, opened, job)
+
+    def load(src: Source) -> torch.Tensor:
+        a = aligned(src)
+        dtype = torch_dtype(a.dtype)
+        if dtype is None:
+            raise MergeError(f"tensor '{job.out_name}': torch has no dtype for {a.dtype}")
+        with warnings.catch_warnings():  # a map view is read-only; the methods never write inputs
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.frombuffer(memoryview(a.data), dtype=torch.uint8)
+        return t.view(dtype).reshape(a.shape).to(dev)
+
+    return load
 
 
 def _touch(opened: list[Any], job: TensorJob, action: str) -> None:

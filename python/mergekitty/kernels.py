@@ -155,8 +155,8 @@ def choose(
 
     if device != "cpu":
         return Torch(f"device {device}")
-    if aligned:
-        return Torch("vocabulary rows re-laid out")
+    if aligned:  # every input is re-laid out in the output vocabulary's rows first
+        inputs = [JobInput(i.dtype, shape, i.mapped) for i in inputs]
     compute = method.compute
     if isinstance(compute, LinearCoefficients):
         base_coef, coefs = compute.coefficients(params, model_params, name)

@@ -1,32 +1,85 @@
 """Aligning vocabulary-sized tensors (embeddings, heads) to the output vocabulary.
 
 Given each input's tensor (rows in that model's token order) and the ``VocabPlan``, every input
-gets a ``[rows, ...]`` tensor in output token order, built with index selects from its own rows
+gets a ``[rows, ...]`` tensor in output token order, built with row gathers from its own rows
 and the shared default rows. The merge method then sees inputs that line up row by row.
+
+Everything here works on raw little-endian bytes (``RawTensor``) with numpy row gathers and the
+native dtype casts, so a CPU merge aligns without torch; the torch path wraps the aligned bytes
+in tensors. Default rows are means in float32, rounded to each input's dtype (round to nearest
+even).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from ..errors import MergeError
 from .build import MISSING, OWN_MEAN, VocabPlan
 
-if TYPE_CHECKING:
-    import torch
+# rows converted to float32 at a time when averaging a model's own rows
+_MEAN_CHUNK_BYTES = 1 << 24
 
 
-def default_rows(plan: VocabPlan, tensors: dict[int, torch.Tensor]) -> torch.Tensor | None:
-    """The default rows (float32, one per slot): means of (model, row) pairs, zeros when empty."""
-    import torch
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor as raw little-endian bytes: ``data`` (any buffer), its safetensors dtype code
+    ("F32", "F16", "BF16", "F64") and shape (rows first)."""
 
+    data: Any
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def row_elems(self) -> int:
+        return math.prod(self.shape[1:])
+
+    def rows(self) -> np.ndarray:
+        """The tensor as a ``[rows, row bytes]`` uint8 array (no copy)."""
+        flat = np.frombuffer(memoryview(self.data), dtype=np.uint8)
+        return flat.reshape(self.shape[0], -1) if self.shape[0] else flat.reshape(0, 0)
+
+
+def _to_f32(rows: np.ndarray, dtype: str) -> np.ndarray:
+    """Byte rows of ``dtype`` as a float32 ``[rows, elems]`` array."""
+    from .. import _native
+
+    n = rows.shape[0]
+    if dtype == "F64":
+        return np.ascontiguousarray(rows).view("<f8").astype(np.float32).reshape(n, -1)
+    if dtype not in ("F32", "F16", "BF16"):
+        raise MergeError(f"cannot average rows of dtype {dtype}")
+    src = np.ascontiguousarray(rows).reshape(-1)
+    out = np.empty(src.size // (4 if dtype == "F32" else 2), dtype=np.float32)
+    _native.convert(src.data, dtype, out.view(np.uint8).data, "F32", 1)
+    return out.reshape(n, -1)
+
+
+def _from_f32(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 ``[rows, elems]`` values as byte rows of ``dtype`` (round to nearest even)."""
+    from .. import _native
+
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    n = values.shape[0]
+    if dtype == "F64":
+        return values.astype("<f8").view(np.uint8).reshape(n, -1)
+    size = 4 if dtype == "F32" else 2
+    out = np.empty(values.size * size, dtype=np.uint8)
+    _native.convert(values.view(np.uint8).reshape(-1).data, "F32", out.data, dtype, 1)
+    return out.reshape(n, -1)
+
+
+def default_rows(plan: VocabPlan, tensors: dict[int, RawTensor]) -> np.ndarray | None:
+    """The default rows (float32 ``[slots, elems]``): means of (model, row) pairs, zeros when empty."""
     if not plan.defaults:
         return None
-    any_tensor = next(iter(tensors.values()))
-    rest = tuple(any_tensor.shape[1:])
-    acc = torch.zeros((len(plan.defaults), *rest), dtype=torch.float32, device=any_tensor.device)
-    count = torch.zeros(len(plan.defaults), dtype=torch.float32, device=any_tensor.device)
+    elems = next(iter(tensors.values())).row_elems
+    acc = np.zeros((len(plan.defaults), elems), dtype=np.float32)
+    count = np.zeros(len(plan.defaults), dtype=np.float32)
     by_model: dict[int, tuple[list[int], list[int]]] = {}
     for slot, recipe in enumerate(plan.defaults):
         for m, row in recipe:
@@ -35,37 +88,43 @@ def default_rows(plan: VocabPlan, tensors: dict[int, torch.Tensor]) -> torch.Ten
             rows.append(row)
     for m, (slots, rows) in by_model.items():
         t = tensors[m]
-        idx = torch.tensor(slots, dtype=torch.long, device=t.device)
-        acc.index_add_(0, idx, t[torch.tensor(rows, dtype=torch.long, device=t.device)].float())
-        count.index_add_(0, idx, torch.ones(len(slots), dtype=torch.float32, device=t.device))
-    shape = (len(plan.defaults),) + (1,) * len(rest)
-    return acc / count.clamp(min=1.0).view(shape)
+        np.add.at(acc, np.asarray(slots), _to_f32(t.rows()[np.asarray(rows)], t.dtype))
+        np.add.at(count, np.asarray(slots), np.float32(1.0))
+    means: np.ndarray = acc / np.maximum(count, np.float32(1.0))[:, None]
+    return means
 
 
-def align_rows(plan: VocabPlan, model: int, tensor: torch.Tensor, defaults: torch.Tensor | None) -> torch.Tensor:
+def _mean_of_rows(rows: np.ndarray, dtype: str, elems: int) -> np.ndarray:
+    """The float32 mean of byte rows of ``dtype``, converted a chunk at a time."""
+    total = np.zeros(elems, dtype=np.float64)
+    step = max(1, _MEAN_CHUNK_BYTES // max(rows.shape[1], 1))
+    for i in range(0, rows.shape[0], step):
+        total += _to_f32(rows[i : i + step], dtype).sum(axis=0, dtype=np.float64)
+    mean: np.ndarray = (total / max(rows.shape[0], 1)).astype(np.float32)[None, :]
+    return mean
+
+
+def align_rows(plan: VocabPlan, model: int, tensor: RawTensor, defaults: np.ndarray | None) -> RawTensor:
     """``tensor`` (model ``model``'s rows) laid out in the output vocabulary's order."""
-    import torch
-
     rmap = plan.row_maps[model]
     if rmap is None:
         return tensor
-    dev = tensor.device
-    index = torch.from_numpy(np.ascontiguousarray(rmap)).to(dev)
-    out = tensor.new_empty((plan.rows, *tensor.shape[1:]))
+    index = np.ascontiguousarray(rmap)
+    src = tensor.rows()
+    out = np.empty((plan.rows, src.shape[1]), dtype=np.uint8)
     own = index >= 0
-    out[own] = tensor[index[own]]
+    out[own] = src[index[own]]
     missing = index == MISSING
-    if bool(missing.any()):
-        assert defaults is not None, "the plan has default rows whenever a row is missing"
-        slots = torch.from_numpy(plan.default_slot).to(dev)[missing]
-        out[missing] = defaults[slots].to(tensor.dtype)
+    if missing.any():
+        if defaults is None:
+            raise MergeError("the vocabulary plan has missing rows but no default rows")
+        out[missing] = _from_f32(defaults[plan.default_slot[missing]], tensor.dtype)
     mean_rows = index == OWN_MEAN
-    if bool(mean_rows.any()):
-        held = torch.from_numpy(plan.token_rows).to(dev)
-        mean = (
-            out[held].float().mean(0)
-            if held.numel()
-            else torch.zeros(tensor.shape[1:], dtype=torch.float32, device=dev)
-        )
-        out[mean_rows] = mean.to(tensor.dtype)
-    return out
+    if mean_rows.any():
+        held = np.asarray(plan.token_rows)
+        if held.size:
+            mean = _mean_of_rows(out[held], tensor.dtype, tensor.row_elems)
+        else:
+            mean = np.zeros((1, tensor.row_elems), dtype=np.float32)
+        out[mean_rows] = _from_f32(mean, tensor.dtype)
+    return RawTensor(out.reshape(-1), tensor.dtype, (plan.rows, *tensor.shape[1:]))

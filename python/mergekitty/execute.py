@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import MergeError, MergekittyError
 from .health import HealthReport, JobFigures, buffer_figures, tensor_figures
 from .io.dtypes import nbytes, torch_dtype
-from .kernels import Copy, Gta, LinearCombination, Torch
+from .kernels import Copy, CopyIfEqual, Gta, LinearCombination, Torch
 from .plan import MergePlan, Source, TensorJob
 
 if TYPE_CHECKING:
@@ -122,7 +122,9 @@ def run_job(plan: MergePlan, opened: list[Any], job: TensorJob, threads: int, po
     if isinstance(kernel, Torch):
         return _run_torch(plan, opened, job, threads, pool)
     inputs = _inputs(plan, opened, job)
-    if isinstance(kernel, Copy):
+    if isinstance(kernel, CopyIfEqual):
+        _check_equal(plan, job, inputs)
+    if isinstance(kernel, (Copy, CopyIfEqual)):
         view, code = inputs[kernel.input]
         copied = buffer_figures(view, code, math.prod(job.shape), threads)
         figures = tuple(copied if i == kernel.input else None for i in range(len(job.inputs)))
@@ -132,6 +134,18 @@ def run_job(plan: MergePlan, opened: list[Any], job: TensorJob, threads: int, po
     if isinstance(kernel, Gta):
         return _run_gta(plan, job, kernel, inputs, pool, threads)
     return _run_method(plan, job, inputs, pool, threads)
+
+
+def _check_equal(plan: MergePlan, job: TensorJob, inputs: list[Input]) -> None:
+    import numpy as np
+
+    first = np.frombuffer(memoryview(inputs[0][0]), dtype=np.uint8)
+    for (data, _), src in zip(inputs[1:], job.inputs[1:]):
+        if not np.array_equal(first, np.frombuffer(memoryview(data), dtype=np.uint8)):
+            raise MergeError(
+                f"tensor '{job.out_name}' has dtype {job.out_dtype} and differs in {plan.models[src.model].label}; "
+                "integer tensors cannot be merged"
+            )
 
 
 # an input's bytes (a map view or an aligned copy) and its safetensors dtype code

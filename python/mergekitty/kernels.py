@@ -84,6 +84,15 @@ class Copy:
 
 
 @dataclass(frozen=True)
+class CopyIfEqual:
+    """A tensor that is not a float (position ids, masks): every input must hold the same bytes,
+    and input ``input`` is written; inputs that differ are an error (integers are never averaged)."""
+
+    input: int
+    name = "native.copy_if_equal"
+
+
+@dataclass(frozen=True)
 class LinearCombination:
     """``(input index, coefficient)`` terms over ``TensorJob.inputs`` (base first when present)."""
 
@@ -114,7 +123,7 @@ class Torch:
     name = "torch"
 
 
-Kernel = Copy | LinearCombination | Gta | MethodKernel | Torch
+Kernel = Copy | CopyIfEqual | LinearCombination | Gta | MethodKernel | Torch
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,17 @@ def _native_floats(inputs: list[JobInput], out_dtype: str) -> bool:
     return out_dtype in NATIVE_FLOAT_CODES and all(i.dtype in NATIVE_FLOAT_CODES for i in inputs)
 
 
+def _integers(inputs: list[JobInput], shape: tuple[int, ...], out_dtype: str) -> bool:
+    """Whether the job copies a non-float tensor that every input holds in one dtype and shape."""
+    from .io.dtypes import FLOAT_CODES
+
+    return (
+        out_dtype not in FLOAT_CODES
+        and all(i.dtype == out_dtype and i.shape == shape and i.mapped for i in inputs)
+        and not out_dtype.startswith("F")  # sub-byte and 8-bit floats are not integers either
+    )
+
+
 def choose(
     method: MergeMethod,
     name: str,
@@ -157,6 +177,8 @@ def choose(
         return Torch(f"device {device}")
     if aligned:  # every input is re-laid out in the output vocabulary's rows first
         inputs = [JobInput(i.dtype, shape, i.mapped) for i in inputs]
+    if _integers(inputs, shape, out_dtype):
+        return CopyIfEqual(0)
     compute = method.compute
     if isinstance(compute, LinearCoefficients):
         base_coef, coefs = compute.coefficients(params, model_params, name)
@@ -171,6 +193,10 @@ def choose(
         return LinearCombination(tuple(terms)) if _native_floats(used, out_dtype) else NOT_FLOAT
     if isinstance(compute, GtaSpecBuilder):
         spec = compute.spec(params, model_params, name)
+        if has_base and len(inputs) == 1 and inputs[0].mapped:  # only the base: it passes through
+            if inputs[0].dtype == out_dtype:
+                return Copy(0)
+            return LinearCombination(((0, 1.0),)) if _native_floats(inputs, out_dtype) else NOT_FLOAT
         if not has_base or len(inputs) < 2:
             return Torch("no task vector")
         if not spec.native:

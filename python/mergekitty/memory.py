@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .io.dtypes import nbytes
-from .kernels import Copy, Gta, LinearCombination, MethodKernel, Torch
+from .kernels import Copy, CopyIfEqual, Gta, LinearCombination, MethodKernel, Torch
 
 if TYPE_CHECKING:
     from .methods.base import MergeMethod
@@ -92,7 +92,7 @@ def _give(free: list[int], size: int | None, keep: int) -> None:
 
 def _buffer_bytes(job: TensorJob, device: str) -> int | None:
     """The pooled output buffer a job takes (None: written straight from the map or from the GPU)."""
-    if isinstance(job.kernel, Copy) or (isinstance(job.kernel, Torch) and device != "cpu"):
+    if isinstance(job.kernel, (Copy, CopyIfEqual)) or (isinstance(job.kernel, Torch) and device != "cpu"):
         return None
     return nbytes(job.out_dtype, math.prod(job.shape))
 
@@ -101,7 +101,7 @@ def _scratch_bytes(job: TensorJob, method: MergeMethod) -> int:
     """What the job's kernel allocates besides its output buffer."""
     n = math.prod(job.shape)
     kernel = job.kernel
-    if isinstance(kernel, (Copy, LinearCombination)):
+    if isinstance(kernel, (Copy, CopyIfEqual, LinearCombination)):
         return 0
     if isinstance(kernel, Gta):
         ranked = sum(s.kind in ("magnitude", "outliers") and 0 < s.density < 1 for s in kernel.spec.sparsity)

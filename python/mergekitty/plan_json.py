@@ -26,6 +26,7 @@ def _types() -> dict[str, type]:
         plan.TensorJob,
         plan.Source,
         kernels.Copy,
+        kernels.CopyIfEqual,
         kernels.LinearCombination,
         kernels.Gta,
         kernels.MethodKernel,

@@ -266,6 +266,8 @@ def gta_merge(
     lambda_: float,
     seed: int,
     threads: int = 0,
+    scales: Sequence[float] | None = None,
 ) -> TensorHealth:
-    """out = base + lambda_ * combine(sparsify_i(x_i - base), weights) for one tensor of ``shape``.
+    """out = base + lambda_ * combine(sparsify_i(x_i - base), weights) for one tensor of ``shape``;
+    ``scales``: per model, a factor of its kept values (the L1 rescale).
     Returns the health of ``xs``, then ``base``, and of the output."""

@@ -36,8 +36,8 @@ class Sparsity:
     ``kind``: "none"; "magnitude" (``density``); "outliers" (Breadcrumbs: ``density``,
     ``gamma``); "random" (DARE: ``density``, random stream ``key``); "della" (``density``,
     ``epsilon``, ``key``). ``rescale``: "none"; "inverse" (random/della: divide the kept values
-    by their keep probability); "l1" (keep each task vector's L1 norm; needs a whole-tensor sum,
-    so only the torch reference computes it).
+    by their keep probability); "l1" (keep each task vector's L1 norm: a whole-tensor sum, which
+    the native path takes in a first pass).
     """
 
     kind: SparsityKind
@@ -71,8 +71,9 @@ class GtaSpec:
 
     @property
     def native(self) -> bool:
-        """Whether the fused native kernel computes this spec (it has no L1 rescale)."""
-        return bool(self.sparsity) and all(s.rescale != "l1" for s in self.sparsity)
+        """Whether the fused native kernel computes this spec (an L1 rescale takes it a first
+        pass per rescaled model: ``ops.native_dispatch._l1_scales``)."""
+        return bool(self.sparsity)
 
 
 @dataclass(frozen=True)
@@ -199,8 +200,6 @@ def choose(
             return LinearCombination(((0, 1.0),)) if _native_floats(inputs, out_dtype) else NOT_FLOAT
         if not has_base or len(inputs) < 2:
             return Torch("no task vector")
-        if not spec.native:
-            return Torch("L1 rescale")
         if any(i.shape != shape for i in inputs) or math.prod(shape) == 0:
             return Torch("inputs of another shape")
         if not all(i.mapped for i in inputs):

@@ -105,10 +105,11 @@ def _scratch_bytes(job: TensorJob, method: MergeMethod) -> int:
         return 0
     if isinstance(kernel, Gta):
         ranked = sum(s.kind in ("magnitude", "outliers") and 0 < s.density < 1 for s in kernel.spec.sparsity)
+        l1 = 4 * n if any(s.rescale == "l1" for s in kernel.spec.sparsity) else 0  # the kept values' pass
         if not ranked:
-            return 0
+            return l1
         keys = math.ceil(n / SAMPLE_STRIDE) * SAMPLE_RUN if n >= SAMPLED_MIN_N else n
-        return 4 * keys * ranked
+        return 4 * keys * ranked + l1
     if isinstance(kernel, MethodKernel):
         return int(4 * n * _native_copies(method))
     # torch: the float32 working copies the method declares, per input and fixed

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
     from .. import _native
-    from ..kernels import GtaSpec
+    from ..kernels import GtaSpec, Sparsity
 
 _U64 = 1 << 64
 
@@ -184,22 +184,87 @@ def gta_merge_views(
     from ..io.dtypes import NATIVE_FLOAT_CODES
 
     if not spec.native:
-        raise InvalidArgumentError(
-            "the fused GTA kernel needs at least one input and no L1 rescale; the torch reference computes this merge"
-        )
+        raise InvalidArgumentError("the fused GTA kernel needs at least one input")
     if not _seed_ok(seed):
         raise InvalidArgumentError(f"random seed must be an integer in [0, 2**64), got {seed!r}")
     for code in (*codes, base_code, out_code):
         if code not in NATIVE_FLOAT_CODES:
             raise InvalidArgumentError(f"the fused GTA kernel reads and writes F32, F16 and BF16, not {code}")
-    sparsity = [
-        _native.Sparsity(s.kind, float(s.density), float(s.gamma), float(s.epsilon), s.key, s.rescale)
-        for s in spec.sparsity
-    ]
+    sparsity = [_sparsity(s, "none" if s.rescale == "l1" else s.rescale) for s in spec.sparsity]
+    scales = None
+    if any(s.rescale == "l1" for s in spec.sparsity):
+        scales = _l1_scales(views, codes, base_view, base_code, shape, spec, seed, threads)
     return _native.gta_merge(
         list(views), list(codes), base_view, base_code, out_view, out_code, [int(d) for d in shape], sparsity,
         [float(w) for w in spec.weights], bool(spec.consensus), bool(spec.normalize), float(spec.lam), seed, threads,
+        scales,
     )  # fmt: skip
+
+
+def _sparsity(s: Sparsity, rescale: str) -> _native.Sparsity:
+    from .. import _native
+
+    return _native.Sparsity(s.kind, float(s.density), float(s.gamma), float(s.epsilon), s.key, rescale)
+
+
+# elements converted to float32 at a time by the L1 sums
+_L1_CHUNK = 1 << 20
+
+
+def _l1_scales(
+    views: Sequence[Buffer],
+    codes: Sequence[str],
+    base_view: Buffer,
+    base_code: str,
+    shape: tuple[int, ...],
+    spec: GtaSpec,
+    seed: int,
+    threads: int,
+) -> list[float]:
+    """The L1 rescale factor of each model (1 where it has none): ``f32(sum|d| / sum|kept|)``
+    when both sums are at least ``L1_EPS``, as ``ops.sparsify`` applies it. The kept values come
+    from the same kernel with the model alone (``base + kept`` in float32), so the masks are
+    those of the merge; the sums run in float64 over float32 chunks."""
+    import math
+
+    import numpy as np
+
+    from .. import _native
+    from .sparsify import L1_EPS
+
+    n = math.prod(shape)
+    kept = np.empty(n, dtype=np.float32)
+    scales = []
+    for i, s in enumerate(spec.sparsity):
+        if s.rescale != "l1":
+            scales.append(1.0)
+            continue
+        _native.gta_merge(
+            [views[i]], [codes[i]], base_view, base_code, kept.view(np.uint8).data, "F32", [int(d) for d in shape],
+            [_sparsity(s, "none")], [1.0], False, False, 1.0, seed, threads,
+        )  # fmt: skip
+        total = kept_total = 0.0
+        for start in range(0, n, _L1_CHUNK):
+            stop = min(n, start + _L1_CHUNK)
+            b = _f32_chunk(base_view, base_code, start, stop)
+            total += float(np.abs(_f32_chunk(views[i], codes[i], start, stop) - b).sum(dtype=np.float64))
+            kept_total += float(np.abs(kept[start:stop] - b).sum(dtype=np.float64))
+        ok = total >= L1_EPS and kept_total >= L1_EPS
+        scales.append(float(np.float32(total / kept_total)) if ok else 1.0)
+    return scales
+
+
+def _f32_chunk(view: Buffer, code: str, start: int, stop: int):
+    """Elements ``start:stop`` of a raw F32/F16/BF16 buffer as a float32 numpy array."""
+    import numpy as np
+
+    from .. import _native
+
+    size = 4 if code == "F32" else 2
+    raw = memoryview(view).cast("B")[start * size : stop * size]
+    out = np.empty(stop - start, dtype=np.float32)
+    _native.convert(raw, code, out.view(np.uint8).data, "F32", 1)
+    return out
 
 
 def gta_merge(

@@ -651,6 +651,9 @@ pub struct Gta<'a> {
     pub base: Tensor<'a>,
     pub sparsify: &'a [Sparsify],
     pub weights: &'a [f64],
+    /// Per model, a factor of its kept values (the L1 rescale), or empty for none: the values
+    /// are multiplied by `weight * scale`, the normalization still divides by the weights.
+    pub scales: &'a [f64],
     pub consensus: bool,
     pub normalize: bool,
     pub lambda: f32,
@@ -750,7 +753,23 @@ pub fn combine(
     }
     let by_rows = ptabs.iter().any(|p| p.is_some());
     let unit = if by_rows { row_len } else { BLOCK };
+    if !spec.scales.is_empty() && spec.scales.len() != k {
+        return Err(Error::InvalidArgument(format!(
+            "gta_combine: {k} inputs but {} scales",
+            spec.scales.len()
+        )));
+    }
     let w32: Vec<f32> = spec.weights.iter().map(|&w| w as f32).collect();
+    // what each model's values are multiplied by: its weight, times its scale when given
+    let wv: Vec<f32> = if spec.scales.is_empty() {
+        w32.clone()
+    } else {
+        spec.weights
+            .iter()
+            .zip(spec.scales)
+            .map(|(&w, &s)| (w * s) as f32)
+            .collect()
+    };
     let sw = w32.iter().fold(0f32, |acc, &w| acc + w);
     let div = (spec.normalize && (sw as f64).abs() >= 1e-8).then_some(sw);
     let osz = out_dtype.size();
@@ -765,6 +784,7 @@ pub fn combine(
     }
     let ptabs = &ptabs;
     let w32 = &w32;
+    let wv = &wv;
     threads::run_all(tasks, |(r, out, h)| {
         with_avx2(
             #[inline(always)]
@@ -777,7 +797,7 @@ pub fn combine(
                     let len = unit.min(r.end - b);
                     let o = &mut out[(b - r.start) * osz..(b - r.start + len) * osz];
                     block(
-                        spec, ptabs, w32, div, b, len, &mut sc, o, out_dtype, &mut local,
+                        spec, ptabs, w32, wv, div, b, len, &mut sc, o, out_dtype, &mut local,
                     );
                     b += len;
                 }
@@ -976,6 +996,7 @@ fn block(
     spec: &Gta,
     ptabs: &[Option<Vec<f32>>],
     w32: &[f32],
+    wv: &[f32],
     div: Option<f32>,
     start: usize,
     len: usize,
@@ -992,7 +1013,7 @@ fn block(
     let sq = load_squares(base.dtype, b_block, bv);
     health.inputs[spec.xs.len()].add(block_stats(sq, base.dtype, b_block));
     let s = &mut sc.s[..len];
-    for (i, (&x, &w)) in spec.xs.iter().zip(w32).enumerate() {
+    for (i, (&x, &w)) in spec.xs.iter().zip(wv).enumerate() {
         let sz = x.dtype.size();
         let x_block = &x.data[start * sz..(start + len) * sz];
         let v = if spec.consensus {
@@ -1353,6 +1374,7 @@ mod tests {
                     .collect();
                 let spec = Gta {
                     xs: &xt,
+                    scales: &[],
                     base,
                     sparsify: &sp,
                     weights: &weights,
@@ -1621,6 +1643,7 @@ mod tests {
         let mut out = vec![0u8; 8];
         let spec = Gta {
             xs: &[t(b)],
+            scales: &[],
             base: t(b),
             sparsify: &[Sparsify::Della {
                 density: 0.5,

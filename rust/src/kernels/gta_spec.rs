@@ -278,6 +278,8 @@ pub struct GtaMerge<'a> {
     pub sparsity: &'a [Sparsity],
     /// One per input.
     pub weights: &'a [f64],
+    /// One per input (the L1 rescale of each model's kept values), or empty for none.
+    pub scales: &'a [f64],
     /// TIES sign election.
     pub consensus: bool,
     /// Divide by the (elected) weights' sum (by 1 where it is zero).
@@ -342,6 +344,7 @@ pub fn merge(
         base: m.base,
         sparsify: &sparsify,
         weights: m.weights,
+        scales: m.scales,
         consensus: m.consensus,
         normalize: m.normalize,
         lambda: m.lambda as f32,
@@ -552,6 +555,7 @@ mod tests {
             for threads in [1, 2] {
                 let m = GtaMerge {
                     xs: &xt,
+                    scales: &[],
                     base,
                     shape: &shape,
                     sparsity: &sps,
@@ -573,6 +577,7 @@ mod tests {
         ];
         let m = GtaMerge {
             xs: &xt,
+            scales: &[],
             base,
             shape: &shape,
             sparsity: &mixed,
@@ -615,6 +620,7 @@ mod tests {
             for threads in [1, 2] {
                 let m = GtaMerge {
                     xs: &xt,
+                    scales: &[],
                     base,
                     shape: &shape,
                     sparsity: &sps,
@@ -662,6 +668,7 @@ mod tests {
         let one = [Sparsity::none()];
         let m = GtaMerge {
             xs: &xs,
+            scales: &[],
             base: t,
             shape: &[2],
             sparsity: &one,
@@ -688,6 +695,7 @@ mod tests {
         // an empty tensor: nothing to compute, whatever the sparsifier
         let della = [sp("della", 0.5, 0.0, 0.1, "inverse")];
         let empty = GtaMerge {
+            scales: &[],
             xs: &[Tensor {
                 data: &[],
                 dtype: FloatDtype::F32,

@@ -84,10 +84,10 @@ impl PySparsity {
 
 /// `out = base + lambda_ * combine(sparsify_i(f32(x_i) - f32(base)), weights)` for one tensor
 /// of `shape`, written as `out_dtype`: the order statistics the sparsifiers need, then one
-/// pass over the inputs (see `kernels::gta_spec::merge`). Returns the `TensorHealth` of `xs`,
-/// then `base`, and the output.
+/// pass over the inputs (see `kernels::gta_spec::merge`). `scales`: per model, a factor of its
+/// kept values (the L1 rescale). Returns the `TensorHealth` of `xs`, then `base`, and the output.
 #[pyfunction]
-#[pyo3(signature = (xs, x_dtypes, base, base_dtype, out, out_dtype, shape, sparsity, weights, consensus, normalize, lambda_, seed, threads = 0))]
+#[pyo3(signature = (xs, x_dtypes, base, base_dtype, out, out_dtype, shape, sparsity, weights, consensus, normalize, lambda_, seed, threads = 0, scales = None))]
 #[allow(clippy::too_many_arguments)]
 pub fn gta_merge(
     py: Python<'_>,
@@ -105,6 +105,7 @@ pub fn gta_merge(
     lambda_: f64,
     seed: u64,
     threads: usize,
+    scales: Option<Vec<f64>>,
 ) -> PyResult<PyTensorHealth> {
     if xs.len() != x_dtypes.len() {
         return Err(Error::InvalidArgument(format!(
@@ -135,6 +136,7 @@ pub fn gta_merge(
         shape: &shape,
         sparsity: &sparsity,
         weights: &weights,
+        scales: scales.as_deref().unwrap_or(&[]),
         consensus,
         normalize,
         lambda: lambda_,
@@ -185,6 +187,7 @@ mod tests {
                     1.0,
                     0,
                     1,
+                    None,
                 )
             };
             // density 0.75 of 4: the three largest magnitudes

@@ -6,8 +6,8 @@ Errors are raised as ``mergekitty.errors`` classes: FileIOError (an OSError), Sa
 ModelFormatError (an input changed while mapped), TensorNotFoundError (a KeyError),
 InvalidArgumentError and ShardWriterError (ValueErrors).
 
-A read of a mapped input that shrank under it does not kill the process: the native module
-installs a SIGBUS handler that fills such pages with zeros and remembers it, and
+A read of a mapped input that shrank under it does not kill the process (on Linux): the native
+module installs a SIGBUS handler that fills such pages with zeros and remembers it, and
 ``SafetensorsFile.check_intact`` reports it.
 """
 
@@ -22,6 +22,7 @@ from mergekitty.errors import SafetensorsError as SafetensorsError
 
 __all__ = [
     "__version__",
+    "io_mode",
     "SafetensorsError",
     "SafetensorsFile",
     "TensorView",
@@ -43,6 +44,11 @@ __all__ = [
 ]
 
 __version__: str
+
+def io_mode() -> Literal["native", "portable"]:
+    """The IO implementation of this process: ``"portable"`` when ``MERGEKITTY_PORTABLE_IO`` is set
+    (read once): positioned writes without O_DIRECT, early writeback or madvise, as on platforms
+    other than Linux. The bytes written are the same."""
 
 @final
 class SafetensorsFile:

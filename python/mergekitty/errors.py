@@ -96,11 +96,12 @@ class ShardWriterError(OutputError, ValueError):
 class FileIOError(MergekittyError, OSError):
     """The operating system refused a file operation. ``FileIOError(errno, strerror, filename)``
     gives an instance of the errno's subclass (``MissingFileError`` is also a
-    ``FileNotFoundError``...), as ``OSError(errno, ...)`` does."""
+    ``FileNotFoundError``...), as ``OSError(errno, ...)`` does; on Windows a fourth argument,
+    ``winerror``, decides it, as it does for ``OSError``."""
 
     def __new__(cls, *args: object) -> FileIOError:
         if cls is FileIOError and len(args) >= 2 and isinstance(args[0], int):
-            cls = _FILE_IO_SUBCLASSES.get(type(OSError(args[0], "")), cls)
+            cls = _FILE_IO_SUBCLASSES.get(type(OSError(*args)), cls)
         return super().__new__(cls, *args)
 
 

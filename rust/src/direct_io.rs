@@ -1,4 +1,5 @@
-//! Output writes that bypass the page cache (Linux `O_DIRECT`).
+//! Output writes that bypass the page cache (Linux `O_DIRECT`; other platforms have none, see
+//! [`crate::platform`]).
 //!
 //! A buffered write copies every output byte into freshly allocated page-cache pages (evicting
 //! the inputs' pages on a machine short of RAM) and the final fsync then waits for all of it;
@@ -23,6 +24,8 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+
+use crate::platform::{self, Io};
 
 /// Alignment of offsets, lengths and buffer addresses for direct writes.
 pub const BLOCK: u64 = 4096;
@@ -80,16 +83,16 @@ pub struct DirectWriter {
 }
 
 impl DirectWriter {
-    /// Open `paths` (already created) for direct writes; shards whose file system refuses get
-    /// none (and write through the page cache).
-    pub fn open(paths: &[impl AsRef<Path>]) -> DirectWriter {
+    /// Open `paths` (already created) for direct writes; shards whose platform or file system
+    /// refuses get none (and write through the page cache).
+    pub fn open(paths: &[impl AsRef<Path>], io: Io) -> DirectWriter {
         let wanted =
             std::env::var_os("MERGEKITTY_NO_DIRECT_IO").is_none_or(|v| v.is_empty() || v == "0");
         let files: Vec<Option<File>> = paths
             .iter()
             .map(|p| {
                 if wanted {
-                    open_direct(p.as_ref())
+                    io.open_direct(p.as_ref())
                 } else {
                     None
                 }
@@ -133,7 +136,7 @@ impl DirectWriter {
             let stage = &mut buf.as_mut_slice()[..n];
             stage.copy_from_slice(&data[done..done + n]);
             if let Err(e) = write_all_at(file, stage, offset + done as u64) {
-                if e.raw_os_error() == Some(libc::EINVAL) && done == 0 {
+                if platform::is_invalid_argument(&e) && done == 0 {
                     // the file system takes O_DIRECT opens but not these writes
                     if let Some(flag) = self.enabled.get(shard) {
                         flag.store(false, Ordering::Relaxed);
@@ -163,15 +166,14 @@ impl DirectWriter {
     }
 }
 
-/// `pwrite` until everything is written; a short direct write would leave the rest unaligned,
+/// One positioned write of everything; a short direct write would leave the rest unaligned,
 /// so it is an error. A file system that runs out of space mid-write returns a short count
 /// rather than ENOSPC: that case is reported as the ENOSPC it is.
 fn write_all_at(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let n = file.write_at(data, offset)?;
+    let n = platform::write_at(file, data, offset)?;
     if n != data.len() {
-        if free_bytes(file).is_some_and(|free| free < (data.len() - n) as u64) {
-            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        if platform::free_bytes(file).is_some_and(|free| free < (data.len() - n) as u64) {
+            return Err(platform::no_space_error());
         }
         return Err(io::Error::new(
             io::ErrorKind::WriteZero,
@@ -179,36 +181,6 @@ fn write_all_at(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
         ));
     }
     Ok(())
-}
-
-/// Bytes an unprivileged writer may still use on `file`'s file system.
-fn free_bytes(file: &File) -> Option<u64> {
-    use std::os::unix::io::AsRawFd;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: fstatvfs fills the struct on success; it is read only then.
-    let rc = unsafe { libc::fstatvfs(file.as_raw_fd(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return None;
-    }
-    // SAFETY: rc == 0, so the kernel initialised it.
-    let st = unsafe { st.assume_init() };
-    #[allow(clippy::unnecessary_cast)] // the field types differ between targets
-    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
-}
-
-#[cfg(target_os = "linux")]
-fn open_direct(path: &Path) -> Option<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .ok()
-}
-
-#[cfg(not(target_os = "linux"))]
-fn open_direct(_path: &Path) -> Option<File> {
-    None
 }
 
 #[cfg(test)]
@@ -229,7 +201,7 @@ mod tests {
         let dir = crate::mmap_file::tests::TempDir::new("direct");
         let p = dir.0.join("f");
         std::fs::write(&p, vec![0u8; 3 * 4096]).unwrap();
-        let w = DirectWriter::open(&[&p]);
+        let w = DirectWriter::open(&[&p], Io::Native);
         assert!(w.write(0, &[1u8; 100], 0).is_err());
         assert!(w.write(0, &[1u8; 4096], 10).is_err());
         // aligned: written directly where supported, else reported as not taken
@@ -239,5 +211,16 @@ mod tests {
             assert_eq!(&back[4096..3 * 4096], &data[..]);
             assert!(back[..4096].iter().all(|&b| b == 0));
         }
+    }
+
+    #[test]
+    fn portable_io_takes_no_direct_writes() {
+        let dir = crate::mmap_file::tests::TempDir::new("direct");
+        let p = dir.0.join("f");
+        std::fs::write(&p, vec![0u8; 2 * 4096]).unwrap();
+        let w = DirectWriter::open(&[&p], Io::Portable);
+        assert!(!w.enabled(0));
+        assert!(!w.write(0, &[1u8; 4096], 0).unwrap());
+        assert!(std::fs::read(&p).unwrap().iter().all(|&b| b == 0));
     }
 }

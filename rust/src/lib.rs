@@ -9,7 +9,7 @@ pub mod header;
 pub mod kernels;
 pub mod layout;
 pub mod mmap_file;
-pub mod sigbus;
+pub mod platform;
 #[cfg(test)]
 pub(crate) mod test_rng;
 pub mod threads;

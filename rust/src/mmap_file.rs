@@ -1,27 +1,26 @@
 //! An open safetensors file: a read-only mmap plus its validated header.
 //!
 //! The mapping sits behind an `Arc` so zero-copy views handed to Python keep it alive after the
-//! file object itself is gone. It is registered with [`crate::sigbus`] for its whole life, so a
-//! read past the end of a file that shrank under us gives zeros instead of killing the process;
-//! [`SafetensorsFile::check_intact`] turns that, and any other change of the file since it was
-//! opened, into an error naming the file.
+//! file object itself is gone. It is registered with [`crate::platform::sigbus`] for its whole
+//! life, so a read past the end of a file that shrank under us gives zeros instead of killing
+//! the process (on Linux); [`SafetensorsFile::check_intact`] turns that, and any other change of
+//! the file since it was opened, into an error naming the file.
 
-use std::fs::{File, Metadata};
-use std::os::unix::fs::MetadataExt;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::{Advice, Mmap, UncheckedAdvice};
+use memmap2::Mmap;
 
 use crate::error::{Error, Result};
 use crate::header::{self, Header, TensorInfo};
-use crate::sigbus;
+use crate::platform::{self, sigbus, FileIdentity, Io};
 
 pub struct SafetensorsFile {
     path: PathBuf,
     mapping: Arc<Mapping>,
     header: Header,
-    opened: Identity,
+    opened: FileIdentity,
 }
 
 /// A file's bytes, mapped read-only and registered with the SIGBUS guard while mapped.
@@ -29,27 +28,6 @@ struct Mapping {
     // Declared before `map`, so it is dropped first: unregistered before the unmap.
     guard: sigbus::Registration,
     map: Mmap,
-}
-
-/// What tells one version of a file from another: compared against the file on disk to see
-/// whether it changed after it was opened.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Identity {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime: (i64, i64),
-}
-
-impl Identity {
-    fn of(meta: &Metadata) -> Identity {
-        Identity {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            len: meta.len(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-        }
-    }
 }
 
 /// A tensor's bytes inside a shared mapping. Cheap to clone; keeps the mapping alive.
@@ -79,7 +57,7 @@ impl SafetensorsFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let opened = Identity::of(&file.metadata().map_err(|e| Error::io(&path, e))?);
+        let opened = platform::file_identity(&file.metadata().map_err(|e| Error::io(&path, e))?);
         if opened.len < 8 {
             return Err(Error::FileTooSmall {
                 path,
@@ -159,10 +137,8 @@ impl SafetensorsFile {
         if end == start {
             return Ok(());
         }
-        // memmap2 rounds the start down to a page; the kernel rounds the length up.
-        self.mapping
-            .map
-            .advise_range(Advice::WillNeed, start as usize, (end - start) as usize)
+        Io::from_env()
+            .advise_willneed(&self.mapping.map, start as usize, (end - start) as usize)
             .map_err(|e| Error::io(&self.path, e))
     }
 
@@ -173,13 +149,10 @@ impl SafetensorsFile {
         if end == start {
             return Ok(());
         }
-        // SAFETY: the mapping is a private, read-only file mapping that is never written, so
-        // MADV_DONTNEED only discards clean pages; any later access (including through a live
-        // view of a neighbouring tensor sharing an edge page) re-faults identical bytes from
-        // the file. Rounding the range outward to whole pages is therefore harmless.
+        // SAFETY: the mapping is a private, read-only file mapping that is never written.
         unsafe {
-            self.mapping.map.unchecked_advise_range(
-                UncheckedAdvice::DontNeed,
+            Io::from_env().advise_dontneed(
+                &self.mapping.map,
                 start as usize,
                 (end - start) as usize,
             )
@@ -196,17 +169,17 @@ impl SafetensorsFile {
 }
 
 impl Mapping {
-    fn check_intact(&self, path: &Path, opened: Identity) -> Result<()> {
+    fn check_intact(&self, path: &Path, opened: FileIdentity) -> Result<()> {
         let faulted = self.guard.faulted();
         let detail = match std::fs::metadata(path) {
             Err(e) => format!("was {} bytes, now unreadable: {e}", opened.len),
             Ok(meta) => {
-                let now = Identity::of(&meta);
+                let now = platform::file_identity(&meta);
                 if now == opened && !faulted {
                     return Ok(());
                 }
                 let sizes = format!("was {} bytes, now {}", opened.len, now.len);
-                if (now.dev, now.ino) != (opened.dev, opened.ino) {
+                if now.file != opened.file {
                     format!("replaced by another file; {sizes}")
                 } else if now.len != opened.len {
                     sizes

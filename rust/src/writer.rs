@@ -9,12 +9,12 @@
 //! ([`shard_digest`]) is built from hashes of each tensor's bytes taken as they are written, so
 //! it costs no extra pass over the output; verifying reads the file once.
 //!
-//! Large tensors bypass the page cache where the file system allows it ([`crate::direct_io`]):
-//! their whole aligned pages are written with O_DIRECT, their partial edge pages buffered.
+//! Large tensors bypass the page cache where the platform and the file system allow it
+//! ([`crate::direct_io`]): their whole aligned pages are written with O_DIRECT, their partial
+//! edge pages buffered. Every positioned write goes through [`crate::platform::Io`].
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -24,6 +24,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::direct_io::{align_down, align_up, DirectWriter, MIN_DIRECT};
 use crate::error::{Error, Result};
 use crate::layout::{Layout, TensorSpec, INDEX_FILE_NAME};
+use crate::platform::{self, Io};
 
 const EMPTY: u8 = 0;
 const WRITING: u8 = 1;
@@ -54,6 +55,7 @@ pub struct ShardWriter {
     remaining: Vec<AtomicUsize>,
     journal: Option<Mutex<File>>,
     state: Mutex<State>,
+    io: Io,
 }
 
 /// The digest of a safetensors file as the writer records it: a hash of the header bytes and of
@@ -80,13 +82,14 @@ pub fn file_digest(path: &Path) -> Result<u64> {
     let data_start = ranges.first().map_or(header.len(), |r| r.0);
     drop(header);
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let io = Io::from_env();
     let mut buf = vec![0u8; 8 << 20];
     let mut hash_range = |start: u64, end: u64| -> Result<u64> {
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         let mut at = start;
         while at < end {
             let n = ((end - at) as usize).min(buf.len());
-            file.read_exact_at(&mut buf[..n], at)
+            io.read_exact_at(&file, &mut buf[..n], at)
                 .map_err(|e| Error::io(path, e))?;
             h.update(&buf[..n]);
             at += n as u64;
@@ -140,6 +143,31 @@ impl ShardWriter {
         reuse: &[String],
         journal: Option<&Path>,
     ) -> Result<ShardWriter> {
+        Self::create_with_io(
+            dir,
+            specs,
+            max_shard_bytes,
+            metadata,
+            index_metadata,
+            reuse,
+            journal,
+            Io::from_env(),
+        )
+    }
+
+    /// [`ShardWriter::create_resuming`] through the given IO implementation rather than the
+    /// process's choice.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn create_with_io(
+        dir: impl AsRef<Path>,
+        specs: Vec<TensorSpec>,
+        max_shard_bytes: i64,
+        metadata: &[(String, String)],
+        index_metadata: &[(String, String)],
+        reuse: &[String],
+        journal: Option<&Path>,
+        io: Io,
+    ) -> Result<ShardWriter> {
         let dir = dir.as_ref().to_path_buf();
         let layout = Layout::plan(specs, max_shard_bytes, metadata)?;
         fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -181,7 +209,7 @@ impl ShardWriter {
                 .and_then(|f| {
                     // set_len makes a sparse file of the final size; untouched gaps read as 0.
                     f.set_len(shard.file_len())?;
-                    f.write_all_at(&shard.header, 0)?;
+                    io.write_all_at(&f, &shard.header, 0)?;
                     Ok(f)
                 });
             match opened {
@@ -201,7 +229,7 @@ impl ShardWriter {
         }
         let hashes = (0..layout.specs.len()).map(|_| AtomicU64::new(0)).collect();
         let completed = files.iter().map(|f| AtomicBool::new(f.is_none())).collect();
-        let direct = DirectWriter::open(&temp_paths);
+        let direct = DirectWriter::open(&temp_paths, io);
         Ok(ShardWriter {
             dir,
             layout,
@@ -215,6 +243,7 @@ impl ShardWriter {
             remaining,
             journal,
             state: Mutex::new(State::Open),
+            io,
         })
     }
 
@@ -231,9 +260,7 @@ impl ShardWriter {
         let dest = self.dir.join(&plan.file_name);
         fs::rename(tmp, &dest).map_err(|e| Error::io(&dest, e))?;
         if let Some(journal) = &self.journal {
-            File::open(&self.dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| Error::io(&self.dir, e))?;
+            platform::sync_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
             let digest = shard_digest(
                 &plan.header,
                 plan.tensors
@@ -360,14 +387,14 @@ impl ShardWriter {
             if self.direct.write(shard, &data[a..b], mid_start)? {
                 // the partial first and last pages, shared with neighbours, go through the cache
                 for (lo, part) in [(offset, &data[..a]), (mid_end, &data[b..])] {
-                    file.write_all_at(part, lo)?;
-                    start_writeback(file, lo, part.len() as u64);
+                    self.io.write_all_at(file, part, lo)?;
+                    self.io.start_writeback(file, lo, part.len() as u64);
                 }
                 return Ok(());
             }
         }
-        file.write_all_at(data, offset)?;
-        start_writeback(file, offset, data.len() as u64);
+        self.io.write_all_at(file, data, offset)?;
+        self.io.start_writeback(file, offset, data.len() as u64);
         Ok(())
     }
 
@@ -423,7 +450,7 @@ impl ShardWriter {
             let text = self.layout.index_json(&self.index_metadata);
             let result = File::create(&tmp)
                 .and_then(|f| {
-                    f.write_all_at(text.as_bytes(), 0)?;
+                    self.io.write_all_at(&f, text.as_bytes(), 0)?;
                     f.sync_all()
                 })
                 .map_err(|e| Error::io(&tmp, e))
@@ -435,9 +462,7 @@ impl ShardWriter {
             written.push(INDEX_FILE_NAME.to_owned());
         }
         // Make the renames themselves durable.
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io(&self.dir, e))?;
+        platform::sync_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
         Ok(written)
     }
 
@@ -467,29 +492,6 @@ impl Drop for ShardWriter {
         self.abort();
     }
 }
-
-/// Ask the kernel to start writing this range to disk now, without waiting. The final fsync
-/// then has little left to do, so durability overlaps with the rest of the merge instead of
-/// stalling at the end. Advisory: errors are ignored (fsync reports real ones).
-#[cfg(target_os = "linux")]
-fn start_writeback(file: &File, offset: u64, len: u64) {
-    use std::os::unix::io::AsRawFd;
-    if len == 0 {
-        return;
-    }
-    // SAFETY: plain syscall on a valid open descriptor; no memory is passed.
-    unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            offset as libc::off64_t,
-            len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 
 #[cfg(test)]
 mod tests {
@@ -733,6 +735,67 @@ mod tests {
                 "t{i}"
             );
         }
+    }
+
+    /// Every file the writer put in `dir`, by name.
+    fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
+        listing(dir)
+            .into_iter()
+            .map(|n| {
+                let bytes = fs::read(dir.join(&n)).unwrap();
+                (n, bytes)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn native_and_portable_io_write_identical_files() {
+        // Large unaligned tensors (direct interiors and buffered edges where the platform has
+        // direct writes), small ones, an empty one, three shards, a journal and an index.
+        let sizes = [3_000_001u64, 5, 0, 2_500_000, 4096 * 300, 1_048_577, 77];
+        let data: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| ((j * 29 + i as u64) % 251) as u8).collect())
+            .collect();
+        let mut outputs = Vec::new();
+        for io in [Io::Native, Io::Portable] {
+            let dir = TempDir::new("writer-io");
+            let out = dir.0.join("out");
+            let specs = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| spec(&format!("t{i}"), n))
+                .collect();
+            let journal = dir.0.join("journal");
+            let w = ShardWriter::create_with_io(
+                &out,
+                specs,
+                4_000_000,
+                &[("k".into(), "v".into())],
+                &[("m".into(), "1".into())],
+                &[],
+                Some(&journal),
+                io,
+            )
+            .unwrap();
+            for i in [3, 0, 6, 4, 1, 5, 2] {
+                w.write(&format!("t{i}"), &data[i]).unwrap();
+            }
+            assert_eq!(w.finalize().unwrap().len(), 4);
+            let files = contents(&out);
+            // what was written is what was given
+            let f = SafetensorsFile::open(out.join(w.shard_of("t4").unwrap())).unwrap();
+            assert_eq!(f.bytes("t4").unwrap().as_slice(), &data[4][..]);
+            outputs.push((files, fs::read_to_string(&journal).unwrap()));
+        }
+        assert_eq!(outputs[0].0.len(), 4);
+        for ((name_a, a), (name_b, b)) in outputs[0].0.iter().zip(&outputs[1].0) {
+            assert_eq!(name_a, name_b);
+            assert!(a == b, "{name_a} differs between native and portable IO");
+        }
+        // the digests read back through each path agree with the journal's
+        assert_eq!(outputs[0].1, outputs[1].1);
     }
 
     #[test]

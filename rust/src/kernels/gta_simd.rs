@@ -11,7 +11,6 @@
 //! (a health figure, summed in another order) differ in their last bits.
 
 use crate::dtype::FloatDtype;
-use crate::kernels::sparsify::{INF_KEY, NAN_KEY};
 
 /// How one model's task vector is kept, for the SIMD pass (`gta::Sparsify` without DELLA).
 #[derive(Clone, Copy, Debug)]
@@ -31,6 +30,7 @@ pub(crate) enum Keep {
 }
 
 /// Whether this CPU runs the loops here (x86-64 with AVX2, FMA and F16C).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only the x86-64 paths ask
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -124,8 +124,9 @@ pub(crate) fn rebase_squares(m: &mut [f32], bv: &[f32], lambda: f32) -> (usize, 
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Keep, INF_KEY, NAN_KEY};
+    use super::Keep;
     use crate::kernels::health::x86::{hsum, load8};
+    use crate::kernels::sparsify::{INF_KEY, NAN_KEY};
     use std::arch::x86_64::*;
 
     /// Keys are below 2^31 (`NAN_KEY` is the largest), so signed compares order them; a bound

@@ -5,6 +5,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyTuple, PyType};
 
 use crate::error::{Error, ErrorKind};
+use crate::platform;
 
 mod buffer;
 mod file;
@@ -63,17 +64,22 @@ fn new_error(
 }
 
 /// FileIOError(errno, strerror, filename): the class picks the errno's subclass (also a
-/// FileNotFoundError, PermissionError...) and formats "[Errno 2] ...: 'path'".
+/// FileNotFoundError, PermissionError...) and formats "[Errno 2] ...: 'path'". On Windows the
+/// code is a Windows error, given as `winerror` (a fourth argument) for Python to translate.
 fn io_error(py: Python<'_>, path: &str, source: &std::io::Error) -> PyErr {
     let oserror = py.get_type::<PyOSError>();
-    let args = match source.raw_os_error() {
-        Some(errno) => {
+    let args = match platform::os_error_code(source) {
+        Some(code) => {
             let text = source.to_string();
+            let raw = code.winerror.unwrap_or(code.errno);
             let strerror = text
-                .strip_suffix(&format!(" (os error {errno})"))
+                .strip_suffix(&format!(" (os error {raw})"))
                 .unwrap_or(&text)
                 .to_owned();
-            (errno, strerror, path).into_pyobject(py)
+            match code.winerror {
+                None => (code.errno, strerror, path).into_pyobject(py),
+                Some(winerror) => (code.errno, strerror, path, winerror).into_pyobject(py),
+            }
         }
         None => (format!("{path}: {source}"),).into_pyobject(py),
     };
@@ -83,9 +89,20 @@ fn io_error(py: Python<'_>, path: &str, source: &std::io::Error) -> PyErr {
     }
 }
 
+/// Which IO implementation this process uses: "portable" when `MERGEKITTY_PORTABLE_IO` is set
+/// (read once), else "native" (see `crate::platform`).
+#[pyfunction]
+fn io_mode() -> &'static str {
+    match platform::Io::from_env() {
+        platform::Io::Native => "native",
+        platform::Io::Portable => "portable",
+    }
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(io_mode, m)?)?;
     // The class lives in mergekitty.errors (a ModelFormatError); exported here as well.
     m.add(
         "SafetensorsError",
@@ -147,14 +164,17 @@ pub(crate) mod tests {
     #[test]
     fn error_mapping() {
         with_py(|py| {
-            let e: PyErr =
-                Error::io("/no/such", std::io::Error::from_raw_os_error(libc::ENOENT)).into();
+            // the OS's own error for a missing file, whichever OS this is
+            let missing = std::fs::File::open("/no/such/file").unwrap_err();
+            let e: PyErr = Error::io("/no/such", missing).into();
             assert!(e.is_instance_of::<PyFileNotFoundError>(py));
             assert_eq!(class_name(py, &e), "MissingFileError");
             let s = e.value(py).to_string();
-            assert!(s.contains("/no/such") && s.contains("No such file"), "{s}");
+            assert!(s.contains("/no/such"), "{s}");
+            #[cfg(unix)]
+            assert!(s.contains("No such file"), "{s}");
             let errno: i32 = e.value(py).getattr("errno").unwrap().extract().unwrap();
-            assert_eq!(errno, libc::ENOENT);
+            assert_eq!(errno, 2); // ENOENT, on every platform
 
             let e: PyErr = Error::io("/x", std::io::Error::other("odd")).into();
             assert!(e.is_instance_of::<PyOSError>(py));
@@ -187,7 +207,7 @@ pub(crate) mod tests {
             assert_eq!(class_name(py, &e), "ShardWriterError");
 
             let all = [
-                Error::io("/x", std::io::Error::from_raw_os_error(libc::EACCES)),
+                Error::io("/x", std::io::Error::from_raw_os_error(13)), // EACCES on unix
                 Error::HeaderNotUtf8 { path: "/x".into() },
                 Error::UnknownDtype("Q".into()),
                 Error::WriterClosed("finalized"),

@@ -221,7 +221,7 @@ def no_exchange(monkeypatch):
     """A file system that cannot exchange two directories in one step."""
     import mergekitty.io.output as output
 
-    monkeypatch.setattr(output, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(output.platform, "exchange", lambda a, b: False)
 
 
 def test_without_an_exchange_the_old_output_is_renamed_aside_then_removed(previous_model, llama, no_exchange):

@@ -47,7 +47,7 @@ KILL_AT = textwrap.dedent(
     for name in ("rename", "link", "unlink", "rmdir", "mkdir", "fsync", "replace"):
         setattr(os, name, counted(getattr(os, name)))
     shutil.rmtree = counted(shutil.rmtree)
-    output._exchange = counted(output._exchange)
+    output.platform.exchange = counted(output.platform.exchange)
 
     RealWriter = _native.ShardWriter
 
@@ -427,7 +427,9 @@ def test_file_system_errors_at_each_step_are_one_output_error_and_keep_the_old_m
 
         monkeypatch.setattr(_native, "ShardWriter", FailingFinalize)
     else:
-        monkeypatch.setattr(output, "_exchange", lambda a, b: (_ for _ in ()).throw(OSError(5, "Input/output error")))
+        monkeypatch.setattr(
+            output.platform, "exchange", lambda a, b: (_ for _ in ()).throw(OSError(5, "Input/output error"))
+        )
     with pytest.raises(OutputError) as caught:
         run_merge(config.read_text(), out, quiet=True)
     message = str(caught.value)

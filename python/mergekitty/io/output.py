@@ -20,7 +20,7 @@ What it guarantees:
   into place; a run killed between those two renames is repaired by the next run on that
   output, which puts the old directory back.
 - **One run per output.** A lock file beside the output (``.NAME.mergekitty-lock``, held with
-  ``flock``) makes a second run on the same output fail at once with a message naming the
+  lock: io/platform.py) makes a second run on the same output fail at once with a message naming the
   process that holds it. The kernel drops the lock when its holder dies, so a killed run
   never blocks the next one.
 - **Files the tool did not write are kept.** Entries of the old output that do not match
@@ -39,9 +39,7 @@ What it guarantees:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import fcntl
 import fnmatch
 import json
 import logging
@@ -54,6 +52,7 @@ from typing import IO, Any
 
 from ..errors import OutputError
 from ..tokenizer.write import TOKENIZER_FILES
+from . import platform
 
 log = logging.getLogger(__name__)
 
@@ -134,36 +133,8 @@ def resolve_output(out_path: str | os.PathLike) -> Path:
     return resolved
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE). False where the
-    platform or the file system cannot."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
 
 
 class _OutputLock:
@@ -179,9 +150,9 @@ class _OutputLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                platform.lock_now(fd)
             except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+                holder = platform.read_at(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
                 os.close(fd)
                 raise OutputError(
                     f"output directory {self.output} is being written by another run ({holder}); "
@@ -198,7 +169,7 @@ class _OutputLock:
                 break
             os.close(fd)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        platform.write_at(fd, f"pid {os.getpid()}".encode(), 0)
         self.fd = fd
 
     def release(self) -> None:
@@ -353,7 +324,7 @@ class OutputTransaction:
             names = sorted(p.name for p in self.dir.iterdir() if p.name != INCOMPLETE)
             deferred = self._carry_foreign_entries()
             (self.dir / INCOMPLETE).unlink()  # from here a killed run leaves a whole new output
-            _fsync_dir(self.dir)
+            platform.fsync_dir(self.dir)
             self._replace_output()
         except OSError as exc:
             self.abort()
@@ -367,7 +338,7 @@ class OutputTransaction:
                 if not os.path.lexists(self._target / name):
                     os.rename(self.dir / name, self._target / name)
             self._dispose(self.dir)  # the rest of the old output
-            _fsync_dir(self._target.parent)
+            platform.fsync_dir(self._target.parent)
         except OSError as exc:
             log.warning("the new output is in place; cleaning up the old one failed: %s", _reason(exc))
         finally:
@@ -437,7 +408,7 @@ class OutputTransaction:
             os.rename(self.dir, target)
             self.dir.mkdir()  # the (empty) old output, disposed of like any other
             return
-        if _exchange(self.dir, target):
+        if platform.exchange(self.dir, target):
             return
         old = self._beside(OLD_SUFFIX)
         os.rename(target, old)
@@ -507,10 +478,9 @@ class OutputTransaction:
         """OutputError before any weight is read when the output's file system cannot hold the
         new model (the old one is replaced only at the end, so it still takes its space)."""
         try:
-            st = os.statvfs(self.dir)
+            free = platform.free_bytes(self.dir)
         except OSError:
             return  # no figure to check against: the writes themselves will tell
-        free = st.f_bavail * st.f_frsize
         if free < needed_bytes + SPACE_MARGIN_BYTES:
             raise OutputError(
                 f"not enough free space for {self.path}: the new model needs {_size(needed_bytes)}, "

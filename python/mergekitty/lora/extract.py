@@ -313,7 +313,7 @@ def _write_safetensors(f, tensors: list[tuple[str, Any]], metadata: dict[str, st
 
 
 def _readme(result: ExtractionResult, finetuned: str, base: str, title: str, command: str | None) -> str:
-    from ..card import hub_link, is_hub_id
+    from ..card import hub_link, is_hub_id, made_with
 
     cfg = result.adapter_config
     front = ["---", "library_name: peft", "tags:", "- mergekitty", "- lora", "- extracted"]
@@ -326,8 +326,7 @@ def _readme(result: ExtractionResult, finetuned: str, base: str, title: str, com
         "---",
         f"# {title}",
         "",
-        "This is a LoRA adapter extracted from a fine-tuned language model with "
-        "[mergekitty](https://github.com/allura-org/mergekitty) (`mergekitty-extract-lora`): "
+        f"This is a LoRA adapter extracted from a fine-tuned language model with {made_with('mergekitty-extract-lora')}: "
         "each linear layer's difference from the base model, factored by a truncated SVD.",
         "",
         f"* Fine-tuned model: {hub_link(finetuned)}",

@@ -32,6 +32,7 @@ from .architecture.layout import (
 from .errors import ArchitectureError, ConfigError, PlanError
 from .io.dtypes import nbytes
 from .kernels import JobInput, Kernel, Torch, choose
+from .text import listing, shape_text
 
 if TYPE_CHECKING:
     from .config_modules import StackSlices
@@ -549,7 +550,7 @@ class Planner:
                 entries.append((mi, start, j))
         if len(lengths) > 1:
             raise self._config_error(
-                f"all sources of a slice must cover the same number of layers (got {sorted(lengths)})",
+                f"all sources of a slice must cover the same number of layers (got {listing(sorted(lengths))})",
                 (*group.slice_key(local), "sources"),
             )
         if uses_base and base_entry is None and slice_base is not None:
@@ -884,8 +885,8 @@ class Planner:
                 if is_embedding_name(out_name):
                     hint = " (embedding sizes differ: vocabulary handling needs the tokenizer options)"
                 raise PlanError(
-                    f"tensor '{out_name}': {self.models[s.model].label} has shape {list(info.shape)} "
-                    f"but {self.models[inputs[0].model].label} has {list(infos[0].shape)}{hint}"
+                    f"tensor '{out_name}': {self.models[s.model].label} has shape {shape_text(info.shape)} "
+                    f"but {self.models[inputs[0].model].label} has {shape_text(infos[0].shape)}{hint}"
                 )
 
     def _validate(

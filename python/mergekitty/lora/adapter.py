@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import ModelFormatError, ModelNotFoundError
 from ..io.model_files import model_file, read_json, shown
+from ..text import shape_text
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -214,7 +215,7 @@ class Adapter:
             a_shape, b_shape = infos[slots["A"]].shape, infos[slots["B"]].shape
             if len(a_shape) != 2 or len(b_shape) != 2:
                 raise ModelFormatError(
-                    f"{where}: module '{module}': only 2-D LoRA factors (linear, embedding) can be applied, got {list(a_shape)} and {list(b_shape)}"
+                    f"{where}: module '{module}': only 2-D LoRA factors (linear, embedding) can be applied, got {shape_text(a_shape)} and {shape_text(b_shape)}"
                 )
             rank, inner = a_shape[0], b_shape[1]
             if rank != inner:

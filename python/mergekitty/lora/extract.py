@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArchitectureError, ConfigError, OutputError, PlanError
+from ..text import shape_text
 from ..tokenizer.write import TOKENIZER_FILES
 from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 
@@ -213,7 +214,9 @@ def _plan(ft, base, ft_layout, mods: _Modules, opts: dict[str, Any]) -> tuple[li
         name = f"{module}.weight"
         fs, bs = ft.infos[name].shape, base.infos[base_name(name)].shape
         if fs[1:] != bs[1:]:
-            raise PlanError(f"tensor '{name}': the fine-tune has shape {list(fs)} but the base has {list(bs)}")
+            raise PlanError(
+                f"tensor '{name}': the fine-tune has shape {shape_text(fs)} but the base has {shape_text(bs)}"
+            )
         if fs[0] < bs[0]:
             raise PlanError(
                 f"tensor '{name}': the fine-tune has fewer vocabulary rows ({fs[0]}) than the base ({bs[0]}); an adapter cannot remove rows"
@@ -250,7 +253,7 @@ def _plan(ft, base, ft_layout, mods: _Modules, opts: dict[str, Any]) -> tuple[li
         for p, n in params.items():
             if module not in vocab_modules and ft.infos[n].shape != base.infos[bnames[p]].shape:
                 raise PlanError(
-                    f"tensor '{n}': the fine-tune has shape {list(ft.infos[n].shape)} but the base has {list(base.infos[bnames[p]].shape)}"
+                    f"tensor '{n}': the fine-tune has shape {shape_text(ft.infos[n].shape)} but the base has {shape_text(base.infos[bnames[p]].shape)}"
                 )
         also = (tied_head,) if module == emb and tied_head else ()
         rows = vocab_rows if module in vocab_modules else None

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArchitectureError
+from ..text import listing
 from ..yaml_lines import error_at_key
 
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
@@ -161,7 +162,7 @@ def open_inputs(config, options) -> MoEInputs:
         )
         if base_hidden is not None and hidden != {base_hidden}:
             raise ArchitectureError(
-                f"{where} has hidden size {sorted(hidden)} but the base model {base.label} has {base_hidden}"
+                f"{where} has hidden size {listing(sorted(hidden))} but the base model {base.label} has {base_hidden}"
             )
         inter = sorted({s[0] for s in sizes})
         return ExpertInput(key, spec, m, inter[0] if len(inter) == 1 else -1)

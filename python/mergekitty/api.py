@@ -96,6 +96,8 @@ def _open_model(ref, config, options: MergeOptions, forced):
     # what the plan keeps of the input; the tokenizer and layer count are filled in below
     planned = PlannedModel(str(ref), path, 0, path, adapter, options.lora_merge_dtype if adapter else None)
     checkpoint = planned.open(options.resolved_device())
+    if adapter is not None:
+        _warn_other_base(checkpoint.adapter, ref, path, config)
     cfg = checkpoint.config()
     override = getattr(ref, "override_architecture", None)
     if override:
@@ -105,6 +107,14 @@ def _open_model(ref, config, options: MergeOptions, forced):
     layout = infer_layout(checkpoint.names(), cfg, where=str(ref), override=stated)
     planned = replace(planned, num_layers=layout.num_layers, tokenizer_dir=_tokenizer_dir(checkpoint, path))
     return InputModel(ref, planned, checkpoint, cfg, layout)
+
+
+def _warn_other_base(lora, ref, base_dir: Path, config) -> None:
+    """A model+lora reference whose adapter records another base model: a warning at its config key."""
+    message = lora.other_base_warning(ref.path, base_dir)
+    if message:
+        key = config.model_key(ref)
+        log.warning("%s", config.error(message, key=key) if key is not None else message)
 
 
 def plan_merge(

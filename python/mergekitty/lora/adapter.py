@@ -40,6 +40,27 @@ _UNSUPPORTED_CONFIG = {
 }
 
 
+# the hub cache's directory of a model: models--<org>--<name>/snapshots/<revision>
+_HUB_CACHE_DIR = re.compile(r"models--[^/\\]+?--([^/\\]+)")
+
+
+def _model_name(ref: str) -> str:
+    """A model reference's last component, compared without case: ``Llama-3-8B`` for
+    ``meta-llama/Llama-3-8B``, ``/models/Llama-3-8B/`` or a hub cache snapshot of it."""
+    text = ref.strip().rstrip("/\\")
+    cached = _HUB_CACHE_DIR.search(text)
+    if cached:
+        return cached.group(1).lower()
+    return re.split(r"[/\\]", text)[-1].lower()
+
+
+def _same_directory(a: str, b: str | Path | None) -> bool:
+    try:
+        return b is not None and Path(a).expanduser().is_dir() and Path(a).expanduser().samefile(b)
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class LoraModule:
     """One module the adapter changes with low-rank factors."""
@@ -157,6 +178,23 @@ class Adapter:
     @property
     def base_model_name(self) -> str | None:
         return self.config.get("base_model_name_or_path")
+
+    def other_base_warning(self, base: str, base_dir: str | Path | None = None) -> str | None:
+        """A warning when the adapter records a base model other than ``base`` (as the user named
+        it; ``base_dir``: where it was found), naming both; None when it records the same model
+        or none. Models are the same when their names are: ``org/Llama-3-8B``, a local
+        ``/models/Llama-3-8B`` and the hub cache's ``models--org--Llama-3-8B/snapshots/...`` are
+        one model, as PEFT records whichever spelling the adapter was trained from."""
+        recorded = (self.base_model_name or "").strip()
+        if not recorded:
+            return None
+        applied = {_model_name(base)} | ({_model_name(str(base_dir))} if base_dir is not None else set())
+        if _model_name(recorded) in applied or _same_directory(recorded, base_dir):
+            return None
+        return (
+            f"LoRA adapter {self.label} was made for '{recorded}', not '{base}': applying it anyway "
+            "(the shapes are checked, not the weights it was trained on)"
+        )
 
     def scale_of(self, module: str, rank: int) -> float:
         alpha = float(pattern_value(self.alpha_pattern, module, self.alpha))

@@ -420,6 +420,9 @@ def extract_lora(
             ckpt = open_lora_checkpoint(
                 ckpt, resolve_local_path(ref.lora.path, ref.lora.revision, transformers_cache), label=str(ref)
             )
+            other_base = ckpt.adapter.other_base_warning(ref.path, path)
+            if other_base:
+                log.warning("%s", other_base)
         return Path(path), ckpt
 
     ft_dir, ft = open_model(str(finetuned))

@@ -79,11 +79,9 @@ def merge_lora(
     base_dir = resolve_local_path(base_ref.path, base_ref.revision, options.transformers_cache)
     adapter_dir = resolve_local_path(adapter_ref.path, adapter_ref.revision, options.transformers_cache)
     lora = Adapter(adapter_dir, label=str(adapter))
-    named = lora.base_model_name
-    if named and Path(named).name != Path(str(base_ref.path)).name:
-        log.warning(
-            "adapter %s was made for '%s', not '%s'; applying it anyway (shapes are checked)", adapter, named, base
-        )
+    other_base = lora.other_base_warning(base_ref.path, base_dir)
+    if other_base:
+        log.warning("%s", other_base)
     device = options.resolved_device()
     model = LoraCheckpoint(Checkpoint(Path(base_dir), label=str(base)), lora, label=f"{base}+{adapter}", device=device)
 

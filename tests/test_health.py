@@ -180,7 +180,7 @@ def test_finite_inputs_that_overflow_bf16_are_reported(llama, bad, tmp_path, cap
     )
     assert run_yaml(cfg, tmp_path / "refused", check=False) == 1
     err = " ".join(capsys.readouterr().err.split())
-    assert f"tensor '{TENSOR}'" in err and "every input is finite" in err and "BF16" in err
+    assert f"tensor '{TENSOR}'" in err and "every input is finite" in err and "an overflow of bfloat16" in err
     reports: list[HealthReport] = []
     from mergekitty import run_merge
 

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+from importlib.metadata import version
 
 import pytest
 
@@ -123,6 +124,7 @@ def test_help_lists_what_the_command_uses_with_whole_names(command, columns):
         assert sum(w.strip(",.:") == old for w in words) == 1, (old, epilog)
         assert old.replace("[no-]", "") not in listed
     assert ("old spellings of --device" in " ".join(words)) == bool(set(legacy) & set(DEVICE_ALIASES))
+    assert text.split()[-2:] == ["mergekitty", version("mergekitty")]  # which tool this is, last
 
 
 def _split(text: str) -> tuple[set[str], str]:

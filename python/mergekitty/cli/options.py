@@ -15,6 +15,7 @@ from typing import Any
 import rich_click as click
 from rich_click.rich_panel import RichOptionPanel
 
+from .. import __version__
 from .verbosity import Verbosity, verbosity_options
 
 # option -> why it has no effect
@@ -70,8 +71,11 @@ class _WholeNamesPanel(RichOptionPanel):
 
 
 # Long names are joined by ", " and the negative form of a flag goes on its own line (names break
-# only between names); the help of every command ends with a line of accepted legacy options.
-HELP_CONFIG = click.RichHelpConfiguration(delimiter_comma=", ", delimiter_slash="\n")
+# only between names); the help of every command ends with the old options it accepts (the
+# epilog) and this project's name and version.
+HELP_CONFIG = click.RichHelpConfiguration(
+    delimiter_comma=", ", delimiter_slash="\n", footer_text=f"mergekitty {__version__}"
+)
 
 # name -> click.option arguments (the parameter name is the dict key)
 _OPTION: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {

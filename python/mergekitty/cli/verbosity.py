@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +27,7 @@ QUIET, NORMAL, VERBOSE, PER_TENSOR = -1, 0, 1, 2
 
 # the package's logger: its level follows -v; other libraries' stay at WARNING (ERROR with -q)
 PACKAGE_LOGGER = "mergekitty"
+_TRANSFORMERS_VERBOSITY = "TRANSFORMERS_VERBOSITY"
 
 
 @dataclass(frozen=True)
@@ -117,11 +118,17 @@ def logging_for(verbosity: Verbosity, console) -> Iterator[None]:
     then put the logging setup back as it was (a command run in-process leaves nothing behind)."""
     root = logging.getLogger()
     package = logging.getLogger(PACKAGE_LOGGER)
-    saved = (root.level, package.level)
+    # transformers logs through its own handler, at a level it sets from TRANSFORMERS_VERBOSITY
+    # when it is first imported (which may be during the command)
+    library = logging.getLogger("transformers")
+    saved = (root.level, package.level, library.level, os.environ.get(_TRANSFORMERS_VERBOSITY))
     handler = _ConsoleHandler(console)
     root.addHandler(handler)
     root.setLevel(verbosity.other_level)
     package.setLevel(verbosity.package_level)
+    if verbosity.quiet:
+        library.setLevel(logging.ERROR)
+        os.environ[_TRANSFORMERS_VERBOSITY] = "error"
     try:
         with warnings.catch_warnings():
             if verbosity.quiet:  # Python warnings of other libraries are warnings too
@@ -131,7 +138,8 @@ def logging_for(verbosity: Verbosity, console) -> Iterator[None]:
         root.removeHandler(handler)
         root.setLevel(saved[0])
         package.setLevel(saved[1])
-
-
-def stderr_is_terminal() -> bool:
-    return sys.stderr.isatty()
+        library.setLevel(saved[2])
+        if saved[3] is None:
+            os.environ.pop(_TRANSFORMERS_VERBOSITY, None)
+        else:
+            os.environ[_TRANSFORMERS_VERBOSITY] = saved[3]

@@ -43,16 +43,18 @@ def run_cli(*args: Any, check: bool = True, cwd: str | Path | None = None) -> su
     return proc
 
 
-def run_yaml(config_path: str | Path, out: str | Path, *extra: str, check: bool = True) -> int:
+def run_yaml(config_path: str | Path, out: str | Path, *extra: str, check: bool = True, quiet: bool = True) -> int:
     """``mergekitty-yaml CONFIG OUT --quiet`` in this process (the same click command as the script,
-    without the interpreter start-up of a subprocess); returns the exit code.
+    without the interpreter start-up of a subprocess); returns the exit code. ``quiet=False``
+    leaves out ``--quiet`` (notes, warnings and the health summary are printed; no progress bar,
+    as stderr is not a terminal).
 
     With ``check`` (the default) a non-zero exit is an AssertionError."""
     from mergekitty.cli.yaml_cmd import main
 
     code: int | str | None = 0
     try:
-        main([str(config_path), str(out), "--quiet", *extra], standalone_mode=False)
+        main([str(config_path), str(out), *(["--quiet"] if quiet else []), *extra], standalone_mode=False)
     except SystemExit as exc:
         code = exc.code
     if check and code:

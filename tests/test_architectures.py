@@ -364,7 +364,7 @@ def test_layout_override_option_yaml(tmp_path):
         ({**_ODD_LAYOUT, "post": ["final.*"]}, r"match neither 'pre' nor 'post': readout\.weight"),
         ({**_ODD_LAYOUT, "layer_prefix": "trunk.layers"}, r"no tensor is named 'trunk\.layers\.<N>"),
         ({**_ODD_LAYOUT, "num_layers_key": "n_layers"}, r"no integer 'n_layers'"),
-        ({**_ODD_LAYOUT, "layers": "x"}, r"unknown key\(s\) \['layers'\]"),
+        ({**_ODD_LAYOUT, "layers": "x"}, r"unknown key\(s\) 'layers'; expected"),
     ],
 )
 def test_bad_layout_files(tmp_path, layout, message):

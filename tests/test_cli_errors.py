@@ -223,7 +223,6 @@ merge_method: linear
         tmp_path / "out",
         "--lazy-unpickle",
         "--clone-tensors",
-        "--quiet",
         "--cuda",
         "--dry-run",
         check=False,

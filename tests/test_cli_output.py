@@ -42,3 +42,17 @@ def test_every_command_says_which_version_of_this_project_it_is():
             [shutil.which(command) or command, "--version"], capture_output=True, text=True, check=True
         )
         assert proc.stdout.strip() == f"mergekitty {version('mergekitty')}", command
+
+
+def test_model_cards_name_this_project_and_its_version(llama, tmp_path):
+    """The card says which tool and version made the model, and links to no other project."""
+    from importlib.metadata import version
+
+    from mergekitty import run_merge
+    from mergekitty.card import made_with
+
+    run_merge(f"merge_method: passthrough\nmodels:\n  - model: {llama['ft1']}\n", tmp_path / "out", quiet=True)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"made with mergekitty {version('mergekitty')}." in card
+    assert "github.com" not in card
+    assert made_with("mergekitty-merge-lora") == f"mergekitty {version('mergekitty')} (`mergekitty-merge-lora`)"

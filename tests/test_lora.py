@@ -327,7 +327,7 @@ def test_model_plus_lora_reference_equals_merging_the_merged_model(llama, full_r
 def test_model_plus_lora_cli_with_lora_merge_cache(llama, full_rank, tmp_path, write_yaml, cli):
     adapter, _ = full_rank
     config = write_yaml(f"merge_method: passthrough\nmodels:\n  - model: {llama['base']}+{adapter}\n")
-    proc = cli("mergekitty-yaml", config, tmp_path / "out", "--lora-merge-cache", tmp_path / "cache", "--quiet")
+    proc = cli("mergekitty-yaml", config, tmp_path / "out", "--lora-merge-cache", tmp_path / "cache")
     assert "--lora-merge-cache has no effect" in proc.stdout + proc.stderr
     assert not (tmp_path / "cache").exists()
     ft = _weights(llama["ft1"])

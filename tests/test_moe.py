@@ -484,7 +484,7 @@ def test_cli_builds_and_loads(llama, tmp_path):
     cfg.write_text(expert_yaml(llama["base"], [llama["ft1"], llama["ft2"], llama["ft3"]], gate_mode="hidden"))
     out = tmp_path / "out"
     proc = run_cli(
-        "mergekitty-moe", cfg, out, "--quiet", "--device", "cpu", "--batch-size", "2", "--random-seed", "1",
+        "mergekitty-moe", cfg, out, "--device", "cpu", "--batch-size", "2", "--random-seed", "1",
         "--out-shard-size", "1G", "--no-copy-tokenizer", "--trust-remote-code",
     )  # fmt: skip
     assert "MixtralForCausalLM" in proc.stderr
@@ -498,9 +498,7 @@ def test_cli_random_gates_report_their_seed(llama, tmp_path):
 
     cfg = tmp_path / "moe.yml"
     cfg.write_text(expert_yaml(llama["base"], [llama["ft1"], llama["ft2"]], gate_mode="random", prompts=False))
-    proc = run_cli(
-        "mergekitty-moe", cfg, tmp_path / "out", "--quiet", "--i-understand-this-is-not-useful-without-training"
-    )
+    proc = run_cli("mergekitty-moe", cfg, tmp_path / "out", "--i-understand-this-is-not-useful-without-training")
     seed = re.search(r"random seed: (\d+)", proc.stderr).group(1)
     assert f"--random-seed {seed}" in (tmp_path / "out" / "mergekitty_moe_config.yml").read_text()
     assert "needs training" not in proc.stderr  # the flag silences the warning

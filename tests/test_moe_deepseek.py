@@ -145,7 +145,7 @@ def test_cli_says_how_to_load_it(llama, tmp_path):
 
     cfg = tmp_path / "moe.yml"
     cfg.write_text(expert_yaml(llama["base"], [llama["ft1"], llama["ft2"]], prompts=False) + "architecture: deepseek\n")
-    proc = run_cli("mergekitty-moe", cfg, tmp_path / "out", "--quiet", "--random-seed", "3")
+    proc = run_cli("mergekitty-moe", cfg, tmp_path / "out", "--random-seed", "3")
     said = proc.stdout + proc.stderr
     assert "DeepseekForCausalLM" in said and "trust_remote_code=True" in said
     assert (tmp_path / "out" / "config.json").is_file()

@@ -16,7 +16,7 @@ def test_tiny_moe_example_builds_and_routes(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_cli(sys.executable, "-m", "mergekitty.tiny_models", "tiny-models", cwd=tmp_path)
-    proc = run_cli("mergekitty-moe", EXAMPLE, "tiny-moe", "--quiet", cwd=tmp_path)
+    proc = run_cli("mergekitty-moe", EXAMPLE, "tiny-moe", cwd=tmp_path)
     assert "MixtralForCausalLM with 4 experts" in proc.stderr
     out = tmp_path / "tiny-moe"
     cfg = json.loads((out / "config.json").read_text())

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -22,6 +23,18 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Phase:
+    """One phase of a merge as ``run_merge``'s ``on_phase`` sees it when it ends: ``plan`` (read
+    every header, check, plan), ``tokenizer`` (the tokenizer, chat template, model card and side
+    files), ``merge`` (the tensors) and ``commit`` (the output put in place)."""
+
+    name: str
+    seconds: float
+    read: int = 0  # bytes of input tensors read
+    written: int = 0  # bytes written to the output
+
+
+@dataclass(frozen=True)
 class MergeOptions:
     device: str = "cpu"  # cpu, cuda, cuda:N or auto
     threads: int = 0  # 0: every core
@@ -33,7 +46,7 @@ class MergeOptions:
     random_seed: int | None = None
     transformers_cache: str | None = None
     lora_merge_dtype: str | None = None  # model+lora: dtype the adapted tensors are rounded to (default: the base's)
-    quiet: bool = False
+    quiet: bool = False  # no progress bar
     layout_override: str | None = None  # a layout file (README: "Model layouts") used for every model
     allow_nonfinite: bool = False  # write (and report) merged tensors holding NaN/Inf instead of failing
     health_json: bool = False  # write the health report as mergekitty_health.json next to the model
@@ -83,6 +96,8 @@ def _open_model(ref, config, options: MergeOptions, forced):
     # what the plan keeps of the input; the tokenizer and layer count are filled in below
     planned = PlannedModel(str(ref), path, 0, path, adapter, options.lora_merge_dtype if adapter else None)
     checkpoint = planned.open(options.resolved_device())
+    if adapter is not None:
+        _warn_other_base(checkpoint.adapter, ref, path, config)
     cfg = checkpoint.config()
     override = getattr(ref, "override_architecture", None)
     if override:
@@ -92,6 +107,14 @@ def _open_model(ref, config, options: MergeOptions, forced):
     layout = infer_layout(checkpoint.names(), cfg, where=str(ref), override=stated)
     planned = replace(planned, num_layers=layout.num_layers, tokenizer_dir=_tokenizer_dir(checkpoint, path))
     return InputModel(ref, planned, checkpoint, cfg, layout)
+
+
+def _warn_other_base(lora, ref, base_dir: Path, config) -> None:
+    """A model+lora reference whose adapter records another base model: a warning at its config key."""
+    message = lora.other_base_warning(ref.path, base_dir)
+    if message:
+        key = config.model_key(ref)
+        log.warning("%s", config.error(message, key=key) if key is not None else message)
 
 
 def plan_merge(
@@ -267,20 +290,32 @@ def run_merge(
     options: MergeOptions | None = None,
     progress: Callable[[Any, float], None] | None = None,
     on_health: Callable[[HealthReport], None] | None = None,
+    on_plan: Callable[[Any], None] | None = None,
+    on_phase: Callable[[Phase], None] | None = None,
     **kwargs: Any,
 ):
     """Merge as ``config`` says and write the model to ``out_path``. Returns the executed MergePlan.
 
-    ``on_health`` is called with the merge's ``HealthReport`` (health.py) once the model is written.
-    A merged tensor holding NaN/Inf raises ``NonFiniteError`` (nothing is written) unless
-    ``allow_nonfinite``."""
+    ``progress(job, seconds)`` is called after each tensor job. ``on_plan`` is called with the
+    MergePlan before any weight is read; ``on_phase`` with a ``Phase`` as each phase ends (plan,
+    tokenizer, merge, commit); ``on_health`` with the merge's ``HealthReport`` (health.py) once
+    the model is written. A merged tensor holding NaN/Inf raises ``NonFiniteError`` (nothing is
+    written) unless ``allow_nonfinite``."""
     from .execute import execute
     from .health import HEALTH_FILE, HealthReport
     from .io.output import OutputTransaction
 
+    def phase(name: str, started: float, read: int = 0, written: int = 0) -> None:
+        if on_phase is not None:
+            on_phase(Phase(name, time.perf_counter() - started, read, written))
+
     options = replace(options or MergeOptions(), **kwargs)
+    started = time.perf_counter()
     config = _load_config(config)
     plan = plan_merge(config, out_path, options)
+    phase("plan", started)
+    if on_plan is not None:
+        on_plan(plan)
     device = options.resolved_device()
     if device != "cpu":
         import torch
@@ -291,7 +326,9 @@ def run_merge(
     health = HealthReport.for_plan(plan, options.allow_nonfinite)
     with OutputTransaction(out_path, resume_key=_resume_key(plan)) as out:
         writer = out.open_shards(plan.output_layout(), plan.shard_size_bytes)
+        started, before = time.perf_counter(), _files_bytes(out.dir)
         _write_sidecars(plan, config, out, options)
+        phase("tokenizer", started, written=_files_bytes(out.dir) - before)
         # a rerun of an interrupted merge computes only the tensors of the shards it lacks
         todo = replace(plan, jobs=tuple(j for j in plan.jobs if not writer.is_written(j.out_name)))
         if out.reused:
@@ -301,18 +338,32 @@ def run_merge(
                 len(todo.jobs),
                 len(plan.jobs),
             )
+        started = time.perf_counter()
         if progress is None and not options.quiet:
             from .progress import run_with_progress
 
             run_with_progress(todo, lambda cb: execute(todo, writer, options.threads, cb, health))
         else:
             execute(todo, writer, options.threads, progress, health)
+        phase("merge", started, read=todo.input_bytes, written=todo.output_bytes)
+        started = time.perf_counter()
         if options.health_json:
             out.write_text(HEALTH_FILE, health.to_json())
         out.commit(json.dumps(plan.out_config, indent=2) + "\n")
+    phase("commit", started)
     if on_health is not None:
         on_health(health)
     return plan
+
+
+def _files_bytes(directory: Path) -> int:
+    """The size of the files directly in ``directory`` (what the side files added to the output)."""
+    total = 0
+    for f in directory.iterdir():
+        with contextlib.suppress(OSError):
+            if f.is_file():
+                total += f.stat().st_size
+    return total
 
 
 def _resume_key(plan) -> str | None:
@@ -344,4 +395,4 @@ def option_names() -> list[str]:
     return [f.name for f in fields(MergeOptions)]
 
 
-__all__ = ["MergeOptions", "MergekittyError", "plan_merge", "run_merge"]
+__all__ = ["MergeOptions", "MergekittyError", "Phase", "plan_merge", "run_merge"]

@@ -22,6 +22,14 @@ def hub_link(ref: str) -> str:
     return f"[{ref}](https://huggingface.co/{ref})" if is_hub_id(ref) else ref
 
 
+def made_with(command: str | None = None) -> str:
+    """The tool and version that made a model, for its card: ``mergekitty 0.1.0``, and the
+    command when it is not a merge (``(`mergekitty-merge-lora`)``)."""
+    from . import __version__
+
+    return f"mergekitty {__version__}" + (f" (`{command}`)" if command else "")
+
+
 def front_matter(fields: dict[str, Any]) -> list[str]:
     """The card's YAML header lines (keys in the order given)."""
     return ["---", yaml.safe_dump(fields, sort_keys=False).strip(), "---"]
@@ -45,7 +53,7 @@ def generate_card(
         *front_matter(front),
         f"# {title}",
         "",
-        "This is a merge of pre-trained language models created using [mergekitty](https://github.com/allura-org/mergekitty).",
+        f"This is a merge of pre-trained language models made with {made_with()}.",
         "",
         "## Merge Details",
         "### Merge Method",

@@ -286,6 +286,15 @@ class InputSliceDefinition(BaseModel):
     layer_range: tuple[StrictInt, StrictInt]
     parameters: Parameters | None = None
 
+    @field_validator("layer_range", mode="before")
+    @classmethod
+    def _pair(cls, value: Any) -> Any:
+        if not isinstance(value, (list, tuple)):
+            raise fail(f"layer_range must be two integers [start, stop], got {describe(value)}")
+        if len(value) != 2:
+            raise fail(f"layer_range must be two integers [start, stop], got {len(value)} value(s)")
+        return value
+
     @field_validator("layer_range", mode="after")
     @classmethod
     def _range(cls, value: tuple[int, int]) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import NonFiniteError
+from .text import dtype_text
 
 if TYPE_CHECKING:
     import torch
@@ -328,7 +329,7 @@ def _refusal(entry: NonFiniteOutput, out_dtype: str) -> str:
     why = (
         f"non-finite inputs: {_models(entry.inputs)}"
         if entry.inputs
-        else f"every input is finite, so the arithmetic produced them (an overflow of {out_dtype}, or a division by zero)"
+        else f"every input is finite, so the arithmetic produced them (an overflow of {dtype_text(out_dtype)}, or a division by zero)"
     )
     return (
         f"tensor '{entry.tensor}': {entry.count} of its {entry.numel} merged values are NaN or Inf; {why}. "

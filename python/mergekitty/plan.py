@@ -32,6 +32,7 @@ from .architecture.layout import (
 from .errors import ArchitectureError, ConfigError, PlanError
 from .io.dtypes import nbytes
 from .kernels import JobInput, Kernel, Torch, choose
+from .text import listing, shape_text
 
 if TYPE_CHECKING:
     from .config_modules import StackSlices
@@ -236,6 +237,13 @@ def _get_parent(cfg: dict[str, Any], dotted: str) -> dict[str, Any]:
     for p in dotted.split(".")[:-1]:
         node = node[p]
     return node
+
+
+def layer_range_text(start: int, stop: int) -> str:
+    """``layer_range [0, 9] (layers 0-8)``: the range as written, and the layers it selects (the
+    stop is excluded, which a reader of ``[0, 9]`` may not expect)."""
+    layers = f"layer {start}" if stop - start == 1 else f"layers {start}-{stop - 1}"
+    return f"layer_range [{start}, {stop}] ({layers})"
 
 
 def _placed(jobs: list[TensorJob], shard_size_bytes: int) -> list[TensorJob]:
@@ -547,15 +555,20 @@ class Planner:
                 continue  # a base the method does not use, added only to carry the config
             else:
                 entries.append((mi, start, j))
+        if len(lengths) > 1 and group.slices is None:
+            self._different_layer_counts(k, group, sl)
         if len(lengths) > 1:
             raise self._config_error(
-                f"all sources of a slice must cover the same number of layers (got {sorted(lengths)})",
+                f"all sources of a slice must cover the same number of layers (got {listing(sorted(lengths))})",
                 (*group.slice_key(local), "sources"),
             )
         if uses_base and base_entry is None and slice_base is not None:
             base_model = self._model(slice_base)
-            self._stack_count(k, base_model, ("base_model",))
-            base_entry = (base_model, sl.sources[0].layer_range[0])
+            base_key = (*group.slice_key(local), "base_model") if getattr(sl, "base_model", None) else ("base_model",)
+            count = self._stack_count(k, base_model, base_key)
+            start = sl.sources[0].layer_range[0]
+            self._check_base_range(k, base_model, start, start + max(lengths, default=0), count, group, local, base_key)
+            base_entry = (base_model, start)
         if not entries and not (uses_base and base_entry):
             raise self._config_error("a slice needs at least one source model", (*group.slice_key(local), "sources"))
         if method.max_models is not None and len(entries) > method.max_models:
@@ -583,8 +596,55 @@ class Planner:
             )
         if stop > count:
             raise self._config_error(
-                f"layer_range [{start}, {stop}) is beyond the {count} layers of {self._stack_label(stack, model)}", key
+                f"{layer_range_text(start, stop)} is beyond the {count} layers of {self._stack_label(stack, model)}",
+                key,
             )
+
+    def _different_layer_counts(self, stack: int, group: Any, sl: Any) -> None:
+        """A ``models`` list merges every layer of each model: a ConfigError at the first model (or
+        the base model) whose layer count differs from the first model's."""
+        first = sl.sources[0]
+        want = first.layer_range[1] - first.layer_range[0]
+        listed = len(group.models or ())
+        for j, src in enumerate(sl.sources):
+            count = src.layer_range[1] - src.layer_range[0]
+            if count == want:
+                continue
+            # the base model, appended when it is not listed, is named by the base_model key
+            key = (*group.key, j, "model") if j < listed else ("base_model",)
+            raise self._config_error(
+                f"{self._stack_label(stack, self._model(src.model))} has {count} layers but "
+                f"{self._stack_label(stack, self._model(first.model))} has {want}: a models list merges every "
+                "layer of each model (slices with layer_range can pick layers)",
+                key,
+            )
+
+    def _check_base_range(
+        self,
+        stack: int,
+        model: int,
+        start: int,
+        stop: int,
+        count: int,
+        group: Any,
+        local: int,
+        base_key: tuple[Any, ...],
+    ) -> None:
+        """The base model of a slice that does not list it supplies the sources' layers
+        ``[start, stop)``: a ConfigError when it has fewer, at the range of a slice (where the
+        range was written) or at ``base_key`` (a ``models`` list, whose range is every layer)."""
+        if self.stacks[stack].layerless or stop <= count:
+            return
+        label = self._stack_label(stack, model)
+        if group.slices is not None:
+            raise self._config_error(
+                f"{layer_range_text(start, stop)} is beyond the {count} layers of the base model {label}, "
+                "which supplies these layers to the slice",
+                (*group.source_key(local, 0), "layer_range"),
+            )
+        raise self._config_error(
+            f"the base model {label} has {count} layers but the models merged onto it have {stop}", base_key
+        )
 
     def _stack_count(self, stack: int, model: int, key: tuple[Any, ...]) -> int:
         """The layer count of ``model``'s layer stack ``stack`` (0 for a module without layers); a
@@ -884,8 +944,8 @@ class Planner:
                 if is_embedding_name(out_name):
                     hint = " (embedding sizes differ: vocabulary handling needs the tokenizer options)"
                 raise PlanError(
-                    f"tensor '{out_name}': {self.models[s.model].label} has shape {list(info.shape)} "
-                    f"but {self.models[inputs[0].model].label} has {list(infos[0].shape)}{hint}"
+                    f"tensor '{out_name}': {self.models[s.model].label} has shape {shape_text(info.shape)} "
+                    f"but {self.models[inputs[0].model].label} has {shape_text(infos[0].shape)}{hint}"
                 )
 
     def _validate(

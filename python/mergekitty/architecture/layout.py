@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ArchitectureError
+from ..text import listing
 
 if TYPE_CHECKING:
     from .override import LayoutOverride
@@ -228,7 +229,9 @@ def _choose_stack(stacks: dict[str, dict[int, list[str]]], expected: int | None,
             )
     if len(stacks[best]) != count:
         missing = sorted(set(range(count)) - set(stacks[best]))[:5]
-        raise ArchitectureError(f"{where}: layer stack '{best}' has no tensors for layers {missing}{_OVERRIDE_HINT}")
+        raise ArchitectureError(
+            f"{where}: layer stack '{best}' has no tensors for layers {listing(missing)}{_OVERRIDE_HINT}"
+        )
     return best
 
 

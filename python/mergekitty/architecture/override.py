@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ArchitectureError
+from ..text import listing
 
 if TYPE_CHECKING:
     from .layout import ModelLayout
@@ -66,7 +67,9 @@ def load_layout_override(path: str | Path) -> LayoutOverride:
         raise ArchitectureError(f"layout override {path} must be a mapping with 'layer_prefix', 'pre' and 'post'")
     unknown = sorted(set(data) - _KEYS)
     if unknown:
-        raise ArchitectureError(f"layout override {path}: unknown key(s) {unknown}; expected {sorted(_KEYS)}")
+        raise ArchitectureError(
+            f"layout override {path}: unknown key(s) {listing(unknown, quote=True)}; expected {listing(sorted(_KEYS), quote=True)}"
+        )
     prefix = data.get("layer_prefix")
     if not isinstance(prefix, str) or not prefix or prefix.endswith("."):
         raise ArchitectureError(

@@ -10,7 +10,11 @@ import sys
 
 import rich_click as click
 
-from .shell import command_shell, setup_logging
+from .options import command, legacy_options, messages_panel, note_legacy, opt, panel
+from .shell import command_shell
+from .verbosity import Verbosity
+
+EXTRACT_LEGACY = ["lazy_unpickle"]
 
 
 def _pick(positional: str | None, option: str | None, what: str, flag: str) -> str:
@@ -31,114 +35,77 @@ def _command_line(out_path: str) -> str:
     return " ".join(["mergekitty-extract-lora", *map(shlex.quote, args)])
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="mergekitty", message="mergekitty %(version)s")
+@command(legacy=EXTRACT_LEGACY)
 @click.argument("finetuned_model", required=False)
 @click.argument("base_model", required=False)
 @click.argument("out_path", required=False)
-@click.option("--model", "model_opt", default=None, help="The fine-tuned model (same as FINETUNED_MODEL).")
-@click.option("--base-model", "base_opt", default=None, help="The base model (same as BASE_MODEL).")
-@click.option("--out-path", "out_opt", default=None, help="Where to write the adapter (same as OUT_PATH).")
-@click.option(
-    "-r",
-    "--rank",
-    "--max-rank",
-    "rank",
-    type=int,
-    default=32,
-    show_default=True,
-    help="Largest LoRA rank of any module.",
-)
-@click.option(
-    "--sv-epsilon",
-    type=float,
-    default=0.0,
-    show_default=True,
-    help="Adaptive rank: drop singular values at or below this (absolute) value.",
-)
-@click.option(
-    "--energy",
-    type=float,
-    default=None,
-    help="Adaptive rank: the smallest rank keeping this fraction (0-1] of each difference's squared Frobenius norm.",
-)
-@click.option(
-    "--embed-lora/--no-embed-lora",
-    default=False,
-    show_default=True,
-    help="Factor the embeddings and the head too, instead of saving them in full (modules_to_save).",
-)
-@click.option(
-    "--extend-vocab",
-    is_flag=True,
-    default=False,
-    help="Keep the rows of tokens the fine-tune added (else they are dropped).",
-)
-@click.option(
-    "--save-module",
-    multiple=True,
-    help="Save this module in full (modules_to_save); full name or last component; repeatable.",
-)
-@click.option(
-    "-i", "--include-regex", multiple=True, help="Factor only modules matching one of these regexes; repeatable."
-)
-@click.option(
-    "-e",
-    "--exclude-regex",
-    multiple=True,
-    help="Do not factor modules matching these regexes (they are saved in full if they changed); repeatable.",
-)
-@click.option(
-    "--skip-undecomposable",
-    is_flag=True,
-    default=False,
-    help="Leave out changed tensors that cannot be factored (norms...) instead of saving them in full.",
-)
-@click.option(
-    "--distribute-scale/--no-distribute-scale",
-    default=True,
-    show_default=True,
-    help="Split the singular values between A and B (sqrt on each side), or put them all in A.",
-)
-@click.option("--device", default="auto", show_default=True, help="Device for the SVDs: cpu, cuda, cuda:N or auto.")
-@click.option("--model-name", "--model_name", "model_name", default=None, help="Title of the adapter's README.")
-@click.option(
-    "--trust-remote-code/--no-trust-remote-code",
-    default=False,
-    show_default=True,
-    help="Allow custom model code (used to find module types).",
-)
-@click.option("--transformers-cache", default=None, help="Cache directory for models downloaded from the hub.")
-@click.option(
-    "--lazy-unpickle/--no-lazy-unpickle",
-    default=None,
-    help="No effect: weights are always memory-mapped (kept for compatibility).",
-)
-@click.option("--quiet/--no-quiet", default=False, show_default=True, help="No progress bar and no per-module summary.")
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-def main(
-    finetuned_model, base_model, out_path, model_opt, base_opt, out_opt, verbose, quiet, lazy_unpickle, **kwargs
-) -> None:
+@panel(
+    "Models",
+    [
+        opt("model_opt", "--model", default=None, help="The fine-tuned model (same as FINETUNED_MODEL)."),
+        opt("base_opt", "--base-model", default=None, help="The base model (same as BASE_MODEL)."),
+        opt("out_opt", "--out-path", default=None, help="Where to write the adapter (same as OUT_PATH)."),
+        opt("trust_remote_code", "--trust-remote-code/--no-trust-remote-code", default=False, show_default=True,
+            help="Allow custom model code (used to find module types)."),
+        "transformers_cache",
+    ],
+)  # fmt: skip
+@panel(
+    "Rank",
+    [
+        opt("rank", "-r", "--rank", "--max-rank", type=int, default=32, show_default=True,
+            help="Largest LoRA rank of any module."),
+        opt("sv_epsilon", "--sv-epsilon", type=float, default=0.0, show_default=True,
+            help="Adaptive rank: drop singular values at or below this (absolute) value."),
+        opt("energy", "--energy", type=float, default=None,
+            help="Adaptive rank: the smallest rank keeping this fraction (0-1] of each difference's squared Frobenius norm."),
+        opt("distribute_scale", "--distribute-scale/--no-distribute-scale", default=True, show_default=True,
+            help="Split the singular values between A and B (sqrt on each side), or put them all in A."),
+        opt("device", "--device", default="auto", show_default=True, help="Device for the SVDs: cpu, cuda, cuda:N or auto."),
+    ],
+)  # fmt: skip
+@panel(
+    "Modules",
+    [
+        opt("embed_lora", "--embed-lora/--no-embed-lora", default=False, show_default=True,
+            help="Factor the embeddings and the head too, instead of saving them in full (modules_to_save)."),
+        opt("extend_vocab", "--extend-vocab", is_flag=True, default=False,
+            help="Keep the rows of tokens the fine-tune added (else they are dropped)."),
+        opt("save_module", "--save-module", multiple=True,
+            help="Save this module in full (modules_to_save); full name or last component; repeatable."),
+        opt("include_regex", "-i", "--include-regex", multiple=True,
+            help="Factor only modules matching one of these regexes; repeatable."),
+        opt("exclude_regex", "-e", "--exclude-regex", multiple=True,
+            help="Do not factor modules matching these regexes (they are saved in full if they changed); repeatable."),
+        opt("skip_undecomposable", "--skip-undecomposable", is_flag=True, default=False,
+            help="Leave out changed tensors that cannot be factored (norms...) instead of saving them in full."),
+        opt("model_name", "--model-name", "--model_name", default=None, help="Title of the adapter's README."),
+    ],
+)  # fmt: skip
+@messages_panel
+@legacy_options(EXTRACT_LEGACY)
+def main(finetuned_model, base_model, out_path, model_opt, base_opt, out_opt, quiet, verbose, **kwargs) -> None:
     """Extract a PEFT LoRA adapter that turns BASE_MODEL into (approximately) FINETUNED_MODEL,
     and write it to OUT_PATH."""
-    setup_logging(verbose)
+    verbosity = Verbosity.from_flags(quiet, verbose)
     finetuned = _pick(finetuned_model, model_opt, "fine-tuned model", "--model")
     base = _pick(base_model, base_opt, "base model", "--base-model")
     out = _pick(out_path, out_opt, "output path", "--out-path")
-    with command_shell("no adapter was written; the output directory is as it was") as console:
-        if lazy_unpickle is not None:
-            console.print("[yellow]note:[/] --lazy-unpickle has no effect: weights are always memory-mapped")
+    with command_shell("no adapter was written; the output directory is as it was", verbosity) as console:
+        note_legacy(kwargs, console, EXTRACT_LEGACY)
         from ..lora.extract import extract_lora
 
         kwargs["save_modules"] = kwargs.pop("save_module")
         kwargs["include"] = kwargs.pop("include_regex")
         kwargs["exclude"] = kwargs.pop("exclude_regex")
-        if quiet:
+        if verbosity.quiet:
             result = extract_lora(finetuned, base, out, command=_command_line(out), **kwargs)
         else:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-            with Progress(
+            from ..progress import stderr_progress
+
+            with stderr_progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
@@ -152,9 +119,8 @@ def main(
                     bar.update(task, completed=done, total=total, description=module)
 
                 result = extract_lora(finetuned, base, out, command=_command_line(out), progress=progress, **kwargs)
-    if not quiet:
         _summary(result, console)
-    console.print(f"[green]done:[/] LoRA adapter written to {out}")
+        console.print(f"[green]done:[/] LoRA adapter written to {out}", highlight=False, soft_wrap=True)
 
 
 def _summary(result, console) -> None:

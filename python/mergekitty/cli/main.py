@@ -10,20 +10,20 @@ import rich_click as click
 from .extract_lora import main as extract_lora_command
 from .merge_lora import main as merge_lora_command
 from .moe import main as moe_command
-from .options import health_options, merge_options
+from .options import HELP_CONFIG, MERGE_LEGACY, command, merge_options, plan_options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.rich_config(help_config=HELP_CONFIG)
 @click.version_option(package_name="mergekitty", message="mergekitty %(version)s")
 def group() -> None:
     """Merge pretrained language models from a YAML config."""
 
 
-@group.command()
+@command(legacy=MERGE_LEGACY, device_aliases=True, version=False)
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.argument("out_path", type=click.Path())
 @merge_options
-@health_options
 def merge(config_file: str, out_path: str, **kwargs) -> None:
     """Merge the models described by CONFIG_FILE and write the result to OUT_PATH."""
     from .run import run_command
@@ -31,17 +31,10 @@ def merge(config_file: str, out_path: str, **kwargs) -> None:
     run_command(config_file, out_path, kwargs)
 
 
-@group.command()
+@command(version=False)
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.argument("out_path", type=click.Path(), required=False)
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Also write the plan as JSON to this file: every tensor's sources, parameters, kernel, shard and offset.",
-)
-@merge_options
+@plan_options
 def plan(config_file: str, out_path: str | None, json_path: str | None, **kwargs) -> None:
     """Print what merging CONFIG_FILE would do (layer map, kernels, output size, memory) without reading weights."""
     from .run import run_command
@@ -49,6 +42,8 @@ def plan(config_file: str, out_path: str | None, json_path: str | None, **kwargs
     run_command(config_file, out_path, kwargs, plan_only=True, json_path=json_path)
 
 
+group.add_command(merge, "merge")
+group.add_command(plan, "plan")
 group.add_command(moe_command, "moe")
 group.add_command(extract_lora_command, "extract-lora")
 group.add_command(merge_lora_command, "merge-lora")

@@ -1,4 +1,5 @@
-"""Printing a MergePlan for ``mergekitty plan`` and ``--dry-run``."""
+"""Printing a MergePlan for ``mergekitty plan`` and ``--dry-run``, and what a merge says as it
+runs with ``-v``/``-vv`` (``MergeNarration``)."""
 
 from __future__ import annotations
 
@@ -81,3 +82,52 @@ def print_vocabulary(plan, console: Console) -> None:
         console.print(f"  appended: {len(v.new_tokens)} ({escape(shown)})")
     for d in v.diffs:
         console.print(f"  {escape(d.label)}: {escape(d.summary())}")
+
+
+class MergeNarration:
+    """What a merge says as it runs, beyond the default lines: with -v the plan summary before
+    the merge and each phase's time and bytes after it; with -vv a line per tensor (its kernel,
+    size and time)."""
+
+    def __init__(self, console: Console, verbosity) -> None:
+        self.console = console
+        self.verbosity = verbosity
+        self.phases: list = []
+
+    def planned(self, plan) -> None:
+        if self.verbosity.verbose:
+            self.console.print(escape(plan.summary()), highlight=False, soft_wrap=True)
+
+    def phase(self, phase) -> None:
+        self.phases.append(phase)
+
+    def tensor(self, job, seconds: float) -> None:
+        kernel = job.kernel.name + (f" ({job.kernel.reason})" if job.kernel.name == "torch" else "")
+        self.console.print(
+            f"tensor {escape(job.out_name)}: {escape(kernel)}, {format_size(job.input_bytes)} read in {_duration(seconds)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    def finish(self) -> None:
+        """With -v, a line per phase and the total."""
+        if not self.verbosity.verbose:
+            return
+        for p in self.phases:
+            moved = [f"{what} {format_size(n)}" for what, n in (("read", p.read), ("wrote", p.written)) if n]
+            rate = f" ({format_size(round(p.read / p.seconds))}/s read)" if p.read and p.seconds > 0 else ""
+            self.console.print(
+                f"phase {p.name}: {_duration(p.seconds)}" + "".join(f", {m}" for m in moved) + rate,
+                highlight=False,
+                soft_wrap=True,
+            )
+        total = sum(p.seconds for p in self.phases)
+        self.console.print(f"total: {_duration(total)}", highlight=False, soft_wrap=True)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.1f} ms"
+    if seconds < 120:
+        return f"{seconds:.2f} s"
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"

@@ -2,59 +2,86 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .shell import command_shell, stdout_console
 
 
 def run_command(
     config_file: str, out_path: str | None, kwargs: dict, plan_only: bool = False, json_path: str | None = None
 ) -> None:
-    from .options import build_options
+    from .options import MERGE_LEGACY, build_options, take_verbosity
 
+    verbosity = take_verbosity(kwargs)
     with command_shell(
-        "no merged model was written; the output directory is as it was, and running the same merge again resumes it"
+        "no merged model was written; the output directory is as it was, and running the same merge again resumes it",
+        verbosity,
     ) as console:
-        options, dry_run = build_options(kwargs, console)
+        options, dry_run = build_options(kwargs, console, [] if plan_only else MERGE_LEGACY)
+        # the bar is left out under -q, and under -vv, whose line per tensor shows the progress
+        options = replace(options, quiet=verbosity.quiet or verbosity.per_tensor)
         from ..api import plan_merge, run_merge
         from ..config import load_config_file
 
         config = load_config_file(config_file)
-        note_differences(config, console, options.quiet)
+        note_differences(config, console)
         if plan_only or dry_run:
-            from .report import print_plan
-
             plan = plan_merge(config, out_path, options)
-            print_plan(plan, stdout_console())
-            if json_path is not None:
-                from pathlib import Path
-
-                Path(json_path).write_text(plan.to_json())
-                console.print(f"plan written to {json_path}")
+            write_plan(plan, json_path, console)
             return
+        from .report import MergeNarration
+
+        narration = MergeNarration(console, verbosity)
         reports = []
-        run_merge(config, out_path, options, on_health=reports.append)
-        print_health(reports[0], console, problems_only=options.quiet)
-        console.print(f"[green]done:[/] merged model written to {out_path}")
+        run_merge(
+            config,
+            out_path,
+            options,
+            progress=narration.tensor if verbosity.per_tensor else None,
+            on_health=reports.append,
+            on_plan=narration.planned,
+            on_phase=narration.phase,
+        )
+        print_health(reports[0], console)
+        narration.finish()
+        console.print(f"[green]done:[/] merged model written to {out_path}", highlight=False, soft_wrap=True)
 
 
-def print_health(report, console, problems_only: bool = False) -> None:
-    """The health summary: the totals line (left out with ``problems_only``), then a warning per problem."""
+def write_plan(plan, json_path: str | None, console) -> None:
+    """The plan on stdout (the table, or with ``--json -`` the JSON), and to a JSON file if asked."""
+    import sys
+
+    from .report import print_plan
+
+    if json_path == "-":
+        sys.stdout.write(plan.to_json() + "\n")
+        return
+    print_plan(plan, stdout_console())
+    if json_path is not None:
+        from pathlib import Path
+
+        Path(json_path).write_text(plan.to_json())
+        console.print(f"plan written to {json_path}", highlight=False, soft_wrap=True)
+
+
+def print_health(report, console) -> None:
+    """The health summary: the totals line, then a warning per problem."""
     from rich.markup import escape
 
     head, *warnings = report.summary_lines()
-    if not problems_only:
-        console.print(escape(head), highlight=False, soft_wrap=True)
+    console.print(escape(head), highlight=False, soft_wrap=True)
     for line in warnings:
         console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
-def note_differences(config, console, quiet: bool) -> None:
+def note_differences(config, console) -> None:
     """One line when the config touches a documented difference from mergekit; with -v, each."""
     import logging
 
     from ..differences import touched_differences
 
     touched = touched_differences(config)
-    if not touched or quiet:
+    if not touched:
         return
     console.print(
         f"[cyan]note:[/] this config touches {len(touched)} documented difference(s) from mergekit: "

@@ -1,10 +1,9 @@
-"""What every command runs inside: logging set up from ``-v``, and errors reported without
-tracebacks. A MergekittyError is one red line and exit status 1; Ctrl-C says what was not
-written and exits with 130."""
+"""What every command runs inside: logging set up from ``-q``/``-v`` (verbosity.py), and errors
+reported without tracebacks. A MergekittyError is one red line and exit status 1; Ctrl-C says
+what was not written and exits with 130."""
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import MergekittyError
+from .verbosity import Verbosity, logging_for
 
 
 def stdout_console() -> Console:
@@ -25,14 +25,7 @@ def stdout_console() -> Console:
     return Console(width=100_000, soft_wrap=True)
 
 
-def setup_logging(verbose: int) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-
-
-def _shown(exc: object) -> str:
+def shown(exc: object) -> str:
     """The message as the terminal should show it: what looks like rich markup (a path such as
     ``m[/x]``) printed as it is, control characters (an escape sequence from a hostile file or
     config) written as ``\\x1b``."""
@@ -41,19 +34,23 @@ def _shown(exc: object) -> str:
 
 
 @contextmanager
-def command_shell(interrupted: str) -> Iterator[Console]:
-    """Run the block with a stderr console; ``interrupted`` says what Ctrl-C left unwritten."""
-    console = Console(stderr=True)
+def command_shell(interrupted: str, verbosity: Verbosity) -> Iterator[Console]:
+    """Run the block with a stderr console for its messages (silent under ``-q``) and log records
+    routed to stderr at ``verbosity``'s levels; ``interrupted`` says what Ctrl-C left unwritten.
+    Errors are printed whatever the verbosity."""
+    console = Console(stderr=True, quiet=verbosity.quiet)
+    errors = Console(stderr=True)
     try:
-        yield console
+        with logging_for(verbosity, errors):
+            yield console
     except MergekittyError as exc:
         # soft_wrap: one line however narrow the terminal (or none), so it can be grepped
-        console.print(f"[bold red]error:[/] {_shown(exc)}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]error:[/] {shown(exc)}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except OSError as exc:  # the environment (disk, permissions) rather than the inputs
         where = f" ({exc.filename})" if exc.filename else ""
-        console.print(f"[bold red]error:[/] {_shown(f'{exc.strerror or exc}{where}')}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]error:[/] {shown(f'{exc.strerror or exc}{where}')}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        console.print(f"[bold red]interrupted:[/] {interrupted}", soft_wrap=True)
+        errors.print(f"[bold red]interrupted:[/] {interrupted}", soft_wrap=True)
         sys.exit(130)

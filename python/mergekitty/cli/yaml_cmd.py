@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import rich_click as click
 
-from .options import health_options, merge_options
+from .options import MERGE_LEGACY, command, merge_options
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="mergekitty", message="mergekitty %(version)s")
+@command(legacy=MERGE_LEGACY, device_aliases=True)
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.argument("out_path", type=click.Path())
 @merge_options
-@health_options
 def main(config_file: str, out_path: str, **kwargs) -> None:
     """Merge the models described by CONFIG_FILE (YAML) and write the result to OUT_PATH."""
     from .run import run_command

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelFormatError, ModelNotFoundError
+from ..text import dtype_text
 from .dtypes import code_of, torch_dtype
 from .model_files import confined, model_file, read_json
 
@@ -65,7 +66,7 @@ class _SafetensorsShard:
         dtype = torch_dtype(info.dtype)
         if dtype is None:
             raise ModelFormatError(
-                f"{self.handle.path}: tensor '{info.name}' has dtype {info.dtype}, which torch cannot hold"
+                f"{self.handle.path}: tensor '{info.name}' has dtype {dtype_text(info.dtype)}, which torch cannot hold"
             )
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
@@ -108,7 +109,7 @@ class _BinShard:
         for name, t in self.tensors.items():
             code = code_of(t.dtype)
             if code is None:
-                raise ModelFormatError(f"{self.path}: tensor '{name}' has unsupported dtype {t.dtype}")
+                raise ModelFormatError(f"{self.path}: tensor '{name}' has unsupported dtype {dtype_text(t.dtype)}")
             out.append(TensorInfo(name, code, tuple(t.shape), file_name, 0, t.numel() * t.element_size()))
         return out
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import ModelFormatError, ModelNotFoundError
 from ..io.model_files import model_file, read_json, shown
+from ..text import shape_text
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -37,6 +38,27 @@ _UNSUPPORTED_CONFIG = {
     "trainable_token_indices": "trainable_token_indices",
     "use_qalora": "QA-LoRA adapters",
 }
+
+
+# the hub cache's directory of a model: models--<org>--<name>/snapshots/<revision>
+_HUB_CACHE_DIR = re.compile(r"models--[^/\\]+?--([^/\\]+)")
+
+
+def _model_name(ref: str) -> str:
+    """A model reference's last component, compared without case: ``Llama-3-8B`` for
+    ``meta-llama/Llama-3-8B``, ``/models/Llama-3-8B/`` or a hub cache snapshot of it."""
+    text = ref.strip().rstrip("/\\")
+    cached = _HUB_CACHE_DIR.search(text)
+    if cached:
+        return cached.group(1).lower()
+    return re.split(r"[/\\]", text)[-1].lower()
+
+
+def _same_directory(a: str, b: str | Path | None) -> bool:
+    try:
+        return b is not None and Path(a).expanduser().is_dir() and Path(a).expanduser().samefile(b)
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -157,6 +179,23 @@ class Adapter:
     def base_model_name(self) -> str | None:
         return self.config.get("base_model_name_or_path")
 
+    def other_base_warning(self, base: str, base_dir: str | Path | None = None) -> str | None:
+        """A warning when the adapter records a base model other than ``base`` (as the user named
+        it; ``base_dir``: where it was found), naming both; None when it records the same model
+        or none. Models are the same when their names are: ``org/Llama-3-8B``, a local
+        ``/models/Llama-3-8B`` and the hub cache's ``models--org--Llama-3-8B/snapshots/...`` are
+        one model, as PEFT records whichever spelling the adapter was trained from."""
+        recorded = (self.base_model_name or "").strip()
+        if not recorded:
+            return None
+        applied = {_model_name(base)} | ({_model_name(str(base_dir))} if base_dir is not None else set())
+        if _model_name(recorded) in applied or _same_directory(recorded, base_dir):
+            return None
+        return (
+            f"LoRA adapter {self.label} was made for '{recorded}', not '{base}': applying it anyway "
+            "(the shapes are checked, not the weights it was trained on)"
+        )
+
     def scale_of(self, module: str, rank: int) -> float:
         alpha = float(pattern_value(self.alpha_pattern, module, self.alpha))
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
@@ -214,7 +253,7 @@ class Adapter:
             a_shape, b_shape = infos[slots["A"]].shape, infos[slots["B"]].shape
             if len(a_shape) != 2 or len(b_shape) != 2:
                 raise ModelFormatError(
-                    f"{where}: module '{module}': only 2-D LoRA factors (linear, embedding) can be applied, got {list(a_shape)} and {list(b_shape)}"
+                    f"{where}: module '{module}': only 2-D LoRA factors (linear, embedding) can be applied, got {shape_text(a_shape)} and {shape_text(b_shape)}"
                 )
             rank, inner = a_shape[0], b_shape[1]
             if rank != inner:

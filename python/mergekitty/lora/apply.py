@@ -25,6 +25,7 @@ from ..errors import PlanError
 from ..io.checkpoint import Checkpoint, TensorInfo
 from ..io.dtypes import nbytes, torch_dtype
 from ..sizes import numel
+from ..text import shape_text
 from .adapter import Adapter, LoraModule
 
 if TYPE_CHECKING:
@@ -113,8 +114,8 @@ class LoraCheckpoint:
             if tuple(info.shape) != want:
                 layout = "fan_in_fan_out " if lora.fan_in_fan_out else ""
                 raise self._error(
-                    f"module '{lora.module}': the {layout}LoRA factors (A {list(a_shape)}, B {list(b_shape)}) make a {list(want)} "
-                    f"update but '{target}' is {list(info.shape)} (is the adapter for a different model?)"
+                    f"module '{lora.module}': the {layout}LoRA factors (A {shape_text(a_shape)}, B {shape_text(b_shape)}) make a {shape_text(want)} "
+                    f"update but '{target}' is {shape_text(info.shape)} (is the adapter for a different model?)"
                 )
             self._ops[target] = _Op("lora", self._result_dtype(info.dtype), tuple(info.shape), lora=lora, source=source)
             if target not in self.base.infos:
@@ -134,7 +135,7 @@ class LoraCheckpoint:
             )
             if shape != tuple(info.shape) and not rows_only:
                 raise self._error(
-                    f"tensor '{key}' has shape {list(shape)} but the base's '{source[1]}' is {list(info.shape)} (is the adapter for a different model?)"
+                    f"tensor '{key}' has shape {shape_text(shape)} but the base's '{source[1]}' is {shape_text(info.shape)} (is the adapter for a different model?)"
                 )
             dtype = info.dtype if source[0] == "base" else self.adapter.checkpoint.infos[key].dtype
             self._ops[target] = _Op("full", self._result_dtype(dtype), shape, key=key, source=source)
@@ -192,7 +193,7 @@ class LoraCheckpoint:
             raise self._error(f"module '{lora.module}' has a lora_B.bias but the base has no '{target}' to add it to")
         if tuple(info.shape) != b_shape:
             raise self._error(
-                f"module '{lora.module}': lora_B.bias is {list(b_shape)} but '{target}' is {list(info.shape)}"
+                f"module '{lora.module}': lora_B.bias is {shape_text(b_shape)} but '{target}' is {shape_text(info.shape)}"
             )
         self._ops[target] = _Op(
             "bias", self._result_dtype(info.dtype), tuple(info.shape), lora=lora, source=("base", target)

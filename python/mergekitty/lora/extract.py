@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArchitectureError, ConfigError, OutputError, PlanError
+from ..text import shape_text
 from ..tokenizer.write import TOKENIZER_FILES
 from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 
@@ -213,7 +214,9 @@ def _plan(ft, base, ft_layout, mods: _Modules, opts: dict[str, Any]) -> tuple[li
         name = f"{module}.weight"
         fs, bs = ft.infos[name].shape, base.infos[base_name(name)].shape
         if fs[1:] != bs[1:]:
-            raise PlanError(f"tensor '{name}': the fine-tune has shape {list(fs)} but the base has {list(bs)}")
+            raise PlanError(
+                f"tensor '{name}': the fine-tune has shape {shape_text(fs)} but the base has {shape_text(bs)}"
+            )
         if fs[0] < bs[0]:
             raise PlanError(
                 f"tensor '{name}': the fine-tune has fewer vocabulary rows ({fs[0]}) than the base ({bs[0]}); an adapter cannot remove rows"
@@ -250,7 +253,7 @@ def _plan(ft, base, ft_layout, mods: _Modules, opts: dict[str, Any]) -> tuple[li
         for p, n in params.items():
             if module not in vocab_modules and ft.infos[n].shape != base.infos[bnames[p]].shape:
                 raise PlanError(
-                    f"tensor '{n}': the fine-tune has shape {list(ft.infos[n].shape)} but the base has {list(base.infos[bnames[p]].shape)}"
+                    f"tensor '{n}': the fine-tune has shape {shape_text(ft.infos[n].shape)} but the base has {shape_text(base.infos[bnames[p]].shape)}"
                 )
         also = (tied_head,) if module == emb and tied_head else ()
         rows = vocab_rows if module in vocab_modules else None
@@ -313,7 +316,7 @@ def _write_safetensors(f, tensors: list[tuple[str, Any]], metadata: dict[str, st
 
 
 def _readme(result: ExtractionResult, finetuned: str, base: str, title: str, command: str | None) -> str:
-    from ..card import hub_link, is_hub_id
+    from ..card import hub_link, is_hub_id, made_with
 
     cfg = result.adapter_config
     front = ["---", "library_name: peft", "tags:", "- mergekitty", "- lora", "- extracted"]
@@ -326,8 +329,7 @@ def _readme(result: ExtractionResult, finetuned: str, base: str, title: str, com
         "---",
         f"# {title}",
         "",
-        "This is a LoRA adapter extracted from a fine-tuned language model with "
-        "[mergekitty](https://github.com/allura-org/mergekitty) (`mergekitty-extract-lora`): "
+        f"This is a LoRA adapter extracted from a fine-tuned language model with {made_with('mergekitty-extract-lora')}: "
         "each linear layer's difference from the base model, factored by a truncated SVD.",
         "",
         f"* Fine-tuned model: {hub_link(finetuned)}",
@@ -418,6 +420,9 @@ def extract_lora(
             ckpt = open_lora_checkpoint(
                 ckpt, resolve_local_path(ref.lora.path, ref.lora.revision, transformers_cache), label=str(ref)
             )
+            other_base = ckpt.adapter.other_base_warning(ref.path, path)
+            if other_base:
+                log.warning("%s", other_base)
         return Path(path), ckpt
 
     ft_dir, ft = open_model(str(finetuned))

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def _card(base: str, adapter: str, adapter_cfg: dict[str, Any], changed: int, title: str) -> str:
-    from ..card import front_matter, hub_link, is_hub_id
+    from ..card import front_matter, hub_link, is_hub_id, made_with
 
     front: dict[str, Any] = {"library_name": "transformers", "tags": ["mergekitty", "lora", "merge"]}
     hubs = [r for r in (base.split("@")[0], adapter.split("@")[0]) if is_hub_id(r)]
@@ -36,8 +36,7 @@ def _card(base: str, adapter: str, adapter_cfg: dict[str, Any], changed: int, ti
             *front_matter(front),
             f"# {title}",
             "",
-            "This model is a base model with a LoRA adapter merged into its weights, made with "
-            "[mergekitty](https://github.com/allura-org/mergekitty) (`mergekitty-merge-lora`).",
+            f"This model is a base model with a LoRA adapter merged into its weights, made with {made_with('mergekitty-merge-lora')}.",
             "",
             f"* Base model: {hub_link(base)}",
             f"* LoRA adapter: {hub_link(adapter)} (r = {adapter_cfg.get('r')}, lora_alpha = {adapter_cfg.get('lora_alpha')}, scale {scale})",
@@ -80,11 +79,9 @@ def merge_lora(
     base_dir = resolve_local_path(base_ref.path, base_ref.revision, options.transformers_cache)
     adapter_dir = resolve_local_path(adapter_ref.path, adapter_ref.revision, options.transformers_cache)
     lora = Adapter(adapter_dir, label=str(adapter))
-    named = lora.base_model_name
-    if named and Path(named).name != Path(str(base_ref.path)).name:
-        log.warning(
-            "adapter %s was made for '%s', not '%s'; applying it anyway (shapes are checked)", adapter, named, base
-        )
+    other_base = lora.other_base_warning(base_ref.path, base_dir)
+    if other_base:
+        log.warning("%s", other_base)
     device = options.resolved_device()
     model = LoraCheckpoint(Checkpoint(Path(base_dir), label=str(base)), lora, label=f"{base}+{adapter}", device=device)
 

@@ -208,9 +208,11 @@ def _write_tensors(tensors, writer, seed: int, quiet: bool) -> None:
     if quiet:
         write_all(tensors, writer, seed)
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    with Progress(
+    from ..progress import stderr_progress
+
+    with stderr_progress(
         TextColumn("[bold]writing"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"), TimeRemainingColumn()
     ) as bar:
         task = bar.add_task("write", total=len(tensors))

@@ -306,9 +306,11 @@ def compute_gates(mode: str, inputs, options, seed: int, quiet: bool = True, sha
         routed = prompt_gates(encoder, inputs.experts, config)
         shared = prompt_gates(encoder, inputs.shared, config) if want_shared else None
     else:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-        with Progress(
+        from ..progress import stderr_progress
+
+        with stderr_progress(
             TextColumn(f"[bold]gates ({mode})"),
             BarColumn(),
             MofNCompleteColumn(),

@@ -7,12 +7,16 @@ nothing here reads a weight.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ArchitectureError
+from ..text import listing
 from ..yaml_lines import error_at_key
+
+log = logging.getLogger(__name__)
 
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
 # tensors some checkpoints carry that are recomputed by transformers, never loaded
@@ -105,6 +109,9 @@ def open_model(ref, options) -> SourceModel:
 
         adapter = resolve_local_path(ref.lora.path, ref.lora.revision, options.transformers_cache)
         checkpoint = open_lora_checkpoint(checkpoint, Path(adapter), label=str(ref))
+        other_base = checkpoint.adapter.other_base_warning(ref.path, path)
+        if other_base:
+            log.warning("%s", other_base)
     cfg = checkpoint.config()
     stated = model_layout_override(path)
     layout = infer_layout(checkpoint.names(), cfg, where=str(ref), override=stated)
@@ -161,7 +168,7 @@ def open_inputs(config, options) -> MoEInputs:
         )
         if base_hidden is not None and hidden != {base_hidden}:
             raise ArchitectureError(
-                f"{where} has hidden size {sorted(hidden)} but the base model {base.label} has {base_hidden}"
+                f"{where} has hidden size {listing(sorted(hidden))} but the base model {base.label} has {base_hidden}"
             )
         inter = sorted({s[0] for s in sizes})
         return ExpertInput(key, spec, m, inter[0] if len(inter) == 1 else -1)

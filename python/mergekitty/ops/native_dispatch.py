@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ..text import dtype_text, shape_text
+
 if TYPE_CHECKING:
     import torch
     from typing_extensions import Buffer
@@ -287,7 +289,7 @@ def gta_merge(
     for t in (base, *xs):
         if t.device.type != "cpu" or t.shape != shape:
             raise InvalidArgumentError(
-                f"gta_merge takes CPU tensors of the base's shape {tuple(shape)}, got {t.device} {tuple(t.shape)}"
+                f"gta_merge takes CPU tensors of the base's shape {shape_text(shape)}, got {t.device} {shape_text(t.shape)}"
             )
     xs = [t.contiguous() for t in xs]
     base = base.contiguous()
@@ -312,5 +314,5 @@ def _code(dtype: torch.dtype) -> str:
 
     code = code_of(dtype)
     if code is None:
-        raise InvalidArgumentError(f"dtype {dtype} has no safetensors code")
+        raise InvalidArgumentError(f"dtype {dtype_text(dtype)} has no safetensors code")
     return code

@@ -57,8 +57,9 @@ def main(
     verbose: int,
 ) -> None:
     """Show how MODELs differ from a base, per layer and module kind: the size of each task vector
-    (model - base) relative to the base, the cosine and sign agreement of each pair, and how much of
-    each TIES and DARE would keep. Reads the models tensor by tensor; nothing is loaded whole."""
+    (model - base) relative to the base, the cosine and sign agreement of each pair, how much of each
+    TIES would keep and how unevenly DARE would. Reads the models tensor by tensor; nothing is
+    loaded whole."""
     setup_logging(verbose)
     with command_shell("nothing was written") as console:
         from ..errors import InvalidArgumentError

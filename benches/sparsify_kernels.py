@@ -13,6 +13,10 @@ and reports the ratio torch/native and whether the outputs agree.
 `gta_ties` is a whole TIES merge of 3 bf16 models in one native call
 (`ops.native_dispatch.gta_merge`: magnitude thresholds, then sparsify + consensus + base), against
 the same merge through the torch references.
+`task_vector_stats` is the figures of `mergekitty inspect` for one tensor (a bf16 base and 3 bf16
+fine-tunes: norms, pairwise dots and sign agreement, TIES kept energy at --density) in one native
+call, against `ops.task_vector_stats.task_vector_stats_reference`; its parity is the number of
+integer sums that differ and the largest relative difference of the float sums.
 
 Usage:
     python benches/sparsify_kernels.py
@@ -33,7 +37,16 @@ from pathlib import Path
 import torch
 
 WORK_DIR = Path(__file__).resolve().parent / "work"
-KERNELS = ("uniform", "magnitude", "magnitude_outliers", "random_mask", "della", "combine", "gta_ties")
+KERNELS = (
+    "uniform",
+    "magnitude",
+    "magnitude_outliers",
+    "random_mask",
+    "della",
+    "combine",
+    "gta_ties",
+    "task_vector_stats",
+)
 SEED, KEY = 1234, "model.layers.0.mlp.up_proj.weight#1"
 
 
@@ -58,6 +71,19 @@ def same(a: torch.Tensor, b: torch.Tensor) -> dict:
     eq = (a == b) | (a.isnan() & b.isnan())
     diff = (a - b).abs()
     return {"mismatches": int((~eq).sum()), "max_abs": float(diff[~eq].max()) if (~eq).any() else 0.0}
+
+
+def same_stats(got: dict, want: dict) -> dict:
+    """Integer sums that differ, and the largest relative difference of the float sums."""
+    mismatches, worst = 0, 0.0
+    for key, w in want.items():
+        g = got[key]
+        for a, b in zip(g if isinstance(g, list) else [g], w if isinstance(w, list) else [w]):
+            if isinstance(b, int):
+                mismatches += a != b
+            else:
+                worst = max(worst, abs(a - b) / max(abs(b), 1e-30))
+    return {"mismatches": mismatches, "max_abs": worst}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,6 +182,19 @@ def main(argv: list[str] | None = None) -> int:
                 ties_reference,
                 None,
             )
+        from mergekitty.ops.task_vector_stats import task_vector_stats_reference
+
+        tvs_models = [(base.float() + t).to(torch.bfloat16) for t in deltas]
+        tvs_views = [t.view(-1).view(torch.uint8).numpy() for t in (base, *tvs_models)]
+        tvs_scratch = torch.empty(x.numel(), dtype=torch.float32).numpy()
+        tvs_result: dict = {}
+
+        def tvs_native(t):
+            tvs_result.update(
+                _native.task_vector_stats(tvs_views[0], "BF16", tvs_views[1:], ["BF16"] * 3, d, tvs_scratch, t)
+            )
+
+        cases["task_vector_stats"] = (tvs_native, lambda: task_vector_stats_reference(base, tvs_models, d), None)
         for name in kernels:
             if name not in cases:
                 print(f"[skip] {name}: no reference available")
@@ -170,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                     setup()
                 nat(threads)
                 got = out if name in ("combine", "gta_ties") else scratch
+                parity = same_stats(tvs_result, want) if name == "task_vector_stats" else same(got, want)
                 row = {
                     "kernel": name,
                     "shape": list(shape),
@@ -178,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                     "native_median_s": statistics.median(t_nat),
                     "torch_times_s": t_torch,
                     "native_times_s": t_nat,
-                    "parity": same(got, want),
+                    "parity": parity,
                 }
                 row["speedup"] = row["torch_median_s"] / row["native_median_s"]
                 results.append(row)
@@ -189,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                     f" (max abs {row['parity']['max_abs']:.3g})",
                     flush=True,
                 )
-        del x, scratch, buf, deltas, base, out
+        del x, scratch, buf, deltas, base, out, tvs_models, tvs_views, tvs_scratch
 
     report = {
         "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),

@@ -14,7 +14,7 @@ module installs a SIGBUS handler that fills such pages with zeros and remembers 
 from collections.abc import Sequence
 from os import PathLike
 from types import TracebackType
-from typing import Literal, Self, final
+from typing import Any, Literal, Self, final
 
 from typing_extensions import Buffer
 
@@ -41,6 +41,7 @@ __all__ = [
     "uniform",
     "Sparsity",
     "gta_merge",
+    "task_vector_stats",
 ]
 
 __version__: str
@@ -277,3 +278,18 @@ def gta_merge(
     """out = base + lambda_ * combine(sparsify_i(x_i - base), weights) for one tensor of ``shape``;
     ``scales``: per model, a factor of its kept values (the L1 rescale).
     Returns the health of ``xs``, then ``base``, and of the output."""
+
+def task_vector_stats(
+    base: Buffer,
+    base_dtype: str,
+    models: Sequence[Buffer],
+    model_dtypes: Sequence[str],
+    density: float,
+    scratch: Buffer,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """Raw sums comparing the task vectors ``f32(models[i]) - f32(base)`` of one tensor, with TIES
+    at ``density``; ``scratch``: a writable float32 buffer of at least the tensor's element count.
+    Keys: ``numel``, ``base_sumsq``, ``base_nonfinite``; per model ``sumsq``, ``sum4``,
+    ``nonzero``, ``nonfinite``, ``ties_sumsq``, ``ties_kept``; per pair (0,1), (0,2), .., (1,2), ..
+    ``dot``, ``both_nonzero``, ``sign_agree`` (see ``ops/task_vector_stats.py``)."""

@@ -1,4 +1,4 @@
-"""``mergekitty``: the command group (merge, plan, moe, extract-lora, merge-lora).
+"""``mergekitty``: the command group (merge, plan, moe, extract-lora, merge-lora, inspect).
 
 ``moe``, ``extract-lora`` and ``merge-lora`` are the ``mergekitty-moe``,
 ``mergekitty-extract-lora`` and ``mergekitty-merge-lora`` commands under one entry point."""
@@ -8,6 +8,7 @@ from __future__ import annotations
 import rich_click as click
 
 from .extract_lora import main as extract_lora_command
+from .inspect_cmd import main as inspect_command
 from .merge_lora import main as merge_lora_command
 from .moe import main as moe_command
 from .options import HELP_CONFIG, MERGE_LEGACY, command, merge_options, plan_options
@@ -47,6 +48,7 @@ group.add_command(plan, "plan")
 group.add_command(moe_command, "moe")
 group.add_command(extract_lora_command, "extract-lora")
 group.add_command(merge_lora_command, "merge-lora")
+group.add_command(inspect_command, "inspect")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ pub mod health;
 pub mod random;
 pub mod reduce;
 pub mod sparsify;
+pub mod task_vector_stats;
 
 pub use health::{scan_tensor, Health, Stats};
 pub use reduce::{convert, weighted_sum, weighted_sum_grouped, WeightedInput};

@@ -184,7 +184,7 @@ pub(crate) fn check_density(density: f64, what: &str) -> Result<()> {
 }
 
 /// `max(1, floor(density * n))`, capped at n.
-fn keep_count(density: f64, n: usize) -> usize {
+pub(crate) fn keep_count(density: f64, n: usize) -> usize {
     ((density * n as f64).floor() as usize).clamp(1, n.max(1))
 }
 
@@ -241,7 +241,7 @@ pub(crate) fn locate(hist: &[u64], rank: u64) -> (usize, u64) {
 
 /// Magnitude keys (NaN mapped to `cap`) at the given ascending ranks (each `< x.len()`; at
 /// most two).
-fn keys_at_ranks(x: &[f32], ranks: &[usize], threads: usize, cap: u32) -> Vec<u32> {
+pub(crate) fn keys_at_ranks(x: &[f32], ranks: &[usize], threads: usize, cap: u32) -> Vec<u32> {
     let hi = histogram(x, threads, cap, HI_BUCKETS, |k| Some((k >> 16) as usize));
     let located: Vec<(usize, u64)> = ranks.iter().map(|&r| locate(&hi, r as u64)).collect();
     let mut buckets: Vec<usize> = located.iter().map(|l| l.0).collect();

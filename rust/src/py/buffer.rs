@@ -144,12 +144,18 @@ impl Buffers {
     /// The output as float32 elements, for the in-place kernels: a whole number of 4-byte
     /// aligned floats (a numpy view of a contiguous float32 CPU tensor is).
     pub fn out_f32(&mut self) -> PyResult<&mut [f32]> {
+        Ok(self.slices_f32()?.1)
+    }
+
+    /// The inputs' bytes and the output as float32 elements (checked as [`Buffers::out_f32`]),
+    /// for a kernel that reads the inputs and works in a float32 buffer of the caller's.
+    pub fn slices_f32(&mut self) -> PyResult<(Vec<&[u8]>, &mut [f32])> {
         let what = self
             .out
             .as_ref()
             .map_or("out", |(_, n)| n.as_str())
             .to_owned();
-        let (_, bytes) = self.slices();
+        let (inputs, bytes) = self.slices();
         if !bytes.len().is_multiple_of(4) {
             return Err(Error::InvalidArgument(format!(
                 "{what}: {} bytes is not a whole number of float32 elements",
@@ -164,9 +170,10 @@ impl Buffers {
         }
         // SAFETY: the pointer is non-null and 4-byte aligned, the length is a whole number of
         // f32s, every bit pattern is a valid f32, and the borrow is that of `bytes`.
-        Ok(unsafe {
+        let floats = unsafe {
             std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<f32>(), bytes.len() / 4)
-        })
+        };
+        Ok((inputs, floats))
     }
 }
 

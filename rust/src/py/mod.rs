@@ -14,6 +14,7 @@ mod gta;
 mod health;
 mod kernels;
 mod sparsify;
+mod task_vector_stats;
 mod writer;
 
 /// The module that defines the exception classes raised here.
@@ -127,6 +128,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gram::weighted_sum_grouped, m)?)?;
     m.add_class::<gta::PySparsity>()?;
     m.add_function(wrap_pyfunction!(gta::gta_merge, m)?)?;
+    m.add_function(wrap_pyfunction!(task_vector_stats::task_vector_stats, m)?)?;
     Ok(())
 }
 

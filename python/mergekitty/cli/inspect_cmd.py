@@ -7,7 +7,8 @@ from pathlib import Path
 
 import rich_click as click
 
-from .shell import command_shell, setup_logging, stdout_console
+from .shell import command_shell, stdout_console
+from .verbosity import Verbosity, verbosity_options
 
 REPORT_SUFFIXES = (".html", ".htm", ".png")
 
@@ -42,8 +43,7 @@ REPORT_SUFFIXES = (".html", ".htm", ".png")
     "-j", "--threads", type=int, default=0, help="CPU threads for the native kernel; 0 uses every core. [default: 0]"
 )
 @click.option("--transformers-cache", default=None, help="Cache directory for models downloaded from the hub.")
-@click.option("--quiet/--no-quiet", default=False, show_default=True, help="No progress bar.")
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@verbosity_options
 def main(
     models: tuple[str, ...],
     base: str | None,
@@ -60,8 +60,8 @@ def main(
     (model - base) relative to the base, the cosine and sign agreement of each pair, how much of each
     TIES would keep and how unevenly DARE would. Reads the models tensor by tensor; nothing is
     loaded whole."""
-    setup_logging(verbose)
-    with command_shell("nothing was written") as console:
+    verbosity = Verbosity.from_flags(quiet, verbose)
+    with command_shell("nothing was written", verbosity) as console:
         from ..errors import InvalidArgumentError
 
         if output is not None and Path(output).suffix.lower() not in REPORT_SUFFIXES:

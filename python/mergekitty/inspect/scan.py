@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import InvalidArgumentError, ModelFormatError, PlanError
 from ..io.dtypes import NATIVE_FLOAT_CODES
+from ..text import shape_text
 from .figures import CellSums, Inspection
 from .modules import Grid
 
@@ -91,7 +92,7 @@ def _common_tensors(base: OpenModel, models: Sequence[OpenModel], skipped: dict[
         odd = next((m for m, o in zip(models, others) if o.shape != info.shape), None)
         if odd is not None:
             shape = odd.checkpoint.infos[name].shape
-            skipped[name] = f"shape {list(shape)} in {odd.label}, {list(info.shape)} in {base.label}"
+            skipped[name] = f"shape {shape_text(shape)} in {odd.label}, {shape_text(info.shape)} in {base.label}"
             log.warning("tensor '%s' is left out: %s", name, skipped[name])
             continue
         dtypes = {info.dtype, *(o.dtype for o in others)}

@@ -40,11 +40,9 @@ class MergeOptions:
     strict: bool = False  # config keys and parameters the merge does not read are errors, not warnings
 
     def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
+        from .extras import resolve_device
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_device(self.device)
 
 
 def _load_config(config: Any):
@@ -275,12 +273,14 @@ def run_merge(
     A merged tensor holding NaN/Inf raises ``NonFiniteError`` (nothing is written) unless
     ``allow_nonfinite``."""
     from .execute import execute
+    from .extras import require_torch_for_plan
     from .health import HEALTH_FILE, HealthReport
     from .io.output import OutputTransaction
 
     options = replace(options or MergeOptions(), **kwargs)
     config = _load_config(config)
     plan = plan_merge(config, out_path, options)
+    require_torch_for_plan(plan)
     device = options.resolved_device()
     if device != "cpu":
         import torch

@@ -128,7 +128,10 @@ def main(
     with command_shell("no adapter was written; the output directory is as it was") as console:
         if lazy_unpickle is not None:
             console.print("[yellow]note:[/] --lazy-unpickle has no effect: weights are always memory-mapped")
+        from ..extras import require_torch
         from ..lora.extract import extract_lora
+
+        require_torch("LoRA extraction")  # before the progress bar, which would leave a blank line
 
         kwargs["save_modules"] = kwargs.pop("save_module")
         kwargs["include"] = kwargs.pop("include_regex")

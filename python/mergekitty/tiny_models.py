@@ -249,11 +249,13 @@ def _read_weights(model_dir: Path) -> dict[str, Any]:
 
 
 def _write_weights(out_dir: Path, tensors: dict[str, Any]) -> None:
-    """``tensors`` (numpy arrays) as ``out_dir/model.safetensors``, through the native writer."""
+    """``tensors`` (numpy arrays) as ``out_dir/model.safetensors``, through the native writer, in
+    the order the safetensors library writes them (by name), as in the checkpoints on the hub."""
     from . import _native
 
     code_of = {numpy_name: code for code, numpy_name in _NUMPY_DTYPES.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = dict(sorted(tensors.items()))
     layout = [(name, code_of[str(t.dtype)], list(t.shape)) for name, t in tensors.items()]
     # one shard, with the metadata transformers expects of a PyTorch-format file
     writer = _native.ShardWriter(str(out_dir), layout, 1 << 62, {"format": "pt"})

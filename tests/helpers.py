@@ -25,22 +25,68 @@ __all__ = [
     "read_state",
     "run_cli",
     "run_yaml",
+    "without_torch_env",
     "task_vector_family",
     "write_tiny_vlm",
 ]
 
 
-def run_cli(*args: Any, check: bool = True, cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: Any, check: bool = True, cwd: str | Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a console script of the installed package; returns the CompletedProcess.
 
-    With ``check`` (the default) a non-zero exit is an AssertionError showing both outputs."""
+    ``env``: the environment (default: this process's). With ``check`` (the default) a non-zero
+    exit is an AssertionError showing both outputs."""
     exe = shutil.which(args[0]) or args[0]
     proc = subprocess.run(
-        [exe, *map(str, args[1:])], capture_output=True, text=True, cwd=cwd, env={**os.environ, "COLUMNS": "200"}
+        [exe, *map(str, args[1:])],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**(os.environ if env is None else env), "COLUMNS": "200"},
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}")
     return proc
+
+
+# A sitecustomize that makes torch look uninstalled: the path finder no longer finds ``torch`` or
+# ``torch.*`` (``import torch`` raises ModuleNotFoundError, ``importlib.util.find_spec`` gives
+# None, as transformers checks) and its distribution metadata is hidden.
+_WITHOUT_TORCH = """\
+import sys
+from importlib.machinery import PathFinder
+
+
+class _PathFinderWithoutTorch:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.partition(".")[0] == "torch":
+            return None
+        return PathFinder.find_spec(name, path, target)
+
+    @staticmethod
+    def find_distributions(*args, **kwargs):
+        return (d for d in PathFinder.find_distributions(*args, **kwargs) if d.name != "torch")
+
+    @staticmethod
+    def invalidate_caches():
+        PathFinder.invalidate_caches()
+
+
+sys.meta_path[:] = [_PathFinderWithoutTorch if f is PathFinder else f for f in sys.meta_path]
+"""
+
+
+def without_torch_env(directory: str | Path) -> dict[str, str]:
+    """This process's environment for a subprocess in which torch is not installed, as after
+    ``pip install mergekitty`` without the torch extra: writes ``directory/sitecustomize.py``
+    and puts ``directory`` first on PYTHONPATH (pass the result as ``run_cli(..., env=)``)."""
+    directory = Path(directory)
+    (directory / "sitecustomize.py").write_text(_WITHOUT_TORCH)
+    path = [str(directory), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
 
 
 def run_yaml(config_path: str | Path, out: str | Path, *extra: str, check: bool = True, quiet: bool = True) -> int:

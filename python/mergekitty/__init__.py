@@ -19,14 +19,19 @@ from .errors import (  # noqa: E402
     ConfigError,
     MergeError,
     MergekittyError,
+    MissingExtraError,
     ModelFormatError,
     ModelNotFoundError,
     OutputError,
     PlanError,
 )
+from .extras import quiet_transformers_without_torch  # noqa: E402
 
 if TYPE_CHECKING:
     from .api import MergeOptions
+
+# before any part of mergekitty imports transformers, which logs it at import
+quiet_transformers_without_torch()
 
 
 def run_merge(config: Any, out_path: str, options: MergeOptions | None = None, **kwargs: Any) -> Any:
@@ -69,6 +74,7 @@ __all__ = [
     "ConfigError",
     "MergeError",
     "MergekittyError",
+    "MissingExtraError",
     "ModelFormatError",
     "ModelNotFoundError",
     "OutputError",

@@ -53,11 +53,9 @@ class MergeOptions:
     strict: bool = False  # config keys and parameters the merge does not read are errors, not warnings
 
     def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
+        from .extras import resolve_device
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_device(self.device)
 
 
 def _load_config(config: Any):
@@ -302,6 +300,7 @@ def run_merge(
     the model is written. A merged tensor holding NaN/Inf raises ``NonFiniteError`` (nothing is
     written) unless ``allow_nonfinite``."""
     from .execute import execute
+    from .extras import require_torch_for_plan
     from .health import HEALTH_FILE, HealthReport
     from .io.output import OutputTransaction
 
@@ -313,6 +312,7 @@ def run_merge(
     started = time.perf_counter()
     config = _load_config(config)
     plan = plan_merge(config, out_path, options)
+    require_torch_for_plan(plan)
     phase("plan", started)
     if on_plan is not None:
         on_plan(plan)

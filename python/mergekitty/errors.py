@@ -55,6 +55,15 @@ class MergeError(MergekittyError):
     """Computing or writing one output tensor failed; the message names the tensor."""
 
 
+class MissingExtraError(MergekittyError):
+    """What was asked for needs an optional dependency that is not installed (extras.py raises
+    it); ``feature`` says what, and the message how to install it, on one line."""
+
+    def __init__(self, feature: str, package: str, install: str):
+        self.feature = feature
+        super().__init__(f"{feature} needs {package}: {install}")
+
+
 class NonFiniteError(MergeError):
     """A merged tensor holds NaN or Inf values (refused unless ``allow_nonfinite``): ``tensor``
     names it, ``models`` the labels of its inputs that held such values (empty: the arithmetic

@@ -7,6 +7,9 @@ model.safetensors, a word-level tokenizer) that transformers loads. Fine-tunes
 are the base plus small random changes, like real fine-tunes of one ancestor.
 ``OUT_DIR/chat-chatml`` and ``OUT_DIR/chat-tools`` are ft1 and ft2 with added
 special tokens (and embedding rows for them), for tokenizer-union examples.
+
+llama, mistral and qwen2 models are written with numpy and the native writer (no torch needed);
+the other architectures (the test matrix) are built by their transformers class, with torch.
 """
 
 from __future__ import annotations
@@ -181,6 +184,100 @@ def _tokenizer(vocab_size: int) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+# The architectures written with numpy alone (no torch): plain decoder stacks whose tensor names
+# and shapes are spelled out in ``_decoder_tensors``. The others are built by their transformers
+# class, which needs torch.
+NUMPY_ARCHS = ("llama", "mistral", "qwen2")
+# what transformers' own initialisation gives each kind of tensor: normal(0, initializer_range)
+# for projections and embeddings, ones for norms, zeros for biases
+Init = str  # "normal" | "ones" | "zeros"
+
+
+def _decoder_tensors(config: PretrainedConfig) -> list[tuple[str, tuple[int, ...], Init]]:
+    """Every tensor a Llama-style causal LM (llama, mistral, qwen2) stores: name, shape, initialisation."""
+    h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    qwen2 = config.model_type == "qwen2"
+    qkv_bias = qwen2 or bool(getattr(config, "attention_bias", False))
+    o_bias = not qwen2 and bool(getattr(config, "attention_bias", False))
+    mlp_bias = bool(getattr(config, "mlp_bias", False))
+    out: list[tuple[str, tuple[int, ...], Init]] = [("model.embed_tokens.weight", (vocab, h), "normal")]
+
+    def linear(name: str, rows: int, cols: int, bias: bool) -> None:
+        out.append((f"{name}.weight", (rows, cols), "normal"))
+        if bias:
+            out.append((f"{name}.bias", (rows,), "zeros"))
+
+    for i in range(config.num_hidden_layers):
+        layer = f"model.layers.{i}"
+        linear(f"{layer}.self_attn.q_proj", heads * head_dim, h, qkv_bias)
+        linear(f"{layer}.self_attn.k_proj", kv * head_dim, h, qkv_bias)
+        linear(f"{layer}.self_attn.v_proj", kv * head_dim, h, qkv_bias)
+        linear(f"{layer}.self_attn.o_proj", h, heads * head_dim, o_bias)
+        linear(f"{layer}.mlp.gate_proj", inter, h, mlp_bias)
+        linear(f"{layer}.mlp.up_proj", inter, h, mlp_bias)
+        linear(f"{layer}.mlp.down_proj", h, inter, mlp_bias)
+        out.append((f"{layer}.input_layernorm.weight", (h,), "ones"))
+        out.append((f"{layer}.post_attention_layernorm.weight", (h,), "ones"))
+    out.append(("model.norm.weight", (h,), "ones"))
+    if not config.tie_word_embeddings:
+        out.append(("lm_head.weight", (vocab, h), "normal"))
+    return out
+
+
+# the numpy dtypes of the safetensors codes tiny models hold
+_NUMPY_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32", "BOOL": "bool"}
+
+
+def _read_weights(model_dir: Path) -> dict[str, Any]:
+    """Every tensor of a model directory as a numpy array, in file order."""
+    import numpy as np
+
+    from .io.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint(model_dir)
+    out = {}
+    for name, info in checkpoint.infos.items():
+        if info.dtype not in _NUMPY_DTYPES:
+            raise ValueError(f"{model_dir}: tensor '{name}' is {info.dtype}; tiny models are float32")
+        view = checkpoint.view(name)
+        if view is None:
+            raise ValueError(f"{model_dir}: tensor '{name}' is not in a safetensors file")
+        out[name] = np.frombuffer(view, dtype=_NUMPY_DTYPES[info.dtype]).reshape(info.shape).copy()
+    return out
+
+
+def _write_weights(out_dir: Path, tensors: dict[str, Any]) -> None:
+    """``tensors`` (numpy arrays) as ``out_dir/model.safetensors``, through the native writer, in
+    the order the safetensors library writes them (by name), as in the checkpoints on the hub."""
+    from . import _native
+
+    code_of = {numpy_name: code for code, numpy_name in _NUMPY_DTYPES.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = dict(sorted(tensors.items()))
+    layout = [(name, code_of[str(t.dtype)], list(t.shape)) for name, t in tensors.items()]
+    # one shard, with the metadata transformers expects of a PyTorch-format file
+    writer = _native.ShardWriter(str(out_dir), layout, 1 << 62, {"format": "pt"})
+    for name, t in tensors.items():
+        writer.write(name, t.reshape(-1).view("uint8"))
+    writer.finalize()
+
+
+def _write_config(out_dir: Path, config: PretrainedConfig) -> None:
+    """config.json and generation_config.json, as ``save_pretrained`` of the model writes them."""
+    from transformers import GenerationConfig
+
+    config.save_pretrained(out_dir)
+    GenerationConfig.from_model_config(config).save_pretrained(out_dir)
+
+
+def _architecture_name(config: PretrainedConfig) -> str:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return str(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type])
+
+
 def make_model(
     out_dir: str | Path,
     arch: str = "llama",
@@ -189,12 +286,62 @@ def make_model(
     delta: float = 0.02,
     **overrides: Any,
 ) -> Path:
-    """Write a tiny random model. With ``parent``, start from that model's weights and add noise of scale ``delta``."""
-    import torch
+    """Write a tiny random model. With ``parent``, start from that model's weights and add noise of scale ``delta``.
+
+    ``NUMPY_ARCHS`` are written with numpy and the native writer; the other architectures are
+    built by their transformers class, which needs torch."""
+    import json
+
+    out = Path(out_dir)
+    parent_config = json.loads((Path(parent) / "config.json").read_text()) if parent is not None else None
+    if parent_config is not None:
+        arch = parent_config.get("model_type", arch)
+    if arch not in NUMPY_ARCHS:
+        return _make_torch_model(out, arch, seed, parent, delta, **overrides)
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    if parent is not None and parent_config is not None:
+        import shutil
+
+        tensors = _read_weights(Path(parent))
+        for name, t in tensors.items():
+            tensors[name] = t + (rng.standard_normal(t.shape, dtype=np.float32) * delta).astype(t.dtype)
+        _write_weights(out, tensors)
+        for side in ("config.json", "generation_config.json"):
+            shutil.copyfile(Path(parent) / side, out / side)
+        vocab_size = int(parent_config["vocab_size"])
+    else:
+        config = _config(arch, **overrides)
+        config.architectures = [_architecture_name(config)]
+        config.dtype = "float32"
+        init_std = float(config.initializer_range)
+        tensors = {}
+        for name, shape, init in _decoder_tensors(config):
+            if init == "normal":
+                t = rng.standard_normal(shape, dtype=np.float32) * np.float32(init_std)
+            else:
+                t = np.ones(shape, np.float32) if init == "ones" else np.zeros(shape, np.float32)
+            # perturbed, as a trained model's are: norms away from 1, so that merges of norms are visible
+            tensors[name] = t + rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+        _write_weights(out, tensors)
+        _write_config(out, config)
+        vocab_size = config.vocab_size
+    _tokenizer(vocab_size).save_pretrained(out)
+    return out
+
+
+def _make_torch_model(
+    out: Path, arch: str, seed: int, parent: str | Path | None, delta: float, **overrides: Any
+) -> Path:
+    """A tiny model of an architecture ``_decoder_tensors`` does not spell out, built (or, from
+    ``parent``, loaded) by its transformers class."""
+    from .extras import require_torch
+
+    torch = require_torch(f"tiny {arch} models")
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    out = Path(out_dir)
     torch.manual_seed(seed)
     if parent is not None:
         model = model_class(transformers.AutoConfig.from_pretrained(parent)).from_pretrained(
@@ -231,24 +378,39 @@ CHAT_VARIANTS = {
 def add_special_tokens(src: str | Path, out_dir: str | Path, tokens: tuple[str, ...], seed: int = 0) -> Path:
     """A copy of model ``src`` whose tokenizer has ``tokens`` as added special tokens, with a new
     random embedding (and head) row for each, as a fine-tune that learned them would have."""
-    import torch
+    import json
+    import shutil
+
+    import numpy as np
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()
-    torch.manual_seed(seed)
-    model = model_class(transformers.AutoConfig.from_pretrained(src)).from_pretrained(src, dtype=torch.float32)
+    from .architecture.layout import is_embedding_name, set_vocab_size, vocab_size_of
+
+    src, out = Path(src), Path(out_dir)
+    rng = np.random.default_rng(seed)
     tok = transformers.AutoTokenizer.from_pretrained(src)
     tok.add_special_tokens({"additional_special_tokens": list(tokens)})
-    model.resize_token_embeddings(len(tok), mean_resizing=False)
-    with torch.no_grad():
-        n = len(tokens)
-        for emb in {
-            id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None
-        }.values():
-            emb.weight[-n:] = torch.randn_like(emb.weight[-n:]) * 0.05
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
-    return Path(out_dir)
+    cfg = json.loads((src / "config.json").read_text())
+    rows, n = len(tok), len(tokens)
+    tensors = _read_weights(src)
+    resized = [name for name, t in tensors.items() if is_embedding_name(name) and t.ndim == 2]
+    if not resized:
+        raise ValueError(f"{src}: no embedding tensor found to add the tokens' rows to")
+    for name in resized:
+        # as resize_token_embeddings(rows): kept rows, then the new rows drawn at random
+        t = tensors[name]
+        grown = np.zeros((rows, t.shape[1]), t.dtype)
+        grown[: min(rows, t.shape[0])] = t[:rows]
+        grown[-n:] = rng.standard_normal((n, t.shape[1]), dtype=np.float32) * np.float32(0.05)
+        tensors[name] = grown
+    if vocab_size_of(cfg) is not None:
+        set_vocab_size(cfg, rows)
+    _write_weights(out, tensors)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if (src / "generation_config.json").is_file():
+        shutil.copyfile(src / "generation_config.json", out / "generation_config.json")
+    tok.save_pretrained(out)
+    return out
 
 
 def main() -> None:

@@ -289,7 +289,12 @@ def format_path(path: KeyPath) -> str:
 
 def error_at_key(exc: Exception, config: Any, key: KeyPath) -> Exception:
     """``exc`` again (same type), its message prefixed with the config file, line and ``key``:
-    for errors about a model found while opening it (``config`` has ``line_of`` and ``source_name``)."""
+    for errors about a model found while opening it (``config`` has ``line_of`` and ``source_name``).
+    A ``MissingExtraError`` is returned as it is: it is about the install, not about the config."""
+    from .errors import MissingExtraError
+
+    if isinstance(exc, MissingExtraError):
+        return exc
     line = config.line_of(key)
     where = (config.source_name or "config") + (f":{line}" if line else "") + f", key '{format_path(key)}'"
     return type(exc)(f"{where}: {exc}")

@@ -93,7 +93,10 @@ def main(finetuned_model, base_model, out_path, model_opt, base_opt, out_opt, qu
     out = _pick(out_path, out_opt, "output path", "--out-path")
     with command_shell("no adapter was written; the output directory is as it was", verbosity) as console:
         note_legacy(kwargs, console, EXTRACT_LEGACY)
+        from ..extras import require_torch
         from ..lora.extract import extract_lora
+
+        require_torch("LoRA extraction")  # before the progress bar, which would leave a blank line
 
         kwargs["save_modules"] = kwargs.pop("save_module")
         kwargs["include"] = kwargs.pop("include_regex")

@@ -1,6 +1,7 @@
 """What every command runs inside: logging set up from ``-q``/``-v`` (verbosity.py), and errors
-reported without tracebacks. A MergekittyError is one red line and exit status 1; Ctrl-C says
-what was not written and exits with 130."""
+reported without tracebacks. A MergekittyError is one red line and exit status 1 (2 when what was
+asked for needs an optional dependency that is not installed); Ctrl-C says what was not written
+and exits with 130."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import MergekittyError
+from ..errors import MergekittyError, MissingExtraError
 from .verbosity import Verbosity, logging_for
 
 
@@ -46,7 +47,8 @@ def command_shell(interrupted: str, verbosity: Verbosity) -> Iterator[Console]:
     except MergekittyError as exc:
         # soft_wrap: one line however narrow the terminal (or none), so it can be grepped
         errors.print(f"[bold red]error:[/] {shown(exc)}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        # 2: the install lacks an extra (the inputs are fine), as for a command line asking too much
+        sys.exit(2 if isinstance(exc, MissingExtraError) else 1)
     except OSError as exc:  # the environment (disk, permissions) rather than the inputs
         where = f" ({exc.filename})" if exc.filename else ""
         errors.print(f"[bold red]error:[/] {shown(f'{exc.strerror or exc}{where}')}", highlight=False, soft_wrap=True)

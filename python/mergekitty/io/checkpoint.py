@@ -88,7 +88,9 @@ class _SafetensorsShard:
 
 class _BinShard:
     def __init__(self, path: Path):
-        import torch
+        from ..extras import require_torch
+
+        torch = require_torch(f"reading .bin checkpoints ({path})")
 
         try:
             try:

@@ -55,6 +55,10 @@ class LoraCheckpoint:
         device: str = "cpu",
         merge_dtype: str | None = None,
     ):
+        from ..extras import require_torch
+
+        # W + scale * B @ A: a matrix product per changed tensor, in torch
+        require_torch(f"applying a LoRA adapter ({adapter.label})")
         self.base = base
         self.merge_dtype = merge_dtype  # safetensors code the changed tensors are rounded to; None: the base's
         self.adapter = adapter

@@ -384,9 +384,8 @@ def extract_lora(
     singular values in A alone (B = U). Returns what was done per module, including
     each factored module's relative reconstruction error.
     """
-    import torch
-
     from ..architecture import infer_layout
+    from ..extras import require_torch
     from ..io.checkpoint import Checkpoint
     from ..io.output import check_output_path
     from ..refs import ModelReference, resolve_local_path
@@ -402,6 +401,7 @@ def extract_lora(
             re.compile(pattern)
         except re.error as exc:
             raise ConfigError(f"invalid regular expression '{pattern}': {exc}") from None
+    torch = require_torch("LoRA extraction")  # the SVDs
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -39,11 +39,9 @@ class MoEOptions:
     strict: bool = False  # config keys no build reads are errors, not warnings
 
     def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
+        from ..extras import resolve_device
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_device(self.device)
 
 
 @dataclass
@@ -141,6 +139,7 @@ def build_moe(config: Any, out_path: str | os.PathLike, options: MoEOptions | No
     file path) and write it to ``out_path``. Keyword arguments override ``options`` fields."""
     import json
 
+    from ..extras import require_torch
     from ..io.dtypes import CONFIG_NAME_TO_CODE
     from ..io.output import OutputTransaction, check_output_path
     from .arch import select_architecture
@@ -153,6 +152,7 @@ def build_moe(config: Any, out_path: str | os.PathLike, options: MoEOptions | No
     inputs = open_inputs(config, options)
     check_output_path(out, [(m.path, f"input model {m.label}") for m in inputs.models])
     _check_experts(config, inputs, options)
+    require_torch(_gates_feature(config.gate_mode))
     arch = select_architecture(inputs, config)
     log.info("output architecture: %s", arch.hf_class)
     dtype = _output_dtype(config, inputs)
@@ -190,6 +190,14 @@ def build_moe(config: Any, out_path: str | os.PathLike, options: MoEOptions | No
         _write_tensors(tensors, writer, seed, options.quiet)
         txn.commit(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return MoEResult(arch.name, arch.hf_class, out, seed, tensors, _uses_seed(config))
+
+
+def _gates_feature(gate_mode: str) -> str:
+    """What computing the gates of ``gate_mode`` is, for the message when torch is missing: every
+    mode draws or computes the router weights in torch (random ones from torch's generator)."""
+    if gate_mode.startswith("hidden"):
+        return "hidden-state MoE gates"
+    return f"MoE gates (gate_mode {gate_mode})"
 
 
 def _uses_seed(config: MoEConfig) -> bool:

@@ -116,10 +116,10 @@ CASES = [
     Case("della", _weighted("della", ", density: 0.5, epsilon: 0.1")),
     Case("della_linear", _weighted("della_linear", ", density: 0.5, epsilon: 0.1")),
     Case("passthrough", "merge_method: passthrough\nmodels:\n  - model: {ft1}\n"),
-    Case("slerp", _pair("slerp", "t: 0.3", base="{ft1}"), needs_torch=_NO_KERNEL),
-    Case("multislerp", _weighted("multislerp", base=False), needs_torch=_NO_KERNEL),
-    Case("karcher", _pair("karcher").replace("base_model: {base}\n", ""), needs_torch=_NO_KERNEL),
-    Case("model_stock", _pair("model_stock"), needs_torch=_NO_KERNEL),
+    Case("slerp", _pair("slerp", "t: 0.3", base="{ft1}")),
+    Case("multislerp", _weighted("multislerp", base=False)),
+    Case("karcher", _pair("karcher").replace("base_model: {base}\n", "")),
+    Case("model_stock", _pair("model_stock")),
     Case("sce", _pair("sce", "select_topk: 0.5"), needs_torch=_NO_KERNEL),
     Case(
         "nearswap",
@@ -135,7 +135,6 @@ CASES = [
         "tokenizer-union",
         "merge_method: linear\nbase_model: {base}\ntokenizer_source: union\nmodels:\n"
         "  - model: {base}\n    parameters: {{weight: 0.5}}\n  - model: {chat}\n    parameters: {{weight: 0.5}}\n",
-        needs_torch="the embedding rows are re-laid out in the union vocabulary's order in torch",
     ),
     Case("moe-random", _MOE.replace("GATE", "random"), "moe", needs_torch="random gates come from torch's generator"),
     Case(

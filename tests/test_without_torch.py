@@ -96,7 +96,7 @@ def _pair(method: str, parameters: str = "", base: str = "{base}") -> str:
     return text + (f"parameters: {{{{{parameters}}}}}\n" if parameters else "")
 
 
-_NO_KERNEL = "no native kernel yet"
+_NO_KERNEL = "no native kernel yet"  # the reason of a method still waiting for one
 _MOE = (
     "base_model: {base}\ngate_mode: GATE\ndtype: bfloat16\nexperts:\n"
     "  - source_model: {ft1}\n    positive_prompts: ['w3 w4']\n"
@@ -175,16 +175,23 @@ def _refused(proc, feature: str) -> None:
     assert f"error: {feature} {EXTRA}" in proc.stderr.splitlines(), proc.stderr
 
 
-def test_a_method_without_a_native_kernel_names_itself(models, no_torch, tmp_path):
-    waiting = [c for c in CASES if c.needs_torch == _NO_KERNEL]
-    if not waiting:
-        pytest.skip("every merge method has a native kernel")
-    case = waiting[0]
-    out = tmp_path / "out"
+def test_a_tensor_only_torch_computes_names_itself(models, no_torch, tmp_path):
+    """Every method has a native kernel; a float64 tensor is one the native kernels do not read."""
+    from safetensors.numpy import load_file, save_file
+
+    copies = {}
+    for name in ("ft1", "ft2"):
+        copies[name] = tmp_path / name
+        shutil.copytree(models[name], copies[name])
+        weights = copies[name] / "model.safetensors"
+        state = load_file(weights)
+        state["model.norm.weight"] = state["model.norm.weight"].astype("float64")
+        save_file(state, weights, metadata={"format": "pt"})
     config = tmp_path / "config.yml"
-    config.write_text(case.config.format(**{k: str(v) for k, v in models.items()}))
+    config.write_text(CASES[0].config.format(**{k: str(v) for k, v in {**models, **copies}.items()}))
+    out = tmp_path / "out"
     proc = run_cli("mergekitty", "merge", config, out, "--quiet", check=False, env=no_torch)
-    _refused(proc, f"the {case.name} merge method on CPU")
+    _refused(proc, "computing 'model.norm.weight' on CPU (not a float16/bfloat16/float32 tensor)")
     assert not out.exists()
 
 

@@ -139,6 +139,11 @@ CASES = [
     Case("moe-random", _MOE.replace("GATE", "random"), "moe"),
     Case("moe-uniform_random", _MOE.replace("GATE", "uniform_random"), "moe"),
     Case("moe-cheap_embed", _MOE.replace("GATE", "cheap_embed"), "moe"),
+    Case(
+        "moe-noise-and-residual-scale",
+        _MOE.replace("GATE", "random").replace("w4']\n", "w4']\n    noise_scale: 0.01\n    residual_scale: 0.5\n", 1),
+        "moe",
+    ),
 ]
 
 

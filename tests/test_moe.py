@@ -317,6 +317,72 @@ def test_cheap_embed_gates_come_from_the_embedding_table(llama, tmp_path):
             )
 
 
+def _base_with_embedding_in(base: Path, dtype: str, out: Path) -> Path:
+    """A copy of ``base`` whose embedding table is stored in ``dtype`` (the rest as it was)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if dtype == "float32":
+        return base
+    shutil.copytree(base, out)
+    state = load_file(out / "model.safetensors")
+    state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"].to(getattr(torch, dtype))
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("embedding_dtype", ["float32", "bfloat16"])
+def test_cheap_embed_gates_are_the_formula(embedding_dtype, llama, tmp_path):
+    """Against the formula in float64 numpy, and bit for bit against the torch computation
+    earlier versions did (sum over each prompt's rows, summed over prompts, normalized)."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    base = _base_with_embedding_in(llama["base"], embedding_dtype, tmp_path / "base")
+    long_prompt = " ".join(f"w{i}" for i in range(3, 40))  # more than 16 tokens: the cascade's first step
+    text = expert_yaml(base, [llama["ft1"], llama["ft2"]], gate_mode="cheap_embed", extra="dtype: float32")
+    text = text.replace('"w3 w4 w5"', json.dumps(long_prompt)).replace(
+        f"  - source_model: {llama['ft2']}\n",
+        f'  - source_model: {llama["ft2"]}\n    negative_prompts: ["w70 w71", "w80"]\n',
+    )
+    out, _ = build(tmp_path, text)
+    routers = np.stack([tensors(out)[f"model.layers.{i}.block_sparse_moe.gate.weight"].numpy() for i in range(4)])
+    emb = tensors(base)["model.embed_tokens.weight"]
+    tok = AutoTokenizer.from_pretrained(llama["base"])
+
+    def ids(p: str) -> list[int]:
+        return [tok.bos_token_id, *tok(p, add_special_tokens=False)["input_ids"]]
+
+    positive = [[long_prompt, *prompts_of(WORDS[0])[1:]], prompts_of(WORDS[1])]
+    negative = [[], ["w70 w71", "w80"]]
+    table = emb.to(torch.float32).numpy().astype(np.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # torch's own column grouping depends on its thread count
+    try:
+        for e in range(2):
+            v = sum(table[ids(p)].sum(0) for p in positive[e]) - sum(
+                (table[ids(p)].sum(0) for p in negative[e]), np.zeros(64)
+            )
+            want = v / np.linalg.norm(v)
+            old = torch.zeros(64)
+            for p in positive[e]:
+                old += emb[ids(p)].to(torch.float32).sum(0)
+            if negative[e]:
+                neg = torch.zeros(64)
+                for p in negative[e]:
+                    neg += emb[ids(p)].to(torch.float32).sum(0)
+                old = old - neg
+            old = old / old.norm()
+            for layer in range(4):
+                np.testing.assert_allclose(routers[layer, e], want, rtol=0, atol=1e-6)
+                assert np.array_equal(routers[layer, e], old.numpy())
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("mode", ["random", "uniform_random"])
 def test_random_gates_follow_the_seed(mode, llama, tmp_path):
     import torch
@@ -351,6 +417,80 @@ def test_noise_is_seeded_and_shaped(llama, tmp_path):
         tensors(a)["model.layers.1.block_sparse_moe.experts.1.w1.weight"],
         tensors(llama["ft2"])["model.layers.1.mlp.gate_proj.weight"],
     )
+
+
+def box_muller(seed: int, stream: str, i: int) -> float:
+    """Normal draw ``i`` of ``stream`` as moe/draws.py documents it, in plain Python."""
+    import math
+
+    from mergekitty.ops.random import uniform_scalar
+
+    u1 = uniform_scalar(seed, stream + "#radius", i)
+    u2 = uniform_scalar(seed, stream + "#angle", i)
+    return math.sqrt(-2 * math.log(1 - u1)) * math.cos(2 * math.pi * u2)
+
+
+def test_noise_is_the_documented_stream_per_tensor(llama, tmp_path):
+    import numpy as np
+
+    text = expert_yaml(llama["base"], [llama["ft1"], llama["ft2"]], prompts=False).replace(
+        f"  - source_model: {llama['ft1']}\n", f"  - source_model: {llama['ft1']}\n    noise_scale: 0.1\n", 1
+    )
+    out, _ = build(tmp_path, text, random_seed=3)
+    name = "model.layers.1.block_sparse_moe.experts.0.w2.weight"
+    diff = (tensors(out)[name] - tensors(llama["ft1"])["model.layers.1.mlp.down_proj.weight"]).flatten()
+    want = [0.1 * box_muller(3, "moe.noise:" + name, i) for i in range(20)]
+    np.testing.assert_allclose(diff[:20].numpy(), want, atol=1e-6)
+
+
+def test_random_gates_are_the_documented_streams(llama, tmp_path):
+    """Routed gates from stream moe.gates.routed, the shared expert's gate from moe.gates.shared."""
+    import numpy as np
+
+    text = expert_yaml(
+        llama["base"], [llama["ft1"], llama["ft2"]], shared=llama["ft3"], prompts=False, extra="dtype: float32"
+    )
+    out, result = build(tmp_path, text, random_seed=11)
+    assert result.architecture == "qwen2_moe"
+    got = tensors(out)
+    routed = np.stack([got[f"model.layers.{i}.mlp.gate.weight"].numpy() for i in range(4)])  # [4, 2, 64]
+    shared = np.stack([got[f"model.layers.{i}.mlp.shared_expert_gate.weight"].numpy() for i in range(4)])
+    flat = routed.reshape(-1)
+    for i in (0, 1, 63, 64, 200, flat.size - 1):
+        np.testing.assert_allclose(flat[i], box_muller(11, "moe.gates.routed", i), rtol=1e-6, atol=1e-7)
+    # the shared gate of layer L is row 0 of [layers, 1, hidden]: draws L * 64 ..
+    np.testing.assert_allclose(shared[2, 0, 5], box_muller(11, "moe.gates.shared", 2 * 64 + 5), rtol=1e-6, atol=1e-7)
+    assert abs(flat.mean()) < 0.15 and abs(flat.std() - 1) < 0.1  # 512 standard normal draws
+
+
+@pytest.mark.parametrize("mode", ["random", "uniform_random"])
+def test_random_gates_have_the_scale_of_their_mode(mode):
+    """Standard normal entries, or uniform in [-1/sqrt(hidden), 1/sqrt(hidden)) (nn.Linear's init)."""
+    import numpy as np
+
+    from mergekitty.moe.gates import random_gates
+
+    g = random_gates(mode, 4, 8, 256, 5, "moe.gates.routed")
+    assert g.shape == (4, 8, 256) and g.dtype == np.float32
+    assert np.array_equal(g, random_gates(mode, 4, 8, 256, 5, "moe.gates.routed"))
+    assert not np.array_equal(g, random_gates(mode, 4, 8, 256, 6, "moe.gates.routed"))
+    x = g.astype(np.float64).reshape(-1)  # 8192 draws
+    if mode == "random":
+        assert abs(x.mean()) < 0.05 and abs(x.std() - 1) < 0.03
+    else:
+        bound = 256**-0.5
+        assert x.min() >= -bound and x.max() < bound
+        assert x.min() < -0.99 * bound and x.max() > 0.99 * bound
+        assert abs(x.mean()) < 0.02 * bound and abs(x.std() - bound / 3**0.5) < 0.02 * bound
+
+
+def test_a_negative_seed_is_refused(llama, tmp_path):
+    from mergekitty.errors import InvalidArgumentError
+
+    text = expert_yaml(llama["base"], [llama["ft1"], llama["ft2"]], prompts=False)
+    with pytest.raises(InvalidArgumentError, match="--random-seed must be between 0 and 2\\*\\*64 - 1, got -1"):
+        build(tmp_path, text, random_seed=-1)
+    assert not (tmp_path / "out").exists()
 
 
 def test_shards_and_tokenizer_options(llama, tmp_path):

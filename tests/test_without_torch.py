@@ -136,12 +136,13 @@ CASES = [
         "merge_method: linear\nbase_model: {base}\ntokenizer_source: union\nmodels:\n"
         "  - model: {base}\n    parameters: {{weight: 0.5}}\n  - model: {chat}\n    parameters: {{weight: 0.5}}\n",
     ),
-    Case("moe-random", _MOE.replace("GATE", "random"), "moe", needs_torch="random gates come from torch's generator"),
+    Case("moe-random", _MOE.replace("GATE", "random"), "moe"),
+    Case("moe-uniform_random", _MOE.replace("GATE", "uniform_random"), "moe"),
+    Case("moe-cheap_embed", _MOE.replace("GATE", "cheap_embed"), "moe"),
     Case(
-        "moe-cheap_embed",
-        _MOE.replace("GATE", "cheap_embed"),
+        "moe-noise-and-residual-scale",
+        _MOE.replace("GATE", "random").replace("w4']\n", "w4']\n    noise_scale: 0.01\n    residual_scale: 0.5\n", 1),
         "moe",
-        needs_torch="the gates are summed in torch and the routers written through it",
     ),
 ]
 

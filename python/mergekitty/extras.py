@@ -2,7 +2,7 @@
 
 A CPU merge with the native kernels needs no torch; ``pip install 'mergekitty[torch]'`` adds
 it for what does: ``--device cuda``, pickled ``.bin`` checkpoints, LoRA adapters (applying and
-extracting), MoE gates, and the tensors whose kernel is the method's torch function (a method
+extracting), hidden-state MoE gates, and the tensors whose kernel is the method's torch function (a method
 with no native kernel yet). Every such place calls ``require_torch`` with what it is doing, so
 the message is the same everywhere; nothing here imports torch unless it is asked for.
 """

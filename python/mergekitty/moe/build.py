@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import report_ignored
-from ..errors import OutputError
+from ..errors import InvalidArgumentError, OutputError
 from ..io.output import MODEL_FILES
 from .config import MOE_CONFIG, RANDOM_GATE_MODES, MoEConfig
 from .inputs import DROPPED_SUFFIXES, MLP_PARTS, MoEInputs, open_inputs
@@ -102,10 +102,10 @@ def plan_tensors(config: MoEConfig, inputs: MoEInputs, arch, out_code: str, rout
             if name not in base.checkpoint:
                 raise OutputError(f"base model {base.label}: layer {layer} has no tensor '{name}' (layer 0 has it)")
             out.append(copy_of(name, base, name, out_code))
-        out.append(computed(arch.router_name(prefix, layer), routed[layer].contiguous(), out_code))
+        out.append(computed(arch.router_name(prefix, layer), routed[layer], out_code))
         gate_name = arch.shared_gate_name(prefix, layer)
         if gate_name is not None and shared is not None:
-            out.append(computed(gate_name, shared[layer, :1].contiguous(), out_code))
+            out.append(computed(gate_name, shared[layer, :1], out_code))
         for e, expert in enumerate(inputs.experts):
             out += _expert_tensors(expert, layer, out_code, lambda part, e=e: arch.expert_name(prefix, layer, e, part))
         for s, expert in enumerate(inputs.shared):
@@ -152,7 +152,8 @@ def build_moe(config: Any, out_path: str | os.PathLike, options: MoEOptions | No
     inputs = open_inputs(config, options)
     check_output_path(out, [(m.path, f"input model {m.label}") for m in inputs.models])
     _check_experts(config, inputs, options)
-    require_torch(_gates_feature(config.gate_mode))
+    if config.gate_mode.startswith("hidden"):
+        require_torch("hidden-state MoE gates")  # the base model runs the prompts
     arch = select_architecture(inputs, config)
     log.info("output architecture: %s", arch.hf_class)
     dtype = _output_dtype(config, inputs)
@@ -174,6 +175,8 @@ def build_moe(config: Any, out_path: str | os.PathLike, options: MoEOptions | No
         import secrets
 
         seed = secrets.randbits(31)
+    if not 0 <= seed < 2**64:
+        raise InvalidArgumentError(f"--random-seed must be between 0 and 2**64 - 1, got {seed}")
     has_shared_gate = arch.shared_gate_name(inputs.base.layout.prefix, 0) is not None
     routed, shared = compute_gates(
         config.gate_mode, inputs, options, seed, quiet=options.quiet, shared_gates=has_shared_gate, config=config
@@ -190,14 +193,6 @@ def build_moe(config: Any, out_path: str | os.PathLike, options: MoEOptions | No
         _write_tensors(tensors, writer, seed, options.quiet)
         txn.commit(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return MoEResult(arch.name, arch.hf_class, out, seed, tensors, _uses_seed(config))
-
-
-def _gates_feature(gate_mode: str) -> str:
-    """What computing the gates of ``gate_mode`` is, for the message when torch is missing: every
-    mode draws or computes the router weights in torch (random ones from torch's generator)."""
-    if gate_mode.startswith("hidden"):
-        return "hidden-state MoE gates"
-    return f"MoE gates (gate_mode {gate_mode})"
 
 
 def _uses_seed(config: MoEConfig) -> bool:

@@ -1,18 +1,27 @@
-"""Router (gate) weights: one vector per layer and expert, ``[layers, experts, hidden]``.
+"""Router (gate) weights: one vector per layer and expert, ``[layers, experts, hidden]``,
+as float32 numpy arrays.
 
-- ``random``: standard normal entries, not normalized (seeded by ``--random-seed``).
-- ``uniform_random``: ``U(-1/sqrt(hidden), 1/sqrt(hidden))``, the default init of ``nn.Linear``.
+- ``random``: standard normal entries, not normalized.
+- ``uniform_random``: ``U(-1/sqrt(hidden), 1/sqrt(hidden))``, the default init of ``nn.Linear``:
+  ``(u * 2 - 1) * hidden**-0.5`` in float32, ``u`` the uniform draw.
 - ``cheap_embed``: no forward pass. Each prompt (with the tokenizer's bos in front) is the
-  sum of its tokens' rows of the base embedding table; an expert's vector is the sum over
-  its positive prompts, minus that of its negative prompts, L2-normalized, and the same
-  for every layer.
+  sum of its tokens' rows of the base embedding table (read as raw bytes, summed in float32
+  by ``reductions.column_sum``); an expert's vector is the sum over its positive prompts in
+  order, minus that of its negative prompts, L2-normalized, and the same for every layer.
 - ``hidden`` / ``hidden_last``: the base model runs the prompts; for each layer the
   residual stream entering that layer at the prompt's last token, averaged over prompts.
 - ``hidden_avg``: as ``hidden``, but averaged over the prompt's tokens (padding excluded,
   so the result does not depend on how prompts are batched) and then over prompts.
 
 For the hidden-state modes the mean over the negative prompts is subtracted from that of
-the positive ones, then each layer's vector is L2-normalized.
+the positive ones, then each layer's vector is L2-normalized. Only these modes use torch
+(they run the model); the others need numpy and the native module only.
+
+The random modes draw from the counter-based generator (``draws.py``) with ``--random-seed``:
+element ``i`` of the routed gates (flat index into ``[layers, experts, hidden]``) is draw ``i``
+of stream ``"moe.gates.routed"``, that of the shared-expert gates draw ``i`` of
+``"moe.gates.shared"``; ``random`` takes ``draws.normal_array`` of the stream (Box-Muller from
+its ``#radius`` and ``#angle`` streams), ``uniform_random`` ``draws.uniform_array``.
 """
 
 from __future__ import annotations
@@ -21,7 +30,10 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ..errors import ModelFormatError
+from .reductions import column_sum, l2_normalize
 
 if TYPE_CHECKING:
     import torch
@@ -33,13 +45,21 @@ DEGENERATE_CONDITION = 5.0
 ZERO_NORM = 1e-6
 
 
-def random_gates(mode: str, layers: int, count: int, hidden: int, generator) -> torch.Tensor:
-    import torch
+ROUTED_STREAM = "moe.gates.routed"
+SHARED_STREAM = "moe.gates.shared"
 
+
+def random_gates(mode: str, layers: int, count: int, hidden: int, seed: int, stream: str) -> np.ndarray:
+    """``[layers, count, hidden]`` float32 gates of a random ``mode``, drawn from ``stream``."""
+    from .draws import normal_array, uniform_array
+
+    n = layers * count * hidden
     if mode == "random":
-        return torch.randn(layers, count, hidden, generator=generator)
-    bound = hidden**-0.5
-    return (torch.rand(layers, count, hidden, generator=generator) * 2 - 1) * bound
+        return normal_array(seed, stream, n).reshape(layers, count, hidden)
+    bound = np.float32(hidden**-0.5)
+    u = uniform_array(seed, stream, n)
+    gates: np.ndarray = (u * np.float32(2) - np.float32(1)) * bound
+    return gates.reshape(layers, count, hidden)
 
 
 def load_tokenizer(path, trust_remote_code: bool = False):
@@ -72,13 +92,6 @@ def encode(tokenizer, prompts: list[str]) -> list[list[int]]:
     return out
 
 
-def _normalize(v: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    norm = v.norm(dim=-1, keepdim=True)
-    return torch.where(norm > 0, v / norm.clamp_min(1e-12), v)
-
-
 class PromptEncoder:
     """Turns an expert's prompts into its gate vectors ``[layers, hidden]``."""
 
@@ -97,12 +110,16 @@ class PromptEncoder:
                 raise ModelFormatError(
                     f"base model {inputs.base.label}: no token embedding tensor found for cheap_embed gates"
                 )
-            self.embedding = inputs.base.checkpoint.tensor(name)
+            from ..io.raw import read_raw
+
+            self.embedding = read_raw(inputs.base.checkpoint, name)
         else:
             self._load_model()
 
     def _load_model(self) -> None:
-        import torch
+        from ..extras import require_torch
+
+        torch = require_torch("hidden-state MoE gates")
         import transformers
 
         device = self.options.resolved_device()
@@ -138,24 +155,13 @@ class PromptEncoder:
                     )
                 params[name].copy_(checkpoint.tensor(name))
 
-    def vectors(self, prompts: list[str], ids: list[list[int]]) -> torch.Tensor:
+    def vectors(self, prompts: list[str], ids: list[list[int]]) -> np.ndarray:
         """The summed (cheap_embed) or mean (hidden modes) vector per layer of ``prompts``,
-        tokenized to ``ids`` (each with at least one token), float32."""
+        tokenized to ``ids`` (each with at least one token): float32 ``[layers, hidden]``."""
+        if self.embedding is not None:
+            return self._embedding_sums(prompts, ids)
         import torch
 
-        if self.embedding is not None:
-            rows = self.embedding.shape[0]
-            total = torch.zeros(self.embedding.shape[1], dtype=torch.float32)
-            for p, seq in zip(prompts, ids):
-                bad = [i for i in seq if i >= rows]
-                if bad:
-                    raise ModelFormatError(
-                        f"the prompt {p!r} has token id {bad[0]}, beyond the {rows} rows of the base embedding"
-                    )
-                total += self.embedding[torch.tensor(seq)].to(torch.float32).sum(0)
-                if self.progress:
-                    self.progress(1)
-            return total.expand(self.layers, -1).clone()
         pooled = []
         batch = max(1, self.options.batch_size)
         for start in range(0, len(ids), batch):
@@ -163,7 +169,25 @@ class PromptEncoder:
             pooled.append(self._forward(chunk))
             if self.progress:
                 self.progress(len(chunk))
-        return torch.cat(pooled, dim=1).mean(dim=1)
+        return torch.cat(pooled, dim=1).mean(dim=1).numpy()
+
+    def _embedding_sums(self, prompts: list[str], ids: list[list[int]]) -> np.ndarray:
+        from ..io.raw import to_f32
+
+        assert self.embedding is not None
+        table = self.embedding.rows()
+        rows = self.embedding.shape[0]
+        total = np.zeros(self.embedding.row_elems, dtype=np.float32)
+        for p, seq in zip(prompts, ids):
+            bad = [i for i in seq if i >= rows]
+            if bad:
+                raise ModelFormatError(
+                    f"the prompt {p!r} has token id {bad[0]}, beyond the {rows} rows of the base embedding"
+                )
+            total += column_sum(to_f32(table[np.asarray(seq, dtype=np.int64)], self.embedding.dtype))
+            if self.progress:
+                self.progress(1)
+        return np.broadcast_to(total, (self.layers, total.shape[0])).copy()
 
     def _forward(self, chunk: list[list[int]]) -> torch.Tensor:
         """``[layers, len(chunk), hidden]``: each prompt's pooled residual stream entering each layer."""
@@ -209,11 +233,9 @@ def _with_tokens(encoder: PromptEncoder, prompts: list[str] | None) -> tuple[lis
     return [prompts[j] for j in kept], [ids[j] for j in kept]
 
 
-def prompt_gates(encoder: PromptEncoder, experts, config=None) -> torch.Tensor:
+def prompt_gates(encoder: PromptEncoder, experts, config=None) -> np.ndarray:
     """``[layers, len(experts), hidden]`` gate vectors from each expert's prompts. ``config``
     (the MoEConfig) locates warnings and errors about a prompt at its YAML line."""
-    import torch
-
     out = []
     for e in experts:
         report_empty_prompts(encoder, e, config)
@@ -221,8 +243,8 @@ def prompt_gates(encoder: PromptEncoder, experts, config=None) -> torch.Tensor:
         negative = _with_tokens(encoder, e.spec.negative_prompts)
         if negative[1]:
             v = v - encoder.vectors(*negative)
-        out.append(_normalize(v))
-    return torch.stack(out, dim=1)
+        out.append(l2_normalize(v))
+    return np.stack(out, axis=1)
 
 
 PROMPT_FIELDS = ("positive_prompts", "negative_prompts")
@@ -290,14 +312,11 @@ def compute_gates(mode: str, inputs, options, seed: int, quiet: bool = True, sha
     """(routed ``[layers, experts, hidden]``, shared ``[layers, shared, hidden]`` or None), float32.
     ``shared_gates``: whether the output has gates for its shared experts (None when not).
     ``config``: the MoEConfig, to point warnings about prompts at their YAML line."""
-    import torch
-
     layers, hidden = inputs.num_layers, inputs.hidden_size
     want_shared = bool(inputs.shared) and shared_gates
     if mode in ("random", "uniform_random"):
-        gen = torch.Generator().manual_seed(seed)
-        routed = random_gates(mode, layers, len(inputs.experts), hidden, gen)
-        shared = random_gates(mode, layers, len(inputs.shared), hidden, gen) if want_shared else None
+        routed = random_gates(mode, layers, len(inputs.experts), hidden, seed, ROUTED_STREAM)
+        shared = random_gates(mode, layers, len(inputs.shared), hidden, seed, SHARED_STREAM) if want_shared else None
         return routed, shared
     everyone = [*inputs.experts, *(inputs.shared if want_shared else ())]
     total = sum(len(e.spec.positive_prompts or ()) + len(e.spec.negative_prompts or ()) for e in everyone)
@@ -329,13 +348,12 @@ def _layer_list(layers: list[int]) -> str:
     return ", ".join(str(i) for i in layers[:12]) + (", ..." if len(layers) > 12 else "")
 
 
-def warn_degenerate(gates: torch.Tensor) -> list[int]:
+def warn_degenerate(gates) -> list[int]:
     """Warn about layers whose router cannot tell the experts apart: gate vectors that are not
-    finite, all (nearly) zero, or nearly linearly dependent. Returns those layers, sorted."""
-    import torch
-
-    g = gates.to(torch.float64)
-    nonfinite = [i for i, ok in enumerate(torch.isfinite(g).flatten(1).all(1).tolist()) if not ok]
+    finite, all (nearly) zero, or nearly linearly dependent. Returns those layers, sorted.
+    ``gates``: ``[layers, experts, hidden]``, anything numpy reads as an array."""
+    g = np.asarray(gates, dtype=np.float64)
+    nonfinite = [i for i, ok in enumerate(np.isfinite(g).reshape(g.shape[0], -1).all(1).tolist()) if not ok]
     if nonfinite:
         log.warning(
             "the gate vectors of %d layer(s) hold NaN or infinite values (layers %s); the router there is unusable",
@@ -345,7 +363,7 @@ def warn_degenerate(gates: torch.Tensor) -> list[int]:
     if not finite:
         return nonfinite
     # the largest singular value is the matrix's 2-norm: ~0 means every row is ~0
-    sv = torch.linalg.svdvals(g[finite])
+    sv = np.linalg.svd(g[finite], compute_uv=False)
     zero = [finite[k] for k, top in enumerate(sv[:, 0].tolist()) if top <= ZERO_NORM]
     if zero:
         log.warning(
@@ -354,7 +372,7 @@ def warn_degenerate(gates: torch.Tensor) -> list[int]:
         )  # fmt: skip
     dependent = []
     if g.shape[1] >= 2:
-        cond = sv[:, 0] / sv[:, -1].clamp_min(1e-12)
+        cond = sv[:, 0] / np.maximum(sv[:, -1], 1e-12)
         dependent = [
             finite[k] for k, c in enumerate(cond.tolist()) if c > DEGENERATE_CONDITION and finite[k] not in zero
         ]

@@ -4,20 +4,28 @@ Every output tensor is either a copy of one input tensor (attention, norms, embe
 from the base; each expert's MLP projections from its source model, optionally scaled or
 noised) or a computed router weight. Input tensors are read one at a time from the
 memory maps and written through the native ``ShardWriter``; a copy whose dtype already
-matches is written straight from the map without touching torch.
+matches is written straight from the map, any other is computed in numpy (float32, then the
+native cast to the output dtype, round to nearest even): ``x * residual_scale``, or with
+noise ``(x + z * noise_scale) * residual_scale``, where ``z[i]`` is draw ``i`` of
+``draws.normal_array`` on stream ``"moe.noise:" + output tensor name`` with ``--random-seed``
+(``i`` the flat element index).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
 
 from ..errors import MergeError, MergekittyError
-from ..io.dtypes import FLOAT_CODES
+from ..io.dtypes import FLOAT_CODES, NATIVE_FLOAT_CODES, nbytes
+from ..io.raw import RawTensor, from_f32, read_raw, to_f32
+from ..sizes import numel
+from .draws import normal_array
 
-if TYPE_CHECKING:
-    import torch
+NOISE_STREAM = "moe.noise:"
 
 
 @dataclass
@@ -29,13 +37,10 @@ class OutTensor:
     source: str | None = None  # tensor name in that model
     scale: float | None = None  # residual_scale
     noise: float | None = None  # noise_scale
-    value: Any = None  # a computed tensor (router weights)
+    value: np.ndarray | None = None  # a computed float32 array (router weights)
 
     @property
     def nbytes(self) -> int:
-        from ..io.dtypes import nbytes
-        from ..sizes import numel
-
         return nbytes(self.dtype, numel(self.shape))
 
 
@@ -45,47 +50,54 @@ def copy_of(name: str, model, source: str, out_code: str, scale=None, noise=None
     return OutTensor(name, code, tuple(info.shape), model, source, scale, noise)
 
 
-def computed(name: str, value: torch.Tensor, out_code: str) -> OutTensor:
-    return OutTensor(name, out_code, tuple(value.shape), value=value)
+def computed(name: str, value: np.ndarray, out_code: str) -> OutTensor:
+    return OutTensor(name, out_code, tuple(value.shape), value=np.ascontiguousarray(value, dtype=np.float32))
 
 
-def _bytes_of(t: OutTensor, generator) -> Any:
+def _flat(raw: RawTensor) -> np.ndarray:
+    """The bytes of ``raw`` as one ``[1, nbytes]`` row (also for 0-d tensors)."""
+    return np.frombuffer(memoryview(raw.data), dtype=np.uint8).reshape(1, -1)
+
+
+def _bytes_of(t: OutTensor, seed: int) -> Any:
     """The bytes of ``t`` (a zero-copy map view for a plain copy in the input's dtype)."""
-    if t.value is None:
-        info = t.model.checkpoint.infos[t.source]
-        if t.scale is None and not t.noise and info.dtype == t.dtype:
-            view = t.model.checkpoint.view(t.source)
-            if view is not None:
-                return view
-    import torch
+    if t.value is not None:
+        return from_f32(t.value.reshape(1, -1), t.dtype).reshape(-1)
+    assert t.model is not None and t.source is not None, "a tensor is computed or copied"
+    raw = read_raw(t.model.checkpoint, t.source)
+    if t.scale is None and not t.noise:
+        if raw.dtype == t.dtype:
+            return raw.data
+        if raw.dtype in NATIVE_FLOAT_CODES and t.dtype in NATIVE_FLOAT_CODES:
+            return _cast(raw, t.dtype)
+    x = to_f32(_flat(raw), raw.dtype).reshape(-1)
+    if t.noise:
+        x = x + normal_array(seed, NOISE_STREAM + t.name, x.size) * np.float32(t.noise)
+    if t.scale is not None:
+        x = x * np.float32(t.scale)
+    return from_f32(x.reshape(1, -1), t.dtype).reshape(-1)
 
-    from ..io.dtypes import torch_dtype
-    from ..ops.reduce import bytes_view
 
-    out_dtype = torch_dtype(t.dtype)
-    x = t.value if t.value is not None else t.model.checkpoint.tensor(t.source)
-    if t.scale is not None or t.noise:
-        x = x.to(torch.float32)
-        if t.noise:
-            x = x + torch.randn(x.shape, generator=generator) * t.noise
-        if t.scale is not None:
-            x = x * t.scale
-    return bytes_view(x.to(out_dtype).contiguous())
+def _cast(raw: RawTensor, code: str) -> np.ndarray:
+    """``raw`` in the float dtype ``code`` (round to nearest even), without going through float32."""
+    from .. import _native
+
+    src = _flat(raw).reshape(-1)
+    out = np.empty(nbytes(code, numel(raw.shape)), dtype=np.uint8)
+    _native.convert(src.data, raw.dtype, out.data, code, 1)
+    return out
 
 
 def write_all(
     tensors: list[OutTensor], writer, seed: int, on_tensor: Callable[[OutTensor], None] | None = None
 ) -> None:
     """Write every tensor of ``tensors`` in order through ``writer`` (a ShardWriter)."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
     for i, t in enumerate(tensors):
         for ahead in tensors[i + 1 : i + 3]:
             if ahead.model is not None:
                 ahead.model.checkpoint.prefetch(ahead.source)
         try:
-            data = _bytes_of(t, generator)
+            data = _bytes_of(t, seed)
             writer.write(t.name, data)
         except MergekittyError:
             raise

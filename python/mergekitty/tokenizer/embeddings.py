@@ -12,65 +12,16 @@ even).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 
 from ..errors import MergeError
+from ..io.raw import RawTensor, from_f32, to_f32
 from .build import MISSING, OWN_MEAN, VocabPlan
+
+__all__ = ["RawTensor", "align_rows", "default_rows"]  # RawTensor: the type these take and give
 
 # rows converted to float32 at a time when averaging a model's own rows
 _MEAN_CHUNK_BYTES = 1 << 24
-
-
-@dataclass(frozen=True)
-class RawTensor:
-    """A tensor as raw little-endian bytes: ``data`` (any buffer), its safetensors dtype code
-    ("F32", "F16", "BF16", "F64") and shape (rows first)."""
-
-    data: Any
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def row_elems(self) -> int:
-        return math.prod(self.shape[1:])
-
-    def rows(self) -> np.ndarray:
-        """The tensor as a ``[rows, row bytes]`` uint8 array (no copy)."""
-        flat = np.frombuffer(memoryview(self.data), dtype=np.uint8)
-        return flat.reshape(self.shape[0], -1) if self.shape[0] else flat.reshape(0, 0)
-
-
-def _to_f32(rows: np.ndarray, dtype: str) -> np.ndarray:
-    """Byte rows of ``dtype`` as a float32 ``[rows, elems]`` array."""
-    from .. import _native
-
-    n = rows.shape[0]
-    if dtype == "F64":
-        return np.ascontiguousarray(rows).view("<f8").astype(np.float32).reshape(n, -1)
-    if dtype not in ("F32", "F16", "BF16"):
-        raise MergeError(f"cannot average rows of dtype {dtype}")
-    src = np.ascontiguousarray(rows).reshape(-1)
-    out = np.empty(src.size // (4 if dtype == "F32" else 2), dtype=np.float32)
-    _native.convert(src.data, dtype, out.view(np.uint8).data, "F32", 1)
-    return out.reshape(n, -1)
-
-
-def _from_f32(values: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 ``[rows, elems]`` values as byte rows of ``dtype`` (round to nearest even)."""
-    from .. import _native
-
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    n = values.shape[0]
-    if dtype == "F64":
-        return values.astype("<f8").view(np.uint8).reshape(n, -1)
-    size = 4 if dtype == "F32" else 2
-    out = np.empty(values.size * size, dtype=np.uint8)
-    _native.convert(values.view(np.uint8).reshape(-1).data, "F32", out.data, dtype, 1)
-    return out.reshape(n, -1)
 
 
 def default_rows(plan: VocabPlan, tensors: dict[int, RawTensor]) -> np.ndarray | None:
@@ -88,7 +39,7 @@ def default_rows(plan: VocabPlan, tensors: dict[int, RawTensor]) -> np.ndarray |
             rows.append(row)
     for m, (slots, rows) in by_model.items():
         t = tensors[m]
-        np.add.at(acc, np.asarray(slots), _to_f32(t.rows()[np.asarray(rows)], t.dtype))
+        np.add.at(acc, np.asarray(slots), to_f32(t.rows()[np.asarray(rows)], t.dtype))
         np.add.at(count, np.asarray(slots), np.float32(1.0))
     means: np.ndarray = acc / np.maximum(count, np.float32(1.0))[:, None]
     return means
@@ -99,7 +50,7 @@ def _mean_of_rows(rows: np.ndarray, dtype: str, elems: int) -> np.ndarray:
     total = np.zeros(elems, dtype=np.float64)
     step = max(1, _MEAN_CHUNK_BYTES // max(rows.shape[1], 1))
     for i in range(0, rows.shape[0], step):
-        total += _to_f32(rows[i : i + step], dtype).sum(axis=0, dtype=np.float64)
+        total += to_f32(rows[i : i + step], dtype).sum(axis=0, dtype=np.float64)
     mean: np.ndarray = (total / max(rows.shape[0], 1)).astype(np.float32)[None, :]
     return mean
 
@@ -118,7 +69,7 @@ def align_rows(plan: VocabPlan, model: int, tensor: RawTensor, defaults: np.ndar
     if missing.any():
         if defaults is None:
             raise MergeError("the vocabulary plan has missing rows but no default rows")
-        out[missing] = _from_f32(defaults[plan.default_slot[missing]], tensor.dtype)
+        out[missing] = from_f32(defaults[plan.default_slot[missing]], tensor.dtype)
     mean_rows = index == OWN_MEAN
     if mean_rows.any():
         held = np.asarray(plan.token_rows)
@@ -126,5 +77,5 @@ def align_rows(plan: VocabPlan, model: int, tensor: RawTensor, defaults: np.ndar
             mean = _mean_of_rows(out[held], tensor.dtype, tensor.row_elems)
         else:
             mean = np.zeros((1, tensor.row_elems), dtype=np.float32)
-        out[mean_rows] = _from_f32(mean, tensor.dtype)
+        out[mean_rows] = from_f32(mean, tensor.dtype)
     return RawTensor(out.reshape(-1), tensor.dtype, (plan.rows, *tensor.shape[1:]))

@@ -52,6 +52,15 @@ pub struct Tensor<'a> {
     pub dtype: FloatDtype,
 }
 
+impl<'a> Tensor<'a> {
+    /// The bytes of elements `start..start + len`.
+    #[inline(always)]
+    pub(crate) fn elements(&self, start: usize, len: usize) -> &'a [u8] {
+        let sz = self.dtype.size();
+        &self.data[start * sz..(start + len) * sz]
+    }
+}
+
 /// How magnitudes are ranked (docs/kernels.md): magnitude (TIES) counts NaN as larger than
 /// everything; Breadcrumbs ranks `nan_to_num(|d|, nan=inf)` (NaN as +inf, +inf as f32::MAX).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -195,22 +195,20 @@ fn keep_count(density: f64, n: usize) -> usize {
 pub(crate) const HI_BUCKETS: usize = (NAN_KEY >> 16) as usize + 1;
 pub(crate) const LO_BUCKETS: usize = 1 << 16;
 
-/// Histograms over the elements of `x`, one per thread, summed. `bucket` maps a magnitude key
-/// to a bucket index below `nb` (or `None` to skip it).
-fn histogram(
-    x: &[f32],
-    threads: usize,
-    cap: u32,
-    nb: usize,
-    bucket: impl Fn(u32) -> Option<usize> + Sync,
-) -> Vec<u64> {
+/// Histograms over the keys of the elements of `x`, one per thread, summed. `bucket` maps a
+/// key to a bucket index below `nb` (or `None` to skip it).
+fn histogram<K, B>(x: &[f32], threads: usize, key: &K, nb: usize, bucket: B) -> Vec<u64>
+where
+    K: Fn(f32) -> u32 + Sync,
+    B: Fn(u32) -> Option<usize> + Sync,
+{
     let ranges = threads::chunk_ranges(x.len(), threads::resolve(threads), 1);
     let mut hists: Vec<Vec<u64>> = vec![Vec::new(); ranges.len()];
     let tasks: Vec<_> = ranges.into_iter().zip(hists.iter_mut()).collect();
     threads::run_all(tasks, |(r, h)| {
         h.resize(nb, 0);
         for &v in &x[r] {
-            if let Some(b) = bucket(capped_key(v, cap)) {
+            if let Some(b) = bucket(key(v)) {
                 if let Some(c) = h.get_mut(b) {
                     *c += 1;
                 }
@@ -239,35 +237,107 @@ pub(crate) fn locate(hist: &[u64], rank: u64) -> (usize, u64) {
     (hist.len() - 1, 0)
 }
 
-/// Magnitude keys (NaN mapped to `cap`) at the given ascending ranks (each `< x.len()`; at
-/// most two).
+/// Magnitude keys (NaN mapped to `cap`) at the given ascending ranks (each `< x.len()`).
 fn keys_at_ranks(x: &[f32], ranks: &[usize], threads: usize, cap: u32) -> Vec<u32> {
-    let hi = histogram(x, threads, cap, HI_BUCKETS, |k| Some((k >> 16) as usize));
-    let located: Vec<(usize, u64)> = ranks.iter().map(|&r| locate(&hi, r as u64)).collect();
-    let mut buckets: Vec<usize> = located.iter().map(|l| l.0).collect();
-    buckets.dedup();
-    // At most two buckets (slot 0 and slot 1); with one, b1 == b0 never matches slot 1.
-    let b0 = buckets[0];
-    let b1 = buckets.get(1).copied().unwrap_or(b0);
-    let lo = histogram(x, threads, cap, LO_BUCKETS * buckets.len(), move |k| {
-        let h = (k >> 16) as usize;
-        let low = (k & 0xffff) as usize;
-        if h == b0 {
-            Some(low)
-        } else if h == b1 {
-            Some(LO_BUCKETS + low)
-        } else {
-            None
-        }
-    });
-    located
+    let key = move |v: f32| capped_key(v, cap);
+    ranked(x, ranks, threads, HI_BUCKETS, &key)
         .iter()
-        .map(|&(b, within)| {
-            let slot = buckets.iter().position(|&x| x == b).unwrap_or(0);
-            let (low, _) = locate(&lo[slot * LO_BUCKETS..(slot + 1) * LO_BUCKETS], within);
-            ((b as u32) << 16) | low as u32
-        })
+        .map(|r| r.key)
         .collect()
+}
+
+/// A u32 that orders like the float: -inf < ... < -0 == +0 < ... < +inf < NaN, every NaN one
+/// key (torch.kthvalue ranks NaN above everything; -0 and +0 compare equal). The high 16 bits
+/// span all 2^16 buckets ([`ranked`] with `hi_buckets = ORDER_HI_BUCKETS`).
+#[inline(always)]
+pub(crate) fn order_key(v: f32) -> u32 {
+    let b = (v + 0.0).to_bits(); // -0 + 0 = +0
+    let k = if b >> 31 == 1 { !b } else { b | 0x8000_0000 };
+    if v.is_nan() {
+        u32::MAX
+    } else {
+        k
+    }
+}
+
+/// The float of an [`order_key`] (NaN for the NaN key, +0 for the zeros').
+pub(crate) fn order_key_value(k: u32) -> f32 {
+    if k == u32::MAX {
+        f32::NAN
+    } else if k >> 31 == 1 {
+        f32::from_bits(k & 0x7fff_ffff)
+    } else {
+        f32::from_bits(!k)
+    }
+}
+
+pub(crate) const ORDER_HI_BUCKETS: usize = 1 << 16;
+
+/// An order statistic of a slice under a key: the key at an ascending rank, how many elements
+/// have a smaller key and how many have this one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Ranked {
+    pub key: u32,
+    pub below: u64,
+    pub equal: u64,
+}
+
+/// Ranks resolved per low-histogram pass: each needs at most one high bucket.
+const RANKS_PER_PASS: usize = 3;
+
+/// The order statistics of `x` at the ascending ranks `ranks` (each `< x.len()`) under `key`,
+/// an order-preserving map of the values whose high 16 bits are below `hi_buckets`: the exact
+/// two-pass radix select (a histogram of the high 16 key bits, then one of the low 16 bits
+/// inside the buckets that hold the ranks, up to three ranks a pass).
+pub(crate) fn ranked<K>(
+    x: &[f32],
+    ranks: &[usize],
+    threads: usize,
+    hi_buckets: usize,
+    key: &K,
+) -> Vec<Ranked>
+where
+    K: Fn(f32) -> u32 + Sync,
+{
+    if ranks.is_empty() {
+        return Vec::new();
+    }
+    let hi = histogram(x, threads, key, hi_buckets, |k| Some((k >> 16) as usize));
+    let mut out = Vec::with_capacity(ranks.len());
+    for group in ranks.chunks(RANKS_PER_PASS) {
+        let located: Vec<(usize, u64)> = group.iter().map(|&r| locate(&hi, r as u64)).collect();
+        let mut buckets: Vec<usize> = located.iter().map(|l| l.0).collect();
+        buckets.sort_unstable();
+        buckets.dedup();
+        // Slots 0..3; unused slots hold a bucket no key reaches.
+        let mut slot_bucket = [usize::MAX; RANKS_PER_PASS];
+        slot_bucket[..buckets.len()].copy_from_slice(&buckets);
+        let lo = histogram(x, threads, key, LO_BUCKETS * buckets.len(), move |k| {
+            let h = (k >> 16) as usize;
+            let low = (k & 0xffff) as usize;
+            if h == slot_bucket[0] {
+                Some(low)
+            } else if h == slot_bucket[1] {
+                Some(LO_BUCKETS + low)
+            } else if h == slot_bucket[2] {
+                Some(2 * LO_BUCKETS + low)
+            } else {
+                None
+            }
+        });
+        for &(b, within) in &located {
+            let slot = buckets.iter().position(|&x| x == b).unwrap_or(0);
+            let h = &lo[slot * LO_BUCKETS..(slot + 1) * LO_BUCKETS];
+            let (low, _) = locate(h, within);
+            let below = hi[..b].iter().sum::<u64>() + h[..low].iter().sum::<u64>();
+            out.push(Ranked {
+                key: ((b as u32) << 16) | low as u32,
+                below,
+                equal: h[low],
+            });
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ mod file;
 mod gta;
 mod health;
 mod kernels;
+mod method_kernels;
 mod sparsify;
 mod writer;
 
@@ -107,6 +108,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sparsify::uniform, m)?)?;
     m.add_class::<gta::PySparsity>()?;
     m.add_function(wrap_pyfunction!(gta::gta_merge, m)?)?;
+    m.add_function(wrap_pyfunction!(method_kernels::nearswap_merge, m)?)?;
+    m.add_function(wrap_pyfunction!(method_kernels::sce_merge, m)?)?;
+    m.add_function(wrap_pyfunction!(method_kernels::arcee_fusion_merge, m)?)?;
     Ok(())
 }
 

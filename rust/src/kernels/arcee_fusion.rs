@@ -27,11 +27,11 @@
 use crate::dtype::FloatDtype;
 use crate::error::{Error, Result};
 use crate::kernels::consensus::{load, store};
-use crate::kernels::exp_ln::{exp, ln};
+use crate::kernels::exp_ln::{exp, ln, two_atanh, ATANH_MAX};
 use crate::kernels::gta::Tensor;
 use crate::kernels::health::{scan, Health};
 use crate::kernels::sparsify::{order_key, order_key_value, ranked, ORDER_HI_BUCKETS};
-use crate::kernels::{common_length, scratch_f32, with_avx2};
+use crate::kernels::{common_length, with_avx2, with_simd_fma, ScratchF32};
 use crate::threads;
 
 /// Elements per segment of a row (and per block of the output pass).
@@ -63,7 +63,7 @@ pub fn arcee_fusion(
         )));
     }
     let threads = threads::resolve(threads);
-    let mut imp = scratch_f32(n)?;
+    let mut imp = ScratchF32::new(n)?;
     let inputs = importance(base, other, row_len, &mut imp, threads);
     let tau = threshold(&imp, threads);
     let mut h = select(base, other, &imp, tau, out, out_dtype, threads);
@@ -106,7 +106,7 @@ fn importance(
         rest = tail;
     }
     threads::run_all(tasks, |(start, imp, h)| {
-        with_avx2(
+        with_simd_fma(
             #[inline(always)]
             || {
                 let mut s = Rows::new(row_len);
@@ -121,18 +121,7 @@ fn importance(
                         data: base.elements(j0, row_len),
                         dtype: base.dtype,
                     };
-                    let kl = row_kl(x, b, &mut s, &mut local);
-                    let kl = kl as f32;
-                    for (seg, dst) in row.chunks_mut(SEG).enumerate() {
-                        let len = dst.len();
-                        let o = seg * SEG;
-                        let (xf, bf) = (&mut s.xf[..len], &mut s.bf[..len]);
-                        load(x.dtype, x.elements(o, len), xf);
-                        load(b.dtype, b.elements(o, len), bf);
-                        for ((d, &x), &b) in dst.iter_mut().zip(xf.iter()).zip(bf.iter()) {
-                            *d = (x - b).abs() * kl;
-                        }
-                    }
+                    row_importance(x, b, &mut s, &mut local, row);
                 }
                 *h = local;
             },
@@ -141,36 +130,58 @@ fn importance(
     Health::sum(2, &parts).inputs
 }
 
-/// Per-thread scratch of the row pass.
+/// Per-thread scratch of the row pass: a whole row when it has at most `CACHE_ROW` elements
+/// (loaded once, its exponentials computed once), else one segment.
 struct Rows {
     xf: Vec<f32>,
     bf: Vec<f32>,
-    /// The exponentials of a cached row, or of one segment.
     xe: Vec<f64>,
     be: Vec<f64>,
+    /// One segment's logs.
+    t: Vec<f64>,
 }
 
 impl Rows {
     fn new(row_len: usize) -> Rows {
-        let e = if row_len <= CACHE_ROW { row_len } else { SEG };
+        let len = if row_len <= CACHE_ROW { row_len } else { SEG };
         Rows {
-            xf: vec![0.0; SEG],
-            bf: vec![0.0; SEG],
-            xe: vec![0.0; e],
-            be: vec![0.0; e],
+            xf: vec![0.0; len],
+            bf: vec![0.0; len],
+            xe: vec![0.0; len],
+            be: vec![0.0; len],
+            t: vec![0.0; len.min(SEG)],
         }
+    }
+
+    /// Load the f32 values of segment `o..o + len` (at `at` in the buffers).
+    #[inline(always)]
+    fn load(&mut self, x: Tensor, b: Tensor, o: usize, at: usize, len: usize) {
+        load(x.dtype, x.elements(o, len), &mut self.xf[at..at + len]);
+        load(b.dtype, b.elements(o, len), &mut self.bf[at..at + len]);
     }
 }
 
-/// The largest element (NaN when one is NaN, as torch's vectorized maximum).
+/// The largest element (NaN when one is NaN, as torch's vectorized maximum): the running
+/// maximum and whether a NaN was seen.
 #[inline(always)]
 fn max_of(v: &[f32], acc: (f32, bool)) -> (f32, bool) {
-    let (mut m, mut nan) = acc;
-    for &x in v {
-        m = if x > m { x } else { m };
-        nan |= x.is_nan();
+    // eight independent lanes: a select chain the compiler turns into vector max
+    let (mut m, mut nan) = ([acc.0; 8], [acc.1; 8]);
+    let mut c = v.chunks_exact(8);
+    for g in &mut c {
+        for l in 0..8 {
+            m[l] = if g[l] > m[l] { g[l] } else { m[l] };
+            nan[l] |= g[l].is_nan();
+        }
     }
-    (m, nan)
+    for (l, &x) in c.remainder().iter().enumerate() {
+        m[l] = if x > m[l] { x } else { m[l] };
+        nan[l] |= x.is_nan();
+    }
+    let max = m
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    (max, nan.iter().any(|&n| n))
 }
 
 /// `e = exp(f64(v) - max)` and the sum of `e` added to `lanes`.
@@ -190,72 +201,109 @@ fn exps(v: &[f32], max: f64, e: &mut [f64], lanes: &mut [f64; 4]) {
     }
 }
 
-/// `sum p ln(p / q)` of a segment added to `lanes`.
+/// `sum p ln(p / q)` of a segment added to `lanes` (`t`: scratch). Where every ratio of the
+/// segment is within a factor sqrt 2 of 1 (close rows, the usual case) the log is
+/// `two_atanh((p - q) / (p + q))`, one division fewer than `ln(p / q)`.
 #[inline(always)]
-fn kl_terms(xe: &[f64], be: &[f64], ix: f64, ib: f64, lanes: &mut [f64; 4]) {
-    let term = |a: f64, b: f64| {
-        let p = a * ix + EPS;
-        let q = b * ib + EPS;
-        p * ln(p / q)
-    };
-    let mut cx = xe.chunks_exact(4);
-    let mut cb = be.chunks_exact(4);
-    for (gx, gb) in (&mut cx).zip(&mut cb) {
-        for l in 0..4 {
-            lanes[l] += term(gx[l], gb[l]);
+fn kl_terms(xe: &[f64], be: &[f64], t: &mut [f64], ix: f64, ib: f64, lanes: &mut [f64; 4]) {
+    // Map loops, one operation each, so that each vectorizes.
+    let mut near = true;
+    for ((t, &a), &b) in t.iter_mut().zip(xe).zip(be) {
+        let (p, q) = (a * ix + EPS, b * ib + EPS);
+        let f = (p - q) / (p + q);
+        near &= f.abs() <= ATANH_MAX; // false for NaN
+        *t = f;
+    }
+    if near {
+        for f in t.iter_mut() {
+            *f = two_atanh(*f);
+        }
+    } else {
+        for ((t, &a), &b) in t.iter_mut().zip(xe).zip(be) {
+            *t = ln((a * ix + EPS) / (b * ib + EPS));
         }
     }
-    for (l, (&a, &b)) in cx.remainder().iter().zip(cb.remainder()).enumerate() {
-        lanes[l] += term(a, b);
+    let mut cx = xe.chunks_exact(4);
+    let mut cl = t.chunks_exact(4);
+    for (gx, gl) in (&mut cx).zip(&mut cl) {
+        for l in 0..4 {
+            lanes[l] += (gx[l] * ix + EPS) * gl[l];
+        }
+    }
+    for (l, (&a, &lr)) in cx.remainder().iter().zip(cl.remainder()).enumerate() {
+        lanes[l] += (a * ix + EPS) * lr;
+    }
+}
+
+/// One row's importance `|x - b| * float32(KL)` into `imp`, and the row's figures into `h`
+/// (inputs: base, other).
+#[inline(always)]
+fn row_importance(x: Tensor, b: Tensor, s: &mut Rows, h: &mut Health, imp: &mut [f32]) {
+    let m = imp.len();
+    let kl = row_kl(x, b, s, h) as f32;
+    let cached = m <= CACHE_ROW;
+    for o in (0..m).step_by(SEG) {
+        let len = SEG.min(m - o);
+        let at = if cached { o } else { 0 };
+        if !cached {
+            s.load(x, b, o, 0, len);
+        }
+        let (xf, bf) = (&s.xf[at..at + len], &s.bf[at..at + len]);
+        for ((d, &x), &b) in imp[o..o + len].iter_mut().zip(xf).zip(bf) {
+            *d = (x - b).abs() * kl;
+        }
     }
 }
 
 /// The KL of one row (float64), gathering the row's figures into `h` (inputs: base, other).
+/// A cached row is left in `s.xf` and `s.bf`.
 #[inline(always)]
 fn row_kl(x: Tensor, b: Tensor, s: &mut Rows, h: &mut Health) -> f64 {
     let m = x.data.len() / x.dtype.size();
     let cached = m <= CACHE_ROW;
+    let at = |o: usize| if cached { o } else { 0 };
     // 1. maxima
     let (mut mx, mut mb) = ((f32::NEG_INFINITY, false), (f32::NEG_INFINITY, false));
     for o in (0..m).step_by(SEG) {
         let len = SEG.min(m - o);
-        let (xs, bs) = (x.elements(o, len), b.elements(o, len));
-        load(x.dtype, xs, &mut s.xf[..len]);
-        load(b.dtype, bs, &mut s.bf[..len]);
-        h.inputs[0].add(scan(b.dtype, bs));
-        h.inputs[1].add(scan(x.dtype, xs));
-        mx = max_of(&s.xf[..len], mx);
-        mb = max_of(&s.bf[..len], mb);
+        s.load(x, b, o, at(o), len);
+        h.inputs[0].add(scan(b.dtype, b.elements(o, len)));
+        h.inputs[1].add(scan(x.dtype, x.elements(o, len)));
+        mx = max_of(&s.xf[at(o)..at(o) + len], mx);
+        mb = max_of(&s.bf[at(o)..at(o) + len], mb);
     }
     let mx = if mx.1 { f64::NAN } else { mx.0 as f64 };
     let mb = if mb.1 { f64::NAN } else { mb.0 as f64 };
     // 2. the exponentials' sums
     let (mut sx, mut sb) = ([0f64; 4], [0f64; 4]);
     for o in (0..m).step_by(SEG) {
-        let len = SEG.min(m - o);
-        load(x.dtype, x.elements(o, len), &mut s.xf[..len]);
-        load(b.dtype, b.elements(o, len), &mut s.bf[..len]);
-        let at = if cached { o } else { 0 };
-        exps(&s.xf[..len], mx, &mut s.xe[at..at + len], &mut sx);
-        exps(&s.bf[..len], mb, &mut s.be[at..at + len], &mut sb);
+        let (len, a) = (SEG.min(m - o), at(o));
+        if !cached {
+            s.load(x, b, o, 0, len);
+        }
+        exps(&s.xf[a..a + len], mx, &mut s.xe[a..a + len], &mut sx);
+        exps(&s.bf[a..a + len], mb, &mut s.be[a..a + len], &mut sb);
     }
     let ix = 1.0 / ((sx[0] + sx[2]) + (sx[1] + sx[3]));
     let ib = 1.0 / ((sb[0] + sb[2]) + (sb[1] + sb[3]));
     // 3. the KL terms
     let mut kl = [0f64; 4];
     for o in (0..m).step_by(SEG) {
-        let len = SEG.min(m - o);
-        let at = if cached {
-            o
-        } else {
-            load(x.dtype, x.elements(o, len), &mut s.xf[..len]);
-            load(b.dtype, b.elements(o, len), &mut s.bf[..len]);
-            let mut scratch = [0f64; 4];
-            exps(&s.xf[..len], mx, &mut s.xe[..len], &mut scratch);
-            exps(&s.bf[..len], mb, &mut s.be[..len], &mut scratch);
-            0
-        };
-        kl_terms(&s.xe[at..at + len], &s.be[at..at + len], ix, ib, &mut kl);
+        let (len, a) = (SEG.min(m - o), at(o));
+        if !cached {
+            s.load(x, b, o, 0, len);
+            let mut unused = [0f64; 4];
+            exps(&s.xf[..len], mx, &mut s.xe[..len], &mut unused);
+            exps(&s.bf[..len], mb, &mut s.be[..len], &mut unused);
+        }
+        kl_terms(
+            &s.xe[a..a + len],
+            &s.be[a..a + len],
+            &mut s.t[..len],
+            ix,
+            ib,
+            &mut kl,
+        );
     }
     (kl[0] + kl[2]) + (kl[1] + kl[3])
 }
@@ -293,10 +341,11 @@ fn select(
                     let j0 = start + b;
                     load(other.dtype, other.elements(j0, len), &mut xf[..len]);
                     load(base.dtype, base.elements(j0, len), &mut bf[..len]);
-                    for ((x, &bb), &i) in
-                        xf[..len].iter_mut().zip(&bf[..len]).zip(&imp[j0..j0 + len])
-                    {
-                        *x = if i >= tau { *x } else { bb };
+                    let imp = &imp[j0..j0 + len];
+                    for ((x, &bb), &i) in xf[..len].iter_mut().zip(&bf[..len]).zip(imp) {
+                        // a bitwise blend: the compiler keeps it a vector select
+                        let m = 0u32.wrapping_sub((i >= tau) as u32);
+                        *x = f32::from_bits((x.to_bits() & m) | (bb.to_bits() & !m));
                     }
                     let dst = &mut out[b * osz..(b + len) * osz];
                     store(out_dtype, &xf[..len], dst);
@@ -440,7 +489,7 @@ mod tests {
                 let (bb, xb) = (encode(&b, FloatDtype::F32), encode(&x, FloatDtype::F32));
                 let mut s = Rows::new(m);
                 let mut h = Health::new(2);
-                let kl = with_avx2(|| {
+                let kl = with_simd_fma(|| {
                     row_kl(
                         Tensor {
                             data: &xb,

@@ -34,7 +34,7 @@ use crate::kernels::consensus::{load, store};
 use crate::kernels::gta::Tensor;
 use crate::kernels::health::{scan, Health};
 use crate::kernels::sparsify::{order_key, order_key_value, ranked, ORDER_HI_BUCKETS};
-use crate::kernels::{common_length, scratch_f32, with_avx2};
+use crate::kernels::{common_length, with_avx2, with_simd_fma, ScratchF32};
 use crate::threads;
 use std::ops::Range;
 
@@ -49,7 +49,7 @@ enum Keep {
     Zero,
     /// `var > thr`, or `var == thr` at an index below `cutoff`.
     Var {
-        var: Vec<f32>,
+        var: ScratchF32,
         thr: f32,
         cutoff: usize,
     },
@@ -126,11 +126,11 @@ fn select(
     ranges: &[Range<usize>],
     threads: usize,
 ) -> Result<Keep> {
-    let mut var = scratch_f32(n)?;
+    let mut var = ScratchF32::new(n)?;
     // (nonzero, NaN) counts per chunk
     let mut counts = vec![(0u64, 0u64); ranges.len()];
     let mut tasks = Vec::with_capacity(ranges.len());
-    let mut rest = var.as_mut_slice();
+    let mut rest = &mut var[..];
     for (r, c) in ranges.iter().zip(counts.iter_mut()) {
         let (head, tail) = rest.split_at_mut(r.len());
         tasks.push((r.start, head, c));
@@ -138,7 +138,7 @@ fn select(
     }
     let nf = xs.len() as f64;
     threads::run_all(tasks, |(start, var, count)| {
-        with_avx2(
+        with_simd_fma(
             #[inline(always)]
             || {
                 let mut bv = vec![0f32; BLOCK];
@@ -152,15 +152,9 @@ fn select(
                     m2[..len].fill(0.0);
                     for i in 0..xs.len() {
                         // torch's WelfordOps::reduce, in float64
-                        let cnt = (i + 1) as f64;
                         let di = &d[i * BLOCK..i * BLOCK + len];
-                        for ((m, s), &x) in mean[..len].iter_mut().zip(&mut m2[..len]).zip(di) {
-                            let x = x as f64;
-                            let delta = x - *m;
-                            let new_mean = *m + delta / cnt;
-                            *s += delta * (x - new_mean);
-                            *m = new_mean;
-                        }
+                        let (mean, m2) = (&mut mean[..len], &mut m2[..len]);
+                        welford(mean, m2, di, (i + 1) as f64);
                     }
                     for (v, &s) in vb.iter_mut().zip(&m2[..len]) {
                         *v = (s / nf) as f32;
@@ -206,13 +200,34 @@ fn select(
     Ok(Keep::Var { var, thr, cutoff })
 }
 
+/// One model's Welford update of a block, the `count`-th: `delta = x - mean; mean += delta /
+/// count; m2 += delta * (x - mean)` in float64.
+#[inline(always)]
+fn welford(mean: &mut [f64], m2: &mut [f64], d: &[f32], count: f64) {
+    for ((m, s), &x) in mean.iter_mut().zip(m2.iter_mut()).zip(d) {
+        let x = x as f64;
+        let delta = x - *m;
+        let new_mean = *m + delta / count;
+        *s += delta * (x - new_mean);
+        *m = new_mean;
+    }
+}
+
 /// The index of the `m`-th (from 1) element equal to `thr`; `m` is at most their count.
 fn nth_equal(var: &[f32], thr: f32, m: u64, threads: usize) -> usize {
     let ranges = threads::chunk_ranges(var.len(), threads, 1);
     let mut counts = vec![0u64; ranges.len()];
     let tasks: Vec<_> = ranges.iter().cloned().zip(counts.iter_mut()).collect();
     threads::run_all(tasks, |(r, c)| {
-        *c = var[r].iter().map(|&v| (v == thr) as u64).sum();
+        with_avx2(
+            #[inline(always)]
+            || {
+                // u32 lanes per block of 2^16 (a vector compare and add)
+                for blk in var[r].chunks(1 << 16) {
+                    *c += blk.iter().map(|&v| (v == thr) as u32).sum::<u32>() as u64;
+                }
+            },
+        )
     });
     let mut before = 0;
     for (r, c) in ranges.into_iter().zip(counts) {

@@ -195,25 +195,85 @@ fn keep_count(density: f64, n: usize) -> usize {
 pub(crate) const HI_BUCKETS: usize = (NAN_KEY >> 16) as usize + 1;
 pub(crate) const LO_BUCKETS: usize = 1 << 16;
 
+/// Elements per block of a histogram pass: their keys are computed together (vectorized), then
+/// counted.
+const HIST_BLOCK: usize = 1024;
+/// Per-thread u32 counts are added into the u64 totals at least this often (elements).
+const HIST_FLUSH: usize = 1 << 31;
+
 /// Histograms over the keys of the elements of `x`, one per thread, summed. `bucket` maps a
-/// key to a bucket index below `nb` (or `None` to skip it).
-fn histogram<K, B>(x: &[f32], threads: usize, key: &K, nb: usize, bucket: B) -> Vec<u64>
+/// key to a bucket index below `nb`, or to anything else to skip it; `sparse`: most elements
+/// are skipped (tested with a branch rather than counted in a spare bucket).
+fn histogram<K, B>(
+    x: &[f32],
+    threads: usize,
+    key: &K,
+    nb: usize,
+    sparse: bool,
+    bucket: B,
+) -> Vec<u64>
 where
     K: Fn(f32) -> u32 + Sync,
-    B: Fn(u32) -> Option<usize> + Sync,
+    B: Fn(u32) -> u32 + Sync,
 {
     let ranges = threads::chunk_ranges(x.len(), threads::resolve(threads), 1);
     let mut hists: Vec<Vec<u64>> = vec![Vec::new(); ranges.len()];
     let tasks: Vec<_> = ranges.into_iter().zip(hists.iter_mut()).collect();
-    threads::run_all(tasks, |(r, h)| {
-        h.resize(nb, 0);
-        for &v in &x[r] {
-            if let Some(b) = bucket(key(v)) {
-                if let Some(c) = h.get_mut(b) {
-                    *c += 1;
+    threads::run_all(tasks, |(r, total)| {
+        with_avx2(
+            #[inline(always)]
+            || {
+                *total = vec![0u64; nb];
+                // Two count arrays (even and odd elements) so that runs of equal keys do not
+                // serialize on one counter; bucket nb of each takes the skipped elements.
+                let mut counts = vec![0u32; 2 * (nb + 1)];
+                let mut keys = [0u32; HIST_BLOCK];
+                let mut since_flush = 0usize;
+                let blocks = x[r].chunks(HIST_BLOCK);
+                let last = blocks.len();
+                for (i, blk) in blocks.enumerate() {
+                    let keys = &mut keys[..blk.len()];
+                    for (k, &v) in keys.iter_mut().zip(blk) {
+                        *k = bucket(key(v)).min(nb as u32);
+                    }
+                    let (c0, c1) = counts.split_at_mut(nb + 1);
+                    if sparse {
+                        for &k in keys.iter() {
+                            if (k as usize) < nb {
+                                if let Some(c) = c0.get_mut(k as usize) {
+                                    *c += 1;
+                                }
+                            }
+                        }
+                    } else {
+                        let mut pairs = keys.chunks_exact(2);
+                        for p in &mut pairs {
+                            if let (Some(a), Some(b)) =
+                                (c0.get_mut(p[0] as usize), c1.get_mut(p[1] as usize))
+                            {
+                                *a += 1;
+                                *b += 1;
+                            }
+                        }
+                        for &k in pairs.remainder() {
+                            if let Some(c) = c0.get_mut(k as usize) {
+                                *c += 1;
+                            }
+                        }
+                    }
+                    since_flush += blk.len();
+                    if since_flush >= HIST_FLUSH || i + 1 == last {
+                        let (c0, c1) = counts.split_at_mut(nb + 1);
+                        for ((t, a), b) in total.iter_mut().zip(c0.iter_mut()).zip(c1.iter_mut()) {
+                            *t += *a as u64 + *b as u64;
+                            *a = 0;
+                            *b = 0;
+                        }
+                        since_flush = 0;
+                    }
                 }
-            }
-        }
+            },
+        )
     });
     let mut total = vec![0u64; nb];
     for h in hists {
@@ -302,7 +362,7 @@ where
     if ranks.is_empty() {
         return Vec::new();
     }
-    let hi = histogram(x, threads, key, hi_buckets, |k| Some((k >> 16) as usize));
+    let hi = histogram(x, threads, key, hi_buckets, false, |k| k >> 16);
     let mut out = Vec::with_capacity(ranks.len());
     for group in ranks.chunks(RANKS_PER_PASS) {
         let located: Vec<(usize, u64)> = group.iter().map(|&r| locate(&hi, r as u64)).collect();
@@ -312,19 +372,26 @@ where
         // Slots 0..3; unused slots hold a bucket no key reaches.
         let mut slot_bucket = [usize::MAX; RANKS_PER_PASS];
         slot_bucket[..buckets.len()].copy_from_slice(&buckets);
-        let lo = histogram(x, threads, key, LO_BUCKETS * buckets.len(), move |k| {
-            let h = (k >> 16) as usize;
-            let low = (k & 0xffff) as usize;
-            if h == slot_bucket[0] {
-                Some(low)
-            } else if h == slot_bucket[1] {
-                Some(LO_BUCKETS + low)
-            } else if h == slot_bucket[2] {
-                Some(2 * LO_BUCKETS + low)
-            } else {
-                None
-            }
-        });
+        let lo = histogram(
+            x,
+            threads,
+            key,
+            LO_BUCKETS * buckets.len(),
+            true,
+            move |k| {
+                let h = (k >> 16) as usize;
+                let low = k & 0xffff;
+                if h == slot_bucket[0] {
+                    low
+                } else if h == slot_bucket[1] {
+                    LO_BUCKETS as u32 + low
+                } else if h == slot_bucket[2] {
+                    2 * LO_BUCKETS as u32 + low
+                } else {
+                    u32::MAX
+                }
+            },
+        );
         for &(b, within) in &located {
             let slot = buckets.iter().position(|&x| x == b).unwrap_or(0);
             let h = &lo[slot * LO_BUCKETS..(slot + 1) * LO_BUCKETS];

@@ -30,7 +30,7 @@ use crate::kernels::consensus::{load, store};
 use crate::kernels::exp_ln::{exp, ln, two_atanh, ATANH_MAX};
 use crate::kernels::gta::Tensor;
 use crate::kernels::health::{scan, Health};
-use crate::kernels::sparsify::{order_key, order_key_value, ranked, ORDER_HI_BUCKETS};
+use crate::kernels::sparsify::{order_key, order_key_value, ranked_sampled, ORDER_HI_BUCKETS};
 use crate::kernels::{common_length, with_avx2, with_simd_fma, ScratchF32};
 use crate::threads;
 
@@ -80,7 +80,7 @@ fn threshold(imp: &[f32], threads: usize) -> f32 {
         (n - 1) / 2,
         (0.75 * (n - 1) as f64) as usize,
     ];
-    let q: Vec<f32> = ranked(imp, &ranks, threads, ORDER_HI_BUCKETS, &order_key)
+    let q: Vec<f32> = ranked_sampled(imp, &ranks, threads, ORDER_HI_BUCKETS, &order_key)
         .iter()
         .map(|r| order_key_value(r.key))
         .collect();

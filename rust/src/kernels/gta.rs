@@ -142,7 +142,7 @@ fn task_vector(x: Tensor, start: usize, bv: &[f32], d: &mut [f32]) {
 
 /// `dst = f32(src)`, returning the sum of the squares of the values (the health figures).
 #[inline(always)]
-fn load_squares(dtype: FloatDtype, src: &[u8], dst: &mut [f32]) -> f64 {
+pub(crate) fn load_squares(dtype: FloatDtype, src: &[u8], dst: &mut [f32]) -> f64 {
     let (h, sq) = gta_simd::load_squares(dtype, src, dst);
     let rest = &src[h * dtype.size()..];
     load(dtype, rest, &mut dst[h..]);

@@ -31,9 +31,9 @@
 use crate::dtype::FloatDtype;
 use crate::error::{Error, Result};
 use crate::kernels::consensus::{load, store};
-use crate::kernels::gta::Tensor;
-use crate::kernels::health::{scan, Health};
-use crate::kernels::sparsify::{order_key, order_key_value, ranked, ORDER_HI_BUCKETS};
+use crate::kernels::gta::{load_squares, Tensor};
+use crate::kernels::health::{block_stats, scan, Health};
+use crate::kernels::sparsify::{order_key, order_key_value, ranked_sampled, ORDER_HI_BUCKETS};
 use crate::kernels::{common_length, with_avx2, with_simd_fma, ScratchF32};
 use crate::threads;
 use std::ops::Range;
@@ -41,6 +41,25 @@ use std::ops::Range;
 /// Elements per block; a multiple of 64, so threads own whole words of the bit mask.
 const BLOCK: usize = 1024;
 const WORDS: usize = BLOCK / 64;
+
+/// `f::<K>(args)` with the model count `k` as a constant when it is 1 to 8 (the loops over the
+/// models unroll and the loops over elements vectorize with the per-element state in
+/// registers), else `f::<0>(args)` (the count read at run time).
+macro_rules! by_models {
+    ($k:expr, $f:ident($($arg:expr),*)) => {
+        match $k {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            5 => $f::<5>($($arg),*),
+            6 => $f::<6>($($arg),*),
+            7 => $f::<7>($($arg),*),
+            8 => $f::<8>($($arg),*),
+            _ => $f::<0>($($arg),*),
+        }
+    };
+}
 
 /// Which task-vector elements the selection keeps.
 enum Keep {
@@ -136,28 +155,18 @@ fn select(
         tasks.push((r.start, head, c));
         rest = tail;
     }
-    let nf = xs.len() as f64;
     threads::run_all(tasks, |(start, var, count)| {
         with_simd_fma(
             #[inline(always)]
             || {
                 let mut bv = vec![0f32; BLOCK];
                 let mut d = vec![0f32; BLOCK * xs.len()];
-                let (mut mean, mut m2) = (vec![0f64; BLOCK], vec![0f64; BLOCK]);
                 let (mut nonzero, mut nan) = (0u64, 0u64);
                 for (bi, vb) in var.chunks_mut(BLOCK).enumerate() {
                     let len = vb.len();
                     deltas(base, xs, start + bi * BLOCK, len, &mut bv, &mut d);
-                    mean[..len].fill(0.0);
-                    m2[..len].fill(0.0);
-                    for i in 0..xs.len() {
-                        // torch's WelfordOps::reduce, in float64
-                        let di = &d[i * BLOCK..i * BLOCK + len];
-                        let (mean, m2) = (&mut mean[..len], &mut m2[..len]);
-                        welford(mean, m2, di, (i + 1) as f64);
-                    }
-                    for (v, &s) in vb.iter_mut().zip(&m2[..len]) {
-                        *v = (s / nf) as f32;
+                    by_models!(xs.len(), variance_block(&d, xs.len(), vb));
+                    for v in vb.iter() {
                         nonzero += (*v != 0.0) as u64;
                         nan += v.is_nan() as u64;
                     }
@@ -177,7 +186,7 @@ fn select(
     if k >= n as u64 {
         return Ok(Keep::All);
     }
-    let r = ranked(
+    let r = ranked_sampled(
         &var,
         &[n - k as usize],
         threads,
@@ -200,16 +209,33 @@ fn select(
     Ok(Keep::Var { var, thr, cutoff })
 }
 
-/// One model's Welford update of a block, the `count`-th: `delta = x - mean; mean += delta /
-/// count; m2 += delta * (x - mean)` in float64.
+/// The population variance over the models of each element of a block of deltas (`d`: model i
+/// at `i * BLOCK`), by torch's `WelfordOps` in float64: per model, `delta = x - mean;
+/// mean += delta / count; m2 += delta * (x - mean)`; then `m2 / k` as float32.
 #[inline(always)]
-fn welford(mean: &mut [f64], m2: &mut [f64], d: &[f32], count: f64) {
-    for ((m, s), &x) in mean.iter_mut().zip(m2.iter_mut()).zip(d) {
-        let x = x as f64;
-        let delta = x - *m;
-        let new_mean = *m + delta / count;
-        *s += delta * (x - new_mean);
-        *m = new_mean;
+fn variance_block<const K: usize>(d: &[f32], k: usize, var: &mut [f32]) {
+    #[inline(always)]
+    fn welford(x: impl Fn(usize) -> f32, k: usize) -> f32 {
+        let (mut mean, mut m2) = (0f64, 0f64);
+        for i in 0..k {
+            let x = x(i) as f64;
+            let delta = x - mean;
+            let new_mean = mean + delta / (i + 1) as f64;
+            m2 += delta * (x - new_mean);
+            mean = new_mean;
+        }
+        (m2 / k as f64) as f32
+    }
+    let len = var.len();
+    if K > 0 {
+        let rows: [&[f32]; K] = std::array::from_fn(|i| &d[i * BLOCK..i * BLOCK + len]);
+        for (j, v) in var.iter_mut().enumerate() {
+            *v = welford(|i| rows[i][j], K);
+        }
+    } else {
+        for (j, v) in var.iter_mut().enumerate() {
+            *v = welford(|i| d[i * BLOCK + j], k);
+        }
     }
 }
 
@@ -291,10 +317,15 @@ fn squares_pass(
                 let mut bi = 0;
                 while j0 < r.end {
                     let len = BLOCK.min(r.end - j0);
-                    deltas(base, xs, j0, len, &mut bv, &mut d);
-                    local.inputs[0].add(scan(base.dtype, base.elements(j0, len)));
+                    // the deltas, the inputs' squares summed as they are loaded
+                    let src = base.elements(j0, len);
+                    let sq = load_squares(base.dtype, src, &mut bv[..len]);
+                    local.inputs[0].add(block_stats(sq, base.dtype, src));
                     for (i, x) in xs.iter().enumerate() {
-                        local.inputs[i + 1].add(scan(x.dtype, x.elements(j0, len)));
+                        let (src, di) = (x.elements(j0, len), &mut d[i * BLOCK..i * BLOCK + len]);
+                        let sq = load_squares(x.dtype, src, di);
+                        local.inputs[i + 1].add(block_stats(sq, x.dtype, src));
+                        di.iter_mut().zip(&bv[..len]).for_each(|(v, &b)| *v -= b);
                     }
                     let masked = match keep_ref {
                         Keep::All => false,
@@ -410,8 +441,7 @@ fn output_pass(
                 let mut bv = vec![0f32; BLOCK];
                 let mut d = vec![0f32; BLOCK * k.max(1)];
                 let mut mk = vec![0f32; BLOCK];
-                let (mut s, mut num, mut den) =
-                    (vec![0f32; BLOCK], vec![0f32; BLOCK], vec![0f32; BLOCK]);
+                let mut num = vec![0f32; BLOCK];
                 let n = out.len() / osz;
                 let mut b = 0;
                 while b < n {
@@ -432,24 +462,22 @@ fn output_pass(
                             }
                             Keep::Bits(bits) => {
                                 let words = &bits[j0 / 64..(j0 + len).div_ceil(64)];
-                                for (j, m) in mk[..len].iter_mut().enumerate() {
-                                    *m = ((words[j / 64] >> (j % 64)) & 1) as f32;
+                                for (c, &w) in mk[..len].chunks_mut(64).zip(words) {
+                                    for (b, m) in c.iter_mut().enumerate() {
+                                        *m = ((w >> b) & 1) as f32;
+                                    }
                                 }
                                 true
                             }
                             Keep::Var { .. } => false, // turned into bits by squares_pass
                         };
-                        merge_block(
-                            &mut d,
-                            k,
-                            len,
-                            masked.then_some(&mk[..len]),
-                            w,
-                            bv,
-                            &mut s,
-                            &mut num,
-                            &mut den,
-                        );
+                        if masked {
+                            for i in 0..k {
+                                let di = &mut d[i * BLOCK..i * BLOCK + len];
+                                di.iter_mut().zip(&mk[..len]).for_each(|(v, &m)| *v *= m);
+                            }
+                        }
+                        by_models!(k, merge_block(&d, k, w, bv, &mut num[..len]));
                     }
                     let dst = &mut out[b * osz..(b + len) * osz];
                     store(out_dtype, &num[..len], dst);
@@ -462,44 +490,40 @@ fn output_pass(
     Health::sum(k + 1, &parts)
 }
 
-/// `num[..len] = b + merged` for one block of deltas (masked by `mk` when given, in place).
-#[allow(clippy::too_many_arguments)]
+/// `out = b + merged` for one block of (masked) deltas, `d`: model i at `i * BLOCK`. Per
+/// element, in the reference's float32 operations and order: `s = 0 + d_0 + d_1 + ...`;
+/// `c_i = sign(d_i) == (s >= 0 ? 1 : -1)` (a zero or NaN delta never counts); `num = 0 +
+/// sum (w_i c_i) d_i`, `den = 0 + sum w_i c_i`; `merged = den > 0 ? num / den : 0`.
 #[inline(always)]
-fn merge_block(
-    d: &mut [f32],
-    k: usize,
-    len: usize,
-    mk: Option<&[f32]>,
-    w: &[f32],
-    bv: &[f32],
-    s: &mut [f32],
-    num: &mut [f32],
-    den: &mut [f32],
-) {
-    let (s, num, den) = (&mut s[..len], &mut num[..len], &mut den[..len]);
-    s.fill(0.0);
-    for i in 0..k {
-        let di = &mut d[i * BLOCK..i * BLOCK + len];
-        if let Some(mk) = mk {
-            di.iter_mut().zip(mk).for_each(|(v, &m)| *v *= m);
+fn merge_block<const K: usize>(d: &[f32], k: usize, w: &[f32], bv: &[f32], out: &mut [f32]) {
+    #[inline(always)]
+    fn element(x: impl Fn(usize) -> f32, w: &[f32], k: usize, b: f32) -> f32 {
+        let mut s = 0f32;
+        for i in 0..k {
+            s += x(i);
         }
-        s.iter_mut().zip(di.iter()).for_each(|(a, &v)| *a += v);
-    }
-    num.fill(0.0);
-    den.fill(0.0);
-    for (i, &wi) in w.iter().enumerate().take(k) {
-        let di = &d[i * BLOCK..i * BLOCK + len];
-        for (((nm, dn), &v), &sv) in num.iter_mut().zip(den.iter_mut()).zip(di).zip(s.iter()) {
-            // sign(v) == sigma; a zero or NaN delta never counts
-            let counts = if sv >= 0.0 { v > 0.0 } else { v < 0.0 };
+        let (mut num, mut den) = (0f32, 0f32);
+        for (i, &wi) in w.iter().enumerate().take(k) {
+            let v = x(i);
+            let counts = if s >= 0.0 { v > 0.0 } else { v < 0.0 };
             let wc = wi * if counts { 1.0 } else { 0.0 };
-            *nm += wc * v;
-            *dn += wc;
+            num += wc * v;
+            den += wc;
         }
+        let q = num / if den > 0.0 { den } else { 1.0 };
+        b + if den > 0.0 { q } else { 0.0 }
     }
-    for ((nm, &dn), &b) in num.iter_mut().zip(den.iter()).zip(bv) {
-        let q = *nm / if dn > 0.0 { dn } else { 1.0 };
-        *nm = b + if dn > 0.0 { q } else { 0.0 };
+    let len = out.len();
+    if K > 0 {
+        let rows: [&[f32]; K] = std::array::from_fn(|i| &d[i * BLOCK..i * BLOCK + len]);
+        let w: [f32; K] = std::array::from_fn(|i| w[i]);
+        for (j, (o, &b)) in out.iter_mut().zip(bv).enumerate() {
+            *o = element(|i| rows[i][j], &w, K, b);
+        }
+    } else {
+        for (j, (o, &b)) in out.iter_mut().zip(bv).enumerate() {
+            *o = element(|i| d[i * BLOCK + j], w, k, b);
+        }
     }
 }
 
@@ -648,7 +672,7 @@ mod tests {
     #[test]
     fn matches_the_definition() {
         for &n in &[1usize, 7, 1025, 100_003] {
-            for k in [1usize, 2, 3, 5] {
+            for k in [1usize, 2, 3, 5, 9] {
                 for ties in [false, true] {
                     let (b, xs) = models(n, k, (n * 10 + k) as u64, ties);
                     for topk in [0.0, 1e-9, 0.3, 0.5, 1.0] {

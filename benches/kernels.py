@@ -16,6 +16,15 @@ Usage:
     python benches/kernels.py
     python benches/kernels.py --threads 1,2,4 --repeat 15 --shapes 32000x2048,5632x2048
 
+Merge-method kernels (``--methods nearswap,sce,sce_select,arcee_fusion``): the native kernels
+of those methods (``_native.nearswap_merge``, ``sce_merge``, ``arcee_fusion_merge``) against the
+methods' torch functions (``MergeMethod.merge``) on weight-like tensors (a base ~ N(0, 0.02) and
+fine-tunes + N(0, 0.002)): nearswap with t = 1e-3, sce of three models with select_topk 1
+(``sce``) and 0.5 (``sce_select``), arcee_fusion along the last axis. GB/s counts the input
+bytes only (every input read once); the torch references are slow, so ``--method-repeat``
+(default 3) sets their runs:
+    python benches/kernels.py --methods nearswap,sce,sce_select,arcee_fusion --shapes 8192x4096 --threads 1,0
+
 Before/after (``--ab BEFORE_PYTHON_DIR``): the native ``weighted_sum`` of ``--inputs`` tensors and
 the native TIES ``gta_merge`` (a base and ``--inputs - 1`` fine-tunes, density 0.5) of the first
 shape, timed alternately by two builds: a worker subprocess imports ``mergekitty`` from
@@ -111,6 +120,95 @@ def _worker(shape: tuple[int, ...], k: int, threads: int, repeat: int, warmup: i
     return {"native": _native.__file__, **{name: statistics.median(t) for name, t in times.items()}}
 
 
+METHOD_CASES = {
+    # case: (method, models besides the base, params)
+    "nearswap": ("nearswap", 1, {"t": 1e-3}),
+    "sce": ("sce", 3, {"select_topk": 1.0}),
+    "sce_select": ("sce", 3, {"select_topk": 0.5}),
+    "arcee_fusion": ("arcee_fusion", 1, {}),
+}
+
+
+def methods_main(args: argparse.Namespace) -> int:
+    """Native method kernels vs. the methods' torch functions (see the module docstring)."""
+    from mergekitty import _native
+    from mergekitty.methods.base import MergeInputs
+    from mergekitty.methods.registry import get_method
+
+    cases = [c for c in args.methods.split(",") if c]
+    unknown = [c for c in cases if c not in METHOD_CASES]
+    if unknown:
+        print(f"unknown --methods {unknown}; choose from {sorted(METHOD_CASES)}")
+        return 2
+    print(f"[native] {_native.__file__}")
+    dt, code = TORCH_DTYPES[args.dtype], args.dtype
+    results = []
+    for shape in parse_shapes(args.shapes):
+        gen = torch.Generator().manual_seed(0)
+        base32 = torch.randn(shape, generator=gen).mul_(0.02)
+        xs = [(base32 + torch.randn(shape, generator=gen).mul_(0.002)).to(dt) for _ in range(3)]
+        base = base32.to(dt)
+        del base32
+        out = torch.empty(shape, dtype=dt)
+        views = [t.reshape(-1).view(torch.uint8).numpy() for t in (base, *xs)]
+        out_view = out.reshape(-1).view(torch.uint8).numpy()
+        for case in cases:
+            method, k, params = METHOD_CASES[case]
+            nbytes = (k + 1) * base.numel() * base.element_size()
+
+            def run_native(threads: int, method=method, k=k, params=params) -> None:
+                if method == "nearswap":
+                    _native.nearswap_merge(views[0], code, views[1], code, params["t"], out_view, code, threads)
+                elif method == "sce":
+                    _native.sce_merge(
+                        views[0], code, views[1 : k + 1], [code] * k, params["select_topk"], out_view, code, threads
+                    )
+                else:
+                    _native.arcee_fusion_merge(views[0], code, views[1], code, shape[-1], out_view, code, threads)
+
+            inputs = MergeInputs("w", xs[:k], [{}] * k, params, base=base, out_dtype=dt)
+            for threads in [int(t) for t in args.threads.split(",") if t]:
+                torch.set_num_threads(threads or os.cpu_count() or 1)
+                t_torch = timeit(lambda: get_method(method).merge(inputs), args.method_repeat, 1)
+                t_native = timeit(lambda: run_native(threads), args.repeat, args.warmup)
+                run_native(threads)
+                row = {
+                    "case": case,
+                    "shape": list(shape),
+                    "dtype": code,
+                    "threads": threads,
+                    "input_bytes": nbytes,
+                    "torch_median_s": statistics.median(t_torch),
+                    "native_median_s": statistics.median(t_native),
+                    "parity": compare(out, get_method(method).merge(inputs).to(dt)),
+                }
+                row["torch_gbps"] = nbytes / GB / row["torch_median_s"]
+                row["native_gbps"] = nbytes / GB / row["native_median_s"]
+                row["speedup"] = row["torch_median_s"] / row["native_median_s"]
+                results.append(row)
+                p = row["parity"]
+                print(
+                    f"{'x'.join(map(str, shape)):>11} {code} {case:>12} threads={threads}: "
+                    f"torch {row['torch_median_s'] * 1e3:9.1f} ms {row['torch_gbps']:6.2f} GB/s | "
+                    f"native {row['native_median_s'] * 1e3:8.1f} ms {row['native_gbps']:6.2f} GB/s | "
+                    f"speedup {row['speedup']:6.1f}x | parity: {p['mismatches']} mismatches, max {p['max_ulp']} ulp",
+                    flush=True,
+                )
+        del base, xs, out, views, out_view
+    report = {
+        "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "load_avg": os.getloadavg(),
+        "results": results,
+    }
+    path = args.json or WORK_DIR / f"method-kernels-{_dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"GB/s = input bytes / median time (threads 0 = all cores). results: {path}")
+    return 0
+
+
 def ab_main(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -165,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--ab", default=None, metavar="BEFORE_PYTHON_DIR", help="time two builds alternately (see above)")
     ap.add_argument("--rounds", type=int, default=5, help="--ab: alternating rounds")
+    ap.add_argument(
+        "--methods",
+        default="",
+        help=f"time these merge-method kernels instead: {','.join(METHOD_CASES)} (see above)",
+    )
+    ap.add_argument("--method-repeat", type=int, default=3, help="--methods: timed runs of each torch reference")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -174,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.ab is not None:
         return ab_main(args)
+    if args.methods:
+        return methods_main(args)
 
     try:
         try:

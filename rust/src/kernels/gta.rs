@@ -52,6 +52,15 @@ pub struct Tensor<'a> {
     pub dtype: FloatDtype,
 }
 
+impl<'a> Tensor<'a> {
+    /// The bytes of elements `start..start + len`.
+    #[inline(always)]
+    pub(crate) fn elements(&self, start: usize, len: usize) -> &'a [u8] {
+        let sz = self.dtype.size();
+        &self.data[start * sz..(start + len) * sz]
+    }
+}
+
 /// How magnitudes are ranked (docs/kernels.md): magnitude (TIES) counts NaN as larger than
 /// everything; Breadcrumbs ranks `nan_to_num(|d|, nan=inf)` (NaN as +inf, +inf as f32::MAX).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,7 +142,7 @@ fn task_vector(x: Tensor, start: usize, bv: &[f32], d: &mut [f32]) {
 
 /// `dst = f32(src)`, returning the sum of the squares of the values (the health figures).
 #[inline(always)]
-fn load_squares(dtype: FloatDtype, src: &[u8], dst: &mut [f32]) -> f64 {
+pub(crate) fn load_squares(dtype: FloatDtype, src: &[u8], dst: &mut [f32]) -> f64 {
     let (h, sq) = gta_simd::load_squares(dtype, src, dst);
     let rest = &src[h * dtype.size()..];
     load(dtype, rest, &mut dst[h..]);

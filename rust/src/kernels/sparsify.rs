@@ -195,27 +195,85 @@ pub(crate) fn keep_count(density: f64, n: usize) -> usize {
 pub(crate) const HI_BUCKETS: usize = (NAN_KEY >> 16) as usize + 1;
 pub(crate) const LO_BUCKETS: usize = 1 << 16;
 
-/// Histograms over the elements of `x`, one per thread, summed. `bucket` maps a magnitude key
-/// to a bucket index below `nb` (or `None` to skip it).
-fn histogram(
+/// Elements per block of a histogram pass: their keys are computed together (vectorized), then
+/// counted.
+const HIST_BLOCK: usize = 1024;
+/// Per-thread u32 counts are added into the u64 totals at least this often (elements).
+const HIST_FLUSH: usize = 1 << 31;
+
+/// Histograms over the keys of the elements of `x`, one per thread, summed. `bucket` maps a
+/// key to a bucket index below `nb`, or to anything else to skip it; `sparse`: most elements
+/// are skipped (tested with a branch rather than counted in a spare bucket).
+fn histogram<K, B>(
     x: &[f32],
     threads: usize,
-    cap: u32,
+    key: &K,
     nb: usize,
-    bucket: impl Fn(u32) -> Option<usize> + Sync,
-) -> Vec<u64> {
+    sparse: bool,
+    bucket: B,
+) -> Vec<u64>
+where
+    K: Fn(f32) -> u32 + Sync,
+    B: Fn(u32) -> u32 + Sync,
+{
     let ranges = threads::chunk_ranges(x.len(), threads::resolve(threads), 1);
     let mut hists: Vec<Vec<u64>> = vec![Vec::new(); ranges.len()];
     let tasks: Vec<_> = ranges.into_iter().zip(hists.iter_mut()).collect();
-    threads::run_all(tasks, |(r, h)| {
-        h.resize(nb, 0);
-        for &v in &x[r] {
-            if let Some(b) = bucket(capped_key(v, cap)) {
-                if let Some(c) = h.get_mut(b) {
-                    *c += 1;
+    threads::run_all(tasks, |(r, total)| {
+        with_avx2(
+            #[inline(always)]
+            || {
+                *total = vec![0u64; nb];
+                // Two count arrays (even and odd elements) so that runs of equal keys do not
+                // serialize on one counter; bucket nb of each takes the skipped elements.
+                let mut counts = vec![0u32; 2 * (nb + 1)];
+                let mut keys = [0u32; HIST_BLOCK];
+                let mut since_flush = 0usize;
+                let blocks = x[r].chunks(HIST_BLOCK);
+                let last = blocks.len();
+                for (i, blk) in blocks.enumerate() {
+                    let keys = &mut keys[..blk.len()];
+                    for (k, &v) in keys.iter_mut().zip(blk) {
+                        *k = bucket(key(v)).min(nb as u32);
+                    }
+                    let (c0, c1) = counts.split_at_mut(nb + 1);
+                    if sparse {
+                        for &k in keys.iter() {
+                            if (k as usize) < nb {
+                                if let Some(c) = c0.get_mut(k as usize) {
+                                    *c += 1;
+                                }
+                            }
+                        }
+                    } else {
+                        let mut pairs = keys.chunks_exact(2);
+                        for p in &mut pairs {
+                            if let (Some(a), Some(b)) =
+                                (c0.get_mut(p[0] as usize), c1.get_mut(p[1] as usize))
+                            {
+                                *a += 1;
+                                *b += 1;
+                            }
+                        }
+                        for &k in pairs.remainder() {
+                            if let Some(c) = c0.get_mut(k as usize) {
+                                *c += 1;
+                            }
+                        }
+                    }
+                    since_flush += blk.len();
+                    if since_flush >= HIST_FLUSH || i + 1 == last {
+                        let (c0, c1) = counts.split_at_mut(nb + 1);
+                        for ((t, a), b) in total.iter_mut().zip(c0.iter_mut()).zip(c1.iter_mut()) {
+                            *t += *a as u64 + *b as u64;
+                            *a = 0;
+                            *b = 0;
+                        }
+                        since_flush = 0;
+                    }
                 }
-            }
-        }
+            },
+        )
     });
     let mut total = vec![0u64; nb];
     for h in hists {
@@ -239,35 +297,312 @@ pub(crate) fn locate(hist: &[u64], rank: u64) -> (usize, u64) {
     (hist.len() - 1, 0)
 }
 
-/// Magnitude keys (NaN mapped to `cap`) at the given ascending ranks (each `< x.len()`; at
-/// most two).
+/// Magnitude keys (NaN mapped to `cap`) at the given ascending ranks (each `< x.len()`).
 pub(crate) fn keys_at_ranks(x: &[f32], ranks: &[usize], threads: usize, cap: u32) -> Vec<u32> {
-    let hi = histogram(x, threads, cap, HI_BUCKETS, |k| Some((k >> 16) as usize));
-    let located: Vec<(usize, u64)> = ranks.iter().map(|&r| locate(&hi, r as u64)).collect();
-    let mut buckets: Vec<usize> = located.iter().map(|l| l.0).collect();
-    buckets.dedup();
-    // At most two buckets (slot 0 and slot 1); with one, b1 == b0 never matches slot 1.
-    let b0 = buckets[0];
-    let b1 = buckets.get(1).copied().unwrap_or(b0);
-    let lo = histogram(x, threads, cap, LO_BUCKETS * buckets.len(), move |k| {
-        let h = (k >> 16) as usize;
-        let low = (k & 0xffff) as usize;
-        if h == b0 {
-            Some(low)
-        } else if h == b1 {
-            Some(LO_BUCKETS + low)
-        } else {
-            None
-        }
-    });
-    located
+    let key = move |v: f32| capped_key(v, cap);
+    ranked(x, ranks, threads, HI_BUCKETS, &key)
         .iter()
-        .map(|&(b, within)| {
+        .map(|r| r.key)
+        .collect()
+}
+
+/// A u32 that orders like the float: -inf < ... < -0 == +0 < ... < +inf < NaN, every NaN one
+/// key (torch.kthvalue ranks NaN above everything; -0 and +0 compare equal). The high 16 bits
+/// span all 2^16 buckets ([`ranked`] with `hi_buckets = ORDER_HI_BUCKETS`).
+#[inline(always)]
+pub(crate) fn order_key(v: f32) -> u32 {
+    let b = (v + 0.0).to_bits(); // -0 + 0 = +0
+    let k = if b >> 31 == 1 { !b } else { b | 0x8000_0000 };
+    if v.is_nan() {
+        u32::MAX
+    } else {
+        k
+    }
+}
+
+/// The float of an [`order_key`] (NaN for the NaN key, +0 for the zeros').
+pub(crate) fn order_key_value(k: u32) -> f32 {
+    if k == u32::MAX {
+        f32::NAN
+    } else if k >> 31 == 1 {
+        f32::from_bits(k & 0x7fff_ffff)
+    } else {
+        f32::from_bits(!k)
+    }
+}
+
+pub(crate) const ORDER_HI_BUCKETS: usize = 1 << 16;
+
+/// An order statistic of a slice under a key: the key at an ascending rank, how many elements
+/// have a smaller key and how many have this one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Ranked {
+    pub key: u32,
+    pub below: u64,
+    pub equal: u64,
+}
+
+/// Ranks resolved per low-histogram pass: each needs at most one high bucket.
+const RANKS_PER_PASS: usize = 3;
+
+/// The order statistics of `x` at the ascending ranks `ranks` (each `< x.len()`) under `key`,
+/// an order-preserving map of the values whose high 16 bits are below `hi_buckets`: the exact
+/// two-pass radix select (a histogram of the high 16 key bits, then one of the low 16 bits
+/// inside the buckets that hold the ranks, up to three ranks a pass).
+pub(crate) fn ranked<K>(
+    x: &[f32],
+    ranks: &[usize],
+    threads: usize,
+    hi_buckets: usize,
+    key: &K,
+) -> Vec<Ranked>
+where
+    K: Fn(f32) -> u32 + Sync,
+{
+    if ranks.is_empty() {
+        return Vec::new();
+    }
+    let hi = histogram(x, threads, key, hi_buckets, false, |k| k >> 16);
+    let mut out = Vec::with_capacity(ranks.len());
+    for group in ranks.chunks(RANKS_PER_PASS) {
+        let located: Vec<(usize, u64)> = group.iter().map(|&r| locate(&hi, r as u64)).collect();
+        let mut buckets: Vec<usize> = located.iter().map(|l| l.0).collect();
+        buckets.sort_unstable();
+        buckets.dedup();
+        // Slots 0..3; unused slots hold a bucket no key reaches.
+        let mut slot_bucket = [usize::MAX; RANKS_PER_PASS];
+        slot_bucket[..buckets.len()].copy_from_slice(&buckets);
+        let lo = histogram(
+            x,
+            threads,
+            key,
+            LO_BUCKETS * buckets.len(),
+            true,
+            move |k| {
+                let h = (k >> 16) as usize;
+                let low = k & 0xffff;
+                if h == slot_bucket[0] {
+                    low
+                } else if h == slot_bucket[1] {
+                    LO_BUCKETS as u32 + low
+                } else if h == slot_bucket[2] {
+                    2 * LO_BUCKETS as u32 + low
+                } else {
+                    u32::MAX
+                }
+            },
+        );
+        for &(b, within) in &located {
             let slot = buckets.iter().position(|&x| x == b).unwrap_or(0);
-            let (low, _) = locate(&lo[slot * LO_BUCKETS..(slot + 1) * LO_BUCKETS], within);
-            ((b as u32) << 16) | low as u32
+            let h = &lo[slot * LO_BUCKETS..(slot + 1) * LO_BUCKETS];
+            let (low, _) = locate(h, within);
+            let below = hi[..b].iter().sum::<u64>() + h[..low].iter().sum::<u64>();
+            out.push(Ranked {
+                key: ((b as u32) << 16) | low as u32,
+                below,
+                equal: h[low],
+            });
+        }
+    }
+    out
+}
+
+/// Below this many elements [`ranked_sampled`] is the radix select.
+const SAMPLED_MIN: usize = 1 << 20;
+/// The sample: runs of `SAMPLE_RUN` elements every `SAMPLE_STRIDE` (a prime, so the sample does
+/// not alias with row lengths), about 1/128 of the elements.
+const SAMPLE_RUN: usize = 32;
+const SAMPLE_STRIDE: usize = 4093;
+/// Half-width of a key band, in standard deviations of the sample quantile.
+const SAMPLE_SIGMAS: f64 = 7.0;
+
+/// [`ranked`] for a large slice by sampling: a strided sample of the keys gives each rank a
+/// band of keys that holds its order statistic with overwhelming probability; one pass over
+/// the slice counts the keys below each band and collects those inside it (a few percent), and
+/// the statistic is selected from those. A rank whose band misses goes through [`ranked`].
+/// About a third of the radix select's time: one pass of compares instead of two of
+/// histogram increments.
+pub(crate) fn ranked_sampled<K>(
+    x: &[f32],
+    ranks: &[usize],
+    threads: usize,
+    hi_buckets: usize,
+    key: &K,
+) -> Vec<Ranked>
+where
+    K: Fn(f32) -> u32 + Sync,
+{
+    ranked_sampled_with(x, ranks, threads, hi_buckets, key, SAMPLE_SIGMAS)
+}
+
+/// [`ranked_sampled`] with bands of `sigmas` standard deviations.
+fn ranked_sampled_with<K>(
+    x: &[f32],
+    ranks: &[usize],
+    threads: usize,
+    hi_buckets: usize,
+    key: &K,
+    sigmas: f64,
+) -> Vec<Ranked>
+where
+    K: Fn(f32) -> u32 + Sync,
+{
+    let n = x.len();
+    if n < SAMPLED_MIN || ranks.is_empty() {
+        return ranked(x, ranks, threads, hi_buckets, key);
+    }
+    let bands = sample_bands(x, ranks, key, sigmas);
+    let found = band_pass(x, &bands, threads, key);
+    let mut out = Vec::with_capacity(ranks.len());
+    for (&r, f) in ranks.iter().zip(found) {
+        out.push(match f.and_then(|mut f| f.select(r as u64)) {
+            Some(got) => got,
+            None => ranked(x, &[r], threads, hi_buckets, key)[0],
+        });
+    }
+    out
+}
+
+/// Per rank, the inclusive key band `[lo, hi]` from the sample's quantiles around it.
+fn sample_bands<K: Fn(f32) -> u32>(
+    x: &[f32],
+    ranks: &[usize],
+    key: &K,
+    sigmas: f64,
+) -> Vec<(u32, u32)> {
+    let n = x.len();
+    let mut sample: Vec<u32> = Vec::with_capacity(n / SAMPLE_STRIDE * SAMPLE_RUN + SAMPLE_RUN);
+    for start in (0..n).step_by(SAMPLE_STRIDE) {
+        sample.extend(
+            x[start..(start + SAMPLE_RUN).min(n)]
+                .iter()
+                .map(|&v| key(v)),
+        );
+    }
+    let m = sample.len();
+    ranks
+        .iter()
+        .map(|&r| {
+            let q = (r as f64 + 0.5) / n as f64;
+            let delta = sigmas * (q * (1.0 - q) / m as f64).sqrt() + 8.0 / m as f64;
+            let lo_at = (q - delta) * m as f64;
+            let hi_at = (q + delta) * m as f64;
+            let lo = if lo_at < 0.0 {
+                0
+            } else {
+                *sample.select_nth_unstable((lo_at as usize).min(m - 1)).1
+            };
+            let hi = if hi_at >= (m - 1) as f64 {
+                u32::MAX
+            } else {
+                *sample
+                    .select_nth_unstable((hi_at.ceil() as usize).min(m - 1))
+                    .1
+            };
+            (lo, hi.max(lo))
         })
         .collect()
+}
+
+/// What one pass found for a band: the keys below it and the keys in it.
+struct BandHits {
+    below: u64,
+    inside: Vec<u32>,
+}
+
+impl BandHits {
+    /// The statistic at ascending rank `r`, when the band holds it.
+    fn select(&mut self, r: u64) -> Option<Ranked> {
+        let t = r.checked_sub(self.below)?;
+        if t >= self.inside.len() as u64 {
+            return None;
+        }
+        let (lt, &mut k, gt) = self.inside.select_nth_unstable(t as usize);
+        let below_in = lt.iter().filter(|&&v| v < k).count() as u64;
+        let equal = lt.len() as u64 - below_in + 1 + gt.iter().filter(|&&v| v == k).count() as u64;
+        Some(Ranked {
+            key: k,
+            below: self.below + below_in,
+            equal,
+        })
+    }
+}
+
+/// Keys collected per band beyond which the band is abandoned (the sample misled).
+fn band_cap(n: usize) -> usize {
+    n / 16 + 4096
+}
+
+/// One pass: per band, the count of keys below it and the keys inside it (`None`: too many).
+fn band_pass<K>(x: &[f32], bands: &[(u32, u32)], threads: usize, key: &K) -> Vec<Option<BandHits>>
+where
+    K: Fn(f32) -> u32 + Sync,
+{
+    let ranges = threads::chunk_ranges(x.len(), threads::resolve(threads), 1);
+    let cap = band_cap(x.len()) / ranges.len() + 4096;
+    let mut parts: Vec<Vec<Option<BandHits>>> = ranges.iter().map(|_| Vec::new()).collect();
+    let tasks: Vec<_> = ranges.into_iter().zip(parts.iter_mut()).collect();
+    threads::run_all(tasks, |(r, out)| {
+        with_avx2(
+            #[inline(always)]
+            || {
+                let mut hits: Vec<Option<BandHits>> = bands
+                    .iter()
+                    .map(|_| {
+                        Some(BandHits {
+                            below: 0,
+                            inside: Vec::new(),
+                        })
+                    })
+                    .collect();
+                let mut keys = [0u32; HIST_BLOCK];
+                for blk in x[r].chunks(HIST_BLOCK) {
+                    let keys = &mut keys[..blk.len()];
+                    for (k, &v) in keys.iter_mut().zip(blk) {
+                        *k = key(v);
+                    }
+                    for (&(lo, hi), h) in bands.iter().zip(hits.iter_mut()) {
+                        let Some(bh) = h else { continue };
+                        bh.below += keys.iter().map(|&k| (k < lo) as u32).sum::<u32>() as u64;
+                        // lo <= k <= hi  <=>  k - lo <= hi - lo (wrapping); few are: test 16 at
+                        // a time, collect from the groups that have any
+                        let w = hi - lo;
+                        for c in keys.chunks(16) {
+                            if c.iter().fold(false, |a, &k| a | (k.wrapping_sub(lo) <= w)) {
+                                bh.inside
+                                    .extend(c.iter().filter(|&&k| k.wrapping_sub(lo) <= w));
+                            }
+                        }
+                        if bh.inside.len() > cap {
+                            *h = None;
+                        }
+                    }
+                }
+                *out = hits;
+            },
+        )
+    });
+    let mut total: Vec<Option<BandHits>> = bands
+        .iter()
+        .map(|_| {
+            Some(BandHits {
+                below: 0,
+                inside: Vec::new(),
+            })
+        })
+        .collect();
+    for part in parts {
+        for (t, p) in total.iter_mut().zip(part) {
+            match (t.as_mut(), p) {
+                (Some(t), Some(p)) => {
+                    t.below += p.below;
+                    t.inside.extend_from_slice(&p.inside);
+                }
+                _ => *t = None,
+            }
+        }
+    }
+    total
 }
 
 // ---------------------------------------------------------------------------------------
@@ -754,6 +1089,101 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The sampled select against the radix select (and a sort) on slices that stress it:
+    /// ties, a constant slice, NaN and signed values, and a band forced to miss.
+    #[test]
+    fn sampled_select_matches_the_radix_select() {
+        let n = (1 << 20) + 12_345;
+        let mut g = Lcg(21);
+        let mut cases: Vec<Vec<f32>> = vec![
+            (0..n).map(|_| g.f32()).collect(),
+            (0..n).map(|_| g.tied()).collect(),
+            vec![0.5; n],
+            (0..n)
+                .map(|i| if i % 3 == 0 { f32::NAN } else { g.f32() * 1e-3 })
+                .collect(),
+            // a lopsided slice: the sample sees almost only the bulk
+            (0..n)
+                .map(|i| if i < n / 2 + 10 { 0.0 } else { g.f32().abs() })
+                .collect(),
+        ];
+        cases[1][7] = -0.0;
+        let ranks = |n: usize| {
+            vec![
+                0,
+                (0.25 * (n - 1) as f64) as usize,
+                (n - 1) / 2,
+                n / 2 + 9,
+                n - 1,
+            ]
+        };
+        for (c, x) in cases.iter().enumerate() {
+            let r = ranks(x.len());
+            for threads in [1, 3] {
+                let want = ranked(x, &r, threads, ORDER_HI_BUCKETS, &order_key);
+                let got = ranked_sampled(x, &r, threads, ORDER_HI_BUCKETS, &order_key);
+                assert_eq!(got, want, "case {c} threads {threads}");
+            }
+            let mut keys: Vec<u32> = x.iter().map(|&v| order_key(v)).collect();
+            keys.sort_unstable();
+            for (&rank, got) in r.iter().zip(ranked(x, &r, 2, ORDER_HI_BUCKETS, &order_key)) {
+                assert_eq!(got.key, keys[rank]);
+                assert_eq!(got.below, keys.partition_point(|&k| k < got.key) as u64);
+                assert_eq!(
+                    got.equal,
+                    keys.iter().filter(|&&k| k == got.key).count() as u64
+                );
+            }
+        }
+        // bands of a single key (negative sigmas) miss most ranks: those fall back to the radix
+        // select
+        for (c, x) in cases.iter().enumerate() {
+            let r = ranks(x.len());
+            let bands = sample_bands(x, &r, &order_key, -1.0);
+            let found = band_pass(x, &bands, 2, &order_key);
+            let misses = r
+                .iter()
+                .zip(found)
+                .filter(|(&rank, f)| {
+                    f.as_ref().is_none_or(|f| {
+                        let t = rank as u64;
+                        t < f.below || t >= f.below + f.inside.len() as u64
+                    })
+                })
+                .count();
+            if c == 0 {
+                assert!(misses >= 3, "{misses}");
+            }
+            let want = ranked(x, &r, 2, ORDER_HI_BUCKETS, &order_key);
+            let got = ranked_sampled_with(x, &r, 2, ORDER_HI_BUCKETS, &order_key, -1.0);
+            assert_eq!(got, want, "case {c}");
+        }
+        // order keys: floats in order, -0 == +0, NaN last
+        let vals = [
+            f32::NEG_INFINITY,
+            -2.0,
+            -1e-40,
+            -0.0,
+            0.0,
+            1e-40,
+            3.0,
+            f32::INFINITY,
+        ];
+        for w in vals.windows(2) {
+            assert!(order_key(w[0]) <= order_key(w[1]), "{w:?}");
+        }
+        assert_eq!(order_key(-0.0), order_key(0.0));
+        assert_eq!(order_key(f32::NAN), u32::MAX);
+        assert!(order_key(-f32::NAN) > order_key(f32::INFINITY));
+        for v in vals {
+            assert_eq!(
+                order_key_value(order_key(v)),
+                if v == 0.0 { 0.0 } else { v }
+            );
+        }
+        assert!(order_key_value(u32::MAX).is_nan());
     }
 
     fn naive_magnitude(x: &[f32], density: f64) -> Vec<f32> {

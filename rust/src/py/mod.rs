@@ -13,6 +13,7 @@ mod gram;
 mod gta;
 mod health;
 mod kernels;
+mod method_kernels;
 mod sparsify;
 mod task_vector_stats;
 mod writer;
@@ -129,6 +130,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<gta::PySparsity>()?;
     m.add_function(wrap_pyfunction!(gta::gta_merge, m)?)?;
     m.add_function(wrap_pyfunction!(task_vector_stats::task_vector_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(method_kernels::nearswap_merge, m)?)?;
+    m.add_function(wrap_pyfunction!(method_kernels::sce_merge, m)?)?;
+    m.add_function(wrap_pyfunction!(method_kernels::arcee_fusion_merge, m)?)?;
     Ok(())
 }
 

@@ -96,7 +96,6 @@ def _pair(method: str, parameters: str = "", base: str = "{base}") -> str:
     return text + (f"parameters: {{{{{parameters}}}}}\n" if parameters else "")
 
 
-_NO_KERNEL = "no native kernel yet"  # the reason of a method still waiting for one
 _MOE = (
     "base_model: {base}\ngate_mode: GATE\ndtype: bfloat16\nexperts:\n"
     "  - source_model: {ft1}\n    positive_prompts: ['w3 w4']\n"
@@ -120,16 +119,14 @@ CASES = [
     Case("multislerp", _weighted("multislerp", base=False)),
     Case("karcher", _pair("karcher").replace("base_model: {base}\n", "")),
     Case("model_stock", _pair("model_stock")),
-    Case("sce", _pair("sce", "select_topk: 0.5"), needs_torch=_NO_KERNEL),
+    Case("sce", _pair("sce", "select_topk: 0.5")),
     Case(
         "nearswap",
         "merge_method: nearswap\nbase_model: {base}\nmodels:\n  - model: {ft1}\nparameters: {{t: 0.01}}\n",
-        needs_torch=_NO_KERNEL,
     ),
     Case(
         "arcee_fusion",
         "merge_method: arcee_fusion\nbase_model: {base}\nmodels:\n  - model: {ft1}\n",
-        needs_torch=_NO_KERNEL,
     ),
     Case(
         "tokenizer-union",

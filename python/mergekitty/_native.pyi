@@ -30,6 +30,8 @@ __all__ = [
     "plan_layout",
     "shard_digest",
     "weighted_sum",
+    "weighted_sum_grouped",
+    "gram",
     "convert",
     "TensorHealth",
     "scan_health",
@@ -42,6 +44,9 @@ __all__ = [
     "Sparsity",
     "gta_merge",
     "task_vector_stats",
+    "nearswap_merge",
+    "sce_merge",
+    "arcee_fusion_merge",
 ]
 
 __version__: str
@@ -207,6 +212,43 @@ def weighted_sum_grouped(
 ) -> TensorHealth:
     """``out[e] = sum_i coefs[g(e)][i] * inputs[i][e]`` (``coefs``: ``count * k`` float32), with
     the grouping of ``gram``. Returns the inputs' and the output's health."""
+
+def nearswap_merge(
+    base: Buffer,
+    base_dtype: str,
+    other: Buffer,
+    other_dtype: str,
+    t: float,
+    out: Buffer,
+    out_dtype: str,
+    threads: int = 0,
+) -> TensorHealth:
+    """NearSwap of one tensor (methods/nearswap.py). Health: base, other, then the output."""
+
+def sce_merge(
+    base: Buffer,
+    base_dtype: str,
+    inputs: Sequence[Buffer],
+    in_dtypes: Sequence[str],
+    select_topk: float,
+    out: Buffer,
+    out_dtype: str,
+    threads: int = 0,
+) -> TensorHealth:
+    """SCE of one tensor (methods/sce.py). Health: base, the inputs, then the output."""
+
+def arcee_fusion_merge(
+    base: Buffer,
+    base_dtype: str,
+    other: Buffer,
+    other_dtype: str,
+    row_len: int,
+    out: Buffer,
+    out_dtype: str,
+    threads: int = 0,
+) -> TensorHealth:
+    """Arcee Fusion of one tensor (methods/arcee_fusion.py), the KL per row of ``row_len``.
+    Health: base, other, then the output."""
 
 def convert(input: Buffer, in_dtype: str, out: Buffer, out_dtype: str, threads: int = 0) -> None:
     """Cast ``input`` into ``out`` among F32/F16/BF16."""

@@ -18,8 +18,8 @@ recomputed as B + (X - B).
 from __future__ import annotations
 
 from ..errors import MergeError
-from ._geometric import f32, finish, trivial
-from .base import MergeInputs, MergeMethod, TorchFunction
+from ._geometric import f32, finish, native_trivial, trivial
+from .base import MergeInputs, MergeMethod, NativeInputs, TorchFunction
 
 
 def order_statistic(flat, index: int):
@@ -66,11 +66,26 @@ def merge(inputs: MergeInputs):
     return finish(torch.where(importance >= tau, x, b), inputs)
 
 
+def native(x: NativeInputs):
+    """``merge`` on CPU from the memory maps (rust/src/kernels/arcee_fusion.rs): the row KL and
+    the importance in one float32 scratch copy, its three order statistics, then the selection."""
+    from .. import _native
+
+    done = native_trivial(x)
+    if done is not None:
+        return done
+    if not x.has_base or x.models != 1:
+        raise MergeError(f"tensor '{x.name}': arcee_fusion needs a base model and exactly one other model")
+    (b, x1), (bd, xd) = x.inputs, x.dtypes
+    row_len = x.shape[-1] if x.shape else 1
+    return _native.arcee_fusion_merge(b, bd, x1, xd, row_len, x.out, x.out_dtype, x.threads)
+
+
 METHOD = MergeMethod(
     name="arcee_fusion",
     pretty_name="Arcee Fusion",
     paper_url="https://www.arcee.ai/blog/meet-mergekit-v0-1-arcee-fusion-expanded-model-support-multi-gpu-acceleration",
-    compute=TorchFunction(merge, working_copies=(1.5, 0.5)),  # measured: memory.py
+    compute=TorchFunction(merge, working_copies=(1.5, 0.5), native=native, native_copies=1.0),  # measured: memory.py
     base="required",
     min_models=1,
     max_models=1,

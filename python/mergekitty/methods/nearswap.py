@@ -13,8 +13,8 @@ mergekit clamps |B - X| to >= 1e-6; where B == X every choice gives the same val
 from __future__ import annotations
 
 from ..errors import MergeError
-from ._geometric import f32, finish, trivial
-from .base import MergeInputs, MergeMethod, ParamSpec, TorchFunction
+from ._geometric import f32, finish, native_trivial, trivial
+from .base import MergeInputs, MergeMethod, NativeInputs, ParamSpec, TorchFunction
 
 
 def merge(inputs: MergeInputs):
@@ -34,11 +34,24 @@ def merge(inputs: MergeInputs):
     return finish(w * x + (1.0 - w) * b, inputs)
 
 
+def native(x: NativeInputs):
+    """``merge`` on CPU from the memory maps: one elementwise pass (rust/src/kernels/nearswap.rs)."""
+    from .. import _native
+
+    done = native_trivial(x)
+    if done is not None:
+        return done
+    if not x.has_base or x.models != 1:
+        raise MergeError(f"tensor '{x.name}': nearswap needs a base model and exactly one other model")
+    (b, x1), (bd, xd) = x.inputs, x.dtypes
+    return _native.nearswap_merge(b, bd, x1, xd, float(x.params["t"]), x.out, x.out_dtype, x.threads)
+
+
 METHOD = MergeMethod(
     name="nearswap",
     pretty_name="NearSwap",
     paper_url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
-    compute=TorchFunction(merge, working_copies=(2.0, 0.75)),  # measured: memory.py
+    compute=TorchFunction(merge, working_copies=(2.0, 0.75), native=native),  # measured: memory.py
     global_params=(
         ParamSpec(
             "t",

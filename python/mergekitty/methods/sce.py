@@ -24,8 +24,8 @@ from ``ops.consensus.combine`` because SCE elects on the unweighted task vectors
 from __future__ import annotations
 
 from ..errors import MergeError
-from ._geometric import f32, finish, trivial
-from .base import MergeInputs, MergeMethod, ParamSpec, TorchFunction
+from ._geometric import f32, finish, native_trivial, trivial
+from .base import MergeInputs, MergeMethod, NativeInputs, ParamSpec, TorchFunction
 
 
 def topk_mask(score, k: int):
@@ -74,11 +74,27 @@ def merge(inputs: MergeInputs):
     return finish(base + merged, inputs)
 
 
+def native(x: NativeInputs):
+    """``merge`` on CPU from the memory maps (rust/src/kernels/sce.rs): the variance's order
+    statistic in one float32 scratch copy of the tensor, then the weights and the election."""
+    from .. import _native
+
+    done = native_trivial(x)
+    if done is not None:
+        return done
+    if not x.has_base:
+        raise MergeError(f"tensor '{x.name}': sce needs a base model")
+    return _native.sce_merge(
+        x.inputs[0], x.dtypes[0], x.inputs[1:], x.dtypes[1:], float(x.params["select_topk"]),
+        x.out, x.out_dtype, x.threads,
+    )  # fmt: skip
+
+
 METHOD = MergeMethod(
     name="sce",
     pretty_name="SCE",
     paper_url="https://arxiv.org/abs/2408.07990",
-    compute=TorchFunction(merge, working_copies=(3.5, 1.75)),  # measured: memory.py
+    compute=TorchFunction(merge, working_copies=(3.5, 1.75), native=native, native_copies=1.0),  # measured: memory.py
     global_params=(
         ParamSpec(
             "select_topk",

@@ -40,6 +40,9 @@ __all__ = [
     "uniform",
     "Sparsity",
     "gta_merge",
+    "nearswap_merge",
+    "sce_merge",
+    "arcee_fusion_merge",
 ]
 
 __version__: str
@@ -242,3 +245,43 @@ def gta_merge(
 ) -> TensorHealth:
     """out = base + lambda_ * combine(sparsify_i(x_i - base), weights) for one tensor of ``shape``.
     Returns the health of ``xs``, then ``base``, and of the output."""
+
+def nearswap_merge(
+    base: Buffer,
+    base_dtype: str,
+    other: Buffer,
+    other_dtype: str,
+    t: float,
+    out: Buffer,
+    out_dtype: str,
+    threads: int = 0,
+) -> TensorHealth:
+    """NearSwap (methods/nearswap.py, bit-identical). Returns the health of ``base``, ``other``
+    and the output."""
+
+def sce_merge(
+    base: Buffer,
+    base_dtype: str,
+    inputs: Sequence[Buffer],
+    in_dtypes: Sequence[str],
+    select_topk: float,
+    out: Buffer,
+    out_dtype: str,
+    threads: int = 0,
+) -> TensorHealth:
+    """SCE of ``base`` and the models ``inputs`` in config order (methods/sce.py). Returns the
+    health of ``base``, then ``inputs``, and of the output."""
+
+def arcee_fusion_merge(
+    base: Buffer,
+    base_dtype: str,
+    other: Buffer,
+    other_dtype: str,
+    row_len: int,
+    out: Buffer,
+    out_dtype: str,
+    threads: int = 0,
+) -> TensorHealth:
+    """Arcee Fusion (methods/arcee_fusion.py), softmax and KL along rows of ``row_len`` elements
+    (the last axis; a 1-D tensor is one row). Returns the health of ``base``, ``other`` and the
+    output."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .io.dtypes import nbytes
 from .kernels import Copy, CopyIfEqual, Gta, LinearCombination, MethodKernel, Torch
@@ -111,18 +111,21 @@ def _scratch_bytes(job: TensorJob, method: MergeMethod) -> int:
         keys = math.ceil(n / SAMPLE_STRIDE) * SAMPLE_RUN if n >= SAMPLED_MIN_N else n
         return 4 * keys * ranked + l1
     if isinstance(kernel, MethodKernel):
-        return int(4 * n * _native_copies(method))
+        return int(4 * n * _native_copies(method, job.params))
     # torch: the float32 working copies the method declares, per input and fixed
     per_input, fixed = _working_copies(method)
     inputs = len(job.inputs) + len(job.row_sources)
     return int(4 * n * (per_input * inputs + fixed))
 
 
-def _native_copies(method: MergeMethod) -> float:
+def _native_copies(method: MergeMethod, params: dict[str, Any]) -> float:
     from .methods.base import TorchFunction
 
     compute = method.compute
-    return compute.native_copies if isinstance(compute, TorchFunction) else 0.0
+    if not isinstance(compute, TorchFunction):
+        return 0.0
+    copies = compute.native_copies
+    return copies(params) if callable(copies) else copies
 
 
 def _working_copies(method: MergeMethod) -> tuple[float, float]:

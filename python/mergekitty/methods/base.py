@@ -156,13 +156,13 @@ class TorchFunction:
     ``native``, when the method has one, computes a tensor on CPU from the memory maps without
     torch (``NativeInputs``); the planner chooses it wherever the inputs allow.
     ``working_copies``: how many float32 copies of the tensor the torch function holds at once,
-    as (per input, fixed); ``native_copies``: the same for the native function (fixed). The plan's
-    memory estimate (memory.py) reads them."""
+    as (per input, fixed); ``native_copies``: the same for the native function (fixed), or a
+    function of the global parameters giving it. The plan's memory estimate (memory.py) reads them."""
 
     merge: Callable[[MergeInputs], torch.Tensor]
     working_copies: tuple[float, float] = (2.0, 2.0)
     native: Callable[[NativeInputs], Any] | None = None
-    native_copies: float = 0.0
+    native_copies: float | Callable[[dict[str, Any]], float] = 0.0
 
 
 # How a method computes a tensor; the planner turns it into each job's kernel (plan.choose_kernel).

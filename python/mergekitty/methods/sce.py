@@ -94,7 +94,13 @@ METHOD = MergeMethod(
     name="sce",
     pretty_name="SCE",
     paper_url="https://arxiv.org/abs/2408.07990",
-    compute=TorchFunction(merge, working_copies=(3.5, 1.75), native=native, native_copies=1.0),  # measured: memory.py
+    compute=TorchFunction(
+        merge,
+        working_copies=(3.5, 1.75),
+        native=native,
+        # the selection's float32 variance, only when it selects
+        native_copies=lambda params: 1.0 if float(params["select_topk"]) < 1.0 else 0.0,
+    ),  # measured: memory.py
     global_params=(
         ParamSpec(
             "select_topk",

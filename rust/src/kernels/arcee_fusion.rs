@@ -363,19 +363,8 @@ fn select(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::health::tests::{close, encode, reference};
+    use crate::kernels::health::tests::{close, decode, encode, reference};
     use crate::test_rng::Lcg;
-
-    fn decode(bytes: &[u8], d: FloatDtype) -> Vec<f32> {
-        bytes
-            .chunks_exact(d.size())
-            .map(|c| match d {
-                FloatDtype::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-                FloatDtype::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
-                FloatDtype::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
-            })
-            .collect()
-    }
 
     /// A compensated (Neumaier) sum: the reference's sums are exact to float64 rounding.
     fn exact_sum(v: impl Iterator<Item = f64>) -> f64 {

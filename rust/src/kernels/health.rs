@@ -318,6 +318,18 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// The values of little-endian `bytes` of dtype `d`, as float32.
+    pub(crate) fn decode(bytes: &[u8], d: FloatDtype) -> Vec<f32> {
+        bytes
+            .chunks_exact(d.size())
+            .map(|c| match d {
+                FloatDtype::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+                FloatDtype::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
+                FloatDtype::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+            })
+            .collect()
+    }
+
     /// The definition, in float64, of the values as `d` holds them.
     pub(crate) fn reference(bytes: &[u8], d: FloatDtype) -> Stats {
         let mut s = Stats::default();

@@ -107,18 +107,7 @@ fn element(b: f32, x: f32, t: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::health::tests::{close, encode, reference};
-
-    fn decode(bytes: &[u8], d: FloatDtype) -> Vec<f32> {
-        bytes
-            .chunks_exact(d.size())
-            .map(|c| match d {
-                FloatDtype::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-                FloatDtype::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
-                FloatDtype::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
-            })
-            .collect()
-    }
+    use crate::kernels::health::tests::{close, decode, encode, reference};
 
     fn run(b: &[f32], x: &[f32], t: f64, d: FloatDtype, threads: usize) -> (Vec<f32>, Health) {
         let (bb, xb) = (encode(b, d), encode(x, d));

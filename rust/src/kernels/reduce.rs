@@ -511,28 +511,7 @@ mod tests {
         }
     }
 
-    fn encode(vals: &[f32], d: FloatDtype) -> Vec<u8> {
-        let mut out = Vec::with_capacity(vals.len() * d.size());
-        for &v in vals {
-            match d {
-                FloatDtype::F32 => out.extend_from_slice(&v.to_le_bytes()),
-                FloatDtype::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
-                FloatDtype::BF16 => out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
-            }
-        }
-        out
-    }
-
-    fn decode(bytes: &[u8], d: FloatDtype) -> Vec<f32> {
-        bytes
-            .chunks_exact(d.size())
-            .map(|c| match d {
-                FloatDtype::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-                FloatDtype::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
-                FloatDtype::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
-            })
-            .collect()
-    }
+    use crate::kernels::health::tests::{decode, encode};
 
     const ALL: [FloatDtype; 3] = [FloatDtype::F32, FloatDtype::F16, FloatDtype::BF16];
 

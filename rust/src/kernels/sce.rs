@@ -532,19 +532,8 @@ fn merge_block<const K: usize>(d: &[f32], k: usize, w: &[f32], bv: &[f32], out: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::health::tests::{close, encode, reference};
+    use crate::kernels::health::tests::{close, decode, encode, reference};
     use crate::test_rng::Lcg;
-
-    fn decode(bytes: &[u8], d: FloatDtype) -> Vec<f32> {
-        bytes
-            .chunks_exact(d.size())
-            .map(|c| match d {
-                FloatDtype::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-                FloatDtype::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
-                FloatDtype::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
-            })
-            .collect()
-    }
 
     /// The definition element by element (the reference's torch operations, in order).
     fn naive(b: &[f32], xs: &[Vec<f32>], topk: f64) -> Vec<f32> {

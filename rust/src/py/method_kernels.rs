@@ -12,6 +12,30 @@ use crate::error::Error;
 use crate::kernels::gta::Tensor;
 use crate::kernels::{arcee_fusion, nearswap, sce};
 
+/// The base's and the other model's tensors and the output of a two-model kernel, held by
+/// `bufs` (the output checked to overlap neither input).
+fn base_and_other<'a>(
+    bufs: &'a mut Buffers,
+    base: (&Bound<'_, PyAny>, &str),
+    other: (&Bound<'_, PyAny>, &str),
+    out: &Bound<'_, PyAny>,
+) -> PyResult<(Tensor<'a>, Tensor<'a>, &'a mut [u8])> {
+    let (base_dtype, other_dtype) = (FloatDtype::parse(base.1)?, FloatDtype::parse(other.1)?);
+    bufs.input(base.0, "base")?;
+    bufs.input(other.0, "other")?;
+    bufs.output(out, "out")?;
+    let (slices, out) = bufs.slices();
+    let b = Tensor {
+        data: slices[0],
+        dtype: base_dtype,
+    };
+    let x = Tensor {
+        data: slices[1],
+        dtype: other_dtype,
+    };
+    Ok((b, x, out))
+}
+
 /// NearSwap of `base` and `other` with threshold `t` (methods/nearswap.py), written into `out`
 /// as `out_dtype`. Returns the `TensorHealth` of `base`, `other` and the output.
 #[pyfunction]
@@ -28,24 +52,9 @@ pub fn nearswap_merge(
     out_dtype: &str,
     threads: usize,
 ) -> PyResult<PyTensorHealth> {
-    let (base_dtype, other_dtype) = (
-        FloatDtype::parse(base_dtype)?,
-        FloatDtype::parse(other_dtype)?,
-    );
     let out_dtype = FloatDtype::parse(out_dtype)?;
     let mut bufs = Buffers::default();
-    bufs.input(&base, "base")?;
-    bufs.input(&other, "other")?;
-    bufs.output(&out, "out")?;
-    let (slices, out) = bufs.slices();
-    let b = Tensor {
-        data: slices[0],
-        dtype: base_dtype,
-    };
-    let x = Tensor {
-        data: slices[1],
-        dtype: other_dtype,
-    };
+    let (b, x, out) = base_and_other(&mut bufs, (&base, base_dtype), (&other, other_dtype), &out)?;
     let health = py.detach(|| nearswap::nearswap(b, x, t, out, out_dtype, threads))?;
     Ok(health.into())
 }
@@ -113,24 +122,9 @@ pub fn arcee_fusion_merge(
     out_dtype: &str,
     threads: usize,
 ) -> PyResult<PyTensorHealth> {
-    let (base_dtype, other_dtype) = (
-        FloatDtype::parse(base_dtype)?,
-        FloatDtype::parse(other_dtype)?,
-    );
     let out_dtype = FloatDtype::parse(out_dtype)?;
     let mut bufs = Buffers::default();
-    bufs.input(&base, "base")?;
-    bufs.input(&other, "other")?;
-    bufs.output(&out, "out")?;
-    let (slices, out) = bufs.slices();
-    let b = Tensor {
-        data: slices[0],
-        dtype: base_dtype,
-    };
-    let x = Tensor {
-        data: slices[1],
-        dtype: other_dtype,
-    };
+    let (b, x, out) = base_and_other(&mut bufs, (&base, base_dtype), (&other, other_dtype), &out)?;
     let health =
         py.detach(|| arcee_fusion::arcee_fusion(b, x, row_len, out, out_dtype, threads))?;
     Ok(health.into())

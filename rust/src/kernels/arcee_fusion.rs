@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::kernels::consensus::{load, store};
 use crate::kernels::exp_ln::{exp, ln, two_atanh, ATANH_MAX};
 use crate::kernels::gta::Tensor;
-use crate::kernels::health::{scan, Health};
+use crate::kernels::health::{per_range, scan, Health};
 use crate::kernels::sparsify::{order_key, order_key_value, ranked_sampled, ORDER_HI_BUCKETS};
 use crate::kernels::{common_length, with_avx2, with_simd_fma, ScratchF32};
 use crate::threads;
@@ -323,15 +323,7 @@ fn select(
 ) -> Health {
     let ranges = threads::chunk_ranges(imp.len(), threads, SEG);
     let osz = out_dtype.size();
-    let mut parts: Vec<Health> = ranges.iter().map(|_| Health::new(2)).collect();
-    let mut tasks = Vec::with_capacity(ranges.len());
-    let mut rest = out;
-    for (r, h) in ranges.iter().zip(parts.iter_mut()) {
-        let (head, tail) = rest.split_at_mut(r.len() * osz);
-        tasks.push((r.start, head, h));
-        rest = tail;
-    }
-    threads::run_all(tasks, |(start, out, h)| {
+    per_range(out, osz, &ranges, 2, |start, out, h| {
         with_avx2(
             #[inline(always)]
             || {
@@ -356,8 +348,7 @@ fn select(
                 }
             },
         )
-    });
-    Health::sum(2, &parts)
+    })
 }
 
 #[cfg(test)]

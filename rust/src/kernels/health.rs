@@ -73,6 +73,32 @@ impl Health {
     }
 }
 
+/// Split `out` (elements of `osz` bytes) along `ranges`, run `f(first element, its bytes, its
+/// figures)` for each range on its own thread, and sum the figures (of `inputs` inputs). Each
+/// thread fills a `Health` of its own stack: the parts would share cache lines.
+pub(crate) fn per_range(
+    out: &mut [u8],
+    osz: usize,
+    ranges: &[std::ops::Range<usize>],
+    inputs: usize,
+    f: impl Fn(usize, &mut [u8], &mut Health) + Sync,
+) -> Health {
+    let mut parts: Vec<Health> = ranges.iter().map(|_| Health::new(inputs)).collect();
+    let mut tasks = Vec::with_capacity(ranges.len());
+    let mut rest = out;
+    for (r, h) in ranges.iter().zip(parts.iter_mut()) {
+        let (head, tail) = rest.split_at_mut(r.len() * osz);
+        tasks.push((r.start, head, h));
+        rest = tail;
+    }
+    crate::threads::run_all(tasks, |(start, out, h)| {
+        let mut local = Health::new(inputs);
+        f(start, out, &mut local);
+        *h = local;
+    });
+    Health::sum(inputs, &parts)
+}
+
 /// The figures of a block of little-endian elements of `dtype` (a few thousand: the float32
 /// lanes' error grows with the block).
 #[inline]

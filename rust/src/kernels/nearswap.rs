@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::kernels::common_length;
 use crate::kernels::consensus::{load, store};
 use crate::kernels::gta::Tensor;
-use crate::kernels::health::{scan, Health};
+use crate::kernels::health::{per_range, scan, Health};
 use crate::kernels::with_avx2;
 use crate::threads;
 
@@ -42,22 +42,18 @@ pub fn nearswap(
     let n = common_length(&[base, other], names, out, out_dtype)?;
     let t = t as f32; // torch multiplies a float32 tensor by the scalar rounded to float32
     let ranges = threads::chunk_ranges(n, threads::resolve(threads), BLOCK);
-    let osz = out_dtype.size();
-    let mut parts: Vec<Health> = ranges.iter().map(|_| Health::new(2)).collect();
-    let mut tasks = Vec::with_capacity(ranges.len());
-    let mut rest = out;
-    for (r, h) in ranges.into_iter().zip(parts.iter_mut()) {
-        let (head, tail) = rest.split_at_mut(r.len() * osz);
-        tasks.push((r.start, head, h));
-        rest = tail;
-    }
-    threads::run_all(tasks, |(start, out, h)| {
-        with_avx2(
-            #[inline(always)]
-            || *h = range(base, other, t, start, out, out_dtype),
-        )
-    });
-    Ok(Health::sum(2, &parts))
+    Ok(per_range(
+        out,
+        out_dtype.size(),
+        &ranges,
+        2,
+        |start, out, h| {
+            with_avx2(
+                #[inline(always)]
+                || *h = range(base, other, t, start, out, out_dtype),
+            )
+        },
+    ))
 }
 
 /// Elements `start..start + out.len() / osz`.

@@ -10,7 +10,7 @@
 use crate::dtype::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, FloatDtype};
 use crate::error::{Error, Result};
 use crate::kernels::gram::{Groups, Input};
-use crate::kernels::health::{block_stats, out_squares_stand_in, scan, Health};
+use crate::kernels::health::{block_stats, out_squares_stand_in, per_range, scan, Health};
 use crate::threads;
 
 /// Elements per block: 8 KiB of f32 accumulator, comfortably inside L1 next to the inputs.
@@ -55,22 +55,13 @@ pub fn weighted_sum(
 ) -> Result<Health> {
     let n = element_count(inputs, out, out_dtype)?;
     let ranges = threads::chunk_ranges(n, threads::resolve(threads), BLOCK);
-    let osz = out_dtype.size();
-    let mut parts: Vec<Health> = ranges.iter().map(|_| Health::new(inputs.len())).collect();
-    let mut tasks = Vec::with_capacity(ranges.len());
-    let mut rest = out;
-    for (r, h) in ranges.into_iter().zip(parts.iter_mut()) {
-        let (head, tail) = rest.split_at_mut(r.len() * osz);
-        tasks.push((r.start, head, h));
-        rest = tail;
-    }
-    threads::run_all(tasks, |(start, out, h)| {
-        // summed on this thread's stack: the parts share cache lines
-        let mut local = Health::new(inputs.len());
-        sum_range(inputs, start, out, out_dtype, &mut local);
-        *h = local;
-    });
-    Ok(Health::sum(inputs.len(), &parts))
+    Ok(per_range(
+        out,
+        out_dtype.size(),
+        &ranges,
+        inputs.len(),
+        |start, out, h| sum_range(inputs, start, out, out_dtype, h),
+    ))
 }
 
 /// Cast between F32, F16 and BF16 (a weighted sum of one input with weight 1, which is exact).

@@ -34,7 +34,7 @@ use crate::dtype::FloatDtype;
 use crate::error::{Error, Result};
 use crate::kernels::consensus::{load, store};
 use crate::kernels::gta::{load_squares, Tensor};
-use crate::kernels::health::{block_stats, scan, Health};
+use crate::kernels::health::{block_stats, per_range, scan, Health};
 use crate::kernels::sparsify::{order_key, order_key_value, ranked_sampled, ORDER_HI_BUCKETS};
 use crate::kernels::{common_length, with_avx2, with_simd_fma, ScratchF32};
 use crate::threads;
@@ -428,15 +428,7 @@ fn output_pass(
 ) -> Health {
     let k = xs.len();
     let osz = out_dtype.size();
-    let mut parts: Vec<Health> = ranges.iter().map(|_| Health::new(k + 1)).collect();
-    let mut tasks = Vec::with_capacity(ranges.len());
-    let mut rest = out;
-    for (r, h) in ranges.iter().zip(parts.iter_mut()) {
-        let (head, tail) = rest.split_at_mut(r.len() * osz);
-        tasks.push((r.start, head, h));
-        rest = tail;
-    }
-    threads::run_all(tasks, |(start, out, h)| {
+    per_range(out, osz, ranges, k + 1, |start, out, h| {
         with_avx2(
             #[inline(always)]
             || {
@@ -488,8 +480,7 @@ fn output_pass(
                 }
             },
         )
-    });
-    Health::sum(k + 1, &parts)
+    })
 }
 
 /// `out = b + merged` for one block of (masked) deltas, `d`: model i at `i * BLOCK`. Per

@@ -8,7 +8,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,8 +64,10 @@ def _load_config(config: Any):
     return MERGE_CONFIG.coerce(config)
 
 
-def _open_models(config, options: MergeOptions):
-    """Open every model the config reads; an error names the config key (and line) of the model."""
+def _open_models(config, options: MergeOptions, stages: Mapping[str, Any] | None = None):
+    """Open every model the config reads; an error names the config key (and line) of the model.
+    ``stages``: a recipe's earlier documents by name (recipe.stage.Stage, or the directory of one
+    already written), which model references of that name read."""
     from .architecture import load_layout_override
     from .yaml_lines import error_at_key
 
@@ -73,7 +75,7 @@ def _open_models(config, options: MergeOptions):
     forced = load_layout_override(options.layout_override) if options.layout_override else None
     for ref in config.referenced_models():
         try:
-            models.append(_open_model(ref, config, options, forced))
+            models.append(_open_model(ref, config, options, forced, stages or {}))
         except MergekittyError as exc:
             key = config.model_key(ref)
             if key is None:
@@ -82,18 +84,17 @@ def _open_models(config, options: MergeOptions):
     return models
 
 
-def _open_model(ref, config, options: MergeOptions, forced):
+def _open_model(ref, config, options: MergeOptions, forced, stages: Mapping[str, Any]):
     from .architecture import infer_layout, model_layout_override
     from .plan import InputModel, PlannedModel
-    from .refs import resolve_local_path
 
-    path = Path(resolve_local_path(ref.path, getattr(ref, "revision", None), options.transformers_cache))
+    path, stage = _model_path(ref, options, stages)
     adapter = None
     if getattr(ref, "lora", None) is not None:
-        adapter = Path(resolve_local_path(ref.lora.path, ref.lora.revision, options.transformers_cache))
+        adapter = _model_path(ref.lora, options, {})[0]
     # what the plan keeps of the input; the tokenizer and layer count are filled in below
-    planned = PlannedModel(str(ref), path, 0, path, adapter, options.lora_merge_dtype if adapter else None)
-    checkpoint = planned.open(options.resolved_device())
+    planned = PlannedModel(str(ref), path, 0, path, adapter, options.lora_merge_dtype if adapter else None, stage)
+    checkpoint = planned.open(options.resolved_device(), options.threads)
     if adapter is not None:
         _warn_other_base(checkpoint.adapter, ref, path, config)
     cfg = checkpoint.config()
@@ -107,6 +108,20 @@ def _open_model(ref, config, options: MergeOptions, forced):
     return InputModel(ref, planned, checkpoint, cfg, layout)
 
 
+def _model_path(ref, options: MergeOptions, stages: Mapping[str, Any], tokenizer_only: bool = False):
+    """(local directory, the plan of the recipe stage it is or None) of a model reference: a
+    recipe stage's side-file directory, a written stage's directory, or the model's own."""
+    from .refs import resolve_local_path
+
+    stage = stages.get(ref.path)
+    if isinstance(stage, Path):
+        return stage, None
+    if stage is not None:
+        return stage.directory, stage.plan
+    path = resolve_local_path(ref.path, getattr(ref, "revision", None), options.transformers_cache, tokenizer_only)
+    return Path(path), None
+
+
 def _warn_other_base(lora, ref, base_dir: Path, config) -> None:
     """A model+lora reference whose adapter records another base model: a warning at its config key."""
     message = lora.other_base_warning(ref.path, base_dir)
@@ -116,9 +131,15 @@ def _warn_other_base(lora, ref, base_dir: Path, config) -> None:
 
 
 def plan_merge(
-    config: Any, out_path: str | os.PathLike | None = None, options: MergeOptions | None = None, **kwargs: Any
+    config: Any,
+    out_path: str | os.PathLike | None = None,
+    options: MergeOptions | None = None,
+    *,
+    stages: Mapping[str, Any] | None = None,
+    **kwargs: Any,
 ):
-    """Read every header, check everything, and return the MergePlan without reading weights."""
+    """Read every header, check everything, and return the MergePlan without reading weights.
+    ``stages``: the earlier documents of a recipe that model references may name (``_open_models``)."""
     from .config import check_method, parameter_name_problems, report_ignored
     from .config_modules import output_stacks
     from .io.output import check_output_path
@@ -128,7 +149,7 @@ def plan_merge(
     config = _load_config(config)
     method = check_method(config)
     report_ignored(config, options.strict, also=parameter_name_problems(config, method))
-    models = _open_models(config, options)
+    models = _open_models(config, options, stages)
     planner = Planner(config, method, models, options)
     stacks = output_stacks(config, models, planner.donor)
     check_architectures(models, planner.donor, options.allow_crimes)
@@ -137,7 +158,7 @@ def plan_merge(
     template = None
     if config.chat_template:
         template = _chat_template(config, [m.path for m in models])  # a bad one fails here, before any weight is read
-    vocab = _plan_vocabulary(config, models, planner, options)
+    vocab = _plan_vocabulary(config, models, planner, options, stages or {})
     if template is not None and vocab is not None:
         _warn_missing_template_tokens(config, template, vocab.tokens)
     seed = _random_seed(config, options)
@@ -156,7 +177,7 @@ def _random_seed(config, options: MergeOptions) -> int:
     return secrets.randbits(31)
 
 
-def _plan_vocabulary(config, models, planner, options: MergeOptions):
+def _plan_vocabulary(config, models, planner, options: MergeOptions, stages: Mapping[str, Any]):
     """The output vocabulary and each input's row map (None when there is no tokenizer to take it from)."""
     from .config import effective_tokenizer_source
     from .tokenizer.build import VocabInput, plan_vocabulary, token_settings
@@ -172,7 +193,7 @@ def _plan_vocabulary(config, models, planner, options: MergeOptions):
     if source not in ("base", "union"):
         # a model: one of the inputs, or a model whose tokenizer alone is used
         i = model_index(source)
-        source = i if i is not None else _tokenizer_only_source(config, source, options)
+        source = i if i is not None else _tokenizer_only_source(config, source, options, stages)
     if all(v is None for v in vocabs) and not isinstance(source, VocabInput):
         if getattr(config, "tokenizer", None) is not None or config.tokenizer_source not in (None, "base"):
             log.warning("the tokenizer settings have no effect: no input model has tokenizer files")
@@ -185,19 +206,18 @@ def _plan_vocabulary(config, models, planner, options: MergeOptions):
     return plan_vocabulary(inputs, source, planner.donor, settings, tok.pad_to_multiple_of if tok is not None else None)
 
 
-def _tokenizer_only_source(config, ref, options: MergeOptions):
+def _tokenizer_only_source(config, ref, options: MergeOptions, stages: Mapping[str, Any]):
     """The vocabulary of tokenizer source ``ref``, a model that is not merged: read from its
     tokenizer files (and config.json), never its weights. A missing model or tokenizer is a
     ConfigError at the tokenizer source key."""
-    from .refs import resolve_local_path
     from .tokenizer.source import tokenizer_only_input
 
     key = "tokenizer.source" if getattr(config, "tokenizer", None) is not None else "tokenizer_source"
     if ref.lora is not None:
         log.warning("tokenizer source %s: the LoRA adapter is not used; the vocabulary is the model's", ref)
     try:
-        path = resolve_local_path(ref.path, ref.revision, options.transformers_cache, tokenizer_only=True)
-        return tokenizer_only_input(str(ref), Path(path))
+        path, _ = _model_path(ref.model, options, stages, tokenizer_only=True)
+        return tokenizer_only_input(str(ref), path)
     except MergekittyError as exc:
         from .config import suggest
 
@@ -242,9 +262,9 @@ def _chat_template(config, model_dirs) -> str | None:
     )
 
 
-def _write_sidecars(plan, config, out, options: MergeOptions) -> None:
+def _write_sidecars(plan, config, out, options: MergeOptions, recorded_config: str | None = None) -> None:
     """The donor's side files, the tokenizer, the chat template and the model card, into
-    the OutputTransaction ``out``."""
+    the OutputTransaction ``out``; ``recorded_config``: the YAML the card records (write_plan)."""
     donor = plan.models[plan.donor]
     out.copy_files(donor.path, SIDECAR_FILES)
     if options.copy_tokenizer:
@@ -265,7 +285,7 @@ def _write_sidecars(plan, config, out, options: MergeOptions) -> None:
     if options.write_model_card:
         from .card import generate_card
 
-        text = getattr(config, "source_text", None) or config.to_yaml()
+        text = recorded_config or getattr(config, "source_text", None) or config.to_yaml()
         refs = [str(m.ref) for m in plan.models]
         base = str(config.base_model) if config.base_model is not None else None
         seed = (
@@ -299,8 +319,35 @@ def run_merge(
     tokenizer, merge, commit); ``on_health`` with the merge's ``HealthReport`` (health.py) once
     the model is written. A merged tensor holding NaN/Inf raises ``NonFiniteError`` (nothing is
     written) unless ``allow_nonfinite``."""
-    from .execute import execute
     from .extras import require_torch_for_plan
+
+    options = replace(options or MergeOptions(), **kwargs)
+    started = time.perf_counter()
+    config = _load_config(config)
+    plan = plan_merge(config, out_path, options)
+    require_torch_for_plan(plan)
+    if on_phase is not None:
+        on_phase(Phase("plan", time.perf_counter() - started))
+    if on_plan is not None:
+        on_plan(plan)
+    write_plan(plan, config, out_path, options, progress, on_health, on_phase)
+    return plan
+
+
+def write_plan(
+    plan,
+    config,
+    out_path: str | os.PathLike,
+    options: MergeOptions,
+    progress: Callable[[Any, float], None] | None = None,
+    on_health: Callable[[HealthReport], None] | None = None,
+    on_phase: Callable[[Phase], None] | None = None,
+    recorded_config: str | None = None,
+) -> None:
+    """Execute ``plan`` (made from ``config``) and write the model to ``out_path`` in one output
+    transaction: the side files, the tensors, then the commit. ``recorded_config``: the YAML
+    the model card and mergekitty_config.yml record (default: the config's own text)."""
+    from .execute import execute
     from .health import HEALTH_FILE, HealthReport
     from .io.output import OutputTransaction
 
@@ -308,14 +355,6 @@ def run_merge(
         if on_phase is not None:
             on_phase(Phase(name, time.perf_counter() - started, read, written))
 
-    options = replace(options or MergeOptions(), **kwargs)
-    started = time.perf_counter()
-    config = _load_config(config)
-    plan = plan_merge(config, out_path, options)
-    require_torch_for_plan(plan)
-    phase("plan", started)
-    if on_plan is not None:
-        on_plan(plan)
     device = options.resolved_device()
     if device != "cpu":
         import torch
@@ -327,7 +366,7 @@ def run_merge(
     with OutputTransaction(out_path, resume_key=_resume_key(plan)) as out:
         writer = out.open_shards(plan.output_layout(), plan.shard_size_bytes)
         started, before = time.perf_counter(), _files_bytes(out.dir)
-        _write_sidecars(plan, config, out, options)
+        _write_sidecars(plan, config, out, options, recorded_config)
         phase("tokenizer", started, written=_files_bytes(out.dir) - before)
         # a rerun of an interrupted merge computes only the tensors of the shards it lacks
         todo = replace(plan, jobs=tuple(j for j in plan.jobs if not writer.is_written(j.out_name)))
@@ -353,7 +392,6 @@ def run_merge(
     phase("commit", started)
     if on_health is not None:
         on_health(health)
-    return plan
 
 
 def _files_bytes(directory: Path) -> int:
@@ -380,15 +418,32 @@ def _resume_key(plan) -> str | None:
 
     h = hashlib.sha256(f"mergekitty {__version__}\n".encode())
     h.update(plan.to_json().encode())
-    for model in plan.models:
-        for directory in (model.path, model.adapter):
-            if directory is None:
-                continue
-            for f in sorted(Path(directory).iterdir()):
-                with contextlib.suppress(OSError):
-                    st = f.stat()
-                    h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    h.update(inputs_digest(plan).encode())
     return h.hexdigest()
+
+
+def inputs_digest(plan) -> str:
+    """A digest of the input files of ``plan`` as they are now (names, sizes, modification
+    times), through recipe stages to the models they read."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for directory in _input_dirs(plan):
+        for f in sorted(Path(directory).iterdir()):
+            with contextlib.suppress(OSError):
+                st = f.stat()
+                h.update(f"{directory}\0{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _input_dirs(plan) -> Iterator[Path]:
+    for model in plan.models:
+        if model.stage is not None:
+            yield from _input_dirs(model.stage)
+        else:
+            yield model.path
+        if model.adapter is not None:
+            yield model.adapter
 
 
 def option_names() -> list[str]:

@@ -370,7 +370,7 @@ def execute(
     ``health`` (a fresh report refusing non-finite outputs when None): a job it refuses raises
     its ``NonFiniteError`` before the tensor reaches the writer."""
     report = health if health is not None else HealthReport.for_plan(plan)
-    opened = [m.open(plan.device) for m in plan.models]
+    opened = [m.open(plan.device, threads) for m in plan.models]
     pool = BufferPool(keep=WRITE_QUEUE + 2)
     background = _BackgroundWriter(writer, pool)
     try:

@@ -78,6 +78,9 @@ def require_torch_for_plan(plan: MergePlan) -> None:
 
     if torch_available():
         return
+    for model in plan.models:
+        if model.stage is not None:  # a recipe stage computed as this plan reads it
+            require_torch_for_plan(model.stage)
     found = next(((j.out_name, j.kernel.reason) for j in plan.jobs if isinstance(j.kernel, Torch)), None)
     if found is None:
         return

@@ -60,6 +60,7 @@ def estimate(plan: MergePlan, prefetch: int = 2, in_flight: int = 3, keep_free: 
     free: list[int] = []  # sizes of the pool's free buffers
     pending: list[int | None] = []  # buffers the writer still holds, oldest first
     peak = 0
+    by_name: dict[int, dict[str, TensorJob]] = {}  # per stage plan (by id): its jobs by output name
     for job in jobs:
         if len(pending) >= in_flight:
             _give(free, pending.pop(0), keep_free)
@@ -71,15 +72,42 @@ def estimate(plan: MergePlan, prefetch: int = 2, in_flight: int = 3, keep_free: 
                 free.remove(size)
             size = max(size, 1)
         held = sum(free) + sum(b for b in pending if b) + (size or 0)
-        peak = max(peak, held + _scratch_bytes(job, plan.method))
+        peak = max(peak, held + _scratch_bytes(job, plan.method) + _stage_bytes(plan, job, by_name))
         pending.append(size)
-    uses_torch = any(isinstance(j.kernel, Torch) for j in jobs)
+    uses_torch = any(isinstance(j.kernel, Torch) for p in _plans(plan) for j in p.jobs)
     base = PROCESS_BYTES + RUN_BYTES + (TORCH_IMPORT_BYTES if uses_torch else 0)
     if any(j.output_bytes >= DIRECT_IO_MIN_BYTES for j in jobs) and not os.environ.get("MERGEKITTY_NO_DIRECT_IO"):
         peak += WRITER_STAGE_BYTES
     window = prefetch + 1
     mapped = max((sum(j.input_bytes for j in jobs[i : i + window]) for i in range(len(jobs))), default=0)
     return MemoryEstimate(base + peak, peak, mapped)
+
+
+def _plans(plan: MergePlan) -> list[MergePlan]:
+    """``plan`` and the plans of the recipe stages it reads, through every stage."""
+    out = [plan]
+    for m in plan.models:
+        if m.stage is not None:
+            out += _plans(m.stage)
+    return out
+
+
+def _stage_bytes(plan: MergePlan, job: TensorJob, by_name: dict[int, dict[str, TensorJob]]) -> int:
+    """What computing the inputs of ``job`` that are recipe stages holds (recipe.stage): each
+    such input's bytes until the job ends, and at worst the scratch of one stage job (and of the
+    stages it reads) while it is computed."""
+    held, scratch = 0, 0
+    for s in (*job.inputs, *job.row_sources):
+        stage = plan.models[s.model].stage
+        if stage is None:
+            continue
+        jobs = by_name.get(id(stage))
+        if jobs is None:
+            jobs = by_name[id(stage)] = {j.out_name: j for j in stage.jobs}
+        inner = jobs[s.tensor]
+        held += _buffer_bytes(inner, stage.device) or 0
+        scratch = max(scratch, _scratch_bytes(inner, stage.method) + _stage_bytes(stage, inner, by_name))
+    return held + scratch
 
 
 def _give(free: list[int], size: int | None, keep: int) -> None:

@@ -102,16 +102,26 @@ class PlannedModel:
     tokenizer_dir: Path  # where its tokenizer files are (a model+lora input's adapter when it ships one)
     adapter: Path | None = None  # model+lora: the resolved adapter directory
     lora_merge_dtype: str | None = None  # model+lora: dtype the adapted tensors are rounded to
+    # a recipe stage read without being written: its plan, whose jobs compute its tensors on demand
+    # (``path`` then holds only its side files: config.json, tokenizer, layout)
+    stage: MergePlan | None = None
 
     @property
     def ref(self) -> str:
         return self.label
 
-    def open(self, device: str = "cpu") -> Any:
-        """The checkpoint (io.checkpoint.Checkpoint, or lora.apply's adapted view of it)."""
+    def open(self, device: str = "cpu", threads: int = 0) -> Any:
+        """The checkpoint (io.checkpoint.Checkpoint, a recipe stage's recipe.stage.StageCheckpoint,
+        or lora.apply's adapted view of either). ``threads``: what a stage's jobs compute with."""
         from .io.checkpoint import Checkpoint
 
-        checkpoint = Checkpoint(self.path, label=self.label)
+        checkpoint: Any
+        if self.stage is not None:
+            from .recipe.stage import StageCheckpoint
+
+            checkpoint = StageCheckpoint(self.stage, self.path, self.label, device, threads)
+        else:
+            checkpoint = Checkpoint(self.path, label=self.label)
         if self.adapter is None:
             return checkpoint
         # model+lora: the adapter is applied tensor by tensor as the executor loads them
@@ -907,7 +917,7 @@ class Planner:
             missing = sorted(self.vocab.default_models() - {s.model for s in inputs})
             found_rows = self._find_all(out_name, [(m, out_name) for m in missing])
             row_sources = tuple(Source(m, name) for m, name in zip(missing, found_rows))
-        mapped = [self.models[s.model].checkpoint.view(s.tensor) is not None for s in inputs]
+        mapped = [self.models[s.model].checkpoint.mapped(s.tensor) for s in inputs]
         kernel = choose(
             method,
             out_name,

@@ -25,7 +25,16 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .limits import MAX_CONFIG_VALUES, MAX_NESTING
 
-__all__ = ["YamlSyntaxError", "DuplicateKeyError", "MultiDocumentError", "load_with_lines", "line_of", "format_path"]
+__all__ = [
+    "Document",
+    "YamlSyntaxError",
+    "DuplicateKeyError",
+    "MultiDocumentError",
+    "load_documents_with_lines",
+    "load_with_lines",
+    "line_of",
+    "format_path",
+]
 
 KeyPath = tuple[Any, ...]
 
@@ -232,20 +241,52 @@ def load_with_lines(text: str) -> tuple[Any, dict[KeyPath, int]]:
     above, and DuplicateKeyError for a key given twice in one mapping.
     """
     try:
+        if _documents_at_most(text, 1) > 1:
+            raise MultiDocumentError(*_count_documents(text))
+    except yaml.reader.ReaderError as exc:
+        raise _reader_error(text, exc) from None
+    documents = load_documents_with_lines(text)
+    if not documents:
+        return None, {}
+    return documents[0].data, documents[0].lines
+
+
+class Document:
+    """One YAML document of a file: its data, the line of every key (counted in the whole
+    file), and the lines it spans (1-based, ``last`` inclusive)."""
+
+    def __init__(self, data: Any, lines: dict[KeyPath, int], first: int, last: int) -> None:
+        self.data = data
+        self.lines = lines
+        self.first = first
+        self.last = last
+
+
+def load_documents_with_lines(text: str, max_documents: int = 256) -> list[Document]:
+    """Every document of the text (``---`` between them), each as ``load_with_lines`` reads one;
+    empty documents are left out. More than ``max_documents`` is a YamlSyntaxError."""
+    try:
         loader = _Loader(text)
     except yaml.reader.ReaderError as exc:
         raise _reader_error(text, exc) from None
+    documents: list[Document] = []
     try:
-        if _documents_at_most(text, 1) > 1:
-            raise MultiDocumentError(*_count_documents(text))
-        node = loader.get_single_node()
-        if node is None:
-            return None, {}
-        _check_size(node)
-        lines: dict[KeyPath, int] = {(): node.start_mark.line + 1}
-        _walk(loader, node, (), lines, set())
-        data = loader.construct_document(node)
-        return data, lines
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            if len(documents) >= max_documents:
+                raise YamlSyntaxError(
+                    f"the file holds more than {max_documents} YAML documents", node.start_mark.line + 1
+                )
+            _check_size(node)
+            lines: dict[KeyPath, int] = {(): node.start_mark.line + 1}
+            _walk(loader, node, (), lines, set())
+            data = loader.construct_document(node)
+            if data is None:
+                continue
+            documents.append(Document(data, lines, node.start_mark.line + 1, node.end_mark.line + 1))
+        return documents
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None

@@ -214,6 +214,10 @@ class Checkpoint:
         info = self.infos[name]
         return self._shard(info.file).tensor(info)
 
+    def mapped(self, name: str) -> bool:
+        """Whether ``view`` gives the tensor's bytes (a safetensors file; a .bin needs torch)."""
+        return not self.infos[name].file.endswith(".bin")
+
     def view(self, name: str):
         """A zero-copy read-only byte buffer of the tensor, or None where only torch can read it."""
         info = self.infos[name]

@@ -261,6 +261,9 @@ class LoraCheckpoint:
     def config(self) -> dict[str, Any]:
         return copy.deepcopy(self._config)
 
+    def mapped(self, name: str) -> bool:
+        return name not in self._ops and name not in self._cast and self.base.mapped(name)
+
     def view(self, name: str):
         if name in self._ops or name in self._cast:
             return None  # computed or cast: only torch can produce it

@@ -90,7 +90,7 @@ def main(
             sys.stdout.flush()
         if write_yaml is not None:
             Path(write_yaml).write_text(text)
-            console.print(f"config written to {write_yaml}", highlight=False, soft_wrap=True)
+            console.print(f"config written to {write_yaml}", highlight=False, markup=False, soft_wrap=True)
         config = load_config(text, source=write_yaml or "<layer shuffle config>")
         merge_loaded(
             config,

@@ -51,6 +51,11 @@ EXPECTED: dict[tuple[str, ...], tuple[set[str], tuple[str, ...]]] = {
         + MERGE_LEGACY
         + ("--threads", "--num-threads", "--[no-]allow-crimes", "--random-seed", "--lora-merge-dtype"),
     ),  # fmt: skip
+    # layershuffle: every merge option, with the options that draw the config
+    ("mergekitty", "layershuffle"): (
+        MERGE | {"--model", "--weight", "--full-random", "--fp16", "--print-yaml", "--write-yaml"},
+        DEVICE_ALIASES + MERGE_LEGACY,
+    ),
     ("mergekitty-moe",): (
         {
             *COMMON,

@@ -123,11 +123,25 @@ def _model_path(ref, options: MergeOptions, stages: Mapping[str, Any], tokenizer
 
 
 def _warn_other_base(lora, ref, base_dir: Path, config) -> None:
-    """A model+lora reference whose adapter records another base model: a warning at its config key."""
+    """A model+lora reference whose adapter records another base model: a warning at its config
+    key (``config`` None: a model named on the command line, warned about as it is)."""
     message = lora.other_base_warning(ref.path, base_dir)
-    if message:
+    if message and config is None:
+        log.warning("%s", message)
+    elif message:
         key = config.model_key(ref)
         log.warning("%s", config.error(message, key=key) if key is not None else message)
+
+
+def layer_counts(models: list[str], options: MergeOptions | None = None) -> list[int]:
+    """The number of layers a merge sees in each of ``models`` (references as a config writes
+    them: ``path[@revision][+lora]``), from their headers and config.json; no weight is read."""
+    from .architecture import load_layout_override
+    from .refs import ModelReference
+
+    options = options or MergeOptions()
+    forced = load_layout_override(options.layout_override) if options.layout_override else None
+    return [_open_model(ModelReference.parse(m), None, options, forced).layout.num_layers for m in models]
 
 
 def plan_merge(
@@ -450,4 +464,4 @@ def option_names() -> list[str]:
     return [f.name for f in fields(MergeOptions)]
 
 
-__all__ = ["MergeOptions", "MergekittyError", "Phase", "plan_merge", "run_merge"]
+__all__ = ["MergeOptions", "MergekittyError", "Phase", "layer_counts", "plan_merge", "run_merge"]

@@ -1,7 +1,8 @@
-"""``mergekitty``: the command group (merge, plan, moe, extract-lora, merge-lora, inspect).
+"""``mergekitty``: the command group (merge, plan, moe, extract-lora, merge-lora, layershuffle, inspect).
 
-``moe``, ``extract-lora`` and ``merge-lora`` are the ``mergekitty-moe``,
-``mergekitty-extract-lora`` and ``mergekitty-merge-lora`` commands under one entry point."""
+``moe``, ``extract-lora``, ``merge-lora`` and ``layershuffle`` are the ``mergekitty-moe``,
+``mergekitty-extract-lora``, ``mergekitty-merge-lora`` and ``mergekitty-layershuffle`` commands
+under one entry point."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import rich_click as click
 
 from .extract_lora import main as extract_lora_command
 from .inspect_cmd import main as inspect_command
+from .layershuffle import main as layershuffle_command
 from .merge_lora import main as merge_lora_command
 from .moe import main as moe_command
 from .options import HELP_CONFIG, MERGE_LEGACY, command, merge_options, plan_options
@@ -48,6 +50,7 @@ group.add_command(plan, "plan")
 group.add_command(moe_command, "moe")
 group.add_command(extract_lora_command, "extract-lora")
 group.add_command(merge_lora_command, "merge-lora")
+group.add_command(layershuffle_command, "layershuffle")
 group.add_command(inspect_command, "inspect")
 
 

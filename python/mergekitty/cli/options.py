@@ -214,10 +214,17 @@ def opt(name: str, *decls: str, **attrs: Any) -> tuple[str, Callable]:
     return name, click.option(*decls, name, **attrs)
 
 
-def panel(title: str, items: list[str | tuple[str, Callable]]) -> Callable:
+def panel(title: str, items: list[str | tuple[str, Callable]], helps: dict[str, str] | None = None) -> Callable:
     """Add options to a command, shown together under ``title`` in its help. An item is the name
-    of a shared option (a key of ``_OPTION``) or an ``opt(...)``."""
-    pairs = [(item, _option(item, *_OPTION[item])) if isinstance(item, str) else item for item in items]
+    of a shared option (a key of ``_OPTION``) or an ``opt(...)``; ``helps`` replaces the help
+    text of shared options for a command that gives them another meaning."""
+    helps = helps or {}
+
+    def shared(name: str) -> Callable:
+        decls, attrs = _OPTION[name]
+        return _option(name, decls, {**attrs, "help": helps[name]} if name in helps else attrs)
+
+    pairs = [(item, shared(item)) if isinstance(item, str) else item for item in items]
 
     def decorate(fn):
         fn = _apply(fn, [d for _, d in pairs])
@@ -306,18 +313,23 @@ MERGE_LEGACY = [
 ]
 
 
-def merge_options(fn):
-    """The options of ``mergekitty merge`` and ``mergekitty-yaml``; they arrive as keyword arguments."""
+def merge_options(fn=None, *, helps: dict[str, str] | None = None):
+    """The options of ``mergekitty merge`` and ``mergekitty-yaml``; they arrive as keyword arguments.
+    ``helps``: other help texts for some of them (a command that builds its own config)."""
+    if fn is None:
+        return functools.partial(merge_options, helps=helps)
     for deco in reversed(
         [
-            panel("Compute", ["device", "threads"]),
+            panel("Compute", ["device", "threads"], helps),
             panel(
                 "Inputs",
                 ["strict", "allow_crimes", "layout_override", "random_seed", "lora_merge_dtype", "transformers_cache"],
+                helps,
             ),
             panel(
                 "Output",
                 ["out_shard_size", "copy_tokenizer", "write_model_card", "allow_nonfinite", "health_json", "dry_run"],
+                helps,
             ),
             messages_panel(verbose_help=MERGE_VERBOSE_HELP),
             _hidden(list(_DEVICE_ALIASES), _DEVICE_ALIASES),

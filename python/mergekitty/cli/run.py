@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .shell import command_shell, stdout_console
+from .verbosity import Verbosity
 
 
 def run_command(
@@ -13,42 +14,62 @@ def run_command(
     from .options import MERGE_LEGACY, build_options, take_verbosity
 
     verbosity = take_verbosity(kwargs)
-    with command_shell(
-        "no merged model was written; the output directory is as it was, and running the same merge again resumes it",
-        verbosity,
-    ) as console:
+    with command_shell(INTERRUPTED, verbosity) as console:
         options, dry_run = build_options(kwargs, console, [] if plan_only else MERGE_LEGACY)
-        # the bar is left out under -q, and under -vv, whose line per tensor shows the progress
-        options = replace(options, quiet=verbosity.quiet or verbosity.per_tensor)
-        from ..api import plan_merge, run_merge
         from ..config import load_config_file
 
         config = load_config_file(config_file)
-        note_differences(config, console)
-        if plan_only or dry_run:
-            plan = plan_merge(config, out_path, options)
-            write_plan(plan, json_path, console)
-            return
-        from .report import MergeNarration
-
-        narration = MergeNarration(console, verbosity)
-        reports = []
-        run_merge(
-            config,
-            out_path,
-            options,
-            progress=narration.tensor if verbosity.per_tensor else None,
-            on_health=reports.append,
-            on_plan=narration.planned,
-            on_phase=narration.phase,
-        )
-        print_health(reports[0], console)
-        narration.finish()
-        console.print(f"[green]done:[/] merged model written to {out_path}", highlight=False, soft_wrap=True)
+        merge_loaded(config, out_path, options, verbosity, console, plan_only or dry_run, json_path)
 
 
-def write_plan(plan, json_path: str | None, console) -> None:
-    """The plan on stdout (the table, or with ``--json -`` the JSON), and to a JSON file if asked."""
+# what Ctrl-C leaves of a merge
+INTERRUPTED = (
+    "no merged model was written; the output directory is as it was, and running the same merge again resumes it"
+)
+
+
+def merge_loaded(
+    config,
+    out_path: str | None,
+    options,
+    verbosity: Verbosity,
+    console,
+    plan_only: bool = False,
+    json_path: str | None = None,
+    plan_console=None,
+) -> None:
+    """Plan (``plan_only``: print the plan, on ``plan_console`` if given, else stdout) or merge
+    the loaded ``config`` into ``out_path``, narrated on ``console`` as ``verbosity`` asks."""
+    # the bar is left out under -q, and under -vv, whose line per tensor shows the progress
+    options = replace(options, quiet=verbosity.quiet or verbosity.per_tensor)
+    from ..api import plan_merge, run_merge
+
+    note_differences(config, console)
+    if plan_only:
+        plan = plan_merge(config, out_path, options)
+        write_plan(plan, json_path, console, plan_console)
+        return
+    from .report import MergeNarration
+
+    narration = MergeNarration(console, verbosity)
+    reports = []
+    run_merge(
+        config,
+        out_path,
+        options,
+        progress=narration.tensor if verbosity.per_tensor else None,
+        on_health=reports.append,
+        on_plan=narration.planned,
+        on_phase=narration.phase,
+    )
+    print_health(reports[0], console)
+    narration.finish()
+    console.print(f"[green]done:[/] merged model written to {out_path}", highlight=False, soft_wrap=True)
+
+
+def write_plan(plan, json_path: str | None, console, plan_console=None) -> None:
+    """The plan on stdout (the table, or with ``--json -`` the JSON) or ``plan_console``, and to a
+    JSON file if asked."""
     import sys
 
     from .report import print_plan
@@ -56,7 +77,7 @@ def write_plan(plan, json_path: str | None, console) -> None:
     if json_path == "-":
         sys.stdout.write(plan.to_json() + "\n")
         return
-    print_plan(plan, stdout_console())
+    print_plan(plan, plan_console or stdout_console())
     if json_path is not None:
         from pathlib import Path
 

@@ -1,5 +1,6 @@
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,8 @@ from helpers import run_cli  # noqa: F401  (test modules import it from here too
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# recipe stages keep their side files in a cache: one of the test run's own, never the user's
+os.environ.setdefault("MERGEKITTY_CACHE", tempfile.mkdtemp(prefix="mergekitty-test-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -55,8 +55,8 @@ class MultiDocumentError(YamlSyntaxError):
     def __init__(self, documents: int, line: int | None):
         super().__init__(
             f"the file holds {documents} YAML documents (separated by '---'): a multi-stage recipe, one merge "
-            "per document. A config holds one merge: put each stage in a file of its own and run them in order, "
-            "each stage's output path as a model of the next (mergekit runs such files with mergekit-multi)",
+            "per document, which this command does not take; run it with mergekitty merge (mergekitty-yaml), "
+            "mergekitty-mega or mergekitty multi (in Python: mergekitty.recipe.run_recipe)",
             line,
         )
         self.documents = documents

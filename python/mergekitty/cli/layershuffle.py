@@ -34,7 +34,7 @@ SHUFFLE_HELPS = {
             help="Write the config to PATH."),
     ],
 )  # fmt: skip
-@merge_options(helps=SHUFFLE_HELPS)
+@merge_options(helps=SHUFFLE_HELPS, recipes=False)
 def main(
     out_path: str,
     models: tuple[str, ...],

@@ -1,4 +1,5 @@
-"""``mergekitty``: the command group (merge, plan, moe, extract-lora, merge-lora, layershuffle, inspect).
+"""``mergekitty``: the command group (merge, plan, moe, extract-lora, merge-lora, layershuffle, mega,
+multi, inspect).
 
 ``moe``, ``extract-lora``, ``merge-lora`` and ``layershuffle`` are the ``mergekitty-moe``,
 ``mergekitty-extract-lora``, ``mergekitty-merge-lora`` and ``mergekitty-layershuffle`` commands
@@ -11,6 +12,8 @@ import rich_click as click
 from .extract_lora import main as extract_lora_command
 from .inspect_cmd import main as inspect_command
 from .layershuffle import main as layershuffle_command
+from .recipe import mega as mega_command
+from .recipe import multi as multi_command
 from .merge_lora import main as merge_lora_command
 from .moe import main as moe_command
 from .options import HELP_CONFIG, MERGE_LEGACY, command, merge_options, plan_options
@@ -51,6 +54,8 @@ group.add_command(moe_command, "moe")
 group.add_command(extract_lora_command, "extract-lora")
 group.add_command(merge_lora_command, "merge-lora")
 group.add_command(layershuffle_command, "layershuffle")
+group.add_command(mega_command, "mega")
+group.add_command(multi_command, "multi")
 group.add_command(inspect_command, "inspect")
 
 

@@ -164,6 +164,16 @@ _OPTION: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
             "help": "bfloat16, float16 or float32: the dtype the tensors a model+lora adapter changes are rounded to before merging. [default: the base tensor's dtype]",
         },
     ),
+    "write_intermediates": (
+        ("--write-intermediates",),
+        {
+            "type": click.Path(file_okay=False),
+            "metavar": "DIR",
+            "default": None,
+            "help": "For a recipe (several YAML documents): also write each intermediate merge to DIR/<name>. "
+            "Without it they are computed in memory as the next merge reads them, and never written.",
+        },
+    ),
     "transformers_cache": (
         ("--transformers-cache",),
         {"default": None, "help": "Cache directory for models downloaded from the hub."},
@@ -313,11 +323,12 @@ MERGE_LEGACY = [
 ]
 
 
-def merge_options(fn=None, *, helps: dict[str, str] | None = None):
+def merge_options(fn=None, *, helps: dict[str, str] | None = None, recipes: bool = True):
     """The options of ``mergekitty merge`` and ``mergekitty-yaml``; they arrive as keyword arguments.
-    ``helps``: other help texts for some of them (a command that builds its own config)."""
+    ``helps``: other help texts for some of them (a command that builds its own config);
+    ``recipes``: whether the command runs recipes (--write-intermediates)."""
     if fn is None:
-        return functools.partial(merge_options, helps=helps)
+        return functools.partial(merge_options, helps=helps, recipes=recipes)
     for deco in reversed(
         [
             panel("Compute", ["device", "threads"], helps),
@@ -328,7 +339,15 @@ def merge_options(fn=None, *, helps: dict[str, str] | None = None):
             ),
             panel(
                 "Output",
-                ["out_shard_size", "copy_tokenizer", "write_model_card", "allow_nonfinite", "health_json", "dry_run"],
+                [
+                    "out_shard_size",
+                    "copy_tokenizer",
+                    "write_model_card",
+                    "allow_nonfinite",
+                    "health_json",
+                    *(["write_intermediates"] if recipes else []),
+                    "dry_run",
+                ],
                 helps,
             ),
             messages_panel(verbose_help=MERGE_VERBOSE_HELP),

@@ -14,10 +14,27 @@ def run_command(
     from .options import MERGE_LEGACY, build_options, take_verbosity
 
     verbosity = take_verbosity(kwargs)
+    intermediates = kwargs.pop("write_intermediates", None)
     with command_shell(INTERRUPTED, verbosity) as console:
         options, dry_run = build_options(kwargs, console, [] if plan_only else MERGE_LEGACY)
         from ..config import load_config_file
+        from ..recipe.documents import is_recipe_file
 
+        if is_recipe_file(config_file):
+            from .recipe import final_document, run_recipe_command
+
+            recipe, final = final_document(config_file)
+            outputs = {final: out_path} if out_path is not None else {}
+            run_recipe_command(
+                recipe, outputs, options, verbosity, console, plan_only or dry_run, json_path, intermediates, [final]
+            )
+            return
+        if intermediates is not None:
+            console.print(
+                "[yellow]note:[/] --write-intermediates has no effect: the config holds one merge",
+                highlight=False,
+                soft_wrap=True,
+            )
         config = load_config_file(config_file)
         merge_loaded(config, out_path, options, verbosity, console, plan_only or dry_run, json_path)
 

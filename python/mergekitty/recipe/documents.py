@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["Recipe", "RecipeDocument", "load_recipe", "is_recipe_text"]
+__all__ = ["Recipe", "RecipeDocument", "load_recipe", "is_recipe_file", "is_recipe_text"]
 
 MAX_DOCUMENTS = 64
 
@@ -79,6 +79,19 @@ class Recipe:
                 wanted.add(name)
                 todo.extend(self[name].reads)
         return [d for d in self.documents if d.name in wanted]
+
+
+def is_recipe_file(path: str | os.PathLike[str]) -> bool:
+    """Whether the YAML file at ``path`` holds more than one document (False when it cannot be
+    read: loading it as one config then says why)."""
+    from ..limits import MAX_CONFIG_BYTES
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES * 4 + 1)
+        return is_recipe_text(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def is_recipe_text(text: str) -> bool:

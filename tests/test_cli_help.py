@@ -51,6 +51,20 @@ EXPECTED: dict[tuple[str, ...], tuple[set[str], tuple[str, ...]]] = {
         + MERGE_LEGACY
         + ("--threads", "--num-threads", "--[no-]allow-crimes", "--random-seed", "--lora-merge-dtype"),
     ),  # fmt: skip
+    # fill-missing: two models and a name mapping; nothing is computed, so no device
+    ("mergekitty", "fill-missing"): (
+        {
+            *COMMON,
+            "--version",
+            "--prefix",
+            "--transformers-cache",
+            "--out-shard-size",
+            "--write-model-card",
+            "--no-write-model-card",
+            "--dry-run",
+        },
+        (),
+    ),  # fmt: skip
     ("mergekitty-moe",): (
         {
             *COMMON,

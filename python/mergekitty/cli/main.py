@@ -1,13 +1,15 @@
-"""``mergekitty``: the command group (merge, plan, moe, extract-lora, merge-lora, inspect).
+"""``mergekitty``: the command group (merge, plan, moe, extract-lora, merge-lora, fill-missing, inspect).
 
-``moe``, ``extract-lora`` and ``merge-lora`` are the ``mergekitty-moe``,
-``mergekitty-extract-lora`` and ``mergekitty-merge-lora`` commands under one entry point."""
+``moe``, ``extract-lora``, ``merge-lora`` and ``fill-missing`` are the ``mergekitty-moe``,
+``mergekitty-extract-lora``, ``mergekitty-merge-lora`` and ``mergekitty-fill-missing`` commands
+under one entry point."""
 
 from __future__ import annotations
 
 import rich_click as click
 
 from .extract_lora import main as extract_lora_command
+from .fill_missing import main as fill_missing_command
 from .inspect_cmd import main as inspect_command
 from .merge_lora import main as merge_lora_command
 from .moe import main as moe_command
@@ -48,6 +50,7 @@ group.add_command(plan, "plan")
 group.add_command(moe_command, "moe")
 group.add_command(extract_lora_command, "extract-lora")
 group.add_command(merge_lora_command, "merge-lora")
+group.add_command(fill_missing_command, "fill-missing")
 group.add_command(inspect_command, "inspect")
 
 

@@ -259,7 +259,7 @@ def test_the_output_is_the_vlm_with_the_text_models_tensors(tiny, tmp_path, caps
         if name != "README.md":
             assert (out / name).read_text() == content, name
     card = (out / "README.md").read_text()
-    assert f"From {text}: 7 tensors (name mapping: model.* -> model.language_model.*, * -> *)" in card
+    assert f"From {text}: 7 tensors (name mapping: `model.* -> model.language_model.*, * -> *`)" in card
     assert f"From {base}: 4 tensors: `model.multi_modal_projector` (1), `model.vision_tower` (3)" in card
 
 

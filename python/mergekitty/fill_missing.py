@@ -405,10 +405,10 @@ def _card(base: str, text: str, vlm: Checkpoint, match: NameMatch, title: str) -
         f"The vision-language model {hub_link(base)} with its language model's weights taken from "
         f"{hub_link(text)}, made with {made_with('mergekitty fill-missing')}.",
         "",
-        f"* From {hub_link(text)}: {len(match.pairs)} tensors (name mapping: {_rules_text(match.rules)})",
+        f"* From {hub_link(text)}: {len(match.pairs)} tensors (name mapping: `{_rules_text(match.rules)}`)",
         f"* From {hub_link(base)}: {sum(kept.values())} tensors"
         + (": " + ", ".join(f"`{m}` ({n})" for m, n in sorted(kept.items())) if kept else ""),
-        f"* config.json, the tokenizer and the processor files: from {hub_link(base)}",
+        f"* config.json and the other files (tokenizer, processor): from {hub_link(base)}",
     ]
     if match.absent:
         lines.append(f"* Left out (the VLM has no such tensor): {', '.join(f'`{n}`' for n in match.absent)}")

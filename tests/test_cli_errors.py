@@ -199,7 +199,18 @@ def test_group_has_every_command_and_stays_light():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    for command in ("merge", "plan", "moe", "extract-lora", "merge-lora", "inspect"):
+    for command in (
+        "merge",
+        "plan",
+        "moe",
+        "extract-lora",
+        "merge-lora",
+        "layershuffle",
+        "mega",
+        "multi",
+        "fill-missing",
+        "inspect",
+    ):
         assert command in proc.stdout, proc.stdout
     # a subcommand is the stand-alone command: same options, same errors
     moe = run_cli("mergekitty", "moe", "--help")

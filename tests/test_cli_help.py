@@ -25,6 +25,7 @@ INPUTS = {
 MERGE = {
     *COMMON, *INPUTS, "--version", "--device", "--threads", "--num-threads", "--out-shard-size", "--copy-tokenizer",
     "--no-copy-tokenizer", "--write-model-card", "--no-write-model-card", "--allow-nonfinite", "--json", "--dry-run",
+    "--write-intermediates",
 }  # fmt: skip
 
 # command line -> (the long options it lists, the old options its last lines name)
@@ -53,9 +54,30 @@ EXPECTED: dict[tuple[str, ...], tuple[set[str], tuple[str, ...]]] = {
     ),  # fmt: skip
     # layershuffle: every merge option, with the options that draw the config
     ("mergekitty", "layershuffle"): (
-        MERGE | {"--model", "--weight", "--full-random", "--fp16", "--print-yaml", "--write-yaml"},
+        (MERGE - {"--write-intermediates"})
+        | {"--model", "--weight", "--full-random", "--fp16", "--print-yaml", "--write-yaml"},
         DEVICE_ALIASES + MERGE_LEGACY,
     ),
+    # the recipe commands: every merge option, and each tool's own
+    ("mergekitty-mega",): (MERGE | {"--force", "--require-nameless"}, DEVICE_ALIASES + MERGE_LEGACY),
+    ("mergekitty", "multi"): (
+        MERGE | {"--out-path", "--intermediate-dir", "--lazy", "--no-lazy"},
+        DEVICE_ALIASES + MERGE_LEGACY,
+    ),
+    # fill-missing: two models and a name mapping; nothing is computed, so no device
+    ("mergekitty", "fill-missing"): (
+        {
+            *COMMON,
+            "--version",
+            "--prefix",
+            "--transformers-cache",
+            "--out-shard-size",
+            "--write-model-card",
+            "--no-write-model-card",
+            "--dry-run",
+        },
+        (),
+    ),  # fmt: skip
     ("mergekitty-moe",): (
         {
             *COMMON,

@@ -47,7 +47,7 @@ def staged(docs: list[dict[str, Any]], root: Path) -> Path:
     """The reference: each document merged on its own into ``root/<name>``, in order, later
     documents reading the earlier ones' directories (what the other tools do). The last is the result."""
     written: dict[str, str] = {}
-    for i, doc in enumerate(docs):
+    for doc in docs:
         name = doc.get("name", "final")
         out = root / name
         run_merge(yaml.safe_dump(_substituted(doc, written)), out, OPTIONS)
@@ -222,7 +222,10 @@ def test_a_stage_with_a_lora_input(llama, tmp_path):
                 param.add_(torch.randn_like(param) * 0.05)
     pm.save_pretrained(str(tmp_path / "adapter"))
     docs = [
-        {"name": "ad", **models_doc("linear", [f"{p['ft1']}+{tmp_path / 'adapter'}", p["ft2"]], parameters={"weight": 1})},
+        {
+            "name": "ad",
+            **models_doc("linear", [f"{p['ft1']}+{tmp_path / 'adapter'}", p["ft2"]], parameters={"weight": 1}),
+        },
         models_doc("slerp", ["ad", p["ft3"]], "ad", parameters={"t": 0.4}),
     ]
     check(docs, tmp_path)
@@ -370,25 +373,47 @@ def test_an_unknown_name_is_an_error_with_a_did_you_mean(tmp_path):
 
 
 def test_a_single_segment_hub_id_is_ambiguous(tmp_path):
-    err = error_of("name: a\nmerge_method: linear\nmodels:\n  - model: ./m\n---\nmerge_method: linear\nmodels:\n  - model: gpt2\n", tmp_path)
+    err = error_of(
+        "name: a\nmerge_method: linear\nmodels:\n  - model: ./m\n---\nmerge_method: linear\nmodels:\n  - model: gpt2\n",
+        tmp_path,
+    )
     assert err.line == 8 and "organisation/name" in str(err)
 
 
 def test_a_name_that_is_also_a_local_directory_is_ambiguous(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a").mkdir()
-    err = error_of("name: a\nmerge_method: linear\nmodels:\n  - model: ./m\n---\nmerge_method: linear\nmodels:\n  - model: a\n", tmp_path)
+    err = error_of(
+        "name: a\nmerge_method: linear\nmodels:\n  - model: ./m\n---\nmerge_method: linear\nmodels:\n  - model: a\n",
+        tmp_path,
+    )
     assert err.line == 8 and "both the name of a document" in str(err) and "./a" in str(err)
 
 
 @pytest.mark.parametrize(
     ("text", "line", "words"),
     [
-        ("merge_method: linear\nmodels: [{model: ./x}]\n---\nmerge_method: linear\nmodels: [{model: ./y}]\n", 4, "at most one document"),
-        ("name: a\nmerge_method: linear\nmodels: [{model: ./x}]\n---\nname: a\nmerge_method: linear\nmodels: [{model: ./y}]\n", 5, "also the name"),
+        (
+            "merge_method: linear\nmodels: [{model: ./x}]\n---\nmerge_method: linear\nmodels: [{model: ./y}]\n",
+            4,
+            "at most one document",
+        ),
+        (
+            "name: a\nmerge_method: linear\nmodels: [{model: ./x}]\n---\nname: a\nmerge_method: linear\nmodels: [{model: ./y}]\n",
+            5,
+            "also the name",
+        ),
         ("name: a/b\nmerge_method: linear\nmodels: [{model: ./x}]\n", 1, "one path segment"),
-        ("name: a\nmerge_method: linear\nmodels: [{model: ./x}]\n---\nname: b\nmerge_method: linear\nmodels: [{model: recipe}]\n---\nmerge_method: linear\nmodels: [{model: a}]\n", 7, "no other document can read"),
-        ("name: a\nmerge_method: linear\nmodels: [{model: ./x}]\n---\nmerge_method: linear\nmodels: [{model: './m+a'}]\n", 6, "not a LoRA adapter"),
+        (
+            "name: a\nmerge_method: linear\nmodels: [{model: ./x}]\n---\nname: b\nmerge_method: linear\nmodels: [{model: recipe}]\n---\nmerge_method: linear\nmodels: [{model: a}]\n",
+            7,
+            "no other document can read",
+        ),
+        (
+            "name: a\nmerge_method: linear\nmodels: [{model: ./x}]\n---\nmerge_method: linear\nmodels: [{model: './m+a'}]\n",
+            6,
+            "not a LoRA adapter",
+        ),
     ],
 )
 def test_recipe_mistakes_name_their_line(tmp_path, text, line, words):
@@ -402,7 +427,9 @@ def test_recipe_mistakes_name_their_line(tmp_path, text, line, words):
 def test_recipe_errors_come_before_any_model_is_opened(tmp_path, cli):
     # the first document's models do not exist; the cycle is what is reported
     f = tmp_path / "r.yml"
-    f.write_text("name: a\nmerge_method: linear\nmodels:\n  - model: b\n---\nname: b\nmerge_method: linear\nmodels:\n  - model: a\n  - model: ./missing\n")
+    f.write_text(
+        "name: a\nmerge_method: linear\nmodels:\n  - model: b\n---\nname: b\nmerge_method: linear\nmodels:\n  - model: a\n  - model: ./missing\n"
+    )
     proc = cli("mergekitty", "merge", f, tmp_path / "out", check=False)
     assert proc.returncode != 0
     assert "cycle" in proc.stderr and "Traceback" not in proc.stderr

@@ -84,11 +84,11 @@ def _open_models(config, options: MergeOptions, stages: Mapping[str, Any] | None
     return models
 
 
-def _open_model(ref, config, options: MergeOptions, forced, stages: Mapping[str, Any]):
+def _open_model(ref, config, options: MergeOptions, forced, stages: Mapping[str, Any] | None = None):
     from .architecture import infer_layout, model_layout_override
     from .plan import InputModel, PlannedModel
 
-    path, stage = _model_path(ref, options, stages)
+    path, stage = _model_path(ref, options, stages or {})
     adapter = None
     if getattr(ref, "lora", None) is not None:
         adapter = _model_path(ref.lora, options, {})[0]

@@ -1,22 +1,22 @@
 """``mergekitty``: the command group (merge, plan, moe, extract-lora, merge-lora, layershuffle, mega,
-multi, inspect).
+multi, fill-missing, inspect).
 
-``moe``, ``extract-lora``, ``merge-lora`` and ``layershuffle`` are the ``mergekitty-moe``,
-``mergekitty-extract-lora``, ``mergekitty-merge-lora`` and ``mergekitty-layershuffle`` commands
-under one entry point."""
+``moe``, ``extract-lora``, ``merge-lora``, ``layershuffle``, ``mega``, ``multi`` and ``fill-missing`` are
+also the ``mergekitty-<name>`` commands; here they are one entry point."""
 
 from __future__ import annotations
 
 import rich_click as click
 
 from .extract_lora import main as extract_lora_command
+from .fill_missing import main as fill_missing_command
 from .inspect_cmd import main as inspect_command
 from .layershuffle import main as layershuffle_command
-from .recipe import mega as mega_command
-from .recipe import multi as multi_command
 from .merge_lora import main as merge_lora_command
 from .moe import main as moe_command
 from .options import HELP_CONFIG, MERGE_LEGACY, command, merge_options, plan_options
+from .recipe import mega as mega_command
+from .recipe import multi as multi_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -56,6 +56,7 @@ group.add_command(merge_lora_command, "merge-lora")
 group.add_command(layershuffle_command, "layershuffle")
 group.add_command(mega_command, "mega")
 group.add_command(multi_command, "multi")
+group.add_command(fill_missing_command, "fill-missing")
 group.add_command(inspect_command, "inspect")
 
 

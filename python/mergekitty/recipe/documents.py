@@ -135,9 +135,7 @@ def load_recipe(config: str | os.PathLike[str], require_nameless: bool = False) 
 
 def _read(config: str | os.PathLike[str]) -> tuple[str, str, str]:
     """(text, source name for messages, the file's stem)."""
-    if isinstance(config, os.PathLike) or (
-        "\n" not in str(config) and Path(str(config)).suffix in (".yml", ".yaml")
-    ):
+    if isinstance(config, os.PathLike) or ("\n" not in str(config) and Path(str(config)).suffix in (".yml", ".yaml")):
         path = Path(config)
         return _file_text(path), str(config), path.stem
     return str(config), "<recipe>", "final"

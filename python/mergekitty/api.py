@@ -268,18 +268,30 @@ def _write_sidecars(plan, config, out, options: MergeOptions) -> None:
         text = getattr(config, "source_text", None) or config.to_yaml()
         refs = [str(m.ref) for m in plan.models]
         base = str(config.base_model) if config.base_model is not None else None
-        seed = (
-            plan.random_seed
-            if plan.method.random or config.random_seed is not None or options.random_seed is not None
-            else None
-        )
+        seed = recorded_seed(plan, config, options)
         out.write_text("README.md", generate_card(plan.method, refs, base, text, out.path.name, seed))
-        text = text if text.endswith("\n") else text + "\n"
-        if seed is not None and config.random_seed is None:
-            text += f"# the seed this merge drew; keep it to reproduce the merge exactly\nrandom_seed: {seed}\n"
-        elif seed is not None and config.random_seed != seed:
-            text += f"# this merge ran with --random-seed {seed}, which overrides random_seed above\n"
-        out.write_text("mergekitty_config.yml", text)
+        out.write_text("mergekitty_config.yml", recorded_config(plan, config, options))
+
+
+def recorded_seed(plan, config, options: MergeOptions) -> int | None:
+    """The seed the output records: the one the merge ran with when it draws random numbers or
+    a seed was given, else None."""
+    if plan.method.random or config.random_seed is not None or options.random_seed is not None:
+        return int(plan.random_seed)
+    return None
+
+
+def recorded_config(plan, config, options: MergeOptions) -> str:
+    """The config text as the output keeps it (mergekitty_config.yml): as written, with the seed
+    the merge drew, or a note that --random-seed overrode the config's."""
+    text = getattr(config, "source_text", None) or config.to_yaml()
+    text = text if text.endswith("\n") else text + "\n"
+    seed = recorded_seed(plan, config, options)
+    if seed is not None and config.random_seed is None:
+        text += f"# the seed this merge drew; keep it to reproduce the merge exactly\nrandom_seed: {seed}\n"
+    elif seed is not None and config.random_seed != seed:
+        text += f"# this merge ran with --random-seed {seed}, which overrides random_seed above\n"
+    return text
 
 
 def run_merge(
@@ -299,6 +311,42 @@ def run_merge(
     tokenizer, merge, commit); ``on_health`` with the merge's ``HealthReport`` (health.py) once
     the model is written. A merged tensor holding NaN/Inf raises ``NonFiniteError`` (nothing is
     written) unless ``allow_nonfinite``."""
+    options = replace(options or MergeOptions(), **kwargs)
+    started = time.perf_counter()
+    config = _load_config(config)
+    plan = plan_merge(config, out_path, options)
+    return write_merged_model(
+        plan,
+        out_path,
+        options,
+        side_files=lambda out: _write_sidecars(plan, config, out, options),
+        marker_text=json.dumps(plan.out_config, indent=2) + "\n",
+        planning_started=started,
+        progress=progress,
+        on_health=on_health,
+        on_plan=on_plan,
+        on_phase=on_phase,
+    )
+
+
+def write_merged_model(
+    plan,
+    out_path: str | os.PathLike,
+    options: MergeOptions,
+    side_files: Callable[[Any], None],
+    marker_text: str,
+    marker: str = "config.json",
+    planning_started: float | None = None,
+    progress: Callable[[Any, float], None] | None = None,
+    on_health: Callable[[HealthReport], None] | None = None,
+    on_plan: Callable[[Any], None] | None = None,
+    on_phase: Callable[[Phase], None] | None = None,
+):
+    """Execute ``plan`` and write the model to ``out_path`` in one OutputTransaction:
+    ``side_files(out)`` writes the files beside the weights, and ``marker`` (holding
+    ``marker_text``) is written last. Every merge writes its output here (``run_merge``, the raw
+    merges of raw_merge.py); the callbacks are ``run_merge``'s, ``planning_started`` the
+    ``time.perf_counter()`` at which planning began (the plan phase's start)."""
     from .execute import execute
     from .extras import require_torch_for_plan
     from .health import HEALTH_FILE, HealthReport
@@ -308,12 +356,8 @@ def run_merge(
         if on_phase is not None:
             on_phase(Phase(name, time.perf_counter() - started, read, written))
 
-    options = replace(options or MergeOptions(), **kwargs)
-    started = time.perf_counter()
-    config = _load_config(config)
-    plan = plan_merge(config, out_path, options)
     require_torch_for_plan(plan)
-    phase("plan", started)
+    phase("plan", time.perf_counter() if planning_started is None else planning_started)
     if on_plan is not None:
         on_plan(plan)
     device = options.resolved_device()
@@ -324,10 +368,10 @@ def run_merge(
             raise OutputError(f"--device {device} was asked for, but torch sees no CUDA device")
 
     health = HealthReport.for_plan(plan, options.allow_nonfinite)
-    with OutputTransaction(out_path, resume_key=_resume_key(plan)) as out:
+    with OutputTransaction(out_path, marker=marker, resume_key=_resume_key(plan)) as out:
         writer = out.open_shards(plan.output_layout(), plan.shard_size_bytes)
         started, before = time.perf_counter(), _files_bytes(out.dir)
-        _write_sidecars(plan, config, out, options)
+        side_files(out)
         phase("tokenizer", started, written=_files_bytes(out.dir) - before)
         # a rerun of an interrupted merge computes only the tensors of the shards it lacks
         todo = replace(plan, jobs=tuple(j for j in plan.jobs if not writer.is_written(j.out_name)))
@@ -349,7 +393,7 @@ def run_merge(
         started = time.perf_counter()
         if options.health_json:
             out.write_text(HEALTH_FILE, health.to_json())
-        out.commit(json.dumps(plan.out_config, indent=2) + "\n")
+        out.commit(marker_text)
     phase("commit", started)
     if on_health is not None:
         on_health(health)
@@ -384,7 +428,9 @@ def _resume_key(plan) -> str | None:
         for directory in (model.path, model.adapter):
             if directory is None:
                 continue
-            for f in sorted(Path(directory).iterdir()):
+            # a state-dict file's directory may hold anything else: only its own file counts
+            files = [Path(directory) / f for f in model.files] if model.files and directory == model.path else None
+            for f in files or sorted(Path(directory).iterdir()):
                 with contextlib.suppress(OSError):
                     st = f.stat()
                     h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())

@@ -1,7 +1,8 @@
-"""``mergekitty``: the command group (merge, plan, moe, extract-lora, merge-lora, inspect).
+"""``mergekitty``: the command group (merge, plan, moe, extract-lora, merge-lora, pytorch, inspect).
 
-``moe``, ``extract-lora`` and ``merge-lora`` are the ``mergekitty-moe``,
-``mergekitty-extract-lora`` and ``mergekitty-merge-lora`` commands under one entry point."""
+``moe``, ``extract-lora``, ``merge-lora`` and ``pytorch`` are the ``mergekitty-moe``,
+``mergekitty-extract-lora``, ``mergekitty-merge-lora`` and ``mergekitty-pytorch`` commands under one
+entry point."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from .inspect_cmd import main as inspect_command
 from .merge_lora import main as merge_lora_command
 from .moe import main as moe_command
 from .options import HELP_CONFIG, MERGE_LEGACY, command, merge_options, plan_options
+from .pytorch import main as pytorch_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,6 +50,7 @@ group.add_command(plan, "plan")
 group.add_command(moe_command, "moe")
 group.add_command(extract_lora_command, "extract-lora")
 group.add_command(merge_lora_command, "merge-lora")
+group.add_command(pytorch_command, "pytorch")
 group.add_command(inspect_command, "inspect")
 
 

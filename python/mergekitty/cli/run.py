@@ -8,20 +8,36 @@ from .shell import command_shell, stdout_console
 
 
 def run_command(
-    config_file: str, out_path: str | None, kwargs: dict, plan_only: bool = False, json_path: str | None = None
+    config_file: str,
+    out_path: str | None,
+    kwargs: dict,
+    plan_only: bool = False,
+    json_path: str | None = None,
+    raw: str | None = None,
 ) -> None:
-    from .options import MERGE_LEGACY, build_options, take_verbosity
+    """``raw``: a merge of plain state dicts (raw_merge.py), with its policy for tensors some
+    models lack ("error", "intersection", "union"); None for a merge of models."""
+    from .options import MERGE_LEGACY, RAW_LEGACY, RAW_NO_EFFECT, build_options, take_verbosity
 
     verbosity = take_verbosity(kwargs)
     with command_shell(
         "no merged model was written; the output directory is as it was, and running the same merge again resumes it",
         verbosity,
     ) as console:
-        options, dry_run = build_options(kwargs, console, [] if plan_only else MERGE_LEGACY)
+        legacy = [] if plan_only else RAW_LEGACY if raw is not None else MERGE_LEGACY
+        options, dry_run = build_options(kwargs, console, legacy, RAW_NO_EFFECT if raw is not None else None)
         # the bar is left out under -q, and under -vv, whose line per tensor shows the progress
         options = replace(options, quiet=verbosity.quiet or verbosity.per_tensor)
-        from ..api import plan_merge, run_merge
         from ..config import load_config_file
+
+        if raw is None:
+            from ..api import plan_merge, run_merge
+        else:
+            from functools import partial
+
+            from ..raw_merge import plan_raw_merge, run_raw_merge
+
+            plan_merge, run_merge = partial(plan_raw_merge, missing=raw), partial(run_raw_merge, missing=raw)
 
         config = load_config_file(config_file)
         note_differences(config, console)

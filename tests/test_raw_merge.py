@@ -381,3 +381,29 @@ def test_the_commands_merge_with_each_policy(uneven, tmp_path):
     one, two = uneven["states"]
     assert set(load_file(str(tmp_path / "i" / "model.safetensors"))) == set(SHAPES) - {"norm.weight"}
     assert set(load_file(str(tmp_path / "u" / "model.safetensors"))) == set(one) | set(two)
+
+
+@pytest.mark.slow
+def test_without_torch_safetensors_merge_and_a_bin_input_says_what_it_needs(raw, tmp_path):
+    """Without torch a raw merge of safetensors files runs on the native kernels and writes the
+    bytes it writes with torch; a .bin input stops with one line (exit status 2)."""
+    from helpers import without_torch_env
+
+    (tmp_path / "no-torch").mkdir()
+    env = without_torch_env(tmp_path / "no-torch")
+    p = raw["paths"]
+    cfg = tmp_path / "raw.yml"
+    cfg.write_text(
+        _config("ties", [(p["ft1"], {"weight": 1.0, "density": 0.5}), (p["ft2"], {"weight": 1.0})], p["base"])
+    )
+    run_raw_merge(cfg, tmp_path / "with", quiet=True)
+    command = [sys.executable, "-m", "mergekitty.cli.pytorch"]
+    done = subprocess.run(
+        [*command, str(cfg), str(tmp_path / "without"), "-q"], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    with_torch = (tmp_path / "with" / "model.safetensors").read_bytes()
+    assert (tmp_path / "without" / "model.safetensors").read_bytes() == with_torch
+    cfg.write_text(_config("linear", [(p["ft1"], {"weight": 1.0}), (p["ft3"], {"weight": 1.0})]))
+    failed = subprocess.run([*command, str(cfg), str(tmp_path / "bin"), "-q"], capture_output=True, text=True, env=env)
+    assert failed.returncode == 2 and "needs PyTorch" in failed.stderr and len(failed.stderr.strip().splitlines()) == 1

@@ -78,6 +78,33 @@ EXPECTED: dict[tuple[str, ...], tuple[set[str], tuple[str, ...]]] = {
         },
         (),
     ),  # fmt: skip
+    # pytorch: state dicts without config.json: no tokenizer, card, architecture or download options
+    ("mergekitty", "pytorch"): (
+        {
+            *COMMON,
+            "--version",
+            "--tensor-intersection",
+            "--tensor-union",
+            "--device",
+            "--threads",
+            "--num-threads",
+            "--strict",
+            "--random-seed",
+            "--out-shard-size",
+            "--allow-nonfinite",
+            "--json",
+            "--dry-run",
+        },
+        DEVICE_ALIASES
+        + MERGE_LEGACY
+        + (
+            "--[no-]copy-tokenizer",
+            "--[no-]write-model-card",
+            "--[no-]allow-crimes",
+            "--lora-merge-dtype",
+            "--transformers-cache",
+        ),
+    ),  # fmt: skip
     ("mergekitty-moe",): (
         {
             *COMMON,

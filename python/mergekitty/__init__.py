@@ -50,6 +50,8 @@ _LAZY = {
     "MergeOptions": "api",
     "extract_lora": "lora",
     "merge_lora": "lora",
+    "plan_raw_merge": "raw_merge",
+    "run_raw_merge": "raw_merge",
     "build_moe": "moe",
     "MoEOptions": "moe",
 }
@@ -70,6 +72,8 @@ __all__ = [
     "extract_lora",
     "merge_lora",
     "plan_merge",
+    "plan_raw_merge",
+    "run_raw_merge",
     "ArchitectureError",
     "ConfigError",
     "MergeError",

@@ -93,7 +93,7 @@ def _open_model(ref, config, options: MergeOptions, forced, stages: Mapping[str,
     if getattr(ref, "lora", None) is not None:
         adapter = _model_path(ref.lora, options, {})[0]
     # what the plan keeps of the input; the tokenizer and layer count are filled in below
-    planned = PlannedModel(str(ref), path, 0, path, adapter, options.lora_merge_dtype if adapter else None, stage)
+    planned = PlannedModel(str(ref), path, 0, path, adapter, options.lora_merge_dtype if adapter else None, stage=stage)
     checkpoint = planned.open(options.resolved_device(), options.threads)
     if adapter is not None:
         _warn_other_base(checkpoint.adapter, ref, path, config)
@@ -276,9 +276,10 @@ def _chat_template(config, model_dirs) -> str | None:
     )
 
 
-def _write_sidecars(plan, config, out, options: MergeOptions, recorded_config: str | None = None) -> None:
+def _write_sidecars(plan, config, out, options: MergeOptions, recorded_text: str | None = None) -> None:
     """The donor's side files, the tokenizer, the chat template and the model card, into
-    the OutputTransaction ``out``; ``recorded_config``: the YAML the card records (write_plan)."""
+    the OutputTransaction ``out``; ``recorded_text``: the YAML the card and mergekitty_config.yml
+    record (default: the config's own; a recipe's target records the whole recipe)."""
     donor = plan.models[plan.donor]
     out.copy_files(donor.path, SIDECAR_FILES)
     if options.copy_tokenizer:
@@ -299,21 +300,33 @@ def _write_sidecars(plan, config, out, options: MergeOptions, recorded_config: s
     if options.write_model_card:
         from .card import generate_card
 
-        text = recorded_config or getattr(config, "source_text", None) or config.to_yaml()
+        text = recorded_text or getattr(config, "source_text", None) or config.to_yaml()
         refs = [str(m.ref) for m in plan.models]
         base = str(config.base_model) if config.base_model is not None else None
-        seed = (
-            plan.random_seed
-            if plan.method.random or config.random_seed is not None or options.random_seed is not None
-            else None
-        )
+        seed = recorded_seed(plan, config, options)
         out.write_text("README.md", generate_card(plan.method, refs, base, text, out.path.name, seed))
-        text = text if text.endswith("\n") else text + "\n"
-        if seed is not None and config.random_seed is None:
-            text += f"# the seed this merge drew; keep it to reproduce the merge exactly\nrandom_seed: {seed}\n"
-        elif seed is not None and config.random_seed != seed:
-            text += f"# this merge ran with --random-seed {seed}, which overrides random_seed above\n"
-        out.write_text("mergekitty_config.yml", text)
+        out.write_text("mergekitty_config.yml", recorded_config(plan, config, options, recorded_text))
+
+
+def recorded_seed(plan, config, options: MergeOptions) -> int | None:
+    """The seed the output records: the one the merge ran with when it draws random numbers or
+    a seed was given, else None."""
+    if plan.method.random or config.random_seed is not None or options.random_seed is not None:
+        return int(plan.random_seed)
+    return None
+
+
+def recorded_config(plan, config, options: MergeOptions, text: str | None = None) -> str:
+    """The config text as the output keeps it (mergekitty_config.yml): as written (or ``text``),
+    with the seed the merge drew, or a note that --random-seed overrode the config's."""
+    text = text or getattr(config, "source_text", None) or config.to_yaml()
+    text = text if text.endswith("\n") else text + "\n"
+    seed = recorded_seed(plan, config, options)
+    if seed is not None and config.random_seed is None:
+        text += f"# the seed this merge drew; keep it to reproduce the merge exactly\nrandom_seed: {seed}\n"
+    elif seed is not None and config.random_seed != seed:
+        text += f"# this merge ran with --random-seed {seed}, which overrides random_seed above\n"
+    return text
 
 
 def run_merge(
@@ -344,23 +357,35 @@ def run_merge(
         on_phase(Phase("plan", time.perf_counter() - started))
     if on_plan is not None:
         on_plan(plan)
-    write_plan(plan, config, out_path, options, progress, on_health, on_phase)
+    write_merged_model(
+        plan,
+        out_path,
+        options,
+        side_files=lambda out: _write_sidecars(plan, config, out, options),
+        marker_text=json.dumps(plan.out_config, indent=2) + "\n",
+        progress=progress,
+        on_health=on_health,
+        on_phase=on_phase,
+    )
     return plan
 
 
-def write_plan(
+def write_merged_model(
     plan,
-    config,
     out_path: str | os.PathLike,
     options: MergeOptions,
+    side_files: Callable[[Any], None],
+    marker_text: str,
+    marker: str = "config.json",
     progress: Callable[[Any, float], None] | None = None,
     on_health: Callable[[HealthReport], None] | None = None,
     on_phase: Callable[[Phase], None] | None = None,
-    recorded_config: str | None = None,
 ) -> None:
-    """Execute ``plan`` (made from ``config``) and write the model to ``out_path`` in one output
-    transaction: the side files, the tensors, then the commit. ``recorded_config``: the YAML
-    the model card and mergekitty_config.yml record (default: the config's own text)."""
+    """Execute ``plan`` and write the model to ``out_path`` in one OutputTransaction:
+    ``side_files(out)`` writes the files beside the weights, and ``marker`` (holding
+    ``marker_text``) is written last. Every merge writes its output here (``run_merge``, the
+    targets and intermediates of a recipe, the raw merges of raw_merge.py); the callbacks are
+    ``run_merge``'s, and the caller has checked the plan (``require_torch_for_plan``)."""
     from .execute import execute
     from .health import HEALTH_FILE, HealthReport
     from .io.output import OutputTransaction
@@ -377,10 +402,10 @@ def write_plan(
             raise OutputError(f"--device {device} was asked for, but torch sees no CUDA device")
 
     health = HealthReport.for_plan(plan, options.allow_nonfinite)
-    with OutputTransaction(out_path, resume_key=_resume_key(plan)) as out:
+    with OutputTransaction(out_path, marker=marker, resume_key=_resume_key(plan)) as out:
         writer = out.open_shards(plan.output_layout(), plan.shard_size_bytes)
         started, before = time.perf_counter(), _files_bytes(out.dir)
-        _write_sidecars(plan, config, out, options, recorded_config)
+        side_files(out)
         phase("tokenizer", started, written=_files_bytes(out.dir) - before)
         # a rerun of an interrupted merge computes only the tensors of the shards it lacks
         todo = replace(plan, jobs=tuple(j for j in plan.jobs if not writer.is_written(j.out_name)))
@@ -402,7 +427,7 @@ def write_plan(
         started = time.perf_counter()
         if options.health_json:
             out.write_text(HEALTH_FILE, health.to_json())
-        out.commit(json.dumps(plan.out_config, indent=2) + "\n")
+        out.commit(marker_text)
     phase("commit", started)
     if on_health is not None:
         on_health(health)
@@ -442,22 +467,25 @@ def inputs_digest(plan) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for directory in _input_dirs(plan):
-        for f in sorted(Path(directory).iterdir()):
-            with contextlib.suppress(OSError):
-                st = f.stat()
-                h.update(f"{directory}\0{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for f in _input_files(plan):
+        with contextlib.suppress(OSError):
+            st = f.stat()
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
-def _input_dirs(plan) -> Iterator[Path]:
+def _input_files(plan) -> Iterator[Path]:
+    """The files of every input directory of ``plan`` (through recipe stages); of a state-dict
+    file input, only that file (its directory may hold anything else)."""
     for model in plan.models:
         if model.stage is not None:
-            yield from _input_dirs(model.stage)
+            yield from _input_files(model.stage)
+        elif model.files:
+            yield from (Path(model.path) / f for f in model.files)
         else:
-            yield model.path
+            yield from sorted(Path(model.path).iterdir())
         if model.adapter is not None:
-            yield model.adapter
+            yield from sorted(Path(model.adapter).iterdir())
 
 
 def option_names() -> list[str]:

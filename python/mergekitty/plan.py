@@ -102,6 +102,7 @@ class PlannedModel:
     tokenizer_dir: Path  # where its tokenizer files are (a model+lora input's adapter when it ships one)
     adapter: Path | None = None  # model+lora: the resolved adapter directory
     lora_merge_dtype: str | None = None  # model+lora: dtype the adapted tensors are rounded to
+    files: tuple[str, ...] | None = None  # the weight files of ``path`` it is (a state-dict file); None: found there
     # a recipe stage read without being written: its plan, whose jobs compute its tensors on demand
     # (``path`` then holds only its side files: config.json, tokenizer, layout)
     stage: MergePlan | None = None
@@ -121,7 +122,8 @@ class PlannedModel:
 
             checkpoint = StageCheckpoint(self.stage, self.path, self.label, device, threads)
         else:
-            checkpoint = Checkpoint(self.path, label=self.label)
+            files = list(self.files) if self.files is not None else None
+            checkpoint = Checkpoint(self.path, label=self.label, files=files)
         if self.adapter is None:
             return checkpoint
         # model+lora: the adapter is applied tensor by tensor as the executor loads them
@@ -292,12 +294,29 @@ class OutputTensor:
     base: tuple[int, str] | None
 
 
-class Planner:
-    """Builds a MergePlan. ``open_model(ref) -> (path, Checkpoint, config dict)`` does the I/O of headers."""
+# What a raw merge (raw_merge.py) does with a tensor that some of its models lack: stop with an
+# error naming it (the default), leave it out (--tensor-intersection), or merge it from the models
+# that have it (--tensor-union).
+MISSING_TENSOR_POLICIES = ("error", "intersection", "union")
 
-    def __init__(self, config: Any, method: MergeMethod, models: list[InputModel], options: Any) -> None:
+
+class Planner:
+    """Builds a MergePlan. ``open_model(ref) -> (path, Checkpoint, config dict)`` does the I/O of headers.
+
+    ``raw`` plans a merge of plain state dicts (raw_merge.py): tensors are matched by their name
+    alone (no tied heads, no second naming scheme, no rebuilt buffers), and a tensor some models
+    lack is handled by that policy (one of MISSING_TENSOR_POLICIES). None: Hugging Face models."""
+
+    def __init__(
+        self, config: Any, method: MergeMethod, models: list[InputModel], options: Any, raw: str | None = None
+    ) -> None:
         from .params import ParameterResolver
 
+        if raw is not None and raw not in MISSING_TENSOR_POLICIES:
+            raise PlanError(
+                f"unknown policy for missing tensors {raw!r} (expected {', '.join(MISSING_TENSOR_POLICIES)})"
+            )
+        self.raw = raw
         self.config = config
         self.method = method
         self.models = models
@@ -327,13 +346,20 @@ class Planner:
         """The name under which ``model`` stores ``name`` (itself, or its spelling under the other
         vision-language naming scheme); None when it does not."""
         checkpoint = self.models[model].checkpoint
+        if self.raw is not None:
+            return name if name in checkpoint else None
         return next((n for n in (name, *other_spellings(name)) if n in checkpoint), None)
 
     def _tied_head(self, model: int, name: str) -> str | None:
         """For a head (lm_head, embed_out...) that ``model`` does not store: its input embedding,
         when the model ties them (its config.json does not say ``tie_word_embeddings: false``)."""
         m = self.models[model]
-        if is_head_name(name) and m.layout.input_embedding and ties_embeddings(m.config) is not False:
+        if (
+            self.raw is None
+            and is_head_name(name)
+            and m.layout.input_embedding
+            and ties_embeddings(m.config) is not False
+        ):
             return m.layout.input_embedding
         return None
 
@@ -357,9 +383,12 @@ class Planner:
         present = f" but present in {self._labels(set(having))}" if having else ""
         if not having:  # a tensor of the donor, which is not read here
             present = f" (the output follows {self.models[self.donor].label}, which has it)"
+        hint = ""
+        if self.raw is not None:
+            hint = " (--tensor-intersection leaves such tensors out, --tensor-union merges them from the models that have them)"
         raise PlanError(
             f"tensor '{out_name}' is missing from {', '.join(lacking)}{present}: every model a tensor is "
-            "merged from must have it"
+            f"merged from must have it{hint}"
         )
 
     def _missing_note(self, mi: int, name: str, out_name: str, having: list[int]) -> str:
@@ -438,12 +467,13 @@ class Planner:
         slices = [sl for st in self.stacks for sl in st.slices]
         picks = [self._slice_picks(si, sl, base_ref) for si, sl in enumerate(slices)]
         layer_map: list[tuple[int, tuple[tuple[str, int], ...]]] = []
-        tensors = [t for t in self._output_tensors(picks, layer_map) if self._kept(t)]
+        tensors = [k for t in self._output_tensors(picks, layer_map) if (k := self._kept(t)) is not None]
         jobs = _placed([self._job(tensor, device) for tensor in tensors], shard_size_bytes)
         excluded = self._accounted(picks, jobs)
         out_layers = [sum(sp.length for sp in picks[lo:hi]) for lo, hi in self._ranges]
         out_config = self._out_config(donor, out_layers)
-        self._untie_for_heads(out_config, jobs)
+        if self.raw is None:
+            self._untie_for_heads(out_config, jobs)
         if self.vocab is not None and any(j.aligned for j in jobs):
             set_vocab_size(out_config, self.vocab.rows)
         return MergePlan(
@@ -598,7 +628,9 @@ class Planner:
                 f"weights are under '{st.roots[model]}' in {self.models[model].label}); give layer_range [0, 0]",
                 key,
             )
-        if not st.layerless and start == stop:
+        # a models list takes every layer of each model, none of a model without a layer stack
+        whole = st.group.slices is None and count == 0
+        if not st.layerless and start == stop and not whole:
             raise self._config_error(
                 f"layer_range [{start}, {stop}] selects no layers of {self._stack_label(stack, model)}; "
                 "only a module without layers (a projector) takes [0, 0]",
@@ -681,6 +713,9 @@ class Planner:
         out: dict[str, None] = {}
         for group in groups:
             for name in group:
+                if self.raw is not None:
+                    out[name] = None
+                    continue
                 name = spelled_like(name, (donor_prefix,))
                 if name not in out and not any(o in out for o in other_spellings(name)):
                     out[name] = None
@@ -762,23 +797,53 @@ class Planner:
                     yield OutputTensor(f"{out_prefix}.{out_layer}.{suffix}", si, t, names, base)
                 out_layer += 1
 
-    def _kept(self, tensor: OutputTensor) -> bool:
-        """False for a buffer transformers rebuilds at load time (rotary ``inv_freq``, a causal
-        mask) that some of the tensor's models lack: it is left out, and recorded as excluded."""
+    def _kept(self, tensor: OutputTensor) -> OutputTensor | None:
+        """The tensor as it is planned, or None when it is left out (and recorded as excluded): a
+        buffer transformers rebuilds at load time (rotary ``inv_freq``, a causal mask) that some
+        of the tensor's models lack. A raw merge follows its policy instead (``_raw_kept``)."""
         wanted = [(mi, name) for mi, name, _ in tensor.picks] + ([tensor.base] if tensor.base else [])
         stored = [(mi, self._stored(mi, name)) for mi, name in wanted]
         have = [(mi, n) for mi, n in stored if n is not None]
         if len(have) == len(stored):
-            return True
+            return tensor
+        if self.raw is not None:
+            return self._raw_kept(tensor, {mi for mi, _ in have})
         # a name only the donor has (it is not read here) is the donor's
         mi, name = have[0] if have else (self.donor, self._stored(self.donor, tensor.out_name) or "")
         info = self.models[mi].checkpoint.infos.get(name)
         if info is None or not is_recomputed_buffer(tensor.out_name, info.shape):
-            return True  # not a rebuilt buffer: _find_all reports the models that lack it
+            return tensor  # not a rebuilt buffer: _find_all reports the models that lack it
         lacking = ", ".join(self.models[m].label for m, n in stored if n is None)
         for m, n in have:
             self.skipped[(m, n)] = f"a buffer transformers rebuilds at load time, missing from {lacking}"
-        return False
+        return None
+
+    def _raw_kept(self, tensor: OutputTensor, having: set[int]) -> OutputTensor | None:
+        """A raw merge's tensor that only the models ``having`` have: unchanged under the "error"
+        policy (``_find_all`` names the models that lack it), left out under "intersection", and
+        merged from the models that have it under "union"."""
+        name = tensor.out_name
+        if self.raw == "error":
+            return tensor
+        if self.raw == "intersection":
+            wanted = {mi for mi, _, _ in tensor.picks} | ({tensor.base[0]} if tensor.base else set())
+            lacking = self._labels(wanted - having)
+            for mi in having:
+                self.skipped[(mi, name)] = f"not in every model (missing from {lacking}; --tensor-intersection)"
+            return None
+        base = tensor.base if tensor.base is not None and tensor.base[0] in having else None
+        if tensor.base is not None and base is None and self.method.base == "required":
+            raise PlanError(
+                f"tensor '{name}' is missing from the base model {self.models[tensor.base[0]].label}, which merge "
+                f"method '{self.method.name}' merges every tensor onto; --tensor-union cannot merge it without the base"
+            )
+        picks = [p for p in tensor.picks if p[0] in having]
+        if 0 < len(picks) < self.method.min_models:
+            raise PlanError(
+                f"tensor '{name}' is only in {self._labels(having)}, but merge method '{self.method.name}' needs "
+                f"at least {self.method.min_models} models"
+            )
+        return replace(tensor, picks=picks, base=base)
 
     def _accounted(self, picks: list[SlicePicks], jobs: list[TensorJob]) -> tuple[Excluded, ...]:
         """Why each input tensor that no job reads is left out, grouped by model and reason (logged

@@ -235,6 +235,12 @@ def _choose_stack(stacks: dict[str, dict[int, list[str]]], expected: int | None,
     return best
 
 
+def flat_layout(tensor_names: Iterable[str]) -> ModelLayout:
+    """A plain state dict's layout (raw_merge.py): no layer stack, every tensor a weight of its
+    own, merged as the weights before a stack are (at t = 0)."""
+    return ModelLayout(0, None, "", {}, tuple(tensor_names), ())
+
+
 def infer_layout(
     tensor_names: Iterable[str], cfg: dict[str, Any], where: str = "model", override: LayoutOverride | None = None
 ) -> ModelLayout:

@@ -1,7 +1,8 @@
 """``mergekitty``: the command group (merge, plan, moe, extract-lora, merge-lora, layershuffle, mega,
-multi, fill-missing, inspect).
+multi, fill-missing, pytorch, inspect).
 
-``moe``, ``extract-lora``, ``merge-lora``, ``layershuffle``, ``mega``, ``multi`` and ``fill-missing`` are
+``moe``, ``extract-lora``, ``merge-lora``, ``layershuffle``, ``mega``, ``multi``, ``fill-missing`` and
+``pytorch`` are
 also the ``mergekitty-<name>`` commands; here they are one entry point."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from .layershuffle import main as layershuffle_command
 from .merge_lora import main as merge_lora_command
 from .moe import main as moe_command
 from .options import HELP_CONFIG, MERGE_LEGACY, command, merge_options, plan_options
+from .pytorch import main as pytorch_command
 from .recipe import mega as mega_command
 from .recipe import multi as multi_command
 
@@ -57,6 +59,7 @@ group.add_command(layershuffle_command, "layershuffle")
 group.add_command(mega_command, "mega")
 group.add_command(multi_command, "multi")
 group.add_command(fill_missing_command, "fill-missing")
+group.add_command(pytorch_command, "pytorch")
 group.add_command(inspect_command, "inspect")
 
 

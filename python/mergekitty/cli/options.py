@@ -43,6 +43,15 @@ NO_EFFECT = {
     "load_in_8bit": "the base model runs unquantized",
 }
 
+# merge options a raw merge (mergekitty pytorch) accepts, as mergekit's did, without using them
+RAW_NO_EFFECT = {
+    "copy_tokenizer": "a raw merge writes no tokenizer",
+    "write_model_card": "a raw merge writes no model card; its config is kept as mergekitty_config.yml",
+    "allow_crimes": "a raw merge has no architectures to compare",
+    "lora_merge_dtype": "a raw merge takes no LoRA adapters",
+    "transformers_cache": "a raw merge reads local files only",
+}
+
 
 class SizeType(click.ParamType):
     name = "SIZE"
@@ -208,6 +217,9 @@ _LEGACY: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "lora_merge_dtype": (("--lora-merge-dtype",), {"default": None}),
     "load_in_4bit": (("--load-in-4bit",), {"is_flag": True, "default": None}),
     "load_in_8bit": (("--load-in-8bit",), {"is_flag": True, "default": None}),
+    "copy_tokenizer": (("--copy-tokenizer/--no-copy-tokenizer",), {"default": None}),
+    "write_model_card": (("--write-model-card/--no-write-model-card",), {"default": None}),
+    "transformers_cache": (("--transformers-cache",), {"default": None}),
 }
 
 
@@ -409,12 +421,54 @@ def merge_lora_options(fn):
     return fn
 
 
-def build_options(kwargs: dict, console, legacy: list[str]) -> tuple:
+# the raw merge command: the merge options that mean something without a config.json or tokenizer
+RAW_LEGACY = [*MERGE_LEGACY, *RAW_NO_EFFECT]
+
+
+def raw_merge_options(fn):
+    """The options of ``mergekitty pytorch``: the merge options but those about tokenizers,
+    model cards, architectures and downloads (accepted and ignored, as ``RAW_LEGACY``)."""
+    for deco in reversed(
+        [
+            panel(
+                "Tensors",
+                [
+                    opt(
+                        "tensor_intersection",
+                        "-i",
+                        "--tensor-intersection",
+                        is_flag=True,
+                        default=False,
+                        help="Merge only the tensors every model has; leave out the others.",
+                    ),
+                    opt(
+                        "tensor_union",
+                        "-u",
+                        "--tensor-union",
+                        is_flag=True,
+                        default=False,
+                        help="Merge every tensor from the models that have it. [default: a tensor some models lack is an error]",
+                    ),
+                ],
+            ),
+            panel("Compute", ["device", "threads"]),
+            panel("Inputs", ["strict", "random_seed"]),
+            panel("Output", ["out_shard_size", "allow_nonfinite", "health_json", "dry_run"]),
+            messages_panel(verbose_help=MERGE_VERBOSE_HELP),
+            _hidden(list(_DEVICE_ALIASES), _DEVICE_ALIASES),
+            legacy_options(RAW_LEGACY),
+        ]
+    ):
+        fn = deco(fn)
+    return fn
+
+
+def build_options(kwargs: dict, console, legacy: list[str], reasons: dict[str, str] | None = None) -> tuple:
     """Turn the CLI keyword arguments into (MergeOptions, dry_run), with a note for each option of
-    ``legacy`` given (they have no effect)."""
+    ``legacy`` given (they have no effect: ``reasons`` says why where NO_EFFECT does not)."""
     from ..api import MergeOptions
 
-    note_legacy(kwargs, console, legacy)
+    note_legacy(kwargs, console, legacy, reasons)
     if kwargs.pop("unsafe_truncate_embeddings", False):
         raise click.UsageError("--unsafe-truncate-embeddings is not supported")
     device = kwargs.pop("device", None) or kwargs.pop("compute_device", None)
@@ -426,7 +480,7 @@ def build_options(kwargs: dict, console, legacy: list[str]) -> tuple:
     return MergeOptions(device=device or "cpu", **kwargs), dry_run
 
 
-def note_legacy(kwargs: dict, console, legacy: list[str]) -> None:
+def note_legacy(kwargs: dict, console, legacy: list[str], reasons: dict[str, str] | None = None) -> None:
     """Take the options of ``legacy`` out of ``kwargs``, with a note for each one given: it has no
     effect. (``--no-lazy-unpickle`` and ``--safe-serialization`` ask for what happens anyway.)"""
     for name in legacy:
@@ -434,7 +488,8 @@ def note_legacy(kwargs: dict, console, legacy: list[str]) -> None:
         if value is None or value is (name == "safe_serialization"):
             continue
         flag = _LEGACY[name][0][0].split("/")[0 if value is not False else 1]
-        console.print(f"[yellow]note:[/] {flag} has no effect: {NO_EFFECT[name]}", highlight=False, soft_wrap=True)
+        reason = (reasons or {}).get(name) or NO_EFFECT[name]
+        console.print(f"[yellow]note:[/] {flag} has no effect: {reason}", highlight=False, soft_wrap=True)
 
 
 def take_verbosity(kwargs: dict) -> Verbosity:

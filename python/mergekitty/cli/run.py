@@ -9,18 +9,26 @@ from .verbosity import Verbosity
 
 
 def run_command(
-    config_file: str, out_path: str | None, kwargs: dict, plan_only: bool = False, json_path: str | None = None
+    config_file: str,
+    out_path: str | None,
+    kwargs: dict,
+    plan_only: bool = False,
+    json_path: str | None = None,
+    raw: str | None = None,
 ) -> None:
-    from .options import MERGE_LEGACY, build_options, take_verbosity
+    """``raw``: a merge of plain state dicts (raw_merge.py), with its policy for tensors some
+    models lack ("error", "intersection", "union"); None for a merge of models (or a recipe)."""
+    from .options import MERGE_LEGACY, RAW_LEGACY, RAW_NO_EFFECT, build_options, take_verbosity
 
     verbosity = take_verbosity(kwargs)
     intermediates = kwargs.pop("write_intermediates", None)
     with command_shell(INTERRUPTED, verbosity) as console:
-        options, dry_run = build_options(kwargs, console, [] if plan_only else MERGE_LEGACY)
+        legacy = [] if plan_only else RAW_LEGACY if raw is not None else MERGE_LEGACY
+        options, dry_run = build_options(kwargs, console, legacy, RAW_NO_EFFECT if raw is not None else None)
         from ..config import load_config_file
         from ..recipe.documents import is_recipe_file
 
-        if is_recipe_file(config_file):
+        if raw is None and is_recipe_file(config_file):
             from .recipe import final_document, run_recipe_command
 
             recipe, final = final_document(config_file)
@@ -36,7 +44,7 @@ def run_command(
                 soft_wrap=True,
             )
         config = load_config_file(config_file)
-        merge_loaded(config, out_path, options, verbosity, console, plan_only or dry_run, json_path)
+        merge_loaded(config, out_path, options, verbosity, console, plan_only or dry_run, json_path, raw=raw)
 
 
 # what Ctrl-C leaves of a merge
@@ -54,12 +62,21 @@ def merge_loaded(
     plan_only: bool = False,
     json_path: str | None = None,
     plan_console=None,
+    raw: str | None = None,
 ) -> None:
     """Plan (``plan_only``: print the plan, on ``plan_console`` if given, else stdout) or merge
-    the loaded ``config`` into ``out_path``, narrated on ``console`` as ``verbosity`` asks."""
+    the loaded ``config`` into ``out_path``, narrated on ``console`` as ``verbosity`` asks;
+    ``raw`` as for ``run_command``."""
     # the bar is left out under -q, and under -vv, whose line per tensor shows the progress
     options = replace(options, quiet=verbosity.quiet or verbosity.per_tensor)
-    from ..api import plan_merge, run_merge
+    if raw is None:
+        from ..api import plan_merge, run_merge
+    else:
+        from functools import partial
+
+        from ..raw_merge import plan_raw_merge, run_raw_merge
+
+        plan_merge, run_merge = partial(plan_raw_merge, missing=raw), partial(run_raw_merge, missing=raw)
 
     note_differences(config, console)
     if plan_only:

@@ -27,6 +27,8 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
+# files read with torch.load (weights only): pickled state dicts, as torch.save writes them
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 
 
 @dataclass(frozen=True)
@@ -200,7 +202,7 @@ class Checkpoint:
         shard = self._shards.get(file_name)
         if shard is None:
             path = confined(self.directory, file_name, str(self.directory))
-            shard = _BinShard(path) if file_name.endswith(".bin") else _SafetensorsShard(path)
+            shard = _BinShard(path) if file_name.endswith(TORCH_SUFFIXES) else _SafetensorsShard(path)
             self._shards[file_name] = shard
         return shard
 

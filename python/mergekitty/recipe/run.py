@@ -43,7 +43,7 @@ def run_recipe(
     documents they read in memory. ``write_intermediates``: a directory that also receives
     every intermediate document, as ``DIR/<name>``. ``on_disk``: documents to read from a
     directory written before instead of computing them. Returns the recipe plan."""
-    from ..api import MergeOptions, Phase, write_plan
+    from ..api import MergeOptions, Phase
     from ..extras import require_torch_for_plan
 
     options = options or MergeOptions()
@@ -63,17 +63,36 @@ def run_recipe(
             if stage.name not in targets:
                 where = Path(write_intermediates) / stage.name
                 log.info("writing intermediate '%s' to %s", stage.name, where)
-                write_plan(stage.plan, stage.document.config, where, options, progress, None, on_phase)
+                _write(stage, where, options, progress, None, on_phase, None)
     for name in targets:
-        stage = rplan[name]
-        write_plan(
-            stage.plan,
-            stage.document.config,
-            outputs[name],
-            options,
-            progress,
-            on_health,
-            on_phase,
-            recorded_config=recipe.text if len(recipe.documents) > 1 else None,
-        )
+        text = recipe.text if len(recipe.documents) > 1 else None
+        _write(rplan[name], outputs[name], options, progress, on_health, on_phase, text)
     return rplan
+
+
+def _write(
+    stage: Any,
+    out_path: str | os.PathLike[str],
+    options: Any,
+    progress: Callable[[Any, float], None] | None,
+    on_health: Callable[[Any], None] | None,
+    on_phase: Callable[[Any], None] | None,
+    recorded_text: str | None,
+) -> None:
+    """One document's merge written as ``run_merge`` writes a model; ``recorded_text``: the YAML
+    the model card and mergekitty_config.yml keep (the whole recipe, for a target)."""
+    import json
+
+    from ..api import _write_sidecars, write_merged_model
+
+    plan, config = stage.plan, stage.document.config
+    write_merged_model(
+        plan,
+        out_path,
+        options,
+        side_files=lambda out: _write_sidecars(plan, config, out, options, recorded_text),
+        marker_text=json.dumps(plan.out_config, indent=2) + "\n",
+        progress=progress,
+        on_health=on_health,
+        on_phase=on_phase,
+    )

@@ -122,6 +122,25 @@ EXPECTED: dict[tuple[str, ...], tuple[set[str], tuple[str, ...]]] = {
         },
         ("--i-understand-this-is-not-useful-without-training", "--load-in-4bit", "--load-in-8bit"),
     ),  # fmt: skip
+    ("mergekitty", "tokensurgeon"): (
+        {
+            *COMMON,
+            "--version",
+            "--approximation-method",
+            "--k",
+            "--weight-scheme",
+            "--barycentric",
+            "--no-barycentric",
+            "--cosine-similarity",
+            "--no-cosine-similarity",
+            "--batch-size",
+            "--allow-crimes",
+            "--no-allow-crimes",
+            "--transformers-cache",
+            "--out-shard-size",
+        },
+        MERGE_LEGACY + ("--device",),
+    ),
     ("mergekitty-extract-lora",): (
         {
             *COMMON,

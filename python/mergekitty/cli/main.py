@@ -1,8 +1,8 @@
 """``mergekitty``: the command group (merge, plan, moe, extract-lora, merge-lora, layershuffle, mega,
-multi, fill-missing, pytorch, inspect).
+multi, fill-missing, pytorch, tokensurgeon, inspect).
 
-``moe``, ``extract-lora``, ``merge-lora``, ``layershuffle``, ``mega``, ``multi``, ``fill-missing`` and
-``pytorch`` are
+``moe``, ``extract-lora``, ``merge-lora``, ``layershuffle``, ``mega``, ``multi``, ``fill-missing``,
+``pytorch`` and ``tokensurgeon`` are
 also the ``mergekitty-<name>`` commands; here they are one entry point."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from .options import HELP_CONFIG, MERGE_LEGACY, command, merge_options, plan_opt
 from .pytorch import main as pytorch_command
 from .recipe import mega as mega_command
 from .recipe import multi as multi_command
+from .tokensurgeon import main as tokensurgeon_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,6 +61,7 @@ group.add_command(mega_command, "mega")
 group.add_command(multi_command, "multi")
 group.add_command(fill_missing_command, "fill-missing")
 group.add_command(pytorch_command, "pytorch")
+group.add_command(tokensurgeon_command, "tokensurgeon")
 group.add_command(inspect_command, "inspect")
 
 

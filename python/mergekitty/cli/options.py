@@ -41,6 +41,8 @@ NO_EFFECT = {
     # mergekitty-moe
     "load_in_4bit": "the base model runs unquantized",
     "load_in_8bit": "the base model runs unquantized",
+    # tokensurgeon
+    "device": "the approximation runs in numpy on the CPU",
 }
 
 # merge options a raw merge (mergekitty pytorch) accepts, as mergekit's did, without using them
@@ -220,6 +222,7 @@ _LEGACY: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "copy_tokenizer": (("--copy-tokenizer/--no-copy-tokenizer",), {"default": None}),
     "write_model_card": (("--write-model-card/--no-write-model-card",), {"default": None}),
     "transformers_cache": (("--transformers-cache",), {"default": None}),
+    "device": (("--device",), {"default": None}),
 }
 
 

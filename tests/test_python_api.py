@@ -11,11 +11,13 @@ import pytest
 
 def test_entry_points_are_the_implementations():
     import mergekitty
-    from mergekitty import api, lora, moe
+    from mergekitty import api, lora, moe, tokensurgeon
 
     assert mergekitty.plan_merge is api.plan_merge and mergekitty.MergeOptions is api.MergeOptions
     assert mergekitty.extract_lora is lora.extract_lora and mergekitty.merge_lora is lora.merge_lora
     assert mergekitty.build_moe is moe.build_moe and mergekitty.MoEOptions is moe.MoEOptions
+    assert mergekitty.transplant is tokensurgeon.transplant
+    assert mergekitty.TokenSurgeonOptions is tokensurgeon.TokenSurgeonOptions
     for name in mergekitty.__all__:
         assert getattr(mergekitty, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'merge_loras'"):

@@ -66,14 +66,15 @@ def donor_id(token: str) -> int:
     return (DONOR_SPECIAL + WORDS).index(token)
 
 
-def build_pair(root: Path, *, tie: bool = False, linear: bool = False, seed: int = 0) -> dict:
+def build_pair(root: Path, *, tie: bool = False, donor_tie: bool = False, linear: bool = False, seed: int = 0) -> dict:
     """(donor, model, truth): truth[tensor][word] is the model-space row each new word should get.
 
-    ``linear``: the model's shared rows are a linear image of the donor's (model = donor @ A)."""
+    ``tie``/``donor_tie``: the model/donor ties its head to its embedding. ``linear``: the
+    model's shared rows are a linear image of the donor's (model = donor @ A)."""
     from mergekitty.tiny_models import make_model
 
     rng = np.random.default_rng(seed)
-    donor = make_model(root / "donor", "llama", seed=1, vocab_size=DONOR_ROWS)
+    donor = make_model(root / "donor", "llama", seed=1, vocab_size=DONOR_ROWS, tie_word_embeddings=donor_tie)
     model = make_model(
         root / "model", "llama", seed=2, hidden_size=32, intermediate_size=64, vocab_size=MODEL_ROWS,
         tie_word_embeddings=tie,
@@ -90,19 +91,28 @@ def build_pair(root: Path, *, tie: bool = False, linear: bool = False, seed: int
     edit_json(model / "generation_config.json", bos_token_id=0, eos_token_id=1)
 
     d_state, m_state = read_tensors(donor), read_tensors(model)
-    truth: dict[str, dict[str, np.ndarray]] = {}
-    for name in (EMBED,) if tie else (EMBED, HEAD):
-        d, m = d_state[name], m_state[name]
-        if linear:
-            a = rng.standard_normal((d.shape[1], m.shape[1])).astype(np.float32) * 0.2
-            for w in SHARED:
-                m[model_words.index(w)] = d[donor_id(w)] @ a
-        truth[name] = {}
+    # each new word's donor rows: a combination of three shared words' rows, per donor matrix
+    combos: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for name in (EMBED,) if donor_tie else (EMBED, HEAD):
+        d = d_state[name]
+        combos[name] = {}
         for w in NEW_WORDS:
             atoms = rng.choice(len(SHARED), 3, replace=False)
             coef = rng.uniform(0.5, 1.5, 3) * rng.choice([-1.0, 1.0], 3)
             d[donor_id(w)] = sum(c * d[donor_id(SHARED[i])] for c, i in zip(coef, atoms))
-            truth[name][w] = sum(c * m[model_words.index(SHARED[i])] for c, i in zip(coef, atoms)).astype(np.float32)
+            combos[name][w] = (atoms, coef)
+    truth: dict[str, dict[str, np.ndarray]] = {}
+    for name in (EMBED,) if tie else (EMBED, HEAD):
+        space = HEAD if name == HEAD and not donor_tie else EMBED  # the donor matrix its weights come from
+        m = m_state[name]
+        if linear:
+            a = rng.standard_normal((d_state[space].shape[1], m.shape[1])).astype(np.float32) * 0.2
+            for w in SHARED:
+                m[model_words.index(w)] = d_state[space][donor_id(w)] @ a
+        truth[name] = {
+            w: sum(c * m[model_words.index(SHARED[i])] for c, i in zip(coef, atoms)).astype(np.float32)
+            for w, (atoms, coef) in combos[space].items()
+        }
     write_tensors(donor, d_state)
     write_tensors(model, m_state)
     return {"donor": donor, "model": model, "truth": truth, "model_words": model_words}
@@ -345,6 +355,42 @@ def test_tied_model_stays_tied(tmp_path):
     for w in NEW_WORDS:
         truth = pair["truth"][EMBED][w]
         assert np.linalg.norm(state[EMBED][donor_id(w)] - truth) / np.linalg.norm(truth) < 1e-4
+
+
+def test_untied_model_with_a_tied_donor_fits_its_head_in_the_donors_embedding(tmp_path):
+    from mergekitty.tokensurgeon import transplant
+
+    pair = build_pair(tmp_path, donor_tie=True)
+    result = transplant(pair["model"], pair["donor"], tmp_path / "out")
+    assert [(r.tensor, r.space) for r in result.matrices] == [(EMBED, EMBED), (HEAD, EMBED)]
+    state = read_tensors(tmp_path / "out")
+    for tensor in (EMBED, HEAD):
+        for w in NEW_WORDS:
+            truth = pair["truth"][tensor][w]
+            assert np.linalg.norm(state[tensor][donor_id(w)] - truth) / np.linalg.norm(truth) < 1e-4
+
+
+def test_word_start_markers_of_both_kinds_match(pair, tmp_path):
+    """The donor's vocabulary spelled byte-level (``Ġa5``), the model's SentencePiece style
+    (``▁a5``): the same words match, as the plain spelling did."""
+    from mergekitty.tokensurgeon import transplant
+
+    donor, model = tmp_path / "donor", tmp_path / "model"
+    for src, dst, marker, pre in (
+        (pair["donor"], donor, "Ġ", {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}),
+        (pair["model"], model, "▁", {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}),
+    ):  # fmt: skip
+        shutil.copytree(src, dst)
+        data = json.loads((dst / "tokenizer.json").read_text())
+        vocab = data["model"]["vocab"]
+        data["model"]["vocab"] = {(marker + t if t.startswith(("a", "m")) else t): i for t, i in vocab.items()}
+        data["pre_tokenizer"] = pre
+        (dst / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+    result = transplant(model, donor, tmp_path / "out")
+    assert (result.match.exact, result.match.special, result.match.new.size) == (len(SHARED), 3, 13)
+    state, model_state = read_tensors(tmp_path / "out"), read_tensors(pair["model"])
+    for w in SHARED:
+        assert np.array_equal(state[EMBED][donor_id(w)], model_state[EMBED][pair["model_words"].index(w)])
 
 
 def test_heldout_figure_is_near_zero_when_the_model_is_a_linear_image_of_the_donor(tmp_path):

@@ -54,6 +54,8 @@ _LAZY = {
     "run_raw_merge": "raw_merge",
     "build_moe": "moe",
     "MoEOptions": "moe",
+    "transplant": "tokensurgeon",
+    "TokenSurgeonOptions": "tokensurgeon",
 }
 
 
@@ -68,12 +70,14 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "MergeOptions",
     "MoEOptions",
+    "TokenSurgeonOptions",
     "build_moe",
     "extract_lora",
     "merge_lora",
     "plan_merge",
     "plan_raw_merge",
     "run_raw_merge",
+    "transplant",
     "ArchitectureError",
     "ConfigError",
     "MergeError",

@@ -491,8 +491,17 @@ def test_bad_inputs_are_one_line(pair, tmp_path, capsys):
     other_arch = tmp_path / "other-arch"
     shutil.copytree(pair["donor"], other_arch)
     edit_json(other_arch / "config.json", architectures=["MistralForCausalLM"], model_type="mistral")
+    past_rows = tmp_path / "past-rows"
+    shutil.copytree(pair["model"], past_rows)
+    tok = json.loads((past_rows / "tokenizer.json").read_text())
+    tok["added_tokens"].append({"id": 95, "content": "<extra>", "special": True, "normalized": False})
+    (past_rows / "tokenizer.json").write_text(json.dumps(tok))
     cases = [
         ((pair["model"], no_tokenizer, tmp_path / "o1"), f"donor {no_tokenizer} has no tokenizer files"),
+        (
+            (past_rows, pair["donor"], tmp_path / "o5"),
+            f"{past_rows / 'tokenizer.json'}: token '<extra>' has id 95, but the model's embedding has 90 rows",
+        ),
         ((pair["model"], other_arch, tmp_path / "o2"), "pass --allow-crimes"),
         ((pair["model"], pair["donor"], pair["model"]), "is the model"),
         ((pair["model"], tmp_path / "missing", tmp_path / "o3"), "missing"),
@@ -514,12 +523,20 @@ def test_an_interrupted_run_leaves_the_old_output(pair, tmp_path):
     (out / "notes.txt").write_text("mine")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def stop(name: str, done: int, total: int) -> None:
-        if done == 3:
+    stages = []
+
+    def stop(stage: str, done: int, total: int) -> None:
+        stages.append((stage, done, total))
+        if stage == "writing" and done == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        transplant(pair["model"], pair["donor"], out, method="knn", on_tensor=stop)
+        transplant(pair["model"], pair["donor"], out, method="knn", batch_size=5, progress=stop)
+    assert stages[:3] == [
+        (f"approximating {EMBED}", 5, 13),
+        (f"approximating {EMBED}", 10, 13),
+        (f"approximating {EMBED}", 13, 13),
+    ]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

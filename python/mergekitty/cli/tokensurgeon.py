@@ -146,17 +146,15 @@ def main(model: str, donor: str, out_path: str, quiet: bool, verbose: int, **kwa
             from ..progress import stderr_progress
 
             with stderr_progress(
-                TextColumn("[bold]writing"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"),
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 console=console, transient=True,
             ) as bar:  # fmt: skip
-                task = bar.add_task("write", total=None)
-                result = transplant(
-                    model,
-                    donor,
-                    out_path,
-                    options,
-                    on_tensor=lambda _n, done, total: bar.update(task, completed=done, total=total),
-                )
+                task = bar.add_task("reading", total=None)
+
+                def progress(stage: str, done: int, total: int) -> None:
+                    bar.update(task, description=stage, completed=done, total=total)
+
+                result = transplant(model, donor, out_path, options, progress=progress)
         _summary(result, console)
         console.print(f"[green]done:[/] the model with the donor's tokenizer written to {out_path}",
                       highlight=False, soft_wrap=True)  # fmt: skip

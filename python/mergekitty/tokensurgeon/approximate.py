@@ -21,6 +21,7 @@ targets at a time (``batch_size``, smaller when the batch's chosen atoms would e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,7 +79,13 @@ def _solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         return np.stack([np.linalg.lstsq(g, r, rcond=None)[0] for g, r in zip(system, rhs)])
 
 
-def omp(dictionary: np.ndarray, targets: np.ndarray, k: int, batch_size: int = 512) -> Approximation:
+# called after each batch with the number of targets done so far
+Progress = Callable[[int], None]
+
+
+def omp(
+    dictionary: np.ndarray, targets: np.ndarray, k: int, batch_size: int = 512, on_batch: Progress | None = None
+) -> Approximation:
     """Orthogonal matching pursuit of each row of ``targets`` over the rows of ``dictionary``."""
     atoms_f32 = np.ascontiguousarray(dictionary, dtype=np.float32)
     x = np.asarray(targets, dtype=np.float32)
@@ -94,6 +101,8 @@ def omp(dictionary: np.ndarray, targets: np.ndarray, k: int, batch_size: int = 5
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         chosen[lo:hi], weights[lo:hi] = _omp_batch(atoms_f32, scale, x[lo:hi], k)
+        if on_batch is not None:
+            on_batch(hi)
     return Approximation(chosen, weights)
 
 
@@ -136,6 +145,7 @@ def knn(
     cosine: bool = False,
     scheme: str = "distance_proportional",
     batch_size: int = 512,
+    on_batch: Progress | None = None,
 ) -> Approximation:
     """The ``k`` nearest rows of ``dictionary`` to each row of ``targets``, weighted by ``scheme``."""
     if scheme not in WEIGHT_SCHEMES:
@@ -166,6 +176,8 @@ def knn(
         near, d = np.take_along_axis(near, order, axis=1), np.take_along_axis(d, order, axis=1)
         chosen[lo:hi] = near
         weights[lo:hi] = _knn_weights(atoms, near, d, xb, scheme)
+        if on_batch is not None:
+            on_batch(hi)
     return Approximation(chosen, weights)
 
 
@@ -194,12 +206,14 @@ def approximate(
     cosine: bool = False,
     scheme: str = "distance_proportional",
     batch_size: int = 512,
+    on_batch: Progress | None = None,
 ) -> Approximation:
-    """``omp`` or ``knn`` (module docstring) of ``targets`` over ``dictionary``."""
+    """``omp`` or ``knn`` (module docstring) of ``targets`` over ``dictionary``; ``on_batch(done)``
+    after each batch of targets."""
     if method == "omp":
-        return omp(dictionary, targets, k, batch_size)
+        return omp(dictionary, targets, k, batch_size, on_batch)
     if method == "knn":
-        return knn(dictionary, targets, k, cosine, scheme, batch_size)
+        return knn(dictionary, targets, k, cosine, scheme, batch_size, on_batch)
     raise InvalidArgumentError(f"unknown approximation method {method!r}; one of {', '.join(METHODS)}")
 
 

@@ -40,6 +40,8 @@ DEFAULT_K = {"omp": 64, "knn": 8}
 HELDOUT_TOKENS = 256
 GENERATION_CONFIG = "generation_config.json"
 NEW_TOKENS_SHOWN = 20  # new tokens named with -v
+# progress(stage, done, total)
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -227,7 +229,13 @@ def _heldout(
 
 
 def _build_matrix(
-    model: _Side, name: str, donor: _Side, space: str, match: TokenMatch, options: TokenSurgeonOptions
+    model: _Side,
+    name: str,
+    donor: _Side,
+    space: str,
+    match: TokenMatch,
+    options: TokenSurgeonOptions,
+    progress: Progress | None = None,
 ) -> tuple[np.ndarray, MatrixReport]:
     """The output rows (float32, donor ids) of the model's matrix ``name``, the new tokens' weights
     fitted in the donor's matrix ``space``."""
@@ -245,9 +253,10 @@ def _build_matrix(
                 f"{match.new.size} new tokens cannot be approximated"
             )
         targets = donor_rows[match.new]
+        stage, total = f"approximating {name}", int(match.new.size)
         fit = approximate(
             atoms_donor, targets, options.method, options.atoms, options.cosine, options.weight_scheme,
-            options.batch_size,
+            options.batch_size, None if progress is None else lambda done: progress(stage, done, total),
         )  # fmt: skip
         out[match.new] = fit.apply(atoms_model)
         fit_error = float(np.nanmean(relative_errors(fit.apply(atoms_donor), targets)))
@@ -287,14 +296,15 @@ def transplant(
     donor: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
     options: TokenSurgeonOptions | None = None,
-    on_tensor: Callable[[str, int, int], None] | None = None,
+    progress: Progress | None = None,
     **kwargs: Any,
 ) -> TransplantResult:
     """Write ``model`` with the tokenizer of ``donor`` to ``out_path`` (module docstring).
 
     ``model`` and ``donor`` are local directories or hub ids (``path[@revision]``); ``options``
-    a ``TokenSurgeonOptions``, with ``kwargs`` overriding its fields. ``on_tensor(name, done,
-    total)`` is called after each tensor is written."""
+    a ``TokenSurgeonOptions``, with ``kwargs`` overriding its fields. ``progress(stage, done,
+    total)`` is called after each batch of new tokens (stage ``approximating TENSOR``) and each
+    tensor written (stage ``writing``)."""
     from ..architecture.layout import set_vocab_size
     from ..io.output import SIDECAR_FILES, OutputTransaction, check_output_path
     from ..moe.writer import OutTensor, computed, copy_of, write_all
@@ -321,7 +331,7 @@ def transplant(
     if target.head is not None:
         pairs.append((target.head, source.head or source.embedding))
     for name, space in pairs:
-        built[name], report = _build_matrix(target, name, source, space, match, options)
+        built[name], report = _build_matrix(target, name, source, space, match, options, progress)
         reports.append(report)
 
     cfg = copy.deepcopy(target.config)
@@ -347,8 +357,8 @@ def transplant(
 
         def written(t: OutTensor) -> None:
             done[0] += 1
-            if on_tensor is not None:
-                on_tensor(t.name, done[0], len(tensors))
+            if progress is not None:
+                progress("writing", done[0], len(tensors))
 
         write_all(tensors, writer, 0, written)
         out.commit(json.dumps(cfg, indent=2) + "\n")

@@ -362,7 +362,7 @@ def test_a_failure_while_writing_leaves_the_previous_output_as_it_was(tiny, tmp_
     (out / "config.json").write_text("{}")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    import mergekitty.moe.writer as writer
+    import mergekitty.io.tensor_stream as writer
 
     real = writer.write_all
 

@@ -248,7 +248,7 @@ class FillResult:
 
 @dataclass(frozen=True)
 class _Source:
-    """An input for moe.writer.write_all: a label and an io.checkpoint.Checkpoint."""
+    """An input for io.tensor_stream.write_all: a label and an io.checkpoint.Checkpoint."""
 
     label: str
     checkpoint: Checkpoint
@@ -275,7 +275,7 @@ def fill_missing(
     from .io.checkpoint import Checkpoint
     from .io.model_files import model_file, read_json, read_text
     from .io.output import OutputTransaction, check_output_path
-    from .moe.writer import OutTensor, write_all
+    from .io.tensor_stream import OutTensor, write_all
     from .refs import ModelPath, resolve_local_path
 
     dirs = []

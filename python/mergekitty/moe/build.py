@@ -88,7 +88,7 @@ def _check_experts(config: MoEConfig, inputs: MoEInputs, options: MoEOptions) ->
 def plan_tensors(config: MoEConfig, inputs: MoEInputs, arch, out_code: str, routed, shared) -> list:
     """Every output tensor, in file order: base weights before the layers, each layer (base
     attention and norms, router, shared gate, experts, shared experts), base weights after."""
-    from .writer import computed, copy_of
+    from ..io.tensor_stream import computed, copy_of
 
     base = inputs.base
     layout = base.layout
@@ -115,7 +115,7 @@ def plan_tensors(config: MoEConfig, inputs: MoEInputs, arch, out_code: str, rout
 
 
 def _expert_tensors(expert, layer: int, out_code: str, name_of: Callable[[str], str]) -> list:
-    from .writer import copy_of
+    from ..io.tensor_stream import copy_of
 
     spec = expert.spec
     out = []
@@ -206,7 +206,7 @@ def _transformers_version() -> str:
 
 
 def _write_tensors(tensors, writer, seed: int, quiet: bool) -> None:
-    from .writer import write_all
+    from ..io.tensor_stream import write_all
 
     if quiet:
         write_all(tensors, writer, seed)

@@ -14,7 +14,7 @@ not depend on torch being installed, the thread count or the order tensors are w
 
   computed in float64 and rounded to float32 (``1 - u1`` is in (0, 1], so the log is finite).
 
-The stream keys the MoE build uses are listed where they are drawn (moe/gates.py, moe/writer.py).
+The stream keys the MoE build uses are listed where they are drawn (moe/gates.py, io/tensor_stream.py).
 """
 
 from __future__ import annotations

@@ -307,7 +307,7 @@ def transplant(
     tensor written (stage ``writing``)."""
     from ..architecture.layout import set_vocab_size
     from ..io.output import SIDECAR_FILES, OutputTransaction, check_output_path
-    from ..moe.writer import OutTensor, computed, copy_of, write_all
+    from ..io.tensor_stream import OutTensor, computed, copy_of, write_all
     from ..tokenizer.write import copy_tokenizer
     from .special import output_ids, set_token_ids
 

@@ -1,8 +1,10 @@
-"""The output tensors of an MoE build, and streaming them into safetensors shards.
+"""Outputs made of whole tensors, copied or computed, streamed into safetensors shards: the
+writer of the commands that do not merge tensor by tensor (mergekitty moe, tokensurgeon,
+fill-missing).
 
-Every output tensor is either a copy of one input tensor (attention, norms, embeddings
-from the base; each expert's MLP projections from its source model, optionally scaled or
-noised) or a computed router weight. Input tensors are read one at a time from the
+Every output tensor is either a copy of one input tensor (for an MoE: attention, norms,
+embeddings from the base; each expert's MLP projections from its source model, optionally
+scaled or noised) or a computed array (router weights, transplanted embeddings). Input tensors are read one at a time from the
 memory maps and written through the native ``ShardWriter``; a copy whose dtype already
 matches is written straight from the map, any other is computed in numpy (float32, then the
 native cast to the output dtype, round to nearest even): ``x * residual_scale``, or with
@@ -20,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import MergeError, MergekittyError
-from ..io.dtypes import FLOAT_CODES, NATIVE_FLOAT_CODES, nbytes
-from ..io.raw import RawTensor, from_f32, read_raw, to_f32
+from ..moe.draws import normal_array
 from ..sizes import numel
-from .draws import normal_array
+from .dtypes import FLOAT_CODES, NATIVE_FLOAT_CODES, nbytes
+from .raw import RawTensor, from_f32, read_raw, to_f32
 
 NOISE_STREAM = "moe.noise:"
 

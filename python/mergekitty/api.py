@@ -346,17 +346,11 @@ def run_merge(
     tokenizer, merge, commit); ``on_health`` with the merge's ``HealthReport`` (health.py) once
     the model is written. A merged tensor holding NaN/Inf raises ``NonFiniteError`` (nothing is
     written) unless ``allow_nonfinite``."""
-    from .extras import require_torch_for_plan
-
     options = replace(options or MergeOptions(), **kwargs)
     started = time.perf_counter()
     config = _load_config(config)
     plan = plan_merge(config, out_path, options)
-    require_torch_for_plan(plan)
-    if on_phase is not None:
-        on_phase(Phase("plan", time.perf_counter() - started))
-    if on_plan is not None:
-        on_plan(plan)
+    planned(plan, started, on_plan, on_phase)
     write_merged_model(
         plan,
         out_path,
@@ -368,6 +362,20 @@ def run_merge(
         on_phase=on_phase,
     )
     return plan
+
+
+def planned(
+    plan, started: float, on_plan: Callable[[Any], None] | None, on_phase: Callable[[Phase], None] | None
+) -> None:
+    """A plan is made (planning began at ``time.perf_counter()`` ``started``): stop now if it needs
+    torch and torch is missing, then report the plan phase and the plan."""
+    from .extras import require_torch_for_plan
+
+    require_torch_for_plan(plan)
+    if on_phase is not None:
+        on_phase(Phase("plan", time.perf_counter() - started))
+    if on_plan is not None:
+        on_plan(plan)
 
 
 def write_merged_model(

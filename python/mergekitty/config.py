@@ -779,10 +779,8 @@ def _parse_key_path(key: str) -> tuple:
 # --------------------------------------------------------------------------- loading
 
 
-def _too_large(source: str) -> ConfigError:
-    return ConfigError(
-        f"the config is larger than {MAX_CONFIG_BYTES // 2**20} MiB; is it a YAML config?", source=source
-    )
+def _too_large(source: str, limit: int = MAX_CONFIG_BYTES) -> ConfigError:
+    return ConfigError(f"the config is larger than {limit // 2**20} MiB; is it a YAML config?", source=source)
 
 
 class ConfigKind:
@@ -883,30 +881,7 @@ class ConfigKind:
 
     def load_file(self, path: str | os.PathLike):
         """Read and validate a YAML config file. Raises ConfigError (also for a missing file)."""
-        from .io.model_files import undecodable_at
-
-        p = Path(path).expanduser()
-        try:
-            with open(p, "rb") as f:
-                raw = f.read(MAX_CONFIG_BYTES + 1)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except IsADirectoryError:
-            raise ConfigError(f"config path is a directory, not a YAML file: {path}") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise _too_large(str(path))
-        try:
-            text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it
-        except UnicodeDecodeError as exc:
-            line, column, byte = undecodable_at(exc)
-            raise ConfigError(
-                f"the config is not UTF-8 text: byte 0x{byte:02x} cannot be decoded (column {column})",
-                line=line,
-                source=str(path),
-            ) from None
-        return self.load(text, source=str(path))
+        return self.load(read_config_file(path), source=str(path))
 
     def coerce(self, config: Any):
         """``config`` as a validated config: one already, YAML text, a .yml/.yaml file path,
@@ -925,6 +900,34 @@ class ConfigKind:
             return self.from_data(config)
         accepted = "YAML text, a dict" if self.accepts_dict else "YAML text"
         raise ConfigError(f"expected {self.name}, {accepted} or a YAML file path, got {type(config).__name__}")
+
+
+def read_config_file(path: str | os.PathLike, limit: int = MAX_CONFIG_BYTES) -> str:
+    """The text of a YAML file of at most ``limit`` bytes, newlines normalised; ConfigError for
+    a missing or unreadable file, one too large, or bytes that are not UTF-8 (with the line)."""
+    from .io.model_files import undecodable_at
+
+    p = Path(path).expanduser()
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(limit + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path is a directory, not a YAML file: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    if len(raw) > limit:
+        raise _too_large(str(path), limit)
+    try:
+        return raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it
+    except UnicodeDecodeError as exc:
+        line, column, byte = undecodable_at(exc)
+        raise ConfigError(
+            f"the config is not UTF-8 text: byte 0x{byte:02x} cannot be decoded (column {column})",
+            line=line,
+            source=str(path),
+        ) from None
 
 
 MERGE_CONFIG = ConfigKind(

@@ -22,9 +22,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .api import MergeOptions, Phase, _load_config, _random_seed, recorded_config, write_merged_model
+from .api import MergeOptions, _load_config, _random_seed, planned, recorded_config, write_merged_model
 from .errors import ConfigError, MergekittyError, ModelFormatError, ModelNotFoundError
-from .extras import require_torch_for_plan
 
 if TYPE_CHECKING:
     from .api import Phase
@@ -200,11 +199,7 @@ def run_raw_merge(
     started = time.perf_counter()
     config = _load_config(config)
     plan = plan_raw_merge(config, out_path, options, missing)
-    require_torch_for_plan(plan)
-    if on_phase is not None:
-        on_phase(Phase("plan", time.perf_counter() - started))
-    if on_plan is not None:
-        on_plan(plan)
+    planned(plan, started, on_plan, on_phase)
     write_merged_model(
         plan,
         out_path,

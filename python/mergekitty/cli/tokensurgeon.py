@@ -11,26 +11,12 @@ from typing import Any
 
 import rich_click as click
 
-from .options import command, legacy_options, messages_panel, note_legacy, opt, panel
+from .options import MERGE_LEGACY, command, legacy_options, messages_panel, note_legacy, opt, panel
 from .shell import command_shell
 from .verbosity import Verbosity
 
-TOKENSURGEON_LEGACY = [
-    "lazy_unpickle",
-    "clone_tensors",
-    "low_cpu_memory",
-    "read_to_gpu",
-    "load_to_compute",
-    "storage_device",
-    "multi_gpu",
-    "async_write",
-    "write_threads",
-    "executor",
-    "lora_merge_cache",
-    "safe_serialization",
-    "trust_remote_code",
-    "device",
-]
+# the merge command's old options, and --device: the transplant is numpy on CPU
+TOKENSURGEON_LEGACY = [*MERGE_LEGACY, "device"]
 # mergekit's name of the k-nearest-neighbour method
 METHOD_ALIASES = {"common_interpolation": "knn"}
 # mergekit's approximation methods that are not offered here

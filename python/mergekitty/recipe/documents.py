@@ -142,29 +142,10 @@ def _read(config: str | os.PathLike[str]) -> tuple[str, str, str]:
 
 
 def _file_text(path: Path) -> str:
-    from ..io.model_files import undecodable_at
+    from ..config import read_config_file
     from ..limits import MAX_CONFIG_BYTES
 
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES * 4 + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config path is a directory, not a YAML file: {path}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    if len(raw) > MAX_CONFIG_BYTES * 4:
-        raise ConfigError(f"the recipe is larger than {MAX_CONFIG_BYTES * 4} bytes", source=str(path))
-    try:
-        return raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
-    except UnicodeDecodeError as exc:
-        line, column, byte = undecodable_at(exc)
-        raise ConfigError(
-            f"the config is not UTF-8 text: byte 0x{byte:02x} cannot be decoded (column {column})",
-            line=line,
-            source=str(path),
-        ) from None
+    return read_config_file(path, MAX_CONFIG_BYTES * MAX_DOCUMENTS // 16)  # several configs' worth
 
 
 def _name_of(doc: Any, source: str) -> str | None:

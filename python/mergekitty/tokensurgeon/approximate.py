@@ -83,16 +83,23 @@ def _solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 Progress = Callable[[int], None]
 
 
+def _prepared(
+    dictionary: np.ndarray, targets: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
+    """(float32 atoms, float32 targets, k capped at the atom count, empty choices, zero weights)."""
+    atoms = np.ascontiguousarray(dictionary, dtype=np.float32)
+    x = np.asarray(targets, dtype=np.float32)
+    k = max(0, min(k, atoms.shape[0]))
+    return atoms, x, k, np.full((x.shape[0], k), -1, dtype=np.int64), np.zeros((x.shape[0], k), dtype=np.float64)
+
+
 def omp(
     dictionary: np.ndarray, targets: np.ndarray, k: int, batch_size: int = 512, on_batch: Progress | None = None
 ) -> Approximation:
     """Orthogonal matching pursuit of each row of ``targets`` over the rows of ``dictionary``."""
-    atoms_f32 = np.ascontiguousarray(dictionary, dtype=np.float32)
-    x = np.asarray(targets, dtype=np.float32)
+    atoms_f32, x, k, chosen, weights = _prepared(dictionary, targets, k)
     m, width = atoms_f32.shape
-    n, k = x.shape[0], max(0, min(k, m))
-    chosen = np.full((n, k), -1, dtype=np.int64)
-    weights = np.zeros((n, k), dtype=np.float64)
+    n = x.shape[0]
     if n == 0 or k == 0:
         return Approximation(chosen, weights)
     norms = np.sqrt(np.einsum("mh,mh->m", atoms_f32, atoms_f32, dtype=np.float64))
@@ -150,12 +157,9 @@ def knn(
     """The ``k`` nearest rows of ``dictionary`` to each row of ``targets``, weighted by ``scheme``."""
     if scheme not in WEIGHT_SCHEMES:
         raise InvalidArgumentError(f"unknown weight scheme {scheme!r}; one of {', '.join(WEIGHT_SCHEMES)}")
-    atoms = np.ascontiguousarray(dictionary, dtype=np.float32)
-    x = np.asarray(targets, dtype=np.float32)
+    atoms, x, k, chosen, weights = _prepared(dictionary, targets, k)
     m, width = atoms.shape
-    n, k = x.shape[0], max(0, min(k, m))
-    chosen = np.full((n, k), -1, dtype=np.int64)
-    weights = np.zeros((n, k), dtype=np.float64)
+    n = x.shape[0]
     if n == 0 or k == 0:
         return Approximation(chosen, weights)
     atom_sq = np.einsum("mh,mh->m", atoms, atoms, dtype=np.float64)

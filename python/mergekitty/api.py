@@ -69,13 +69,20 @@ def _open_models(config, options: MergeOptions, stages: Mapping[str, Any] | None
     ``stages``: a recipe's earlier documents by name (recipe.stage.Stage, or the directory of one
     already written), which model references of that name read."""
     from .architecture import load_layout_override
+
+    forced = load_layout_override(options.layout_override) if options.layout_override else None
+    return open_each(config, lambda ref: _open_model(ref, config, options, forced, stages or {}))
+
+
+def open_each(config, open_one: Callable[[Any], Any]) -> list[Any]:
+    """``open_one(ref)`` of every model the config reads, in order; an error names the config
+    key (and line) of the model it is about."""
     from .yaml_lines import error_at_key
 
     models = []
-    forced = load_layout_override(options.layout_override) if options.layout_override else None
     for ref in config.referenced_models():
         try:
-            models.append(_open_model(ref, config, options, forced, stages or {}))
+            models.append(open_one(ref))
         except MergekittyError as exc:
             key = config.model_key(ref)
             if key is None:

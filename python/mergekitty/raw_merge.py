@@ -22,8 +22,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .api import MergeOptions, _load_config, _random_seed, planned, recorded_config, write_merged_model
-from .errors import ConfigError, MergekittyError, ModelFormatError, ModelNotFoundError
+from .api import MergeOptions, _load_config, _random_seed, open_each, planned, recorded_config, write_merged_model
+from .errors import ConfigError, ModelFormatError, ModelNotFoundError
 
 if TYPE_CHECKING:
     from .api import Phase
@@ -130,18 +130,7 @@ def _open_raw_model(ref: Any) -> InputModel:
 
 def _open_raw_models(config: MergeConfiguration) -> list[InputModel]:
     """Every input, in the order plan_merge opens them; an error names the config key (and line)."""
-    from .yaml_lines import error_at_key
-
-    models = []
-    for ref in config.referenced_models():
-        try:
-            models.append(_open_raw_model(ref))
-        except MergekittyError as exc:
-            key = config.model_key(ref)
-            if key is None:
-                raise
-            raise error_at_key(exc, config, key) from None
-    return models
+    return open_each(config, _open_raw_model)
 
 
 def _output_inputs(models: list[InputModel]) -> list[tuple[Path, str]]:

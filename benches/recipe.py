@@ -63,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work-dir", type=Path, default=e2e.DEFAULT_WORK_DIR)
     ap.add_argument("--ours-cmd", default=None, help="default: mergekitty-yaml on PATH, else the source tree")
     ap.add_argument("--poll-ms", type=float, default=20)
+    ap.add_argument(
+        "--mergekit-venv",
+        type=Path,
+        default=None,
+        help="a venv with mergekit 0.1.5: also run the recipe with its mergekit-multi (intermediates written)",
+    )
     args = ap.parse_args(argv)
 
     work = args.work_dir
@@ -85,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     floor = e2e.measure_floor(inputs, out_bytes, runs_dir / "floor", 3)
 
     results: dict[str, list[e2e.RunResult]] = {"fused": [], "staged-1": [], "staged-2": [], "one": []}
+    if args.mergekit_venv is not None:
+        results["mergekit-multi"] = []
     poll = args.poll_ms / 1000
     for i in range(args.repeat):
         log = runs_dir / f"log-{i}"
@@ -132,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
                 poll,
             )
         )
+        if args.mergekit_venv is not None:
+            mk = [str(args.mergekit_venv / "bin" / "mergekit-multi"), str(recipe)]
+            mk += ["--out-path", str(runs_dir / "mk"), "-I", str(runs_dir / "mk-inter"), "--no-lazy"]
+            shutil.rmtree(runs_dir / "mk-inter", ignore_errors=True)
+            results["mergekit-multi"].append(
+                e2e.run_measured("mergekit", "multi", mk, runs_dir / "mk", Path(f"{log}-mk.txt"), env, poll)
+            )
+            e2e.fsync_tree(runs_dir / "mk-inter")  # its intermediate is part of what it wrote
         for name, rs in results.items():
             if rs[-1].returncode != 0:
                 print(f"{name} failed; see {rs[-1].log}", file=sys.stderr)
@@ -156,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fused / staged time: {fused / staged:.2f}   fused / one merge: {fused / one:.2f}")
     print(f"fused / staged anonymous memory: {anon_fused / anon_staged:.2f}")
     print(f"fused output equals staged output byte for byte: {same}")
+    if results.get("mergekit-multi"):
+        mk_s, mk_anon = med("mergekit-multi", "durable_s"), med("mergekit-multi", "peak_anon_gb")
+        print(f"mergekit-multi: {mk_s:.2f} s ({mk_s / floor.total:.2f}x the floor), {mk_anon:.2f} GB anonymous")
+        print(f"fused / mergekit-multi time: {fused / mk_s:.3f} ({mk_s / fused:.1f}x faster)")
+        print(f"fused / mergekit-multi anonymous memory: {anon_fused / mk_anon:.2f}")
     (runs_dir / "results.json").write_text(
         json.dumps(
             {
@@ -171,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             indent=2,
         )
     )
-    for d in ("fused", "staged", "staged-avg", "one", "cache"):
+    for d in ("fused", "staged", "staged-avg", "one", "cache", "mk", "mk-inter"):
         shutil.rmtree(runs_dir / d, ignore_errors=True)
     return 0
 

@@ -11,13 +11,16 @@ import pytest
 
 def test_entry_points_are_the_implementations():
     import mergekitty
-    from mergekitty import api, lora, moe, tokensurgeon
+    from mergekitty import api, fill_missing, layershuffle, lora, moe, recipe, tokensurgeon
 
     assert mergekitty.plan_merge is api.plan_merge and mergekitty.MergeOptions is api.MergeOptions
     assert mergekitty.extract_lora is lora.extract_lora and mergekitty.merge_lora is lora.merge_lora
     assert mergekitty.build_moe is moe.build_moe and mergekitty.MoEOptions is moe.MoEOptions
     assert mergekitty.transplant is tokensurgeon.transplant
     assert mergekitty.TokenSurgeonOptions is tokensurgeon.TokenSurgeonOptions
+    assert mergekitty.run_recipe is recipe.run_recipe and mergekitty.plan_recipe is recipe.plan_recipe
+    assert callable(fill_missing.fill_missing)  # the module of that name, mergekitty.fill_missing
+    assert mergekitty.shuffle_config is layershuffle.shuffle_config
     for name in mergekitty.__all__:
         assert getattr(mergekitty, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'merge_loras'"):

@@ -231,6 +231,30 @@ def test_a_stage_with_a_lora_input(llama, tmp_path):
     check(docs, tmp_path)
 
 
+def test_four_stages_where_two_read_one(llama, tmp_path):
+    """A diamond: 'a' is read by 'b' and by the final merge, which also reads 'c' (made from 'b')."""
+    p = {k: str(v) for k, v in llama.items()}
+    docs = [
+        {"name": "a", **models_doc("nearswap", [p["ft1"], p["ft2"]], p["ft1"], parameters={"t": 0.001})},
+        {"name": "b", **models_doc("karcher", ["a", p["ft3"]], dtype="float16")},
+        {
+            "name": "c",
+            **models_doc(
+                "breadcrumbs", ["b", p["ft2"]], p["base"], parameters={"weight": 0.5, "density": 0.9, "gamma": 0.01}
+            ),
+        },
+        models_doc("multislerp", ["c", "a"], parameters={"weight": 0.5}, dtype="bfloat16"),
+    ]
+    check(docs, tmp_path)
+    (tmp_path / "r.yml").write_text(yaml.safe_dump_all(docs))
+    rplan = plan_recipe(load_recipe(tmp_path / "r.yml"), ["r"], OPTIONS)
+    summary = rplan.summary()
+    # 'a' is read by 'b' (once per tensor, and 'b' by 'c', 'c' by the result) and by the result
+    a_line = next(line for line in summary.splitlines() if line.startswith("stage 'a'"))
+    assert "fused into 'b', 'r'" in a_line and "computed more than once" in a_line
+    assert "more than once" not in next(line for line in summary.splitlines() if line.startswith("stage 'c'"))
+
+
 FIRST_STAGES: dict[str, dict[str, Any]] = {
     "linear": {"parameters": {"weight": [0.3, 0.7]}},
     "task_arithmetic": {"parameters": {"weight": 0.5}},

@@ -56,6 +56,10 @@ _LAZY = {
     "MoEOptions": "moe",
     "transplant": "tokensurgeon",
     "TokenSurgeonOptions": "tokensurgeon",
+    "run_recipe": "recipe",
+    "plan_recipe": "recipe",
+    "load_recipe": "recipe",
+    "shuffle_config": "layershuffle",
 }
 
 
@@ -77,6 +81,10 @@ __all__ = [
     "plan_merge",
     "plan_raw_merge",
     "run_raw_merge",
+    "run_recipe",
+    "plan_recipe",
+    "load_recipe",
+    "shuffle_config",
     "transplant",
     "ArchitectureError",
     "ConfigError",

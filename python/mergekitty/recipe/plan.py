@@ -65,8 +65,36 @@ class RecipePlan:
                 )
             else:
                 readers = ", ".join(f"'{r}'" for r in self.recipe.readers(stage.name))
-                lines.append(f"stage '{stage.name}': {what}; fused into {readers}: computed as read, not written")
+                line = f"stage '{stage.name}': {what}; fused into {readers}: computed as read, not written"
+                reads = self._reads(stage.name)
+                if reads > len(plan.jobs):
+                    # a tensor read twice is computed twice: say so, --write-intermediates avoids it
+                    line += f" ({reads} reads of its {len(plan.jobs)} tensors: some are computed more than once)"
+                lines.append(line)
         return "\n".join(lines)
+
+    def _reads(self, name: str) -> int:
+        """How many times stage ``name``'s tensors are computed: once per job that reads one, each
+        such job as many times as it is itself computed (a stage read twice by a stage read twice
+        is computed four times)."""
+        return sum(self._tensor_reads(name).values())
+
+    def _tensor_reads(self, name: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for reader in self.stages:
+            read = [
+                i for i, m in enumerate(reader.plan.models) if m.stage is not None and m.label.partition("+")[0] == name
+            ]
+            if not read:
+                continue
+            times = None if reader.name in self.targets else self._tensor_reads(reader.name)
+            for i in read:
+                for job in reader.plan.jobs:
+                    runs = 1 if times is None else times.get(job.out_name, 0)
+                    # a job computes a tensor it reads twice once
+                    for tensor in {s.tensor for s in (*job.inputs, *job.row_sources) if s.model == i}:
+                        counts[tensor] = counts.get(tensor, 0) + runs
+        return counts
 
 
 def plan_recipe(

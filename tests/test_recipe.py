@@ -521,3 +521,23 @@ def test_multi_needs_a_place_for_a_named_result(llama, tmp_path, cli):
     recipe.write_text(_two_stage(p, final_name="final"))
     proc = cli("mergekitty", "multi", recipe, "--out-path", tmp_path / "o", check=False)
     assert proc.returncode != 0 and "--intermediate-dir" in proc.stderr and "two.yml:" in proc.stderr
+
+
+def test_the_recorded_recipe_reproduces_drawn_seeds(llama, tmp_path):
+    """Random stages without a random_seed draw one; the result records every document with its
+    seed, and running that record again gives the same bytes."""
+    p = {k: str(v) for k, v in llama.items()}
+    docs = [
+        {
+            "name": "d",
+            **models_doc("dare_ties", [p["ft1"], p["ft2"]], p["base"], parameters={"weight": 0.5, "density": 0.5}),
+        },
+        models_doc("della", ["d", p["ft3"]], p["base"], parameters={"weight": 0.5, "density": 0.5, "epsilon": 0.1}),
+    ]
+    first = fused(docs, tmp_path / "a")
+    recorded = (first / "mergekitty_config.yml").read_text()
+    assert recorded.count("random_seed:") == 2 and "name: d" in recorded
+    again = tmp_path / "again.yml"
+    again.write_text(recorded)
+    run_recipe(load_recipe(again), {"again": tmp_path / "b"}, OPTIONS)
+    assert_same_bytes(first, tmp_path / "b")

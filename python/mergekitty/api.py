@@ -286,7 +286,7 @@ def _chat_template(config, model_dirs) -> str | None:
 def _write_sidecars(plan, config, out, options: MergeOptions, recorded_text: str | None = None) -> None:
     """The donor's side files, the tokenizer, the chat template and the model card, into
     the OutputTransaction ``out``; ``recorded_text``: the YAML the card and mergekitty_config.yml
-    record (default: the config's own; a recipe's target records the whole recipe)."""
+    record, seeds included (default: ``recorded_config``; a recipe's target records the whole recipe)."""
     donor = plan.models[plan.donor]
     out.copy_files(donor.path, SIDECAR_FILES)
     if options.copy_tokenizer:
@@ -312,7 +312,10 @@ def _write_sidecars(plan, config, out, options: MergeOptions, recorded_text: str
         base = str(config.base_model) if config.base_model is not None else None
         seed = recorded_seed(plan, config, options)
         out.write_text("README.md", generate_card(plan.method, refs, base, text, out.path.name, seed))
-        out.write_text("mergekitty_config.yml", recorded_config(plan, config, options, recorded_text))
+        out.write_text(
+            "mergekitty_config.yml",
+            recorded_text if recorded_text is not None else recorded_config(plan, config, options),
+        )
 
 
 def recorded_seed(plan, config, options: MergeOptions) -> int | None:
@@ -323,10 +326,10 @@ def recorded_seed(plan, config, options: MergeOptions) -> int | None:
     return None
 
 
-def recorded_config(plan, config, options: MergeOptions, text: str | None = None) -> str:
-    """The config text as the output keeps it (mergekitty_config.yml): as written (or ``text``),
-    with the seed the merge drew, or a note that --random-seed overrode the config's."""
-    text = text or getattr(config, "source_text", None) or config.to_yaml()
+def recorded_config(plan, config, options: MergeOptions) -> str:
+    """The config text as the output keeps it (mergekitty_config.yml): as written, with the seed
+    the merge drew, or a note that --random-seed overrode the config's."""
+    text = getattr(config, "source_text", None) or config.to_yaml()
     text = text if text.endswith("\n") else text + "\n"
     seed = recorded_seed(plan, config, options)
     if seed is not None and config.random_seed is None:

@@ -285,7 +285,8 @@ def load_documents_with_lines(text: str, max_documents: int = 256) -> list[Docum
             data = loader.construct_document(node)
             if data is None:
                 continue
-            documents.append(Document(data, lines, node.start_mark.line + 1, node.end_mark.line + 1))
+            end = node.end_mark  # just past the node: the start of the next line, or within the last
+            documents.append(Document(data, lines, node.start_mark.line + 1, end.line + (1 if end.column else 0)))
         return documents
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark

@@ -125,7 +125,7 @@ def load_recipe(config: str | os.PathLike[str], require_nameless: bool = False) 
         name = _name_of(doc, source)
         names.append((name, doc.first))
         lines = dict(doc.lines)
-        doc_text = "\n".join(text.split("\n")[doc.first - 1 : doc.last]).strip("-\n") + "\n"
+        doc_text = "\n".join(text.split("\n")[doc.first - 1 : doc.last]).rstrip("\n") + "\n"
         configs.append(MERGE_CONFIG.from_data(doc.data, source=source, lines=lines, text=doc_text))
     given = _check_names(names, source, stem, require_nameless)
     reads = [tuple(_references(c, given, source)) for c in configs]

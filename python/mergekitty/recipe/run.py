@@ -65,9 +65,23 @@ def run_recipe(
                 log.info("writing intermediate '%s' to %s", stage.name, where)
                 _write(stage, where, options, progress, None, on_phase, None)
     for name in targets:
-        text = recipe.text if len(recipe.documents) > 1 else None
+        text = _recorded(rplan, options) if len(recipe.documents) > 1 else None
         _write(rplan[name], outputs[name], options, progress, on_health, on_phase, text)
     return rplan
+
+
+def _recorded(rplan: RecipePlan, options: Any) -> str:
+    """The recipe as a target keeps it: every document as written, each with the seed its merge
+    drew (``api.recorded_config``), so that the whole recipe can be run again to the same bytes."""
+    from ..api import recorded_config
+
+    planned = {s.name: s for s in rplan.stages}
+    texts = []
+    for doc in rplan.recipe.documents:
+        stage = planned.get(doc.name)
+        text = doc.config.source_text or doc.config.to_yaml()
+        texts.append(recorded_config(stage.plan, doc.config, options) if stage is not None else text)
+    return "---\n".join(t if t.endswith("\n") else t + "\n" for t in texts)
 
 
 def _write(

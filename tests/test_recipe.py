@@ -541,3 +541,115 @@ def test_the_recorded_recipe_reproduces_drawn_seeds(llama, tmp_path):
     again.write_text(recorded)
     run_recipe(load_recipe(again), {"again": tmp_path / "b"}, OPTIONS)
     assert_same_bytes(first, tmp_path / "b")
+
+
+def _two_docs(p: dict[str, str]) -> list[dict[str, Any]]:
+    return [
+        {"name": "avg", **models_doc("linear", [p["ft1"], p["ft2"]], parameters={"weight": 0.5})},
+        models_doc("ties", ["avg", p["ft3"]], p["base"], parameters={"weight": 0.5, "density": 0.5}),
+    ]
+
+
+def test_the_output_cannot_be_a_model_a_fused_stage_reads(llama, tmp_path):
+    from mergekitty.errors import OutputError
+
+    p = {k: str(v) for k, v in llama.items()}
+    (tmp_path / "r.yml").write_text(yaml.safe_dump_all(_two_docs(p)))
+    recipe = load_recipe(tmp_path / "r.yml")
+    with pytest.raises(OutputError, match="input model"):
+        run_recipe(recipe, {"r": p["ft1"]}, OPTIONS)  # ft1 is read by 'avg' only
+    # an intermediate written where one of its own inputs is
+    import shutil
+
+    shutil.copytree(p["ft1"], tmp_path / "inter" / "avg")
+    docs = _two_docs({**p, "ft1": str(tmp_path / "inter" / "avg")})
+    (tmp_path / "w.yml").write_text(yaml.safe_dump_all(docs))
+    with pytest.raises(OutputError, match="input model"):
+        run_recipe(
+            load_recipe(tmp_path / "w.yml"), {"w": tmp_path / "out"}, OPTIONS, write_intermediates=tmp_path / "inter"
+        )
+
+
+def test_a_stage_read_with_a_lora_adapter(llama, tmp_path):
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    p = {k: str(v) for k, v in llama.items()}
+    torch.manual_seed(2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(p["base"])
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj"]))
+    with torch.no_grad():
+        for name, param in pm.named_parameters():
+            if "lora_B" in name:
+                param.add_(torch.randn_like(param) * 0.05)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    docs = [
+        {"name": "avg", **models_doc("linear", [p["ft1"], p["ft2"]], parameters={"weight": 0.5})},
+        models_doc("linear", [f"avg+{tmp_path / 'adapter'}", p["ft3"]], parameters={"weight": 0.5}),
+    ]
+    check(docs, tmp_path)
+
+
+def test_side_files_of_a_stage_are_written_once(llama, tmp_path):
+    from mergekitty.recipe.plan import cache_root
+
+    p = {k: str(v) for k, v in llama.items()}
+    (tmp_path / "r.yml").write_text(yaml.safe_dump_all(_two_docs(p)))
+    recipe = load_recipe(tmp_path / "r.yml")
+    first = plan_recipe(recipe, ["r"], OPTIONS)["avg"].directory
+    again = plan_recipe(recipe, ["r"], OPTIONS)["avg"].directory  # another drawn seed, for a linear merge
+    assert first == again and first is not None and first.parent == cache_root() / "stages"
+
+
+def test_a_recipe_file_of_any_name_and_an_unknown_target(llama, tmp_path):
+    p = {k: str(v) for k, v in llama.items()}
+    (tmp_path / "recipe.txt").write_text(yaml.safe_dump_all(_two_docs(p)))
+    recipe = load_recipe(str(tmp_path / "recipe.txt"))
+    assert recipe.names == ["avg", "recipe"]
+    with pytest.raises(ConfigError, match="no document 'recipes'.*did you mean 'recipe'"):
+        run_recipe(recipe, {"recipes": tmp_path / "out"}, OPTIONS)
+
+
+def test_a_non_finite_stage_is_one_line_naming_the_stage(llama, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file as load
+    from safetensors.torch import save_file
+
+    from mergekitty.errors import MergeError
+
+    p = {k: str(v) for k, v in llama.items()}
+    bad = tmp_path / "bad"
+    shutil.copytree(p["ft1"], bad)
+    weights_file = next(bad.glob("*.safetensors"))
+    state = load(str(weights_file))
+    name = next(k for k in state if k.endswith("q_proj.weight"))
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] = float("inf")
+    save_file(state, str(weights_file), metadata={"format": "pt"})
+    docs = [
+        {"name": "avg", **models_doc("linear", [str(bad), p["ft2"]], parameters={"weight": 0.5})},
+        models_doc("linear", ["avg", p["ft3"]], parameters={"weight": 0.5}),
+    ]
+    with pytest.raises(MergeError, match=r"stage 'avg': .*" + name.replace(".", r"\.")):
+        fused(docs, tmp_path / "a")
+    # with --allow-nonfinite the fused result is the staged one
+    options = MergeOptions(quiet=True, allow_nonfinite=True)
+    text = yaml.safe_dump_all(docs, sort_keys=False)
+    (tmp_path / "nf.yml").write_text(text)
+    run_recipe(load_recipe(tmp_path / "nf.yml"), {"nf": tmp_path / "nf"}, options)
+    written: dict[str, str] = {}
+    for doc in docs:
+        out = tmp_path / "nf-staged" / doc.get("name", "final")
+        run_merge(yaml.safe_dump(_substituted(doc, written)), out, options)
+        written[doc.get("name", "final")] = str(out)
+    assert_same_bytes(tmp_path / "nf", tmp_path / "nf-staged" / "final")
+
+
+def test_a_merge_without_a_seed_resumes(llama):
+    from mergekitty.api import _resume_key, plan_merge
+
+    p = {k: str(v) for k, v in llama.items()}
+    config = yaml.safe_dump(models_doc("linear", [p["ft1"], p["ft2"]], parameters={"weight": 0.5}))
+    a, b = (plan_merge(config, None, OPTIONS, out_shard_size=100_000) for _ in range(2))
+    assert a.random_seed != b.random_seed and _resume_key(a) == _resume_key(b) is not None

@@ -115,6 +115,21 @@ def _open_model(ref, config, options: MergeOptions, forced, stages: Mapping[str,
     return InputModel(ref, planned, checkpoint, cfg, layout)
 
 
+def _read_dirs(models) -> Iterator[tuple[Path, str]]:
+    """(directory, label) of every model the merge of ``models`` (InputModels) reads: theirs,
+    and through recipe stages the models each stage reads (an output must be none of them)."""
+
+    def through(planned) -> Iterator[tuple[Path, str]]:
+        if planned.stage is None:
+            yield planned.path, planned.label
+        else:
+            for inner in planned.stage.models:
+                yield from through(inner)
+
+    for m in models:
+        yield from through(m.planned)
+
+
 def _model_path(ref, options: MergeOptions, stages: Mapping[str, Any], tokenizer_only: bool = False):
     """(local directory, the plan of the recipe stage it is or None) of a model reference: a
     recipe stage's side-file directory, a written stage's directory, or the model's own."""
@@ -175,7 +190,7 @@ def plan_merge(
     stacks = output_stacks(config, models, planner.donor)
     check_architectures(models, planner.donor, options.allow_crimes)
     if out_path is not None:
-        check_output_path(out_path, [(m.path, f"input model {m.label}") for m in models])
+        check_output_path(out_path, [(path, f"input model {label}") for path, label in _read_dirs(models)])
     template = None
     if config.chat_template:
         template = _chat_template(config, [m.path for m in models])  # a bad one fails here, before any weight is read
@@ -361,17 +376,32 @@ def run_merge(
     config = _load_config(config)
     plan = plan_merge(config, out_path, options)
     planned(plan, started, on_plan, on_phase)
+    write_model(plan, config, out_path, options, progress, on_health, on_phase)
+    return plan
+
+
+def write_model(
+    plan,
+    config,
+    out_path: str | os.PathLike,
+    options: MergeOptions,
+    progress: Callable[[Any, float], None] | None = None,
+    on_health: Callable[[HealthReport], None] | None = None,
+    on_phase: Callable[[Phase], None] | None = None,
+    recorded_text: str | None = None,
+) -> None:
+    """The model ``plan`` (made from ``config``) makes, written to ``out_path`` with its
+    config.json, tokenizer and model card (``_write_sidecars``; ``recorded_text`` as there)."""
     write_merged_model(
         plan,
         out_path,
         options,
-        side_files=lambda out: _write_sidecars(plan, config, out, options),
+        side_files=lambda out: _write_sidecars(plan, config, out, options, recorded_text),
         marker_text=json.dumps(plan.out_config, indent=2) + "\n",
         progress=progress,
         on_health=on_health,
         on_phase=on_phase,
     )
-    return plan
 
 
 def planned(
@@ -462,21 +492,35 @@ def _files_bytes(directory: Path) -> int:
 
 
 def _resume_key(plan) -> str | None:
-    """What a staged shard of an interrupted run must have been made from to be reused: this
-    plan (method, parameters, seed, layout), this version, and the input files as they are now
-    (names, sizes, modification times). None for a one-shard output, which has nothing a rerun
-    could reuse (and so saves hashing the plan)."""
-    import hashlib
-
+    """What a staged shard of an interrupted run must have been made from to be reused:
+    ``plan_digest``. None for a one-shard output, which has nothing a rerun could reuse (and so
+    saves hashing the plan)."""
     if len({job.shard for job in plan.jobs}) < 2:
         return None
+    return plan_digest(plan)
+
+
+def plan_digest(plan, *extra: str) -> str:
+    """A digest of what ``plan``'s output is made from: this version, the plan (method,
+    parameters, layout; the seed only for a method that draws random numbers, since a seed is
+    drawn for every merge), its input files as they are now (``inputs_digest``), and ``extra``."""
+    import hashlib
 
     from . import __version__
 
     h = hashlib.sha256(f"mergekitty {__version__}\n".encode())
-    h.update(plan.to_json().encode())
+    h.update(_seeded_only_if_random(plan).to_json().encode())
     h.update(inputs_digest(plan).encode())
+    for text in extra:
+        h.update(b"\0" + text.encode())
     return h.hexdigest()
+
+
+def _seeded_only_if_random(plan):
+    """``plan`` with the seed of each plan (its own and its stages') set to 0 where the method
+    draws no random numbers: that seed was drawn, and changes nothing in the output."""
+    models = tuple(replace(m, stage=_seeded_only_if_random(m.stage)) if m.stage is not None else m for m in plan.models)
+    return replace(plan, models=models, random_seed=plan.random_seed if plan.method.random else 0)
 
 
 def inputs_digest(plan) -> str:
@@ -504,6 +548,9 @@ def _input_files(plan) -> Iterator[Path]:
             yield from sorted(Path(model.path).iterdir())
         if model.adapter is not None:
             yield from sorted(Path(model.adapter).iterdir())
+    vocab_dir = getattr(plan.vocab, "vocab_dir", None)
+    if vocab_dir is not None:  # a tokenizer source that is not merged: its files are the output's
+        yield from sorted(Path(vocab_dir).iterdir())
 
 
 def option_names() -> list[str]:

@@ -343,7 +343,24 @@ def _touch(opened: list[Any], job: TensorJob, action: str) -> None:
         getattr(opened[s.model], action)(s.tensor)
 
 
-def _check_inputs(opened: list[Any], job: TensorJob | None = None) -> None:
+def compute(
+    plan: MergePlan, opened: list[Any], job: TensorJob, threads: int, pool: BufferPool, report: HealthReport
+) -> Computed:
+    """``run_job``, then the checks every computed tensor passes before anyone uses it: the inputs
+    it read are intact, and its health figures are recorded (a refused non-finite output raises).
+    An error is a MergekittyError naming the tensor."""
+    try:
+        computed = run_job(plan, opened, job, threads, pool)
+        check_inputs(opened, job)  # first: a changed input explains any odd figure
+        report.record(job, computed[2])
+        return computed
+    except MergekittyError:
+        raise
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:
+        raise MergeError(f"tensor '{job.out_name}': {exc}") from exc
+
+
+def check_inputs(opened: list[Any], job: TensorJob | None = None) -> None:
     """Raise ModelFormatError naming the file if an input file the job read (every input when
     ``job`` is None) changed while mapped: what was computed from it is zeros or another
     file's bytes, and must not reach the output."""
@@ -370,7 +387,7 @@ def execute(
     ``health`` (a fresh report refusing non-finite outputs when None): a job it refuses raises
     its ``NonFiniteError`` before the tensor reaches the writer."""
     report = health if health is not None else HealthReport.for_plan(plan)
-    opened = [m.open(plan.device, threads) for m in plan.models]
+    opened = [m.open(plan.device, threads, report.allow_nonfinite) for m in plan.models]
     pool = BufferPool(keep=WRITE_QUEUE + 2)
     background = _BackgroundWriter(writer, pool)
     try:
@@ -378,15 +395,8 @@ def execute(
             for ahead in plan.jobs[i + 1 : i + 1 + PREFETCH_JOBS]:
                 _touch(opened, ahead, "prefetch")
             started = time.perf_counter()
-            try:
-                data, pooled, figures = run_job(plan, opened, job, threads, pool)
-                _check_inputs(opened, job)  # first: a changed input explains any odd figure
-                report.record(job, figures)
-                background.put(job.out_name, data, pooled)
-            except MergekittyError:
-                raise
-            except (ValueError, TypeError, RuntimeError, OSError) as exc:
-                raise MergeError(f"tensor '{job.out_name}': {exc}") from exc
+            data, pooled, _ = compute(plan, opened, job, threads, pool, report)
+            background.put(job.out_name, data, pooled)
             del data, pooled
             _touch(opened, job, "release")
             if on_progress is not None:
@@ -394,9 +404,9 @@ def execute(
     except BaseException as exc:
         background.stop()  # the caller aborts the writer
         if isinstance(exc, Exception):
-            _check_inputs(opened)  # an input that changed is the cause to name, not what it broke
+            check_inputs(opened)  # an input that changed is the cause to name, not what it broke
         raise
     try:
         background.close()
     finally:
-        _check_inputs(opened)  # the writer copied mapped inputs until now
+        check_inputs(opened)  # the writer copied mapped inputs until now

@@ -58,22 +58,28 @@ def estimate(plan: MergePlan, prefetch: int = 2, in_flight: int = 3, keep_free: 
     and ``keep_free`` mirror execute.PREFETCH_JOBS, WRITE_QUEUE + 1 and the pool's ``keep``."""
     jobs = plan.jobs
     free: list[int] = []  # sizes of the pool's free buffers
-    pending: list[int | None] = []  # buffers the writer still holds, oldest first
+    # buffers the writer still holds, oldest first: (bytes, whether it goes back to the pool)
+    pending: list[tuple[int, bool]] = []
     peak = 0
     by_name: dict[int, dict[str, TensorJob]] = {}  # per stage plan (by id): its jobs by output name
     for job in jobs:
         if len(pending) >= in_flight:
-            _give(free, pending.pop(0), keep_free)
-        size = _buffer_bytes(job, plan.device)
-        if size is not None:
-            fitting = [b for b in free if b >= size]
+            size, pooled = pending.pop(0)
+            if pooled:
+                _give(free, size, keep_free)
+        wanted = _buffer_bytes(job, plan.device)
+        pooled = wanted is not None
+        if wanted is not None:
+            fitting = [b for b in free if b >= wanted]
             if fitting:
-                size = min(fitting)
-                free.remove(size)
-            size = max(size, 1)
-        held = sum(free) + sum(b for b in pending if b) + (size or 0)
+                wanted = min(fitting)
+                free.remove(wanted)
+            size = max(wanted, 1)
+        else:  # a copy: of a map (nothing held), or of a recipe stage's tensor, which the writer holds
+            size = _copied_stage_bytes(plan, job, by_name)
+        held = sum(free) + sum(b for b, _ in pending) + size
         peak = max(peak, held + _scratch_bytes(job, plan.method) + _stage_bytes(plan, job, by_name))
-        pending.append(size)
+        pending.append((size, pooled))
     uses_torch = any(isinstance(j.kernel, Torch) for p in _plans(plan) for j in p.jobs)
     base = PROCESS_BYTES + RUN_BYTES + (TORCH_IMPORT_BYTES if uses_torch else 0)
     if any(j.output_bytes >= DIRECT_IO_MIN_BYTES for j in jobs) and not os.environ.get("MERGEKITTY_NO_DIRECT_IO"):
@@ -92,27 +98,44 @@ def _plans(plan: MergePlan) -> list[MergePlan]:
     return out
 
 
+def _stage_job(plan: MergePlan, model: int, tensor: str, by_name: dict[int, dict[str, TensorJob]]) -> TensorJob | None:
+    """The job of the recipe stage ``plan.models[model]`` that computes ``tensor`` (None: not a stage)."""
+    stage = plan.models[model].stage
+    if stage is None:
+        return None
+    jobs = by_name.get(id(stage))
+    if jobs is None:
+        jobs = by_name[id(stage)] = {j.out_name: j for j in stage.jobs}
+    return jobs[tensor]
+
+
+def _copied_stage_bytes(plan: MergePlan, job: TensorJob, by_name: dict[int, dict[str, TensorJob]]) -> int:
+    """A copy job's bytes the writer holds: those of a recipe stage's computed tensor it copies."""
+    kernel = job.kernel
+    if not isinstance(kernel, (Copy, CopyIfEqual)) or plan.device != "cpu":
+        return 0
+    src = job.inputs[kernel.input]
+    inner = _stage_job(plan, src.model, src.tensor, by_name)
+    return inner.output_bytes if inner is not None and not isinstance(inner.kernel, (Copy, CopyIfEqual)) else 0
+
+
 def _stage_bytes(plan: MergePlan, job: TensorJob, by_name: dict[int, dict[str, TensorJob]]) -> int:
     """What computing the inputs of ``job`` that are recipe stages holds (recipe.stage): each
     such input's bytes until the job ends, and at worst the scratch of one stage job (and of the
     stages it reads) while it is computed."""
     held, scratch = 0, 0
     for s in (*job.inputs, *job.row_sources):
-        stage = plan.models[s.model].stage
-        if stage is None:
+        inner = _stage_job(plan, s.model, s.tensor, by_name)
+        if inner is None:
             continue
-        jobs = by_name.get(id(stage))
-        if jobs is None:
-            jobs = by_name[id(stage)] = {j.out_name: j for j in stage.jobs}
-        inner = jobs[s.tensor]
+        stage = plan.models[s.model].stage
+        assert stage is not None
         held += _buffer_bytes(inner, stage.device) or 0
         scratch = max(scratch, _scratch_bytes(inner, stage.method) + _stage_bytes(stage, inner, by_name))
     return held + scratch
 
 
-def _give(free: list[int], size: int | None, keep: int) -> None:
-    if size is None:
-        return
+def _give(free: list[int], size: int, keep: int) -> None:
     free.append(size)
     if len(free) > keep:
         free.remove(min(free))

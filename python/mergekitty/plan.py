@@ -111,16 +111,17 @@ class PlannedModel:
     def ref(self) -> str:
         return self.label
 
-    def open(self, device: str = "cpu", threads: int = 0) -> Any:
+    def open(self, device: str = "cpu", threads: int = 0, allow_nonfinite: bool = False) -> Any:
         """The checkpoint (io.checkpoint.Checkpoint, a recipe stage's recipe.stage.StageCheckpoint,
-        or lora.apply's adapted view of either). ``threads``: what a stage's jobs compute with."""
+        or lora.apply's adapted view of either). ``threads`` and ``allow_nonfinite``: how a
+        stage's jobs compute (as its own merge would, with the options of this one)."""
         from .io.checkpoint import Checkpoint
 
         checkpoint: Any
         if self.stage is not None:
             from .recipe.stage import StageCheckpoint
 
-            checkpoint = StageCheckpoint(self.stage, self.path, self.label, device, threads)
+            checkpoint = StageCheckpoint(self.stage, self.path, self.label, device, threads, allow_nonfinite)
         else:
             files = list(self.files) if self.files is not None else None
             checkpoint = Checkpoint(self.path, label=self.label, files=files)

@@ -50,7 +50,15 @@ class Recipe:
     text: str  # the whole recipe, recorded with the final model
 
     def __getitem__(self, name: str) -> RecipeDocument:
-        return next(d for d in self.documents if d.name == name)
+        found = next((d for d in self.documents if d.name == name), None)
+        if found is None:
+            close = difflib.get_close_matches(name, self.names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"the recipe has no document '{name}' (its documents: {', '.join(self.names)}){hint}",
+                source=self.source,
+            )
+        return found
 
     @property
     def names(self) -> list[str]:
@@ -69,15 +77,17 @@ class Recipe:
     def unnamed(self) -> RecipeDocument | None:
         return next((d for d in self.documents if not d.named), None)
 
-    def needed_for(self, names: list[str]) -> list[RecipeDocument]:
-        """``names`` and every document they read, directly or not, in recipe order."""
+    def needed_for(self, names: list[str], stop: set[str] | frozenset[str] = frozenset()) -> list[RecipeDocument]:
+        """``names`` and every document they read, directly or not, in recipe order; a document
+        of ``stop`` (one read from disk) is not followed, unless it is one of ``names``."""
         wanted: set[str] = set()
         todo = list(names)
         while todo:
             name = todo.pop()
-            if name not in wanted:
-                wanted.add(name)
-                todo.extend(self[name].reads)
+            if name in wanted or (name in stop and name not in names):
+                continue
+            wanted.add(name)
+            todo.extend(self[name].reads)
         return [d for d in self.documents if d.name in wanted]
 
 
@@ -135,9 +145,12 @@ def load_recipe(config: str | os.PathLike[str], require_nameless: bool = False) 
 
 def _read(config: str | os.PathLike[str]) -> tuple[str, str, str]:
     """(text, source name for messages, the file's stem)."""
-    if isinstance(config, os.PathLike) or ("\n" not in str(config) and Path(str(config)).suffix in (".yml", ".yaml")):
+    text = str(config)
+    if isinstance(config, os.PathLike) or (
+        "\n" not in text and (Path(text).suffix.lower() in (".yml", ".yaml") or Path(text).is_file())
+    ):
         path = Path(config)
-        return _file_text(path), str(config), path.stem
+        return _file_text(path), text, path.stem
     return str(config), "<recipe>", "final"
 
 
@@ -198,7 +211,10 @@ def _check_names(
             seen[name] = line
     for name, line in names:
         if name is None:
-            final = stem if stem not in seen else f"{stem}-final"
+            final, n = stem, 1
+            while final in seen:  # a named document took the stem
+                n += 1
+                final = f"{stem}-{n}"
             out.append((final, False, line))
         else:
             out.append((name, True, line))
@@ -229,6 +245,8 @@ def _references(config: Any, given: list[tuple[str, bool, int]], source: str) ->
     unnamed = {name for name, named, _ in given if not named}
     for ref, key in _model_keys(config):
         path = ref.model.path
+        if path in referable and ref.model.revision is not None:
+            raise config.error(f"'{ref.model}': the output of document '{path}' has no revisions", key=key)
         for what, p in (("model", path), ("LoRA adapter", ref.lora.path if ref.lora is not None else None)):
             if p is None:
                 continue
@@ -252,7 +270,7 @@ def _reference(path: str, referable: set[str], unnamed: set[str], config: Any, k
                 key=key,
             )
         return path
-    if path in unnamed:
+    if path in unnamed and not _is_dir(local):
         raise config.error(
             f"'{path}' is the unnamed (final) document of the recipe, which no other document can read; give it a name",
             key=key,

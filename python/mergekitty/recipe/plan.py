@@ -6,7 +6,6 @@ cache directory keyed by the stage's plan and its inputs."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -68,7 +67,7 @@ class RecipePlan:
                 line = f"stage '{stage.name}': {what}; fused into {readers}: computed as read, not written"
                 reads = self._reads(stage.name)
                 if reads > len(plan.jobs):
-                    # a tensor read twice is computed twice: say so, --write-intermediates avoids it
+                    # a tensor read twice is computed twice: say so
                     line += f" ({reads} reads of its {len(plan.jobs)} tensors: some are computed more than once)"
                 lines.append(line)
         return "\n".join(lines)
@@ -82,9 +81,8 @@ class RecipePlan:
     def _tensor_reads(self, name: str) -> dict[str, int]:
         counts: dict[str, int] = {}
         for reader in self.stages:
-            read = [
-                i for i, m in enumerate(reader.plan.models) if m.stage is not None and m.label.partition("+")[0] == name
-            ]
+            plan = self[name].plan
+            read = [i for i, m in enumerate(reader.plan.models) if m.stage is plan]
             if not read:
                 continue
             times = None if reader.name in self.targets else self._tensor_reads(reader.name)
@@ -108,10 +106,10 @@ def plan_recipe(
     ``on_disk`` (name -> directory). ``outputs``: name -> output path, checked against the inputs."""
     from ..api import plan_merge
 
-    on_disk = dict(on_disk or {})
+    on_disk = {name: Path(path) for name, path in (on_disk or {}).items()}
     stages: dict[str, Stage | Path] = dict(on_disk)
     planned: list[PlannedStage] = []
-    for doc in _needed(recipe, targets, set(on_disk)):
+    for doc in recipe.needed_for(targets, set(on_disk)):
         out_path = (outputs or {}).get(doc.name)
         plan = plan_merge(doc.config, out_path, options, stages=stages)
         directory = None
@@ -120,19 +118,6 @@ def plan_recipe(
             stages[doc.name] = Stage(doc.name, plan, directory)
         planned.append(PlannedStage(doc, plan, directory))
     return RecipePlan(recipe, tuple(planned), tuple(targets), on_disk)
-
-
-def _needed(recipe: Recipe, targets: list[str], on_disk: set[str]) -> list[RecipeDocument]:
-    """The targets and the documents they read, stopping at those read from disk, in recipe order."""
-    wanted: set[str] = set()
-    todo = list(targets)
-    while todo:
-        name = todo.pop()
-        if name in wanted or (name in on_disk and name not in targets):
-            continue
-        wanted.add(name)
-        todo.extend(recipe[name].reads)
-    return [d for d in recipe.documents if d.name in wanted]
 
 
 def cache_root() -> Path:
@@ -149,14 +134,12 @@ def side_files(doc: RecipeDocument, plan: Any, options: Any) -> Path:
     """The directory of a stage's side files (config.json, tokenizer, layout; no weights),
     written once per stage plan and input files, through the output transaction (so concurrent
     runs and a killed one leave it whole or absent)."""
-    from .. import __version__
-    from ..api import _write_sidecars, inputs_digest
+    from ..api import _write_sidecars, plan_digest
     from ..io.output import OutputTransaction
 
-    h = hashlib.sha256(f"mergekitty {__version__}\n{options.copy_tokenizer}\n".encode())
-    h.update(plan.to_json().encode())
-    h.update(inputs_digest(plan).encode())
-    directory = cache_root() / "stages" / f"{doc.name}-{h.hexdigest()[:24]}"
+    # the document as written counts too: what it says beyond the plan (a chat template) is in the side files
+    key = plan_digest(plan, f"copy_tokenizer={options.copy_tokenizer}", doc.config.to_yaml())
+    directory = cache_root() / "stages" / f"{doc.name}-{key[:24]}"
     if (directory / "config.json").is_file():
         return directory
     with OutputTransaction(directory) as out:

@@ -20,11 +20,18 @@ log = logging.getLogger(__name__)
 
 
 def complete_model_dir(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` holds a written model: config.json and weights."""
+    """Whether ``path`` holds a written model: config.json and the weights a Checkpoint finds."""
+    from ..errors import MergekittyError
+    from ..io.checkpoint import Checkpoint
+
     p = Path(path)
     if not (p / "config.json").is_file():
         return False
-    return any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin"))
+    try:
+        Checkpoint(p)
+    except (MergekittyError, OSError):
+        return False
+    return True
 
 
 def run_recipe(
@@ -43,7 +50,7 @@ def run_recipe(
     documents they read in memory. ``write_intermediates``: a directory that also receives
     every intermediate document, as ``DIR/<name>``. ``on_disk``: documents to read from a
     directory written before instead of computing them. Returns the recipe plan."""
-    from ..api import MergeOptions, Phase
+    from ..api import MergeOptions, Phase, write_model
     from ..extras import require_torch_for_plan
 
     options = options or MergeOptions()
@@ -51,7 +58,12 @@ def run_recipe(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     targets = list(outputs)
-    rplan = plan_recipe(recipe, targets, options, on_disk, outputs)
+    written = dict(outputs)  # every directory written: each is checked against the models read
+    if write_intermediates is not None:
+        for doc in recipe.needed_for(targets, set(on_disk or {})):
+            if doc.name not in outputs:
+                written[doc.name] = Path(write_intermediates) / doc.name
+    rplan = plan_recipe(recipe, targets, options, on_disk, written)
     for stage in rplan.stages:
         require_torch_for_plan(stage.plan)
     if on_phase is not None:
@@ -61,12 +73,12 @@ def run_recipe(
     if write_intermediates is not None:
         for stage in rplan.stages:
             if stage.name not in targets:
-                where = Path(write_intermediates) / stage.name
-                log.info("writing intermediate '%s' to %s", stage.name, where)
-                _write(stage, where, options, progress, None, on_phase, None)
+                log.info("writing intermediate '%s' to %s", stage.name, written[stage.name])
+                write_model(stage.plan, stage.document.config, written[stage.name], options, progress, None, on_phase)
     for name in targets:
         text = _recorded(rplan, options) if len(recipe.documents) > 1 else None
-        _write(rplan[name], outputs[name], options, progress, on_health, on_phase, text)
+        stage = rplan[name]
+        write_model(stage.plan, stage.document.config, outputs[name], options, progress, on_health, on_phase, text)
     return rplan
 
 
@@ -82,31 +94,3 @@ def _recorded(rplan: RecipePlan, options: Any) -> str:
         text = doc.config.source_text or doc.config.to_yaml()
         texts.append(recorded_config(stage.plan, doc.config, options) if stage is not None else text)
     return "---\n".join(t if t.endswith("\n") else t + "\n" for t in texts)
-
-
-def _write(
-    stage: Any,
-    out_path: str | os.PathLike[str],
-    options: Any,
-    progress: Callable[[Any, float], None] | None,
-    on_health: Callable[[Any], None] | None,
-    on_phase: Callable[[Any], None] | None,
-    recorded_text: str | None,
-) -> None:
-    """One document's merge written as ``run_merge`` writes a model; ``recorded_text``: the YAML
-    the model card and mergekitty_config.yml keep (the whole recipe, for a target)."""
-    import json
-
-    from ..api import _write_sidecars, write_merged_model
-
-    plan, config = stage.plan, stage.document.config
-    write_merged_model(
-        plan,
-        out_path,
-        options,
-        side_files=lambda out: _write_sidecars(plan, config, out, options, recorded_text),
-        marker_text=json.dumps(plan.out_config, indent=2) + "\n",
-        progress=progress,
-        on_health=on_health,
-        on_phase=on_phase,
-    )

@@ -38,7 +38,17 @@ class StageCheckpoint:
     """The tensors of a stage's output, computed on demand (see the module docstring). A tensor
     computed for a job is kept until the job releases it."""
 
-    def __init__(self, plan: MergePlan, directory: Path, label: str, device: str = "cpu", threads: int = 0) -> None:
+    files = None  # as Checkpoint's: the weight files it reads (none: it is computed)
+
+    def __init__(
+        self,
+        plan: MergePlan,
+        directory: Path,
+        label: str,
+        device: str = "cpu",
+        threads: int = 0,
+        allow_nonfinite: bool = False,
+    ) -> None:
         from ..health import HealthReport
 
         self.plan = plan
@@ -54,11 +64,12 @@ class StageCheckpoint:
         self._opened: list[Any] | None = None
         self._computed: dict[str, Any] = {}
         # the stage's own health checks: a non-finite intermediate tensor is refused as its merge would refuse it
-        self._report = HealthReport.for_plan(plan)
+        self._report = HealthReport.for_plan(plan, allow_nonfinite)
+        self._allow_nonfinite = allow_nonfinite
 
     def _inputs(self) -> list[Any]:
         if self._opened is None:
-            self._opened = [m.open(self.plan.device, self.threads) for m in self.plan.models]
+            self._opened = [m.open(self.plan.device, self.threads, self._allow_nonfinite) for m in self.plan.models]
         return self._opened
 
     def __contains__(self, name: str) -> bool:
@@ -84,20 +95,14 @@ class StageCheckpoint:
 
     def _compute(self, job: TensorJob) -> Any:
         from ..errors import MergeError
-        from ..execute import BufferPool, run_job
+        from ..execute import BufferPool, compute
 
         opened = self._inputs()
-        sources = (*job.inputs, *job.row_sources)
         try:
-            data, _, figures = run_job(self.plan, opened, job, self.threads, BufferPool(keep=0))
-            for s in sources:
-                opened[s.model].check_intact([s.tensor])
-            self._report.record(job, figures)
+            data, _, _ = compute(self.plan, opened, job, self.threads, BufferPool(keep=0), self._report)
         except MergekittyError as exc:
-            raise type(exc)(f"stage '{self.label}': {exc}") from None
-        except (ValueError, TypeError, RuntimeError, OSError) as exc:
-            raise MergeError(f"stage '{self.label}', tensor '{job.out_name}': {exc}") from exc
-        for s in sources:
+            raise MergeError(f"stage '{self.label}': {exc}") from exc
+        for s in (*job.inputs, *job.row_sources):
             opened[s.model].release(s.tensor)
         return data
 
@@ -126,17 +131,14 @@ class StageCheckpoint:
         self._computed.pop(name, None)
 
     def check_intact(self, names: Iterable[str] | None = None) -> None:
-        """``Checkpoint.check_intact`` of the stage's inputs the tensors ``names`` are computed from."""
+        """``Checkpoint.check_intact`` of the stage's inputs the tensors ``names`` (every tensor
+        when None) are computed from."""
+        from ..execute import check_inputs
+
         if self._opened is None:
             return
         if names is None:
-            for checkpoint in self._opened:
-                checkpoint.check_intact()
+            check_inputs(self._opened)
             return
-        read: dict[int, list[str]] = {}
         for name in names:
-            job = self._jobs[name]
-            for s in (*job.inputs, *job.row_sources):
-                read.setdefault(s.model, []).append(s.tensor)
-        for model, tensors in read.items():
-            self._opened[model].check_intact(tensors)
+            check_inputs(self._opened, self._jobs[name])

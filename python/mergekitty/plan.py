@@ -435,8 +435,8 @@ class Planner:
         where = f"for model {label}, tensor '{tensor}'" if label else f"for tensor '{tensor}'"
         if value is None:
             if spec.required:
-                raise ConfigError(
-                    f"merge method '{self.method.name}' needs parameter '{spec.name}' {where}", key="parameters"
+                raise self._config_error(
+                    f"merge method '{self.method.name}' needs parameter '{spec.name}' {where}", ("parameters",)
                 )
             return spec.default
         try:
@@ -444,7 +444,7 @@ class Planner:
         except ValueError as exc:
             if origin is not None and hasattr(self.config, "error"):
                 raise self.config.error(f"{exc} {where}", key=origin()) from None
-            raise ConfigError(f"{exc} {where}", key=f"parameters.{spec.name}") from None
+            raise self._config_error(f"{exc} {where}", ("parameters", spec.name)) from None
 
     # ---------------------------------------------------------------- planning
     def plan(
@@ -464,7 +464,7 @@ class Planner:
         donor = self.donor
         base_ref = self.config.base_model
         if method.base == "required" and base_ref is None:
-            raise ConfigError(f"merge method '{method.name}' needs a base_model", key="base_model")
+            raise self._config_error(f"merge method '{method.name}' needs a base_model", ("base_model",))
         slices = [sl for st in self.stacks for sl in st.slices]
         picks = [self._slice_picks(si, sl, base_ref) for si, sl in enumerate(slices)]
         layer_map: list[tuple[int, tuple[tuple[str, int], ...]]] = []
@@ -1038,16 +1038,16 @@ class Planner:
             try:
                 method.validate(params, list(mparams))
             except ValueError as exc:
-                raise ConfigError(f"{exc} (tensor '{out_name}')", key="parameters") from None
+                raise self._config_error(f"{exc} (tensor '{out_name}')", ("parameters",)) from None
         reason = method.base_needed_for(params) if method.base_needed_for is not None and base is None else None
         if reason:
-            raise ConfigError(f"merge method '{method.name}' needs a base_model here: {reason}", key="base_model")
+            raise self._config_error(f"merge method '{method.name}' needs a base_model here: {reason}", ("base_model",))
         # a slice holding only the base model is allowed (the base passes through)
         if 0 < len(sources) < method.min_models or (not sources and base is None):
             given = [k for k in ("modules", "models") if getattr(self.config, k, None)]
-            raise ConfigError(
+            raise self._config_error(
                 f"merge method '{method.name}' needs at least {method.min_models} model(s) besides the base, got {len(sources)}",
-                key=given[0] if given else "slices",
+                (given[0] if given else "slices",),
             )
 
     def embedding_rows(self, model: int) -> int | None:

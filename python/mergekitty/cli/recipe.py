@@ -63,8 +63,7 @@ def run_recipe_command(
     from .run import note_differences, print_health, write_plan
 
     options = replace(options, quiet=verbosity.quiet or verbosity.per_tensor)
-    for doc in recipe.documents:
-        note_differences(doc.config, console)
+    note_differences([doc.config for doc in recipe.documents], console)
     if plan_only:
         rplan = plan_recipe(recipe, targets, options, on_disk, outputs)
         out = stdout_console()

@@ -130,12 +130,14 @@ def print_health(report, console) -> None:
 
 
 def note_differences(config, console) -> None:
-    """One line when the config touches a documented difference from mergekit; with -v, each."""
+    """One line when the config (or the configs of a recipe, a list) touches a documented
+    difference from mergekit; with -v, each."""
     import logging
 
     from ..differences import touched_differences
 
-    touched = touched_differences(config)
+    configs = config if isinstance(config, list) else [config]
+    touched = list({d.name: d for c in configs for d in touched_differences(c)}.values())
     if not touched:
         return
     console.print(

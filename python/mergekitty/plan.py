@@ -1004,12 +1004,18 @@ class Planner:
             model_params=mparams,
             base=base,
             params=params,
-            input_bytes=sum(i.nbytes for i in infos),
+            input_bytes=sum(self._read_bytes(s, i) for s, i in zip(inputs, infos)),
             output_bytes=nbytes(out_dtype, math.prod(shape)),
             aligned=aligned,
             row_sources=row_sources,
             kernel=kernel,
         )
+
+    def _read_bytes(self, src: Source, info: Any) -> int:
+        """The bytes reading ``src`` reads from disk: its own, or for a recipe stage's tensor
+        (computed as it is read) what computing it reads."""
+        read = getattr(self.models[src.model].checkpoint, "read_bytes", None)
+        return int(read(src.tensor)) if read is not None else int(info.nbytes)
 
     def _check_shapes(self, out_name: str, inputs: tuple[Source, ...], infos: list[Any], aligned: bool) -> None:
         """Every input of the first's shape (rows aside, for a re-laid-out vocabulary tensor)."""

@@ -85,6 +85,10 @@ class StageCheckpoint:
         """Every tensor of a stage is bytes the native kernels can read."""
         return name in self.infos
 
+    def read_bytes(self, name: str) -> int:
+        """What computing ``name`` reads from the stage's inputs (the planner counts these)."""
+        return int(self._jobs[name].input_bytes)
+
     def view(self, name: str) -> Any:
         """The tensor's bytes, in its dtype, computed now unless a job holds them already."""
         data = self._computed.get(name)

@@ -341,6 +341,11 @@ def test_plan_says_what_is_fused_and_counts_the_intermediates_memory(llama, tmp_
     assert f"written to {tmp_path / 'out'}" in summary
     final = rplan["r"].plan
     assert final.models[1].stage is not None and final.models[1].stage.method.name == "linear"
+    # what the fused plan reads is every tensor of the four models once: the intermediate is not read
+    from mergekitty.io.checkpoint import Checkpoint
+
+    every_byte = sum(i.nbytes for m in ("base", "ft1", "ft2", "ft3") for i in Checkpoint(llama[m]).infos.values())
+    assert final.input_bytes == every_byte
     # a stage's tensor is a buffer the job holds: the estimate exceeds the same merge of written models
     staged_root = tmp_path / "b"
     staged(docs[:1], staged_root)

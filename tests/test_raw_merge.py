@@ -407,3 +407,18 @@ def test_without_torch_safetensors_merge_and_a_bin_input_says_what_it_needs(raw,
     cfg.write_text(_config("linear", [(p["ft1"], {"weight": 1.0}), (p["ft3"], {"weight": 1.0})]))
     failed = subprocess.run([*command, str(cfg), str(tmp_path / "bin"), "-q"], capture_output=True, text=True, env=env)
     assert failed.returncode == 2 and "needs PyTorch" in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
+
+
+def test_the_output_cannot_be_the_directory_holding_an_input(raw):
+    """The new output replaces its directory as a whole: an input file in it would be replaced."""
+    from pathlib import Path
+
+    from mergekitty.errors import OutputError
+
+    first = Path(raw["paths"]["ft1"])
+    before = first.read_bytes()
+    cfg = _config("linear", [(raw["paths"][m], {"weight": 0.5}) for m in ("ft1", "ft2")])
+    for out in (first.parent, first.parent.parent):
+        with pytest.raises(OutputError, match="holds the input"):
+            run_raw_merge(cfg, out, quiet=True)
+    assert first.read_bytes() == before

@@ -95,8 +95,8 @@ LOCK_SUFFIX = ".mergekitty-lock"
 
 def check_output_path(out_path: str | os.PathLike, inputs: Iterable[tuple[Path, str]]) -> None:
     """OutputError unless ``out_path`` can be an output directory: not a file, not a dangling
-    or looping symlink, and neither one of the ``inputs`` ((directory, what it is, e.g. "input
-    model org/model")) nor inside one."""
+    or looping symlink, and neither one of the ``inputs`` ((directory or file, what it is, e.g.
+    "input model org/model")), nor inside one, nor holding one."""
     resolved = resolve_output(out_path)
     for src, what in inputs:
         src = Path(src).resolve()
@@ -104,6 +104,9 @@ def check_output_path(out_path: str | os.PathLike, inputs: Iterable[tuple[Path, 
             raise OutputError(f"output directory {out_path} is the {what}; choose another directory")
         if src in resolved.parents:
             raise OutputError(f"output directory {out_path} is inside the {what}; choose another directory")
+        if resolved in src.parents:
+            # the new output replaces the directory as a whole: what it holds would be replaced under the reader
+            raise OutputError(f"output directory {out_path} holds the {what}; choose another directory")
 
 
 def resolve_output(out_path: str | os.PathLike) -> Path:

@@ -454,3 +454,19 @@ def test_the_output_loads_as_llava_with_the_merged_language_model(llava, tmp_pat
         assert torch.equal(got[name], vlm[name]), name
     assert (out / "preprocessor_config.json").read_bytes() == (base / "preprocessor_config.json").read_bytes()
     assert (out / "generation_config.json").is_file()
+
+
+def test_language_tensors_the_text_model_lacks_are_an_error_unless_partial(tiny, tmp_path, capsys):
+    """A text model without the final norm would leave the VLM's own norm beside merged layers."""
+    base, _, _ = tiny
+    state = {k: v for k, v in _text_state(2).items() if k != "model.norm.weight"}
+    text = _write(tmp_path / "text-short", state)
+    code, _, err = _cli(capsys, base, text, tmp_path / "out")
+    assert code != 0 and "'model.language_model.norm.weight'" in err and "--partial" in err
+    assert not (tmp_path / "out").exists()
+    code, _, err = _cli(capsys, base, text, tmp_path / "out", "--partial")
+    assert code == 0, err
+    assert torch.equal(
+        read_state(tmp_path / "out")["model.language_model.norm.weight"],
+        read_state(base)["model.language_model.norm.weight"],
+    )

@@ -260,6 +260,7 @@ def fill_missing(
     out_path: str | os.PathLike[str],
     *,
     prefix: Iterable[str] = (),
+    partial: bool = False,
     out_shard_size: int = 5_000_000_000,
     write_model_card: bool = True,
     dry_run: bool = False,
@@ -269,7 +270,8 @@ def fill_missing(
     """Write ``base_vlm`` with the tensors ``merged_text`` also has taken from ``merged_text``.
 
     ``base_vlm`` and ``merged_text`` are local directories or hub ids (``path[@revision]``);
-    ``prefix``: the name mapping as ``--prefix`` values (inferred when empty). With ``dry_run``
+    ``prefix``: the name mapping as ``--prefix`` values (inferred when empty); ``partial``: allow
+    language-model tensors of the VLM that the text model lacks (``_check_coverage``). With ``dry_run
     only the checks run (headers only) and nothing is written. ``progress(done, total)`` is
     called after each tensor written."""
     from .io.checkpoint import Checkpoint
@@ -294,6 +296,7 @@ def fill_missing(
     rules = [parse_prefix(p) for p in prefix] or None
     match = match_names(text.names(), vlm.names(), rules, text_label, vlm_label)
     _check_tensors(match, vlm, text, vlm_label, text_label)
+    _check_coverage(match, vlm, text, vlm_label, text_label, partial)
     for name in match.absent:
         log.warning("%s has tensor '%s', which %s lacks: left out", text_label, name, vlm_label)
     check_output_path(out_path, [(Path(vlm_dir), f"VLM {vlm_dir}"), (Path(text_dir), f"text model {text_dir}")])
@@ -325,6 +328,54 @@ def fill_missing(
         write_all(tensors, writer, 0, advance)  # plain copies and casts: no random draws
         out.commit(config_text)
     return result
+
+
+def _check_coverage(
+    match: NameMatch, vlm: Checkpoint, text: Checkpoint, vlm_label: str, text_label: str, partial: bool
+) -> None:
+    """The text model must replace the whole language model: an ArchitectureError (unless
+    ``partial``) naming the VLM tensors under a prefix the mapping fills (``language_model.model.``)
+    that the text model has no counterpart of (a layer fewer, a missing norm), and for a layer
+    count or head tying that differs between the two configs (a warning when ``partial``)."""
+    from .architecture.layout import ties_embeddings
+
+    taken = set(match.pairs)
+    prefixes = [r.vlm for r in match.rules if r.vlm]
+    missing = [n for n in vlm.names() if n not in taken and any(_split(n)[: len(p)] == p for p in prefixes)]
+    problems = []
+    if missing:
+        more = f" and {len(missing) - SHOWN_NAMES} more" if len(missing) > SHOWN_NAMES else ""
+        shown = ", ".join(f"'{n}'" for n in missing[:SHOWN_NAMES])
+        problems.append(f"{len(missing)} language-model tensors of {vlm_label} are not in {text_label}: {shown}{more}")
+    vlm_cfg, text_cfg = _config_of(vlm), _config_of(text)
+    sub = vlm_cfg.get("text_config")
+    text_part: dict[str, Any] = sub if isinstance(sub, dict) else vlm_cfg
+    for key in ("num_hidden_layers",):
+        if key in text_part and key in text_cfg and text_part[key] != text_cfg[key]:
+            problems.append(f"{key} is {text_cfg[key]} in {text_label} but {text_part[key]} in {vlm_label}")
+    if text_cfg and ties_embeddings(text_cfg) is not False and ties_embeddings(text_part) is False:
+        log.warning(
+            "%s ties its head to its embedding but %s has its own head: the output keeps %s's head",
+            text_label,
+            vlm_label,
+            vlm_label,
+        )
+    if not problems:
+        return
+    if partial:
+        for problem in problems:
+            log.warning("%s; --partial keeps %s's values for them", problem, vlm_label)
+        return
+    raise ArchitectureError(
+        "; ".join(problems) + f": the output would mix in {vlm_label}'s language model (--partial allows it)"
+    )
+
+
+def _config_of(checkpoint: Checkpoint) -> dict[str, Any]:
+    """The model's config.json ({} when it has none: a text model saved as bare weights)."""
+    from .io.model_files import model_file
+
+    return checkpoint.config() if model_file(checkpoint.directory, "config.json") is not None else {}
 
 
 def _file_order(checkpoint: Checkpoint) -> list[str]:

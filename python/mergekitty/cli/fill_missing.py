@@ -21,6 +21,9 @@ from .verbosity import Verbosity
             help="How the text model's tensor names become the VLM's: TEXT_PREFIX=VLM_PREFIX "
             "(model.=model.language_model.), or VLM_PREFIX alone to put it before every name (language_model.); "
             "repeatable. [default: inferred from the names]"),
+        opt("partial", "--partial", is_flag=True, default=False,
+            help="Allow language-model tensors of BASE_VLM that MERGED_TEXT lacks (they keep BASE_VLM's "
+            "values). [default: an error naming them]"),
         "transformers_cache",
     ],
 )  # fmt: skip

@@ -267,3 +267,12 @@ def test_write_yaml_is_the_config_that_is_merged(deep_family, tmp_path, capsys):
     # the dry run's plan (stdout, no --print-yaml) maps each output layer to the YAML's pick
     for k, (model, layer) in enumerate(_picks(config)):
         assert f"{k} │ {model}: {layer} " in out, out
+
+
+def test_write_yaml_inside_a_model_is_refused(deep_family, tmp_path, capsys):
+    config = Path(deep_family[0]) / "config.json"
+    before = config.read_bytes()
+    args = [tmp_path / "out", "-m", deep_family[0], "-m", deep_family[1], "--random-seed", "3", "--dry-run"]
+    code, _, err = _run([*args, "--write-yaml", config], capsys)
+    assert code != 0 and "--write-yaml" in err and "Traceback" not in err
+    assert config.read_bytes() == before

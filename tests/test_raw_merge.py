@@ -422,3 +422,18 @@ def test_the_output_cannot_be_the_directory_holding_an_input(raw):
         with pytest.raises(OutputError, match="holds the input"):
             run_raw_merge(cfg, out, quiet=True)
     assert first.read_bytes() == before
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth"])
+def test_torch_pickles_of_any_suffix(raw, tmp_path, suffix):
+    """.pt and .pth files are read through torch, like .bin (the plan does not take them as mapped)."""
+    paths = {}
+    for name in ("ft1", "ft2"):
+        paths[name] = tmp_path / f"{name}{suffix}"
+        torch.save(raw["states"][name], paths[name])
+    cfg = _config("linear", [(paths["ft1"], {"weight": 0.25}), (paths["ft2"], {"weight": 0.75})])
+    run_raw_merge(cfg, tmp_path / "out", quiet=True)
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for name in SHAPES:
+        expected = (0.25 * raw["states"]["ft1"][name].double() + 0.75 * raw["states"]["ft2"][name].double()) / 1.0
+        _close(out[name], expected)

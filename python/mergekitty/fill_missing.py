@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ArchitectureError, ModelFormatError
+from .io.checkpoint import TORCH_SUFFIXES
 
 if TYPE_CHECKING:
     from .io.checkpoint import Checkpoint
@@ -46,7 +47,7 @@ MIN_SUFFIX = 2
 # Names shown in an error that lists unmatched tensors.
 SHOWN_NAMES = 4
 # Weight files of any format: never copied from the VLM (its weights are written anew).
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES, ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 # Files that describe how another output was made, not this one.
 NOT_COPIED = ("mergekitty_config.yml", "mergekitty_health.json")
 CARD = "README.md"

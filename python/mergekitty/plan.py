@@ -1023,7 +1023,7 @@ class Planner:
         for s, info in zip(inputs, infos):
             if (info.shape[1:] if aligned else info.shape) != want:
                 hint = ""
-                if is_embedding_name(out_name):
+                if is_embedding_name(out_name) and self.raw is None:
                     hint = " (embedding sizes differ: vocabulary handling needs the tokenizer options)"
                 raise PlanError(
                     f"tensor '{out_name}': {self.models[s.model].label} has shape {shape_text(info.shape)} "

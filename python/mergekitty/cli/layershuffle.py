@@ -3,6 +3,8 @@ several models (layershuffle.py builds the config), then merge it like any other
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import rich_click as click
 
 from .options import MERGE_LEGACY, command, merge_options, opt, panel
@@ -53,7 +55,6 @@ def main(
     """
     import secrets
     import sys
-    from pathlib import Path
 
     from .options import build_options, take_verbosity
     from .run import INTERRUPTED, merge_loaded
@@ -89,7 +90,7 @@ def main(
             sys.stdout.write(text)
             sys.stdout.flush()
         if write_yaml is not None:
-            Path(write_yaml).write_text(text)
+            _write_yaml(Path(write_yaml), text, [*models, out_path])
             console.print(f"config written to {write_yaml}", highlight=False, markup=False, soft_wrap=True)
         config = load_config(text, source=write_yaml or "<layer shuffle config>")
         merge_loaded(
@@ -101,6 +102,27 @@ def main(
             plan_only=dry_run,
             plan_console=console if print_yaml else None,
         )
+
+
+def _write_yaml(path: Path, text: str, directories: list[str]) -> None:
+    """Write the config to ``path``, which must not be inside an input model or the output
+    (``directories``): the file would replace one of theirs. Written whole or not at all."""
+    import os
+
+    from ..errors import OutputError
+
+    target = Path(os.path.realpath(path.expanduser()))
+    for d in directories:
+        directory = Path(d).expanduser()
+        if directory.is_dir() and Path(os.path.realpath(directory)) in target.parents:
+            raise OutputError(f"--write-yaml {path} is inside {d}, a model of this merge or its output")
+    temp = target.with_name(f".{target.name}.partial")
+    try:
+        temp.write_text(text)
+        os.replace(temp, target)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write --write-yaml {path}: {exc.strerror or exc}") from None
 
 
 if __name__ == "__main__":

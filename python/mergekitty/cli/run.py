@@ -78,7 +78,8 @@ def merge_loaded(
 
         plan_merge, run_merge = partial(plan_raw_merge, missing=raw), partial(run_raw_merge, missing=raw)
 
-    note_differences(config, console)
+    if raw is None:  # the documented differences are about models (heads, tokenizers), not state dicts
+        note_differences(config, console)
     if plan_only:
         plan = plan_merge(config, out_path, options)
         write_plan(plan, json_path, console, plan_console)

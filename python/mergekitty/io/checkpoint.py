@@ -217,8 +217,8 @@ class Checkpoint:
         return self._shard(info.file).tensor(info)
 
     def mapped(self, name: str) -> bool:
-        """Whether ``view`` gives the tensor's bytes (a safetensors file; a .bin needs torch)."""
-        return not self.infos[name].file.endswith(".bin")
+        """Whether ``view`` gives the tensor's bytes (a safetensors file; a torch pickle needs torch)."""
+        return not self.infos[name].file.endswith(TORCH_SUFFIXES)
 
     def view(self, name: str):
         """A zero-copy read-only byte buffer of the tensor, or None where only torch can read it."""

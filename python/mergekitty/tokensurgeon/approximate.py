@@ -21,6 +21,7 @@ targets at a time (``batch_size``, smaller when the batch's chosen atoms would e
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,10 +29,12 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 
+log = logging.getLogger(__name__)
+
 METHODS = ("omp", "knn")
 WEIGHT_SCHEMES = ("distance_proportional", "barycentric", "least_squares")
 OMP_TOLERANCE = 1e-5
-# the most bytes a batch's gathered atom rows may take
+# the most bytes a batch's working arrays may take (its gathered rows, Gram matrices and scores)
 BATCH_BYTES = 1 << 28
 
 
@@ -97,6 +100,12 @@ def omp(
     dictionary: np.ndarray, targets: np.ndarray, k: int, batch_size: int = 512, on_batch: Progress | None = None
 ) -> Approximation:
     """Orthogonal matching pursuit of each row of ``targets`` over the rows of ``dictionary``."""
+    if k > dictionary.shape[1]:
+        # more atoms than dimensions fit the target exactly with meaningless weights, at k**4 cost
+        log.warning(
+            "-k %d is more than the embedding width %d: %d atoms are used", k, dictionary.shape[1], dictionary.shape[1]
+        )
+        k = dictionary.shape[1]
     atoms_f32, x, k, chosen, weights = _prepared(dictionary, targets, k)
     m, width = atoms_f32.shape
     n = x.shape[0]
@@ -104,7 +113,8 @@ def omp(
         return Approximation(chosen, weights)
     norms = np.sqrt(np.einsum("mh,mh->m", atoms_f32, atoms_f32, dtype=np.float64))
     scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)  # a zero atom never scores
-    step = _rows_per_batch(batch_size, k * width * 4)
+    # per target: its picked atoms (float32), Gram matrix (float64) and a step's scores over every atom
+    step = _rows_per_batch(batch_size, k * width * 4 + k * k * 8 + m * 4 * 3)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         chosen[lo:hi], weights[lo:hi] = _omp_batch(atoms_f32, scale, x[lo:hi], k)
@@ -163,7 +173,8 @@ def knn(
     if n == 0 or k == 0:
         return Approximation(chosen, weights)
     atom_sq = np.einsum("mh,mh->m", atoms, atoms, dtype=np.float64)
-    step = _rows_per_batch(batch_size, k * width * 8)
+    # per target: its neighbours' rows, and its distances to every atom (float64, with two working copies)
+    step = _rows_per_batch(batch_size, k * width * 8 + m * 8 * 3)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         xb = x[lo:hi].astype(np.float64)

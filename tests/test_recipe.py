@@ -207,20 +207,25 @@ def test_union_vocabulary_stage_feeds_a_merge(llama, tmp_path):
     assert weights(out)["model.embed_tokens.weight"].shape[0] == 98
 
 
-def test_a_stage_with_a_lora_input(llama, tmp_path):
+def lora_adapter(base: str, out: Path, seed: int, modules: list[str]) -> Path:
+    """A PEFT LoRA adapter of ``base`` with random B factors (so it changes the model)."""
     peft = pytest.importorskip("peft")
-    import torch
     import transformers
 
-    p = {k: str(v) for k, v in llama.items()}
-    torch.manual_seed(1)
-    model = transformers.AutoModelForCausalLM.from_pretrained(p["base"])
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=modules))
     with torch.no_grad():
         for name, param in pm.named_parameters():
             if "lora_B" in name:
                 param.add_(torch.randn_like(param) * 0.05)
-    pm.save_pretrained(str(tmp_path / "adapter"))
+    pm.save_pretrained(str(out))
+    return out
+
+
+def test_a_stage_with_a_lora_input(llama, tmp_path):
+    p = {k: str(v) for k, v in llama.items()}
+    lora_adapter(p["base"], tmp_path / "adapter", 1, ["q_proj", "v_proj"])
     docs = [
         {
             "name": "ad",
@@ -576,18 +581,8 @@ def test_the_output_cannot_be_a_model_a_fused_stage_reads(llama, tmp_path):
 
 
 def test_a_stage_read_with_a_lora_adapter(llama, tmp_path):
-    peft = pytest.importorskip("peft")
-    import transformers
-
     p = {k: str(v) for k, v in llama.items()}
-    torch.manual_seed(2)
-    model = transformers.AutoModelForCausalLM.from_pretrained(p["base"])
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj"]))
-    with torch.no_grad():
-        for name, param in pm.named_parameters():
-            if "lora_B" in name:
-                param.add_(torch.randn_like(param) * 0.05)
-    pm.save_pretrained(str(tmp_path / "adapter"))
+    lora_adapter(p["base"], tmp_path / "adapter", 2, ["q_proj", "o_proj"])
     docs = [
         {"name": "avg", **models_doc("linear", [p["ft1"], p["ft2"]], parameters={"weight": 0.5})},
         models_doc("linear", [f"avg+{tmp_path / 'adapter'}", p["ft3"]], parameters={"weight": 0.5}),

@@ -70,6 +70,7 @@ EXPECTED: dict[tuple[str, ...], tuple[set[str], tuple[str, ...]]] = {
             *COMMON,
             "--version",
             "--prefix",
+            "--partial",
             "--transformers-cache",
             "--out-shard-size",
             "--write-model-card",

@@ -59,23 +59,21 @@ def run_recipe_command(
     from rich.markup import escape
 
     from ..recipe import plan_recipe, run_recipe
-    from .report import MergeNarration, print_plan
+    from .report import MergeNarration
     from .run import note_differences, print_health, write_plan
 
     options = replace(options, quiet=verbosity.quiet or verbosity.per_tensor)
     note_differences([doc.config for doc in recipe.documents], console)
     if plan_only:
+        # the recipe's stages, then each target's plan (``--json`` comes with one target: plan, merge)
         rplan = plan_recipe(recipe, targets, options, on_disk, outputs)
         out = stdout_console()
         if json_path != "-":
             out.print(escape(rplan.summary(outputs)), highlight=False, soft_wrap=True)
         for name in targets:
-            if json_path != "-" and len(targets) > 1:
+            if len(targets) > 1:
                 out.print(f"\n[bold]{escape(name)}[/]", highlight=False)
-            if json_path is not None or len(targets) == 1:
-                write_plan(rplan[name].plan, json_path, console)
-            else:
-                print_plan(rplan[name].plan, out)
+            write_plan(rplan[name].plan, json_path, console)
         return
     narration = MergeNarration(console, verbosity)
     reports: list[Any] = []

@@ -653,3 +653,37 @@ def test_a_merge_without_a_seed_resumes(llama):
     config = yaml.safe_dump(models_doc("linear", [p["ft1"], p["ft2"]], parameters={"weight": 0.5}))
     a, b = (plan_merge(config, None, OPTIONS, out_shard_size=100_000) for _ in range(2))
     assert a.random_seed != b.random_seed and _resume_key(a) == _resume_key(b) is not None
+
+
+def test_runs_sharing_a_stage_at_once_each_find_its_side_files(llama, tmp_path, monkeypatch):
+    """Two plans of one stage at the same moment (a sweep over the last stage run in parallel)."""
+    import threading
+
+    from mergekitty.recipe import plan as recipe_plan
+
+    monkeypatch.setenv("MERGEKITTY_CACHE", str(tmp_path / "cache"))
+    p = {k: str(v) for k, v in llama.items()}
+    (tmp_path / "r.yml").write_text(yaml.safe_dump_all(_two_docs(p)))
+    recipe = load_recipe(tmp_path / "r.yml")
+    plan = plan_recipe(recipe, ["avg"], OPTIONS)["avg"].plan
+    from mergekitty.io.output import OutputTransaction
+
+    both = threading.Barrier(2)
+    found: list[Path] = []
+    commit = OutputTransaction.commit
+
+    def together(self, marker_text):  # both runs have written a copy of their own before either renames
+        both.wait(timeout=10)
+        return commit(self, marker_text)
+
+    monkeypatch.setattr(OutputTransaction, "commit", together)
+    threads = [
+        threading.Thread(target=lambda: found.append(recipe_plan.side_files(recipe["avg"], plan, OPTIONS)))
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(found) == 2 and found[0] == found[1] and (found[0] / "config.json").is_file()
+    assert [d.name for d in (tmp_path / "cache" / "stages").iterdir()] == [found[0].name]

@@ -132,9 +132,16 @@ def cache_root() -> Path:
 
 def side_files(doc: RecipeDocument, plan: Any, options: Any) -> Path:
     """The directory of a stage's side files (config.json, tokenizer, layout; no weights),
-    written once per stage plan and input files, through the output transaction (so concurrent
-    runs and a killed one leave it whole or absent)."""
+    written once per stage plan and input files. Each run writes its own copy through the output
+    transaction and renames it into place, so that runs sharing a stage at the same time each
+    find it whole (the first rename wins; the others drop their copy), and a killed one leaves
+    only a copy of its own, which is never read."""
+    import os
+    import secrets
+    import shutil
+
     from ..api import _write_sidecars, plan_digest
+    from ..errors import OutputError
     from ..io.output import OutputTransaction
 
     # the document as written counts too: what it says beyond the plan (a chat template) is in the side files
@@ -142,7 +149,14 @@ def side_files(doc: RecipeDocument, plan: Any, options: Any) -> Path:
     directory = cache_root() / "stages" / f"{doc.name}-{key[:24]}"
     if (directory / "config.json").is_file():
         return directory
-    with OutputTransaction(directory) as out:
+    mine = directory.with_name(f".{directory.name}.{os.getpid()}-{secrets.token_hex(4)}")
+    with OutputTransaction(mine) as out:
         _write_sidecars(plan, doc.config, out, replace(options, write_model_card=False))
         out.commit(json.dumps(plan.out_config, indent=2) + "\n")
+    try:
+        os.rename(mine, directory)
+    except OSError as exc:
+        shutil.rmtree(mine, ignore_errors=True)
+        if not (directory / "config.json").is_file():  # not another run's copy: a real failure
+            raise OutputError(f"cannot write the side files of stage '{doc.name}' to {directory}: {exc}") from None
     return directory

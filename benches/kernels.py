@@ -49,6 +49,25 @@ from pathlib import Path
 import torch
 
 WORK_DIR = Path(__file__).resolve().parent / "work"
+
+
+def write_report(results: list, json_path: Path | None, stem: str, **extra: object) -> Path:
+    """The results with the machine's state (time, cores, torch, load) as JSON, to ``json_path``
+    or a new ``work/<stem>-<time>.json``; returns the path (sparsify_kernels.py writes through it too)."""
+    report = {
+        "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        **extra,
+        "load_avg": os.getloadavg(),
+        "results": results,
+    }
+    path = json_path or WORK_DIR / f"{stem}-{_dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
 WEIGHTS = (0.5, 0.3, 0.2)
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 GB = 1e9
@@ -195,16 +214,7 @@ def methods_main(args: argparse.Namespace) -> int:
                     flush=True,
                 )
         del base, xs, out, views, out_view
-    report = {
-        "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "load_avg": os.getloadavg(),
-        "results": results,
-    }
-    path = args.json or WORK_DIR / f"method-kernels-{_dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path = write_report(results, args.json, "method-kernels")
     print(f"GB/s = input bytes / median time (threads 0 = all cores). results: {path}")
     return 0
 
@@ -381,17 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             print(line, flush=True)
         del tensors, out, in_bufs, out_buf, acc, tmp, ref_out
 
-    report = {
-        "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "native_error": native_error,
-        "load_avg": os.getloadavg(),
-        "results": results,
-    }
-    path = args.json or WORK_DIR / f"kernels-{_dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path = write_report(results, args.json, "kernels", native_error=native_error)
     print(
         f"GB/s = (input bytes + output bytes) / median time; speedup = torch / native "
         f"(the reference expression; 'prealloc' = same math into reused float32 scratch). "

@@ -26,8 +26,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
 import statistics
 import sys
@@ -36,7 +34,6 @@ from pathlib import Path
 
 import torch
 
-WORK_DIR = Path(__file__).resolve().parent / "work"
 KERNELS = (
     "uniform",
     "magnitude",
@@ -231,16 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
         del x, scratch, buf, deltas, base, out, tvs_models, tvs_views, tvs_scratch
 
-    report = {
-        "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "load_avg": os.getloadavg(),
-        "results": results,
-    }
-    path = args.json or WORK_DIR / f"sparsify-kernels-{_dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    from kernels import write_report  # benches/kernels.py: the script's folder is on sys.path
+
+    path = write_report(results, args.json, "sparsify-kernels")
     print(f"speedup = torch reference median / native median. load avg {os.getloadavg()[0]:.1f}. results: {path}")
     return 0
 

@@ -121,7 +121,7 @@ class PlannedModel:
         if self.stage is not None:
             from .recipe.stage import StageCheckpoint
 
-            checkpoint = StageCheckpoint(self.stage, self.path, self.label, device, threads, allow_nonfinite)
+            checkpoint = StageCheckpoint(self.stage, self.path, self.label, threads, allow_nonfinite)
         else:
             files = list(self.files) if self.files is not None else None
             checkpoint = Checkpoint(self.path, label=self.label, files=files)

@@ -75,8 +75,8 @@ def run_recipe(
             if stage.name not in targets:
                 log.info("writing intermediate '%s' to %s", stage.name, written[stage.name])
                 write_model(stage.plan, stage.document.config, written[stage.name], options, progress, None, on_phase)
+    text = _recorded(rplan, options) if len(recipe.documents) > 1 else None
     for name in targets:
-        text = _recorded(rplan, options) if len(recipe.documents) > 1 else None
         stage = rplan[name]
         write_model(stage.plan, stage.document.config, outputs[name], options, progress, on_health, on_phase, text)
     return rplan

@@ -45,7 +45,6 @@ class StageCheckpoint:
         plan: MergePlan,
         directory: Path,
         label: str,
-        device: str = "cpu",
         threads: int = 0,
         allow_nonfinite: bool = False,
     ) -> None:
@@ -54,8 +53,7 @@ class StageCheckpoint:
         self.plan = plan
         self.directory = Path(directory)
         self.label = label
-        self.device = device
-        self.threads = threads
+        self.threads = threads  # the stage's jobs run on the device its plan was made for
         self._jobs = {j.out_name: j for j in plan.jobs}
         self.infos = {
             j.out_name: TensorInfo(j.out_name, j.out_dtype, tuple(j.shape), j.shard, j.offset, j.output_bytes)
@@ -65,11 +63,12 @@ class StageCheckpoint:
         self._computed: dict[str, Any] = {}
         # the stage's own health checks: a non-finite intermediate tensor is refused as its merge would refuse it
         self._report = HealthReport.for_plan(plan, allow_nonfinite)
-        self._allow_nonfinite = allow_nonfinite
 
     def _inputs(self) -> list[Any]:
         if self._opened is None:
-            self._opened = [m.open(self.plan.device, self.threads, self._allow_nonfinite) for m in self.plan.models]
+            self._opened = [
+                m.open(self.plan.device, self.threads, self._report.allow_nonfinite) for m in self.plan.models
+            ]
         return self._opened
 
     def __contains__(self, name: str) -> bool:

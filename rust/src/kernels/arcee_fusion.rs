@@ -354,7 +354,7 @@ fn select(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::health::tests::{close, decode, encode, reference};
+    use crate::kernels::health::tests::{close, decode, encode, reference, same_bits};
     use crate::test_rng::Lcg;
 
     /// A compensated (Neumaier) sum: the reference's sums are exact to float64 rounding.
@@ -442,13 +442,6 @@ mod tests {
         let b: Vec<f32> = (0..n).map(|_| normal() * 0.02).collect();
         let x = b.iter().map(|&v| v + normal() * 0.002).collect();
         (b, x)
-    }
-
-    fn same_bits(a: &[f32], b: &[f32]) -> bool {
-        a.len() == b.len()
-            && a.iter()
-                .zip(b)
-                .all(|(p, q)| p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()))
     }
 
     #[test]

@@ -374,6 +374,14 @@ pub(crate) mod tests {
         s
     }
 
+    /// Whether two float vectors hold the same bits, any NaN matching any NaN.
+    pub(crate) fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(p, q)| p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()))
+    }
+
     pub(crate) fn close(a: Stats, b: Stats) -> bool {
         a.nonfinite == b.nonfinite && (a.sumsq - b.sumsq).abs() <= 1e-5 * b.sumsq.abs() + 1e-30
     }

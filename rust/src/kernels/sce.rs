@@ -523,7 +523,7 @@ fn merge_block<const K: usize>(d: &[f32], k: usize, w: &[f32], bv: &[f32], out: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::health::tests::{close, decode, encode, reference};
+    use crate::kernels::health::tests::{close, decode, encode, reference, same_bits};
     use crate::test_rng::Lcg;
 
     /// The definition element by element (the reference's torch operations, in order).
@@ -642,13 +642,6 @@ mod tests {
             })
             .collect();
         (b, xs)
-    }
-
-    fn same_bits(a: &[f32], b: &[f32]) -> bool {
-        a.len() == b.len()
-            && a.iter()
-                .zip(b)
-                .all(|(p, q)| p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()))
     }
 
     #[test]

@@ -1033,6 +1033,7 @@ pub fn della(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::health::tests::same_bits;
 
     struct Lcg(u64);
     impl Lcg {
@@ -1201,13 +1202,6 @@ mod tests {
         x.iter()
             .map(|&v| if v.abs() >= t || v.is_nan() { v } else { 0.0 })
             .collect()
-    }
-
-    fn same_bits(a: &[f32], b: &[f32]) -> bool {
-        a.len() == b.len()
-            && a.iter()
-                .zip(b)
-                .all(|(p, q)| p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()))
     }
 
     #[test]

@@ -16,15 +16,6 @@ fn gram_inputs<'a>(slices: &[&'a [u8]], dtypes: &[crate::dtype::FloatDtype]) -> 
         .collect()
 }
 
-fn count_check(inputs: usize, dtypes: usize) -> Result<(), Error> {
-    if inputs != dtypes {
-        return Err(Error::InvalidArgument(format!(
-            "{inputs} inputs but {dtypes} dtypes"
-        )));
-    }
-    Ok(())
-}
-
 /// Gram matrices of the vectors of `groups` ("whole", "rows" of `group_len` elements, or
 /// "columns": element e in vector e % `group_len`) of `inputs` minus `center` (when given),
 /// written to `out` as `count * k * k` little-endian float64 values.
@@ -42,8 +33,7 @@ pub fn gram(
     out: Bound<'_, PyAny>,
     threads: usize,
 ) -> PyResult<()> {
-    count_check(inputs.len(), in_dtypes.len())?;
-    let dtypes = parse_dtypes(&in_dtypes)?;
+    let dtypes = parse_dtypes("gram", inputs.len(), &in_dtypes)?;
     let groups = Groups::parse(groups, group_len)?;
     let center_dtype = match (&center, center_dtype) {
         (Some(_), Some(code)) => Some(crate::dtype::FloatDtype::parse(&code)?),
@@ -96,8 +86,7 @@ pub fn weighted_sum_grouped(
     out_dtype: &str,
     threads: usize,
 ) -> PyResult<PyTensorHealth> {
-    count_check(inputs.len(), in_dtypes.len())?;
-    let dtypes = parse_dtypes(&in_dtypes)?;
+    let dtypes = parse_dtypes("weighted_sum_grouped", inputs.len(), &in_dtypes)?;
     let out_dtype = crate::dtype::FloatDtype::parse(out_dtype)?;
     let groups = Groups::parse(groups, group_len)?;
     let mut bufs = Buffers::default();

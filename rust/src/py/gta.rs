@@ -6,10 +6,8 @@ use pyo3::prelude::*;
 
 use super::buffer::Buffers;
 use super::health::PyTensorHealth;
-use super::kernels::parse_dtypes;
+use super::kernels::{parse_dtypes, tensors};
 use crate::dtype::FloatDtype;
-use crate::error::Error;
-use crate::kernels::gta::Tensor;
 use crate::kernels::gta_spec::{self, GtaMerge, Sparsity};
 
 /// One model's sparsifier in a GTA merge (docs/kernels.md). `kind`: "none", "magnitude",
@@ -107,15 +105,7 @@ pub fn gta_merge(
     threads: usize,
     scales: Option<Vec<f64>>,
 ) -> PyResult<PyTensorHealth> {
-    if xs.len() != x_dtypes.len() {
-        return Err(Error::InvalidArgument(format!(
-            "gta_merge: {} inputs but {} dtypes",
-            xs.len(),
-            x_dtypes.len()
-        ))
-        .into());
-    }
-    let dtypes = parse_dtypes(&x_dtypes)?;
+    let dtypes = parse_dtypes("gta_merge", xs.len(), &x_dtypes)?;
     let base_dtype = FloatDtype::parse(base_dtype)?;
     let out_dtype = FloatDtype::parse(out_dtype)?;
     let sparsity: Vec<Sparsity> = sparsity.iter().map(|s| s.get().inner.clone()).collect();
@@ -124,11 +114,7 @@ pub fn gta_merge(
     bufs.input(&base, "base")?;
     bufs.output(&out, "out")?;
     let (slices, out) = bufs.slices();
-    let tensors: Vec<Tensor> = slices
-        .iter()
-        .zip(dtypes.iter().chain([&base_dtype]))
-        .map(|(&data, &dtype)| Tensor { data, dtype })
-        .collect();
+    let tensors = tensors(&slices, &[dtypes, vec![base_dtype]].concat());
     let (&base, xs) = tensors.split_last().expect("base was added");
     let m = GtaMerge {
         xs,

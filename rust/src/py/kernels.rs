@@ -6,11 +6,32 @@ use super::buffer::Buffers;
 use super::health::PyTensorHealth;
 use crate::dtype::FloatDtype;
 use crate::error::Error;
+use crate::kernels::gta::Tensor;
 use crate::kernels::{self, WeightedInput};
 
-/// Kernel dtypes from their codes.
-pub(super) fn parse_dtypes(codes: &[String]) -> Result<Vec<FloatDtype>, Error> {
+/// The kernel dtypes of `count` inputs from their codes; `caller` names the function in the
+/// error when there are not as many codes as inputs.
+pub(super) fn parse_dtypes(
+    caller: &str,
+    count: usize,
+    codes: &[String],
+) -> Result<Vec<FloatDtype>, Error> {
+    if count != codes.len() {
+        return Err(Error::InvalidArgument(format!(
+            "{caller}: {count} inputs but {} dtypes",
+            codes.len()
+        )));
+    }
     codes.iter().map(|c| FloatDtype::parse(c)).collect()
+}
+
+/// The tensors of a kernel's inputs: each buffer of `slices` with its dtype.
+pub(super) fn tensors<'a>(slices: &[&'a [u8]], dtypes: &[FloatDtype]) -> Vec<Tensor<'a>> {
+    slices
+        .iter()
+        .zip(dtypes)
+        .map(|(&data, &dtype)| Tensor { data, dtype })
+        .collect()
 }
 
 /// out = sum_i weights[i] * inputs[i], accumulated in float32, written as `out_dtype`.
@@ -34,7 +55,7 @@ pub fn weighted_sum(
         }
         .into());
     }
-    let dtypes = parse_dtypes(&in_dtypes)?;
+    let dtypes = parse_dtypes("weighted_sum", inputs.len(), &in_dtypes)?;
     let out_dtype = FloatDtype::parse(out_dtype)?;
     let mut bufs = Buffers::default();
     bufs.inputs(&inputs, "inputs")?;

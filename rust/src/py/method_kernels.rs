@@ -6,9 +6,8 @@ use pyo3::prelude::*;
 
 use super::buffer::Buffers;
 use super::health::PyTensorHealth;
-use super::kernels::parse_dtypes;
+use super::kernels::{parse_dtypes, tensors};
 use crate::dtype::FloatDtype;
-use crate::error::Error;
 use crate::kernels::gta::Tensor;
 use crate::kernels::{arcee_fusion, nearswap, sce};
 
@@ -25,15 +24,8 @@ fn base_and_other<'a>(
     bufs.input(other.0, "other")?;
     bufs.output(out, "out")?;
     let (slices, out) = bufs.slices();
-    let b = Tensor {
-        data: slices[0],
-        dtype: base_dtype,
-    };
-    let x = Tensor {
-        data: slices[1],
-        dtype: other_dtype,
-    };
-    Ok((b, x, out))
+    let pair = tensors(&slices, &[base_dtype, other_dtype]);
+    Ok((pair[0], pair[1], out))
 }
 
 /// NearSwap of `base` and `other` with threshold `t` (methods/nearswap.py), written into `out`
@@ -76,32 +68,17 @@ pub fn sce_merge(
     out_dtype: &str,
     threads: usize,
 ) -> PyResult<PyTensorHealth> {
-    if inputs.len() != in_dtypes.len() {
-        return Err(Error::InvalidArgument(format!(
-            "sce_merge: {} inputs but {} dtypes",
-            inputs.len(),
-            in_dtypes.len()
-        ))
-        .into());
-    }
     let base_dtype = FloatDtype::parse(base_dtype)?;
-    let dtypes = parse_dtypes(&in_dtypes)?;
+    let dtypes = parse_dtypes("sce_merge", inputs.len(), &in_dtypes)?;
     let out_dtype = FloatDtype::parse(out_dtype)?;
     let mut bufs = Buffers::default();
     bufs.input(&base, "base")?;
     bufs.inputs(&inputs, "inputs")?;
     bufs.output(&out, "out")?;
     let (slices, out) = bufs.slices();
-    let b = Tensor {
-        data: slices[0],
-        dtype: base_dtype,
-    };
-    let xs: Vec<Tensor> = slices[1..]
-        .iter()
-        .zip(&dtypes)
-        .map(|(&data, &dtype)| Tensor { data, dtype })
-        .collect();
-    let health = py.detach(|| sce::sce(b, &xs, select_topk, out, out_dtype, threads))?;
+    let tensors = tensors(&slices, &[vec![base_dtype], dtypes].concat());
+    let (&b, xs) = tensors.split_first().expect("base was added");
+    let health = py.detach(|| sce::sce(b, xs, select_topk, out, out_dtype, threads))?;
     Ok(health.into())
 }
 

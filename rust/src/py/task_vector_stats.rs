@@ -6,10 +6,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::buffer::Buffers;
-use super::kernels::parse_dtypes;
+use super::kernels::{parse_dtypes, tensors};
 use crate::dtype::FloatDtype;
-use crate::error::Error;
-use crate::kernels::gta::Tensor;
 use crate::kernels::task_vector_stats as stats;
 
 /// The raw sums comparing the task vectors `f32(models[i]) - f32(base)` of one tensor (see
@@ -30,31 +28,16 @@ pub fn task_vector_stats<'py>(
     scratch: Bound<'py, PyAny>,
     threads: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
-    if models.len() != model_dtypes.len() {
-        return Err(Error::InvalidArgument(format!(
-            "task_vector_stats: {} models but {} dtypes",
-            models.len(),
-            model_dtypes.len()
-        ))
-        .into());
-    }
-    let dtypes = parse_dtypes(&model_dtypes)?;
+    let dtypes = parse_dtypes("task_vector_stats", models.len(), &model_dtypes)?;
     let base_dtype = FloatDtype::parse(base_dtype)?;
     let mut bufs = Buffers::default();
     bufs.input(&base, "base")?;
     bufs.inputs(&models, "models")?;
     bufs.output(&scratch, "scratch")?;
     let (slices, scratch) = bufs.slices_f32()?;
-    let base = Tensor {
-        data: slices[0],
-        dtype: base_dtype,
-    };
-    let models: Vec<Tensor> = slices[1..]
-        .iter()
-        .zip(&dtypes)
-        .map(|(&data, &dtype)| Tensor { data, dtype })
-        .collect();
-    let s = py.detach(|| stats::task_vector_stats(base, &models, density, scratch, threads))?;
+    let tensors = tensors(&slices, &[vec![base_dtype], dtypes].concat());
+    let (&base, models) = tensors.split_first().expect("base was added");
+    let s = py.detach(|| stats::task_vector_stats(base, models, density, scratch, threads))?;
     let out = PyDict::new(py);
     out.set_item("numel", s.numel)?;
     out.set_item("base_sumsq", s.base_sumsq)?;
